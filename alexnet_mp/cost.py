@@ -1,0 +1,91 @@
+"""Analytic figures derived from the layer shapes alone: what each rank sends per step, per link.
+
+`expected_traffic` is the count the links' ledger is tested against, and the count the cost model
+uses to predict what cannot be run here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from alexnet_mp.links import BACKWARD, FORWARD, ring_all_reduce_elements
+from alexnet_mp.model import ARCHITECTURES, AlexNet, Architecture, Piece, conv_output_sides, part_size
+
+Traffic = dict[tuple[str, str], float]  # (link, direction) -> elements sent
+
+
+def parameter_counts(arch: Architecture, num_classes: int, piece: Piece) -> tuple[int, int]:
+    """(conv parameters, all parameters) of one piece, from shapes alone."""
+    with torch.device("meta"):
+        module = AlexNet(arch, num_classes, piece)
+    conv = sum(p.numel() for name, p in module.named_parameters() if name.startswith("conv"))
+    return conv, sum(p.numel() for p in module.parameters())
+
+
+def _both_ways(traffic: Traffic, link: str, elements: float) -> None:
+    traffic[link, FORWARD] += elements
+    traffic[link, BACKWARD] += elements
+
+
+def _sharded_fc(traffic: Traffic, arch: Architecture, shard: int, shards: int, samples: int) -> None:
+    """fc7's input gathered from every shard; fc7's outputs gathered to shard 0 for fc8."""
+    fc6_part, fc7_part = (part_size(units, shards) for units in arch.fc_units)
+    _both_ways(traffic, "fc7-input", fc6_part * samples * (shards - 1))
+    if shard == 0:
+        traffic["fc8-input", BACKWARD] += fc7_part * samples * (shards - 1)
+    else:
+        traffic["fc8-input", FORWARD] += fc7_part * samples
+
+
+def _paper_split(arch: Architecture, rank: int, world_size: int, batch: int, num_classes: int) -> Traffic:
+    towers = arch.towers
+    replicas = max(1, world_size // towers)
+    samples = part_size(batch, replicas)
+    tower = rank % towers
+    traffic: Traffic = defaultdict(float)
+    sides = conv_output_sides(arch)
+    for i, spec in enumerate(arch.convs[1:], start=1):
+        if not spec.own_tower_only:  # a link brings every tower's maps to this conv
+            maps = arch.convs[i - 1].out_channels // towers * sides[i - 1] ** 2
+            _both_ways(traffic, f"{spec.name}-input", maps * samples * (towers - 1))
+    _both_ways(traffic, "fc6-input", arch.feature_size // towers * samples * (towers - 1))
+    _sharded_fc(traffic, arch, tower, towers, samples)
+    if replicas > 1:
+        _, params = parameter_counts(arch, num_classes, Piece(tower, (tower, towers)))
+        traffic["gradients", BACKWARD] += ring_all_reduce_elements(params, replicas)
+    return traffic
+
+
+def _data_parallel(arch: Architecture, rank: int, world_size: int, batch: int, num_classes: int) -> Traffic:
+    traffic: Traffic = defaultdict(float)
+    if world_size > 1:
+        _, params = parameter_counts(arch, num_classes, Piece())
+        traffic["gradients", BACKWARD] += ring_all_reduce_elements(params, world_size)
+    return traffic
+
+
+def _weird_trick(arch: Architecture, rank: int, world_size: int, batch: int, num_classes: int) -> Traffic:
+    traffic: Traffic = defaultdict(float)
+    own = part_size(batch, world_size)
+    _both_ways(traffic, "fc6-input", arch.feature_size * own * (world_size - 1))
+    _sharded_fc(traffic, arch, rank, world_size, batch)
+    conv, _ = parameter_counts(arch, num_classes, Piece(None, (rank, world_size)))
+    traffic["conv-gradients", BACKWARD] += ring_all_reduce_elements(conv, world_size)
+    return traffic
+
+
+_TRAFFIC = {"single": _data_parallel, "data-parallel": _data_parallel, "paper-split": _paper_split,
+            "weird-trick": _weird_trick}
+
+
+def expected_traffic(mode: str, arch: str, world_size: int, batch: int, num_classes: int = 1000) -> list[Traffic]:
+    """Elements each rank sends in one training step, per (link, direction), rank by rank. The
+    one-process paper split counts per tower, as if each tower were a rank. Every weird-trick
+    exchange scheme moves the same elements, only in a different order."""
+    pieces = ARCHITECTURES[arch].towers if mode == "paper-split" and world_size == 1 else world_size
+    count = _TRAFFIC[mode]
+    return [{key: value for key, value in count(ARCHITECTURES[arch], rank, max(world_size, pieces), batch,
+                                                  num_classes).items() if value}
+            for rank in range(pieces)]

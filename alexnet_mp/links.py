@@ -1,0 +1,341 @@
+"""The communication links between pieces of the network, and the ledger that counts them.
+
+Each link is a small autograd Function whose name says its forward and its backward (after
+Megatron-LM's tensor_parallel/mappings.py). Plain `dist.*` calls inside a forward pass pass no
+gradient back; these do, and tests/test_links.py proves each backward against autograd on one device.
+
+A `Link` moves the outputs of the pieces one process holds: one piece per process over a process
+group (`ProcessLink`), or several pieces in one process, where the exchange is a local copy
+(`LocalLink`). The strategies call the same two methods either way.
+
+Ledger convention: a link records the elements and bytes each piece *sends*, as if point to point:
+an all-gather of n elements over N pieces sends n(N-1); its reduce-scatter sends the same; a gather
+to the first piece sends n from every other piece; its scatter sends n(N-1) from the first piece; a
+ring all-reduce of n elements sends 2n(N-1)/N (a fraction, hence float counts).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.autograd import Function
+
+FORWARD, BACKWARD = "forward", "backward"
+
+
+@dataclass
+class Ledger:
+    """Elements and bytes sent, per (piece, link, direction), since the last `reset`."""
+
+    elements: dict[tuple[int, str, str], float] = field(default_factory=lambda: defaultdict(float))
+    bytes: dict[tuple[int, str, str], float] = field(default_factory=lambda: defaultdict(float))
+
+    def record(self, piece: int, link: str, direction: str, tensor_or_count: Tensor | float,
+               element_size: int = 4) -> None:
+        if isinstance(tensor_or_count, Tensor):
+            count, element_size = tensor_or_count.numel(), tensor_or_count.element_size()
+        else:
+            count = tensor_or_count
+        self.elements[piece, link, direction] += count
+        self.bytes[piece, link, direction] += count * element_size
+
+    def sent(self, piece: int | None = None) -> dict[tuple[str, str], float]:
+        """Elements sent per (link, direction), by one piece or by all pieces this process holds."""
+        out: dict[tuple[str, str], float] = defaultdict(float)
+        for (who, link, direction), count in self.elements.items():
+            if piece is None or who == piece:
+                out[link, direction] += count
+        return dict(out)
+
+    def total_bytes(self) -> float:
+        return sum(self.bytes.values())
+
+    def reset(self) -> None:
+        self.elements.clear()
+        self.bytes.clear()
+
+
+def _group_size(group: dist.ProcessGroup) -> int:
+    return dist.get_world_size(group)
+
+
+def _group_rank(group: dist.ProcessGroup) -> int:
+    return dist.get_rank(group)
+
+
+def _first(group: dist.ProcessGroup) -> int:
+    return dist.get_global_rank(group, 0)
+
+
+class AllGatherForwardReduceScatterBackward(Function):
+    """Forward: every piece gets all pieces' tensors concatenated along `dim`.
+    Backward: every piece computed a gradient for the whole concatenation; the true gradient of
+    its own part is the sum over pieces of that part, i.e. a reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, group: dist.ProcessGroup, ledger: Ledger, name: str) -> Tensor:
+        ctx.dim, ctx.group, ctx.ledger, ctx.name = dim, group, ledger, name
+        size = _group_size(group)
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        ledger.record(0, name, FORWARD, x.numel() * (size - 1), x.element_size())
+        return torch.cat(parts, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        size = _group_size(ctx.group)
+        chunks = [chunk.contiguous() for chunk in grad.chunk(size, ctx.dim)]
+        mine = torch.empty_like(chunks[0])
+        dist.reduce_scatter(mine, chunks, group=ctx.group)
+        ctx.ledger.record(0, ctx.name, BACKWARD, mine.numel() * (size - 1), mine.element_size())
+        return mine, None, None, None, None
+
+
+class GatherToFirstForwardScatterBackward(Function):
+    """Forward: the first piece gets all pieces' tensors concatenated along `dim`; the others get
+    an empty tensor (their backward starts from it). Backward: the first piece sends every piece
+    the gradient of its part."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, group: dist.ProcessGroup, ledger: Ledger, name: str) -> Tensor:
+        ctx.dim, ctx.group, ctx.ledger, ctx.name = dim, group, ledger, name
+        ctx.shape, first = x.shape, _group_rank(group) == 0
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(_group_size(group))] if first else None
+        dist.gather(x, parts, dst=_first(group), group=group)
+        if first:
+            return torch.cat(parts, dim)
+        ledger.record(0, name, FORWARD, x)
+        return x.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        size, first = _group_size(ctx.group), _group_rank(ctx.group) == 0
+        mine = grad.new_empty(ctx.shape)
+        chunks = [chunk.contiguous() for chunk in grad.chunk(size, ctx.dim)] if first else None
+        dist.scatter(mine, chunks, src=_first(ctx.group), group=ctx.group)
+        if first:
+            ctx.ledger.record(0, ctx.name, BACKWARD, mine.numel() * (size - 1), mine.element_size())
+        return mine, None, None, None, None
+
+
+class Link(Protocol):
+    """How the pieces a process holds exchange tensors; `parts` has one tensor per local piece."""
+
+    ledger: Ledger
+
+    def gather(self, parts: list[Tensor], dim: int, name: str) -> list[Tensor]:
+        """Every piece gets all pieces' tensors concatenated along `dim` (in piece order)."""
+        ...
+
+    def gather_to_first(self, parts: list[Tensor], dim: int, name: str) -> Tensor:
+        """The first piece's concatenation of all pieces' tensors along `dim`, returned where the
+        first piece lives; an empty tensor on a process that does not hold the first piece."""
+        ...
+
+
+class ProcessLink:
+    """One piece per process; the pieces are the ranks of `group`, in group-rank order."""
+
+    def __init__(self, group: dist.ProcessGroup, ledger: Ledger) -> None:
+        self.group, self.ledger = group, ledger
+
+    def gather(self, parts: list[Tensor], dim: int, name: str) -> list[Tensor]:
+        (x,) = parts
+        return [AllGatherForwardReduceScatterBackward.apply(x, dim, self.group, self.ledger, name)]
+
+    def gather_to_first(self, parts: list[Tensor], dim: int, name: str) -> Tensor:
+        (x,) = parts
+        return GatherToFirstForwardScatterBackward.apply(x, dim, self.group, self.ledger, name)
+
+
+class LocalLink:
+    """All pieces in one process (the one-process paper split): the exchange is a copy to each
+    piece's device; autograd's backward of cat and .to() sums and splits the gradients exactly as
+    the process links do. The ledger records what each piece would send."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def _record(self, sender: int, x: Tensor, name: str, receivers: int, backward_sender: int) -> None:
+        """Forward traffic now; backward traffic when x's gradient is computed."""
+        count = x.numel() * receivers
+        self.ledger.record(sender, name, FORWARD, count, x.element_size())
+        if x.requires_grad:
+            x.register_hook(lambda g: self.ledger.record(backward_sender, name, BACKWARD, count, g.element_size()))
+
+    def gather(self, parts: list[Tensor], dim: int, name: str) -> list[Tensor]:
+        for piece, x in enumerate(parts):
+            self._record(piece, x, name, len(parts) - 1, piece)
+        return [torch.cat([p.to(x.device) for p in parts], dim) for x in parts]
+
+    def gather_to_first(self, parts: list[Tensor], dim: int, name: str) -> Tensor:
+        # Every other piece sends its tensor forward; the first piece sends each its gradient back.
+        for piece, x in enumerate(parts[1:], start=1):
+            self._record(piece, x, name, 1, 0)
+        return torch.cat([p.to(parts[0].device) for p in parts], dim)
+
+
+def ring_all_reduce_elements(count: int, size: int) -> float:
+    """Elements each rank sends in a ring all-reduce of `count` elements over `size` ranks."""
+    return 2 * (size - 1) * count / size
+
+
+class GradientAllReduce:
+    """Sums (or averages) the gradients of replicated parameters over a group, as DDP does:
+    parameters are packed into buckets in reverse registration order (the order backward reaches
+    them); a bucket is all-reduced asynchronously as soon as its last gradient is accumulated, so
+    communication overlaps the rest of the backward pass. Call `wait` after backward.
+
+    Used by every layout that replicates parameters, instead of DDP: DDP broadcasts rank 0's
+    weights at construction and averages over its group, which is wrong for two towers with
+    identical shapes and for the weird-trick conv column, whose loss is already the global mean.
+    """
+
+    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, average: bool,
+                 ledger: Ledger, name: str, bucket_elements: int = 25 * 2**20 // 4) -> None:
+        self.group, self.average, self.ledger, self.name = group, average, ledger, name
+        self.size = dist.get_world_size(group)
+        self.buckets: list[list[nn.Parameter]] = [[]]
+        for param in reversed(params):
+            if sum(p.numel() for p in self.buckets[-1]) >= bucket_elements:
+                self.buckets.append([])
+            self.buckets[-1].append(param)
+        self.bucket_of = {param: i for i, bucket in enumerate(self.buckets) for param in bucket}
+        self.pending = [len(bucket) for bucket in self.buckets]
+        self.in_flight: list[tuple[int, Tensor, dist.Work]] = []
+        for param in params:
+            param.register_post_accumulate_grad_hook(self._ready)
+
+    def _ready(self, param: nn.Parameter) -> None:
+        index = self.bucket_of[param]
+        self.pending[index] -= 1
+        if self.pending[index]:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in self.buckets[index]])
+        if self.average:
+            flat /= self.size
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self.ledger.record(0, self.name, BACKWARD, ring_all_reduce_elements(flat.numel(), self.size),
+                           flat.element_size())
+        self.in_flight.append((index, flat, work))
+
+    def wait(self) -> None:
+        """Waits for every bucket of this backward pass and writes the reduced gradients back."""
+        for index, flat, work in self.in_flight:
+            work.wait()
+            offset = 0
+            for param in self.buckets[index]:
+                param.grad.copy_(flat[offset:offset + param.numel()].view_as(param.grad))
+                offset += param.numel()
+        if any(self.pending):
+            raise RuntimeError(f"{self.name}: some replicated parameters received no gradient this step")
+        self.in_flight.clear()
+        self.pending = [len(bucket) for bucket in self.buckets]
+
+
+class RoundExchange:
+    """The weird-trick exchange of conv features in rounds (Krizhevsky 2014, schemes b and c).
+
+    Round j's features reach every rank: in scheme "one-at-a-time" rank j's whole batch slice
+    (a broadcast from rank j), in scheme "slice" the j-th 1/N of every rank's slice (an all-gather).
+    Every round's collective starts at once, asynchronously; `round(j)` waits only for round j,
+    so round j+1 travels while round j is computed. Backward mirrors it: round j's gradient goes
+    back to the rows' owners asynchronously (a reduce to rank j, or a reduce-scatter) as soon as
+    backward reaches it, and the gradient of the local features is assembled once all are back.
+    """
+
+    SCHEMES = ("one-at-a-time", "slice")
+
+    def __init__(self, scheme: str, group: dist.ProcessGroup, ledger: Ledger, name: str = "fc6-input") -> None:
+        self.scheme, self.group, self.ledger, self.name = scheme, group, ledger, name
+        self.size, self.rank = _group_size(group), _group_rank(group)
+        self.forward_work: list[tuple[Tensor, dist.Work | None]] = []
+        self.backward_work: list[tuple[int, Tensor, dist.Work]] = []
+
+    def sample_order(self, global_batch: int) -> Tensor:
+        """Global sample indices in the order the rounds deliver them."""
+        order = torch.arange(global_batch).view(self.size, -1)  # [rank, row within the rank's slice]
+        if self.scheme == "slice":
+            order = order.view(self.size, self.size, -1).transpose(0, 1)  # [round, rank, sub-row]
+        return order.reshape(self.size, -1)
+
+    def start(self, features: Tensor) -> Tensor:
+        """Launches every round; returns the features as a node whose backward assembles their gradient."""
+        return _LaunchRounds.apply(features, self)
+
+    def round(self, launched: Tensor, j: int) -> Tensor:
+        return _ReceiveRound.apply(launched, j, self)
+
+    # -- the collectives, forward and backward --
+
+    def _launch(self, features: Tensor) -> None:
+        features = features.contiguous()
+        self.forward_work.clear()
+        for j in range(self.size):
+            if self.scheme == "one-at-a-time":
+                buffer = features if j == self.rank else torch.empty_like(features)
+                work = dist.broadcast(buffer, src=dist.get_global_rank(self.group, j), group=self.group, async_op=True)
+            else:
+                mine = features.chunk(self.size)[j].contiguous()
+                buffer = torch.empty((self.size * mine.shape[0], *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
+                work = dist.all_gather(list(buffer.chunk(self.size)), mine, group=self.group, async_op=True)
+            self.forward_work.append((buffer, work))
+        self.ledger.record(0, self.name, FORWARD, features.numel() * (self.size - 1), features.element_size())
+
+    def _receive(self, j: int) -> Tensor:
+        buffer, work = self.forward_work[j]
+        work.wait()
+        return buffer.clone() if self.scheme == "one-at-a-time" and j == self.rank else buffer
+
+    def _send_back(self, j: int, grad: Tensor) -> None:
+        grad = grad.contiguous()
+        if self.scheme == "one-at-a-time":
+            work = dist.reduce(grad, dst=dist.get_global_rank(self.group, j), group=self.group, async_op=True)
+            mine, sent = grad, 0 if j == self.rank else grad.numel()
+        else:
+            chunks = list(grad.chunk(self.size))
+            mine = torch.empty_like(chunks[0])
+            work = dist.reduce_scatter(mine, chunks, group=self.group, async_op=True)
+            sent = mine.numel() * (self.size - 1)
+        self.ledger.record(0, self.name, BACKWARD, sent, grad.element_size())
+        self.backward_work.append((j, mine, work))
+
+    def _gradient(self, like: Tensor) -> Tensor:
+        received = {}
+        for j, mine, work in self.backward_work:
+            work.wait()
+            received[j] = mine
+        self.backward_work.clear()
+        if self.scheme == "one-at-a-time":
+            return received[self.rank]
+        return torch.cat([received[j] for j in range(self.size)]).view_as(like)
+
+
+class _LaunchRounds(Function):
+    @staticmethod
+    def forward(ctx, features: Tensor, exchange: RoundExchange) -> Tensor:
+        ctx.exchange = exchange
+        exchange._launch(features)
+        return features.view_as(features)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad + ctx.exchange._gradient(grad), None
+
+
+class _ReceiveRound(Function):
+    @staticmethod
+    def forward(ctx, launched: Tensor, j: int, exchange: RoundExchange) -> Tensor:
+        ctx.j, ctx.exchange, ctx.shape = j, exchange, launched.shape
+        return exchange._receive(j)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        ctx.exchange._send_back(ctx.j, grad)
+        return grad.new_zeros(ctx.shape), None, None

@@ -1,0 +1,58 @@
+"""Runs a function on N real processes talking over gloo, as the tests need."""
+
+from __future__ import annotations
+
+import multiprocessing
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+GROUP_TIMEOUT = timedelta(seconds=60)
+JOIN_TIMEOUT_S = 240
+
+
+def _worker(fn: Callable[..., Any], rank: int, world_size: int, directory: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    out = Path(directory) / f"rank{rank}.pt"
+    try:
+        store = dist.FileStore(str(Path(directory) / "store"), world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=GROUP_TIMEOUT)
+        try:
+            result = fn(*args)
+        finally:
+            dist.destroy_process_group()
+        torch.save({"result": result}, out)
+    except BaseException:
+        torch.save({"error": traceback.format_exc()}, out)
+        raise
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, directory: Path, *args: Any) -> list[Any]:
+    """fn(*args) on `world_size` spawned processes, each in a gloo group (FileStore under
+    `directory`, no ports) with a timeout; returns each rank's result, in rank order."""
+    directory.mkdir(parents=True, exist_ok=True)
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_worker, args=(fn, rank, world_size, str(directory), args))
+                 for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(JOIN_TIMEOUT_S)
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    results = []
+    for rank in range(world_size):
+        path = directory / f"rank{rank}.pt"
+        if not path.exists():
+            raise RuntimeError(f"rank {rank} of {world_size} left no result (exit code {processes[rank].exitcode})")
+        outcome = torch.load(path, weights_only=False)
+        if "error" in outcome:
+            raise RuntimeError(f"rank {rank} of {world_size} failed:\n{outcome['error']}")
+        results.append(outcome["result"])
+    return results

@@ -1,0 +1,130 @@
+"""The same short training run on a layout and on the one-device reference, for the equivalence tests.
+
+Tolerances (relative, ||a - b|| / ||b|| per tensor):
+- float64, 3 SGD steps: 1e-10. Rounding alone differs (sums in another order), and ReLU and
+  max-pool make the function piecewise: in float32, a 1e-7 difference can flip a unit after a few
+  steps, so the multi-step comparison is made where rounding is 1e-16 and flips do not happen.
+- float32, one step: 1e-5 for logits, loss and every gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from alexnet_mp.links import Ledger
+from alexnet_mp.loop import compute_gradients
+from alexnet_mp.model import ARCHITECTURES, DropoutMasks, Piece, build_model, initial_state_dict, merge_state_dicts
+from alexnet_mp.strategies import Setup, create
+from alexnet_mp.strategies.base import world
+
+CLASSES, SEED, LR, STEPS = 10, 0, 0.01, 3
+FLOAT64_TOLERANCE, FLOAT32_TOLERANCE = 1e-10, 1e-5
+
+
+@dataclass
+class Run:
+    """What one rank (or the reference) saw: per step the logits of `label_rows` and the global
+    loss; after step 0 the gradients; at the end the weights; the ledger of step 0."""
+
+    label_rows: slice
+    logits: list[Tensor] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    gradients: list[tuple[Piece, dict[str, Tensor]]] = field(default_factory=list)
+    weights: list[tuple[Piece, dict[str, Tensor]]] = field(default_factory=list)
+    traffic: dict = field(default_factory=dict)
+
+
+def global_batch(size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(1234)
+    images = torch.randn(size, 3, 224, 224, generator=generator)
+    return images.to(dtype), torch.randint(0, CLASSES, (size,), generator=generator)
+
+
+def sgd(params) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=5e-4)
+
+
+def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, exchange: str | None = None) -> Run:
+    setup = Setup(arch, CLASSES, SEED, dtype=dtype, exchange=exchange, timeout=timedelta(seconds=60))
+    strategy = create(mode, setup, world()[1])
+    strategy.check_batch(size)
+    strategy.train()
+    optimizer = sgd(strategy.parameters())
+    images, labels = global_batch(size, dtype)
+    run = Run(strategy.label_rows(size))
+    for step in range(steps):
+        strategy.ledger.reset()
+        logits, loss = compute_gradients(strategy, images[strategy.image_rows(size)], labels[run.label_rows],
+                                         step, size)
+        run.logits.append(logits)
+        run.losses.append(float(strategy.global_loss(loss)))
+        if step == 0:
+            run.gradients = [(piece, {name: p.grad.clone() for name, p in module.named_parameters()})
+                             for piece, module in strategy.pieces]
+            run.traffic = dict(strategy.ledger.elements)
+        optimizer.step()
+        optimizer.zero_grad()
+    run.weights = strategy.local_state()
+    return run
+
+
+def run_layout_both_precisions(mode: str, arch: str, size: int, exchange: str | None = None) -> dict[str, Run]:
+    return {"float64": run_layout(mode, arch, size, STEPS, torch.float64, exchange),
+            "float32": run_layout(mode, arch, size, 1, torch.float32, exchange)}
+
+
+def run_reference(arch: str, size: int, steps: int, dtype: torch.dtype) -> Run:
+    """The 2012 net (or the owt net) as one module, in a plain loop."""
+    net = build_model(arch, CLASSES)
+    net.load_state_dict(initial_state_dict(ARCHITECTURES[arch], CLASSES, SEED))
+    net.to(dtype).train()
+    optimizer = sgd(net.parameters())
+    images, labels = global_batch(size, dtype)
+    run = Run(slice(0, size))
+    for step in range(steps):
+        logits = net(images, DropoutMasks(SEED, step, size))
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        run.logits.append(logits.detach())
+        run.losses.append(float(loss.detach()))
+        if step == 0:
+            run.gradients = [(Piece(), {name: p.grad.clone() for name, p in net.named_parameters()})]
+        optimizer.step()
+        optimizer.zero_grad()
+    run.weights = [(Piece(), net.state_dict())]
+    return run
+
+
+def merged(pieces: list[tuple[Piece, dict[str, Tensor]]], arch: str) -> dict[str, Tensor]:
+    return merge_state_dicts(pieces, ARCHITECTURES[arch], CLASSES)
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
+
+
+def assert_same(actual: dict[str, Tensor], expected: dict[str, Tensor], tolerance: float) -> None:
+    assert actual.keys() == expected.keys()
+    errors = {key: relative_error(actual[key], expected[key]) for key in expected}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= tolerance, f"{worst}: relative error {errors[worst]:.2e} > {tolerance:.0e}"
+
+
+def layout_logits(runs: list[Run], step: int, size: int) -> Tensor:
+    """The global batch's logits from the ranks that hold them (rows in order)."""
+    rows = {}
+    for run in runs:
+        if run.logits[step].numel():
+            rows[run.label_rows.start or 0] = run.logits[step]
+    return torch.cat([rows[start] for start in sorted(rows)])[:size]
+
+
+def ledger_of(run: Run) -> Ledger:
+    ledger = Ledger()
+    ledger.elements.update(run.traffic)
+    return ledger
