@@ -7,11 +7,21 @@ uses to predict what cannot be run here.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
 from alexnet_mp.links import BACKWARD, FORWARD, ring_all_reduce_elements
-from alexnet_mp.model import ARCHITECTURES, AlexNet, Architecture, Piece, conv_output_sides, part_size
+from alexnet_mp.model import (
+    ARCHITECTURES,
+    FC_NAMES,
+    AlexNet,
+    Architecture,
+    Piece,
+    conv_output_sides,
+    conv_sides,
+    part_size,
+)
 
 Traffic = dict[tuple[str, str], float]  # (link, direction) -> elements sent
 
@@ -89,3 +99,34 @@ def expected_traffic(mode: str, arch: str, world_size: int, batch: int, num_clas
     return [{key: value for key, value in count(ARCHITECTURES[arch], rank, max(world_size, pieces), batch,
                                                   num_classes).items() if value}
             for rank in range(pieces)]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    name: str
+    output_shape: tuple[int, ...]  # per image, the conv's or matrix product's output
+    block_shape: tuple[int, ...]  # per image, after the layer's ReLU, LRN and pool: the next layer's input
+    parameters: int
+    flops: int  # forward, per image: 2 per multiply-add of the conv or matrix product
+
+
+def layer_costs(arch: Architecture, num_classes: int = 1000, piece: Piece | None = None) -> list[LayerCost]:
+    """Per layer of a piece (default: the whole net): output shape, parameters, forward FLOPs."""
+    with torch.device("meta"):
+        module = AlexNet(arch, num_classes, piece)
+    costs = []
+    for spec, (side, block) in zip(arch.convs, conv_sides(arch), strict=True):
+        conv = getattr(module, spec.name)
+        multiply_adds = conv.weight[0].numel() * conv.out_channels * side ** 2
+        costs.append(LayerCost(spec.name, (conv.out_channels, side, side), (conv.out_channels, block, block),
+                               _count(conv), 2 * multiply_adds))
+    for name in FC_NAMES:
+        layer = getattr(module, name)
+        if layer is not None:
+            shape = (layer.out_features,)
+            costs.append(LayerCost(name, shape, shape, _count(layer), 2 * layer.weight.numel()))
+    return costs
+
+
+def _count(layer: torch.nn.Module) -> int:
+    return sum(p.numel() for p in layer.parameters())

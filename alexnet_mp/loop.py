@@ -1,12 +1,29 @@
-"""The training loop: one step, evaluation, logging. It knows nothing of layouts: it asks the
-strategy for logits, loss and parameters."""
+"""The training loop: step, evaluation, checkpoints, logging. It knows nothing of layouts: it asks
+the strategy for logits, loss, parameters and which rows of each global batch to load."""
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import resource
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 
-from alexnet_mp.strategies import Strategy
+import accelerate
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from alexnet_mp import checkpoint
+from alexnet_mp.config import TrainConfig
+from alexnet_mp.data import DataSpec, GlobalBatches, build_datasets, rank_batches
+from alexnet_mp.strategies import Setup, Strategy, UsageError, create
+from alexnet_mp.tracking import Tracker
 
 
 def compute_gradients(strategy: Strategy, images: Tensor, labels: Tensor, step: int,
@@ -28,3 +45,187 @@ def train_step(strategy: Strategy, optimizer: torch.optim.Optimizer, images: Ten
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
+
+
+def make_optimizer(strategy: Strategy, config: TrainConfig) -> torch.optim.SGD:
+    """The paper's SGD (section 5): momentum 0.9, weight decay 5e-4 (see docs/reproduction.md for
+    how torch's update relates to the paper's)."""
+    return torch.optim.SGD(strategy.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """The paper divides the learning rate by 10 when the validation error stops improving (stepped
+    after each evaluation); the alternative divides it every --lr-step-epochs epochs."""
+    if config.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_epochs, gamma=0.1)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1,
+                                                      patience=config.plateau_patience)
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    top1_error: float
+    top5_error: float
+
+
+@torch.no_grad()
+def evaluate(strategy: Strategy, dataset: Dataset, batch_size: int, workers: int, device: torch.device,
+             autocast: Callable = torch.autocast) -> Evaluation:
+    """Validation loss and top-1/top-5 error over every whole global batch of `dataset`; with ten
+    crops per image (samples of shape [10, 3, H, W]) the ten softmaxes are averaged."""
+    strategy.train(False)
+    batches = GlobalBatches(len(dataset), batch_size, seed=0, shuffle=False)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 right, top-5 right, samples
+    for step, images, labels in rank_batches(dataset, batches, strategy.image_rows(batch_size),
+                                             strategy.label_rows(batch_size), 0, batches.steps_per_epoch,
+                                             workers, pin_memory=device.type == "cuda"):
+        crops = images.shape[1] if images.dim() == 5 else 1
+        with autocast():
+            logits = strategy.forward(images.flatten(0, 1) if crops > 1 else images, step, batch_size * crops)
+        if logits.numel():
+            sums += batch_sums(average_crops(logits.float(), crops), labels.to(logits.device))
+    strategy.train(True)
+    loss, top1, top5, count = strategy.sum_over_replicas(sums).tolist()
+    count = max(count, 1.0)
+    return Evaluation(loss / count, 1 - top1 / count, 1 - top5 / count)
+
+
+def average_crops(logits: Tensor, crops: int) -> Tensor:
+    """Log of the mean softmax over each image's crops (rows are image-major)."""
+    if crops == 1:
+        return logits.log_softmax(-1)
+    return logits.softmax(-1).view(-1, crops, logits.shape[-1]).mean(1).log()
+
+
+def batch_sums(log_probabilities: Tensor, labels: Tensor) -> Tensor:
+    """Summed negative log-likelihood, top-1 and top-5 correct counts, and the sample count."""
+    top = log_probabilities.topk(min(5, log_probabilities.shape[-1]), -1).indices
+    hit = top == labels.unsqueeze(-1)
+    nll = -log_probabilities.gather(-1, labels.unsqueeze(-1)).sum()
+    return torch.stack([nll.double(), hit[:, 0].sum().double(), hit.any(-1).sum().double(),
+                        torch.tensor(float(len(labels)), dtype=torch.float64, device=hit.device)])
+
+
+class StopRequest:
+    """SIGTERM or Ctrl-C: finish the step in hand, checkpoint, exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+def agree(flags: list[bool], device: torch.device) -> list[bool]:
+    """Any rank's flag is every rank's (one tiny all-reduce per step), so all ranks stop together."""
+    values = torch.tensor([float(flag) for flag in flags], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def per_rank(value: float, device: torch.device) -> list[float]:
+    """`value` from every rank, gathered (for the main process to log)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered = torch.zeros(dist.get_world_size(), device=device)
+    dist.all_gather_into_tensor(gathered, torch.tensor([value], device=device))
+    return gathered.tolist()
+
+
+def train(config: TrainConfig, accelerator: Accelerator) -> None:
+    train_set, val_set = build_datasets(DataSpec(config.data, config.dataset, config.num_classes,
+                                                 config.synthetic_size, config.ten_crop), config.seed)
+    batches = GlobalBatches(len(train_set), config.batch_size, config.seed)
+    if batches.steps_per_epoch < 1:
+        raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training images")
+    device = accelerator.device
+    setup = Setup(config.arch, config.num_classes or train_set.num_classes, config.seed, device,
+                  exchange=config.exchange, timeout=timedelta(seconds=config.timeout_s))
+    strategy = create(config.mode, setup, accelerator.num_processes)
+    strategy.check_batch(config.batch_size)
+    strategy.train()
+    optimizer = make_optimizer(strategy, config)
+    scheduler = make_scheduler(optimizer, config)
+    total = config.steps or config.epochs * batches.steps_per_epoch
+    checkpoints = config.output / "checkpoints"
+    start = 0
+    if config.resume:
+        found = checkpoint.find(config.resume, checkpoints)
+        checkpoint.load(found, strategy, optimizer)
+        scheduler.load_state_dict(found.meta["scheduler"])
+        start = found.step
+    elif checkpoint.complete_checkpoints(checkpoints):
+        raise UsageError(f"{config.output} already holds a run with checkpoints: add --resume latest to continue "
+                         "it, or choose another --output-dir")
+    tracker = Tracker(accelerator, run_description(config, strategy, accelerator), config.output, config.tracker,
+                      config.project, config.group, config.run_name, config.mode, resumed_at=start)
+    stop = StopRequest()
+
+    def save(next_step: int) -> None:
+        meta = {"step": next_step, "epoch": next_step // batches.steps_per_epoch,
+                "scheduler": scheduler.state_dict(), "config": config.to_dict()}
+        checkpoint.save(checkpoints, strategy, optimizer, meta, config.keep_checkpoints)
+
+    progress = tqdm(total=total, initial=start, disable=not (accelerator.is_main_process and sys.stderr.isatty()),
+                    unit="step", dynamic_ncols=True)
+    steps = rank_batches(train_set, batches, strategy.image_rows(config.batch_size),
+                         strategy.label_rows(config.batch_size), start, total, config.workers,
+                         pin_memory=device.type == "cuda")
+    waited = time.perf_counter()
+    for step, images, labels in steps:
+        started = time.perf_counter()
+        strategy.ledger.reset()
+        with accelerator.autocast():
+            loss = train_step(strategy, optimizer, images.to(device, non_blocking=True), labels, step,
+                              config.batch_size)
+        stopping, diverged = agree([stop.requested, not bool(torch.isfinite(loss))], device)
+        if diverged:
+            raise FloatingPointError(f"the loss is not finite at step {step}; the last good checkpoint in "
+                                     f"{checkpoints} is intact (try a lower --lr)")
+        elapsed = time.perf_counter() - started
+        if step % config.log_every == 0 or step == total - 1:
+            global_loss = float(strategy.global_loss(loss))
+            memory = per_rank(peak_memory_mb(device), device)
+            tracker.log({"loss": global_loss, "lr": optimizer.param_groups[0]["lr"], "epoch": batches.epoch(step),
+                         "step_time_s": elapsed, "data_wait_s": started - waited,
+                         "images_per_s": config.batch_size / elapsed, "comm_bytes": strategy.ledger.total_bytes(),
+                         "peak_memory_mb": memory}, step)
+            progress.set_postfix(loss=f"{global_loss:.4f}", img_s=f"{config.batch_size / elapsed:.1f}")
+        progress.update()
+        next_step = step + 1
+        epoch_end = next_step % batches.steps_per_epoch == 0
+        if epoch_end or (config.eval_every and next_step % config.eval_every == 0):
+            result = evaluate(strategy, val_set, config.batch_size, config.workers, device, accelerator.autocast)
+            tracker.log({"val_loss": result.loss, "val_top1_error": result.top1_error,
+                         "val_top5_error": result.top5_error}, step)
+            if config.lr_schedule == "plateau":
+                scheduler.step(result.top1_error)
+        if epoch_end and config.lr_schedule == "step":
+            scheduler.step()
+        if epoch_end or stopping or (config.checkpoint_every and next_step % config.checkpoint_every == 0):
+            save(next_step)
+        if stopping:
+            accelerator.print(f"stopped by a signal after step {step}; checkpoint saved, resume with --resume latest")
+            break
+        waited = time.perf_counter()
+    progress.close()
+    tracker.finish()
+
+
+def run_description(config: TrainConfig, strategy: Strategy, accelerator: Accelerator) -> dict:
+    """Everything that defines the run, for config.json and the trackers."""
+    rows = strategy.image_rows(config.batch_size)
+    return {**config.to_dict(), "num_classes": strategy.setup.num_classes, "world_size": accelerator.num_processes,
+            "per_rank_batch": rows.stop - rows.start, "device": str(accelerator.device),
+            "torch": torch.__version__, "accelerate": accelerate.__version__}

@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from alexnet_mp.rng import seeded_generator
 
 IMAGE_SIZE = 224
 DROPOUT = 0.5
@@ -90,24 +91,20 @@ TORCHVISION_NAMES = {
 }
 
 
-def _pool_side(side: int) -> int:
-    return (side - 3) // 2 + 1
+def conv_sides(arch: Architecture, image_size: int = IMAGE_SIZE) -> list[tuple[int, int]]:
+    """Spatial side of each conv's output, and of its block's output (after the pool, if any)."""
+    sides, side = [], image_size
+    for spec in arch.convs:
+        padded = side + (sum(spec.padding[:2]) if isinstance(spec.padding, tuple) else 2 * spec.padding)
+        conv = (padded - spec.kernel) // spec.stride + 1
+        side = (conv - 3) // 2 + 1 if spec.pool else conv  # overlapping max-pool, 3x3 stride 2
+        sides.append((conv, side))
+    return sides
 
 
 def conv_output_sides(arch: Architecture, image_size: int = IMAGE_SIZE) -> list[int]:
-    """Spatial side of each conv block's output (after its pool, if any)."""
-    sides, side = [], image_size
-    for spec in arch.convs:
-        if isinstance(spec.padding, tuple):
-            left, right, top, _ = spec.padding
-            side = side + left + right
-        else:
-            side = side + 2 * spec.padding
-        side = (side - spec.kernel) // spec.stride + 1
-        if spec.pool:
-            side = _pool_side(side)
-        sides.append(side)
-    return sides
+    """Spatial side of each conv block's output: the next layer's input."""
+    return [block for _, block in conv_sides(arch, image_size)]
 
 
 class LRN(nn.Module):
@@ -165,9 +162,7 @@ class DropoutMasks:
         self.samples = samples if samples is not None else slice(0, global_batch)
 
     def keep(self, layer: int, units_total: int, units: slice, device: torch.device) -> Tensor:
-        state = np.random.SeedSequence([self.seed, self.step, layer]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator(device=device)
-        generator.manual_seed(int(state) & ((1 << 63) - 1))
+        generator = seeded_generator(self.seed, self.step, layer, device=device)
         noise = torch.rand(self.global_batch, units_total, generator=generator, device=device)
         return noise[self.samples, units] >= self.p
 

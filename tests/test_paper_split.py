@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from alexnet_mp.cost import expected_traffic
+from tests.conftest import REFERENCE_BATCH as BATCH
 from tests.distributed import run_distributed
 from tests.equivalence import (
     FLOAT32_TOLERANCE,
@@ -17,18 +18,12 @@ from tests.equivalence import (
     merged,
     relative_error,
     run_layout_both_precisions,
-    run_reference,
 )
-
-BATCH = 4
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict:
-    import torch
-
-    return {"float64": run_reference("paper", BATCH, STEPS, torch.float64),
-            "float32": run_reference("paper", BATCH, 1, torch.float32)}
+def reference(references) -> dict:
+    return references("paper")
 
 
 @pytest.fixture(scope="module")

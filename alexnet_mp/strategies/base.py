@@ -106,9 +106,25 @@ class Strategy(ABC):
     def after_backward(self) -> None:
         """Finishes any gradient communication still in flight."""
 
+    def holds_distinct_shard(self) -> bool:
+        """Whether this rank's pieces are not a replica of a lower rank's (only those are checkpointed)."""
+        return True
+
+    def loss_replicas(self) -> tuple[dist.ProcessGroup | None, int]:
+        """The group of ranks that hold a loss over different rows (reduced for logging), and its size."""
+        return None, 1
+
+    def sum_over_replicas(self, values: Tensor) -> Tensor:
+        """Sums per-rank sums (loss, correct predictions, ...) over the ranks that hold a loss."""
+        group, size = self.loss_replicas()
+        values = values.detach().clone()
+        if size > 1:  # ranks without a loss reduce their zeros within their own group
+            dist.all_reduce(values, group=group)
+        return values
+
     def global_loss(self, loss: Tensor) -> Tensor:
         """The loss over the global batch, on the main process (for logging)."""
-        return loss.detach()
+        return self.sum_over_replicas(loss) / self.loss_replicas()[1]
 
     # -- shared behaviour --
 
@@ -141,7 +157,9 @@ class Strategy(ABC):
         arch, num_classes = self.setup.architecture, self.setup.num_classes
         full = initial_state_dict(arch, num_classes, self.setup.seed)
         for piece, device in zip(pieces, devices, strict=True):
-            module = AlexNet(arch, num_classes, piece).to(device, self.setup.dtype)
+            with torch.device("meta"):  # no init work: the weights come from `full`
+                module = AlexNet(arch, num_classes, piece)
+            module.to_empty(device=device).to(self.setup.dtype)
             module.load_state_dict(shard_state_dict(full, arch, piece))
             self.pieces.append((piece, module))
 

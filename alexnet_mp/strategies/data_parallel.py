@@ -32,9 +32,8 @@ class DataParallel(Strategy):
         if self.sync is not None:
             self.sync.wait()
 
-    def global_loss(self, loss: Tensor) -> Tensor:
-        loss = loss.detach().clone()
-        if self.world_size > 1:
-            dist.all_reduce(loss)
-            loss /= self.world_size
-        return loss
+    def holds_distinct_shard(self) -> bool:
+        return self.rank == 0
+
+    def loss_replicas(self) -> tuple[dist.ProcessGroup | None, int]:
+        return dist.group.WORLD, self.world_size

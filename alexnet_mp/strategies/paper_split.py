@@ -84,9 +84,8 @@ class PaperSplit(Strategy):
         if self.sync is not None:
             self.sync.wait()
 
-    def global_loss(self, loss: Tensor) -> Tensor:
-        loss = loss.detach().clone()
-        if self.replicas > 1 and self.holds_fc8:
-            dist.all_reduce(loss, group=self.data_group)
-            loss /= self.replicas
-        return loss
+    def holds_distinct_shard(self) -> bool:
+        return self.replica == 0
+
+    def loss_replicas(self) -> tuple[dist.ProcessGroup | None, int]:
+        return self.data_group, self.replicas

@@ -1,0 +1,3 @@
+from alexnet_mp.cli import main
+
+main()

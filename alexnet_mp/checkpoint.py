@@ -1,0 +1,170 @@
+"""Checkpoints that any layout can load.
+
+Each rank that holds a distinct part of the model writes its pieces (weights and SGD momentum, by
+`Piece`) to `step-N.tmp/shard-R.pt`; after a barrier rank 0 writes `meta.json` and renames the
+folder to `step-N`, so a crash mid-save leaves the last complete checkpoint untouched. Loading
+merges every shard into whole-net tensors and slices out the pieces the loading layout holds: a
+checkpoint from paper-split loads into single, weird-trick, or a different world size.
+
+No RNG state is saved because none is needed: dropout masks depend on (seed, step, layer) and data
+order and augmentation on (seed, epoch, sample), so step N of a resumed run is step N of the straight one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from alexnet_mp.model import ARCHITECTURES, merge_state_dicts, shard_state_dict
+from alexnet_mp.strategies import Strategy, UsageError
+
+FORMAT = 1
+PREFIX = "step-"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        """The next step to run."""
+        return int(self.meta["step"])
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _is_main() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _momentum(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> dict[str, Tensor]:
+    return {name: optimizer.state[p]["momentum_buffer"] for name, p in module.named_parameters()
+            if "momentum_buffer" in optimizer.state.get(p, {})}
+
+
+def save(directory: Path, strategy: Strategy, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+         keep: int) -> Path:
+    """Writes a checkpoint of every rank's shard (collective: every rank calls it)."""
+    final = directory / f"{PREFIX}{meta['step']:08d}"
+    staging = final.with_name(final.name + ".tmp")
+    if _is_main() and staging.exists():
+        shutil.rmtree(staging)
+    _barrier()
+    staging.mkdir(parents=True, exist_ok=True)
+    if strategy.holds_distinct_shard():
+        shard = [(piece, module.state_dict(), _momentum(optimizer, module)) for piece, module in strategy.pieces]
+        torch.save({"pieces": shard}, staging / f"shard-{strategy.rank:05d}.pt")
+    _barrier()
+    if _is_main():
+        setup = strategy.setup
+        full_meta = {**meta, "format": FORMAT, "mode": strategy.name, "arch": setup.arch,
+                     "num_classes": setup.num_classes, "world_size": strategy.world_size}
+        (staging / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        for old in complete_checkpoints(directory)[:-keep]:
+            shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints in `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.name.startswith(PREFIX) and not p.name.endswith(".tmp")
+             and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def find(where: str, output_checkpoints: Path) -> Checkpoint:
+    """`latest` (the newest complete checkpoint of this output folder) or a checkpoint folder."""
+    if where == "latest":
+        found = complete_checkpoints(output_checkpoints)
+        if not found:
+            raise UsageError(f"--resume latest: no checkpoint in {output_checkpoints}; start without --resume")
+        path = found[-1]
+    else:
+        path = Path(where)
+        if path.is_dir() and not (path / "meta.json").is_file() and complete_checkpoints(path):
+            path = complete_checkpoints(path)[-1]
+    if not (path / "meta.json").is_file():
+        raise UsageError(f"{path} is not a checkpoint folder (no meta.json); give step-N or its parent")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except json.JSONDecodeError:
+        raise UsageError(f"{path}/meta.json is corrupt; use an earlier checkpoint") from None
+    return Checkpoint(path, meta)
+
+
+def check_compatible(checkpoint: Checkpoint, arch: str, num_classes: int) -> None:
+    meta = checkpoint.meta
+    if meta.get("format") != FORMAT:
+        raise UsageError(f"{checkpoint.path} has checkpoint format {meta.get('format')}, this version reads {FORMAT}")
+    if (meta["arch"], meta["num_classes"]) != (arch, num_classes):
+        raise UsageError(f"{checkpoint.path} holds --arch {meta['arch']} with {meta['num_classes']} classes; "
+                         f"this run is --arch {arch} with {num_classes}: pass the same --arch and --num-classes")
+
+
+def full_state(checkpoint: Checkpoint) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(weights, momentum) of the whole net, merged from every shard of a checkpoint."""
+    weights, momentum = [], []
+    shards = sorted(checkpoint.path.glob("shard-*.pt"))
+    if not shards:
+        raise UsageError(f"{checkpoint.path} has no shard files; use an earlier checkpoint")
+    for shard in shards:
+        try:
+            pieces = torch.load(shard, map_location="cpu", weights_only=False)["pieces"]
+        except Exception as error:  # a truncated or foreign file: say which, not a stack trace
+            raise UsageError(f"{shard} cannot be read ({type(error).__name__}); use an earlier checkpoint") from None
+        for piece, piece_weights, piece_momentum in pieces:
+            weights.append((piece, piece_weights))
+            if piece_momentum:
+                momentum.append((piece, piece_momentum))
+    arch, classes = ARCHITECTURES[checkpoint.meta["arch"]], checkpoint.meta["num_classes"]
+    return (merge_state_dicts(weights, arch, classes),
+            merge_state_dicts(momentum, arch, classes) if momentum else {})
+
+
+def load(checkpoint: Checkpoint, strategy: Strategy, optimizer: torch.optim.Optimizer | None) -> None:
+    """Loads a checkpoint of any layout into this rank's pieces (and their momentum)."""
+    check_compatible(checkpoint, strategy.setup.arch, strategy.setup.num_classes)
+    weights, momentum = full_state(checkpoint)
+    arch = strategy.setup.architecture
+    for piece, module in strategy.pieces:
+        module.load_state_dict(shard_state_dict(weights, arch, piece))
+        if optimizer is None or not momentum:
+            continue
+        buffers = shard_state_dict(momentum, arch, piece)
+        for name, param in module.named_parameters():
+            optimizer.state[param]["momentum_buffer"] = buffers[name].to(param.device, param.dtype).clone()
+
+
+def export(checkpoint: Checkpoint, out: Path) -> None:
+    """The whole net's weights as a safetensors file: `AlexNet2012`'s keys, or torchvision's for owt."""
+    from safetensors.torch import save_file
+
+    from alexnet_mp.model import build_model
+
+    weights, _ = full_state(checkpoint)
+    model = build_model(checkpoint.meta["arch"], checkpoint.meta["num_classes"])
+    model.load_state_dict(weights)
+    state = model.torchvision_state_dict() if hasattr(model, "torchvision_state_dict") else model.state_dict()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({key: value.contiguous() for key, value in state.items()}, str(out),
+              metadata={"arch": checkpoint.meta["arch"], "step": str(checkpoint.step)})
+

@@ -1,0 +1,134 @@
+"""The command line: `python -m alexnet_mp SUBCOMMAND`, and `train.py` for `accelerate launch`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from alexnet_mp.config import TrainConfig, add_train_arguments, train_config
+from alexnet_mp.strategies import STRATEGIES, Setup, UsageError
+
+
+def launched_world_size() -> int:
+    """The world size the launcher (accelerate, torchrun) set up, before any group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def check_train_config(config: TrainConfig) -> None:
+    """Refuses, before any process group or data exists, what the layout cannot run."""
+    if config.mode not in STRATEGIES:
+        raise UsageError(f"unknown --mode {config.mode!r}; choose one of: {', '.join(STRATEGIES)}")
+    setup = Setup(config.arch, config.num_classes or 1000, config.seed, exchange=config.exchange)
+    STRATEGIES[config.mode].check(launched_world_size(), setup)
+    if config.batch_size < 1 or config.steps < 1:
+        raise UsageError("--batch-size and --steps must be positive")
+
+
+def run_train(config: TrainConfig) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from alexnet_mp.loop import train
+
+    check_train_config(config)
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=not cuda, mixed_precision=config.mixed_precision, project_dir=str(config.output),
+        log_with=None if config.tracker == "none" else config.tracker,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.timeout_s))])
+    train(config, accelerator)
+
+
+def export(args: argparse.Namespace) -> None:
+    from alexnet_mp import checkpoint
+
+    found = checkpoint.find(args.checkpoint, Path(args.checkpoint))
+    checkpoint.export(found, Path(args.out))
+    print(f"wrote {args.out}: {found.meta['arch']} net, {found.meta['num_classes']} classes, step {found.step}")
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """One process, one device: the checkpoint merged into the whole net, whatever layout wrote it."""
+    from alexnet_mp import checkpoint
+    from alexnet_mp.data import DataSpec, build_datasets
+    from alexnet_mp.loop import evaluate as run_evaluation
+    from alexnet_mp.strategies import create
+
+    found = checkpoint.find(args.checkpoint, Path(args.checkpoint))
+    meta = found.meta
+    _, val_set = build_datasets(DataSpec(args.data, args.dataset, meta["num_classes"], ten_crop=args.ten_crop),
+                                meta["config"]["seed"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    strategy = create("single", Setup(meta["arch"], meta["num_classes"], meta["config"]["seed"], device), 1)
+    checkpoint.load(found, strategy, optimizer=None)
+    result = run_evaluation(strategy, val_set, args.batch_size, args.workers, device)
+    crops = "10-crop" if args.ten_crop else "centre crop"
+    print(f"{found.path} ({crops}): loss {result.loss:.4f}  top-1 error {result.top1_error:.4f}  "
+          f"top-5 error {result.top5_error:.4f}")
+
+
+def summary(args: argparse.Namespace) -> None:
+    from alexnet_mp.report import summary_table
+
+    print(summary_table(args.arch, args.num_classes, tower=args.tower))
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m alexnet_mp", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train (use `accelerate launch train.py` for several processes)")
+    add_train_arguments(train)
+    train.set_defaults(run=lambda args: run_train(train_config(args)))
+    table = commands.add_parser("summary", help="per-layer output shapes, parameters and FLOPs")
+    table.add_argument("--arch", default="paper", choices=["paper", "owt"])
+    table.add_argument("--num-classes", type=int, default=1000)
+    table.add_argument("--tower", action="store_true", help="per tower (paper net)")
+    table.set_defaults(run=summary)
+    out = commands.add_parser("export", help="a checkpoint of any layout as one safetensors state_dict")
+    out.add_argument("checkpoint", help="a checkpoint folder (step-N), or an output folder for its latest")
+    out.add_argument("out", help="the .safetensors file to write")
+    out.set_defaults(run=export)
+    check = commands.add_parser("evaluate", help="top-1/top-5 error of a checkpoint on a validation set")
+    check.add_argument("checkpoint")
+    check.add_argument("--data", required=True, help="'synthetic', a folder with val/, or CIFAR-10 batches")
+    check.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "cifar10"])
+    check.add_argument("--ten-crop", action="store_true")
+    check.add_argument("--batch-size", type=int, default=100)
+    check.add_argument("--workers", type=int, default=2)
+    check.set_defaults(run=evaluate)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UsageError as error:
+        fail(str(error), 2)
+    except FloatingPointError as error:
+        fail(str(error), 1)
+    except torch.distributed.DistError as error:  # a peer died or did not answer within --timeout
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        fail(f"rank {os.environ.get('RANK', '0')} lost contact with another process ({first_line}); "
+             "see that process's output, then resume with --resume latest", 1, every_rank=True)
+
+
+def fail(message: str, code: int, every_rank: bool = False) -> None:
+    if every_rank or is_main_process():
+        print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code) from None
+
+
+def train_main() -> None:
+    """`train.py`: the train subcommand's arguments, for `accelerate launch train.py --mode ...`."""
+    main(["train", *sys.argv[1:]])

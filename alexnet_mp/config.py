@@ -1,0 +1,103 @@
+"""Everything that defines a training run, and the command line that fills it in."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from alexnet_mp.model import ARCHITECTURES
+from alexnet_mp.strategies import STRATEGIES
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: str = "paper-split"
+    arch: str = "paper"
+    exchange: str | None = None
+    data: str = "synthetic"
+    dataset: str = "imagefolder"
+    num_classes: int | None = None  # None: the dataset's (1000 for synthetic, like ImageNet)
+    synthetic_size: int = 4096
+    batch_size: int = 128  # the global batch, whatever the layout
+    epochs: int = 90
+    steps: int | None = None  # the whole run's length in steps; overrides --epochs
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "plateau"
+    lr_step_epochs: int = 30
+    plateau_patience: int = 1
+    seed: int = 0
+    workers: int = 2
+    eval_every: int = 0  # steps; 0: at the end of each epoch only
+    ten_crop: bool = False
+    checkpoint_every: int = 0  # steps; checkpoints are also written at the end of each epoch
+    keep_checkpoints: int = 3
+    resume: str | None = None
+    mixed_precision: str = "no"
+    log_every: int = 1
+    timeout_s: float = 600.0
+    output_dir: str = "runs/latest"
+    tracker: str = "none"
+    project: str = "alexnet-mp"
+    group: str | None = None
+    run_name: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def output(self) -> Path:
+        return Path(self.output_dir)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    parser.add_argument("--mode", default=d.mode, help=f"layout: {', '.join(STRATEGIES)}")
+    parser.add_argument("--arch", default=d.arch, choices=sorted(ARCHITECTURES),
+                        help="paper: the 2012 two-tower net; owt: the one-column net of 'One weird trick'")
+    parser.add_argument("--exchange", default=d.exchange,
+                        help="weird-trick only: all (scheme a), one-at-a-time (b), slice (c)")
+    parser.add_argument("--data", default=d.data, help="'synthetic' (built in) or a folder")
+    parser.add_argument("--dataset", default=d.dataset, choices=["imagefolder", "cifar10"],
+                        help="layout of --data PATH: PATH/train and PATH/val class folders, or CIFAR-10 batches")
+    parser.add_argument("--num-classes", type=int, default=d.num_classes)
+    parser.add_argument("--synthetic-size", type=int, default=d.synthetic_size,
+                        help="images in the synthetic training set")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="the global batch")
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--steps", type=int, default=d.steps,
+                        help="length of the whole run in steps (overrides --epochs); a resumed run continues to it")
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--momentum", type=float, default=d.momentum)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--lr-schedule", default=d.lr_schedule, choices=["plateau", "step"],
+                        help="plateau: /10 when validation top-1 error stops improving (the paper); step: /10 "
+                             "every --lr-step-epochs")
+    parser.add_argument("--lr-step-epochs", type=int, default=d.lr_step_epochs)
+    parser.add_argument("--plateau-patience", type=int, default=d.plateau_patience,
+                        help="evaluations without improvement before the learning rate drops")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--workers", type=int, default=d.workers, help="data loader processes per rank")
+    parser.add_argument("--eval-every", type=int, default=d.eval_every,
+                        help="validate every N steps as well as at each epoch's end")
+    parser.add_argument("--ten-crop", action="store_true", help="validate on the paper's ten crops")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                        help="checkpoint every N steps as well as at each epoch's end")
+    parser.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    parser.add_argument("--resume", default=d.resume, help="'latest' (in --output-dir) or a checkpoint folder")
+    parser.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "bf16", "fp16"])
+    parser.add_argument("--log-every", type=int, default=d.log_every)
+    parser.add_argument("--timeout", dest="timeout_s", type=float, default=d.timeout_s,
+                        help="seconds a rank waits for its peers before giving up")
+    parser.add_argument("--output-dir", default=d.output_dir)
+    parser.add_argument("--tracker", default=d.tracker, choices=["none", "wandb", "tensorboard"])
+    parser.add_argument("--project", default=d.project)
+    parser.add_argument("--group", default=d.group, help="experiment name: runs compared together")
+    parser.add_argument("--run-name", default=d.run_name)
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    fields = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{key: value for key, value in vars(args).items() if key in fields})

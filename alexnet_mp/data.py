@@ -1,0 +1,281 @@
+"""Datasets, the paper's preprocessing, and the global-batch sampler.
+
+For step s the global batch is a fixed slice of a permutation drawn from (seed, epoch); every layout
+and world size sees the same global batch, and each rank loads only its rows of it. A sample's
+random augmentation is drawn from (seed, epoch, sample index), so it looks the same whichever rank
+loads it. Labels come from the dataset's `targets`, so a rank can hold labels for rows whose images
+it does not load (weird-trick rank 0 computes the loss over the whole global batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from alexnet_mp.model import IMAGE_SIZE
+from alexnet_mp.rng import seeded_generator
+from alexnet_mp.strategies import UsageError
+
+log = logging.getLogger(__name__)
+
+RESIZE = 256  # §2: shorter side rescaled to 256, central 256x256 patch
+# Per-channel statistics of ImageNet's training set, RGB in [0, 1] (the values torchvision's and
+# pytorch/examples' ImageNet recipes use). The paper subtracts the mean image; we subtract the
+# per-channel mean and divide by the std (docs/reproduction.md).
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The principal components of ImageNet's RGB pixel values in [0, 1], for the paper's "PCA colour
+# augmentation" (§4.1): from fb.resnet.torch, datasets/imagenet.lua (Facebook AI Research, 2016).
+PCA_EIGENVALUES = (0.2175, 0.0188, 0.0045)
+PCA_EIGENVECTORS = ((-0.5675, 0.7192, 0.4009),
+                    (-0.5808, -0.0045, -0.8140),
+                    (-0.5836, -0.6948, 0.4203))
+LIGHTING_STD = 0.1
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
+
+
+class Lighting(torch.nn.Module):
+    """The paper's PCA colour augmentation: add eigvec @ (alpha * eigval) to every pixel, with
+    alpha ~ N(0, 0.1) drawn once per image (from torch's RNG, seeded per sample by the caller)."""
+
+    def __init__(self, std: float = LIGHTING_STD) -> None:
+        super().__init__()
+        self.std = std
+        self.register_buffer("eigenvalues", torch.tensor(PCA_EIGENVALUES))
+        self.register_buffer("eigenvectors", torch.tensor(PCA_EIGENVECTORS))
+
+    def forward(self, image: Tensor) -> Tensor:
+        alpha = torch.randn(3) * self.std
+        return image + (self.eigenvectors @ (alpha * self.eigenvalues)).view(3, 1, 1)
+
+
+def train_transform() -> Callable:
+    return v2.Compose([v2.ToImage(), v2.Resize(RESIZE, antialias=True), v2.CenterCrop(RESIZE),
+                       v2.RandomCrop(IMAGE_SIZE), v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                       Lighting(), v2.Normalize(MEAN, STD)])
+
+
+def eval_transform(ten_crop: bool = False) -> Callable:
+    """Centre crop, or the paper's ten crops (4 corners + centre, and their mirror images): [10, 3, H, W]."""
+    crop = v2.Compose([v2.TenCrop(IMAGE_SIZE), v2.Lambda(torch.stack)]) if ten_crop else v2.CenterCrop(IMAGE_SIZE)
+    return v2.Compose([v2.ToImage(), v2.Resize(RESIZE, antialias=True), v2.CenterCrop(RESIZE),
+                       v2.ToDtype(torch.float32, scale=True), crop, v2.Normalize(MEAN, STD)])
+
+
+class SyntheticImages(Dataset):
+    """A deterministic, learnable, class-conditional image set, made on the fly: each class is a
+    smooth random colour pattern; a sample is its class's pattern, randomly shifted and flipped,
+    plus noise. Already normalised and 224x224, so the main job runs anywhere with no data."""
+
+    def __init__(self, num_classes: int = 1000, size: int = 4096, seed: int = 0, split: int = 0,
+                 noise: float = 1.0) -> None:
+        self.num_classes, self.size, self.seed, self.split, self.noise = num_classes, size, seed, split, noise
+        self.classes = [f"class{c:04d}" for c in range(num_classes)]
+        self.targets = torch.randint(0, num_classes, (size,), generator=seeded_generator(seed, 1, split))
+        coarse = torch.randn(num_classes, 3, 8, 8, generator=seeded_generator(seed, 2))
+        self.patterns = F.interpolate(coarse, size=IMAGE_SIZE + 32, mode="bicubic", align_corners=False)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: tuple[int, int]) -> Tensor:
+        index, epoch = key
+        generator = seeded_generator(self.seed, 3, self.split, epoch, index)
+        top, left = torch.randint(0, 33, (2,), generator=generator).tolist()
+        image = self.patterns[int(self.targets[index]), :, top:top + IMAGE_SIZE, left:left + IMAGE_SIZE]
+        if torch.rand((), generator=generator) < 0.5:
+            image = image.flip(-1)
+        return image + self.noise * torch.randn(image.shape, generator=generator)
+
+
+class Augmented(Dataset):
+    """Images from `source` (anything with `load(index) -> PIL image`, `targets`, `classes`) through
+    `transform`, with torch's RNG seeded per (seed, epoch, index) for the transform's draws; a
+    corrupt image is replaced by the next readable image of the same class, counted and warned once."""
+
+    def __init__(self, source: ImageSource, transform: Callable, seed: int) -> None:
+        self.source, self.transform, self.seed = source, transform, seed
+        self.targets, self.classes = source.targets, source.classes
+        self.num_classes = len(source.classes)
+        self.skipped: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, key: tuple[int, int]) -> Tensor:
+        index, epoch = key
+        image = self._readable(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seeded_generator(self.seed, 5, epoch, index).initial_seed()))
+            return self.transform(image)
+
+    def _readable(self, index: int) -> Image.Image:
+        label, size = self.targets[index], len(self.targets)
+        for step in range(size):
+            candidate = (index + step) % size
+            if self.targets[candidate] != label:
+                continue
+            try:
+                return self.source.load(candidate)
+            except (OSError, UnidentifiedImageError, ValueError):
+                path = self.source.describe(candidate)
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    log.warning("skipping unreadable image %s (%d skipped so far in this process)",
+                                path, len(self.skipped))
+        raise UsageError(f"class {self.classes[label]!r} has no readable image")
+
+
+class ImageSource:
+    """Where images come from: `load(index)`, `describe(index)`, `targets`, `classes`."""
+
+    targets: list[int]
+    classes: list[str]
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        return f"#{index}"
+
+
+class FolderSource(ImageSource):
+    """An ImageFolder tree (one sub-folder per class, JPEG or PNG files), as ImageNet is laid out."""
+
+    def __init__(self, root: Path) -> None:
+        if not root.is_dir():
+            raise UsageError(f"no image folder at {root}: expected {root}/<class>/<image>.jpg")
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not classes:
+            raise UsageError(f"{root} has no class folders: expected {root}/<class>/<image>.jpg")
+        empty = [c for c in classes if not any(f.suffix in IMAGE_SUFFIXES for f in (root / c).iterdir())]
+        if empty:
+            raise UsageError(f"class folder {root / empty[0]} has no JPEG or PNG images; add some or remove it")
+        folder = datasets.ImageFolder(str(root), allow_empty=False,
+                                      is_valid_file=lambda path: path.endswith(IMAGE_SUFFIXES))
+        self.samples, self.targets, self.classes = folder.samples, folder.targets, folder.classes
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(self.samples[index][0]) as image:
+            return image.convert("RGB")
+
+    def describe(self, index: int) -> str:
+        return self.samples[index][0]
+
+
+class CifarSource(ImageSource):
+    """CIFAR-10's python batches (data_batch_1..5, test_batch, batches.meta) read from local disk."""
+
+    def __init__(self, root: Path, train: bool) -> None:
+        folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        missing = [name for name in names + ["batches.meta"] if not (folder / name).is_file()]
+        if missing:
+            raise UsageError(f"CIFAR-10 files missing in {folder}: {', '.join(missing)} "
+                             "(expected the python version, cifar-10-python.tar.gz, extracted)")
+        images, labels = [], []
+        for name in names:
+            batch = _unpickle(folder / name)
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.extend(int(label) for label in batch[b"labels"])
+        self.images, self.targets = np.concatenate(images), labels
+        self.classes = [name.decode() for name in _unpickle(folder / "batches.meta")[b"label_names"]]
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with path.open("rb") as file:
+            return pickle.load(file, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise UsageError(f"{path} is not a CIFAR-10 python batch ({error}); re-extract the archive") from None
+
+
+@dataclass(frozen=True)
+class GlobalBatches:
+    """The global batch of each step: epoch e's permutation comes from (seed, e)."""
+
+    dataset_size: int
+    batch_size: int
+    seed: int
+    shuffle: bool = True
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.dataset_size // self.batch_size
+
+    def epoch(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def indices(self, step: int) -> Tensor:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = (torch.randperm(self.dataset_size, generator=seeded_generator(self.seed, 4, epoch)) if self.shuffle
+                 else torch.arange(self.dataset_size))
+        return order[position * self.batch_size:(position + 1) * self.batch_size]
+
+
+class _RowSampler:
+    """Yields, step by step, (index, epoch) keys of this rank's rows of each global batch."""
+
+    def __init__(self, batches: GlobalBatches, rows: slice, start: int, stop: int) -> None:
+        self.batches, self.rows, self.start, self.stop = batches, rows, start, stop
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.stop):
+            epoch = self.batches.epoch(step)
+            yield [(int(i), epoch) for i in self.batches.indices(step)[self.rows]]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def rank_batches(dataset: Dataset, batches: GlobalBatches, image_rows: slice, label_rows: slice,
+                 start: int, stop: int, workers: int, pin_memory: bool) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(step, images of image_rows, labels of label_rows) for steps start..stop-1."""
+    loader = DataLoader(dataset, batch_sampler=_RowSampler(batches, image_rows, start, stop), num_workers=workers,
+                        pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+                        persistent_workers=False)
+    targets = torch.as_tensor(dataset.targets)
+    for step, images in zip(range(start, stop), loader, strict=True):
+        yield step, images, targets[batches.indices(step)[label_rows]]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    data: str = "synthetic"
+    dataset: str = "imagefolder"
+    num_classes: int | None = None
+    synthetic_size: int = 4096
+    ten_crop: bool = False
+
+
+def build_datasets(spec: DataSpec, seed: int) -> tuple[Dataset, Dataset]:
+    """(training set, validation set). Bad paths raise UsageError before any training starts."""
+    if spec.data == "synthetic":
+        classes = spec.num_classes or 1000
+        return (SyntheticImages(classes, spec.synthetic_size, seed, split=0),
+                SyntheticImages(classes, max(spec.synthetic_size // 8, 64), seed, split=1))
+    root = Path(spec.data)
+    if spec.dataset == "cifar10":
+        train, val = CifarSource(root, train=True), CifarSource(root, train=False)
+    else:
+        if not root.is_dir():
+            raise UsageError(f"--data {root}: no such folder; give a folder with train/ and val/ class folders, "
+                             "or --data synthetic")
+        train, val = FolderSource(root / "train"), FolderSource(root / "val")
+    if spec.num_classes not in (None, len(train.classes)):
+        raise UsageError(f"--num-classes {spec.num_classes} but {root} has {len(train.classes)} classes")
+    return Augmented(train, train_transform(), seed), Augmented(val, eval_transform(spec.ten_crop), seed)

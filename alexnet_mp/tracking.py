@@ -1,0 +1,49 @@
+"""Where a run's record goes: OUTPUT/config.json and OUTPUT/metrics.jsonl always (so runs can be
+compared offline), and accelerate's trackers (wandb, tensorboard) when asked; main process only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+
+class Tracker:
+    def __init__(self, accelerator: Accelerator, config: dict[str, Any], output: Path, tracker: str,
+                 project: str, group: str | None, run_name: str | None, job_type: str, resumed_at: int = 0) -> None:
+        self.accelerator, self.active = accelerator, accelerator.is_main_process
+        self.metrics_path = output / "metrics.jsonl"
+        self.uses_trackers = tracker != "none"
+        if not self.active:
+            return
+        output.mkdir(parents=True, exist_ok=True)
+        self._keep_steps_before(resumed_at)
+        (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        if self.uses_trackers:
+            init = {"wandb": {"group": group, "job_type": job_type, "name": run_name, "dir": str(output)}}
+            accelerator.init_trackers(project, config=config, init_kwargs=init)
+
+    def _keep_steps_before(self, step: int) -> None:
+        """A resumed run continues the file where its checkpoint was taken (later lines, logged after
+        it before a crash, are logged again); a new run starts a new file."""
+        if not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines(keepends=True)
+                if step and line.strip() and json.loads(line)["step"] < step]
+        temporary = self.metrics_path.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(kept))
+        temporary.replace(self.metrics_path)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.active:
+            return
+        with self.metrics_path.open("a") as record:
+            record.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.uses_trackers:
+            self.accelerator.log(metrics, step=step)
+
+    def finish(self) -> None:
+        if self.active and self.uses_trackers:
+            self.accelerator.end_training()

@@ -1,0 +1,87 @@
+"""Every layout computes what the one-device reference computes, on real gloo processes: logits,
+loss, every gradient, and the weights after 3 SGD steps (momentum, weight decay, dropout on);
+tolerances in tests/equivalence.py. Its ledger equals the analytic count from the layer shapes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from alexnet_mp.cost import expected_traffic
+from tests.conftest import REFERENCE_BATCH as BATCH
+from tests.distributed import run_distributed
+from tests.equivalence import (
+    FLOAT32_TOLERANCE,
+    FLOAT64_TOLERANCE,
+    assert_same,
+    layout_logits,
+    ledger_of,
+    merged,
+    relative_error,
+    run_layout_both_precisions,
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    mode: str
+    arch: str
+    ranks: int
+    exchange: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.mode}-{self.arch}-{self.ranks}" + (f"-{self.exchange}" if self.exchange else "")
+
+
+LAYOUTS = [
+    Layout("single", "paper", 1),
+    Layout("data-parallel", "paper", 2),
+    Layout("data-parallel", "paper", 4),
+    Layout("weird-trick", "paper", 2, "all"),
+    Layout("weird-trick", "paper", 2, "one-at-a-time"),
+    Layout("weird-trick", "paper", 2, "slice"),
+    Layout("weird-trick", "paper", 4, "all"),
+    Layout("weird-trick", "paper", 4, "one-at-a-time"),
+    Layout("weird-trick", "owt", 2, "all"),
+    Layout("paper-split", "paper", 4),
+]
+
+
+@pytest.fixture(scope="module", params=LAYOUTS, ids=str)
+def layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, list[dict]]:
+    spec: Layout = request.param
+    args = (spec.mode, spec.arch, BATCH, spec.exchange)
+    if spec.ranks == 1:
+        return spec, [run_layout_both_precisions(*args)]
+    return spec, run_distributed(run_layout_both_precisions, spec.ranks, tmp_path_factory.mktemp(str(spec)), *args)
+
+
+def test_logits_and_loss_equal_single_device(layout, references):
+    spec, ranks = layout
+    for precision, tolerance in (("float32", FLOAT32_TOLERANCE), ("float64", FLOAT64_TOLERANCE)):
+        runs, reference = [r[precision] for r in ranks], references(spec.arch)[precision]
+        assert relative_error(layout_logits(runs, 0, BATCH), reference.logits[0]) <= tolerance
+        assert runs[0].losses[0] == pytest.approx(reference.losses[0], rel=tolerance)
+
+
+def test_gradients_equal_single_device(layout, references):
+    spec, ranks = layout
+    for precision, tolerance in (("float32", FLOAT32_TOLERANCE), ("float64", FLOAT64_TOLERANCE)):
+        gradients = merged([piece for r in ranks for piece in r[precision].gradients], spec.arch)
+        assert_same(gradients, dict(references(spec.arch)[precision].gradients[0][1]), tolerance)
+
+
+def test_weights_after_three_sgd_steps_equal_single_device(layout, references):
+    spec, ranks = layout
+    reference = references(spec.arch)["float64"]
+    weights = merged([piece for r in ranks for piece in r["float64"].weights], spec.arch)
+    assert_same(weights, dict(reference.weights[0][1]), FLOAT64_TOLERANCE)
+    assert ranks[0]["float64"].losses == pytest.approx(reference.losses, rel=FLOAT64_TOLERANCE)
+
+
+def test_ledger_equals_the_analytic_count(layout):
+    spec, ranks = layout
+    expected = expected_traffic(spec.mode, spec.arch, spec.ranks, BATCH, num_classes=10)
+    for rank, r in enumerate(ranks):
+        assert ledger_of(r["float32"]).sent() == pytest.approx(expected[rank]), f"rank {rank}"
