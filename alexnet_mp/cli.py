@@ -117,10 +117,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(str(error), 2)
     except FloatingPointError as error:
         fail(str(error), 1)
-    except torch.distributed.DistError as error:  # a peer died or did not answer within --timeout
+    except RuntimeError as error:
+        if not is_peer_failure(error):
+            raise
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         fail(f"rank {os.environ.get('RANK', '0')} lost contact with another process ({first_line}); "
              "see that process's output, then resume with --resume latest", 1, every_rank=True)
+
+
+PEER_FAILURE_WORDS = ("Connection reset", "Connection closed", "timed out", "Timed out", "Broken pipe",
+                      "NCCL communicator was aborted")
+
+
+def is_peer_failure(error: RuntimeError) -> bool:
+    """A peer process died or did not answer within --timeout (gloo reports it as a RuntimeError)."""
+    return isinstance(error, torch.distributed.DistError) or any(w in str(error) for w in PEER_FAILURE_WORDS)
 
 
 def fail(message: str, code: int, every_rank: bool = False) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.strategies import STRATEGIES
 
+PAPER_BATCH = 128
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -25,6 +27,7 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    lr_scaling: str = "none"
     lr_schedule: str = "plateau"
     lr_step_epochs: int = 30
     plateau_patience: int = 1
@@ -43,6 +46,12 @@ class TrainConfig:
     project: str = "alexnet-mp"
     group: str | None = None
     run_name: str | None = None
+
+    @property
+    def scaled_lr(self) -> float:
+        """--lr for a global batch of 128 (the paper's), scaled to --batch-size as --lr-scaling says."""
+        ratio = self.batch_size / PAPER_BATCH
+        return self.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[self.lr_scaling]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +81,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--momentum", type=float, default=d.momentum)
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--lr-scaling", default=d.lr_scaling, choices=["none", "linear", "sqrt"],
+                        help="scale --lr by the global batch over the paper's 128: none (the flags mean what "
+                             "they say), linear (Goyal et al. 2017), sqrt (Krizhevsky 2014)")
     parser.add_argument("--lr-schedule", default=d.lr_schedule, choices=["plateau", "step"],
                         help="plateau: /10 when validation top-1 error stops improving (the paper); step: /10 "
                              "every --lr-step-epochs")

@@ -66,9 +66,13 @@ def train_transform() -> Callable:
                        Lighting(), v2.Normalize(MEAN, STD)])
 
 
+def stack_crops(crops: tuple[Tensor, ...]) -> Tensor:
+    return torch.stack(crops)
+
+
 def eval_transform(ten_crop: bool = False) -> Callable:
     """Centre crop, or the paper's ten crops (4 corners + centre, and their mirror images): [10, 3, H, W]."""
-    crop = v2.Compose([v2.TenCrop(IMAGE_SIZE), v2.Lambda(torch.stack)]) if ten_crop else v2.CenterCrop(IMAGE_SIZE)
+    crop = v2.Compose([v2.TenCrop(IMAGE_SIZE), stack_crops]) if ten_crop else v2.CenterCrop(IMAGE_SIZE)
     return v2.Compose([v2.ToImage(), v2.Resize(RESIZE, antialias=True), v2.CenterCrop(RESIZE),
                        v2.ToDtype(torch.float32, scale=True), crop, v2.Normalize(MEAN, STD)])
 

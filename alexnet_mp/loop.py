@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -50,7 +51,7 @@ def train_step(strategy: Strategy, optimizer: torch.optim.Optimizer, images: Ten
 def make_optimizer(strategy: Strategy, config: TrainConfig) -> torch.optim.SGD:
     """The paper's SGD (section 5): momentum 0.9, weight decay 5e-4 (see docs/reproduction.md for
     how torch's update relates to the paper's)."""
-    return torch.optim.SGD(strategy.parameters(), lr=config.lr, momentum=config.momentum,
+    return torch.optim.SGD(strategy.parameters(), lr=config.scaled_lr, momentum=config.momentum,
                            weight_decay=config.weight_decay)
 
 
@@ -72,7 +73,7 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(strategy: Strategy, dataset: Dataset, batch_size: int, workers: int, device: torch.device,
-             autocast: Callable = torch.autocast) -> Evaluation:
+             autocast: Callable[[], AbstractContextManager] = nullcontext) -> Evaluation:
     """Validation loss and top-1/top-5 error over every whole global batch of `dataset`; with ten
     crops per image (samples of shape [10, 3, H, W]) the ten softmaxes are averaged."""
     strategy.train(False)

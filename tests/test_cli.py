@@ -1,67 +1,51 @@
-"""The user's entry point: `accelerate launch train.py`, its record, and its one-line errors."""
+"""The user's entry point: `accelerate launch train.py`, the same losses whatever the layout, and
+one-line errors for what a layout cannot run."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+from tests.launching import CPU_CONFIG, launch, metrics, one_line_error, run_train_py
 
-
-def launch(*args: str, processes: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`accelerate launch train.py ARGS` as the README shows it: 1 process, or the CPU multi-process form."""
-    command = [ACCELERATE, "launch"]
-    extra = {"ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline", **(env or {})}
-    if processes > 1:
-        command += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"]
-    else:
-        command += ["--cpu", "--num_processes", "1"]
-    return subprocess.run(command + ["train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **extra})
-
-
-def metrics(directory: Path) -> list[dict]:
-    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_args(directory: Path) -> list[str]:
-    return ["--mode", "paper-split", "--steps", "2", "--batch-size", "4", "--seed", "0",
-            "--output-dir", str(directory), "--workers", "0"]
+# mode, processes, launched with launch/cpu-2proc.yaml (else with the README's flags)
+RUNS = [("single", 1, False), ("paper-split", 1, False), ("paper-split", 2, False), ("data-parallel", 2, True),
+        ("weird-trick", 2, True)]
 
 
 @pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("one")
-    result = launch(*train_args(directory))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return directory
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Each layout for 5 steps on the same global batches (batch 8, seed 0, synthetic data)."""
+    done = {}
+    for mode, processes, with_config in RUNS:
+        directory = tmp_path_factory.mktemp(f"{mode}-{processes}")
+        result = launch("--mode", mode, "--steps", "5", "--batch-size", "8", "--seed", "0", "--num-classes", "10",
+                        "--workers", "0", "--output-dir", str(directory), processes=processes,
+                        config_file=CPU_CONFIG if with_config else None)
+        assert result.returncode == 0, result.stderr[-3000:]
+        done[mode, processes] = directory
+    return done
 
 
-def test_paper_split_on_one_process_writes_the_loss_of_every_step(one_process_run):
-    rows = metrics(one_process_run)
-    assert [row["step"] for row in rows] == [0, 1]
-    assert all(isinstance(row["loss"], float) for row in rows)
+def test_paper_split_writes_the_loss_of_every_step_to_metrics_jsonl(runs):
+    for processes in (1, 2):
+        rows = metrics(runs["paper-split", processes])
+        assert [row["step"] for row in rows] == [0, 1, 2, 3, 4]
+        assert all(isinstance(row["loss"], float) for row in rows)
 
 
-def test_paper_split_on_two_processes_logs_the_same_losses_as_one(one_process_run, tmp_path):
-    result = launch(*train_args(tmp_path), processes=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    one, two = metrics(one_process_run), metrics(tmp_path)
-    assert [row["loss"] for row in two] == pytest.approx([row["loss"] for row in one], rel=1e-5)
-    assert json.loads((tmp_path / "config.json").read_text())["world_size"] == 2
+def test_every_layout_logs_the_same_losses_as_single(runs):
+    reference = [row["loss"] for row in metrics(runs["single", 1])]
+    for key, directory in runs.items():
+        assert [row["loss"] for row in metrics(directory)] == pytest.approx(reference, rel=1e-4), key
 
 
-def run_train_py(*args: str, world_size: int = 1) -> subprocess.CompletedProcess:
-    """train.py as a launcher would start rank 0 of `world_size`: bad input is refused before any group exists."""
-    env = {**os.environ, "WORLD_SIZE": str(world_size), "RANK": "0"}
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env=env)
+def test_config_json_records_what_defines_the_run(runs):
+    config = json.loads((runs["paper-split", 2] / "config.json").read_text())
+    assert (config["mode"], config["world_size"], config["batch_size"], config["per_rank_batch"]) == \
+        ("paper-split", 2, 8, 8)
+    assert json.loads((runs["data-parallel", 2] / "config.json").read_text())["per_rank_batch"] == 4
 
 
 @pytest.mark.parametrize(("args", "world_size", "names"), [
@@ -75,5 +59,14 @@ def run_train_py(*args: str, world_size: int = 1) -> subprocess.CompletedProcess
 def test_bad_input_is_one_line_naming_what_works_with_exit_code_2(args, world_size, names):
     result = run_train_py(*args, world_size=world_size)
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], result.stderr
+    assert names in one_line_error(result)
+
+
+def test_every_launch_config_names_its_process_count():
+    import yaml
+
+    from tests.launching import ROOT
+
+    expected = {"cpu-2proc.yaml": 2, "paper-split-2gpu.yaml": 2, "4gpu.yaml": 4, "2node-4gpu.yaml": 4}
+    for name, processes in expected.items():
+        assert yaml.safe_load((ROOT / "launch" / name).read_text())["num_processes"] == processes

@@ -1,0 +1,140 @@
+"""Datasets on small data the tests make (real JPEG/PNG files, CIFAR-10's pickle format), the
+paper's preprocessing, the global batches, and bad data refused in one line."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alexnet_mp.data import (
+    PCA_EIGENVALUES,
+    PCA_EIGENVECTORS,
+    DataSpec,
+    GlobalBatches,
+    Lighting,
+    build_datasets,
+    eval_transform,
+)
+from alexnet_mp.loop import average_crops
+from alexnet_mp.model import rows
+from alexnet_mp.strategies import UsageError
+
+CLASSES = ("cat", "dog", "fox")
+
+
+def write_image_tree(root: Path, per_class: int = 3) -> Path:
+    """root/{train,val}/<class>/ with real JPEG and PNG files of different sizes."""
+    generator = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = generator.integers(0, 255, (180 + 20 * i, 300, 3), dtype=np.uint8)
+                pixels[..., c] = 250  # a class colour
+                Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def write_cifar(root: Path, per_batch: int = 4) -> Path:
+    """CIFAR-10's python format: pickled dicts of uint8 rows (3072 = 3 x 32 x 32, channel-major)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    generator = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": generator.integers(0, 255, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": [int(x) for x in generator.integers(0, 10, per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+    return root
+
+
+def test_image_folder_yields_normalised_224_crops_with_folder_labels(tmp_path):
+    train, val = build_datasets(DataSpec(str(write_image_tree(tmp_path))), seed=0)
+    assert train.classes == list(CLASSES) and len(train) == 9 and len(val) == 9
+    image = train[(4, 0)]
+    assert image.shape == (3, 224, 224) and image.dtype == torch.float32
+    assert abs(float(image.mean())) < 3
+    assert val[(0, 0)].shape == (3, 224, 224)
+
+
+def test_a_samples_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
+    train, _ = build_datasets(DataSpec(str(write_image_tree(tmp_path))), seed=0)
+    torch.manual_seed(123)
+    first = train[(2, 0)]
+    torch.manual_seed(456)
+    assert torch.equal(train[(2, 0)], first)  # whichever process, whatever its RNG state
+    assert not torch.equal(train[(2, 1)], first)  # a new epoch draws a new crop, flip and lighting
+
+
+def test_cifar10_is_read_from_its_pickles_and_upsampled(tmp_path):
+    train, val = build_datasets(DataSpec(str(write_cifar(tmp_path)), dataset="cifar10"), seed=0)
+    assert len(train) == 20 and len(val) == 4 and train.classes[0] == "airplane"
+    assert train[(0, 0)].shape == (3, 224, 224)
+
+
+def test_lighting_adds_one_colour_shift_along_the_imagenet_principal_components():
+    torch.manual_seed(0)
+    image = torch.rand(3, 8, 8)
+    shifted = Lighting()(image)
+    shift = (shifted - image)[:, 0, 0]
+    assert torch.allclose(shifted - image, shift.view(3, 1, 1).expand(3, 8, 8))
+    alpha = torch.linalg.solve(torch.tensor(PCA_EIGENVECTORS), shift) / torch.tensor(PCA_EIGENVALUES)
+    assert alpha.abs().max() < 0.6  # alpha ~ N(0, 0.1)
+
+
+def test_ten_crop_is_the_mean_of_the_ten_single_crop_softmaxes():
+    picture = Image.fromarray(np.random.default_rng(2).integers(0, 255, (300, 260, 3), dtype=np.uint8))
+    crops = eval_transform(ten_crop=True)(picture)
+    assert crops.shape == (10, 3, 224, 224)
+    assert torch.equal(crops[4], eval_transform()(picture))  # the fifth crop is the centre
+    logits = torch.randn(2 * 10, 7)
+    expected = torch.stack([torch.stack([logits[10 * i + k].softmax(-1) for k in range(10)]).mean(0)
+                            for i in range(2)])
+    torch.testing.assert_close(average_crops(logits, 10).exp(), expected)
+
+
+def test_global_batch_is_the_same_whatever_the_rows_a_rank_takes():
+    batches = GlobalBatches(dataset_size=100, batch_size=8, seed=3)
+    whole = batches.indices(5)
+    parts = torch.cat([whole[rows(8, r, 4)] for r in range(4)])
+    assert torch.equal(parts, GlobalBatches(100, 8, 3).indices(5))
+    assert not torch.equal(batches.indices(5), batches.indices(5 + batches.steps_per_epoch))
+
+
+def test_corrupt_image_is_skipped_counted_and_warned_once_with_its_path(tmp_path, caplog):
+    root = write_image_tree(tmp_path)
+    broken = root / "train" / "dog" / "0.jpg"
+    broken.write_bytes(b"not a jpeg")
+    train, _ = build_datasets(DataSpec(str(root)), seed=0)
+    index = next(i for i, (path, _) in enumerate(train.source.samples) if path == str(broken))
+    with caplog.at_level(logging.WARNING):
+        assert train[(index, 0)].shape == (3, 224, 224)  # replaced by the next image of its class
+        train[(index, 1)]
+    assert train.skipped == {str(broken)}
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert str(broken) in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda root: root / "missing", "no such folder"),
+    (lambda root: (root / "train").mkdir() or (root / "val").mkdir() or root, "no class folders"),
+    (lambda root: (root / "train" / "cat").mkdir(parents=True) or root, "has no JPEG or PNG images"),
+])
+def test_missing_or_empty_data_is_one_clear_error(tmp_path, make, message):
+    with pytest.raises(UsageError, match=message):
+        build_datasets(DataSpec(str(make(tmp_path))), seed=0)
+
+
+def test_missing_cifar_files_are_named(tmp_path):
+    write_cifar(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(UsageError, match="data_batch_3"):
+        build_datasets(DataSpec(str(tmp_path), dataset="cifar10"), seed=0)

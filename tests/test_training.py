@@ -1,0 +1,166 @@
+"""Training for real: tracking writes its records, checkpoints resume exactly and load in any layout, tracking
+writes its records, and faults stop the run cleanly with one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alexnet_mp import AlexNet2012, checkpoint
+from tests.launching import ENV, ROOT, launch, metrics, one_line_error, run_train_py
+
+CLASSES = ["--num-classes", "10"]
+
+
+def test_wandb_offline_run_holds_the_config_and_job_type(tmp_path):
+    result = launch("--mode", "single", "--steps", "2", "--batch-size", "4", *CLASSES, "--workers", "0",
+                    "--tracker", "wandb", "--group", "trial", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    # An offline run keeps its config in the binary record stream, with no public reader: look for it.
+    (record,) = run.glob("run-*.wandb")
+    data = record.read_bytes()
+    assert all(token in data for token in (b"world_size", b"per_rank_batch", b'"single"', b"trial"))
+    assert [row["step"] for row in metrics(tmp_path)] == [0, 1]
+    assert all(len(row["peak_memory_mb"]) == 1 and row["comm_bytes"] == 0 for row in metrics(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def straight_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """paper-split on 2 ranks: 6 steps straight, and 3 steps + resume + 3 steps."""
+    common = ["--mode", "paper-split", "--batch-size", "4", *CLASSES, "--workers", "0", "--checkpoint-every", "3"]
+    straight, resumed = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
+    for args in (["--steps", "6", "--output-dir", str(straight)],
+                 ["--steps", "3", "--output-dir", str(resumed)],
+                 ["--steps", "6", "--output-dir", str(resumed), "--resume", "latest"]):
+        result = launch(*common, *args, processes=2)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return straight, resumed
+
+
+def test_a_resumed_run_matches_the_straight_run_step_for_step(straight_and_resumed):
+    straight, resumed = straight_and_resumed
+    assert [row["step"] for row in metrics(resumed)] == list(range(6))
+    assert [row["loss"] for row in metrics(resumed)] == [row["loss"] for row in metrics(straight)]
+    one, two = (checkpoint.full_state(checkpoint.find("latest", d / "checkpoints")) for d in (straight, resumed))
+    for state_one, state_two in zip(one, two, strict=True):
+        assert all(torch.equal(state_one[key], state_two[key]) for key in state_one)
+
+
+def test_rank_1s_tower_survives_a_resume(straight_and_resumed):
+    _, resumed = straight_and_resumed
+    found = checkpoint.find("latest", resumed / "checkpoints")
+    shards = sorted(p.name for p in found.path.glob("shard-*.pt"))
+    assert shards == ["shard-00000.pt", "shard-00001.pt"]
+    tower1 = torch.load(found.path / "shard-00001.pt", weights_only=False)["pieces"][0]
+    assert tower1[0].tower == 1
+    weights, _ = checkpoint.full_state(found)
+    assert torch.equal(weights["conv1.weight"][48:], tower1[1]["conv1.weight"])
+
+
+def test_a_paper_split_checkpoint_exports_and_evaluates_on_one_device(straight_and_resumed, tmp_path):
+    _, resumed = straight_and_resumed
+    out = tmp_path / "alexnet.safetensors"
+    subprocess.run([sys.executable, "-m", "alexnet_mp", "export", str(resumed / "checkpoints"), str(out)],
+                   cwd=ROOT, check=True, capture_output=True)
+    net = AlexNet2012(num_classes=10)
+    net.load_state_dict(load_file(str(out)))
+    weights, _ = checkpoint.full_state(checkpoint.find("latest", resumed / "checkpoints"))
+    assert all(torch.equal(net.state_dict()[key], weights[key]) for key in weights)
+    result = subprocess.run([sys.executable, "-m", "alexnet_mp", "evaluate", str(resumed / "checkpoints"),
+                             "--data", "synthetic", "--batch-size", "16", "--workers", "0"],
+                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, **ENV})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "top-1 error" in result.stdout and "top-5 error" in result.stdout
+
+
+def test_a_paper_split_checkpoint_resumes_under_data_parallel(straight_and_resumed, tmp_path):
+    _, resumed = straight_and_resumed
+    result = launch("--mode", "data-parallel", "--batch-size", "4", *CLASSES, "--workers", "0", "--steps", "7",
+                    "--resume", str(resumed / "checkpoints"), "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [row["step"] for row in metrics(tmp_path)] == [6]
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(straight_and_resumed):
+    _, resumed = straight_and_resumed
+    result = run_train_py("--mode", "single", "--arch", "owt", *CLASSES, "--workers", "0", "--steps", "8",
+                          "--resume", str(resumed / "checkpoints"), "--output-dir", str(resumed / "owt"))
+    assert result.returncode == 2
+    assert "--arch paper" in one_line_error(result)
+
+
+def test_a_new_run_refuses_an_output_folder_that_holds_checkpoints(straight_and_resumed):
+    _, resumed = straight_and_resumed
+    before = (resumed / "metrics.jsonl").read_text()
+    result = run_train_py("--mode", "paper-split", *CLASSES, "--steps", "2", "--output-dir", str(resumed))
+    assert result.returncode == 2 and "--resume latest" in one_line_error(result)
+    assert (resumed / "metrics.jsonl").read_text() == before
+
+
+def test_a_loss_that_becomes_infinite_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    result = run_train_py("--mode", "single", "--lr", "1e6", "--batch-size", "4", *CLASSES, "--steps", "20",
+                          "--workers", "0", "--checkpoint-every", "1", "--output-dir", str(tmp_path))
+    assert result.returncode == 1
+    message = one_line_error(result)
+    assert "not finite at step" in message
+    found = checkpoint.find("latest", tmp_path / "checkpoints")
+    assert f"step {found.step}" in message
+    weights, _ = checkpoint.full_state(found)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    process = subprocess.Popen([sys.executable, "train.py", "--mode", "paper-split", "--batch-size", "4", *CLASSES,
+                                "--steps", "1000", "--workers", "0", "--output-dir", str(tmp_path)],
+                               cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    wait_for_steps(tmp_path, 1)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "checkpoint saved" in stdout
+    found = checkpoint.find("latest", tmp_path / "checkpoints")
+    assert found.step == len(metrics(tmp_path))
+
+
+def test_a_rank_that_dies_stops_the_others_with_a_clear_message(tmp_path):
+    """The ranks started as a launcher without an agent of its own (srun, say) starts them; under
+    `accelerate launch`, torchrun's agent also ends the survivors and names the rank that died."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ["--mode", "paper-split", "--batch-size", "4", *CLASSES, "--steps", "1000", "--workers", "0",
+            "--timeout", "30", "--output-dir", str(tmp_path)]
+    ranks = [subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for rank in range(2)]
+    wait_for_steps(tmp_path, 1)
+    ranks[1].kill()
+    started = time.monotonic()
+    _, stderr = ranks[0].communicate(timeout=120)
+    assert ranks[0].returncode == 1
+    assert time.monotonic() - started < 60
+    assert "lost contact with another process" in one_line_error(subprocess.CompletedProcess([], 1, "", stderr))
+
+
+def wait_for_steps(directory: Path, steps: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = directory / "metrics.jsonl"
+        if path.exists() and len([line for line in path.read_text().splitlines() if json.loads(line)]) >= steps:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"no {steps} logged steps in {directory}")
