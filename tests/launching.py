@@ -29,8 +29,9 @@ def launch_command(processes: int, config_file: Path | None = None) -> list[str]
 def launch(*args: str, processes: int = 1, config_file: Path | None = None,
            timeout: float = 300) -> subprocess.CompletedProcess:
     """`accelerate launch train.py ARGS`, with flags or with one of launch/'s config files."""
-    return subprocess.run(launch_command(processes, config_file) + ["train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **ENV})
+    command = launch_command(processes, config_file) + ["train.py", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **ENV})
 
 
 def run_train_py(*args: str, world_size: int = 1) -> subprocess.CompletedProcess:
