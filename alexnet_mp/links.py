@@ -16,7 +16,10 @@ ring all-reduce of n elements sends 2n(N-1)/N (a fraction, hence float counts).
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,10 +33,22 @@ FORWARD, BACKWARD = "forward", "backward"
 
 @dataclass
 class Ledger:
-    """Elements and bytes sent, per (piece, link, direction), since the last `reset`."""
+    """Elements and bytes sent, per (piece, link, direction), and seconds spent blocked waiting for
+    communication, since the last `reset`. The wait is measured without barriers: a synchronous
+    collective counts whole, an asynchronous one only for the time `wait()` blocks, so an exchange
+    hidden behind computation shows as less wait."""
 
     elements: dict[tuple[int, str, str], float] = field(default_factory=lambda: defaultdict(float))
     bytes: dict[tuple[int, str, str], float] = field(default_factory=lambda: defaultdict(float))
+    wait_s: float = 0.0
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.wait_s += time.perf_counter() - started
 
     def record(self, piece: int, link: str, direction: str, tensor_or_count: Tensor | float,
                element_size: int = 4) -> None:
@@ -58,6 +73,7 @@ class Ledger:
     def reset(self) -> None:
         self.elements.clear()
         self.bytes.clear()
+        self.wait_s = 0.0
 
 
 def _group_size(group: dist.ProcessGroup) -> int:
@@ -82,7 +98,8 @@ class AllGatherForwardReduceScatterBackward(Function):
         ctx.dim, ctx.group, ctx.ledger, ctx.name = dim, group, ledger, name
         size = _group_size(group)
         parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x.contiguous(), group=group)
+        with ledger.waiting():
+            dist.all_gather(parts, x.contiguous(), group=group)
         ledger.record(0, name, FORWARD, x.numel() * (size - 1), x.element_size())
         return torch.cat(parts, dim)
 
@@ -91,7 +108,8 @@ class AllGatherForwardReduceScatterBackward(Function):
         size = _group_size(ctx.group)
         chunks = [chunk.contiguous() for chunk in grad.chunk(size, ctx.dim)]
         mine = torch.empty_like(chunks[0])
-        dist.reduce_scatter(mine, chunks, group=ctx.group)
+        with ctx.ledger.waiting():
+            dist.reduce_scatter(mine, chunks, group=ctx.group)
         ctx.ledger.record(0, ctx.name, BACKWARD, mine.numel() * (size - 1), mine.element_size())
         return mine, None, None, None, None
 
@@ -107,7 +125,8 @@ class GatherToFirstForwardScatterBackward(Function):
         ctx.shape, first = x.shape, _group_rank(group) == 0
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(_group_size(group))] if first else None
-        dist.gather(x, parts, dst=_first(group), group=group)
+        with ledger.waiting():
+            dist.gather(x, parts, dst=_first(group), group=group)
         if first:
             return torch.cat(parts, dim)
         ledger.record(0, name, FORWARD, x)
@@ -118,7 +137,8 @@ class GatherToFirstForwardScatterBackward(Function):
         size, first = _group_size(ctx.group), _group_rank(ctx.group) == 0
         mine = grad.new_empty(ctx.shape)
         chunks = [chunk.contiguous() for chunk in grad.chunk(size, ctx.dim)] if first else None
-        dist.scatter(mine, chunks, src=_first(ctx.group), group=ctx.group)
+        with ctx.ledger.waiting():
+            dist.scatter(mine, chunks, src=_first(ctx.group), group=ctx.group)
         if first:
             ctx.ledger.record(0, ctx.name, BACKWARD, mine.numel() * (size - 1), mine.element_size())
         return mine, None, None, None, None
@@ -228,7 +248,8 @@ class GradientAllReduce:
     def wait(self) -> None:
         """Waits for every bucket of this backward pass and writes the reduced gradients back."""
         for index, flat, work in self.in_flight:
-            work.wait()
+            with self.ledger.waiting():
+                work.wait()
             offset = 0
             for param in self.buckets[index]:
                 param.grad.copy_(flat[offset:offset + param.numel()].view_as(param.grad))
@@ -290,7 +311,8 @@ class RoundExchange:
 
     def _receive(self, j: int) -> Tensor:
         buffer, work = self.forward_work[j]
-        work.wait()
+        with self.ledger.waiting():
+            work.wait()
         return buffer.clone() if self.scheme == "one-at-a-time" and j == self.rank else buffer
 
     def _send_back(self, j: int, grad: Tensor) -> None:
@@ -309,7 +331,8 @@ class RoundExchange:
     def _gradient(self, like: Tensor) -> Tensor:
         received = {}
         for j, mine, work in self.backward_work:
-            work.wait()
+            with self.ledger.waiting():
+                work.wait()
             received[j] = mine
         self.backward_work.clear()
         if self.scheme == "one-at-a-time":

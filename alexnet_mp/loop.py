@@ -23,36 +23,9 @@ from tqdm import tqdm
 from alexnet_mp import checkpoint
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.data import DataSpec, GlobalBatches, build_datasets, rank_batches
+from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import Setup, Strategy, UsageError, create
 from alexnet_mp.tracking import Tracker
-
-
-def compute_gradients(strategy: Strategy, images: Tensor, labels: Tensor, step: int,
-                      global_batch: int) -> tuple[Tensor, Tensor]:
-    """Forward and backward of global batch `step`, gradient communication finished. `images` and
-    `labels` are this rank's rows of the batch (`strategy.image_rows`, `strategy.label_rows`).
-    Returns this rank's logits and loss."""
-    logits = strategy.forward(images, step, global_batch)
-    loss = strategy.loss(logits, labels)
-    loss.backward()
-    strategy.after_backward()
-    return logits.detach(), loss.detach()
-
-
-def train_step(strategy: Strategy, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor,
-               step: int, global_batch: int) -> Tensor:
-    """One SGD step; returns this rank's loss."""
-    _, loss = compute_gradients(strategy, images, labels, step, global_batch)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
-
-
-def make_optimizer(strategy: Strategy, config: TrainConfig) -> torch.optim.SGD:
-    """The paper's SGD (section 5): momentum 0.9, weight decay 5e-4 (see docs/reproduction.md for
-    how torch's update relates to the paper's)."""
-    return torch.optim.SGD(strategy.parameters(), lr=config.scaled_lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
@@ -201,6 +174,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
             tracker.log({"loss": global_loss, "lr": optimizer.param_groups[0]["lr"], "epoch": batches.epoch(step),
                          "step_time_s": elapsed, "data_wait_s": started - waited,
                          "images_per_s": config.batch_size / elapsed, "comm_bytes": strategy.ledger.total_bytes(),
+                         "comm_wait_s": strategy.ledger.wait_s,
                          "peak_memory_mb": memory}, step)
             progress.set_postfix(loss=f"{global_loss:.4f}", img_s=f"{config.batch_size / elapsed:.1f}")
         progress.update()

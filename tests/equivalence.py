@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alexnet_mp.links import Ledger
-from alexnet_mp.loop import compute_gradients
 from alexnet_mp.model import ARCHITECTURES, DropoutMasks, Piece, build_model, initial_state_dict, merge_state_dicts
+from alexnet_mp.step import compute_gradients
 from alexnet_mp.strategies import Setup, create
 from alexnet_mp.strategies.base import world
 

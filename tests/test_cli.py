@@ -55,6 +55,7 @@ def test_config_json_records_what_defines_the_run(runs):
     (["--mode", "single"], 2, "data-parallel"),
     (["--mode", "weird-trick"], 3, "use one of"),
     (["--mode", "paper-split", "--exchange", "all"], 2, "weird-trick"),
+    (["--mode", "single", "--mixed-precision", "fp16"], 1, "bf16"),
 ])
 def test_bad_input_is_one_line_naming_what_works_with_exit_code_2(args, world_size, names):
     result = run_train_py(*args, world_size=world_size)
@@ -70,3 +71,10 @@ def test_every_launch_config_names_its_process_count():
     expected = {"cpu-2proc.yaml": 2, "paper-split-2gpu.yaml": 2, "4gpu.yaml": 4, "2node-4gpu.yaml": 4}
     for name, processes in expected.items():
         assert yaml.safe_load((ROOT / "launch" / name).read_text())["num_processes"] == processes
+
+
+@pytest.mark.parametrize(("scaling", "expected"), [("none", 0.01), ("linear", 0.04), ("sqrt", 0.02)])
+def test_lr_scaling_scales_from_the_papers_batch_of_128(scaling, expected):
+    from alexnet_mp.config import TrainConfig
+
+    assert TrainConfig(lr=0.01, batch_size=512, lr_scaling=scaling).scaled_lr == pytest.approx(expected)

@@ -32,7 +32,22 @@ def test_wandb_offline_run_holds_the_config_and_job_type(tmp_path):
     data = record.read_bytes()
     assert all(token in data for token in (b"world_size", b"per_rank_batch", b'"single"', b"trial"))
     assert [row["step"] for row in metrics(tmp_path)] == [0, 1]
-    assert all(len(row["peak_memory_mb"]) == 1 and row["comm_bytes"] == 0 for row in metrics(tmp_path))
+    assert all(len(row["peak_memory_mb"]) == 1 and row["comm_bytes"] == 0 and row["comm_wait_s"] == 0
+               for row in metrics(tmp_path))
+
+
+def test_training_on_an_image_folder_validates_and_checkpoints_at_the_epochs_end(tmp_path):
+    from tests.test_data import write_image_tree
+
+    data = write_image_tree(tmp_path / "data", per_class=4)  # 12 images: 3 steps of 4 per epoch
+    result = launch("--mode", "paper-split", "--data", str(data), "--batch-size", "4", "--steps", "3",
+                    "--workers", "1", "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [0, 1, 2]
+    (evaluation,) = [row for row in rows if "val_loss" in row]
+    assert 0 <= evaluation["val_top5_error"] <= evaluation["val_top1_error"] <= 1
+    assert checkpoint.find("latest", tmp_path / "run" / "checkpoints").step == 3
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +93,8 @@ def test_a_paper_split_checkpoint_exports_and_evaluates_on_one_device(straight_a
     weights, _ = checkpoint.full_state(checkpoint.find("latest", resumed / "checkpoints"))
     assert all(torch.equal(net.state_dict()[key], weights[key]) for key in weights)
     result = subprocess.run([sys.executable, "-m", "alexnet_mp", "evaluate", str(resumed / "checkpoints"),
-                             "--data", "synthetic", "--batch-size", "16", "--workers", "0"],
+                             "--data", "synthetic", "--synthetic-size", "512", "--batch-size", "16",
+                             "--workers", "0"],
                             cwd=ROOT, capture_output=True, text=True, env={**os.environ, **ENV})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "top-1 error" in result.stdout and "top-5 error" in result.stdout
