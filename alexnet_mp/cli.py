@@ -80,6 +80,24 @@ def evaluate(args: argparse.Namespace) -> None:
           f"top-5 error {result.top5_error:.4f}")
 
 
+def experiment(args: argparse.Namespace) -> None:
+    from alexnet_mp.experiment import run_experiment
+
+    run_experiment(args.name, args.modes.split(","), args.ranks, Path(args.output_dir), args.train_args)
+
+
+def compare(args: argparse.Namespace) -> None:
+    from alexnet_mp.report import compare as compare_runs
+
+    directories = [Path(d) for d in args.runs]
+    table, broken = compare_runs(directories, Path(args.out or directories[0].parent))
+    for line in broken:
+        print(f"cannot compare {line}", file=sys.stderr)
+    print(table)
+    if broken and not table:
+        raise UsageError("no run could be read")
+
+
 def summary(args: argparse.Namespace) -> None:
     from alexnet_mp.report import summary_table
 
@@ -111,11 +129,24 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--batch-size", type=int, default=100)
     check.add_argument("--workers", type=int, default=2)
     check.set_defaults(run=evaluate)
+    runner = commands.add_parser("experiment", help="run several layouts on the same batches, then compare them; "
+                                                    "arguments it does not know go to each training run")
+    runner.add_argument("--name", required=True)
+    runner.add_argument("--modes", default="single,data-parallel,paper-split,weird-trick")
+    runner.add_argument("--ranks", type=int, default=2, help="processes for every mode but single")
+    runner.add_argument("--output-dir", default="runs")
+    runner.set_defaults(run=experiment)
+    report = commands.add_parser("compare", help="a table and plots from run folders (config.json, metrics.jsonl)")
+    report.add_argument("runs", nargs="+")
+    report.add_argument("--out", help="where comparison.md and the plots go (default: the first run's parent)")
+    report.set_defaults(run=compare)
     return root
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args, args.train_args = parser().parse_known_args(argv)
+    if args.train_args and args.command != "experiment":
+        parser().parse_args(argv)  # the usual message and exit code 2 for unknown arguments
     try:
         args.run(args)
     except UsageError as error:

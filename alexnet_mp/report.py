@@ -1,6 +1,11 @@
-"""Tables for people: the model summary."""
+"""Tables and plots for people: the model summary, and the comparison of runs."""
 
 from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
 
 from alexnet_mp.cost import LayerCost, layer_costs
 from alexnet_mp.model import ARCHITECTURES, Piece
@@ -40,3 +45,157 @@ def summary_table(arch: str, num_classes: int = 1000, tower: bool = False) -> st
     rows.append(totals)
     title = f"{arch} net, {num_classes} classes, input 3x224x224" + (", per tower" if tower else "")
     return title + "\n\n" + markdown_table(header, rows)
+
+
+# -- comparing runs --
+
+WARM_UP_STEPS = 2  # left out of the speed figures: first steps pay for allocation and caches
+
+
+class BrokenRun(Exception):
+    """A run folder whose record cannot be read: the comparison names it and goes on."""
+
+
+@dataclass
+class RunSummary:
+    """One run's record, reduced to what the comparison shows."""
+
+    name: str
+    config: dict
+    steps: list[int]
+    losses: list[float]
+    images_per_s: list[float]
+    step_s: list[float]
+    comm_wait_s: list[float]
+    data_wait_s: list[float]
+    comm_bytes: list[float]
+    peak_memory_mb: list[float]
+
+    @property
+    def label(self) -> str:
+        exchange = f" ({self.config['exchange']})" if self.config.get("exchange") else ""
+        return f"{self.config['mode']}{exchange} x{self.config['world_size']}"
+
+    def steady(self, values: list[float]) -> list[float]:
+        return values[WARM_UP_STEPS:] if len(values) > WARM_UP_STEPS else values
+
+
+def read_run(directory: Path) -> RunSummary:
+    try:
+        config = json.loads((directory / "config.json").read_text())
+        rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except FileNotFoundError as error:
+        raise BrokenRun(f"{directory}: {Path(error.filename).name} is missing") from None
+    except json.JSONDecodeError as error:
+        raise BrokenRun(f"{directory}: a line of its record is cut or corrupt ({error.msg})") from None
+    steps = [row for row in rows if "loss" in row]
+    if not steps:
+        raise BrokenRun(f"{directory}: metrics.jsonl holds no training step")
+    try:
+        return RunSummary(directory.name, config, [r["step"] for r in steps], [r["loss"] for r in steps],
+                          [r["images_per_s"] for r in steps], [r["step_time_s"] for r in steps],
+                          [r["comm_wait_s"] for r in steps], [r["data_wait_s"] for r in steps],
+                          [r["comm_bytes"] for r in steps], steps[-1]["peak_memory_mb"])
+    except KeyError as error:
+        raise BrokenRun(f"{directory}: metrics.jsonl lacks {error.args[0]!r}") from None
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def comparison_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
+    reference = next((run for run in runs if run.config["mode"] == "single"), None)
+    header = ["run", "arch", "global batch", "images/s (min-max)", "step ms: compute + comm wait + data wait",
+              "bytes sent/step (rank 0)", "peak MiB per rank", "final loss", "max loss diff vs single"]
+    rows = []
+    for run in runs:
+        speed = run.steady(run.images_per_s)
+        compute = [s - w for s, w in zip(run.steady(run.step_s), run.steady(run.comm_wait_s), strict=True)]
+        breakdown = " + ".join(f"{1000 * _median(v):.0f}" for v in
+                               (compute, run.steady(run.comm_wait_s), run.steady(run.data_wait_s)))
+        if reference is None:
+            difference = "-"
+        else:
+            by_step = dict(zip(reference.steps, reference.losses, strict=True))
+            common = [abs(loss - by_step[step]) for step, loss in zip(run.steps, run.losses, strict=True)
+                      if step in by_step]
+            difference = f"{max(common):.2e}" if common else "-"
+        rows.append([run.label, run.config["arch"], str(run.config["batch_size"]),
+                     f"{_median(speed):.1f} ({min(speed):.1f}-{max(speed):.1f})", breakdown,
+                     f"{_median(run.comm_bytes):,.0f}", " / ".join(f"{m:.0f}" for m in run.peak_memory_mb),
+                     f"{run.losses[-1]:.4f}", difference])
+    return header, rows
+
+
+def plot_comparison(runs: list[RunSummary], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [run.label for run in runs]
+    written = []
+
+    def save(figure, name: str) -> None:
+        figure.tight_layout()
+        figure.savefig(out / name, dpi=100)
+        plt.close(figure)
+        written.append(out / name)
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.bar(labels, [_median(run.steady(run.images_per_s)) for run in runs])
+    axis.set_ylabel("images/s (median after warm-up)")
+    axis.tick_params(axis="x", rotation=20)
+    save(figure, "images_per_s.png")
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    bottom = [0.0] * len(runs)
+    for part, values in (("compute", [[s - w for s, w in zip(r.steady(r.step_s), r.steady(r.comm_wait_s),
+                                                              strict=True)] for r in runs]),
+                         ("communication wait", [r.steady(r.comm_wait_s) for r in runs]),
+                         ("data wait", [r.steady(r.data_wait_s) for r in runs])):
+        heights = [1000 * _median(v) for v in values]
+        axis.bar(labels, heights, bottom=bottom, label=part)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    axis.set_ylabel("ms per step (median)")
+    axis.legend()
+    axis.tick_params(axis="x", rotation=20)
+    save(figure, "step_time_breakdown.png")
+
+    figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(10, 4))
+    for run in runs:
+        by_step.plot(run.steps, run.losses, label=run.label)
+        wall = [sum(run.step_s[:i + 1]) + sum(run.data_wait_s[:i + 1]) for i in range(len(run.steps))]
+        by_time.plot(wall, run.losses, label=run.label)
+    by_step.set(xlabel="step", ylabel="loss")
+    by_time.set(xlabel="wall time (s)", ylabel="loss")
+    by_step.legend()
+    save(figure, "loss.png")
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.bar(labels, [_median(run.comm_bytes) / 2**20 for run in runs])
+    axis.set_ylabel("MiB sent per step (rank 0)")
+    axis.tick_params(axis="x", rotation=20)
+    save(figure, "bytes_per_step.png")
+    return written
+
+
+def compare(directories: list[Path], out: Path) -> tuple[str, list[str]]:
+    """The comparison of the readable runs (Markdown, also written to out/comparison.md, with
+    PNG plots beside it), and one line per run that could not be read."""
+    runs, broken = [], []
+    for directory in directories:
+        try:
+            runs.append(read_run(directory))
+        except BrokenRun as error:
+            broken.append(str(error))
+    if not runs:
+        return "", broken
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = comparison_rows(runs)
+    table = markdown_table(header, rows)
+    plots = plot_comparison(runs, out)
+    text = table + "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
+    (out / "comparison.md").write_text(text)
+    return table, broken

@@ -29,7 +29,8 @@ FLOAT64_TOLERANCE, FLOAT32_TOLERANCE = 1e-10, 1e-5
 @dataclass
 class Run:
     """What one rank (or the reference) saw: per step the logits of `label_rows` and the global
-    loss; after step 0 the gradients; at the end the weights; the ledger of step 0."""
+    loss; after step 0 the gradients; at the end the weights; the ledger of step 0. A rank whose
+    pieces replicate a lower rank's ships only a checksum of its final weights."""
 
     label_rows: slice
     logits: list[Tensor] = field(default_factory=list)
@@ -37,6 +38,7 @@ class Run:
     gradients: list[tuple[Piece, dict[str, Tensor]]] = field(default_factory=list)
     weights: list[tuple[Piece, dict[str, Tensor]]] = field(default_factory=list)
     traffic: dict = field(default_factory=dict)
+    checksum: float = 0.0
 
 
 def global_batch(size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -63,13 +65,15 @@ def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, 
                                          step, size)
         run.logits.append(logits)
         run.losses.append(float(strategy.global_loss(loss)))
-        if step == 0:
+        if step == 0 and strategy.holds_distinct_shard():
             run.gradients = [(piece, {name: p.grad.clone() for name, p in module.named_parameters()})
                              for piece, module in strategy.pieces]
+        if step == 0:
             run.traffic = dict(strategy.ledger.elements)
         optimizer.step()
         optimizer.zero_grad()
-    run.weights = strategy.local_state()
+    run.weights = strategy.local_state() if strategy.holds_distinct_shard() else []
+    run.checksum = sum(float(p.double().sum()) for p in strategy.parameters())
     return run
 
 

@@ -78,3 +78,12 @@ def test_lr_scaling_scales_from_the_papers_batch_of_128(scaling, expected):
     from alexnet_mp.config import TrainConfig
 
     assert TrainConfig(lr=0.01, batch_size=512, lr_scaling=scaling).scaled_lr == pytest.approx(expected)
+
+
+def test_bf16_paper_split_logs_the_float32_losses_within_bf16_tolerance(runs, tmp_path):
+    """bf16 autocast through the links; tolerance 2e-2 relative (bf16 keeps 8 bits of mantissa)."""
+    result = launch("--mode", "paper-split", "--steps", "2", "--batch-size", "8", "--seed", "0", "--num-classes", "10",
+                    "--workers", "0", "--mixed-precision", "bf16", "--output-dir", str(tmp_path), processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = [row["loss"] for row in metrics(runs["paper-split", 2])][:2]
+    assert [row["loss"] for row in metrics(tmp_path)] == pytest.approx(expected, rel=2e-2)

@@ -1,0 +1,49 @@
+"""The experiment runner: every layout in turn on the same seed, data and global batch, each into
+OUTPUT/NAME/<mode>-<ranks>/, all in one tracker group, then the comparison report."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from alexnet_mp.report import compare
+from alexnet_mp.strategies import STRATEGIES, UsageError
+
+
+def launch_command(processes: int) -> tuple[list[str], dict[str, str]]:
+    """`accelerate launch` for `processes` ranks: NCCL on GPUs, gloo processes on a CPU-only machine."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0"]
+    env = {} if torch.cuda.is_available() else {"ACCELERATE_USE_CPU": "1"}
+    command += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    return command + ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                      "-m", "alexnet_mp", "train"], env
+
+
+def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, train_args: Sequence[str]) -> Path:
+    """Runs each mode (single on 1 process, the others on `ranks`) and writes the comparison."""
+    unknown = [mode for mode in modes if mode not in STRATEGIES]
+    if unknown:
+        raise UsageError(f"unknown mode {unknown[0]!r} in --modes; choose from: {', '.join(STRATEGIES)}")
+    folder = output / name
+    directories = []
+    for mode in modes:
+        processes = 1 if mode == "single" else ranks
+        directory = folder / f"{mode}-{processes}"
+        command, env = launch_command(processes)
+        command += ["--mode", mode, "--output-dir", str(directory), "--group", name, *train_args]
+        print(f"[{name}] {mode} on {processes} process(es) -> {directory}", flush=True)
+        result = subprocess.run(command, env={**os.environ, **env})
+        if result.returncode:
+            print(f"[{name}] {mode} failed (exit code {result.returncode}); the comparison leaves it out",
+                  file=sys.stderr)
+        directories.append(directory)
+    table, broken = compare(directories, folder)
+    for line in broken:
+        print(f"cannot compare {line}", file=sys.stderr)
+    print(table)
+    return folder

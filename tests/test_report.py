@@ -1,0 +1,62 @@
+"""The experiment runner and the comparison report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.launching import ENV, ROOT
+
+PLOTS = ("images_per_s.png", "step_time_breakdown.png", "loss.png", "bytes_per_step.png")
+
+
+@pytest.fixture(scope="module")
+def trial(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """single and paper-split (2 processes), 3 steps each, on the same batches."""
+    out = tmp_path_factory.mktemp("experiments")
+    result = subprocess.run([sys.executable, "-m", "alexnet_mp", "experiment", "--name", "trial",
+                             "--modes", "single,paper-split", "--ranks", "2", "--output-dir", str(out),
+                             "--steps", "3", "--batch-size", "4", "--num-classes", "10", "--workers", "0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, **ENV})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "trial"
+
+
+def test_experiment_writes_each_run_into_its_own_folder_and_a_report(trial):
+    assert (trial / "single-1" / "metrics.jsonl").is_file() and (trial / "paper-split-2" / "metrics.jsonl").is_file()
+    report = (trial / "comparison.md").read_text()
+    assert "paper-split x2" in report and "single x1" in report
+
+
+def test_the_report_plots_open_as_images(trial):
+    for name in PLOTS:
+        with Image.open(trial / name) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_loss_difference_from_single_is_below_float_tolerance(trial):
+    rows = [line for line in (trial / "comparison.md").read_text().splitlines() if line.startswith("| paper-split")]
+    (row,) = rows
+    assert float(row.strip("| ").split("|")[-1]) <= 1e-3
+
+
+def test_compare_names_a_broken_run_and_reports_the_others(trial, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(trial / "paper-split-2", broken)
+    text = (broken / "metrics.jsonl").read_text()
+    (broken / "metrics.jsonl").write_text(text[: len(text) // 2])  # cut mid-line
+    missing = tmp_path / "missing"
+    shutil.copytree(trial / "single-1", missing)
+    (missing / "metrics.jsonl").unlink()
+    result = subprocess.run([sys.executable, "-m", "alexnet_mp", "compare", str(trial / "single-1"), str(broken),
+                             str(missing), "--out", str(tmp_path / "report")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"{broken}: a line of its record is cut" in result.stderr
+    assert f"{missing}: metrics.jsonl is missing" in result.stderr
+    assert "single x1" in result.stdout and (tmp_path / "report" / "comparison.md").is_file()
