@@ -73,7 +73,7 @@ def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, 
         optimizer.step()
         optimizer.zero_grad()
     run.weights = strategy.local_state() if strategy.holds_distinct_shard() else []
-    run.checksum = sum(float(p.double().sum()) for p in strategy.parameters())
+    run.checksum = sum(float(p.detach().double().sum()) for p in strategy.parameters())
     return run
 
 
