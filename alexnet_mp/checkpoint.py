@@ -25,6 +25,7 @@ from torch import Tensor
 
 from alexnet_mp.model import ARCHITECTURES, merge_state_dicts, shard_state_dict
 from alexnet_mp.strategies import Strategy, UsageError
+from alexnet_mp.strategies.base import world
 
 FORMAT = 1
 PREFIX = "step-"
@@ -42,12 +43,12 @@ class Checkpoint:
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if world()[1] > 1:
         dist.barrier()
 
 
 def _is_main() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return world()[0] == 0
 
 
 def _momentum(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> dict[str, Tensor]:

@@ -79,6 +79,11 @@ class RunSummary:
     def steady(self, values: list[float]) -> list[float]:
         return values[WARM_UP_STEPS:] if len(values) > WARM_UP_STEPS else values
 
+    @property
+    def compute_s(self) -> list[float]:
+        """Per step: the step's time not spent blocked on communication."""
+        return [step - wait for step, wait in zip(self.step_s, self.comm_wait_s, strict=True)]
+
 
 def read_run(directory: Path) -> RunSummary:
     try:
@@ -111,9 +116,8 @@ def comparison_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]
     rows = []
     for run in runs:
         speed = run.steady(run.images_per_s)
-        compute = [s - w for s, w in zip(run.steady(run.step_s), run.steady(run.comm_wait_s), strict=True)]
-        breakdown = " + ".join(f"{1000 * _median(v):.0f}" for v in
-                               (compute, run.steady(run.comm_wait_s), run.steady(run.data_wait_s)))
+        breakdown = " + ".join(f"{1000 * _median(run.steady(v)):.0f}" for v in
+                               (run.compute_s, run.comm_wait_s, run.data_wait_s))
         if reference is None:
             difference = "-"
         else:
@@ -151,8 +155,7 @@ def plot_comparison(runs: list[RunSummary], out: Path) -> list[Path]:
 
     figure, axis = plt.subplots(figsize=(7, 4))
     bottom = [0.0] * len(runs)
-    for part, values in (("compute", [[s - w for s, w in zip(r.steady(r.step_s), r.steady(r.comm_wait_s),
-                                                              strict=True)] for r in runs]),
+    for part, values in (("compute", [r.steady(r.compute_s) for r in runs]),
                          ("communication wait", [r.steady(r.comm_wait_s) for r in runs]),
                          ("data wait", [r.steady(r.data_wait_s) for r in runs])):
         heights = [1000 * _median(v) for v in values]
