@@ -38,6 +38,7 @@ LAYOUTS = [
     Layout("single", "paper", 1),
     Layout("data-parallel", "paper", 2),
     Layout("data-parallel", "paper", 4),
+    Layout("data-parallel", "owt", 2),
     Layout("weird-trick", "paper", 2, "all"),
     Layout("weird-trick", "paper", 2, "one-at-a-time"),
     Layout("weird-trick", "paper", 2, "slice"),
