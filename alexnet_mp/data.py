@@ -9,6 +9,7 @@ it does not load (weird-trick rank 0 computes the loss over the whole global bat
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 from collections.abc import Callable, Iterator
@@ -226,9 +227,14 @@ class GlobalBatches:
 
     def indices(self, step: int) -> Tensor:
         epoch, position = divmod(step, self.steps_per_epoch)
-        order = (torch.randperm(self.dataset_size, generator=seeded_generator(self.seed, 4, epoch)) if self.shuffle
-                 else torch.arange(self.dataset_size))
+        order = _epoch_order(self.dataset_size, self.seed, epoch) if self.shuffle else torch.arange(self.dataset_size)
         return order[position * self.batch_size:(position + 1) * self.batch_size]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(dataset_size: int, seed: int, epoch: int) -> Tensor:
+    """Epoch `epoch`'s permutation, drawn once (the sampler and the labels both read it every step)."""
+    return torch.randperm(dataset_size, generator=seeded_generator(seed, 4, epoch))
 
 
 class _RowSampler:

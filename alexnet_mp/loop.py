@@ -25,6 +25,7 @@ from alexnet_mp.config import TrainConfig
 from alexnet_mp.data import DataSpec, GlobalBatches, build_datasets, rank_batches
 from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import Setup, Strategy, UsageError, create
+from alexnet_mp.strategies.base import world
 from alexnet_mp.tracking import Tracker
 
 
@@ -97,7 +98,7 @@ class StopRequest:
 def agree(flags: list[bool], device: torch.device) -> list[bool]:
     """Any rank's flag is every rank's (one tiny all-reduce per step), so all ranks stop together."""
     values = torch.tensor([float(flag) for flag in flags], device=device)
-    if dist.is_available() and dist.is_initialized():
+    if world()[1] > 1:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(v) for v in values.tolist()]
 
@@ -110,7 +111,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def per_rank(value: float, device: torch.device) -> list[float]:
     """`value` from every rank, gathered (for the main process to log)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if world()[1] == 1:
         return [value]
     gathered = torch.zeros(dist.get_world_size(), device=device)
     dist.all_gather_into_tensor(gathered, torch.tensor([value], device=device))
