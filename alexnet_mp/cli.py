@@ -90,12 +90,41 @@ def compare(args: argparse.Namespace) -> None:
     from alexnet_mp.report import compare as compare_runs
 
     directories = [Path(d) for d in args.runs]
-    table, broken = compare_runs(directories, Path(args.out or directories[0].parent))
-    for line in broken:
+    comparison = compare_runs(directories, Path(args.out or directories[0].parent))
+    for line in comparison.broken:
         print(f"cannot compare {line}", file=sys.stderr)
-    print(table)
-    if broken and not table:
+    print(comparison.table)
+    if not comparison.rows:
         raise UsageError("no run could be read")
+
+
+def plan(args: argparse.Namespace) -> None:
+    from alexnet_mp.plan import plan as predict
+    from alexnet_mp.plan import plan_table, plot_plan, shares
+
+    gpus, links = _numbers(args.gpus, int, "--gpus"), _numbers(args.link_gbps, float, "--link-gbps")
+    predictions = predict(gpus, args.arch, args.batch, args.device_tflops, args.num_classes)
+    if not predictions:
+        raise UsageError(f"no layout runs a batch of {args.batch} on {args.gpus} GPUs; use counts that divide it")
+    table = plan_table(predictions, links, args.batch)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = (f"Predicted per step: {args.arch} net, global batch {args.batch}, {args.device_tflops:g} TFLOP/s "
+             f"sustained per GPU, fp32 links")
+    text = f"{title}\n\n{shares(args.arch, args.num_classes)}\n\n{table}\n"
+    (out / "plan.md").write_text(text + "\n![plan](plan.png)\n")
+    plot_plan(predictions, links, args.batch, out / "plan.png")
+    print(f"{text}\nwrote {out / 'plan.md'} and {out / 'plan.png'}")
+
+
+def _numbers(text: str, kind: type, flag: str) -> list:
+    try:
+        values = [kind(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated numbers, e.g. {flag} 1,2,4; not {text!r}") from None
+    if any(value <= 0 for value in values):
+        raise UsageError(f"{flag} takes positive numbers, not {text!r}")
+    return values
 
 
 def summary(args: argparse.Namespace) -> None:
@@ -140,6 +169,17 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+")
     report.add_argument("--out", help="where comparison.md and the plots go (default: the first run's parent)")
     report.set_defaults(run=compare)
+    model = commands.add_parser("plan", help="predicted bytes, compute, step time and memory per layout and GPU count")
+    model.add_argument("--gpus", default="1,2,4,8,16")
+    model.add_argument("--batch", type=int, default=128, help="the global batch")
+    model.add_argument("--link-gbps", default="16,64,450",
+                       help="link bandwidths in gigabytes per second per direction (PCIe 3 x16, PCIe 5 x16, NVLink 4)")
+    model.add_argument("--device-tflops", type=float, default=100.0,
+                       help="TFLOP/s one GPU sustains on these layers (not its datasheet peak)")
+    model.add_argument("--arch", default="paper", choices=["paper", "owt"])
+    model.add_argument("--num-classes", type=int, default=1000)
+    model.add_argument("--output-dir", default="runs/plan", help="where plan.md and plan.png go")
+    model.set_defaults(run=plan)
     return root
 
 

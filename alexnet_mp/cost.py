@@ -6,6 +6,7 @@ uses to predict what cannot be run here.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from alexnet_mp.links import BACKWARD, FORWARD, ring_all_reduce_elements
 from alexnet_mp.model import (
     ARCHITECTURES,
     FC_NAMES,
+    IMAGE_SIZE,
     AlexNet,
     Architecture,
     Piece,
@@ -130,3 +132,56 @@ def layer_costs(arch: Architecture, num_classes: int = 1000, piece: Piece | None
 
 def _count(layer: torch.nn.Module) -> int:
     return sum(p.numel() for p in layer.parameters())
+
+
+@dataclass(frozen=True)
+class RankWork:
+    """What one rank of a layout computes in a step: its piece of the net, and how many images its
+    conv layers and its fully connected layers each see."""
+
+    piece: Piece
+    conv_samples: int
+    fc_samples: int
+
+
+def rank_work(mode: str, arch: str, rank: int, world_size: int, batch: int) -> RankWork:
+    """The same division of work the strategies make (tested against them via the ledger's bytes)."""
+    if mode in ("single", "data-parallel"):
+        samples = part_size(batch, world_size)
+        return RankWork(Piece(), samples, samples)
+    if mode == "paper-split":
+        towers = ARCHITECTURES[arch].towers
+        samples = part_size(batch, max(1, world_size // towers))
+        tower = rank % towers
+        return RankWork(Piece(tower, (tower, towers)), samples, samples)
+    if mode == "weird-trick":
+        return RankWork(Piece(None, (rank, world_size)), part_size(batch, world_size), batch)
+    raise ValueError(f"no cost model for mode {mode!r}")
+
+
+def training_flops(work: RankWork, arch: str, num_classes: int = 1000) -> tuple[float, float]:
+    """(conv, fully connected) FLOPs of one training step of a rank: forward plus a backward that
+    costs twice the forward (one product for the input's gradient, one for the weights')."""
+    conv = fc = 0.0
+    for cost in layer_costs(ARCHITECTURES[arch], num_classes, work.piece):
+        if cost.name.startswith("conv"):
+            conv += 3 * cost.flops * work.conv_samples
+        else:
+            fc += 3 * cost.flops * work.fc_samples
+    return conv, fc
+
+
+def memory_bytes(work: RankWork, arch: str, num_classes: int = 1000, bytes_per_element: int = 4,
+                 ) -> dict[str, float]:
+    """A rank's memory for training, by kind: weights, their gradients and the momentum (one copy
+    each of the rank's parameters), and the activations autograd keeps at this batch (roughly: each
+    layer's output and its block's output, plus the input images)."""
+    architecture = ARCHITECTURES[arch]
+    _, params = parameter_counts(architecture, num_classes, work.piece)
+    activations = 3 * IMAGE_SIZE ** 2 * work.conv_samples
+    for cost in layer_costs(architecture, num_classes, work.piece):
+        samples = work.conv_samples if cost.name.startswith("conv") else work.fc_samples
+        activations += (math.prod(cost.output_shape) + math.prod(cost.block_shape)) * samples
+    weights = params * bytes_per_element
+    return {"weights": weights, "gradients": weights, "momentum": weights,
+            "activations": activations * bytes_per_element}

@@ -3,6 +3,7 @@ OUTPUT/NAME/<mode>-<ranks>/, all in one tracker group, then the comparison repor
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from alexnet_mp.config import add_train_arguments
 from alexnet_mp.report import compare
 from alexnet_mp.strategies import STRATEGIES, UsageError
+from alexnet_mp.tracking import publish_comparison
 
 
 def launch_command(processes: int) -> tuple[list[str], dict[str, str]]:
@@ -42,8 +45,18 @@ def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, tr
             print(f"[{name}] {mode} failed (exit code {result.returncode}); the comparison leaves it out",
                   file=sys.stderr)
         directories.append(directory)
-    table, broken = compare(directories, folder)
-    for line in broken:
+    comparison = compare(directories, folder)
+    for line in comparison.broken:
         print(f"cannot compare {line}", file=sys.stderr)
-    print(table)
+    print(comparison.table)
+    tracking = _tracking_arguments(train_args)
+    if tracking.tracker == "wandb" and comparison.rows:
+        publish_comparison(comparison.header, comparison.rows, tracking.project, name, folder)
     return folder
+
+
+def _tracking_arguments(train_args: Sequence[str]) -> argparse.Namespace:
+    """--tracker and --project as the training runs read them from the same arguments."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_train_arguments(parser)
+    return parser.parse_known_args(train_args)[0]

@@ -171,10 +171,10 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         elapsed = time.perf_counter() - started
         if step % config.log_every == 0 or step == total - 1:
             global_loss = float(strategy.global_loss(loss))
-            memory = per_rank(peak_memory_mb(device), device)
+            memory, sent = per_rank(peak_memory_mb(device), device), per_rank(strategy.ledger.total_bytes(), device)
             tracker.log({"loss": global_loss, "lr": optimizer.param_groups[0]["lr"], "epoch": batches.epoch(step),
                          "step_time_s": elapsed, "data_wait_s": started - waited,
-                         "images_per_s": config.batch_size / elapsed, "comm_bytes": strategy.ledger.total_bytes(),
+                         "images_per_s": config.batch_size / elapsed, "comm_bytes": sent,
                          "comm_wait_s": strategy.ledger.wait_s,
                          "peak_memory_mb": memory}, step)
             progress.set_postfix(loss=f"{global_loss:.4f}", img_s=f"{config.batch_size / elapsed:.1f}")

@@ -68,7 +68,7 @@ class RunSummary:
     step_s: list[float]
     comm_wait_s: list[float]
     data_wait_s: list[float]
-    comm_bytes: list[float]
+    comm_bytes: list[list[float]]  # per step, per rank
     peak_memory_mb: list[float]
 
     @property
@@ -78,6 +78,11 @@ class RunSummary:
 
     def steady(self, values: list[float]) -> list[float]:
         return values[WARM_UP_STEPS:] if len(values) > WARM_UP_STEPS else values
+
+    @property
+    def bytes_per_rank(self) -> list[float]:
+        """Median bytes each rank sent per step."""
+        return [_median(list(rank)) for rank in zip(*self.comm_bytes, strict=True)]
 
     @property
     def compute_s(self) -> list[float]:
@@ -112,7 +117,7 @@ def _median(values: list[float]) -> float:
 def comparison_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
     reference = next((run for run in runs if run.config["mode"] == "single"), None)
     header = ["run", "arch", "global batch", "images/s (min-max)", "step ms: compute + comm wait + data wait",
-              "bytes sent/step (rank 0)", "peak MiB per rank", "final loss", "max loss diff vs single"]
+              "bytes sent/step per rank", "peak MiB per rank", "final loss", "max loss diff vs single"]
     rows = []
     for run in runs:
         speed = run.steady(run.images_per_s)
@@ -127,7 +132,8 @@ def comparison_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]
             difference = f"{max(common):.2e}" if common else "-"
         rows.append([run.label, run.config["arch"], str(run.config["batch_size"]),
                      f"{_median(speed):.1f} ({min(speed):.1f}-{max(speed):.1f})", breakdown,
-                     f"{_median(run.comm_bytes):,.0f}", " / ".join(f"{m:.0f}" for m in run.peak_memory_mb),
+                     " / ".join(f"{b:,.0f}" for b in run.bytes_per_rank),
+                     " / ".join(f"{m:.0f}" for m in run.peak_memory_mb),
                      f"{run.losses[-1]:.4f}", difference])
     return header, rows
 
@@ -177,16 +183,27 @@ def plot_comparison(runs: list[RunSummary], out: Path) -> list[Path]:
     save(figure, "loss.png")
 
     figure, axis = plt.subplots(figsize=(7, 4))
-    axis.bar(labels, [_median(run.comm_bytes) / 2**20 for run in runs])
-    axis.set_ylabel("MiB sent per step (rank 0)")
+    axis.bar(labels, [max(run.bytes_per_rank) / 2**20 for run in runs])
+    axis.set_ylabel("MiB sent per step (busiest rank)")
     axis.tick_params(axis="x", rotation=20)
     save(figure, "bytes_per_step.png")
     return written
 
 
-def compare(directories: list[Path], out: Path) -> tuple[str, list[str]]:
-    """The comparison of the readable runs (Markdown, also written to out/comparison.md, with
-    PNG plots beside it), and one line per run that could not be read."""
+@dataclass
+class Comparison:
+    header: list[str]
+    rows: list[list[str]]
+    broken: list[str]  # one line per run that could not be read
+
+    @property
+    def table(self) -> str:
+        return markdown_table(self.header, self.rows) if self.rows else ""
+
+
+def compare(directories: list[Path], out: Path) -> Comparison:
+    """The comparison of the readable runs (Markdown written to out/comparison.md, with PNG plots
+    beside it), and one line per run that could not be read."""
     runs, broken = [], []
     for directory in directories:
         try:
@@ -194,11 +211,10 @@ def compare(directories: list[Path], out: Path) -> tuple[str, list[str]]:
         except BrokenRun as error:
             broken.append(str(error))
     if not runs:
-        return "", broken
+        return Comparison([], [], broken)
     out.mkdir(parents=True, exist_ok=True)
-    header, rows = comparison_rows(runs)
-    table = markdown_table(header, rows)
+    comparison = Comparison(*comparison_rows(runs), broken)
     plots = plot_comparison(runs, out)
-    text = table + "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
-    (out / "comparison.md").write_text(text)
-    return table, broken
+    (out / "comparison.md").write_text(comparison.table + "\n\n" +
+                                       "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
+    return comparison

@@ -47,3 +47,12 @@ class Tracker:
     def finish(self) -> None:
         if self.active and self.uses_trackers:
             self.accelerator.end_training()
+
+
+def publish_comparison(header: list[str], rows: list[list[str]], project: str, group: str, directory: Path) -> None:
+    """The comparison table as a wandb Table, in a summary run of the experiment's group."""
+    import wandb
+
+    run = wandb.init(project=project, group=group, job_type="summary", name=f"{group}-summary", dir=str(directory))
+    run.log({"comparison": wandb.Table(columns=header, data=rows)})
+    run.finish()

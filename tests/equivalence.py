@@ -38,6 +38,7 @@ class Run:
     gradients: list[tuple[Piece, dict[str, Tensor]]] = field(default_factory=list)
     weights: list[tuple[Piece, dict[str, Tensor]]] = field(default_factory=list)
     traffic: dict = field(default_factory=dict)
+    sent_bytes: float = 0.0
     checksum: float = 0.0
 
 
@@ -70,6 +71,7 @@ def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, 
                              for piece, module in strategy.pieces]
         if step == 0:
             run.traffic = dict(strategy.ledger.elements)
+            run.sent_bytes = strategy.ledger.total_bytes()
         optimizer.step()
         optimizer.zero_grad()
     run.weights = strategy.local_state() if strategy.holds_distinct_shard() else []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from alexnet_mp.cost import expected_traffic
+from alexnet_mp.plan import predict
 from tests.conftest import REFERENCE_BATCH as BATCH
 from tests.distributed import run_distributed
 from tests.equivalence import (
@@ -66,6 +67,11 @@ def test_paper_split_ledger_equals_count_from_layer_shapes(two_processes):
     expected = expected_traffic("paper-split", "paper", 2, BATCH, num_classes=10)
     for rank, ranks in enumerate(two_processes):
         assert ledger_of(ranks["float32"]).sent() == pytest.approx(expected[rank])
+
+
+def test_plan_predicts_the_bytes_the_paper_split_ledger_measured(two_processes):
+    predicted = predict("paper-split", "paper", 2, BATCH, device_tflops=1.0, num_classes=10)
+    assert predicted.bytes_per_rank == pytest.approx([ranks["float32"].sent_bytes for ranks in two_processes])
 
 
 def test_one_process_paper_split_ledger_counts_each_tower(one_process):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,11 +19,12 @@ PLOTS = ("images_per_s.png", "step_time_breakdown.png", "loss.png", "bytes_per_s
 
 @pytest.fixture(scope="module")
 def trial(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """single and paper-split (2 processes), 3 steps each, on the same batches."""
+    """single and paper-split (2 processes), 3 steps each, on the same batches, tracked in offline wandb."""
     out = tmp_path_factory.mktemp("experiments")
     result = subprocess.run([sys.executable, "-m", "alexnet_mp", "experiment", "--name", "trial",
                              "--modes", "single,paper-split", "--ranks", "2", "--output-dir", str(out),
-                             "--steps", "3", "--batch-size", "4", "--num-classes", "10", "--workers", "0"],
+                             "--steps", "3", "--batch-size", "4", "--num-classes", "10", "--workers", "0",
+                             "--tracker", "wandb"],
                             cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, **ENV})
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "trial"
@@ -32,6 +34,17 @@ def test_experiment_writes_each_run_into_its_own_folder_and_a_report(trial):
     assert (trial / "single-1" / "metrics.jsonl").is_file() and (trial / "paper-split-2" / "metrics.jsonl").is_file()
     report = (trial / "comparison.md").read_text()
     assert "paper-split x2" in report and "single x1" in report
+
+
+def test_experiment_puts_its_runs_in_one_wandb_group_with_a_summary_table(trial):
+    for run in ("single-1", "paper-split-2"):
+        (record,) = (trial / run / "wandb").glob("offline-run-*/run-*.wandb")
+        assert b"trial" in record.read_bytes()
+    (summary,) = (trial / "wandb").glob("offline-run-*")
+    (table,) = summary.glob("files/media/table/comparison_*.table.json")
+    data = json.loads(table.read_text())
+    assert [row[0] for row in data["data"]] == ["single x1", "paper-split x2"]
+    assert b"summary" in next(summary.glob("run-*.wandb")).read_bytes()
 
 
 def test_the_report_plots_open_as_images(trial):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from alexnet_mp.cost import expected_traffic
+from alexnet_mp.plan import predict
 from tests.conftest import REFERENCE_BATCH as BATCH
 from tests.distributed import run_distributed
 from tests.equivalence import (
@@ -94,6 +95,12 @@ def test_ledger_equals_the_analytic_count(layout):
     expected = expected_traffic(spec.mode, spec.arch, spec.ranks, BATCH, num_classes=10)
     for rank, r in enumerate(ranks):
         assert ledger_of(r["float32"]).sent() == pytest.approx(expected[rank]), f"rank {rank}"
+
+
+def test_plan_predicts_the_bytes_the_ledger_measured(layout):
+    spec, ranks = layout
+    predicted = predict(spec.mode, spec.arch, spec.ranks, BATCH, device_tflops=1.0, num_classes=10)
+    assert predicted.bytes_per_rank == pytest.approx([r["float32"].sent_bytes for r in ranks])
 
 
 def test_replicas_of_a_piece_hold_the_same_weights_after_three_steps(layout):

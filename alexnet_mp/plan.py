@@ -1,0 +1,129 @@
+"""The cost model: what each layout should cost per step on hardware that is not here (more GPUs,
+faster links), from the layer shapes alone. `python -m alexnet_mp plan` prints it and draws it.
+
+Per rank and step: the bytes it sends (`cost.expected_traffic`, the count the ledger is tested
+against), its training FLOPs over `device_tflops` (the throughput the device sustains on these
+layers, not its datasheet peak), its communication time at `link_gbps` gigabytes per second per
+direction, and its memory. The step is set by the slowest rank. Without overlap, compute and
+communication add up. With overlap, the activation exchanges (conv3's and the fully connected
+layers' inputs) stay on the critical path, because the next layer needs them, while the gradient
+all-reduce is hidden behind the backward pass as far as the backward's compute lasts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from alexnet_mp.cost import expected_traffic, layer_costs, memory_bytes, rank_work, training_flops
+from alexnet_mp.model import ARCHITECTURES
+from alexnet_mp.report import markdown_table
+from alexnet_mp.strategies import STRATEGIES, Setup, UsageError
+
+GRADIENT_LINKS = ("gradients", "conv-gradients")  # all-reduces that overlap the backward pass
+BACKWARD_SHARE = 2 / 3  # of a step's FLOPs (see cost.training_flops)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    mode: str
+    gpus: int
+    bytes_per_rank: list[float]
+    compute_s: float
+    activation_bytes: float  # of the slowest rank: exchanged on the critical path
+    gradient_bytes: float  # of the slowest rank: all-reduced behind the backward pass
+    memory: dict[str, float]  # bytes, of the rank that needs most
+
+    def comm_s(self, link_gbps: float) -> tuple[float, float]:
+        """(activation exchange, gradient all-reduce) seconds at `link_gbps` GB/s."""
+        rate = link_gbps * 1e9
+        return self.activation_bytes / rate, self.gradient_bytes / rate
+
+    def step_s(self, link_gbps: float, overlap: bool) -> float:
+        activations, gradients = self.comm_s(link_gbps)
+        if not overlap:
+            return self.compute_s + activations + gradients
+        return self.compute_s + activations + max(0.0, gradients - BACKWARD_SHARE * self.compute_s)
+
+
+def layouts(gpus: int, arch: str) -> list[str]:
+    """The modes that can run on `gpus` ranks (single on one only), by the strategies' own checks."""
+    names = []
+    for mode, cls in STRATEGIES.items():
+        if (mode == "single") != (gpus == 1):
+            continue
+        try:
+            cls.check(gpus, Setup(arch))
+        except UsageError:
+            continue
+        names.append(mode)
+    return names
+
+
+def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, num_classes: int = 1000,
+            bytes_per_element: int = 4) -> Prediction:
+    traffic = expected_traffic(mode, arch, gpus, batch, num_classes)
+    sent = [sum(rank.values()) * bytes_per_element for rank in traffic]
+    works = [rank_work(mode, arch, rank, gpus, batch) for rank in range(gpus)]
+    compute = [sum(training_flops(work, arch, num_classes)) / (device_tflops * 1e12) for work in works]
+    slowest = max(range(gpus), key=lambda rank: (compute[rank], sent[rank]))
+    gradient = sum(v for (link, _), v in traffic[slowest].items() if link in GRADIENT_LINKS) * bytes_per_element
+    memory = max((memory_bytes(work, arch, num_classes, bytes_per_element) for work in works),
+                 key=lambda kinds: sum(kinds.values()))
+    return Prediction(mode, gpus, sent, compute[slowest], sent[slowest] - gradient, gradient, memory)
+
+
+def plan(gpu_counts: list[int], arch: str, batch: int, device_tflops: float, num_classes: int = 1000,
+         ) -> list[Prediction]:
+    return [predict(mode, arch, gpus, batch, device_tflops, num_classes)
+            for gpus in gpu_counts if batch % gpus == 0 for mode in layouts(gpus, arch)]
+
+
+def shares(arch: str, num_classes: int = 1000) -> str:
+    """The two papers' argument in one line: where the parameters are, and where the FLOPs are."""
+    costs = layer_costs(ARCHITECTURES[arch], num_classes)
+    conv = [c for c in costs if c.name.startswith("conv")]
+    params = sum(c.parameters for c in conv) / sum(c.parameters for c in costs)
+    flops = sum(c.flops for c in conv) / sum(c.flops for c in costs)
+    return (f"{arch} net: the conv layers hold {params:.1%} of the parameters and do {flops:.1%} of the FLOPs; "
+            f"the fully connected layers hold {1 - params:.1%} and do {1 - flops:.1%}. Data parallelism moves "
+            "parameters (cheap for convs), model parallelism moves activations (cheap for the FC layers).")
+
+
+def plan_table(predictions: list[Prediction], link_gbps: list[float], batch: int) -> str:
+    header = ["mode", "GPUs", "MiB sent/rank/step (max)", "compute ms", "memory MiB/rank: params+grads+momentum"
+              " / activations"]
+    header += [f"step ms @ {gbps:g} GB/s: serial / overlapped (images/s)" for gbps in link_gbps]
+    rows = []
+    for p in predictions:
+        state = (p.memory["weights"] + p.memory["gradients"] + p.memory["momentum"]) / 2**20
+        row = [p.mode, str(p.gpus), f"{max(p.bytes_per_rank) / 2**20:.1f}", f"{1000 * p.compute_s:.2f}",
+               f"{state:.0f} / {p.memory['activations'] / 2**20:.0f}"]
+        for gbps in link_gbps:
+            serial, overlapped = p.step_s(gbps, False), p.step_s(gbps, True)
+            row.append(f"{1000 * serial:.2f} / {1000 * overlapped:.2f} ({batch / overlapped:,.0f})")
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def plot_plan(predictions: list[Prediction], link_gbps: list[float], batch: int, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(link_gbps), figsize=(4.5 * len(link_gbps), 4), sharey=True, squeeze=False)
+    modes = list(dict.fromkeys(p.mode for p in predictions))
+    for axis, gbps in zip(axes[0], link_gbps, strict=True):
+        for mode in modes:
+            points = [p for p in predictions if p.mode == mode]
+            gpus = [p.gpus for p in points]
+            line, = axis.plot(gpus, [batch / p.step_s(gbps, True) for p in points], marker="o", label=mode)
+            axis.plot(gpus, [batch / p.step_s(gbps, False) for p in points], linestyle="--", color=line.get_color())
+        axis.set(xscale="log", xlabel="GPUs", title=f"{gbps:g} GB/s links", ylabel="predicted images/s")
+        axis.set_xticks(sorted({p.gpus for p in predictions}), labels=map(str, sorted({p.gpus for p in predictions})))
+    axes[0][0].legend(title="solid: overlapped, dashed: serial", fontsize="small")
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out

@@ -1,0 +1,60 @@
+"""The cost model: the papers' argument from the layer shapes, and the plan command's table and plot.
+That its bytes equal the ledger's is tested beside the ledger (test_strategies, test_paper_split)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+
+from alexnet_mp.plan import layouts, plan, predict, shares
+from tests.launching import one_line_error
+
+
+def test_conv_layers_hold_few_parameters_and_most_of_the_flops():
+    line = shares("paper")
+    assert "conv layers hold 3.8% of the parameters and do 91.9% of the FLOPs" in line
+
+
+def test_weird_trick_sends_less_than_data_parallel_at_every_gpu_count():
+    for gpus in (2, 4, 8, 16):
+        trick, data = (predict(mode, "paper", gpus, 128, 100.0) for mode in ("weird-trick", "data-parallel"))
+        assert max(trick.bytes_per_rank) < max(data.bytes_per_rank) / 5
+
+
+def test_overlap_never_lengthens_a_step_and_hides_only_gradients():
+    for prediction in plan([2, 4], "paper", 128, 100.0):
+        for gbps in (16.0, 450.0):
+            activations, _ = prediction.comm_s(gbps)
+            overlapped = prediction.step_s(gbps, overlap=True)
+            assert prediction.compute_s + activations <= overlapped <= prediction.step_s(gbps, overlap=False)
+
+
+def test_compute_divides_across_ranks():
+    single = predict("single", "paper", 1, 128, 100.0)
+    for mode in ("data-parallel", "paper-split"):
+        assert predict(mode, "paper", 4, 128, 100.0).compute_s == pytest.approx(single.compute_s / 4, rel=0.02)
+
+
+def test_only_layouts_that_can_run_are_planned():
+    assert layouts(1, "paper") == ["single"]
+    assert layouts(2, "owt") == ["data-parallel", "weird-trick"]
+    assert "paper-split" not in layouts(3, "paper")
+
+
+def test_plan_command_prints_a_table_and_draws_a_plot(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "alexnet_mp", "plan", "--gpus", "1,2,4", "--batch", "128",
+                             "--link-gbps", "16,450", "--device-tflops", "50", "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, check=True)
+    assert "| weird-trick | 4 |" in result.stdout and "step ms @ 450 GB/s" in result.stdout
+    assert (tmp_path / "plan.md").read_text().count("| data-parallel |") == 2
+    assert matplotlib.image.imread(tmp_path / "plan.png").shape[2] in (3, 4)
+
+
+def test_plan_refuses_gpu_counts_that_are_not_numbers(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "alexnet_mp", "plan", "--gpus", "2,four", "--output-dir",
+                             str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "--gpus takes comma-separated numbers" in one_line_error(result)
