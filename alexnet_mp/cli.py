@@ -127,6 +127,15 @@ def _numbers(text: str, kind: type, flag: str) -> list:
     return values
 
 
+def bench(args: argparse.Namespace) -> None:
+    from alexnet_mp.bench import bench as run_bench
+
+    ranks = tuple(_numbers(args.ranks, int, "--ranks")) if args.ranks else None
+    if ranks and any(n < 2 or 4096 % n for n in ranks):
+        raise UsageError(f"--ranks {args.ranks}: each must be 2 or more and divide fc6's 4096 units (2, 4, 8, ...)")
+    run_bench(Path(args.output_dir), args.quick, ranks)
+
+
 def summary(args: argparse.Namespace) -> None:
     from alexnet_mp.report import summary_table
 
@@ -180,6 +189,12 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--num-classes", type=int, default=1000)
     model.add_argument("--output-dir", default="runs/plan", help="where plan.md and plan.png go")
     model.set_defaults(run=plan)
+    timing = commands.add_parser("bench", help="every layout's training step timed side by side, against the plain "
+                                               "PyTorch loop, and the input pipeline alone")
+    timing.add_argument("--quick", action="store_true", help="the whole matrix in a tiny configuration")
+    timing.add_argument("--output-dir", default="runs/bench", help="where bench.json and bench.md go")
+    timing.add_argument("--ranks", help="world sizes of the data-parallel vs weird-trick comparison (default 2,4)")
+    timing.set_defaults(run=bench)
     return root
 
 

@@ -17,7 +17,7 @@ from alexnet_mp.links import (
     Ledger,
     RoundExchange,
 )
-from tests.distributed import run_distributed
+from alexnet_mp.processes import run_distributed
 
 WORLD = 2
 

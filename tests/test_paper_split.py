@@ -7,8 +7,8 @@ import pytest
 
 from alexnet_mp.cost import expected_traffic
 from alexnet_mp.plan import predict
+from alexnet_mp.processes import run_distributed
 from tests.conftest import REFERENCE_BATCH as BATCH
-from tests.distributed import run_distributed
 from tests.equivalence import (
     FLOAT32_TOLERANCE,
     FLOAT64_TOLERANCE,

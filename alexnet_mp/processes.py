@@ -1,4 +1,5 @@
-"""Runs a function on N real processes talking over gloo, as the tests need."""
+"""Runs a function on N real processes talking over gloo, with no launcher and no ports: what the
+equivalence tests and the benchmark use."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ GROUP_TIMEOUT = timedelta(seconds=60)
 JOIN_TIMEOUT_S = 240
 
 
-def _worker(fn: Callable[..., Any], rank: int, world_size: int, directory: str, args: tuple) -> None:
-    torch.set_num_threads(1)
+def _worker(fn: Callable[..., Any], rank: int, world_size: int, directory: str, threads: int, args: tuple) -> None:
+    torch.set_num_threads(threads)
     out = Path(directory) / f"rank{rank}.pt"
     try:
         store = dist.FileStore(str(Path(directory) / "store"), world_size)
@@ -32,12 +33,13 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, directory: str, 
         raise
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, directory: Path, *args: Any) -> list[Any]:
-    """fn(*args) on `world_size` spawned processes, each in a gloo group (FileStore under
-    `directory`, no ports) with a timeout; returns each rank's result, in rank order."""
+def run_distributed(fn: Callable[..., Any], world_size: int, directory: Path, *args: Any, threads: int = 1,
+                    ) -> list[Any]:
+    """fn(*args) on `world_size` spawned processes of `threads` CPU threads each, in a gloo group
+    (FileStore under `directory`) with a timeout; returns each rank's result, in rank order."""
     directory.mkdir(parents=True, exist_ok=True)
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker, args=(fn, rank, world_size, str(directory), args))
+    processes = [context.Process(target=_worker, args=(fn, rank, world_size, str(directory), threads, args))
                  for rank in range(world_size)]
     for process in processes:
         process.start()

@@ -1,0 +1,54 @@
+"""The benchmark in its tiny configuration: it runs every part of the matrix and its output parses.
+No timing is asserted here; the figures are for people (docs/experiments.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.launching import ENV, ROOT
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    result = subprocess.run([sys.executable, "-m", "alexnet_mp", "bench", "--quick", "--ranks", "2",
+                             "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=400,
+                            env={**os.environ, **ENV})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(out.glob("bench-*")), "the scratch folder (JPEGs, rank results) is left behind"
+    return {"json": json.loads((out / "bench.json").read_text()), "md": (out / "bench.md").read_text(),
+            "stdout": result.stdout}
+
+
+def test_bench_measures_every_layout_the_plain_loop_and_the_input_pipeline(quick):
+    names = {m["name"] for m in quick["json"]["measurements"]}
+    assert {"plain loop, torchvision alexnet", "single, paper", "single, owt", "paper-split x2", "data-parallel x2",
+            "weird-trick (all) x2", "weird-trick (one-at-a-time) x2", "input pipeline, 2 workers",
+            "single, paper, fed by the input pipeline"} <= names
+    for m in quick["json"]["measurements"]:
+        assert m["median_images_per_s"] > 0 and len(m["peak_memory_mb"]) == m["ranks"]
+
+
+def test_bench_bytes_equal_the_analytic_minimum(quick):
+    from alexnet_mp.cost import expected_traffic
+
+    by_name = {m["name"]: m for m in quick["json"]["measurements"]}
+    sizes = quick["json"]["sizes"]
+    for name, mode in (("paper-split x2", "paper-split"), ("data-parallel x2", "data-parallel"),
+                       ("weird-trick (all) x2", "weird-trick")):
+        expected = [4 * sum(rank.values()) for rank in expected_traffic(mode, "paper", 2, sizes["batch"],
+                                                                       sizes["num_classes"])]
+        assert by_name[name]["bytes_per_rank"] == pytest.approx(expected)
+
+
+def test_bench_reports_ratios_with_targets_in_markdown_and_json(quick):
+    comparisons = quick["json"]["comparisons"]
+    assert any(c["what"].startswith("paper-split on 2 ranks vs single") and c["target"] == 0.95 for c in comparisons)
+    assert all(c["verdict"] in ("-", "met") or c["verdict"].startswith("missed by") for c in comparisons)
+    assert "| comparison | ratio | target | verdict | detail |" in quick["md"]
+    assert quick["json"]["environment"]["torch"] and quick["md"] in quick["stdout"]
