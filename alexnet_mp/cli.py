@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -30,11 +31,10 @@ def check_train_config(config: TrainConfig) -> None:
         raise UsageError(f"unknown --mode {config.mode!r}; choose one of: {', '.join(STRATEGIES)}")
     setup = Setup(config.arch, config.num_classes or 1000, config.seed, exchange=config.exchange)
     STRATEGIES[config.mode].check(launched_world_size(), setup)
+    if config.tracker == "tensorboard" and not importlib.util.find_spec("tensorboard"):
+        raise UsageError("--tracker tensorboard needs the tensorboard package: pip install 'alexnet-mp[tensorboard]'")
     if config.batch_size < 1 or (config.steps is not None and config.steps < 1) or config.epochs < 1:
         raise UsageError("--batch-size, --steps and --epochs must be positive")
-    if config.mixed_precision == "fp16":
-        # fp16 needs a loss scale whose overflow check every rank agrees on; not implemented yet.
-        raise UsageError("--mixed-precision fp16 is not supported yet; use --mixed-precision bf16")
 
 
 def run_train(config: TrainConfig) -> None:

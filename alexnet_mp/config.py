@@ -6,7 +6,7 @@ import argparse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from alexnet_mp.model import ARCHITECTURES
+from alexnet_mp.model import ARCHITECTURES, INITS
 from alexnet_mp.strategies import STRATEGIES
 
 PAPER_BATCH = 128
@@ -16,6 +16,7 @@ PAPER_BATCH = 128
 class TrainConfig:
     mode: str = "paper-split"
     arch: str = "paper"
+    init: str = "paper"
     exchange: str | None = None
     data: str = "synthetic"
     dataset: str = "imagefolder"
@@ -66,6 +67,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default=d.mode, help=f"layout: {', '.join(STRATEGIES)}")
     parser.add_argument("--arch", default=d.arch, choices=sorted(ARCHITECTURES),
                         help="paper: the 2012 two-tower net; owt: the one-column net of 'One weird trick'")
+    parser.add_argument("--init", default=d.init, choices=INITS,
+                        help="paper: N(0, 0.01), biases 1 (the 2012 recipe); he: N(0, 2/fan_in), biases 0, "
+                             "which leaves chance within tens of SGD steps (docs/reproduction.md)")
     parser.add_argument("--exchange", default=d.exchange,
                         help="weird-trick only: all (scheme a), one-at-a-time (b), slice (c)")
     parser.add_argument("--data", default=d.data, help="'synthetic' (built in) or a folder")

@@ -43,6 +43,7 @@ PCA_EIGENVECTORS = ((-0.5675, 0.7192, 0.4009),
                     (-0.5808, -0.0045, -0.8140),
                     (-0.5836, -0.6948, 0.4203))
 LIGHTING_STD = 0.1
+CLASS_COLOUR = 2.0  # synthetic set: the class colour cast's scale, in normalised units
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 
 
@@ -80,7 +81,8 @@ def eval_transform(ten_crop: bool = False) -> Callable:
 
 class SyntheticImages(Dataset):
     """A deterministic, learnable, class-conditional image set, made on the fly: each class is a
-    smooth random colour pattern; a sample is its class's pattern, randomly shifted and flipped,
+    colour cast (a random RGB offset of about 2 standard deviations, which any conv stack picks up
+    early) over a smooth random pattern; a sample is its class's image, randomly shifted and flipped,
     plus noise. Already normalised and 224x224, so the main job runs anywhere with no data."""
 
     def __init__(self, num_classes: int = 1000, size: int = 4096, seed: int = 0, split: int = 0,
@@ -89,7 +91,8 @@ class SyntheticImages(Dataset):
         self.classes = [f"class{c:04d}" for c in range(num_classes)]
         self.targets = torch.randint(0, num_classes, (size,), generator=seeded_generator(seed, 1, split))
         coarse = torch.randn(num_classes, 3, 8, 8, generator=seeded_generator(seed, 2))
-        self.patterns = F.interpolate(coarse, size=IMAGE_SIZE + 32, mode="bicubic", align_corners=False)
+        colours = CLASS_COLOUR * torch.randn(num_classes, 3, 1, 1, generator=seeded_generator(seed, 4))
+        self.patterns = colours + F.interpolate(coarse, size=IMAGE_SIZE + 32, mode="bicubic", align_corners=False)
 
     def __len__(self) -> int:
         return self.size

@@ -3,7 +3,6 @@ the strategy for logits, loss, parameters and which rows of each global batch to
 
 from __future__ import annotations
 
-import resource
 import signal
 import sys
 import time
@@ -23,9 +22,10 @@ from tqdm import tqdm
 from alexnet_mp import checkpoint
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.data import DataSpec, GlobalBatches, build_datasets, rank_batches
-from alexnet_mp.step import make_optimizer, train_step
+from alexnet_mp.step import LossScale, make_optimizer, train_step
 from alexnet_mp.strategies import Setup, Strategy, UsageError, create
 from alexnet_mp.strategies.base import world
+from alexnet_mp.timing import StepClock, peak_memory_mb
 from alexnet_mp.tracking import Tracker
 
 
@@ -103,12 +103,6 @@ def agree(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in values.tolist()]
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def per_rank(value: float, device: torch.device) -> list[float]:
     """`value` from every rank, gathered (for the main process to log)."""
     if world()[1] == 1:
@@ -126,12 +120,14 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training images")
     device = accelerator.device
     setup = Setup(config.arch, config.num_classes or train_set.num_classes, config.seed, device,
-                  exchange=config.exchange, timeout=timedelta(seconds=config.timeout_s))
+                  exchange=config.exchange, init=config.init, timeout=timedelta(seconds=config.timeout_s))
     strategy = create(config.mode, setup, accelerator.num_processes)
     strategy.check_batch(config.batch_size)
     strategy.train()
     optimizer = make_optimizer(strategy, config)
     scheduler = make_scheduler(optimizer, config)
+    scale = LossScale() if config.mixed_precision == "fp16" else None
+    autocast = mixed_precision_autocast(accelerator, config.mixed_precision)
     total = config.steps or config.epochs * batches.steps_per_epoch
     checkpoints = config.output / "checkpoints"
     start = 0
@@ -139,6 +135,8 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         found = checkpoint.find(config.resume, checkpoints)
         checkpoint.load(found, strategy, optimizer)
         scheduler.load_state_dict(found.meta["scheduler"])
+        if scale and found.meta.get("loss_scale"):
+            scale.load_state_dict(found.meta["loss_scale"])
         start = found.step
     elif checkpoint.complete_checkpoints(checkpoints):
         raise UsageError(f"{config.output} already holds a run with checkpoints: add --resume latest to continue "
@@ -149,7 +147,8 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
 
     def save(next_step: int) -> None:
         meta = {"step": next_step, "epoch": next_step // batches.steps_per_epoch,
-                "scheduler": scheduler.state_dict(), "config": config.to_dict()}
+                "scheduler": scheduler.state_dict(), "config": config.to_dict(),
+                "loss_scale": scale.state_dict() if scale else None}
         checkpoint.save(checkpoints, strategy, optimizer, meta, config.keep_checkpoints)
 
     progress = tqdm(total=total, initial=start, disable=not (accelerator.is_main_process and sys.stderr.isatty()),
@@ -157,18 +156,20 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
     steps = rank_batches(train_set, batches, strategy.image_rows(config.batch_size),
                          strategy.label_rows(config.batch_size), start, total, config.workers,
                          pin_memory=device.type == "cuda")
+    clock = StepClock(device)
     waited = time.perf_counter()
     for step, images, labels in steps:
         started = time.perf_counter()
+        clock.start()
         strategy.ledger.reset()
-        with accelerator.autocast():
+        with autocast():
             loss = train_step(strategy, optimizer, images.to(device, non_blocking=True), labels, step,
-                              config.batch_size)
+                              config.batch_size, scale)
         stopping, diverged = agree([stop.requested, not bool(torch.isfinite(loss))], device)
         if diverged:
             raise FloatingPointError(f"the loss is not finite at step {step}; the last good checkpoint in "
                                      f"{checkpoints} is intact (try a lower --lr)")
-        elapsed = time.perf_counter() - started
+        elapsed = clock.stop()
         if step % config.log_every == 0 or step == total - 1:
             global_loss = float(strategy.global_loss(loss))
             memory, sent = per_rank(peak_memory_mb(device), device), per_rank(strategy.ledger.total_bytes(), device)
@@ -176,13 +177,13 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
                          "step_time_s": elapsed, "data_wait_s": started - waited,
                          "images_per_s": config.batch_size / elapsed, "comm_bytes": sent,
                          "comm_wait_s": strategy.ledger.wait_s,
-                         "peak_memory_mb": memory}, step)
+                         "peak_memory_mb": memory, **({"loss_scale": scale.value} if scale else {})}, step)
             progress.set_postfix(loss=f"{global_loss:.4f}", img_s=f"{config.batch_size / elapsed:.1f}")
         progress.update()
         next_step = step + 1
         epoch_end = next_step % batches.steps_per_epoch == 0
         if epoch_end or (config.eval_every and next_step % config.eval_every == 0):
-            result = evaluate(strategy, val_set, config.batch_size, config.workers, device, accelerator.autocast)
+            result = evaluate(strategy, val_set, config.batch_size, config.workers, device, autocast)
             tracker.log({"val_loss": result.loss, "val_top1_error": result.top1_error,
                          "val_top5_error": result.top5_error}, step)
             if config.lr_schedule == "plateau":
@@ -197,6 +198,13 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         waited = time.perf_counter()
     progress.close()
     tracker.finish()
+
+
+def mixed_precision_autocast(accelerator: Accelerator, mixed_precision: str) -> Callable[[], AbstractContextManager]:
+    """accelerate's autocast; on a CPU, where accelerate leaves fp16 off, torch's own fp16 autocast."""
+    if mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        return lambda: torch.autocast("cpu", dtype=torch.float16)
+    return accelerator.autocast
 
 
 def run_description(config: TrainConfig, strategy: Strategy, accelerator: Accelerator) -> dict:

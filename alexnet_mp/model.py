@@ -194,9 +194,9 @@ class AlexNet(nn.Module):
     cuda-convnet2's multi-GPU configs."""
 
     def __init__(self, arch: Architecture = PAPER, num_classes: int = 1000, piece: Piece | None = None,
-                 lrn_alpha: float = 1e-4) -> None:
+                 lrn_alpha: float = 1e-4, init: str = "paper") -> None:
         super().__init__()
-        self.arch, self.num_classes, self.piece = arch, num_classes, piece or Piece()
+        self.arch, self.num_classes, self.piece, self.init = arch, num_classes, piece or Piece(), init
         tower = self.piece.tower
         split = arch.towers if tower is not None else 1  # a tower holds 1/towers of every conv's maps
         in_channels = 3
@@ -218,12 +218,18 @@ class AlexNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The paper's init: weights N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0."""
+        """`paper`: weights N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0 (section 5).
+        `he`: weights N(0, 2 / fan_in) (He et al. 2015), biases 0; it leaves chance within tens of
+        SGD steps where the paper's does not (docs/reproduction.md)."""
         biases = {spec.name: spec.bias for spec in self.arch.convs}
         biases.update(zip(FC_NAMES, self.arch.fc_bias, strict=True))
         for name, layer in self.layers().items():
-            nn.init.normal_(layer.weight, 0.0, 0.01)
-            nn.init.constant_(layer.bias, biases[name])
+            if self.init == "he":
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
+            else:
+                nn.init.normal_(layer.weight, 0.0, 0.01)
+                nn.init.constant_(layer.bias, biases[name])
 
     def layers(self) -> dict[str, nn.Conv2d | nn.Linear]:
         names = [spec.name for spec in self.arch.convs] + list(FC_NAMES)
@@ -321,10 +327,13 @@ def build_model(arch: str = "paper", num_classes: int = 1000) -> AlexNet:
 
 # -- state_dict conversions: every piece's parameter is a row block of the whole net's --
 
-def initial_state_dict(arch: Architecture, num_classes: int, seed: int) -> dict[str, Tensor]:
+INITS = ("paper", "he")
+
+
+def initial_state_dict(arch: Architecture, num_classes: int, seed: int, init: str = "paper") -> dict[str, Tensor]:
     """The whole net's initial weights for a seed: every layout slices its pieces from these."""
     torch.manual_seed(seed)
-    return AlexNet(arch, num_classes).state_dict()
+    return AlexNet(arch, num_classes, init=init).state_dict()
 
 
 def full_shapes(arch: Architecture, num_classes: int) -> dict[str, torch.Size]:

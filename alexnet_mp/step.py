@@ -4,29 +4,66 @@ Kept apart from loop.py so that a process running steps imports no data pipeline
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.strategies import Strategy
+from alexnet_mp.strategies.base import world
+
+
+class LossScale:
+    """fp16's dynamic loss scale, the same on every rank. The loss is multiplied by `value` before the
+    backward and the gradients divided by it after; if any rank's gradients overflowed (one
+    all-reduce decides) every rank skips the step and halves the scale, and after `growth_interval`
+    clean steps the scale doubles. Not accelerate's GradScaler: that one decides per rank, and ranks
+    holding different shards must skip the same steps."""
+
+    def __init__(self, value: float = 2.0 ** 16, growth_interval: int = 2000) -> None:
+        self.value, self.growth_interval, self.clean_steps = value, growth_interval, 0
+
+    def unscale_and_check(self, parameters: list[Tensor]) -> bool:
+        """Divides the gradients by the scale; True if every rank's are finite."""
+        grads = [p.grad for p in parameters if p.grad is not None]
+        torch._foreach_mul_(grads, 1.0 / self.value)
+        overflow = torch.stack([g.isfinite().all().logical_not() for g in grads]).any().float().reshape(1) \
+            if grads else torch.zeros(1)
+        if world()[1] > 1:
+            dist.all_reduce(overflow, op=dist.ReduceOp.MAX)
+        finite = not bool(overflow.item())
+        if finite:
+            self.clean_steps += 1
+            if self.clean_steps == self.growth_interval:
+                self.value, self.clean_steps = self.value * 2, 0
+        else:
+            self.value, self.clean_steps = self.value / 2, 0
+        return finite
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "clean_steps": self.clean_steps}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value, self.clean_steps = state["value"], int(state["clean_steps"])
 
 
 def compute_gradients(strategy: Strategy, images: Tensor, labels: Tensor, step: int,
-                      global_batch: int) -> tuple[Tensor, Tensor]:
+                      global_batch: int, loss_scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """Forward and backward of global batch `step`, gradient communication finished. `images` and
     `labels` are this rank's rows of the batch (`strategy.image_rows`, `strategy.label_rows`).
-    Returns this rank's logits and loss."""
+    Returns this rank's logits and (unscaled) loss."""
     logits = strategy.forward(images, step, global_batch)
     loss = strategy.loss(logits, labels)
-    loss.backward()
+    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     strategy.after_backward()
     return logits.detach(), loss.detach()
 
 
 def train_step(strategy: Strategy, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor,
-               step: int, global_batch: int) -> Tensor:
-    """One SGD step; returns this rank's loss."""
-    _, loss = compute_gradients(strategy, images, labels, step, global_batch)
-    optimizer.step()
+               step: int, global_batch: int, scale: LossScale | None = None) -> Tensor:
+    """One SGD step (skipped on every rank if fp16 gradients overflowed); returns this rank's loss."""
+    _, loss = compute_gradients(strategy, images, labels, step, global_batch, scale.value if scale else 1.0)
+    if scale is None or scale.unscale_and_check(list(strategy.parameters())):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
 

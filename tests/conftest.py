@@ -14,7 +14,7 @@ REFERENCE_BATCH = 4
 
 @pytest.fixture(scope="session")
 def references() -> Callable[[str], dict[str, Run]]:
-    """The one-device reference runs per architecture, at batch 4: float64 for 3 steps, float32 for 1."""
+    """The one-device reference runs per architecture, at batch 4: float64 for 2 steps, float32 for 1."""
     cache: dict[str, dict[str, Run]] = {}
 
     def reference(arch: str) -> dict[str, Run]:

@@ -56,7 +56,7 @@ def test_paper_split_gradients_equal_single_device(split, reference):
         assert_same(gradients, dict(reference[precision].gradients[0][1]), tolerance)
 
 
-def test_paper_split_weights_after_three_sgd_steps_equal_single_device(split, reference):
+def test_paper_split_weights_after_two_sgd_steps_equal_single_device(split, reference):
     weights = merged([piece for ranks in split for piece in ranks["float64"].weights], "paper")
     assert_same(weights, dict(reference["float64"].weights[0][1]), FLOAT64_TOLERANCE)
     for step in range(STEPS):

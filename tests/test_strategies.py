@@ -1,5 +1,5 @@
 """Every layout computes what the one-device reference computes, on real gloo processes: logits,
-loss, every gradient, and the weights after 3 SGD steps (momentum, weight decay, dropout on);
+loss, every gradient, and the weights after 2 SGD steps (momentum, weight decay, dropout on);
 tolerances in tests/equivalence.py. Its ledger equals the analytic count from the layer shapes."""
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def test_gradients_equal_single_device(layout, references):
         assert_same(gradients, dict(references(spec.arch)[precision].gradients[0][1]), tolerance)
 
 
-def test_weights_after_three_sgd_steps_equal_single_device(layout, references):
+def test_weights_after_two_sgd_steps_equal_single_device(layout, references):
     spec, ranks = layout
     reference = references(spec.arch)["float64"]
     weights = merged([piece for r in ranks for piece in r["float64"].weights], spec.arch)
@@ -103,7 +103,7 @@ def test_plan_predicts_the_bytes_the_ledger_measured(layout):
     assert predicted.bytes_per_rank == pytest.approx([r["float32"].sent_bytes for r in ranks])
 
 
-def test_replicas_of_a_piece_hold_the_same_weights_after_three_steps(layout):
+def test_replicas_of_a_piece_hold_the_same_weights_after_two_steps(layout):
     """Only the first replica's weights are compared with the reference; the others must equal it."""
     spec, ranks = layout
     replica_groups = {"data-parallel": [list(range(spec.ranks))],

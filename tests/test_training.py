@@ -4,6 +4,7 @@ writes its records, and faults stop the run cleanly with one clear line."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -34,6 +35,27 @@ def test_wandb_offline_run_holds_the_config_and_job_type(tmp_path):
     assert [row["step"] for row in metrics(tmp_path)] == [0, 1]
     assert all(len(row["peak_memory_mb"]) == 1 and row["comm_bytes"] == [0] and row["comm_wait_s"] == 0
                for row in metrics(tmp_path))
+
+
+def test_tensorboard_tracker_writes_event_files(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "alexnet_mp", "train", "--mode", "single", "--steps", "1",
+                             "--batch-size", "2", *CLASSES, "--workers", "0", "--tracker", "tensorboard",
+                             "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **ENV})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_forty_steps_on_synthetic_data_lower_the_loss_well_below_its_start_and_chance(tmp_path):
+    """With He et al.'s init; the paper's init stays at chance for far longer (docs/reproduction.md)."""
+    result = subprocess.run([sys.executable, "-m", "alexnet_mp", "train", "--mode", "single", "--init", "he",
+                             "--lr", "0.001", "--steps", "40", "--batch-size", "16", *CLASSES, "--workers", "0",
+                             "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **ENV})
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [row["loss"] for row in metrics(tmp_path)]
+    chance = math.log(10)
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < min(losses[0], chance) / 2
 
 
 def test_training_on_an_image_folder_validates_and_checkpoints_at_the_epochs_end(tmp_path):
@@ -136,13 +158,14 @@ def test_a_loss_that_becomes_infinite_stops_naming_the_step_and_keeps_the_last_c
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
+def test_a_stop_signal_finishes_the_step_saves_a_checkpoint_and_exits_cleanly(signal_number, tmp_path):
     process = subprocess.Popen([sys.executable, "train.py", "--mode", "paper-split", "--batch-size", "4", *CLASSES,
                                 "--steps", "1000", "--workers", "0", "--output-dir", str(tmp_path)],
                                cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     wait_for_steps(tmp_path, 1)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal_number)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
     assert "checkpoint saved" in stdout

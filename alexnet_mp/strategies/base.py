@@ -41,6 +41,7 @@ class Setup:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32  # of the parameters; the equivalence tests use float64
     exchange: str | None = None  # weird-trick only
+    init: str = "paper"  # model.INITS
     timeout: timedelta = timedelta(minutes=10)
 
     @property
@@ -155,7 +156,7 @@ class Strategy(ABC):
         """Creates this rank's pieces, each from the same seeded whole-net init sliced to the piece,
         so every layout starts from the reference's exact weights."""
         arch, num_classes = self.setup.architecture, self.setup.num_classes
-        full = initial_state_dict(arch, num_classes, self.setup.seed)
+        full = initial_state_dict(arch, num_classes, self.setup.seed, self.setup.init)
         for piece, device in zip(pieces, devices, strict=True):
             with torch.device("meta"):  # no init work: the weights come from `full`
                 module = AlexNet(arch, num_classes, piece)
