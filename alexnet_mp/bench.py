@@ -92,7 +92,7 @@ def layout_steps(mode: str, arch: str, exchange: str | None, batch: int, sizes: 
     strategy = create(mode, Setup(arch, sizes.num_classes, SEED, device, exchange=exchange), world()[1])
     strategy.check_batch(batch)
     strategy.train()
-    optimizer = make_optimizer(strategy, TrainConfig(batch_size=batch))
+    optimizer = make_optimizer(strategy.parameters(), TrainConfig(batch_size=batch))
     images, labels = _fixed_batch(batch, sizes.num_classes, device)
     images, labels = images[strategy.image_rows(batch)], labels[strategy.label_rows(batch)]
 
@@ -151,7 +151,7 @@ def fed_steps(root: str, batch: int, workers: int, sizes: Sizes) -> dict:
     loaded = _loaded_batches(root, batch, workers, sizes.warmup + sizes.steps, device)
     strategy = create("single", Setup("paper", sizes.num_classes, SEED, device), 1)
     strategy.train()
-    optimizer = make_optimizer(strategy, TrainConfig(batch_size=batch))
+    optimizer = make_optimizer(strategy.parameters(), TrainConfig(batch_size=batch))
 
     def run_step(step: int) -> None:
         _, images, labels = next(loaded)

@@ -124,7 +124,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
     strategy = create(config.mode, setup, accelerator.num_processes)
     strategy.check_batch(config.batch_size)
     strategy.train()
-    optimizer = make_optimizer(strategy, config)
+    optimizer = make_optimizer(strategy.parameters(), config)
     scheduler = make_scheduler(optimizer, config)
     scale = LossScale() if config.mixed_precision == "fp16" else None
     autocast = mixed_precision_autocast(accelerator, config.mixed_precision)

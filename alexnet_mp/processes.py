@@ -19,6 +19,9 @@ JOIN_TIMEOUT_S = 240
 
 def _worker(fn: Callable[..., Any], rank: int, world_size: int, directory: str, threads: int, args: tuple) -> None:
     torch.set_num_threads(threads)
+    # A spawned child inherits "spawn" as its start method; a launched rank has the platform's
+    # default (fork on Linux), which its data loader workers then use: restore it.
+    multiprocessing.set_start_method(None, force=True)
     out = Path(directory) / f"rank{rank}.pt"
     try:
         store = dist.FileStore(str(Path(directory) / "store"), world_size)

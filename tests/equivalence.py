@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alexnet_mp.config import TrainConfig
 from alexnet_mp.links import Ledger
 from alexnet_mp.model import ARCHITECTURES, DropoutMasks, Piece, build_model, initial_state_dict, merge_state_dicts
-from alexnet_mp.step import compute_gradients
+from alexnet_mp.step import compute_gradients, make_optimizer
 from alexnet_mp.strategies import Setup, create
 from alexnet_mp.strategies.base import world
 
@@ -49,7 +50,8 @@ def global_batch(size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 
 def sgd(params) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=5e-4)
+    """The training loop's optimizer (the paper's SGD, fused) at the tests' learning rate."""
+    return make_optimizer(params, TrainConfig(lr=LR))
 
 
 def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, exchange: str | None = None) -> Run:
