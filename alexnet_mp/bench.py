@@ -275,14 +275,18 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes) -> list[Comparison]
     return rows
 
 
-def model_flops_utilisation(measurement: Measurement, arch: str, num_classes: int) -> float | None:
-    """Training FLOPs per image (3x the forward) x images/s over the device's dense fp32 peak."""
+def sustained_tflops(measurement: Measurement, arch: str, num_classes: int) -> float:
+    """Training FLOPs per image (3x the forward's) x images/s: what `plan --device-tflops` wants."""
+    return 3 * sum(c.flops for c in layer_costs(ARCHITECTURES[arch], num_classes)) * measurement.median / 1e12
+
+
+def model_flops_utilisation(tflops: float) -> float | None:
+    """Sustained TFLOP/s over the GPU's dense fp32 peak; None on a CPU or an unknown GPU."""
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
     peak = next((p[torch.float32] for key, p in PEAK_TFLOPS.items() if key in name), None)
-    flops = 3 * sum(c.flops for c in layer_costs(ARCHITECTURES[arch], num_classes))
-    return flops * measurement.median / (peak * 1e12) if peak else None
+    return tflops / peak if peak else None
 
 
 def environment() -> dict[str, str]:
@@ -308,9 +312,12 @@ def report(measurements: list[Measurement], rows: list[Comparison], sizes: Sizes
              markdown_table(["comparison", "ratio", "target", "verdict", "detail"],
                             [[c.what, f"{c.ratio:.2f}", "-" if c.target is None else f">= {c.target:g}", c.verdict,
                               c.detail] for c in rows])]
-    utilisation = model_flops_utilisation(measurements[1], "paper", sizes.num_classes)
+    single = next(m for m in measurements if m.name == "single, paper")
+    tflops = sustained_tflops(single, "paper", sizes.num_classes)
+    lines += ["", f"`single, paper` sustains {tflops:.3f} TFLOP/s of training (`plan --device-tflops {tflops:.3g}`)"]
+    utilisation = model_flops_utilisation(tflops)
     if utilisation is not None:
-        lines += ["", f"Model FLOPs utilisation of `single, paper` (fp32): {utilisation:.1%}"]
+        lines.append(f"Model FLOPs utilisation of `single, paper` (fp32): {utilisation:.1%}")
     return "\n".join(lines) + "\n"
 
 

@@ -107,8 +107,9 @@ def per_rank(value: float, device: torch.device) -> list[float]:
     """`value` from every rank, gathered (for the main process to log)."""
     if world()[1] == 1:
         return [value]
-    gathered = torch.zeros(dist.get_world_size(), device=device)
-    dist.all_gather_into_tensor(gathered, torch.tensor([value], device=device))
+    # float64: byte counts of 10^8 and more are exact in it, not in float32
+    gathered = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
+    dist.all_gather_into_tensor(gathered, torch.tensor([value], dtype=torch.float64, device=device))
     return gathered.tolist()
 
 
