@@ -131,12 +131,12 @@ def _loaded_batches(root: str, batch: int, workers: int, steps: int, device: tor
                         pin_memory=device.type == "cuda")
 
 
-def pipeline_pass(root: str, batch: int, workers: int) -> dict:
+def pipeline_pass(root: str, images: int, batch: int, workers: int) -> dict:
     """The input pipeline alone (decode, the paper's augmentation, collation): one pass over every
     image, from the loader's creation (worker start-up included) to its last batch. Per-batch times
     would mislead: batches prefetched during start-up arrive at once."""
     device = torch.device("cpu")
-    steps = len(list(Path(root).rglob("*.jpg"))) // batch
+    steps = images // batch
     loaded = _loaded_batches(root, batch, workers, steps, device)  # a generator: nothing is loaded yet
     started = time.perf_counter()
     for _ in loaded:
@@ -240,8 +240,9 @@ def run_matrix(sizes: Sizes, scratch: Path) -> tuple[list[Measurement], list[Com
         for scheme in ("all", "one-at-a-time"):
             run(f"weird-trick ({scheme}) x{ranks}", layout_steps, ranks, "weird-trick", "paper", scheme, batch, sizes)
     pictures = write_jpeg_tree(scratch / "jpeg", sizes.pipeline_images)
-    run("input pipeline, 1 worker (in process)", pipeline_pass, 1, str(pictures), batch, 0, threads=1)
-    run(f"input pipeline, {sizes.workers} workers", pipeline_pass, 1, str(pictures), batch, sizes.workers, threads=1)
+    for workers, name in ((0, "1 worker (in process)"), (sizes.workers, f"{sizes.workers} workers")):
+        run(f"input pipeline, {name}", pipeline_pass, 1, str(pictures), sizes.pipeline_images, batch, workers,
+            threads=1)
     run("single, paper, fed by the input pipeline", fed_steps, 1, str(pictures), batch, sizes.workers, sizes)
     return list(found.values()), comparisons(found, sizes)
 

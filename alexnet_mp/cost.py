@@ -159,16 +159,11 @@ def rank_work(mode: str, arch: str, rank: int, world_size: int, batch: int) -> R
     raise ValueError(f"no cost model for mode {mode!r}")
 
 
-def training_flops(work: RankWork, arch: str, num_classes: int = 1000) -> tuple[float, float]:
-    """(conv, fully connected) FLOPs of one training step of a rank: forward plus a backward that
-    costs twice the forward (one product for the input's gradient, one for the weights')."""
-    conv = fc = 0.0
-    for cost in layer_costs(ARCHITECTURES[arch], num_classes, work.piece):
-        if cost.name.startswith("conv"):
-            conv += 3 * cost.flops * work.conv_samples
-        else:
-            fc += 3 * cost.flops * work.fc_samples
-    return conv, fc
+def training_flops(work: RankWork, arch: str, num_classes: int = 1000) -> float:
+    """FLOPs of one training step of a rank: forward plus a backward that costs twice the forward
+    (one product for the input's gradient, one for the weights')."""
+    return sum(3 * cost.flops * (work.conv_samples if cost.name.startswith("conv") else work.fc_samples)
+               for cost in layer_costs(ARCHITECTURES[arch], num_classes, work.piece))
 
 
 def memory_bytes(work: RankWork, arch: str, num_classes: int = 1000, bytes_per_element: int = 4,

@@ -103,14 +103,14 @@ def agree(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in values.tolist()]
 
 
-def per_rank(value: float, device: torch.device) -> list[float]:
-    """`value` from every rank, gathered (for the main process to log)."""
+def per_rank(values: list[float], device: torch.device) -> list[list[float]]:
+    """Each of `values` from every rank, in one all-gather (for the main process to log)."""
     if world()[1] == 1:
-        return [value]
+        return [[value] for value in values]
     # float64: byte counts of 10^8 and more are exact in it, not in float32
-    gathered = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
-    dist.all_gather_into_tensor(gathered, torch.tensor([value], dtype=torch.float64, device=device))
-    return gathered.tolist()
+    gathered = torch.zeros(dist.get_world_size(), len(values), dtype=torch.float64, device=device)
+    dist.all_gather_into_tensor(gathered, torch.tensor([values], dtype=torch.float64, device=device))
+    return gathered.T.tolist()
 
 
 def train(config: TrainConfig, accelerator: Accelerator) -> None:
@@ -173,7 +173,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         elapsed = clock.stop()
         if step % config.log_every == 0 or step == total - 1:
             global_loss = float(strategy.global_loss(loss))
-            memory, sent = per_rank(peak_memory_mb(device), device), per_rank(strategy.ledger.total_bytes(), device)
+            memory, sent = per_rank([peak_memory_mb(device), strategy.ledger.total_bytes()], device)
             tracker.log({"loss": global_loss, "lr": optimizer.param_groups[0]["lr"], "epoch": batches.epoch(step),
                          "step_time_s": elapsed, "data_wait_s": started - waited,
                          "images_per_s": config.batch_size / elapsed, "comm_bytes": sent,

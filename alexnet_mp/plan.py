@@ -65,7 +65,7 @@ def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, n
     traffic = expected_traffic(mode, arch, gpus, batch, num_classes)
     sent = [sum(rank.values()) * bytes_per_element for rank in traffic]
     works = [rank_work(mode, arch, rank, gpus, batch) for rank in range(gpus)]
-    compute = [sum(training_flops(work, arch, num_classes)) / (device_tflops * 1e12) for work in works]
+    compute = [training_flops(work, arch, num_classes) / (device_tflops * 1e12) for work in works]
     slowest = max(range(gpus), key=lambda rank: (compute[rank], sent[rank]))
     gradient = sum(v for (link, _), v in traffic[slowest].items() if link in GRADIENT_LINKS) * bytes_per_element
     memory = max((memory_bytes(work, arch, num_classes, bytes_per_element) for work in works),

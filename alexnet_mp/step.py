@@ -55,7 +55,7 @@ def compute_gradients(strategy: Strategy, images: Tensor, labels: Tensor, step: 
     Returns this rank's logits and (unscaled) loss."""
     logits = strategy.forward(images, step, global_batch)
     loss = strategy.loss(logits, labels)
-    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    (loss * loss_scale).backward()  # x 1.0 is exact
     strategy.after_backward()
     return logits.detach(), loss.detach()
 
