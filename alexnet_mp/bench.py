@@ -28,6 +28,7 @@ from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.report import markdown_table
 from alexnet_mp.rng import seeded_generator
+from alexnet_mp.speed import EAGER, Speed, Variant
 from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import Setup, create
 from alexnet_mp.strategies.base import world
@@ -35,10 +36,10 @@ from alexnet_mp.timing import StepClock, peak_memory_mb
 
 SEED = 0
 BENCH_STREAM = 9  # a key of its own for the in-memory batch (rng.seeded_generator)
-# Dense peak TFLOP/s by device name and dtype, from NVIDIA's datasheets (SXM parts); model FLOPs
-# utilisation divides the training FLOPs actually done per second by these.
-PEAK_TFLOPS = {"H100": {torch.float32: 67.0, torch.bfloat16: 989.0},
-               "H200": {torch.float32: 67.0, torch.bfloat16: 989.0}}
+# Dense peak TFLOP/s by device name and precision, from NVIDIA's datasheets (SXM parts); model FLOPs
+# utilisation divides the training FLOPs actually done per second by these. fp32 steps are held to the
+# TF32 tensor-core peak: cuDNN runs float32 convs as TF32 by default (torch.backends.cudnn.allow_tf32).
+PEAK_TFLOPS = {"H100": {"fp32": 494.7, "bf16": 989.4}, "H200": {"fp32": 494.7, "bf16": 989.4}}
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,28 @@ class Sizes:
 
 
 FULL = Sizes(batch=32, steps=6, warmup=2, ranks=(2, 4), pipeline_images=512, workers=2, num_classes=1000)
+# The issue's GPU sizes: batch 256; warm-up long enough for compilation and CUDA-graph recording.
+FULL_GPU = Sizes(batch=256, steps=20, warmup=5, ranks=(2, 4), pipeline_images=2048, workers=8, num_classes=1000)
 QUICK = Sizes(batch=4, steps=1, warmup=1, ranks=(2, 4), pipeline_images=8, workers=2, num_classes=10)
+
+
+FAST_GPU = Variant("bf16", Speed(channels_last=True, compile=True))
+
+
+def single_variants(device_type: str) -> list[Variant]:
+    """Our single-device step, one speed-up added at a time, on a GPU. A CPU runs the eager float32
+    step alone: it has no bf16 units (bf16 ran 10x slower than float32 here) and compiling takes
+    minutes with 2 cores."""
+    if device_type == "cpu":
+        return [EAGER]
+    return [EAGER, Variant("bf16"), Variant("bf16", Speed(channels_last=True)), FAST_GPU,
+            Variant("bf16", Speed(channels_last=True, cuda_graphs=True))]
+
+
+def layout_variant(device_type: str) -> Variant:
+    """How the layouts are compared: as the training loop runs them by default on a CPU; on a GPU
+    with every speed-up that held up on one device."""
+    return EAGER if device_type == "cpu" else FAST_GPU
 
 
 # -- what runs inside the measured processes --
@@ -86,10 +108,12 @@ def _timed(run_step: Callable[[int], None], device: torch.device, sizes: Sizes,
     return {"step_s": step_s, "comm_wait_s": wait_s, "peak_memory_mb": peak_memory_mb(device)}
 
 
-def layout_steps(mode: str, arch: str, exchange: str | None, batch: int, sizes: Sizes) -> dict:
+def layout_steps(mode: str, arch: str, exchange: str | None, batch: int, sizes: Sizes,
+                 variant: Variant = EAGER) -> dict:
     """Our training step on this rank's part of an in-memory global batch."""
     device = _device()
-    strategy = create(mode, Setup(arch, sizes.num_classes, SEED, device, exchange=exchange), world()[1])
+    setup = Setup(arch, sizes.num_classes, SEED, device, exchange=exchange, speed=variant.speed)
+    strategy = create(mode, setup, world()[1])
     strategy.check_batch(batch)
     strategy.train()
     optimizer = make_optimizer(strategy.parameters(), TrainConfig(batch_size=batch))
@@ -98,7 +122,8 @@ def layout_steps(mode: str, arch: str, exchange: str | None, batch: int, sizes: 
 
     def run_step(step: int) -> None:
         strategy.ledger.reset()
-        train_step(strategy, optimizer, images, labels, step, batch)
+        with variant.autocast(device):
+            train_step(strategy, optimizer, images, labels, step, batch)
 
     result = _timed(run_step, device, sizes, lambda: strategy.ledger.wait_s)
     return {**result, "bytes": strategy.ledger.total_bytes()}
@@ -145,19 +170,27 @@ def pipeline_pass(root: str, images: int, batch: int, workers: int) -> dict:
     return {"step_s": [seconds], "comm_wait_s": [0.0], "peak_memory_mb": peak_memory_mb(device), "bytes": 0.0}
 
 
-def fed_steps(root: str, batch: int, workers: int, sizes: Sizes) -> dict:
-    """Our single-device step fed by the input pipeline (data wait included)."""
+def fed_steps(root: str, batch: int, workers: int, sizes: Sizes, variant: Variant = EAGER) -> dict:
+    """Our single-device step fed by the input pipeline: warmed up (compiled) on an in-memory batch,
+    then `sizes.steps` steps timed as one pass from the loader's creation, data waits included; timed
+    per step, the batches the workers prefetched during warm-up would hide the loader's pace."""
     device = _device()
-    loaded = _loaded_batches(root, batch, workers, sizes.warmup + sizes.steps, device)
-    strategy = create("single", Setup("paper", sizes.num_classes, SEED, device), 1)
+    strategy = create("single", Setup("paper", sizes.num_classes, SEED, device, speed=variant.speed), 1)
     strategy.train()
     optimizer = make_optimizer(strategy.parameters(), TrainConfig(batch_size=batch))
 
-    def run_step(step: int) -> None:
-        _, images, labels = next(loaded)
-        train_step(strategy, optimizer, images.to(device, non_blocking=True), labels.to(device), step, batch)
+    def run_step(step: int, images: torch.Tensor, labels: torch.Tensor) -> None:
+        with variant.autocast(device):
+            train_step(strategy, optimizer, images.to(device, non_blocking=True), labels.to(device), step, batch)
 
-    return {**_timed(run_step, device, sizes), "bytes": 0.0}
+    for step in range(sizes.warmup):
+        run_step(step, *_fixed_batch(batch, sizes.num_classes, device))
+    clock = StepClock(device)
+    clock.start()
+    for step, images, labels in _loaded_batches(root, batch, workers, sizes.steps, device):
+        run_step(sizes.warmup + step, images, labels)
+    seconds = clock.stop() / sizes.steps
+    return {"step_s": [seconds], "comm_wait_s": [0.0], "peak_memory_mb": peak_memory_mb(device), "bytes": 0.0}
 
 
 # -- the matrix, run from the launching process --
@@ -172,6 +205,8 @@ class Measurement:
     comm_wait_s: float  # median per step, slowest rank
     bytes_per_rank: list[float]
     peak_memory_mb: list[float]
+    arch: str | None = None  # of a training step (None: the input pipeline alone)
+    precision: str = "fp32"
 
     @property
     def median(self) -> float:
@@ -182,14 +217,14 @@ class Measurement:
 
 
 def measure(name: str, fn: Callable[..., dict], ranks: int, threads: int, batch: int, scratch: Path,
-            *args: object) -> Measurement:
+            *args: object, arch: str | None = None, precision: str = "fp32") -> Measurement:
     folder = Path(tempfile.mkdtemp(dir=scratch))
     results = run_distributed(fn, ranks, folder, *args, threads=threads)
     slowest = [max(steps) for steps in zip(*(r["step_s"] for r in results), strict=True)]
     waits = [max(steps) for steps in zip(*(r["comm_wait_s"] for r in results), strict=True)]
     print(f"  {name}: {statistics.median(batch / s for s in slowest):.1f} images/s", flush=True)
     return Measurement(name, ranks, threads, batch, [batch / s for s in slowest], statistics.median(waits),
-                       [r["bytes"] for r in results], [r["peak_memory_mb"] for r in results])
+                       [r["bytes"] for r in results], [r["peak_memory_mb"] for r in results], arch, precision)
 
 
 def write_jpeg_tree(root: Path, images: int, classes: int = 10) -> Path:
@@ -223,120 +258,192 @@ class Comparison:
         return "met" if self.ratio >= self.target else f"missed by {self.target - self.ratio:.2f}"
 
 
-def run_matrix(sizes: Sizes, scratch: Path) -> tuple[list[Measurement], list[Comparison]]:
-    cores = os.cpu_count() or 1
-    batch = sizes.batch
+PLAIN_LOOP = "plain loop, torchvision alexnet"
+
+
+def run_matrix(sizes: Sizes, scratch: Path, device_type: str) -> tuple[list[Measurement], list[str]]:
+    """Every measurement of the matrix; and the ones missing, each with the reason: layouts needing
+    more GPUs than this machine has, or a measurement that FAILED (its error's last line)."""
+    cores, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    batch, layouts = sizes.batch, layout_variant(device_type)
     found: dict[str, Measurement] = {}
+    skipped: list[str] = []
 
-    def run(name: str, fn: Callable[..., dict], ranks: int, *args: object, threads: int | None = None) -> None:
-        found[name] = measure(name, fn, ranks, threads or max(1, cores // ranks), batch, scratch, *args)
+    def run(name: str, fn: Callable[..., dict], ranks: int, *args: object, threads: int | None = None,
+            arch: str | None = None, precision: str = "fp32") -> None:
+        if device_type == "cuda" and ranks > gpus:
+            skipped.append(f"{name}: one GPU per rank needed, this machine has {gpus}")
+            return
+        try:
+            found[name] = measure(name, fn, ranks, threads or max(1, cores // ranks), batch, scratch, *args,
+                                  arch=arch, precision=precision)
+        except RuntimeError as error:  # one broken measurement must not lose the rest of the matrix
+            last = str(error).strip().splitlines()[-1]
+            print(f"  {name}: FAILED: {last}", flush=True)
+            skipped.append(f"{name}: FAILED: {last}")
 
-    run("plain loop, torchvision alexnet", plain_loop_steps, 1, batch, sizes)
-    run("single, paper", layout_steps, 1, "single", "paper", None, batch, sizes)
-    run("single, owt", layout_steps, 1, "single", "owt", None, batch, sizes)
-    run("paper-split x2", layout_steps, 2, "paper-split", "paper", None, batch, sizes)
+    def step(name: str, ranks: int, mode: str, arch: str, variant: Variant, exchange: str | None = None) -> None:
+        run(variant.named(name), layout_steps, ranks, mode, arch, exchange, batch, sizes, variant, arch=arch,
+            precision=variant.precision)
+
+    run(PLAIN_LOOP, plain_loop_steps, 1, batch, sizes, arch="owt")
+    for variant in single_variants(device_type):
+        step("single, paper", 1, "single", "paper", variant)
+    step("single, owt", 1, "single", "owt", layouts)
+    if device_type == "cuda":  # both towers on the one GPU, the links local copies
+        step("paper-split, 1 process", 1, "paper-split", "paper", layouts)
+    step("paper-split x2", 2, "paper-split", "paper", layouts)
     for ranks in sizes.ranks:
-        run(f"data-parallel x{ranks}", layout_steps, ranks, "data-parallel", "paper", None, batch, sizes)
+        step(f"data-parallel x{ranks}", ranks, "data-parallel", "paper", layouts)
         for scheme in ("all", "one-at-a-time"):
-            run(f"weird-trick ({scheme}) x{ranks}", layout_steps, ranks, "weird-trick", "paper", scheme, batch, sizes)
+            step(f"weird-trick ({scheme}) x{ranks}", ranks, "weird-trick", "paper", layouts, scheme)
     pictures = write_jpeg_tree(scratch / "jpeg", sizes.pipeline_images)
     for workers, name in ((0, "1 worker (in process)"), (sizes.workers, f"{sizes.workers} workers")):
         run(f"input pipeline, {name}", pipeline_pass, 1, str(pictures), sizes.pipeline_images, batch, workers,
             threads=1)
-    run("single, paper, fed by the input pipeline", fed_steps, 1, str(pictures), batch, sizes.workers, sizes)
-    return list(found.values()), comparisons(found, sizes)
+    run(layouts.named("single, paper, fed by the input pipeline"), fed_steps, 1, str(pictures), batch, sizes.workers,
+        sizes, layouts, arch="paper", precision=layouts.precision)
+    return list(found.values()), skipped
 
 
-def comparisons(found: dict[str, Measurement], sizes: Sizes) -> list[Comparison]:
-    def ratio(what: str, ours: str, theirs: str, target: float | None = None, detail: str = "") -> Comparison:
-        return Comparison(what, ours, theirs, found[ours].median / found[theirs].median, target, detail)
+def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -> list[Comparison]:
+    """The ratios of this run, each with its target where the issue sets one; a ratio whose
+    measurements this machine could not run is left out."""
+    layouts = layout_variant(device_type)
+    single = layouts.named("single, paper")
+    rows: list[Comparison] = []
 
-    split = found["paper-split x2"]
-    rows = [ratio("our step vs the plain loop (different nets: paper has LRN and 2 towers)", "single, paper",
-                  "plain loop, torchvision alexnet"),
-            ratio("our step vs the plain loop, same net (owt = torchvision's layout)", "single, owt",
-                  "plain loop, torchvision alexnet", 1.0),
-            ratio("paper-split on 2 ranks vs single on the same cores", "paper-split x2", "single, paper", 0.95,
-                  f"links blocked {1000 * split.comm_wait_s:.1f} ms/step")]
+    def ratio(what: str, ours: str, theirs: str, target: float | None = None, detail: str = "") -> None:
+        if ours in found and theirs in found:
+            rows.append(Comparison(what, ours, theirs, found[ours].median / found[theirs].median, target, detail))
+
+    ratio("our step vs the plain loop (different nets: paper has LRN and 2 towers)", "single, paper", PLAIN_LOOP)
+    ratio("our step vs the plain loop, same net (owt = torchvision's layout)", layouts.named("single, owt"),
+          PLAIN_LOOP, 1.0)
+    if device_type == "cuda":
+        for variant in single_variants(device_type)[1:]:
+            ratio(f"our step, {variant.label()}, vs the plain fp32 loop", variant.named("single, paper"), PLAIN_LOOP,
+                  2.0)
+        rows.extend(utilisation_rows(found, sizes.num_classes))
+    split = layouts.named("paper-split x2")
+    if split in found:
+        ratio("paper-split on 2 ranks vs single on the same cores", split, single, 0.95,
+              f"links blocked {1000 * found[split].comm_wait_s:.1f} ms/step")
+    ratio("paper-split in 1 process (towers as separate convs) vs single (grouped convs)",
+          layouts.named("paper-split, 1 process"), single)
     for ranks in sizes.ranks:
-        rows.append(ratio(f"weird-trick (a) vs data-parallel at {ranks} ranks", f"weird-trick (all) x{ranks}",
-                          f"data-parallel x{ranks}",
-                          detail=f"bytes/step on rank 0: {found[f'weird-trick (all) x{ranks}'].bytes_per_rank[0]:,.0f}"
-                                 f" vs {found[f'data-parallel x{ranks}'].bytes_per_rank[0]:,.0f}"))
-        a, b = found[f"weird-trick (all) x{ranks}"], found[f"weird-trick (one-at-a-time) x{ranks}"]
-        hidden = 1 - b.comm_wait_s / a.comm_wait_s if a.comm_wait_s else 0.0
-        rows.append(Comparison(f"weird-trick (b) vs (a) at {ranks} ranks: exchange time hidden", b.name, a.name,
-                               hidden, 0.5, f"blocked {1000 * b.comm_wait_s:.1f} vs {1000 * a.comm_wait_s:.1f} ms"))
-    pipeline = found[f"input pipeline, {sizes.workers} workers"]
-    rows.append(ratio("input pipeline vs the training step it feeds (>= 1: the loader keeps up)", pipeline.name,
-                      "single, paper", 1.0,
-                      f"{found['input pipeline, 1 worker (in process)'].median:.1f} images/s per worker"))
-    rows.append(ratio("single step fed by the input pipeline vs from memory",
-                      "single, paper, fed by the input pipeline", "single, paper"))
+        dp, a, b = (layouts.named(name) for name in (f"data-parallel x{ranks}", f"weird-trick (all) x{ranks}",
+                                                     f"weird-trick (one-at-a-time) x{ranks}"))
+        if not {dp, a, b} <= found.keys():
+            continue
+        ratio(f"weird-trick (a) vs data-parallel at {ranks} ranks", a, dp,
+              detail=f"bytes/step on rank 0: {found[a].bytes_per_rank[0]:,.0f} vs {found[dp].bytes_per_rank[0]:,.0f}")
+        wait_a, wait_b = found[a].comm_wait_s, found[b].comm_wait_s
+        rows.append(Comparison(f"weird-trick (b) vs (a) at {ranks} ranks: exchange time hidden", b, a,
+                               1 - wait_b / wait_a if wait_a else 0.0, 0.5,
+                               f"blocked {1000 * wait_b:.1f} vs {1000 * wait_a:.1f} ms"))
+    pipeline = f"input pipeline, {sizes.workers} workers"
+    fed = layouts.named("single, paper, fed by the input pipeline")
+    ratio("input pipeline vs the training step it feeds (>= 1: the loader keeps up)", pipeline, single, 1.0,
+          f"{found['input pipeline, 1 worker (in process)'].median:.1f} images/s per worker"
+          if "input pipeline, 1 worker (in process)" in found else "")
+    ratio("single step fed by the input pipeline vs from memory", fed, single)
     return rows
 
 
-def sustained_tflops(measurement: Measurement, arch: str, num_classes: int) -> float:
+def training_tflops(measurement: Measurement, num_classes: int) -> float:
     """Training FLOPs per image (3x the forward's) x images/s: what `plan --device-tflops` wants."""
-    return 3 * sum(c.flops for c in layer_costs(ARCHITECTURES[arch], num_classes)) * measurement.median / 1e12
+    arch = ARCHITECTURES[measurement.arch or "paper"]
+    return 3 * sum(c.flops for c in layer_costs(arch, num_classes)) * measurement.median / 1e12
 
 
-def model_flops_utilisation(tflops: float) -> float | None:
-    """Sustained TFLOP/s over the GPU's dense fp32 peak; None on a CPU or an unknown GPU."""
+def peak_tflops(precision: str) -> float | None:
+    """The GPU's dense datasheet peak for the precision; None on a CPU or an unknown GPU."""
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    peak = next((p[torch.float32] for key, p in PEAK_TFLOPS.items() if key in name), None)
-    return tflops / peak if peak else None
+    return next((peaks[precision] for key, peaks in PEAK_TFLOPS.items() if key in name), None)
+
+
+def model_flops_utilisation(measurement: Measurement, num_classes: int) -> float | None:
+    """Training FLOPs done per second over the device's dense peak for the step's precision."""
+    peak = peak_tflops(measurement.precision)
+    return training_tflops(measurement, num_classes) / peak if peak and measurement.arch else None
+
+
+def utilisation_rows(found: dict[str, Measurement], num_classes: int) -> list[Comparison]:
+    """The issue's MFU target: the best bf16 single-device step of the paper net at the bench's batch."""
+    bf16 = [m for m in found.values() if m.precision == "bf16" and m.ranks == 1 and m.arch == "paper"
+            and "fed by" not in m.name]
+    peak = peak_tflops("bf16")
+    if not bf16 or peak is None:
+        return []
+    best = max(bf16, key=lambda m: m.median)
+    return [Comparison(f"model FLOPs utilisation in bf16 at batch {best.batch}", best.name, "dense bf16 peak",
+                       training_tflops(best, num_classes) / peak, 0.30,
+                       f"{training_tflops(best, num_classes):.1f} of {peak:g} TFLOP/s (datasheet)")]
 
 
 def environment() -> dict[str, str]:
     import torchvision
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu")
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu")
+    gpu = {"cuda": str(torch.version.cuda), "cudnn": str(torch.backends.cudnn.version())} if cuda else {}
     return {"device": device, "cpu cores": str(os.cpu_count()), "date": datetime.date.today().isoformat(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "torchvision": torchvision.__version__, **gpu,
+            "python": platform.python_version()}
 
 
-def report(measurements: list[Measurement], rows: list[Comparison], sizes: Sizes, quick: bool) -> str:
-    env = environment()
+def report(measurements: list[Measurement], rows: list[Comparison], skipped: list[str], sizes: Sizes,
+           quick: bool) -> str:
+    def utilisation(m: Measurement) -> str:
+        value = model_flops_utilisation(m, sizes.num_classes)
+        return "-" if value is None else f"{value:.1%}"
+
     lines = [f"# Benchmark ({'quick' if quick else 'full'} sizes)", "",
-             ", ".join(f"{key}: {value}" for key, value in env.items()),
+             ", ".join(f"{key}: {value}" for key, value in environment().items()),
              f"global batch {sizes.batch}, {sizes.steps} timed steps after {sizes.warmup} warm-up, "
-             f"{sizes.num_classes} classes, data in memory unless named", "",
+             f"{sizes.num_classes} classes, data in memory unless named; bf16: autocast, float32 weights", "",
              markdown_table(["measurement", "ranks x threads", "images/s median (min-max)", "comm wait ms/step",
-                             "bytes sent/step per rank", "peak MiB per rank"],
+                             "bytes sent/step per rank", "peak MiB per rank", "TFLOP/s", "MFU"],
                             [[m.name, f"{m.ranks} x {m.threads}", m.speed(), f"{1000 * m.comm_wait_s:.1f}",
                               " / ".join(f"{b:,.0f}" for b in m.bytes_per_rank),
-                              " / ".join(f"{p:.0f}" for p in m.peak_memory_mb)] for m in measurements]),
+                              " / ".join(f"{p:.0f}" for p in m.peak_memory_mb),
+                              f"{training_tflops(m, sizes.num_classes):.3g}" if m.arch else "-", utilisation(m)]
+                             for m in measurements]),
              "",
              markdown_table(["comparison", "ratio", "target", "verdict", "detail"],
                             [[c.what, f"{c.ratio:.2f}", "-" if c.target is None else f">= {c.target:g}", c.verdict,
                               c.detail] for c in rows])]
+    if skipped:
+        lines += ["", "Not measured:", *(f"- {reason}" for reason in skipped)]
     single = next(m for m in measurements if m.name == "single, paper")
-    tflops = sustained_tflops(single, "paper", sizes.num_classes)
+    tflops = training_tflops(single, sizes.num_classes)
     lines += ["", f"`single, paper` sustains {tflops:.3f} TFLOP/s of training (`plan --device-tflops {tflops:.3g}`)"]
-    utilisation = model_flops_utilisation(tflops)
-    if utilisation is not None:
-        lines.append(f"Model FLOPs utilisation of `single, paper` (fp32): {utilisation:.1%}")
     return "\n".join(lines) + "\n"
 
 
 def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None) -> Path:
-    sizes = QUICK if quick else FULL
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes = QUICK if quick else FULL_GPU if device_type == "cuda" else FULL
     if ranks:
         sizes = replace(sizes, ranks=ranks)
     output.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=output))
     try:
-        measurements, rows = run_matrix(sizes, scratch)
+        measurements, skipped = run_matrix(sizes, scratch, device_type)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    text = report(measurements, rows, sizes, quick)
-    record = {"environment": environment(), "sizes": asdict(sizes), "quick": quick,
+    rows = comparisons({m.name: m for m in measurements}, sizes, device_type)
+    text = report(measurements, rows, skipped, sizes, quick)
+    record = {"environment": environment(), "sizes": asdict(sizes), "quick": quick, "skipped": skipped,
               "measurements": [{**asdict(m), "median_images_per_s": m.median} for m in measurements],
               "comparisons": [{**asdict(c), "verdict": c.verdict} for c in rows]}
     (output / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
     (output / "bench.md").write_text(text)
     print(text)
+    failed = [reason for reason in skipped if ": FAILED: " in reason]
+    if failed:
+        raise RuntimeError(f"{len(failed)} measurements failed (the rest are in {output / 'bench.md'}): {failed[0]}")
     return output

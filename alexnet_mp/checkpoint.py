@@ -152,7 +152,8 @@ def load(checkpoint: Checkpoint, strategy: Strategy, optimizer: torch.optim.Opti
             continue
         buffers = shard_state_dict(momentum, arch, piece)
         for name, param in module.named_parameters():
-            optimizer.state[param]["momentum_buffer"] = buffers[name].to(param.device, param.dtype).clone()
+            # the parameter's device, dtype and memory format (channels_last): fused SGD walks both alike
+            optimizer.state[param]["momentum_buffer"] = torch.empty_like(param).copy_(buffers[name])
 
 
 def export(checkpoint: Checkpoint, out: Path) -> None:

@@ -33,6 +33,8 @@ def check_train_config(config: TrainConfig) -> None:
     STRATEGIES[config.mode].check(launched_world_size(), setup)
     if config.tracker == "tensorboard" and not importlib.util.find_spec("tensorboard"):
         raise UsageError("--tracker tensorboard needs the tensorboard package: pip install 'alexnet-mp[tensorboard]'")
+    if config.cuda_graphs and not torch.cuda.is_available():
+        raise UsageError("--cuda-graphs needs a GPU (none is visible); use --compile alone on a CPU")
     if config.batch_size < 1 or (config.steps is not None and config.steps < 1) or config.epochs < 1:
         raise UsageError("--batch-size, --steps and --epochs must be positive")
 

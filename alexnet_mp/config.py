@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from alexnet_mp.model import ARCHITECTURES, INITS
+from alexnet_mp.speed import Speed
 from alexnet_mp.strategies import STRATEGIES
 
 PAPER_BATCH = 128
@@ -40,6 +41,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str | None = None
     mixed_precision: str = "no"
+    channels_last: bool = False
+    compile: bool = False
+    cuda_graphs: bool = False
     log_every: int = 1
     timeout_s: float = 600.0
     output_dir: str = "runs/latest"
@@ -56,6 +60,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def speed(self) -> Speed:
+        return Speed(self.channels_last, self.compile, self.cuda_graphs)
 
     @property
     def output(self) -> Path:
@@ -104,6 +112,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     parser.add_argument("--resume", default=d.resume, help="'latest' (in --output-dir) or a checkpoint folder")
     parser.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "bf16", "fp16"])
+    parser.add_argument("--channels-last", action="store_true",
+                        help="conv weights and maps in NHWC, the layout of cuDNN's fast (tensor core) kernels")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each conv stage between two links (LRN, ReLU, pooling fused)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the compiled stages as CUDA graphs (implies --compile; GPU only)")
     parser.add_argument("--log-every", type=int, default=d.log_every)
     parser.add_argument("--timeout", dest="timeout_s", type=float, default=d.timeout_s,
                         help="seconds a rank waits for its peers before giving up")

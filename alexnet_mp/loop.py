@@ -121,7 +121,8 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training images")
     device = accelerator.device
     setup = Setup(config.arch, config.num_classes or train_set.num_classes, config.seed, device,
-                  exchange=config.exchange, init=config.init, timeout=timedelta(seconds=config.timeout_s))
+                  exchange=config.exchange, init=config.init, speed=config.speed,
+                  timeout=timedelta(seconds=config.timeout_s))
     strategy = create(config.mode, setup, accelerator.num_processes)
     strategy.check_batch(config.batch_size)
     strategy.train()

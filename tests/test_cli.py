@@ -56,6 +56,7 @@ def test_config_json_records_what_defines_the_run(runs):
     (["--mode", "single"], 2, "data-parallel"),
     (["--mode", "weird-trick"], 3, "use one of"),
     (["--mode", "paper-split", "--exchange", "all"], 2, "weird-trick"),
+    (["--cuda-graphs"], 1, "--compile"),  # CI has no GPU
 ])
 def test_bad_input_is_one_line_naming_what_works_with_exit_code_2(args, world_size, names):
     result = run_train_py(*args, world_size=world_size)
@@ -78,6 +79,18 @@ def test_lr_scaling_scales_from_the_papers_batch_of_128(scaling, expected):
     from alexnet_mp.config import TrainConfig
 
     assert TrainConfig(lr=0.01, batch_size=512, lr_scaling=scaling).scaled_lr == pytest.approx(expected)
+
+
+def test_speed_flags_become_the_strategys_speed_ups():
+    import argparse
+
+    from alexnet_mp.config import add_train_arguments, train_config
+    from alexnet_mp.speed import Speed
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    config = train_config(parser.parse_args(["--channels-last", "--compile"]))
+    assert config.speed == Speed(channels_last=True, compile=True, cuda_graphs=False)
 
 
 def test_fp16_paper_split_runs_with_a_loss_scale_and_starts_at_the_float32_loss(runs, tmp_path):

@@ -25,6 +25,7 @@ from alexnet_mp.model import (
     merge_state_dicts,
     shard_state_dict,
 )
+from alexnet_mp.speed import Speed, apply_speed
 
 
 class UsageError(ValueError):
@@ -42,6 +43,7 @@ class Setup:
     dtype: torch.dtype = torch.float32  # of the parameters; the equivalence tests use float64
     exchange: str | None = None  # weird-trick only
     init: str = "paper"  # model.INITS
+    speed: Speed = Speed()  # how the pieces run (channels_last, compiled): never what they compute
     timeout: timedelta = timedelta(minutes=10)
 
     @property
@@ -154,7 +156,7 @@ class Strategy(ABC):
 
     def build(self, pieces: list[Piece], devices: list[torch.device]) -> None:
         """Creates this rank's pieces, each from the same seeded whole-net init sliced to the piece,
-        so every layout starts from the reference's exact weights."""
+        so every layout starts from the reference's exact weights, then applies the speed-ups."""
         arch, num_classes = self.setup.architecture, self.setup.num_classes
         full = initial_state_dict(arch, num_classes, self.setup.seed, self.setup.init)
         for piece, device in zip(pieces, devices, strict=True):
@@ -162,6 +164,7 @@ class Strategy(ABC):
                 module = AlexNet(arch, num_classes, piece)
             module.to_empty(device=device).to(self.setup.dtype)
             module.load_state_dict(shard_state_dict(full, arch, piece))
+            apply_speed(module, self.setup.speed)
             self.pieces.append((piece, module))
 
     def local_state(self) -> list[tuple[Piece, dict[str, Tensor]]]:

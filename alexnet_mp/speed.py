@@ -1,0 +1,69 @@
+"""Speed-ups that change how a piece of the net runs, never what it computes. Each one is applied to a
+built piece by its own small function (as torchtitan applies each parallelism), after the strategy has
+loaded the piece's weights; `apply_speed` runs the ones a `Speed` asks for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alexnet_mp.model import AlexNet
+
+
+@dataclass(frozen=True)
+class Speed:
+    channels_last: bool = False  # conv weights (and so activations) in NHWC, the layout cuDNN's fast kernels use
+    compile: bool = False  # each conv stage between two links one torch.compile graph
+    cuda_graphs: bool = False  # the compiled stages replayed as CUDA graphs (implies compile)
+
+    @property
+    def compile_mode(self) -> str | None:
+        return "reduce-overhead" if self.cuda_graphs else None
+
+    def describe(self) -> str:
+        names = [name for name, on in (("channels_last", self.channels_last),
+                                       ("compile", self.compile or self.cuda_graphs),
+                                       ("cuda graphs", self.cuda_graphs)) if on]
+        return " + ".join(names) or "eager"
+
+
+def apply_channels_last(piece: AlexNet) -> None:
+    """Conv weights in channels_last; a conv with such a weight returns channels_last maps, so every
+    layer after conv1 (links included: they concatenate channels) keeps the layout."""
+    piece.to(memory_format=torch.channels_last)
+
+
+def apply_compile(piece: AlexNet, mode: str | None) -> None:
+    """Each conv stage (`run_convs`: the layers between two links) becomes one compiled graph. The
+    links and the fully connected layers, whose dropout draws from seeded generators, stay eager, so no
+    collective and no generator lies inside a graph: the links are the graphs' boundaries."""
+    piece.run_convs = torch.compile(piece.run_convs, mode=mode)
+
+
+def apply_speed(piece: AlexNet, speed: Speed) -> None:
+    if speed.channels_last:
+        apply_channels_last(piece)
+    if speed.compile or speed.cuda_graphs:
+        apply_compile(piece, speed.compile_mode)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a training step runs: its autocast precision and the speed-ups (`Speed`)."""
+
+    precision: str = "fp32"  # or "bf16": autocast; parameters, gradients and optimizer stay float32
+    speed: Speed = Speed()
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def label(self) -> str:
+        parts = [self.precision] if self.precision != "fp32" else []
+        return " + ".join(parts + ([self.speed.describe()] if self.speed != Speed() else []))
+
+    def named(self, name: str) -> str:
+        return f"{name}, {self.label()}" if self.label() else name
+
+
+EAGER = Variant()  # float32, no speed-ups: as the equivalence tests and the CPU runs use it

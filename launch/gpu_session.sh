@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine is used for, in one call (its time is short): the speed-ups'
+# equivalence tests on the GPU, a profile of the fastest step, and the full benchmark.
+#   bash launch/gpu_session.sh OUT_DIR [PARTS]   (PARTS: any of tests,profile,bench; default all three)
+set -uo pipefail
+out=${1:-runs/gpu}
+parts=${2:-tests,profile,bench}
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/device.txt"
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
+    | tee -a "$out/device.txt"
+if [[ $parts == *tests* ]]; then
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:logging -k gpu tests/test_speed.py 2>&1 \
+        | tee "$out/tests.txt" | tail -40
+fi
+if [[ $parts == *profile* ]]; then
+    timeout 150 python3 launch/profile_step.py --precision bf16 --channels-last --compile --batch 256 --rows 30 \
+        2>&1 | tee "$out/profile.txt" | tail -40 | cut -c1-80,150-
+fi
+if [[ $parts == *bench* ]]; then
+    timeout "${BENCH_TIMEOUT:-540}" python3 -m alexnet_mp bench --output-dir "$out"
+fi
