@@ -14,7 +14,6 @@ import platform
 import shutil
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -64,8 +63,8 @@ FAST_GPU = Variant("bf16", Speed(channels_last=True, compile=True))
 
 def single_variants(device_type: str) -> list[Variant]:
     """Our single-device step, one speed-up added at a time, on a GPU. A CPU runs the eager float32
-    step alone: it has no bf16 units (bf16 ran 10x slower than float32 here) and compiling takes
-    minutes with 2 cores."""
+    step alone: it has no bf16 units (bf16 ran 10x slower than float32 here), and compiling takes
+    most of a minute per process with 2 cores."""
     if device_type == "cpu":
         return [EAGER]
     return [EAGER, Variant("bf16"), Variant("bf16", Speed(channels_last=True)), FAST_GPU,
@@ -148,25 +147,26 @@ def plain_loop_steps(batch: int, sizes: Sizes) -> dict:
 
 
 def _loaded_batches(root: str, batch: int, workers: int, steps: int, device: torch.device) -> Iterator:
-    from alexnet_mp.data import Augmented, FolderSource, GlobalBatches, rank_batches, train_transform
+    from alexnet_mp.data import Augmented, FolderSource, GlobalBatches, rank_batches
 
-    dataset = Augmented(FolderSource(Path(root)), train_transform(), SEED)
+    dataset = Augmented(FolderSource(Path(root)), SEED, train=True)
     batches = GlobalBatches(len(dataset), batch, SEED)
-    return rank_batches(dataset, batches, slice(0, batch), slice(0, batch), 0, steps, workers,
-                        pin_memory=device.type == "cuda")
+    return rank_batches(dataset, batches, slice(0, batch), slice(0, batch), 0, steps, workers, device)
 
 
 def pipeline_pass(root: str, images: int, batch: int, workers: int) -> dict:
-    """The input pipeline alone (decode, the paper's augmentation, collation): one pass over every
-    image, from the loader's creation (worker start-up included) to its last batch. Per-batch times
-    would mislead: batches prefetched during start-up arrive at once."""
-    device = torch.device("cpu")
+    """The input pipeline alone (decode, crop and flip in the workers, collation, the copy to the
+    device and the colour work there): one pass over every image, from the loader's creation (worker
+    start-up included) to its last batch. Per-batch times would mislead: batches prefetched during
+    start-up arrive at once."""
+    device = _device()
     steps = images // batch
     loaded = _loaded_batches(root, batch, workers, steps, device)  # a generator: nothing is loaded yet
-    started = time.perf_counter()
+    clock = StepClock(device)
+    clock.start()
     for _ in loaded:
         pass
-    seconds = (time.perf_counter() - started) / steps
+    seconds = clock.stop() / steps
     return {"step_s": [seconds], "comm_wait_s": [0.0], "peak_memory_mb": peak_memory_mb(device), "bytes": 0.0}
 
 
@@ -181,7 +181,7 @@ def fed_steps(root: str, batch: int, workers: int, sizes: Sizes, variant: Varian
 
     def run_step(step: int, images: torch.Tensor, labels: torch.Tensor) -> None:
         with variant.autocast(device):
-            train_step(strategy, optimizer, images.to(device, non_blocking=True), labels.to(device), step, batch)
+            train_step(strategy, optimizer, images, labels.to(device), step, batch)
 
     for step in range(sizes.warmup):
         run_step(step, *_fixed_batch(batch, sizes.num_classes, device))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,36 +47,62 @@ CLASS_COLOUR = 2.0  # synthetic set: the class colour cast's scale, in normalise
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 
 
-class Lighting(torch.nn.Module):
-    """The paper's PCA colour augmentation: add eigvec @ (alpha * eigval) to every pixel, with
-    alpha ~ N(0, 0.1) drawn once per image (from torch's RNG, seeded per sample by the caller)."""
+@dataclass(frozen=True)
+class Draws:
+    """A training sample's random augmentation (§4.1): a 224x224 crop of the central 256x256, a
+    horizontal flip, and the PCA lighting's alpha ~ N(0, 0.1) per component. Drawn from (seed, epoch,
+    index) alone, so a sample looks the same whichever rank or loader worker loads it."""
 
-    def __init__(self, std: float = LIGHTING_STD) -> None:
-        super().__init__()
-        self.std = std
-        self.register_buffer("eigenvalues", torch.tensor(PCA_EIGENVALUES))
-        self.register_buffer("eigenvectors", torch.tensor(PCA_EIGENVECTORS))
+    top: int
+    left: int
+    flip: bool
+    alpha: tuple[float, float, float]
 
-    def forward(self, image: Tensor) -> Tensor:
-        alpha = torch.randn(3) * self.std
-        return image + (self.eigenvectors @ (alpha * self.eigenvalues)).view(3, 1, 1)
-
-
-def train_transform() -> Callable:
-    return v2.Compose([v2.ToImage(), v2.Resize(RESIZE, antialias=True), v2.CenterCrop(RESIZE),
-                       v2.RandomCrop(IMAGE_SIZE), v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-                       Lighting(), v2.Normalize(MEAN, STD)])
-
-
-def stack_crops(crops: tuple[Tensor, ...]) -> Tensor:
-    return torch.stack(crops)
+    @classmethod
+    def of(cls, seed: int, epoch: int, index: int) -> Draws:
+        generator = seeded_generator(seed, 5, epoch, index)
+        top, left = torch.randint(0, RESIZE - IMAGE_SIZE + 1, (2,), generator=generator).tolist()
+        flip = bool(torch.rand((), generator=generator) < 0.5)
+        alpha = (LIGHTING_STD * torch.randn(3, generator=generator)).tolist()
+        return cls(top, left, flip, (alpha[0], alpha[1], alpha[2]))
 
 
-def eval_transform(ten_crop: bool = False) -> Callable:
-    """Centre crop, or the paper's ten crops (4 corners + centre, and their mirror images): [10, 3, H, W]."""
-    crop = v2.Compose([v2.TenCrop(IMAGE_SIZE), stack_crops]) if ten_crop else v2.CenterCrop(IMAGE_SIZE)
-    return v2.Compose([v2.ToImage(), v2.Resize(RESIZE, antialias=True), v2.CenterCrop(RESIZE),
-                       v2.ToDtype(torch.float32, scale=True), crop, v2.Normalize(MEAN, STD)])
+def central_pixels(image: Image.Image) -> Tensor:
+    """§2: the shorter side rescaled to 256, the central 256x256 patch; uint8 [3, 256, 256]."""
+    pixels = v2.functional.resize(v2.functional.to_image(image), [RESIZE], antialias=True)
+    return v2.functional.center_crop(pixels, [RESIZE])
+
+
+def train_pixels(image: Image.Image, draws: Draws) -> Tensor:
+    """The training crop and flip, still uint8: colour work is left to the device (`normalise`)."""
+    pixels = central_pixels(image)[:, draws.top:draws.top + IMAGE_SIZE, draws.left:draws.left + IMAGE_SIZE]
+    return pixels.flip(-1) if draws.flip else pixels
+
+
+def eval_pixels(image: Image.Image, ten_crop: bool = False) -> Tensor:
+    """Centre crop [3, H, W], or the paper's ten crops (4 corners + centre, and their mirror images):
+    [10, 3, H, W]; uint8."""
+    pixels = central_pixels(image)
+    if ten_crop:
+        return torch.stack(v2.functional.ten_crop(pixels, [IMAGE_SIZE]))
+    return v2.functional.center_crop(pixels, [IMAGE_SIZE])
+
+
+def lighting_shift(alphas: Tensor) -> Tensor:
+    """The paper's PCA colour augmentation: eigvec @ (alpha * eigval), one RGB shift per image [..., 3]."""
+    eigenvalues = torch.tensor(PCA_EIGENVALUES, device=alphas.device)
+    eigenvectors = torch.tensor(PCA_EIGENVECTORS, device=alphas.device)
+    return (alphas * eigenvalues) @ eigenvectors.T
+
+
+def normalise(pixels: Tensor, alphas: Tensor) -> Tensor:
+    """uint8 pixels [B, (crops,) 3, H, W] to the net's input: scaled to [0, 1], shifted by each image's
+    PCA lighting (alphas [B, 3]; zeros for validation), normalised per channel. Run where the batch
+    is going: on a GPU it takes the float work off the loader's cores and sends 4x fewer bytes."""
+    shift = lighting_shift(alphas.float()).reshape(len(alphas), *[1] * (pixels.dim() - 4), 3, 1, 1)
+    mean = torch.tensor(MEAN, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(STD, device=pixels.device).view(3, 1, 1)
+    return (pixels.float() / 255 + shift - mean) / std
 
 
 class SyntheticImages(Dataset):
@@ -97,23 +123,25 @@ class SyntheticImages(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, key: tuple[int, int]) -> Tensor:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """(normalised float image, no lighting): float images leave `normalise` out."""
         index, epoch = key
         generator = seeded_generator(self.seed, 3, self.split, epoch, index)
         top, left = torch.randint(0, 33, (2,), generator=generator).tolist()
         image = self.patterns[int(self.targets[index]), :, top:top + IMAGE_SIZE, left:left + IMAGE_SIZE]
         if torch.rand((), generator=generator) < 0.5:
             image = image.flip(-1)
-        return image + self.noise * torch.randn(image.shape, generator=generator)
+        return image + self.noise * torch.randn(image.shape, generator=generator), torch.zeros(3)
 
 
 class Augmented(Dataset):
-    """Images from `source` (anything with `load(index) -> PIL image`, `targets`, `classes`) through
-    `transform`, with torch's RNG seeded per (seed, epoch, index) for the transform's draws; a
-    corrupt image is replaced by the next readable image of the same class, counted and warned once."""
+    """Images from `source` (anything with `load(index) -> PIL image`, `targets`, `classes`) as uint8
+    crops with their lighting alphas: training samples with their `Draws`, validation samples centre-
+    or ten-cropped with no lighting. A corrupt image is replaced by the next readable image of the
+    same class, counted and warned once."""
 
-    def __init__(self, source: ImageSource, transform: Callable, seed: int) -> None:
-        self.source, self.transform, self.seed = source, transform, seed
+    def __init__(self, source: ImageSource, seed: int, train: bool, ten_crop: bool = False) -> None:
+        self.source, self.seed, self.train, self.ten_crop = source, seed, train, ten_crop
         self.targets, self.classes = source.targets, source.classes
         self.num_classes = len(source.classes)
         self.skipped: set[str] = set()
@@ -121,12 +149,13 @@ class Augmented(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, key: tuple[int, int]) -> Tensor:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor]:
         index, epoch = key
         image = self._readable(index)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seeded_generator(self.seed, 5, epoch, index).initial_seed()))
-            return self.transform(image)
+        if not self.train:
+            return eval_pixels(image, self.ten_crop), torch.zeros(3)
+        draws = Draws.of(self.seed, epoch, index)
+        return train_pixels(image, draws), torch.tensor(draws.alpha)
 
     def _readable(self, index: int) -> Image.Image:
         label, size = self.targets[index], len(self.targets)
@@ -256,13 +285,17 @@ class _RowSampler:
 
 
 def rank_batches(dataset: Dataset, batches: GlobalBatches, image_rows: slice, label_rows: slice,
-                 start: int, stop: int, workers: int, pin_memory: bool) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """(step, images of image_rows, labels of label_rows) for steps start..stop-1."""
+                 start: int, stop: int, workers: int, device: torch.device) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(step, images of image_rows on `device`, labels of label_rows) for steps start..stop-1.
+    uint8 pixels are normalised on the device (`normalise`)."""
+    cuda = device.type == "cuda"
     loader = DataLoader(dataset, batch_sampler=_RowSampler(batches, image_rows, start, stop), num_workers=workers,
-                        pin_memory=pin_memory, prefetch_factor=4 if workers else None,
-                        persistent_workers=False)
+                        pin_memory=cuda, prefetch_factor=4 if workers else None, persistent_workers=False)
     targets = torch.as_tensor(dataset.targets)
-    for step, images in zip(range(start, stop), loader, strict=True):
+    for step, (images, alphas) in zip(range(start, stop), loader, strict=True):
+        images = images.to(device, non_blocking=cuda)
+        if images.dtype == torch.uint8:
+            images = normalise(images, alphas.to(device, non_blocking=cuda))
         yield step, images, targets[batches.indices(step)[label_rows]]
 
 
@@ -291,4 +324,4 @@ def build_datasets(spec: DataSpec, seed: int) -> tuple[Dataset, Dataset]:
         train, val = FolderSource(root / "train"), FolderSource(root / "val")
     if spec.num_classes not in (None, len(train.classes)):
         raise UsageError(f"--num-classes {spec.num_classes} but {root} has {len(train.classes)} classes")
-    return Augmented(train, train_transform(), seed), Augmented(val, eval_transform(spec.ten_crop), seed)
+    return Augmented(train, seed, train=True), Augmented(val, seed, train=False, ten_crop=spec.ten_crop)

@@ -55,7 +55,7 @@ def evaluate(strategy: Strategy, dataset: Dataset, batch_size: int, workers: int
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 right, top-5 right, samples
     for step, images, labels in rank_batches(dataset, batches, strategy.image_rows(batch_size),
                                              strategy.label_rows(batch_size), 0, batches.steps_per_epoch,
-                                             workers, pin_memory=device.type == "cuda"):
+                                             workers, device):
         crops = images.shape[1] if images.dim() == 5 else 1
         with autocast():
             logits = strategy.forward(images.flatten(0, 1) if crops > 1 else images, step, batch_size * crops)
@@ -156,8 +156,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
     progress = tqdm(total=total, initial=start, disable=not (accelerator.is_main_process and sys.stderr.isatty()),
                     unit="step", dynamic_ncols=True)
     steps = rank_batches(train_set, batches, strategy.image_rows(config.batch_size),
-                         strategy.label_rows(config.batch_size), start, total, config.workers,
-                         pin_memory=device.type == "cuda")
+                         strategy.label_rows(config.batch_size), start, total, config.workers, device)
     clock = StepClock(device)
     waited = time.perf_counter()
     for step, images, labels in steps:
@@ -165,8 +164,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         clock.start()
         strategy.ledger.reset()
         with autocast():
-            loss = train_step(strategy, optimizer, images.to(device, non_blocking=True), labels, step,
-                              config.batch_size, scale)
+            loss = train_step(strategy, optimizer, images, labels, step, config.batch_size, scale)
         stopping, diverged = agree([stop.requested, not bool(torch.isfinite(loss))], device)
         if diverged:
             raise FloatingPointError(f"the loss is not finite at step {step}; the last good checkpoint in "

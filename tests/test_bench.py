@@ -52,3 +52,16 @@ def test_bench_reports_ratios_with_targets_in_markdown_and_json(quick):
     assert all(c["verdict"] in ("-", "met") or c["verdict"].startswith("missed by") for c in comparisons)
     assert "| comparison | ratio | target | verdict | detail |" in quick["md"]
     assert quick["json"]["environment"]["torch"] and quick["md"] in quick["stdout"]
+
+
+def test_on_a_gpu_every_speed_up_is_held_to_twice_the_plain_loop():
+    from alexnet_mp.bench import FULL_GPU, PLAIN_LOOP, Measurement, comparisons, single_variants
+
+    names = [PLAIN_LOOP] + [variant.named("single, paper") for variant in single_variants("cuda")]
+    found = {name: Measurement(name, 1, 16, 256, [1000.0 * (i + 1)], 0.0, [0.0], [1.0], "paper")
+             for i, name in enumerate(names)}
+    rows = {row.ours: row for row in comparisons(found, FULL_GPU, "cuda")}
+    for variant in single_variants("cuda")[1:]:
+        row = rows[variant.named("single, paper")]
+        assert row.theirs == PLAIN_LOOP and row.target == 2.0
+    assert rows[names[-1]].ratio == len(names)  # the last variant measured len(names) x the plain loop

@@ -13,13 +13,18 @@ import torch
 from PIL import Image
 
 from alexnet_mp.data import (
+    MEAN,
     PCA_EIGENVALUES,
     PCA_EIGENVECTORS,
+    STD,
     DataSpec,
+    Draws,
     GlobalBatches,
-    Lighting,
     build_datasets,
-    eval_transform,
+    eval_pixels,
+    lighting_shift,
+    normalise,
+    rank_batches,
 )
 from alexnet_mp.loop import average_crops
 from alexnet_mp.model import rows
@@ -56,13 +61,32 @@ def write_cifar(root: Path, per_batch: int = 4) -> Path:
     return root
 
 
-def test_image_folder_yields_normalised_224_crops_with_folder_labels(tmp_path):
+def test_image_folder_yields_uint8_224_crops_with_their_lighting_and_folder_labels(tmp_path):
     train, val = build_datasets(DataSpec(str(write_image_tree(tmp_path))), seed=0)
     assert train.classes == list(CLASSES) and len(train) == 9 and len(val) == 9
-    image = train[(4, 0)]
-    assert image.shape == (3, 224, 224) and image.dtype == torch.float32
-    assert abs(float(image.mean())) < 3
-    assert val[(0, 0)].shape == (3, 224, 224)
+    pixels, alpha = train[(4, 0)]
+    assert pixels.shape == (3, 224, 224) and pixels.dtype == torch.uint8
+    assert alpha.tolist() == pytest.approx(Draws.of(0, 0, 4).alpha)
+    pixels, alpha = val[(0, 0)]
+    assert pixels.shape == (3, 224, 224) and not alpha.any()  # no lighting for validation
+
+
+def test_batches_reach_the_device_normalised(tmp_path):
+    train, _ = build_datasets(DataSpec(str(write_image_tree(tmp_path))), seed=0)
+    batches = GlobalBatches(len(train), 3, seed=0)
+    _, images, labels = next(rank_batches(train, batches, slice(0, 3), slice(0, 3), 0, 1, 0, torch.device("cpu")))
+    assert images.shape == (3, 3, 224, 224) and images.dtype == torch.float32 and abs(float(images.mean())) < 3
+    first, alpha = train[tuple(int(i) for i in (batches.indices(0)[0], 0))]
+    torch.testing.assert_close(images[0], normalise(first[None], alpha[None])[0])
+    assert labels.tolist() == [train.targets[int(i)] for i in batches.indices(0)]
+
+
+def test_normalise_is_the_papers_lighting_then_the_channel_statistics():
+    pixels = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    alphas = torch.tensor([[0.1, -0.2, 0.05], [0.0, 0.0, 0.0]])
+    expected = (pixels.float() / 255 + lighting_shift(alphas).view(2, 3, 1, 1)
+                - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    torch.testing.assert_close(normalise(pixels, alphas), expected)
 
 
 def test_a_samples_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
@@ -70,31 +94,28 @@ def test_a_samples_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
     torch.manual_seed(123)
     first = train[(2, 0)]
     torch.manual_seed(456)
-    assert torch.equal(train[(2, 0)], first)  # whichever process, whatever its RNG state
-    assert not torch.equal(train[(2, 1)], first)  # a new epoch draws a new crop, flip and lighting
+    assert all(torch.equal(a, b) for a, b in zip(train[(2, 0)], first, strict=True))  # whatever the RNG state
+    assert Draws.of(0, 1, 2) != Draws.of(0, 0, 2)  # a new epoch draws a new crop, flip and lighting
 
 
 def test_cifar10_is_read_from_its_pickles_and_upsampled(tmp_path):
     train, val = build_datasets(DataSpec(str(write_cifar(tmp_path)), dataset="cifar10"), seed=0)
     assert len(train) == 20 and len(val) == 4 and train.classes[0] == "airplane"
-    assert train[(0, 0)].shape == (3, 224, 224)
+    assert train[(0, 0)][0].shape == (3, 224, 224)
 
 
 def test_lighting_adds_one_colour_shift_along_the_imagenet_principal_components():
-    torch.manual_seed(0)
-    image = torch.rand(3, 8, 8)
-    shifted = Lighting()(image)
-    shift = (shifted - image)[:, 0, 0]
-    assert torch.allclose(shifted - image, shift.view(3, 1, 1).expand(3, 8, 8))
-    alpha = torch.linalg.solve(torch.tensor(PCA_EIGENVECTORS), shift) / torch.tensor(PCA_EIGENVALUES)
-    assert alpha.abs().max() < 0.6  # alpha ~ N(0, 0.1)
+    alpha = torch.tensor([0.1, -0.05, 0.2])
+    shift = lighting_shift(alpha)
+    recovered = torch.linalg.solve(torch.tensor(PCA_EIGENVECTORS), shift) / torch.tensor(PCA_EIGENVALUES)
+    torch.testing.assert_close(recovered, alpha)
 
 
 def test_ten_crop_is_the_mean_of_the_ten_single_crop_softmaxes():
     picture = Image.fromarray(np.random.default_rng(2).integers(0, 255, (300, 260, 3), dtype=np.uint8))
-    crops = eval_transform(ten_crop=True)(picture)
+    crops = eval_pixels(picture, ten_crop=True)
     assert crops.shape == (10, 3, 224, 224)
-    assert torch.equal(crops[4], eval_transform()(picture))  # the fifth crop is the centre
+    assert torch.equal(crops[4], eval_pixels(picture))  # the fifth crop is the centre
     logits = torch.randn(2 * 10, 7)
     expected = torch.stack([torch.stack([logits[10 * i + k].softmax(-1) for k in range(10)]).mean(0)
                             for i in range(2)])
@@ -116,7 +137,7 @@ def test_corrupt_image_is_skipped_counted_and_warned_once_with_its_path(tmp_path
     train, _ = build_datasets(DataSpec(str(root)), seed=0)
     index = next(i for i, (path, _) in enumerate(train.source.samples) if path == str(broken))
     with caplog.at_level(logging.WARNING):
-        assert train[(index, 0)].shape == (3, 224, 224)  # replaced by the next image of its class
+        assert train[(index, 0)][0].shape == (3, 224, 224)  # replaced by the next image of its class
         train[(index, 1)]
     assert train.skipped == {str(broken)}
     assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
