@@ -57,6 +57,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, directory: Path, *a
         if not path.exists():
             raise RuntimeError(f"rank {rank} of {world_size} left no result (exit code {processes[rank].exitcode})")
         outcome = torch.load(path, weights_only=False)
+        path.unlink()  # a rank's result can be gigabytes (float64 weights and gradients of the whole net)
         if "error" in outcome:
             raise RuntimeError(f"rank {rank} of {world_size} failed:\n{outcome['error']}")
         results.append(outcome["result"])
