@@ -154,6 +154,11 @@ def _loaded_batches(root: str, batch: int, workers: int, steps: int, device: tor
     return rank_batches(dataset, batches, slice(0, batch), slice(0, batch), 0, steps, workers, device)
 
 
+def _one_pass(step_s: float, device: torch.device) -> dict:
+    """The result of a measurement timed as one pass: its mean step time, no communication."""
+    return {"step_s": [step_s], "comm_wait_s": [0.0], "peak_memory_mb": peak_memory_mb(device), "bytes": 0.0}
+
+
 def pipeline_pass(root: str, images: int, batch: int, workers: int) -> dict:
     """The input pipeline alone (decode, crop and flip in the workers, collation, the copy to the
     device and the colour work there): one pass over every image, from the loader's creation (worker
@@ -166,8 +171,7 @@ def pipeline_pass(root: str, images: int, batch: int, workers: int) -> dict:
     clock.start()
     for _ in loaded:
         pass
-    seconds = clock.stop() / steps
-    return {"step_s": [seconds], "comm_wait_s": [0.0], "peak_memory_mb": peak_memory_mb(device), "bytes": 0.0}
+    return _one_pass(clock.stop() / steps, device)
 
 
 def fed_steps(root: str, batch: int, workers: int, sizes: Sizes, variant: Variant = EAGER) -> dict:
@@ -189,8 +193,7 @@ def fed_steps(root: str, batch: int, workers: int, sizes: Sizes, variant: Varian
     clock.start()
     for step, images, labels in _loaded_batches(root, batch, workers, sizes.steps, device):
         run_step(sizes.warmup + step, images, labels)
-    seconds = clock.stop() / sizes.steps
-    return {"step_s": [seconds], "comm_wait_s": [0.0], "peak_memory_mb": peak_memory_mb(device), "bytes": 0.0}
+    return _one_pass(clock.stop() / sizes.steps, device)
 
 
 # -- the matrix, run from the launching process --
@@ -324,7 +327,9 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -
         for variant in single_variants(device_type)[1:]:
             ratio(f"our step, {variant.label()}, vs the plain fp32 loop", variant.named("single, paper"), PLAIN_LOOP,
                   2.0)
-        rows.extend(utilisation_rows(found, sizes.num_classes))
+        steps = [variant.named("single, paper") for variant in single_variants(device_type)]
+        rows.extend(utilisation_rows([found[name] for name in steps + [layouts.named("paper-split, 1 process")]
+                                      if name in found], sizes.num_classes))
     split = layouts.named("paper-split x2")
     if split in found:
         ratio("paper-split on 2 ranks vs single on the same cores", split, single, 0.95,
@@ -371,17 +376,16 @@ def model_flops_utilisation(measurement: Measurement, num_classes: int) -> float
     return training_tflops(measurement, num_classes) / peak if peak and measurement.arch else None
 
 
-def utilisation_rows(found: dict[str, Measurement], num_classes: int) -> list[Comparison]:
-    """The issue's MFU target: the best bf16 single-device step of the paper net at the bench's batch."""
-    bf16 = [m for m in found.values() if m.precision == "bf16" and m.ranks == 1 and m.arch == "paper"
-            and "fed by" not in m.name]
+def utilisation_rows(steps: list[Measurement], num_classes: int) -> list[Comparison]:
+    """The issue's MFU target: the best bf16 one-device step of the paper net (of `steps`, from memory)."""
+    bf16 = [m for m in steps if m.precision == "bf16"]
     peak = peak_tflops("bf16")
     if not bf16 or peak is None:
         return []
     best = max(bf16, key=lambda m: m.median)
+    tflops = training_tflops(best, num_classes)
     return [Comparison(f"model FLOPs utilisation in bf16 at batch {best.batch}", best.name, "dense bf16 peak",
-                       training_tflops(best, num_classes) / peak, 0.30,
-                       f"{training_tflops(best, num_classes):.1f} of {peak:g} TFLOP/s (datasheet)")]
+                       tflops / peak, 0.30, f"{tflops:.1f} of {peak:g} TFLOP/s (datasheet)")]
 
 
 def environment() -> dict[str, str]:
