@@ -34,21 +34,25 @@ FORWARD, BACKWARD = "forward", "backward"
 @dataclass
 class Ledger:
     """Elements and bytes sent, per (piece, link, direction), and seconds spent blocked waiting for
-    communication, since the last `reset`. The wait is measured without barriers: a synchronous
+    communication, per link, since the last `reset`. The wait is measured without barriers: a synchronous
     collective counts whole, an asynchronous one only for the time `wait()` blocks, so an exchange
     hidden behind computation shows as less wait."""
 
     elements: dict[tuple[int, str, str], float] = field(default_factory=lambda: defaultdict(float))
     bytes: dict[tuple[int, str, str], float] = field(default_factory=lambda: defaultdict(float))
-    wait_s: float = 0.0
+    waits: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # seconds blocked, per link
+
+    @property
+    def wait_s(self) -> float:
+        return sum(self.waits.values())
 
     @contextmanager
-    def waiting(self) -> Iterator[None]:
+    def waiting(self, link: str) -> Iterator[None]:
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.wait_s += time.perf_counter() - started
+            self.waits[link] += time.perf_counter() - started
 
     def record(self, piece: int, link: str, direction: str, tensor_or_count: Tensor | float,
                element_size: int = 4) -> None:
@@ -73,7 +77,7 @@ class Ledger:
     def reset(self) -> None:
         self.elements.clear()
         self.bytes.clear()
-        self.wait_s = 0.0
+        self.waits.clear()
 
 
 def _group_size(group: dist.ProcessGroup) -> int:
@@ -101,7 +105,7 @@ class AllGatherForwardReduceScatterBackward(Function):
         # the only 4-D link, 43k values per image), and conv3's channels_last weight restores the layout
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(size)]
-        with ledger.waiting():
+        with ledger.waiting(name):
             dist.all_gather(parts, x, group=group)
         ledger.record(0, name, FORWARD, x.numel() * (size - 1), x.element_size())
         return torch.cat(parts, dim)
@@ -111,7 +115,7 @@ class AllGatherForwardReduceScatterBackward(Function):
         size = _group_size(ctx.group)
         chunks = [chunk.contiguous() for chunk in grad.chunk(size, ctx.dim)]
         mine = torch.empty_like(chunks[0])
-        with ctx.ledger.waiting():
+        with ctx.ledger.waiting(ctx.name):
             dist.reduce_scatter(mine, chunks, group=ctx.group)
         ctx.ledger.record(0, ctx.name, BACKWARD, mine.numel() * (size - 1), mine.element_size())
         return mine, None, None, None, None
@@ -128,7 +132,7 @@ class GatherToFirstForwardScatterBackward(Function):
         ctx.shape, first = x.shape, _group_rank(group) == 0
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(_group_size(group))] if first else None
-        with ledger.waiting():
+        with ledger.waiting(name):
             dist.gather(x, parts, dst=_first(group), group=group)
         if first:
             return torch.cat(parts, dim)
@@ -140,7 +144,7 @@ class GatherToFirstForwardScatterBackward(Function):
         size, first = _group_size(ctx.group), _group_rank(ctx.group) == 0
         mine = grad.new_empty(ctx.shape)
         chunks = [chunk.contiguous() for chunk in grad.chunk(size, ctx.dim)] if first else None
-        with ctx.ledger.waiting():
+        with ctx.ledger.waiting(ctx.name):
             dist.scatter(mine, chunks, src=_first(ctx.group), group=ctx.group)
         if first:
             ctx.ledger.record(0, ctx.name, BACKWARD, mine.numel() * (size - 1), mine.element_size())
@@ -251,7 +255,7 @@ class GradientAllReduce:
     def wait(self) -> None:
         """Waits for every bucket of this backward pass and writes the reduced gradients back."""
         for index, flat, work in self.in_flight:
-            with self.ledger.waiting():
+            with self.ledger.waiting(self.name):
                 work.wait()
             offset = 0
             for param in self.buckets[index]:
@@ -314,7 +318,7 @@ class RoundExchange:
 
     def _receive(self, j: int) -> Tensor:
         buffer, work = self.forward_work[j]
-        with self.ledger.waiting():
+        with self.ledger.waiting(self.name):
             work.wait()
         return buffer.clone() if self.scheme == "one-at-a-time" and j == self.rank else buffer
 
@@ -334,7 +338,7 @@ class RoundExchange:
     def _gradient(self, like: Tensor) -> Tensor:
         received = {}
         for j, mine, work in self.backward_work:
-            with self.ledger.waiting():
+            with self.ledger.waiting(self.name):
                 work.wait()
             received[j] = mine
         self.backward_work.clear()

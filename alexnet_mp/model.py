@@ -107,6 +107,55 @@ def conv_output_sides(arch: Architecture, image_size: int = IMAGE_SIZE) -> list[
     return [block for _, block in conv_sides(arch, image_size)]
 
 
+def channel_window_sum(t: Tensor, axis: int, size: int, groups: int) -> Tensor:
+    """For each channel along `axis`, the sum of the `size` channels centred on it, within its group
+    (zero past the group's edges). `size` shifted slices of the zero-padded tensor: pointwise work
+    that torch.compile fuses into one kernel (torch's LocalResponseNorm takes the slow avg_pool3d path)."""
+    channels = t.shape[axis] // groups
+    grouped = t.unflatten(axis, (groups, channels))
+    within, half = axis + 1, size // 2
+    padded = F.pad(grouped, [0, 0] * (grouped.dim() - 1 - within) + [half, half])
+    total = padded.narrow(within, 0, channels).clone()
+    for i in range(1, size):
+        total += padded.narrow(within, i, channels)  # in place on the fresh clone: no temporary per term
+    return total.flatten(axis, within)
+
+
+class _ChannelLRN(torch.autograd.Function):
+    """LRN along `axis` with its backward written out. Autograd of the forward would keep the padded
+    squares, their shifted sum and the scale, and run `size` slice-backwards; this keeps only the input
+    and recomputes the denominator, so backward reads the input and the gradient once, as forward does.
+
+    With d = k + alpha * S(x^2) (S the window sum) and out = x * d^-beta, and windows symmetric
+    (j is in i's window iff i is in j's):  dL/dx = g * d^-beta - 2 alpha beta x * S(g * x * d^(-beta-1)).
+    The sum and the scale are at least float32: in bf16, k + alpha * sum rounds alpha * sum away."""
+
+    @staticmethod
+    def widened_and_denominator(maps: Tensor, axis: int, size: int, alpha: float, k: float,
+                                groups: int) -> tuple[Tensor, Tensor]:
+        wide = maps.to(torch.promote_types(maps.dtype, torch.float32))
+        return wide, channel_window_sum(wide * wide, axis, size, groups).mul_(alpha).add_(k)
+
+    @staticmethod
+    def forward(ctx, maps: Tensor, axis: int, size: int, alpha: float, beta: float, k: float,
+                groups: int) -> Tensor:
+        ctx.save_for_backward(maps)
+        ctx.settings = (axis, size, alpha, beta, k, groups)
+        _, denominator = _ChannelLRN.widened_and_denominator(maps, axis, size, alpha, k, groups)
+        return maps * denominator.pow_(-beta).to(maps.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        (maps,) = ctx.saved_tensors
+        axis, size, alpha, beta, k, groups = ctx.settings
+        wide, denominator = _ChannelLRN.widened_and_denominator(maps, axis, size, alpha, k, groups)
+        scale = denominator.pow(-beta)
+        grad = grad_out.to(wide.dtype)
+        coupling = channel_window_sum(grad * wide * scale / denominator, axis, size, groups)
+        grad_in = (grad * scale).sub_(coupling.mul_(wide), alpha=2 * alpha * beta)
+        return grad_in.to(maps.dtype), None, None, None, None, None, None
+
+
 class LRN(nn.Module):
     """Local response normalisation as the paper writes it (section 3.3):
 
@@ -128,20 +177,8 @@ class LRN(nn.Module):
         # (over NCHW indices a fused kernel strides through memory, measured 10x slower on a GPU).
         nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         maps = x.movedim(1, -1) if nhwc else x
-        axis = maps.dim() - 1 if nhwc else 1
-        channels = maps.shape[axis] // self.groups
-        # The sum and the scale are at least float32: in bf16, k + alpha * sum rounds alpha * sum away.
-        wide = maps.to(torch.promote_types(maps.dtype, torch.float32))
-        squares = (wide * wide).unflatten(axis, (self.groups, channels))
-        # The window sum is `size` shifted slices of the zero-padded squares: pointwise work that
-        # torch.compile fuses into one kernel (torch's LocalResponseNorm takes the slow avg_pool3d path).
-        within = axis + 1
-        half = self.size // 2
-        padded = F.pad(squares, [0, 0] * (squares.dim() - 1 - within) + [half, half])
-        window_sum = sum((padded.narrow(within, i, channels) for i in range(1, self.size)),
-                         padded.narrow(within, 0, channels))
-        scale = (self.k + self.alpha * window_sum).pow(-self.beta).flatten(axis, within)
-        out = maps * scale.to(maps.dtype)
+        out = _ChannelLRN.apply(maps, maps.dim() - 1 if nhwc else 1, self.size, self.alpha, self.beta, self.k,
+                                self.groups)
         return out.movedim(-1, 1) if nhwc else out
 
     def extra_repr(self) -> str:
@@ -227,7 +264,8 @@ class AlexNet(nn.Module):
         self.fc6 = nn.Linear(arch.feature_size, part_size(fc6_units, shards))
         self.fc7 = nn.Linear(fc6_units, part_size(fc7_units, shards))
         self.fc8 = nn.Linear(fc7_units, num_classes) if shard == 0 else None
-        self.reset_parameters()
+        if not self.fc6.weight.is_meta:  # a piece built on meta gets its weights from a state_dict
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """`paper`: weights N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0 (section 5).

@@ -46,6 +46,14 @@ def test_bench_bytes_equal_the_analytic_minimum(quick):
         assert by_name[name]["bytes_per_rank"] == pytest.approx(expected)
 
 
+def test_bench_times_the_wait_of_each_link_and_scheme_b_is_judged_on_the_feature_exchange(quick):
+    by_name = {m["name"]: m for m in quick["json"]["measurements"]}
+    assert set(by_name["weird-trick (one-at-a-time) x2"]["link_wait_s"]) == {
+        "fc6-input", "fc7-input", "fc8-input", "conv-gradients"}
+    (hidden,) = [c for c in quick["json"]["comparisons"] if "exchange time hidden" in c["what"]]
+    assert hidden["detail"].startswith("fc6-input blocked")
+
+
 def test_bench_reports_ratios_with_targets_in_markdown_and_json(quick):
     comparisons = quick["json"]["comparisons"]
     assert any(c["what"].startswith("paper-split on 2 ranks vs single") and c["target"] == 0.95 for c in comparisons)

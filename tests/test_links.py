@@ -6,6 +6,8 @@ sum over ranks. One-device autograd of that total gives the expected gradient of
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -99,3 +101,14 @@ def test_gradient_all_reduce_sums_or_averages_over_ranks(gradients, average):
     for rank in range(WORLD):
         expected = total / WORLD if average else total
         torch.testing.assert_close(gradients[rank][f"all-reduce-average-{average}"], expected)
+
+
+def test_the_ledger_counts_blocked_time_per_link_and_in_total():
+    ledger = Ledger()
+    with ledger.waiting("fc6-input"):
+        time.sleep(0.01)
+    with ledger.waiting("fc7-input"):
+        pass
+    assert ledger.waits["fc6-input"] >= 0.01 and ledger.wait_s == sum(ledger.waits.values())
+    ledger.reset()
+    assert ledger.wait_s == 0

@@ -64,6 +64,30 @@ def test_lrn_differs_from_torchs_which_divides_alpha_by_n():
     torch.testing.assert_close(LRN(alpha=1e-4 / 5)(a), nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)(a))
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lrns_hand_written_backward_is_the_gradient_of_its_forward(groups, memory_format):
+    torch.manual_seed(0)
+    # large maps and alpha, so the window's cross-channel term is a large part of the gradient
+    a = (30 * torch.randn(2, 8, 3, 3, dtype=torch.float64)).to(memory_format=memory_format).requires_grad_()
+    assert torch.autograd.gradcheck(LRN(alpha=1e-2, groups=groups), (a,))
+
+
+def test_lrns_gradient_equals_torchs_with_alpha_divided_by_n():
+    a = (10 * torch.randn(2, 8, 4, 4)).requires_grad_()
+    ours = torch.autograd.grad(LRN(alpha=1e-4 / 5)(a).square().sum(), a)[0]
+    theirs = torch.autograd.grad(nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)(a).square().sum(), a)[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_lrn_keeps_only_its_input_for_backward():
+    a = torch.randn(2, 8, 4, 4, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        LRN()(a * 1.0)
+    assert [t.shape for t in saved] == [a.shape]
+
+
 def test_lrn_in_the_one_device_net_normalises_each_tower_on_its_own():
     a = torch.randn(1, 8, 2, 2)
     both = LRN(groups=2)(a)
