@@ -177,6 +177,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
                          "step_time_s": elapsed, "data_wait_s": started - waited,
                          "images_per_s": config.batch_size / elapsed, "comm_bytes": sent,
                          "comm_wait_s": strategy.ledger.wait_s,
+                         **{f"comm_wait_s/{link}": seconds for link, seconds in strategy.ledger.waits.items()},
                          "peak_memory_mb": memory, **({"loss_scale": scale.value} if scale else {})}, step)
             progress.set_postfix(loss=f"{global_loss:.4f}", img_s=f"{config.batch_size / elapsed:.1f}")
         progress.update()

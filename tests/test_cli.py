@@ -36,6 +36,13 @@ def test_paper_split_writes_the_loss_of_every_step_to_metrics_jsonl(runs):
         assert all(isinstance(row["loss"], float) for row in rows)
 
 
+def test_paper_split_logs_the_time_blocked_on_each_link(runs):
+    (first, *_) = metrics(runs["paper-split", 2])
+    links = {key.split("/")[1] for key in first if key.startswith("comm_wait_s/")}
+    assert links == {"conv3-input", "fc6-input", "fc7-input", "fc8-input"}
+    assert first["comm_wait_s"] == pytest.approx(sum(first[f"comm_wait_s/{link}"] for link in links))
+
+
 def test_every_layout_logs_the_same_losses_as_single(runs):
     reference = [row["loss"] for row in metrics(runs["single", 1])]
     for key, directory in runs.items():
