@@ -272,13 +272,14 @@ class Comparison:
 PLAIN_LOOP = "plain loop, torchvision alexnet"
 
 
-def run_matrix(sizes: Sizes, scratch: Path, device_type: str) -> tuple[list[Measurement], list[str]]:
-    """Every measurement of the matrix; and the ones missing, each with the reason: layouts needing
-    more GPUs than this machine has, or a measurement that FAILED (its error's last line)."""
+def run_matrix(sizes: Sizes, scratch: Path, device_type: str) -> tuple[list[Measurement], list[str], list[str]]:
+    """Every measurement of the matrix; the ones skipped, each with the reason (layouts needing more
+    GPUs than this machine has); and the ones that FAILED, each with its error's last line."""
     cores, gpus = os.cpu_count() or 1, torch.cuda.device_count()
     batch, layouts = sizes.batch, layout_variant(device_type)
     found: dict[str, Measurement] = {}
     skipped: list[str] = []
+    failed: list[str] = []
 
     def run(name: str, fn: Callable[..., dict], ranks: int, *args: object, threads: int | None = None,
             arch: str | None = None, precision: str = "fp32") -> None:
@@ -291,7 +292,7 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str) -> tuple[list[Meas
         except RuntimeError as error:  # one broken measurement must not lose the rest of the matrix
             last = str(error).strip().splitlines()[-1]
             print(f"  {name}: FAILED: {last}", flush=True)
-            skipped.append(f"{name}: FAILED: {last}")
+            failed.append(f"{name}: FAILED: {last}")
 
     def step(name: str, ranks: int, mode: str, arch: str, variant: Variant, exchange: str | None = None) -> None:
         run(variant.named(name), layout_steps, ranks, mode, arch, exchange, batch, sizes, variant, arch=arch,
@@ -314,7 +315,7 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str) -> tuple[list[Meas
             threads=1)
     run(layouts.named("single, paper, fed by the input pipeline"), fed_steps, 1, str(pictures), batch, sizes.workers,
         sizes, layouts, arch="paper", precision=layouts.precision)
-    return list(found.values()), skipped
+    return list(found.values()), skipped, failed
 
 
 def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -> list[Comparison]:
@@ -412,14 +413,14 @@ def environment() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def report(measurements: list[Measurement], rows: list[Comparison], skipped: list[str], sizes: Sizes,
-           quick: bool) -> str:
+def report(measurements: list[Measurement], rows: list[Comparison], not_measured: list[str], sizes: Sizes,
+           quick: bool, env: dict[str, str]) -> str:
     def utilisation(m: Measurement) -> str:
         value = model_flops_utilisation(m, sizes.num_classes)
         return "-" if value is None else f"{value:.1%}"
 
     lines = [f"# Benchmark ({'quick' if quick else 'full'} sizes)", "",
-             ", ".join(f"{key}: {value}" for key, value in environment().items()),
+             ", ".join(f"{key}: {value}" for key, value in env.items()),
              f"global batch {sizes.batch}, {sizes.steps} timed steps after {sizes.warmup} warm-up, "
              f"{sizes.num_classes} classes, data in memory unless named; bf16: autocast, float32 weights", "",
              markdown_table(["measurement", "ranks x threads", "images/s median (min-max)", "comm wait ms/step",
@@ -433,8 +434,8 @@ def report(measurements: list[Measurement], rows: list[Comparison], skipped: lis
              markdown_table(["comparison", "ratio", "target", "verdict", "detail"],
                             [[c.what, f"{c.ratio:.2f}", "-" if c.target is None else f">= {c.target:g}", c.verdict,
                               c.detail] for c in rows])]
-    if skipped:
-        lines += ["", "Not measured:", *(f"- {reason}" for reason in skipped)]
+    if not_measured:
+        lines += ["", "Not measured:", *(f"- {reason}" for reason in not_measured)]
     single = next(m for m in measurements if m.name == "single, paper")
     tflops = training_tflops(single, sizes.num_classes)
     lines += ["", f"`single, paper` sustains {tflops:.3f} TFLOP/s of training (`plan --device-tflops {tflops:.3g}`)"]
@@ -449,18 +450,18 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None) -> Pa
     output.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=output))
     try:
-        measurements, skipped = run_matrix(sizes, scratch, device_type)
+        measurements, skipped, failed = run_matrix(sizes, scratch, device_type)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     rows = comparisons({m.name: m for m in measurements}, sizes, device_type)
-    text = report(measurements, rows, skipped, sizes, quick)
-    record = {"environment": environment(), "sizes": asdict(sizes), "quick": quick, "skipped": skipped,
+    env, not_measured = environment(), skipped + failed
+    text = report(measurements, rows, not_measured, sizes, quick, env)
+    record = {"environment": env, "sizes": asdict(sizes), "quick": quick, "skipped": not_measured,
               "measurements": [{**asdict(m), "median_images_per_s": m.median} for m in measurements],
               "comparisons": [{**asdict(c), "verdict": c.verdict} for c in rows]}
     (output / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
     (output / "bench.md").write_text(text)
     print(text)
-    failed = [reason for reason in skipped if ": FAILED: " in reason]
     if failed:
         raise RuntimeError(f"{len(failed)} measurements failed (the rest are in {output / 'bench.md'}): {failed[0]}")
     return output

@@ -88,20 +88,27 @@ def eval_pixels(image: Image.Image, ten_crop: bool = False) -> Tensor:
     return v2.functional.center_crop(pixels, [IMAGE_SIZE])
 
 
+@functools.cache
+def _colour_constants(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(eigenvalue-scaled eigenvectors [3, 3], mean [3, 1, 1], std [3, 1, 1]) on `device`, copied there
+    once: a copy per batch would make the host wait for the device."""
+    components = torch.tensor(PCA_EIGENVECTORS) * torch.tensor(PCA_EIGENVALUES)  # column j: eigvec_j * eigval_j
+    return (components.to(device), torch.tensor(MEAN).view(3, 1, 1).to(device),
+            torch.tensor(STD).view(3, 1, 1).to(device))
+
+
 def lighting_shift(alphas: Tensor) -> Tensor:
     """The paper's PCA colour augmentation: eigvec @ (alpha * eigval), one RGB shift per image [..., 3]."""
-    eigenvalues = torch.tensor(PCA_EIGENVALUES, device=alphas.device)
-    eigenvectors = torch.tensor(PCA_EIGENVECTORS, device=alphas.device)
-    return (alphas * eigenvalues) @ eigenvectors.T
+    components, _, _ = _colour_constants(alphas.device)
+    return alphas @ components.T
 
 
 def normalise(pixels: Tensor, alphas: Tensor) -> Tensor:
     """uint8 pixels [B, (crops,) 3, H, W] to the net's input: scaled to [0, 1], shifted by each image's
     PCA lighting (alphas [B, 3]; zeros for validation), normalised per channel. Run where the batch
     is going: on a GPU it takes the float work off the loader's cores and sends 4x fewer bytes."""
+    _, mean, std = _colour_constants(pixels.device)
     shift = lighting_shift(alphas.float()).reshape(len(alphas), *[1] * (pixels.dim() - 4), 3, 1, 1)
-    mean = torch.tensor(MEAN, device=pixels.device).view(3, 1, 1)
-    std = torch.tensor(STD, device=pixels.device).view(3, 1, 1)
     return (pixels.float() / 255 + shift - mean) / std
 
 

@@ -128,11 +128,20 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
     return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
 
 
-def assert_same(actual: dict[str, Tensor], expected: dict[str, Tensor], tolerance: float) -> None:
-    assert actual.keys() == expected.keys()
-    errors = {key: relative_error(actual[key], expected[key]) for key in expected}
+def assert_within(errors: dict[str, float], tolerance: float) -> None:
+    """Every relative error within the tolerance; a failure names the worst."""
     worst = max(errors, key=errors.get)
     assert errors[worst] <= tolerance, f"{worst}: relative error {errors[worst]:.2e} > {tolerance:.0e}"
+
+
+def assert_same(actual: dict[str, Tensor], expected: dict[str, Tensor], tolerance: float) -> None:
+    assert actual.keys() == expected.keys()
+    assert_within({key: relative_error(actual[key], expected[key]) for key in expected}, tolerance)
+
+
+def late_layers(errors: dict[str, float]) -> dict[str, float]:
+    """The errors of the layers whose gradients bf16 is held to (`BF16_GRADIENT_LAYERS`)."""
+    return {key: error for key, error in errors.items() if key.split(".")[0] in BF16_GRADIENT_LAYERS}
 
 
 def layout_logits(runs: list[Run], step: int, size: int) -> Tensor:
