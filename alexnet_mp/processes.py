@@ -15,11 +15,15 @@ import torch.distributed as dist
 
 GROUP_TIMEOUT = timedelta(seconds=60)
 JOIN_TIMEOUT_S = 240
+# Imported once by the fork server, then inherited by every rank it forks: a spawned rank would
+# pay ~5 s to import torch and torch._dynamo (which the optimizer imports) each time. These imports
+# start no threads and touch no GPU, so forking after them is safe.
+PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "torch.optim", "alexnet_mp.bench", "alexnet_mp.strategies"]
 
 
 def _worker(fn: Callable[..., Any], rank: int, world_size: int, directory: str, threads: int, args: tuple) -> None:
     torch.set_num_threads(threads)
-    # A spawned child inherits "spawn" as its start method; a launched rank has the platform's
+    # A forkserver child inherits "forkserver" as its start method; a launched rank has the platform's
     # default (fork on Linux), which its data loader workers then use: restore it.
     multiprocessing.set_start_method(None, force=True)
     out = Path(directory) / f"rank{rank}.pt"
@@ -38,10 +42,12 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, directory: str, 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, directory: Path, *args: Any, threads: int = 1,
                     ) -> list[Any]:
-    """fn(*args) on `world_size` spawned processes of `threads` CPU threads each, in a gloo group
-    (FileStore under `directory`) with a timeout; returns each rank's result, in rank order."""
+    """fn(*args) on `world_size` fresh processes of `threads` CPU threads each, in a gloo group
+    (FileStore under `directory`) with a timeout; returns each rank's result, in rank order. The
+    processes are forked from a server started at the first call: they see os.environ as it was then."""
     directory.mkdir(parents=True, exist_ok=True)
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
     processes = [context.Process(target=_worker, args=(fn, rank, world_size, str(directory), threads, args))
                  for rank in range(world_size)]
     for process in processes:
