@@ -23,13 +23,14 @@ import torch.nn.functional as F
 
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs
+from alexnet_mp.data import Augmented, FolderSource, GlobalBatches, rank_batches, require_device_decoder
 from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.report import markdown_table
 from alexnet_mp.rng import seeded_generator
 from alexnet_mp.speed import EAGER, Speed, Variant
 from alexnet_mp.step import make_optimizer, train_step
-from alexnet_mp.strategies import Setup, create
+from alexnet_mp.strategies import Setup, UsageError, create
 from alexnet_mp.strategies.base import world
 from alexnet_mp.timing import StepClock, peak_memory_mb
 
@@ -147,10 +148,8 @@ def plain_loop_steps(batch: int, sizes: Sizes) -> dict:
     return {**_timed(run_step, device, sizes), "bytes": 0.0}
 
 
-def _loaded_batches(root: str, batch: int, workers: int, steps: int, device: torch.device) -> Iterator:
-    from alexnet_mp.data import Augmented, FolderSource, GlobalBatches, rank_batches
-
-    dataset = Augmented(FolderSource(Path(root)), SEED, train=True)
+def _loaded_batches(root: str, batch: int, workers: int, steps: int, device: torch.device, decode_on: str) -> Iterator:
+    dataset = Augmented(FolderSource(Path(root)), SEED, train=True, decode_on=decode_on)
     batches = GlobalBatches(len(dataset), batch, SEED)
     return rank_batches(dataset, batches, slice(0, batch), slice(0, batch), 0, steps, workers, device)
 
@@ -160,14 +159,14 @@ def _one_pass(step_s: float, device: torch.device) -> dict:
     return {"step_s": [step_s], "link_wait_s": [{}], "peak_memory_mb": peak_memory_mb(device), "bytes": 0.0}
 
 
-def pipeline_pass(root: str, images: int, batch: int, workers: int) -> dict:
-    """The input pipeline alone (decode, crop and flip in the workers, collation, the copy to the
-    device and the colour work there): one pass over every image, from the loader's creation (worker
-    start-up included) to its last batch. Per-batch times would mislead: batches prefetched during
-    start-up arrive at once."""
+def pipeline_pass(root: str, images: int, batch: int, workers: int, decode_on: str = "workers") -> dict:
+    """The input pipeline alone (decode, crop and flip in the workers or on the device, collation, the
+    copy to the device and the colour work there): one pass over every image, from the loader's
+    creation (worker start-up included) to its last batch. Per-batch times would mislead: batches
+    prefetched during start-up arrive at once."""
     device = _device()
     steps = images // batch
-    loaded = _loaded_batches(root, batch, workers, steps, device)  # a generator: nothing is loaded yet
+    loaded = _loaded_batches(root, batch, workers, steps, device, decode_on)  # a generator: nothing is loaded yet
     clock = StepClock(device)
     clock.start()
     for _ in loaded:
@@ -175,7 +174,8 @@ def pipeline_pass(root: str, images: int, batch: int, workers: int) -> dict:
     return _one_pass(clock.stop() / steps, device)
 
 
-def fed_steps(root: str, batch: int, workers: int, sizes: Sizes, variant: Variant = EAGER) -> dict:
+def fed_steps(root: str, batch: int, workers: int, sizes: Sizes, variant: Variant = EAGER,
+              decode_on: str = "workers") -> dict:
     """Our single-device step fed by the input pipeline: warmed up (compiled) on an in-memory batch,
     then `sizes.steps` steps timed as one pass from the loader's creation, data waits included; timed
     per step, the batches the workers prefetched during warm-up would hide the loader's pace."""
@@ -192,7 +192,7 @@ def fed_steps(root: str, batch: int, workers: int, sizes: Sizes, variant: Varian
         run_step(step, *_fixed_batch(batch, sizes.num_classes, device))
     clock = StepClock(device)
     clock.start()
-    for step, images, labels in _loaded_batches(root, batch, workers, sizes.steps, device):
+    for step, images, labels in _loaded_batches(root, batch, workers, sizes.steps, device, decode_on):
         run_step(sizes.warmup + step, images, labels)
     return _one_pass(clock.stop() / sizes.steps, device)
 
@@ -270,6 +270,8 @@ class Comparison:
 
 
 PLAIN_LOOP = "plain loop, torchvision alexnet"
+FED = "single, paper, fed by the input pipeline"
+ON_DEVICE = ", JPEGs decoded on the device"
 
 
 def run_matrix(sizes: Sizes, scratch: Path, device_type: str) -> tuple[list[Measurement], list[str], list[str]]:
@@ -313,9 +315,24 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str) -> tuple[list[Meas
     for workers, name in ((0, "1 worker (in process)"), (sizes.workers, f"{sizes.workers} workers")):
         run(f"input pipeline, {name}", pipeline_pass, 1, str(pictures), sizes.pipeline_images, batch, workers,
             threads=1)
-    run(layouts.named("single, paper, fed by the input pipeline"), fed_steps, 1, str(pictures), batch, sizes.workers,
-        sizes, layouts, arch="paper", precision=layouts.precision)
+    run(layouts.named(FED), fed_steps, 1, str(pictures), batch, sizes.workers, sizes, layouts, arch="paper",
+        precision=layouts.precision)
+    if _can_decode_on_device(skipped):
+        run(f"input pipeline, {sizes.workers} workers{ON_DEVICE}", pipeline_pass, 1, str(pictures),
+            sizes.pipeline_images, batch, sizes.workers, "device", threads=1)
+        run(layouts.named(FED + ON_DEVICE), fed_steps, 1, str(pictures), batch, sizes.workers, sizes, layouts,
+            "device", arch="paper", precision=layouts.precision)
     return list(found.values()), skipped, failed
+
+
+def _can_decode_on_device(skipped: list[str]) -> bool:
+    """Whether TorchCodec can decode JPEGs on the device; if not, the reason is added to `skipped`."""
+    try:
+        require_device_decoder()
+    except UsageError as error:
+        skipped.append(f"input pipeline decoded on the device: {error}")
+        return False
+    return True
 
 
 def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -> list[Comparison]:
@@ -362,11 +379,14 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -
                                f"(at most {1 - 1 / (ranks - 1):.2f} can be hidden at {ranks} ranks); all links "
                                f"{1000 * found[b].comm_wait_s:.1f} vs {1000 * found[a].comm_wait_s:.1f} ms"))
     pipeline = f"input pipeline, {sizes.workers} workers"
-    fed = layouts.named("single, paper, fed by the input pipeline")
     ratio("input pipeline vs the training step it feeds (>= 1: the loader keeps up)", pipeline, single, 1.0,
           f"{found['input pipeline, 1 worker (in process)'].median:.1f} images/s per worker"
           if "input pipeline, 1 worker (in process)" in found else "")
-    ratio("single step fed by the input pipeline vs from memory", fed, single)
+    ratio("input pipeline, JPEGs decoded on the device, vs the training step it feeds", pipeline + ON_DEVICE,
+          single, 1.0)
+    ratio("single step fed by the input pipeline vs from memory", layouts.named(FED), single)
+    ratio("single step fed by the input pipeline, JPEGs decoded on the device, vs from memory",
+          layouts.named(FED + ON_DEVICE), single)
     return rows
 
 

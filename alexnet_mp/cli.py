@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from alexnet_mp.config import TrainConfig, add_train_arguments, train_config
+from alexnet_mp.data import DECODE_PLACES
 from alexnet_mp.strategies import STRATEGIES, Setup, UsageError
 
 
@@ -71,7 +72,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
     found = checkpoint.find(args.checkpoint, Path(args.checkpoint))
     meta = found.meta
-    spec = DataSpec(args.data, args.dataset, meta["num_classes"], args.synthetic_size, args.ten_crop)
+    spec = DataSpec(args.data, args.dataset, meta["num_classes"], args.synthetic_size, args.ten_crop, args.decode_on)
     _, val_set = build_datasets(spec, meta["config"]["seed"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     strategy = create("single", Setup(meta["arch"], meta["num_classes"], meta["config"]["seed"], device), 1)
@@ -168,6 +169,8 @@ def parser() -> argparse.ArgumentParser:
                        help="with --data synthetic: the training set's size (the validation set is 1/8 of it)")
     check.add_argument("--batch-size", type=int, default=100)
     check.add_argument("--workers", type=int, default=2)
+    check.add_argument("--decode-on", default="workers", choices=DECODE_PLACES,
+                       help="where JPEGs are decoded: by the workers, or on the device (see train --help)")
     check.set_defaults(run=evaluate)
     runner = commands.add_parser("experiment", help="run several layouts on the same batches, then compare them; "
                                                     "arguments it does not know go to each training run")

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from alexnet_mp.data import DECODE_PLACES
 from alexnet_mp.model import ARCHITECTURES, INITS
 from alexnet_mp.speed import Speed
 from alexnet_mp.strategies import STRATEGIES
@@ -35,6 +36,7 @@ class TrainConfig:
     plateau_patience: int = 1
     seed: int = 0
     workers: int = 2
+    decode_on: str = "workers"
     eval_every: int = 0  # steps; 0: at the end of each epoch only
     ten_crop: bool = False
     checkpoint_every: int = 0  # steps; checkpoints are also written at the end of each epoch
@@ -104,6 +106,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluations without improvement before the learning rate drops")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--workers", type=int, default=d.workers, help="data loader processes per rank")
+    parser.add_argument("--decode-on", default=d.decode_on, choices=DECODE_PLACES,
+                        help="where JPEGs are decoded, resized and cropped: by the loader's workers, or on the "
+                             "training device in one call per batch (nvJPEG on a GPU; needs "
+                             "'alexnet-mp[device-decode]'). Other images are decoded by the workers either way")
     parser.add_argument("--eval-every", type=int, default=d.eval_every,
                         help="validate every N steps as well as at each epoch's end")
     parser.add_argument("--ten-crop", action="store_true", help="validate on the paper's ten crops")

@@ -5,23 +5,29 @@ and world size sees the same global batch, and each rank loads only its rows of 
 random augmentation is drawn from (seed, epoch, sample index), so it looks the same whichever rank
 loads it. Labels come from the dataset's `targets`, so a rank can hold labels for rows whose images
 it does not load (weird-trick rank 0 computes the loss over the whole global batch).
+
+Images are decoded by the loader's workers, or (`decode_on="device"`) left encoded there and
+decoded in one call where the batch is going: on a GPU by nvJPEG, through TorchCodec.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import io
 import logging
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 
@@ -30,6 +36,7 @@ from alexnet_mp.rng import seeded_generator
 from alexnet_mp.strategies import UsageError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RESIZE = 256  # §2: shorter side rescaled to 256, central 256x256 patch
 # Per-channel statistics of ImageNet's training set, RGB in [0, 1] (the values torchvision's and
@@ -45,6 +52,8 @@ PCA_EIGENVECTORS = ((-0.5675, 0.7192, 0.4009),
 LIGHTING_STD = 0.1
 CLASS_COLOUR = 2.0  # synthetic set: the class colour cast's scale, in normalised units
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
+DECODE_PLACES = ("workers", "device")
+DEVICE_JPEG_MODES = ("RGB", "L")  # JPEGs nvJPEG turns into the RGB PIL gives; CMYK and the rest: the workers
 
 
 @dataclass(frozen=True)
@@ -67,19 +76,20 @@ class Draws:
         return cls(top, left, flip, (alpha[0], alpha[1], alpha[2]))
 
 
-def central_pixels(image: Image.Image) -> Tensor:
-    """§2: the shorter side rescaled to 256, the central 256x256 patch; uint8 [3, 256, 256]."""
-    pixels = v2.functional.resize(v2.functional.to_image(image), [RESIZE], antialias=True)
+def central_pixels(image: Tensor) -> Tensor:
+    """§2: the shorter side rescaled to 256, the central 256x256 patch; uint8 [3, H, W] to [3, 256, 256]."""
+    pixels = v2.functional.resize(image, [RESIZE], antialias=True)
     return v2.functional.center_crop(pixels, [RESIZE])
 
 
-def train_pixels(image: Image.Image, draws: Draws) -> Tensor:
-    """The training crop and flip, still uint8: colour work is left to the device (`normalise`)."""
+def train_pixels(image: Tensor, draws: Draws) -> Tensor:
+    """The training crop and flip of a decoded image, still uint8: colour work is left to the device
+    (`normalise`)."""
     pixels = central_pixels(image)[:, draws.top:draws.top + IMAGE_SIZE, draws.left:draws.left + IMAGE_SIZE]
     return pixels.flip(-1) if draws.flip else pixels
 
 
-def eval_pixels(image: Image.Image, ten_crop: bool = False) -> Tensor:
+def eval_pixels(image: Tensor, ten_crop: bool = False) -> Tensor:
     """Centre crop [3, H, W], or the paper's ten crops (4 corners + centre, and their mirror images):
     [10, 3, H, W]; uint8."""
     pixels = central_pixels(image)
@@ -141,14 +151,34 @@ class SyntheticImages(Dataset):
         return image + self.noise * torch.randn(image.shape, generator=generator), torch.zeros(3)
 
 
-class Augmented(Dataset):
-    """Images from `source` (anything with `load(index) -> PIL image`, `targets`, `classes`) as uint8
-    crops with their lighting alphas: training samples with their `Draws`, validation samples centre-
-    or ten-cropped with no lighting. A corrupt image is replaced by the next readable image of the
-    same class, counted and warned once."""
+@dataclass(frozen=True)
+class Encoded:
+    """A sample whose JPEG is left for the device to decode: the file's bytes, the crops to take once
+    decoded (`train_pixels` with the sample's draws, or `eval_pixels`), and its index, to fall back
+    on if the device's decoder refuses it."""
 
-    def __init__(self, source: ImageSource, seed: int, train: bool, ten_crop: bool = False) -> None:
+    jpeg: Tensor
+    crop: Callable[[Tensor], Tensor]
+    index: int
+
+
+def collate(samples: list[tuple[Tensor | Encoded, Tensor]]) -> tuple[Tensor | list[Tensor | Encoded], Tensor]:
+    """Stacked (pixels, alphas) as usual; a batch with encoded samples stays a list until it is decoded."""
+    if not any(isinstance(pixels, Encoded) for pixels, _ in samples):
+        return default_collate(samples)
+    return [pixels for pixels, _ in samples], torch.stack([alpha for _, alpha in samples])
+
+
+class Augmented(Dataset):
+    """Images from `source` (an `ImageSource`) as uint8 crops with their lighting alphas: training
+    samples with their `Draws`, validation samples centre- or ten-cropped with no lighting. With
+    `decode_on="device"`, JPEGs come out as `Encoded` bytes and `on_device` crops them once decoded.
+    A corrupt image is replaced by the next readable image of the same class, counted and warned once."""
+
+    def __init__(self, source: ImageSource, seed: int, train: bool, ten_crop: bool = False,
+                 decode_on: str = "workers") -> None:
         self.source, self.seed, self.train, self.ten_crop = source, seed, train, ten_crop
+        self.decode_on = decode_on
         self.targets, self.classes = source.targets, source.classes
         self.num_classes = len(source.classes)
         self.skipped: set[str] = set()
@@ -156,22 +186,45 @@ class Augmented(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor | Encoded, Tensor]:
         index, epoch = key
-        image = self._readable(index)
         if not self.train:
-            return eval_pixels(image, self.ten_crop), torch.zeros(3)
-        draws = Draws.of(self.seed, epoch, index)
-        return train_pixels(image, draws), torch.tensor(draws.alpha)
+            crop, alpha = functools.partial(eval_pixels, ten_crop=self.ten_crop), torch.zeros(3)
+        else:
+            draws = Draws.of(self.seed, epoch, index)
+            crop, alpha = functools.partial(train_pixels, draws=draws), torch.tensor(draws.alpha)
+        return self._readable(index, functools.partial(self._pixels_or_jpeg, crop=crop)), alpha
 
-    def _readable(self, index: int) -> Image.Image:
+    def on_device(self, samples: list[Tensor | Encoded], device: torch.device) -> Tensor:
+        """A batch's samples stacked on `device`: the encoded ones decoded there in one call (nvJPEG on
+        a GPU), then cropped there. One the decoder refuses is read as the workers read it."""
+        encoded = [sample for sample in samples if isinstance(sample, Encoded)]
+        decoded = iter(_decode_jpegs([sample.jpeg for sample in encoded], device))
+        pixels = []
+        for sample in samples:
+            if isinstance(sample, Encoded):
+                image = next(decoded)
+                sample = (sample.crop(image) if image is not None
+                          else self._readable(sample.index, functools.partial(self._pixels, crop=sample.crop)))
+            pixels.append(sample.to(device))
+        return torch.stack(pixels)
+
+    def _pixels(self, index: int, crop: Callable[[Tensor], Tensor]) -> Tensor:
+        return crop(v2.functional.to_image(self.source.load(index)))
+
+    def _pixels_or_jpeg(self, index: int, crop: Callable[[Tensor], Tensor]) -> Tensor | Encoded:
+        jpeg = self.source.jpeg(index) if self.decode_on == "device" else None
+        return Encoded(jpeg, crop, index) if jpeg is not None else self._pixels(index, crop)
+
+    def _readable(self, index: int, read: Callable[[int], T]) -> T:
+        """read(index), or read of the next readable image of its class."""
         label, size = self.targets[index], len(self.targets)
         for step in range(size):
             candidate = (index + step) % size
             if self.targets[candidate] != label:
                 continue
             try:
-                return self.source.load(candidate)
+                return read(candidate)
             except (OSError, UnidentifiedImageError, ValueError):
                 path = self.source.describe(candidate)
                 if path not in self.skipped:
@@ -181,14 +234,47 @@ class Augmented(Dataset):
         raise UsageError(f"class {self.classes[label]!r} has no readable image")
 
 
+def _decode_jpegs(jpegs: list[Tensor], device: torch.device) -> list[Tensor | None]:
+    """JPEG bytes decoded to uint8 RGB [3, H, W] on `device`, all in one call; if that call fails,
+    one by one, with None for each image the decoder refuses (a truncated file, say)."""
+    if not jpegs:
+        return []
+    from torchcodec.decoders import decode_jpeg
+    try:
+        return decode_jpeg(jpegs, mode="RGB", device=device)
+    except RuntimeError:
+        decoded: list[Tensor | None] = []
+        for jpeg in jpegs:
+            try:
+                decoded.append(decode_jpeg(jpeg, mode="RGB", device=device))
+            except RuntimeError:
+                decoded.append(None)
+        return decoded
+
+
+def require_device_decoder() -> None:
+    """`--decode-on device` decodes with TorchCodec, an optional dependency: refuse in one line if it
+    cannot be imported, before any worker starts."""
+    try:
+        importlib.import_module("torchcodec.decoders")
+    except (ImportError, RuntimeError, OSError) as error:
+        raise UsageError(f"--decode-on device needs TorchCodec ({error}): pip install 'alexnet-mp[device-decode]', "
+                         "or use --decode-on workers") from None
+
+
 class ImageSource:
-    """Where images come from: `load(index)`, `describe(index)`, `targets`, `classes`."""
+    """Where images come from: `load(index)`, `describe(index)`, `targets`, `classes`, and `jpeg(index)`
+    for sources that hold JPEG files a device can decode."""
 
     targets: list[int]
     classes: list[str]
 
     def load(self, index: int) -> Image.Image:
         raise NotImplementedError
+
+    def jpeg(self, index: int) -> Tensor | None:
+        """The file's bytes if it is a JPEG the device's decoder turns into what `load` gives, else None."""
+        return None
 
     def describe(self, index: int) -> str:
         return f"#{index}"
@@ -213,6 +299,12 @@ class FolderSource(ImageSource):
     def load(self, index: int) -> Image.Image:
         with Image.open(self.samples[index][0]) as image:
             return image.convert("RGB")
+
+    def jpeg(self, index: int) -> Tensor | None:
+        data = Path(self.samples[index][0]).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:  # the header only: a file PIL cannot open is skipped
+            usable = image.format == "JPEG" and image.mode in DEVICE_JPEG_MODES
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8) if usable else None
 
     def describe(self, index: int) -> str:
         return self.samples[index][0]
@@ -297,9 +389,12 @@ def rank_batches(dataset: Dataset, batches: GlobalBatches, image_rows: slice, la
     uint8 pixels are normalised on the device (`normalise`)."""
     cuda = device.type == "cuda"
     loader = DataLoader(dataset, batch_sampler=_RowSampler(batches, image_rows, start, stop), num_workers=workers,
-                        pin_memory=cuda, prefetch_factor=4 if workers else None, persistent_workers=False)
+                        collate_fn=collate, pin_memory=cuda, prefetch_factor=4 if workers else None,
+                        persistent_workers=False)
     targets = torch.as_tensor(dataset.targets)
     for step, (images, alphas) in zip(range(start, stop), loader, strict=True):
+        if isinstance(images, list):  # JPEGs left encoded for the device
+            images = dataset.on_device(images, device)
         images = images.to(device, non_blocking=cuda)
         if images.dtype == torch.uint8:
             images = normalise(images, alphas.to(device, non_blocking=cuda))
@@ -313,10 +408,15 @@ class DataSpec:
     num_classes: int | None = None
     synthetic_size: int = 4096
     ten_crop: bool = False
+    decode_on: str = "workers"
 
 
 def build_datasets(spec: DataSpec, seed: int) -> tuple[Dataset, Dataset]:
     """(training set, validation set). Bad paths raise UsageError before any training starts."""
+    if spec.decode_on not in DECODE_PLACES:
+        raise UsageError(f"--decode-on {spec.decode_on!r}: choose one of {', '.join(DECODE_PLACES)}")
+    if spec.decode_on == "device":
+        require_device_decoder()
     if spec.data == "synthetic":
         classes = spec.num_classes or 1000
         return (SyntheticImages(classes, spec.synthetic_size, seed, split=0),
@@ -331,4 +431,5 @@ def build_datasets(spec: DataSpec, seed: int) -> tuple[Dataset, Dataset]:
         train, val = FolderSource(root / "train"), FolderSource(root / "val")
     if spec.num_classes not in (None, len(train.classes)):
         raise UsageError(f"--num-classes {spec.num_classes} but {root} has {len(train.classes)} classes")
-    return Augmented(train, seed, train=True), Augmented(val, seed, train=False, ten_crop=spec.ten_crop)
+    return (Augmented(train, seed, train=True, decode_on=spec.decode_on),
+            Augmented(val, seed, train=False, ten_crop=spec.ten_crop, decode_on=spec.decode_on))

@@ -115,7 +115,8 @@ def per_rank(values: list[float], device: torch.device) -> list[list[float]]:
 
 def train(config: TrainConfig, accelerator: Accelerator) -> None:
     train_set, val_set = build_datasets(DataSpec(config.data, config.dataset, config.num_classes,
-                                                 config.synthetic_size, config.ten_crop), config.seed)
+                                                 config.synthetic_size, config.ten_crop, config.decode_on),
+                                        config.seed)
     batches = GlobalBatches(len(train_set), config.batch_size, config.seed)
     if batches.steps_per_epoch < 1:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training images")

@@ -3,6 +3,8 @@
 # equivalence tests on the GPU, a profile of the fastest step, a short training run through the whole
 # loop (data, evaluation, checkpoint) on the fast path, and the full benchmark.
 #   bash launch/gpu_session.sh OUT_DIR [PARTS]   (PARTS: any of tests,profile,train,bench; default all)
+# The lent machine reaches no package index: for --decode-on device, carry a TorchCodec wheel for its
+# Python in wheels/ (pip download torchcodec --no-deps --python-version 3.12 --only-binary=:all: -d wheels).
 set -uo pipefail
 out=${1:-runs/gpu}
 parts=${2:-tests,profile,train,bench}
@@ -11,8 +13,12 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/device.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
     | tee -a "$out/device.txt"
+if ! python3 -c "import torchcodec.decoders" 2>/dev/null && compgen -G "wheels/torchcodec-*.whl" >/dev/null; then
+    python3 -m pip install -q --no-deps --no-index wheels/torchcodec-*.whl 2>&1 | tail -2
+fi
 if [[ $parts == *tests* ]]; then
-    timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:logging -k gpu tests/test_speed.py 2>&1 \
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:logging -k "gpu or nvjpeg" tests/test_speed.py \
+        tests/test_data.py 2>&1 \
         | tee "$out/tests.txt" | tail -40
 fi
 if [[ $parts == *profile* ]]; then

@@ -25,11 +25,12 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "stdout": result.stdout}
 
 
-def test_bench_measures_every_layout_the_plain_loop_and_the_input_pipeline(quick):
+def test_bench_measures_every_layout_the_plain_loop_and_the_input_pipeline_decoding_in_both_places(quick):
     names = {m["name"] for m in quick["json"]["measurements"]}
     assert {"plain loop, torchvision alexnet", "single, paper", "single, owt", "paper-split x2", "data-parallel x2",
             "weird-trick (all) x2", "weird-trick (one-at-a-time) x2", "input pipeline, 2 workers",
-            "single, paper, fed by the input pipeline"} <= names
+            "single, paper, fed by the input pipeline", "input pipeline, 2 workers, JPEGs decoded on the device",
+            "single, paper, fed by the input pipeline, JPEGs decoded on the device"} <= names
     for m in quick["json"]["measurements"]:
         assert m["median_images_per_s"] > 0 and len(m["peak_memory_mb"]) == m["ranks"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from alexnet_mp.data import (
     STD,
     DataSpec,
     Draws,
+    Encoded,
     GlobalBatches,
     build_datasets,
     eval_pixels,
@@ -112,7 +114,7 @@ def test_lighting_adds_one_colour_shift_along_the_imagenet_principal_components(
 
 
 def test_ten_crop_is_the_mean_of_the_ten_single_crop_softmaxes():
-    picture = Image.fromarray(np.random.default_rng(2).integers(0, 255, (300, 260, 3), dtype=np.uint8))
+    picture = torch.from_numpy(np.random.default_rng(2).integers(0, 255, (3, 300, 260), dtype=np.uint8))
     crops = eval_pixels(picture, ten_crop=True)
     assert crops.shape == (10, 3, 224, 224)
     assert torch.equal(crops[4], eval_pixels(picture))  # the fifth crop is the centre
@@ -159,3 +161,55 @@ def test_missing_cifar_files_are_named(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(UsageError, match="data_batch_3"):
         build_datasets(DataSpec(str(tmp_path), dataset="cifar10"), seed=0)
+
+
+def batch_of_everything(dataset, device: str = "cpu", workers: int = 0) -> torch.Tensor:
+    """One batch holding every image of `dataset`, as rank_batches hands it to the step."""
+    batches = GlobalBatches(len(dataset), len(dataset), seed=0)
+    rows = slice(0, len(dataset))
+    return next(rank_batches(dataset, batches, rows, rows, 0, 1, workers, torch.device(device)))[1]
+
+
+def test_device_decoding_leaves_jpegs_encoded_and_lets_the_workers_decode_the_rest(tmp_path):
+    train, _ = build_datasets(DataSpec(str(write_image_tree(tmp_path)), decode_on="device"), seed=0)
+    kinds = {Path(path).suffix: type(train[(i, 0)][0]) for i, (path, _) in enumerate(train.source.samples)}
+    assert kinds == {".jpg": Encoded, ".png": torch.Tensor}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_jpegs_decoded_on_the_device_are_the_pixels_the_workers_decode(tmp_path, workers):
+    root = write_image_tree(tmp_path)
+    for split, ten_crop in (("train", False), ("val", True)):
+        by_workers, by_device = (build_datasets(DataSpec(str(root), ten_crop=ten_crop, decode_on=place), seed=0)
+                                 for place in ("workers", "device"))
+        index = split == "val"
+        torch.testing.assert_close(batch_of_everything(by_device[index], workers=workers),
+                                   batch_of_everything(by_workers[index], workers=workers), rtol=0, atol=0)
+
+
+def test_a_jpeg_the_device_cannot_decode_is_read_as_the_workers_read_it(tmp_path):
+    root = write_image_tree(tmp_path)
+    truncated = root / "train" / "dog" / "0.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:2000])  # its header still opens; its pixels do not
+    by_workers, by_device = (build_datasets(DataSpec(str(root), decode_on=place), seed=0)[0]
+                             for place in ("workers", "device"))
+    torch.testing.assert_close(batch_of_everything(by_device), batch_of_everything(by_workers), rtol=0, atol=0)
+    assert by_device.skipped == by_workers.skipped == {str(truncated)}
+
+
+def test_decoding_on_the_device_without_torchcodec_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # what an absent package gives import
+    with pytest.raises(UsageError, match=r"pip install 'alexnet-mp\[device-decode\]'"):
+        build_datasets(DataSpec(str(write_image_tree(tmp_path)), decode_on="device"), seed=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_nvjpeg_decodes_to_what_the_workers_decode_within_a_few_levels(tmp_path):
+    root = write_image_tree(tmp_path)
+    by_workers, by_device = (build_datasets(DataSpec(str(root), decode_on=place), seed=0)[0]
+                             for place in ("workers", "device"))
+    # nvJPEG's inverse DCT and chroma upsampling, and resizing in float on the GPU, round differently from
+    # libjpeg-turbo: a few levels of 255 on these noise images; a wrong crop, flip or channel order is tens
+    levels = (batch_of_everything(by_device, "cuda").cpu() - batch_of_everything(by_workers)) * torch.tensor(
+        STD).view(3, 1, 1) * 255
+    assert levels.abs().mean() < 4

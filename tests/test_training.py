@@ -58,18 +58,37 @@ def test_forty_steps_on_synthetic_data_lower_the_loss_well_below_its_start_and_c
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < min(losses[0], chance) / 2
 
 
-def test_training_on_an_image_folder_validates_and_checkpoints_at_the_epochs_end(tmp_path):
+@pytest.fixture(scope="module")
+def image_folder_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """paper-split for one epoch (3 steps of 4) on an image folder of JPEGs and PNGs, with the JPEGs
+    decoded by the loader's workers and on the device."""
     from tests.test_data import write_image_tree
 
-    data = write_image_tree(tmp_path / "data", per_class=4)  # 12 images: 3 steps of 4 per epoch
-    result = launch("--mode", "paper-split", "--data", str(data), "--batch-size", "4", "--steps", "3",
-                    "--workers", "1", "--output-dir", str(tmp_path / "run"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    data = write_image_tree(tmp_path_factory.mktemp("data"), per_class=4)
+    runs = {}
+    for place in ("workers", "device"):
+        runs[place] = tmp_path_factory.mktemp(place)
+        result = launch("--mode", "paper-split", "--data", str(data), "--batch-size", "4", "--steps", "3",
+                        "--workers", "1", "--decode-on", place, "--output-dir", str(runs[place]))
+        assert result.returncode == 0, result.stderr[-3000:]
+    return runs
+
+
+def test_training_on_an_image_folder_validates_and_checkpoints_at_the_epochs_end(image_folder_runs):
+    run = image_folder_runs["workers"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == [0, 1, 2]
     (evaluation,) = [row for row in rows if "val_loss" in row]
     assert 0 <= evaluation["val_top5_error"] <= evaluation["val_top1_error"] <= 1
-    assert checkpoint.find("latest", tmp_path / "run" / "checkpoints").step == 3
+    assert checkpoint.find("latest", run / "checkpoints").step == 3
+
+
+def test_jpegs_decoded_on_the_device_train_and_validate_on_the_same_pixels(image_folder_runs):
+    def results(run: Path) -> list[tuple]:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(row.get("loss"), row.get("val_loss"), row.get("val_top1_error")) for row in rows]
+
+    assert results(image_folder_runs["device"]) == results(image_folder_runs["workers"])
 
 
 @pytest.fixture(scope="module")
