@@ -155,9 +155,10 @@ class SyntheticImages(Dataset):
 class Encoded:
     """A sample whose JPEG is left for the device to decode: the file's bytes, the crops to take once
     decoded (`train_pixels` with the sample's draws, or `eval_pixels`), and its index, to fall back
-    on if the device's decoder refuses it."""
+    on if the device's decoder refuses it. Bytes, not a tensor: a worker would hand each tensor over
+    through a shared-memory file descriptor, hundreds per batch."""
 
-    jpeg: Tensor
+    jpeg: bytes
     crop: Callable[[Tensor], Tensor]
     index: int
 
@@ -234,7 +235,7 @@ class Augmented(Dataset):
         raise UsageError(f"class {self.classes[label]!r} has no readable image")
 
 
-def _decode_jpegs(jpegs: list[Tensor], device: torch.device) -> list[Tensor | None]:
+def _decode_jpegs(jpegs: list[bytes], device: torch.device) -> list[Tensor | None]:
     """JPEG bytes decoded to uint8 RGB [3, H, W] on `device`, all in one call; if that call fails,
     one by one, with None for each image the decoder refuses (a truncated file, say)."""
     if not jpegs:
@@ -272,7 +273,7 @@ class ImageSource:
     def load(self, index: int) -> Image.Image:
         raise NotImplementedError
 
-    def jpeg(self, index: int) -> Tensor | None:
+    def jpeg(self, index: int) -> bytes | None:
         """The file's bytes if it is a JPEG the device's decoder turns into what `load` gives, else None."""
         return None
 
@@ -300,11 +301,11 @@ class FolderSource(ImageSource):
         with Image.open(self.samples[index][0]) as image:
             return image.convert("RGB")
 
-    def jpeg(self, index: int) -> Tensor | None:
+    def jpeg(self, index: int) -> bytes | None:
         data = Path(self.samples[index][0]).read_bytes()
         with Image.open(io.BytesIO(data)) as image:  # the header only: a file PIL cannot open is skipped
             usable = image.format == "JPEG" and image.mode in DEVICE_JPEG_MODES
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8) if usable else None
+        return data if usable else None
 
     def describe(self, index: int) -> str:
         return self.samples[index][0]
