@@ -76,26 +76,26 @@ class Draws:
         return cls(top, left, flip, (alpha[0], alpha[1], alpha[2]))
 
 
-def central_pixels(image: Tensor) -> Tensor:
-    """§2: the shorter side rescaled to 256, the central 256x256 patch; uint8 [3, H, W] to [3, 256, 256]."""
-    pixels = v2.functional.resize(image, [RESIZE], antialias=True)
+def central_pixels(images: Tensor) -> Tensor:
+    """§2: the shorter side rescaled to 256, the central 256x256 patch; uint8 [..., 3, H, W] to
+    [..., 3, 256, 256]."""
+    pixels = v2.functional.resize(images, [RESIZE], antialias=True)
     return v2.functional.center_crop(pixels, [RESIZE])
 
 
-def train_pixels(image: Tensor, draws: Draws) -> Tensor:
-    """The training crop and flip of a decoded image, still uint8: colour work is left to the device
-    (`normalise`)."""
-    pixels = central_pixels(image)[:, draws.top:draws.top + IMAGE_SIZE, draws.left:draws.left + IMAGE_SIZE]
+def train_crop(central: Tensor, draws: Draws) -> Tensor:
+    """The training crop and flip of an image's central pixels, still uint8: colour work is left to
+    the device (`normalise`)."""
+    pixels = central[:, draws.top:draws.top + IMAGE_SIZE, draws.left:draws.left + IMAGE_SIZE]
     return pixels.flip(-1) if draws.flip else pixels
 
 
-def eval_pixels(image: Tensor, ten_crop: bool = False) -> Tensor:
+def eval_crops(central: Tensor, ten_crop: bool = False) -> Tensor:
     """Centre crop [3, H, W], or the paper's ten crops (4 corners + centre, and their mirror images):
     [10, 3, H, W]; uint8."""
-    pixels = central_pixels(image)
     if ten_crop:
-        return torch.stack(v2.functional.ten_crop(pixels, [IMAGE_SIZE]))
-    return v2.functional.center_crop(pixels, [IMAGE_SIZE])
+        return torch.stack(v2.functional.ten_crop(central, [IMAGE_SIZE]))
+    return v2.functional.center_crop(central, [IMAGE_SIZE])
 
 
 @functools.cache
@@ -153,9 +153,9 @@ class SyntheticImages(Dataset):
 
 @dataclass(frozen=True)
 class Encoded:
-    """A sample whose JPEG is left for the device to decode: the file's bytes, the crops to take once
-    decoded (`train_pixels` with the sample's draws, or `eval_pixels`), and its index, to fall back
-    on if the device's decoder refuses it. Bytes, not a tensor: a worker would hand each tensor over
+    """A sample whose JPEG is left for the device to decode: the file's bytes, the crops to take of its
+    central pixels (`train_crop` with the sample's draws, or `eval_crops`), and its index, to fall
+    back on if the device's decoder refuses it. Bytes, not a tensor: a worker would hand each tensor over
     through a shared-memory file descriptor, hundreds per batch."""
 
     jpeg: bytes
@@ -190,28 +190,28 @@ class Augmented(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor | Encoded, Tensor]:
         index, epoch = key
         if not self.train:
-            crop, alpha = functools.partial(eval_pixels, ten_crop=self.ten_crop), torch.zeros(3)
+            crop, alpha = functools.partial(eval_crops, ten_crop=self.ten_crop), torch.zeros(3)
         else:
             draws = Draws.of(self.seed, epoch, index)
-            crop, alpha = functools.partial(train_pixels, draws=draws), torch.tensor(draws.alpha)
+            crop, alpha = functools.partial(train_crop, draws=draws), torch.tensor(draws.alpha)
         return self._readable(index, functools.partial(self._pixels_or_jpeg, crop=crop)), alpha
 
     def on_device(self, samples: list[Tensor | Encoded], device: torch.device) -> Tensor:
         """A batch's samples stacked on `device`: the encoded ones decoded there in one call (nvJPEG on
-        a GPU), then cropped there. One the decoder refuses is read as the workers read it."""
+        a GPU), then resized and cropped there. One the decoder refuses is read as the workers read it."""
         encoded = [sample for sample in samples if isinstance(sample, Encoded)]
-        decoded = iter(_decode_jpegs([sample.jpeg for sample in encoded], device))
+        central = iter(_central_by_size(_decode_jpegs([sample.jpeg for sample in encoded], device)))
         pixels = []
         for sample in samples:
             if isinstance(sample, Encoded):
-                image = next(decoded)
+                image = next(central)
                 sample = (sample.crop(image) if image is not None
                           else self._readable(sample.index, functools.partial(self._pixels, crop=sample.crop)))
             pixels.append(sample.to(device))
         return torch.stack(pixels)
 
     def _pixels(self, index: int, crop: Callable[[Tensor], Tensor]) -> Tensor:
-        return crop(v2.functional.to_image(self.source.load(index)))
+        return crop(central_pixels(v2.functional.to_image(self.source.load(index))))
 
     def _pixels_or_jpeg(self, index: int, crop: Callable[[Tensor], Tensor]) -> Tensor | Encoded:
         jpeg = self.source.jpeg(index) if self.decode_on == "device" else None
@@ -251,6 +251,20 @@ def _decode_jpegs(jpegs: list[bytes], device: torch.device) -> list[Tensor | Non
             except RuntimeError:
                 decoded.append(None)
         return decoded
+
+
+def _central_by_size(images: list[Tensor | None]) -> list[Tensor | None]:
+    """`central_pixels` of each decoded image (None stays None), resized in one call per image size:
+    photos come in a few sizes, and a GPU would otherwise run a handful of small kernels per image."""
+    central: list[Tensor | None] = [None] * len(images)
+    by_size: dict[torch.Size, list[int]] = {}
+    for i, image in enumerate(images):
+        if image is not None:
+            by_size.setdefault(image.shape, []).append(i)
+    for members in by_size.values():
+        for i, pixels in zip(members, central_pixels(torch.stack([images[i] for i in members])), strict=True):
+            central[i] = pixels
+    return central
 
 
 def require_device_decoder() -> None:

@@ -23,7 +23,8 @@ from alexnet_mp.data import (
     Encoded,
     GlobalBatches,
     build_datasets,
-    eval_pixels,
+    central_pixels,
+    eval_crops,
     lighting_shift,
     normalise,
     rank_batches,
@@ -115,9 +116,9 @@ def test_lighting_adds_one_colour_shift_along_the_imagenet_principal_components(
 
 def test_ten_crop_is_the_mean_of_the_ten_single_crop_softmaxes():
     picture = torch.from_numpy(np.random.default_rng(2).integers(0, 255, (3, 300, 260), dtype=np.uint8))
-    crops = eval_pixels(picture, ten_crop=True)
+    crops = eval_crops(central_pixels(picture), ten_crop=True)
     assert crops.shape == (10, 3, 224, 224)
-    assert torch.equal(crops[4], eval_pixels(picture))  # the fifth crop is the centre
+    assert torch.equal(crops[4], eval_crops(central_pixels(picture)))  # the fifth crop is the centre
     logits = torch.randn(2 * 10, 7)
     expected = torch.stack([torch.stack([logits[10 * i + k].softmax(-1) for k in range(10)]).mean(0)
                             for i in range(2)])
