@@ -311,17 +311,15 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str) -> tuple[list[Meas
         step(f"data-parallel x{ranks}", ranks, "data-parallel", "paper", layouts)
         for scheme in ("all", "one-at-a-time"):
             step(f"weird-trick ({scheme}) x{ranks}", ranks, "weird-trick", "paper", layouts, scheme)
-    pictures = write_jpeg_tree(scratch / "jpeg", sizes.pipeline_images)
-    for workers, name in ((0, "1 worker (in process)"), (sizes.workers, f"{sizes.workers} workers")):
-        run(f"input pipeline, {name}", pipeline_pass, 1, str(pictures), sizes.pipeline_images, batch, workers,
-            threads=1)
-    run(layouts.named(FED), fed_steps, 1, str(pictures), batch, sizes.workers, sizes, layouts, arch="paper",
-        precision=layouts.precision)
-    if _can_decode_on_device(skipped):
-        run(f"input pipeline, {sizes.workers} workers{ON_DEVICE}", pipeline_pass, 1, str(pictures),
-            sizes.pipeline_images, batch, sizes.workers, "device", threads=1)
-        run(layouts.named(FED + ON_DEVICE), fed_steps, 1, str(pictures), batch, sizes.workers, sizes, layouts,
-            "device", arch="paper", precision=layouts.precision)
+    pictures = str(write_jpeg_tree(scratch / "jpeg", sizes.pipeline_images))
+    run("input pipeline, 1 worker (in process)", pipeline_pass, 1, pictures, sizes.pipeline_images, batch, 0,
+        threads=1)
+    places = {"workers": ""} | ({"device": ON_DEVICE} if _can_decode_on_device(skipped) else {})
+    for place, suffix in places.items():
+        run(f"input pipeline, {sizes.workers} workers{suffix}", pipeline_pass, 1, pictures, sizes.pipeline_images,
+            batch, sizes.workers, place, threads=1)
+        run(layouts.named(FED + suffix), fed_steps, 1, pictures, batch, sizes.workers, sizes, layouts, place,
+            arch="paper", precision=layouts.precision)
     return list(found.values()), skipped, failed
 
 

@@ -41,10 +41,14 @@ def run_train_py(*args: str, world_size: int = 1) -> subprocess.CompletedProcess
                           timeout=180, env=env)
 
 
+def records(directory: Path) -> list[dict]:
+    """Every row of a run's metrics.jsonl: training steps and evaluations."""
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
 def metrics(directory: Path) -> list[dict]:
     """The per-step training rows of a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
-    return [row for row in rows if "loss" in row]
+    return [row for row in records(directory) if "loss" in row]
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

@@ -171,6 +171,11 @@ def batch_of_everything(dataset, device: str = "cpu", workers: int = 0) -> torch
     return next(rank_batches(dataset, batches, rows, rows, 0, 1, workers, torch.device(device)))[1]
 
 
+def decoded_both_ways(root: Path, **spec: object) -> list[tuple]:
+    """(training set, validation set) of `root`, with JPEGs decoded by the workers, then on the device."""
+    return [build_datasets(DataSpec(str(root), decode_on=place, **spec), seed=0) for place in ("workers", "device")]
+
+
 def test_device_decoding_leaves_jpegs_encoded_and_lets_the_workers_decode_the_rest(tmp_path):
     train, _ = build_datasets(DataSpec(str(write_image_tree(tmp_path)), decode_on="device"), seed=0)
     kinds = {Path(path).suffix: type(train[(i, 0)][0]) for i, (path, _) in enumerate(train.source.samples)}
@@ -179,21 +184,17 @@ def test_device_decoding_leaves_jpegs_encoded_and_lets_the_workers_decode_the_re
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_jpegs_decoded_on_the_device_are_the_pixels_the_workers_decode(tmp_path, workers):
-    root = write_image_tree(tmp_path)
-    for split, ten_crop in (("train", False), ("val", True)):
-        by_workers, by_device = (build_datasets(DataSpec(str(root), ten_crop=ten_crop, decode_on=place), seed=0)
-                                 for place in ("workers", "device"))
-        index = split == "val"
-        torch.testing.assert_close(batch_of_everything(by_device[index], workers=workers),
-                                   batch_of_everything(by_workers[index], workers=workers), rtol=0, atol=0)
+    by_workers, by_device = decoded_both_ways(write_image_tree(tmp_path), ten_crop=True)
+    for workers_set, device_set in zip(by_workers, by_device, strict=True):  # training, then ten-crop validation
+        torch.testing.assert_close(batch_of_everything(device_set, workers=workers),
+                                   batch_of_everything(workers_set, workers=workers), rtol=0, atol=0)
 
 
 def test_a_jpeg_the_device_cannot_decode_is_read_as_the_workers_read_it(tmp_path):
     root = write_image_tree(tmp_path)
     truncated = root / "train" / "dog" / "0.jpg"
     truncated.write_bytes(truncated.read_bytes()[:2000])  # its header still opens; its pixels do not
-    by_workers, by_device = (build_datasets(DataSpec(str(root), decode_on=place), seed=0)[0]
-                             for place in ("workers", "device"))
+    (by_workers, _), (by_device, _) = decoded_both_ways(root)
     torch.testing.assert_close(batch_of_everything(by_device), batch_of_everything(by_workers), rtol=0, atol=0)
     assert by_device.skipped == by_workers.skipped == {str(truncated)}
 
@@ -207,8 +208,7 @@ def test_decoding_on_the_device_without_torchcodec_is_one_clear_error(tmp_path, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_nvjpeg_decodes_to_what_the_workers_decode_within_a_few_levels(tmp_path):
     root = write_image_tree(tmp_path)
-    by_workers, by_device = (build_datasets(DataSpec(str(root), decode_on=place), seed=0)[0]
-                             for place in ("workers", "device"))
+    (by_workers, _), (by_device, _) = decoded_both_ways(root)
     # nvJPEG's inverse DCT and chroma upsampling, and resizing in float on the GPU, round differently from
     # libjpeg-turbo: a few levels of 255 on these noise images; a wrong crop, flip or channel order is tens
     levels = (batch_of_everything(by_device, "cuda").cpu() - batch_of_everything(by_workers)) * torch.tensor(

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from alexnet_mp import AlexNet2012, checkpoint
-from tests.launching import ENV, ROOT, launch, metrics, one_line_error, run_train_py
+from tests.launching import ENV, ROOT, launch, metrics, one_line_error, records, run_train_py
 
 CLASSES = ["--num-classes", "10"]
 
@@ -76,17 +76,15 @@ def image_folder_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
 
 def test_training_on_an_image_folder_validates_and_checkpoints_at_the_epochs_end(image_folder_runs):
     run = image_folder_runs["workers"]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows if "loss" in row] == [0, 1, 2]
-    (evaluation,) = [row for row in rows if "val_loss" in row]
+    assert [row["step"] for row in metrics(run)] == [0, 1, 2]
+    (evaluation,) = [row for row in records(run) if "val_loss" in row]
     assert 0 <= evaluation["val_top5_error"] <= evaluation["val_top1_error"] <= 1
     assert checkpoint.find("latest", run / "checkpoints").step == 3
 
 
 def test_jpegs_decoded_on_the_device_train_and_validate_on_the_same_pixels(image_folder_runs):
     def results(run: Path) -> list[tuple]:
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return [(row.get("loss"), row.get("val_loss"), row.get("val_top1_error")) for row in rows]
+        return [(row.get("loss"), row.get("val_loss"), row.get("val_top1_error")) for row in records(run)]
 
     assert results(image_folder_runs["device"]) == results(image_folder_runs["workers"])
 
