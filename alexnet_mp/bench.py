@@ -49,14 +49,18 @@ class Sizes:
     warmup: int
     ranks: tuple[int, ...]  # world sizes of the data-parallel vs weird-trick comparison
     pipeline_images: int  # JPEG files written for the input pipeline's measurements
+    pipeline_steps: int  # batches the input pipeline alone is timed on, after its warm-up
     workers: int  # loader processes of the pipeline measurement
     num_classes: int
 
 
-FULL = Sizes(batch=32, steps=6, warmup=2, ranks=(2, 4), pipeline_images=512, workers=2, num_classes=1000)
+FULL = Sizes(batch=32, steps=6, warmup=2, ranks=(2, 4), pipeline_images=512, pipeline_steps=16, workers=2,
+             num_classes=1000)
 # The issue's GPU sizes: batch 256; warm-up long enough for compilation and CUDA-graph recording.
-FULL_GPU = Sizes(batch=256, steps=20, warmup=5, ranks=(2, 4), pipeline_images=2048, workers=8, num_classes=1000)
-QUICK = Sizes(batch=4, steps=1, warmup=1, ranks=(2, 4), pipeline_images=8, workers=2, num_classes=10)
+FULL_GPU = Sizes(batch=256, steps=20, warmup=5, ranks=(2, 4), pipeline_images=2048, pipeline_steps=40, workers=8,
+                 num_classes=1000)
+QUICK = Sizes(batch=4, steps=1, warmup=1, ranks=(2, 4), pipeline_images=8, pipeline_steps=1, workers=2,
+              num_classes=10)
 
 
 FAST_GPU = Variant("bf16", Speed(channels_last=True, compile=True))
@@ -154,31 +158,34 @@ def _loaded_batches(root: str, batch: int, workers: int, steps: int, device: tor
     return rank_batches(dataset, batches, slice(0, batch), slice(0, batch), 0, steps, workers, device)
 
 
-def _one_pass(step_s: float, device: torch.device) -> dict:
-    """The result of a measurement timed as one pass: its mean step time, no communication."""
-    return {"step_s": [step_s], "link_wait_s": [{}], "peak_memory_mb": peak_memory_mb(device), "bytes": 0.0}
-
-
-def pipeline_pass(root: str, images: int, batch: int, workers: int, decode_on: str = "workers") -> dict:
-    """The input pipeline alone (decode, crop and flip in the workers or on the device, collation, the
-    copy to the device and the colour work there): one pass over every image, from the loader's
-    creation (worker start-up included) to its last batch. Per-batch times would mislead: batches
-    prefetched during start-up arrive at once."""
-    device = _device()
-    steps = images // batch
-    loaded = _loaded_batches(root, batch, workers, steps, device, decode_on)  # a generator: nothing is loaded yet
+def _loader_pass(root: str, batch: int, workers: int, steps: int, device: torch.device, decode_on: str,
+                 consume: Callable[[int, torch.Tensor, torch.Tensor], None]) -> dict:
+    """Mean time per batch of `steps` loaded batches, each handed to `consume`, in the loader's steady
+    state: the clock starts once the first wave is consumed, the batches every worker made at once while
+    the loader started (or, with no workers, the first batch, on which the device's decoder starts).
+    Timed from the loader's creation, start-up would dominate a short pass; timed per batch, the first
+    wave would arrive at once."""
+    warmup = max(workers, 1)
     clock = StepClock(device)
-    clock.start()
-    for _ in loaded:
-        pass
-    return _one_pass(clock.stop() / steps, device)
+    for i, (step, images, labels) in enumerate(_loaded_batches(root, batch, workers, warmup + steps, device,
+                                                               decode_on)):
+        consume(step, images, labels)
+        if i == warmup - 1:
+            clock.start()
+    return {"step_s": [clock.stop() / steps], "link_wait_s": [{}], "peak_memory_mb": peak_memory_mb(device),
+            "bytes": 0.0}
+
+
+def pipeline_pass(root: str, steps: int, batch: int, workers: int, decode_on: str = "workers") -> dict:
+    """The input pipeline alone: decode, crop and flip in the workers or on the device, collation, the
+    copy to the device and the colour work there."""
+    return _loader_pass(root, batch, workers, steps, _device(), decode_on, lambda *batch: None)
 
 
 def fed_steps(root: str, batch: int, workers: int, sizes: Sizes, variant: Variant = EAGER,
               decode_on: str = "workers") -> dict:
-    """Our single-device step fed by the input pipeline: warmed up (compiled) on an in-memory batch,
-    then `sizes.steps` steps timed as one pass from the loader's creation, data waits included; timed
-    per step, the batches the workers prefetched during warm-up would hide the loader's pace."""
+    """Our single-device step fed by the input pipeline, data waits included; warmed up (compiled) on an
+    in-memory batch first."""
     device = _device()
     strategy = create("single", Setup("paper", sizes.num_classes, SEED, device, speed=variant.speed), 1)
     strategy.train()
@@ -190,11 +197,8 @@ def fed_steps(root: str, batch: int, workers: int, sizes: Sizes, variant: Varian
 
     for step in range(sizes.warmup):
         run_step(step, *_fixed_batch(batch, sizes.num_classes, device))
-    clock = StepClock(device)
-    clock.start()
-    for step, images, labels in _loaded_batches(root, batch, workers, sizes.steps, device, decode_on):
-        run_step(sizes.warmup + step, images, labels)
-    return _one_pass(clock.stop() / sizes.steps, device)
+    return _loader_pass(root, batch, workers, sizes.steps, device, decode_on,
+                        lambda step, images, labels: run_step(sizes.warmup + step, images, labels))
 
 
 # -- the matrix, run from the launching process --
@@ -312,11 +316,11 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str) -> tuple[list[Meas
         for scheme in ("all", "one-at-a-time"):
             step(f"weird-trick ({scheme}) x{ranks}", ranks, "weird-trick", "paper", layouts, scheme)
     pictures = str(write_jpeg_tree(scratch / "jpeg", sizes.pipeline_images))
-    run("input pipeline, 1 worker (in process)", pipeline_pass, 1, pictures, sizes.pipeline_images, batch, 0,
+    run("input pipeline, 1 worker (in process)", pipeline_pass, 1, pictures, sizes.pipeline_steps, batch, 0,
         threads=1)
     places = {"workers": ""} | ({"device": ON_DEVICE} if _can_decode_on_device(skipped) else {})
     for place, suffix in places.items():
-        run(f"input pipeline, {sizes.workers} workers{suffix}", pipeline_pass, 1, pictures, sizes.pipeline_images,
+        run(f"input pipeline, {sizes.workers} workers{suffix}", pipeline_pass, 1, pictures, sizes.pipeline_steps,
             batch, sizes.workers, place, threads=1)
         run(layouts.named(FED + suffix), fed_steps, 1, pictures, batch, sizes.workers, sizes, layouts, place,
             arch="paper", precision=layouts.precision)

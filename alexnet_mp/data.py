@@ -7,13 +7,12 @@ loads it. Labels come from the dataset's `targets`, so a rank can hold labels fo
 it does not load (weird-trick rank 0 computes the loss over the whole global batch).
 
 Images are decoded by the loader's workers, or (`decode_on="device"`) left encoded there and
-decoded in one call where the batch is going: on a GPU by nvJPEG, through TorchCodec.
+decoded in one call where the batch is going: on a GPU by nvJPEG, through TorchCodec or torchvision.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import io
 import logging
 import pickle
@@ -235,19 +234,40 @@ class Augmented(Dataset):
         raise UsageError(f"class {self.classes[label]!r} has no readable image")
 
 
+JpegDecoder = Callable[[list[bytes], torch.device], list[Tensor]]
+
+
+@functools.cache
+def jpeg_decoder() -> JpegDecoder | None:
+    """A batched JPEG decoder to uint8 RGB [3, H, W] on a device (nvJPEG on a GPU): TorchCodec's where
+    it has one (0.16 and later), else torchvision's (deprecated since torchvision 0.29 in TorchCodec's
+    favour, but the only one beside a torch older than TorchCodec's decoder, such as 2.11); None if neither."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+        return lambda jpegs, device: decode_jpeg(jpegs, mode="RGB", device=device)
+    except (ImportError, RuntimeError, OSError):
+        pass
+    from torchvision import io as tv_io
+    if not hasattr(tv_io, "decode_jpeg"):
+        return None
+    return lambda jpegs, device: tv_io.decode_jpeg(
+        [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs], mode=tv_io.ImageReadMode.RGB,
+        device=device)
+
+
 def _decode_jpegs(jpegs: list[bytes], device: torch.device) -> list[Tensor | None]:
-    """JPEG bytes decoded to uint8 RGB [3, H, W] on `device`, all in one call; if that call fails,
-    one by one, with None for each image the decoder refuses (a truncated file, say)."""
+    """JPEG bytes decoded on `device`, all in one call; if that call fails, one by one, with None for each
+    image the decoder refuses (a truncated file, say)."""
     if not jpegs:
         return []
-    from torchcodec.decoders import decode_jpeg
+    decode = jpeg_decoder()  # not None: require_device_decoder() ran before any batch
     try:
-        return decode_jpeg(jpegs, mode="RGB", device=device)
+        return decode(jpegs, device)
     except RuntimeError:
         decoded: list[Tensor | None] = []
         for jpeg in jpegs:
             try:
-                decoded.append(decode_jpeg(jpeg, mode="RGB", device=device))
+                decoded.append(decode([jpeg], device)[0])
             except RuntimeError:
                 decoded.append(None)
         return decoded
@@ -268,13 +288,11 @@ def _central_by_size(images: list[Tensor | None]) -> list[Tensor | None]:
 
 
 def require_device_decoder() -> None:
-    """`--decode-on device` decodes with TorchCodec, an optional dependency: refuse in one line if it
-    cannot be imported, before any worker starts."""
-    try:
-        importlib.import_module("torchcodec.decoders")
-    except (ImportError, RuntimeError, OSError) as error:
-        raise UsageError(f"--decode-on device needs TorchCodec ({error}): pip install 'alexnet-mp[device-decode]', "
-                         "or use --decode-on workers") from None
+    """Refuse `--decode-on device` in one line when no JPEG decoder can run on a device, before any
+    worker starts."""
+    if jpeg_decoder() is None:
+        raise UsageError("--decode-on device needs TorchCodec: pip install 'alexnet-mp[device-decode]', "
+                         "or use --decode-on workers")
 
 
 class ImageSource:
