@@ -193,7 +193,7 @@ def fed_steps(root: str, batch: int, workers: int, sizes: Sizes, variant: Varian
 
     def run_step(step: int, images: torch.Tensor, labels: torch.Tensor) -> None:
         with variant.autocast(device):
-            train_step(strategy, optimizer, images, labels.to(device), step, batch)
+            train_step(strategy, optimizer, images, labels, step, batch)
 
     for step in range(sizes.warmup):
         run_step(step, *_fixed_batch(batch, sizes.num_classes, device))

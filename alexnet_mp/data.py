@@ -418,8 +418,10 @@ class _RowSampler:
 
 def rank_batches(dataset: Dataset, batches: GlobalBatches, image_rows: slice, label_rows: slice,
                  start: int, stop: int, workers: int, device: torch.device) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """(step, images of image_rows on `device`, labels of label_rows) for steps start..stop-1.
-    uint8 pixels are normalised on the device (`normalise`)."""
+    """(step, images of image_rows, labels of label_rows) for steps start..stop-1, both on `device`.
+    uint8 pixels are normalised on the device (`normalise`). Labels reach a GPU from pinned memory
+    without a wait: a copy from pageable memory would hold the host until the GPU had finished the step
+    before, and with it the preparation of the next batch."""
     cuda = device.type == "cuda"
     loader = DataLoader(dataset, batch_sampler=_RowSampler(batches, image_rows, start, stop), num_workers=workers,
                         collate_fn=collate, pin_memory=cuda, prefetch_factor=4 if workers else None,
@@ -431,7 +433,8 @@ def rank_batches(dataset: Dataset, batches: GlobalBatches, image_rows: slice, la
         images = images.to(device, non_blocking=cuda)
         if images.dtype == torch.uint8:
             images = normalise(images, alphas.to(device, non_blocking=cuda))
-        yield step, images, targets[batches.indices(step)[label_rows]]
+        labels = targets[batches.indices(step)[label_rows]]
+        yield step, images, labels.pin_memory().to(device, non_blocking=True) if cuda else labels
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
     | tee -a "$out/device.txt"
 if [[ $parts == *tests* ]]; then
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:logging -k "gpu or nvjpeg" tests/test_speed.py \
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:logging -k "gpu or nvjpeg or cuda" tests/test_speed.py \
         tests/test_data.py 2>&1 \
         | tee "$out/tests.txt" | tail -40
 fi

@@ -76,13 +76,16 @@ def test_image_folder_yields_uint8_224_crops_with_their_lighting_and_folder_labe
     assert pixels.shape == (3, 224, 224) and not alpha.any()  # no lighting for validation
 
 
-def test_batches_reach_the_device_normalised(tmp_path):
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_batches_reach_the_device_normalised_with_their_labels(tmp_path, device):
     train, _ = build_datasets(DataSpec(str(write_image_tree(tmp_path))), seed=0)
     batches = GlobalBatches(len(train), 3, seed=0)
-    _, images, labels = next(rank_batches(train, batches, slice(0, 3), slice(0, 3), 0, 1, 0, torch.device("cpu")))
+    _, images, labels = next(rank_batches(train, batches, slice(0, 3), slice(0, 3), 0, 1, 0, torch.device(device)))
     assert images.shape == (3, 3, 224, 224) and images.dtype == torch.float32 and abs(float(images.mean())) < 3
+    assert images.device.type == labels.device.type == device
     first, alpha = train[tuple(int(i) for i in (batches.indices(0)[0], 0))]
-    torch.testing.assert_close(images[0], normalise(first[None], alpha[None])[0])
+    torch.testing.assert_close(images[0].cpu(), normalise(first[None], alpha[None])[0])
     assert labels.tolist() == [train.targets[int(i)] for i in batches.indices(0)]
 
 
