@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine is used for, in one call (its time is short): the speed-ups'
-# equivalence tests on the GPU, a profile of the fastest step, short training runs through the whole
-# loop (data, evaluation, checkpoint) on the fast path, one on JPEGs decoded on the GPU, and the full
-# benchmark.
+# Everything a lent GPU machine is used for (its time is short): the speed-ups' equivalence tests on
+# the GPU, profiles of the fastest step (in memory, and fed by JPEGs decoded on the GPU), short
+# training runs through the whole loop (data, evaluation, checkpoint) on the fast path, one of them
+# on JPEGs decoded on the GPU, and the full benchmark. All of it takes more than one call's 10 minutes:
+# run it in parts.
 #   bash launch/gpu_session.sh OUT_DIR [PARTS]   (PARTS: any of tests,profile,train,jpeg,bench; default all)
 # The lent machine's torch 2.11 predates TorchCodec's JPEG decoder: --decode-on device uses torchvision's there.
 set -uo pipefail
@@ -21,6 +22,9 @@ fi
 if [[ $parts == *profile* ]]; then
     timeout 150 python3 launch/profile_step.py --precision bf16 --channels-last --compile --batch 256 --rows 30 \
         2>&1 | tee "$out/profile.txt" | tail -40 | cut -c1-80,150-
+    # the same step fed by JPEGs decoded on the GPU: the host's time, and a trace of where it waits
+    timeout 150 python3 launch/profile_step.py --precision bf16 --channels-last --compile --batch 256 --rows 30 \
+        --fed-by device --trace "$out/fed_trace.json.gz" 2>&1 | tee "$out/profile_fed.txt" | tail -40 | cut -c1-80,150-
 fi
 if [[ $parts == *train* ]]; then
     timeout 180 python3 train.py --mode paper-split --steps 20 --batch-size 256 --synthetic-size 4096 \

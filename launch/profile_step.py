@@ -1,17 +1,26 @@
 """Where one training step's time goes: torch.profiler over a few steady-state steps of one layout on
-one process, printed as the ops and kernels that take the most device time.
+one process, printed as the ops and kernels that take the most device time. Fed by the input
+pipeline (`--fed-by workers|device`, over generated JPEGs), it prints the host's time instead: the
+calls that keep the host from preparing the next batch while the device trains.
 
     python launch/profile_step.py --precision bf16 --channels-last --compile --batch 256
+    python launch/profile_step.py --precision bf16 --channels-last --compile --fed-by device --trace fed.json.gz
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from alexnet_mp.bench import write_jpeg_tree
 from alexnet_mp.config import TrainConfig
+from alexnet_mp.data import Augmented, FolderSource, GlobalBatches, rank_batches, require_device_decoder
 from alexnet_mp.rng import seeded_generator
 from alexnet_mp.speed import Speed, Variant
 from alexnet_mp.step import make_optimizer, train_step
@@ -30,6 +39,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--fed-by", default="memory", choices=["memory", "workers", "device"],
+                        help="one in-memory batch, or the input pipeline with JPEGs decoded by its workers or on "
+                             "the device")
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--trace", type=Path, help="also write a Chrome trace here (.json or .json.gz)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,11 +51,10 @@ def main() -> None:
     strategy = create(args.mode, Setup(args.arch, 1000, 0, device, speed=variant.speed), 1)
     strategy.train()
     optimizer = make_optimizer(strategy.parameters(), TrainConfig(batch_size=args.batch))
-    generator = seeded_generator(0, 9)
-    images = torch.randn(args.batch, 3, 224, 224, generator=generator).to(device)
-    labels = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
+    batches = feed(args.fed_by, args.batch, args.workers, args.warmup + args.steps, device)
 
     def step(index: int) -> None:
+        images, labels = next(batches)
         with variant.autocast(device):
             train_step(strategy, optimizer, images, labels, index, args.batch)
 
@@ -53,9 +66,27 @@ def main() -> None:
             step(args.warmup + index)
         if device.type == "cuda":
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"{args.mode}, {variant.named(args.arch)}, batch {args.batch}, {args.steps} steps on {device}")
+    key = "self_cuda_time_total" if device.type == "cuda" and args.fed_by == "memory" else "self_cpu_time_total"
+    print(f"{args.mode}, {variant.named(args.arch)}, batch {args.batch}, {args.steps} steps on {device}, "
+          f"fed by {args.fed_by}")
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=70))
+    if args.trace:
+        prof.export_chrome_trace(str(args.trace))
+
+
+def feed(source: str, batch: int, workers: int, steps: int, device: torch.device) -> Iterator[tuple]:
+    """(images, labels) on `device` for `steps` steps: one fixed random batch, or the input pipeline's."""
+    if source == "memory":
+        generator = seeded_generator(0, 9)
+        images = torch.randn(batch, 3, 224, 224, generator=generator).to(device)
+        return itertools.repeat((images, torch.randint(0, 1000, (batch,), generator=generator).to(device)))
+    if source == "device":
+        require_device_decoder()
+    dataset = Augmented(FolderSource(write_jpeg_tree(Path(tempfile.mkdtemp()) / "jpeg", 2048)), 0, train=True,
+                        decode_on=source)
+    loaded = rank_batches(dataset, GlobalBatches(len(dataset), batch, 0), slice(0, batch), slice(0, batch), 0, steps,
+                          workers, device)
+    return ((images, labels) for _, images, labels in loaded)
 
 
 if __name__ == "__main__":
