@@ -152,7 +152,9 @@ def plain_loop_steps(batch: int, sizes: Sizes) -> dict:
     return {**_timed(run_step, device, sizes), "bytes": 0.0}
 
 
-def _loaded_batches(root: str, batch: int, workers: int, steps: int, device: torch.device, decode_on: str) -> Iterator:
+def loaded_batches(root: str, batch: int, workers: int, steps: int, device: torch.device,
+                   decode_on: str) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """`steps` training batches of the JPEG folder `root` on `device`, as `rank_batches` gives them."""
     dataset = Augmented(FolderSource(Path(root)), SEED, train=True, decode_on=decode_on)
     batches = GlobalBatches(len(dataset), batch, SEED)
     return rank_batches(dataset, batches, slice(0, batch), slice(0, batch), 0, steps, workers, device)
@@ -167,8 +169,8 @@ def _loader_pass(root: str, batch: int, workers: int, steps: int, device: torch.
     wave would arrive at once."""
     warmup = max(workers, 1)
     clock = StepClock(device)
-    for i, (step, images, labels) in enumerate(_loaded_batches(root, batch, workers, warmup + steps, device,
-                                                               decode_on)):
+    for i, (step, images, labels) in enumerate(loaded_batches(root, batch, workers, warmup + steps, device,
+                                                              decode_on)):
         consume(step, images, labels)
         if i == warmup - 1:
             clock.start()

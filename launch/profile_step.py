@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from alexnet_mp.bench import write_jpeg_tree
+from alexnet_mp.bench import loaded_batches, write_jpeg_tree
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.data import Augmented, FolderSource, GlobalBatches, rank_batches, require_device_decoder
+from alexnet_mp.data import require_device_decoder
 from alexnet_mp.rng import seeded_generator
 from alexnet_mp.speed import Speed, Variant
 from alexnet_mp.step import make_optimizer, train_step
@@ -82,11 +82,8 @@ def feed(source: str, batch: int, workers: int, steps: int, device: torch.device
         return itertools.repeat((images, torch.randint(0, 1000, (batch,), generator=generator).to(device)))
     if source == "device":
         require_device_decoder()
-    dataset = Augmented(FolderSource(write_jpeg_tree(Path(tempfile.mkdtemp()) / "jpeg", 2048)), 0, train=True,
-                        decode_on=source)
-    loaded = rank_batches(dataset, GlobalBatches(len(dataset), batch, 0), slice(0, batch), slice(0, batch), 0, steps,
-                          workers, device)
-    return ((images, labels) for _, images, labels in loaded)
+    root = str(write_jpeg_tree(Path(tempfile.mkdtemp()) / "jpeg", 2048))
+    return ((images, labels) for _, images, labels in loaded_batches(root, batch, workers, steps, device, source))
 
 
 if __name__ == "__main__":
