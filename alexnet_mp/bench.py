@@ -178,7 +178,7 @@ def _loader_pass(root: str, batch: int, workers: int, steps: int, device: torch.
             "bytes": 0.0}
 
 
-def pipeline_pass(root: str, steps: int, batch: int, workers: int, decode_on: str = "workers") -> dict:
+def pipeline_pass(root: str, batch: int, workers: int, steps: int, decode_on: str = "workers") -> dict:
     """The input pipeline alone: decode, crop and flip in the workers or on the device, collation, the
     copy to the device and the colour work there."""
     return _loader_pass(root, batch, workers, steps, _device(), decode_on, lambda *batch: None)
@@ -318,12 +318,12 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str) -> tuple[list[Meas
         for scheme in ("all", "one-at-a-time"):
             step(f"weird-trick ({scheme}) x{ranks}", ranks, "weird-trick", "paper", layouts, scheme)
     pictures = str(write_jpeg_tree(scratch / "jpeg", sizes.pipeline_images))
-    run("input pipeline, 1 worker (in process)", pipeline_pass, 1, pictures, sizes.pipeline_steps, batch, 0,
+    run("input pipeline, 1 worker (in process)", pipeline_pass, 1, pictures, batch, 0, sizes.pipeline_steps,
         threads=1)
     places = {"workers": ""} | ({"device": ON_DEVICE} if _can_decode_on_device(skipped) else {})
     for place, suffix in places.items():
-        run(f"input pipeline, {sizes.workers} workers{suffix}", pipeline_pass, 1, pictures, sizes.pipeline_steps,
-            batch, sizes.workers, place, threads=1)
+        run(f"input pipeline, {sizes.workers} workers{suffix}", pipeline_pass, 1, pictures, batch, sizes.workers,
+            sizes.pipeline_steps, place, threads=1)
         run(layouts.named(FED + suffix), fed_steps, 1, pictures, batch, sizes.workers, sizes, layouts, place,
             arch="paper", precision=layouts.precision)
     return list(found.values()), skipped, failed

@@ -20,11 +20,12 @@ if [[ $parts == *tests* ]]; then
         | tee "$out/tests.txt" | tail -40
 fi
 if [[ $parts == *profile* ]]; then
-    timeout 150 python3 launch/profile_step.py --precision bf16 --channels-last --compile --batch 256 --rows 30 \
-        2>&1 | tee "$out/profile.txt" | tail -40 | cut -c1-80,150-
-    # the same step fed by JPEGs decoded on the GPU: the host's time, and a trace of where it waits
-    timeout 150 python3 launch/profile_step.py --precision bf16 --channels-last --compile --batch 256 --rows 30 \
-        --fed-by device --trace "$out/fed_trace.json.gz" 2>&1 | tee "$out/profile_fed.txt" | tail -40 | cut -c1-80,150-
+    # in memory: the device's time; fed by JPEGs decoded on the GPU: the host's, and a trace of where it waits
+    for fed in memory device; do
+        timeout 150 python3 launch/profile_step.py --precision bf16 --channels-last --compile --batch 256 --rows 30 \
+            --fed-by $fed --trace "$out/trace_$fed.json.gz" 2>&1 | tee "$out/profile_$fed.txt" | tail -40 \
+            | cut -c1-80,150-
+    done
 fi
 if [[ $parts == *train* ]]; then
     timeout 180 python3 train.py --mode paper-split --steps 20 --batch-size 256 --synthetic-size 4096 \
