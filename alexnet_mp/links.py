@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
 
@@ -268,14 +269,16 @@ class GradientAllReduce:
 
 
 class RoundExchange:
-    """The weird-trick exchange of conv features in rounds (Krizhevsky 2014, schemes b and c).
+    """The weird-trick exchange of conv features in rounds (Krizhevsky 2014, schemes b and c),
+    fused with fc6, the one layer that reads the features, so that the transfers overlap its work.
 
     Round j's features reach every rank: in scheme "one-at-a-time" rank j's whole batch slice
     (a broadcast from rank j), in scheme "slice" the j-th 1/N of every rank's slice (an all-gather).
-    Every round's collective starts at once, asynchronously; `round(j)` waits only for round j,
-    so round j+1 travels while round j is computed. Backward mirrors it: round j's gradient goes
-    back to the rows' owners asynchronously (a reduce to rank j, or a reduce-scatter) as soon as
-    backward reaches it, and the gradient of the local features is assembled once all are back.
+    Every round's collective starts at once, asynchronously, and fc6 runs on each round as it
+    arrives: in scheme (b) a rank's own round first, which needs no transfer, so the other rounds
+    travel meanwhile. Backward mirrors it: each round's input gradient goes back to its rows' owners
+    asynchronously (a reduce to rank j, or a reduce-scatter) as soon as it is computed, and fc6's
+    weight gradient is computed while the last of them travels.
     """
 
     SCHEMES = ("one-at-a-time", "slice")
@@ -286,19 +289,31 @@ class RoundExchange:
         self.forward_work: list[tuple[Tensor, dist.Work | None]] = []
         self.backward_work: list[tuple[int, Tensor, dist.Work]] = []
 
-    def sample_order(self, global_batch: int) -> Tensor:
-        """Global sample indices in the order the rounds deliver them."""
-        order = torch.arange(global_batch).view(self.size, -1)  # [rank, row within the rank's slice]
+    def linear(self, features: Tensor, layer: nn.Linear) -> Tensor:
+        """`layer` applied to every rank's features, rows in rank order: what `layer` computes on the
+        all-gather of `features` along the batch, with the exchange overlapping the layer's work."""
+        return _LinearOverRounds.apply(features, layer.weight, layer.bias, self)
+
+    def arrival_order(self) -> Iterator[int]:
+        """The rounds in the order fc6 runs them here: those already here first (in scheme (b) this
+        rank's own round, which is never sent to it), else the next in rank order after its own."""
+        rounds = list(range(self.size))
+        pending = rounds[self.rank:] + rounds[:self.rank] if self.scheme == "one-at-a-time" else rounds
+        while pending:
+            j = next((j for j in pending if self._arrived(j)), pending[0])
+            pending.remove(j)
+            yield j
+
+    def _arrived(self, j: int) -> bool:
+        return (self.scheme == "one-at-a-time" and j == self.rank) or self.forward_work[j][1].is_completed()
+
+    def sample_order(self, rows: int) -> Tensor:
+        """Indices into the rank-ordered rows (the all-gather's order) of the rows each round
+        delivers, round after round."""
+        order = torch.arange(rows).view(self.size, -1)  # [rank, row within the rank's slice]
         if self.scheme == "slice":
             order = order.view(self.size, self.size, -1).transpose(0, 1)  # [round, rank, sub-row]
-        return order.reshape(self.size, -1)
-
-    def start(self, features: Tensor) -> Tensor:
-        """Launches every round; returns the features as a node whose backward assembles their gradient."""
-        return _LaunchRounds.apply(features, self)
-
-    def round(self, launched: Tensor, j: int) -> Tensor:
-        return _ReceiveRound.apply(launched, j, self)
+        return order.flatten()
 
     # -- the collectives, forward and backward --
 
@@ -318,9 +333,19 @@ class RoundExchange:
 
     def _receive(self, j: int) -> Tensor:
         buffer, work = self.forward_work[j]
+        if self.scheme == "one-at-a-time" and j == self.rank:
+            return buffer  # this rank's own features: being sent, not received
         with self.ledger.waiting(self.name):
             work.wait()
-        return buffer.clone() if self.scheme == "one-at-a-time" and j == self.rank else buffer
+        return buffer
+
+    def _finish_sending(self) -> None:
+        """Waits for every round's collective: in scheme (b) that is this rank's own broadcast, whose
+        features fc6 read while they were being sent; the others have been received already."""
+        for _, work in self.forward_work:
+            with self.ledger.waiting(self.name):
+                work.wait()
+        self.forward_work.clear()
 
     def _send_back(self, j: int, grad: Tensor) -> None:
         grad = grad.contiguous()
@@ -335,7 +360,8 @@ class RoundExchange:
         self.ledger.record(0, self.name, BACKWARD, sent, grad.element_size())
         self.backward_work.append((j, mine, work))
 
-    def _gradient(self, like: Tensor) -> Tensor:
+    def _gradient(self, shape: torch.Size) -> Tensor:
+        """The gradient of this rank's features, once every round's has come back."""
         received = {}
         for j, mine, work in self.backward_work:
             with self.ledger.waiting(self.name):
@@ -344,28 +370,51 @@ class RoundExchange:
         self.backward_work.clear()
         if self.scheme == "one-at-a-time":
             return received[self.rank]
-        return torch.cat([received[j] for j in range(self.size)]).view_as(like)
+        return torch.cat([received[j] for j in range(self.size)]).view(shape)
 
 
-class _LaunchRounds(Function):
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in here: autocast's, where it is on, else the input's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class _LinearOverRounds(Function):
+    """Forward: launches every round, then applies the linear layer to each round as it arrives (in
+    `arrival_order`); the outputs come back in rank order. Backward: the input gradient of each
+    round, in round order on every rank (collectives must be issued in one order), goes back to its
+    owners asynchronously, and the weight gradient is computed while the last of them travels, as
+    Megatron-LM's LinearWithGradAccumulationAndAsyncCommunication overlaps its all-reduce.
+    Under autocast it computes in autocast's dtype, as `F.linear` would, with autograd's casts."""
+
     @staticmethod
-    def forward(ctx, features: Tensor, exchange: RoundExchange) -> Tensor:
-        ctx.exchange = exchange
+    def forward(ctx, features: Tensor, weight: Tensor, bias: Tensor, exchange: RoundExchange) -> Tensor:
+        dtype = _compute_dtype(features)
         exchange._launch(features)
-        return features.view_as(features)
+        w, b = weight.to(dtype), bias.to(dtype)
+        inputs: dict[int, Tensor] = {}
+        outputs: dict[int, Tensor] = {}
+        with torch.autocast(features.device.type, enabled=False):
+            for j in exchange.arrival_order():
+                inputs[j] = exchange._receive(j).to(dtype)
+                outputs[j] = F.linear(inputs[j], w, b)
+        exchange._finish_sending()
+        rounds = range(exchange.size)
+        x = torch.cat([inputs[j] for j in rounds])
+        ctx.save_for_backward(x, w)
+        ctx.exchange, ctx.shape, ctx.dtypes = exchange, features.shape, (features.dtype, weight.dtype, bias.dtype)
+        ctx.order = exchange.sample_order(x.shape[0]).to(x.device)
+        out = torch.empty((x.shape[0], w.shape[0]), dtype=dtype, device=x.device)
+        out[ctx.order] = torch.cat([outputs[j] for j in rounds])  # round order -> rank order
+        return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return grad + ctx.exchange._gradient(grad), None
-
-
-class _ReceiveRound(Function):
-    @staticmethod
-    def forward(ctx, launched: Tensor, j: int, exchange: RoundExchange) -> Tensor:
-        ctx.j, ctx.exchange, ctx.shape = j, exchange, launched.shape
-        return exchange._receive(j)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        ctx.exchange._send_back(ctx.j, grad)
-        return grad.new_zeros(ctx.shape), None, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        x, w = ctx.saved_tensors
+        exchange, (features_dtype, weight_dtype, bias_dtype) = ctx.exchange, ctx.dtypes
+        grad = grad[ctx.order].to(w.dtype)  # rank order -> round order
+        for j, rows in enumerate(grad.chunk(exchange.size)):
+            exchange._send_back(j, (rows @ w).to(features_dtype))
+        grad_weight = (grad.t() @ x).to(weight_dtype)  # while the last round's gradient travels
+        grad_bias = grad.sum(0).to(bias_dtype)
+        return exchange._gradient(ctx.shape), grad_weight, grad_bias, None

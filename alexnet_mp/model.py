@@ -319,7 +319,11 @@ class AlexNet(nn.Module):
 
     def hidden(self, x: Tensor, layer: int, dropout: DropoutMasks | None) -> Tensor:
         """fc6 (layer 0) or fc7 (layer 1) on this piece's units: ReLU, then dropout while training."""
-        x = F.relu(getattr(self, FC_NAMES[layer])(x), inplace=True)
+        return self.activate(getattr(self, FC_NAMES[layer])(x), layer, dropout)
+
+    def activate(self, x: Tensor, layer: int, dropout: DropoutMasks | None) -> Tensor:
+        """What follows fc6's or fc7's product on this piece's units: ReLU, then dropout while training."""
+        x = F.relu(x, inplace=True)
         if not self.training:
             return x
         if dropout is None:

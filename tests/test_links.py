@@ -42,6 +42,42 @@ def expected_gradients(dim: int, loss_on_every_rank: bool) -> list[torch.Tensor]
     return [x.grad for x in xs]
 
 
+def linears(world: int, dtype: torch.dtype) -> list[torch.nn.Linear]:
+    """Rank r's shard of a linear layer (3 inputs, 4 of its units), for each rank."""
+    torch.manual_seed(9)
+    return [torch.nn.Linear(3, 4).to(dtype) for _ in range(world)]
+
+
+def linear_over_rounds(world: int, precision: str, rank: int | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Each rank's shard of a linear layer applied to the all-gather of every rank's part, and the
+    gradients of the sum over ranks of (output * w_r): through `RoundExchange.linear` on this rank
+    for each scheme, or on one device for every rank when `rank` is None. Each rank holds `world`
+    rows, so that scheme (c) can split them N ways."""
+    dtype = torch.float32 if precision == "bf16" else torch.float64
+    xs = [x.to(dtype).requires_grad_() for x in torch.randn(world, world, 3, dtype=torch.float64,
+                                                            generator=torch.Generator().manual_seed(7))]
+    layers = linears(world, dtype)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    if rank is None:
+        with autocast:
+            ys = [layer(torch.cat(xs)) for layer in layers]
+        sum((y * weights(y.shape)[0]).sum() for y in ys).backward()
+        return {"expected": [(y.detach(), x.grad, layer.weight.grad, layer.bias.grad)
+                             for y, x, layer in zip(ys, xs, layers, strict=True)]}
+    out = {}
+    for scheme in RoundExchange.SCHEMES:
+        x, layer = xs[rank].detach().clone().requires_grad_(), linears(world, dtype)[rank]
+        with autocast:
+            y = RoundExchange(scheme, dist.group.WORLD, Ledger()).linear(x, layer)
+        (y * weights(y.shape)[0]).sum().backward()
+        out[scheme] = (y.detach(), x.grad, layer.weight.grad, layer.bias.grad)
+    return out
+
+
+def rounds_on_ranks(world: int, precision: str) -> dict[str, tuple[torch.Tensor, ...]]:
+    return linear_over_rounds(world, precision, dist.get_rank())
+
+
 def link_gradients() -> dict[str, torch.Tensor]:
     rank, group, ledger = dist.get_rank(), dist.group.WORLD, Ledger()
     out = {}
@@ -55,15 +91,6 @@ def link_gradients() -> dict[str, torch.Tensor]:
     loss = (first * weights((2, 6))[0]).sum() if rank == 0 else first.sum()
     loss.backward()
     out["gather-to-first"] = x.grad
-    for scheme in RoundExchange.SCHEMES:
-        x = parts((2, 3))[rank].requires_grad_()
-        exchange = RoundExchange(scheme, group, ledger)
-        launched = exchange.start(x)
-        order = exchange.sample_order(2 * WORLD)
-        rounds = torch.cat([exchange.round(launched, j) for j in range(WORLD)])
-        full = rounds[order.flatten().argsort()]  # back to rank order, as one all-gather along dim 0
-        (full * weights(full.shape)[rank]).sum().backward()
-        out[scheme] = x.grad
     for average in (False, True):
         param = torch.nn.Parameter(parts((3,))[rank].clone())
         sync = GradientAllReduce([param], group, average, ledger, "test")
@@ -89,10 +116,21 @@ def test_gather_to_first_backward_sends_each_rank_the_gradient_of_its_part(gradi
         torch.testing.assert_close(gradients[rank]["gather-to-first"], expected)
 
 
+@pytest.fixture(scope="module", params=[(2, "float64"), (4, "float64"), (2, "bf16")], ids=str)
+def rounds(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list, list]:
+    world, precision = request.param
+    found = run_distributed(rounds_on_ranks, world, tmp_path_factory.mktemp("rounds"), world, precision)
+    return precision, found, linear_over_rounds(world, precision)["expected"]
+
+
 @pytest.mark.parametrize("scheme", RoundExchange.SCHEMES)
-def test_round_exchange_gradients_equal_one_all_gather(gradients, scheme):
-    for rank, expected in enumerate(expected_gradients(0, loss_on_every_rank=True)):
-        torch.testing.assert_close(gradients[rank][scheme], expected)
+def test_linear_over_rounds_equals_the_linear_of_one_all_gather_outputs_and_gradients(rounds, scheme):
+    precision, found, expected = rounds
+    tolerance = {"rtol": 1e-2, "atol": 1e-2} if precision == "bf16" else {}
+    for rank, want in enumerate(expected):
+        for name, got, value in zip(("output", "input grad", "weight grad", "bias grad"), found[rank][scheme], want,
+                                    strict=True):
+            torch.testing.assert_close(got, value, **tolerance, msg=lambda m, r=rank, n=name: f"rank {r} {n}: {m}")
 
 
 @pytest.mark.parametrize("average", [False, True])

@@ -186,6 +186,11 @@ def sharded_classifier(pieces: list[AlexNet], inputs: list[Tensor], link: Link,
     """fc6 -> fc7 -> fc8 over FC shards: each piece computes its units of fc6 and fc7 from all of
     the previous layer (gathered by the link); fc8 reads all fc7 units on the first piece."""
     hidden = [piece.hidden(x, 0, dropout) for piece, x in zip(pieces, inputs, strict=True)]
+    return classifier_after_fc6(pieces, hidden, link, dropout)
+
+
+def classifier_after_fc6(pieces: list[AlexNet], hidden: list[Tensor], link: Link, dropout: DropoutMasks) -> Tensor:
+    """fc7 -> fc8 over FC shards, from each piece's fc6 units (activated)."""
     hidden = link.gather(hidden, 1, "fc7-input")
     hidden = [piece.hidden(x, 1, dropout) for piece, x in zip(pieces, hidden, strict=True)]
     fc8_input = link.gather_to_first(hidden, 1, "fc8-input")

@@ -5,20 +5,20 @@ every rank's samples; fc8 lives whole on rank 0 with the loss over the global ba
 cuda-convnet2's layers-imagenet-4gpu-data-model.cfg.
 
 --exchange all            (scheme a) one all-gather of every rank's conv features;
---exchange one-at-a-time  (scheme b) rank j's features in round j, each round's FC work overlapping
-                          the next round's transfer;
+--exchange one-at-a-time  (scheme b) rank j's features in round j; fc6 runs on each round as it
+                          arrives, a rank's own round first, so the transfers overlap fc6's work;
 --exchange slice          (scheme c) the j-th 1/N of every rank's features in round j, then as (b).
+In (b) and (c) fc7 and fc8 then run once over the whole global batch, as in (a).
 """
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from alexnet_mp.links import ProcessLink, RoundExchange
 from alexnet_mp.model import Piece, rows
-from alexnet_mp.strategies.base import Setup, Strategy, UsageError, sharded_classifier
+from alexnet_mp.strategies.base import Setup, Strategy, UsageError, classifier_after_fc6, sharded_classifier
 
 EXCHANGES = ("all", *RoundExchange.SCHEMES)
 
@@ -65,17 +65,12 @@ class WeirdTrick(Strategy):
     def forward(self, images: Tensor, step: int, global_batch: int) -> Tensor:
         (column,) = self.modules()
         features = column.features(images)
+        dropout = self.dropout(step, global_batch, slice(None))
         if self.rounds is None:
             gathered = self.link.gather([features], 0, "fc6-input")
-            return sharded_classifier([column], gathered, self.link, self.dropout(step, global_batch, slice(None)))
-        order = self.rounds.sample_order(global_batch)
-        launched = self.rounds.start(features)
-        logits = [sharded_classifier([column], [self.rounds.round(launched, j)], self.link,
-                                     self.dropout(step, global_batch, order[j].to(features.device)))
-                  for j in range(self.world_size)]
-        if column.fc8 is None:
-            return torch.cat(logits)
-        return torch.cat(logits)[order.flatten().argsort().to(features.device)]
+            return sharded_classifier([column], gathered, self.link, dropout)
+        fc6 = column.activate(self.rounds.linear(features, column.fc6), 0, dropout)
+        return classifier_after_fc6([column], [fc6], self.link, dropout)
 
     def after_backward(self) -> None:
         if self.sync is not None:
