@@ -68,13 +68,15 @@ EXCHANGE_LINK = "fc6-input"  # the link of weird-trick's conv-feature exchange, 
 
 
 def single_variants(device_type: str) -> list[Variant]:
-    """Our single-device step, one speed-up added at a time, on a GPU. A CPU runs the eager float32
+    """Our single-device step, one speed-up added at a time, on a GPU (the last: compiled with LRN's
+    Triton kernels, against the compiled torch ops without CUDA graphs). A CPU runs the eager float32
     step alone: it has no bf16 units (bf16 ran 10x slower than float32 here), and compiling takes
     most of a minute per process with 2 cores."""
     if device_type == "cpu":
         return [EAGER]
     return [EAGER, Variant("bf16"), Variant("bf16", Speed(channels_last=True)), FAST_GPU,
-            Variant("bf16", Speed(channels_last=True, cuda_graphs=True))]
+            Variant("bf16", Speed(channels_last=True, cuda_graphs=True)),
+            Variant("bf16", Speed(channels_last=True, compile=True, triton_lrn=True))]
 
 
 def layout_variant(device_type: str) -> Variant:

@@ -36,6 +36,8 @@ def check_train_config(config: TrainConfig) -> None:
         raise UsageError("--tracker tensorboard needs the tensorboard package: pip install 'alexnet-mp[tensorboard]'")
     if config.cuda_graphs and not torch.cuda.is_available():
         raise UsageError("--cuda-graphs needs a GPU (none is visible); use --compile alone on a CPU")
+    if config.triton_lrn and not (torch.cuda.is_available() and importlib.util.find_spec("triton")):
+        raise UsageError("--triton-lrn needs a GPU and Triton (installed with torch's CUDA wheels); drop the flag")
     if config.batch_size < 1 or (config.steps is not None and config.steps < 1) or config.epochs < 1:
         raise UsageError("--batch-size, --steps and --epochs must be positive")
 

@@ -46,6 +46,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     cuda_graphs: bool = False
+    triton_lrn: bool = False
     log_every: int = 1
     timeout_s: float = 600.0
     output_dir: str = "runs/latest"
@@ -65,7 +66,7 @@ class TrainConfig:
 
     @property
     def speed(self) -> Speed:
-        return Speed(self.channels_last, self.compile, self.cuda_graphs)
+        return Speed(self.channels_last, self.compile, self.cuda_graphs, self.triton_lrn)
 
     @property
     def output(self) -> Path:
@@ -124,6 +125,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile each conv stage between two links (LRN, ReLU, pooling fused)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the compiled stages as CUDA graphs (implies --compile; GPU only)")
+    parser.add_argument("--triton-lrn", action="store_true",
+                        help="LRN as hand-written Triton kernels instead of torch ops (GPU only; not float64)")
     parser.add_argument("--log-every", type=int, default=d.log_every)
     parser.add_argument("--timeout", dest="timeout_s", type=float, default=d.timeout_s,
                         help="seconds a rank waits for its peers before giving up")

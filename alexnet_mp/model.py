@@ -11,7 +11,7 @@ Where the paper is ambiguous, the choices are explained in docs/reproduction.md.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -170,12 +170,17 @@ class LRN(nn.Module):
                  groups: int = 1) -> None:
         super().__init__()
         self.size, self.alpha, self.beta, self.k, self.groups = size, alpha, beta, k, groups
+        self.kernel: Callable[..., Tensor] | None = None  # kernels.lrn, set by speed.apply_triton_lrn
 
     def forward(self, x: Tensor) -> Tensor:
         # The window runs along channels. channels_last maps are worked on as (b, h, w, c), a view
         # in which channels are innermost, as they are in memory: every access stays contiguous
         # (over NCHW indices a fused kernel strides through memory, measured 10x slower on a GPU).
         nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        if self.kernel is not None:  # it takes channels innermost only: NCHW maps are copied there and back
+            out = self.kernel(x.movedim(1, -1).contiguous(), self.size, self.alpha, self.beta, self.k,
+                              self.groups).movedim(-1, 1)
+            return out if nhwc else out.contiguous()
         maps = x.movedim(1, -1) if nhwc else x
         out = _ChannelLRN.apply(maps, maps.dim() - 1 if nhwc else 1, self.size, self.alpha, self.beta, self.k,
                                 self.groups)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alexnet_mp.model import AlexNet
+from alexnet_mp.model import LRN, AlexNet
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,7 @@ class Speed:
     channels_last: bool = False  # conv weights (and so activations) in NHWC, the layout cuDNN's fast kernels use
     compile: bool = False  # each conv stage between two links one torch.compile graph
     cuda_graphs: bool = False  # the compiled stages replayed as CUDA graphs (implies compile)
+    triton_lrn: bool = False  # LRN as hand-written Triton kernels (kernels.py) instead of torch ops
 
     @property
     def compiled(self) -> bool:
@@ -28,7 +29,8 @@ class Speed:
     def describe(self) -> str:
         """The speed-ups on, joined by " + "; empty for none."""
         return " + ".join(name for name, on in (("channels_last", self.channels_last), ("compile", self.compiled),
-                                                ("cuda graphs", self.cuda_graphs)) if on)
+                                                ("cuda graphs", self.cuda_graphs), ("triton LRN", self.triton_lrn))
+                          if on)
 
 
 def apply_channels_last(piece: AlexNet) -> None:
@@ -44,9 +46,21 @@ def apply_compile(piece: AlexNet, mode: str | None) -> None:
     piece.run_convs = torch.compile(piece.run_convs, mode=mode)
 
 
+def apply_triton_lrn(piece: AlexNet) -> None:
+    """Every LRN runs `kernels.lrn`; under compile it is one opaque op in the graph (imported here, so
+    that only runs which ask for it import Triton)."""
+    from alexnet_mp import kernels
+
+    for module in piece.modules():
+        if isinstance(module, LRN):
+            module.kernel = kernels.lrn
+
+
 def apply_speed(piece: AlexNet, speed: Speed) -> None:
     if speed.channels_last:
         apply_channels_last(piece)
+    if speed.triton_lrn:
+        apply_triton_lrn(piece)
     if speed.compiled:
         apply_compile(piece, speed.compile_mode)
 

@@ -19,13 +19,17 @@ if [[ $parts == *tests* ]]; then
         tests/test_data.py 2>&1 \
         | tee "$out/tests.txt" | tail -40
 fi
+profile() {  # profile NAME [profile_step.py flags]: the fastest step, at batch 256
+    local name=$1; shift
+    timeout 150 python3 launch/profile_step.py --precision bf16 --channels-last --compile --batch 256 --rows 30 "$@" \
+        2>&1 | tee "$out/profile_$name.txt" | tail -40 | cut -c1-80,150-
+}
 if [[ $parts == *profile* ]]; then
     # in memory: the device's time; fed by JPEGs decoded on the GPU: the host's, and a trace of where it waits
     for fed in memory device; do
-        timeout 150 python3 launch/profile_step.py --precision bf16 --channels-last --compile --batch 256 --rows 30 \
-            --fed-by $fed --trace "$out/trace_$fed.json.gz" 2>&1 | tee "$out/profile_$fed.txt" | tail -40 \
-            | cut -c1-80,150-
+        profile $fed --fed-by $fed --trace "$out/trace_$fed.json.gz"
     done
+    profile triton_lrn --triton-lrn  # LRN's Triton kernels against the compiled torch ops above
 fi
 if [[ $parts == *train* ]]; then
     timeout 180 python3 train.py --mode paper-split --steps 20 --batch-size 256 --synthetic-size 4096 \

@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--cuda-graphs", action="store_true")
+    parser.add_argument("--triton-lrn", action="store_true")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=25)
@@ -47,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    variant = Variant(args.precision, Speed(args.channels_last, args.compile, args.cuda_graphs))
+    variant = Variant(args.precision, Speed(args.channels_last, args.compile, args.cuda_graphs, args.triton_lrn))
     strategy = create(args.mode, Setup(args.arch, 1000, 0, device, speed=variant.speed), 1)
     strategy.train()
     optimizer = make_optimizer(strategy.parameters(), TrainConfig(batch_size=args.batch))

@@ -64,6 +64,7 @@ def test_config_json_records_what_defines_the_run(runs):
     (["--mode", "weird-trick"], 3, "use one of"),
     (["--mode", "paper-split", "--exchange", "all"], 2, "weird-trick"),
     (["--cuda-graphs"], 1, "--compile"),  # CI has no GPU
+    (["--triton-lrn"], 1, "drop the flag"),
 ])
 def test_bad_input_is_one_line_naming_what_works_with_exit_code_2(args, world_size, names, monkeypatch, capsys):
     """train.py's own code path, in this process: the launcher's environment for rank 0 of `world_size`

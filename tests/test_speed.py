@@ -134,8 +134,9 @@ def test_speedups_on_the_gpu_equal_single_device(variant, gpu_reference):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_bf16_compiled_towers_on_the_gpu_are_within_bf16_tolerance(gpu_reference):
-    found = errors([run_variant(Variant("bf16", Speed(channels_last=True, compile=True)), "cuda")],
-                   gpu_reference["float32"])
+@pytest.mark.parametrize("speed", [Speed(channels_last=True, compile=True),
+                                   Speed(channels_last=True, compile=True, triton_lrn=True)], ids=Speed.describe)
+def test_bf16_compiled_towers_on_the_gpu_are_within_bf16_tolerance(speed, gpu_reference):
+    found = errors([run_variant(Variant("bf16", speed), "cuda")], gpu_reference["float32"])
     assert found["logits"] <= BF16_LOGITS_TOLERANCE
     assert_within(late_layers(found), BF16_GRADIENT_TOLERANCE)
