@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Values per program and warps, chosen with `ptxas -v` on the kernels compiled for sm_90 (no GPU needed)
-# so that neither spills registers: backward at 4096 values and 4 warps spilled 2 to 4 KB per thread.
+# Values per program and warps, chosen with launch/kernel_registers.py (ptxas on the kernels compiled for
+# sm_90, no GPU needed) so that neither spills registers: backward at 4096 values and 4 warps spilled 2-4 KB.
 FORWARD_TILE, FORWARD_WARPS = 2048, 4
 BACKWARD_TILE, BACKWARD_WARPS = 1024, 8
 
