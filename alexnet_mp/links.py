@@ -294,7 +294,7 @@ class RoundExchange:
         all-gather of `features` along the batch, with the exchange overlapping the layer's work."""
         return _LinearOverRounds.apply(features, layer.weight, layer.bias, self)
 
-    def arrival_order(self) -> Iterator[int]:
+    def _arrival_order(self) -> Iterator[int]:
         """The rounds in the order fc6 runs them here: those already here first (in scheme (b) this
         rank's own round, which is never sent to it), else the next in rank order after its own."""
         rounds = list(range(self.size))
@@ -307,7 +307,7 @@ class RoundExchange:
     def _arrived(self, j: int) -> bool:
         return (self.scheme == "one-at-a-time" and j == self.rank) or self.forward_work[j][1].is_completed()
 
-    def sample_order(self, rows: int) -> Tensor:
+    def _sample_order(self, rows: int) -> Tensor:
         """Indices into the rank-ordered rows (the all-gather's order) of the rows each round
         delivers, round after round."""
         order = torch.arange(rows).view(self.size, -1)  # [rank, row within the rank's slice]
@@ -381,7 +381,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 class _LinearOverRounds(Function):
     """Forward: launches every round, then applies the linear layer to each round as it arrives (in
-    `arrival_order`); the outputs come back in rank order. Backward: the input gradient of each
+    `_arrival_order`); the outputs come back in rank order. Backward: the input gradient of each
     round, in round order on every rank (collectives must be issued in one order), goes back to its
     owners asynchronously, and the weight gradient is computed while the last of them travels, as
     Megatron-LM's LinearWithGradAccumulationAndAsyncCommunication overlaps its all-reduce.
@@ -395,7 +395,7 @@ class _LinearOverRounds(Function):
         inputs: dict[int, Tensor] = {}
         outputs: dict[int, Tensor] = {}
         with torch.autocast(features.device.type, enabled=False):
-            for j in exchange.arrival_order():
+            for j in exchange._arrival_order():
                 inputs[j] = exchange._receive(j).to(dtype)
                 outputs[j] = F.linear(inputs[j], w, b)
         exchange._finish_sending()
@@ -403,7 +403,7 @@ class _LinearOverRounds(Function):
         x = torch.cat([inputs[j] for j in rounds])
         ctx.save_for_backward(x, w)
         ctx.exchange, ctx.shape, ctx.dtypes = exchange, features.shape, (features.dtype, weight.dtype, bias.dtype)
-        ctx.order = exchange.sample_order(x.shape[0]).to(x.device)
+        ctx.order = exchange._sample_order(x.shape[0]).to(x.device)
         out = torch.empty((x.shape[0], w.shape[0]), dtype=dtype, device=x.device)
         out[ctx.order] = torch.cat([outputs[j] for j in rounds])  # round order -> rank order
         return out
