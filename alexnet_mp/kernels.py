@@ -64,10 +64,9 @@ def _lrn_backward(x_ptr, grad_ptr, out_ptr, pixels, alpha, beta, k, C: tl.conste
         gj = tl.load(grad_ptr + offsets + j, mask=inside, other=0.0).to(tl.float32)
         dj = k + alpha * _window_sum_of_squares(x_ptr, offsets, group, j, valid, C, G, HALF, BLOCK, C_POW2)
         coupling += gj * xj * tl.exp((-beta - 1.0) * tl.log(dj))
-    x = tl.load(x_ptr + offsets + c, mask=valid, other=0.0).to(tl.float32)
-    g = tl.load(grad_ptr + offsets + c, mask=valid, other=0.0).to(tl.float32)
-    d = k + alpha * _window_sum_of_squares(x_ptr, offsets, group, c, valid, C, G, HALF, BLOCK, C_POW2)
-    grad_in = g * tl.exp(-beta * tl.log(d)) - 2.0 * alpha * beta * x * coupling
+        if i == HALF:  # j is c itself: its own terms (unrolled at compile time)
+            x, own_term = xj, gj * tl.exp(-beta * tl.log(dj))
+    grad_in = own_term - 2.0 * alpha * beta * x * coupling
     tl.store(out_ptr + offsets + c, grad_in.to(out_ptr.dtype.element_ty), mask=valid)
 
 

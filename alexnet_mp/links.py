@@ -304,16 +304,20 @@ class RoundExchange:
             pending.remove(j)
             yield j
 
-    def _arrived(self, j: int) -> bool:
-        return (self.scheme == "one-at-a-time" and j == self.rank) or self.forward_work[j][1].is_completed()
+    def _is_own(self, j: int) -> bool:
+        """Whether round j carries this rank's own features, which it sends and never receives."""
+        return self.scheme == "one-at-a-time" and j == self.rank
 
-    def _sample_order(self, rows: int) -> Tensor:
+    def _arrived(self, j: int) -> bool:
+        return self._is_own(j) or self.forward_work[j][1].is_completed()
+
+    def _sample_order(self, rows: int) -> Tensor | None:
         """Indices into the rank-ordered rows (the all-gather's order) of the rows each round
-        delivers, round after round."""
-        order = torch.arange(rows).view(self.size, -1)  # [rank, row within the rank's slice]
-        if self.scheme == "slice":
-            order = order.view(self.size, self.size, -1).transpose(0, 1)  # [round, rank, sub-row]
-        return order.flatten()
+        delivers, round after round; None where the rounds deliver them in rank order (scheme b)."""
+        if self.scheme == "one-at-a-time":
+            return None
+        order = torch.arange(rows).view(self.size, self.size, -1)  # [rank, round, sub-row]
+        return order.transpose(0, 1).flatten()  # [round, rank, sub-row]
 
     # -- the collectives, forward and backward --
 
@@ -322,7 +326,7 @@ class RoundExchange:
         self.forward_work.clear()
         for j in range(self.size):
             if self.scheme == "one-at-a-time":
-                buffer = features if j == self.rank else torch.empty_like(features)
+                buffer = features if self._is_own(j) else torch.empty_like(features)
                 work = dist.broadcast(buffer, src=dist.get_global_rank(self.group, j), group=self.group, async_op=True)
             else:
                 mine = features.chunk(self.size)[j].contiguous()
@@ -333,8 +337,8 @@ class RoundExchange:
 
     def _receive(self, j: int) -> Tensor:
         buffer, work = self.forward_work[j]
-        if self.scheme == "one-at-a-time" and j == self.rank:
-            return buffer  # this rank's own features: being sent, not received
+        if self._is_own(j):
+            return buffer  # being sent, not received
         with self.ledger.waiting(self.name):
             work.wait()
         return buffer
@@ -403,16 +407,20 @@ class _LinearOverRounds(Function):
         x = torch.cat([inputs[j] for j in rounds])
         ctx.save_for_backward(x, w)
         ctx.exchange, ctx.shape, ctx.dtypes = exchange, features.shape, (features.dtype, weight.dtype, bias.dtype)
-        ctx.order = exchange._sample_order(x.shape[0]).to(x.device)
-        out = torch.empty((x.shape[0], w.shape[0]), dtype=dtype, device=x.device)
-        out[ctx.order] = torch.cat([outputs[j] for j in rounds])  # round order -> rank order
-        return out
+        order = exchange._sample_order(x.shape[0])
+        ctx.order = order.to(x.device) if order is not None else None
+        out = torch.cat([outputs[j] for j in rounds])
+        if ctx.order is None:
+            return out
+        in_rank_order = torch.empty_like(out)
+        in_rank_order[ctx.order] = out
+        return in_rank_order
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
         x, w = ctx.saved_tensors
         exchange, (features_dtype, weight_dtype, bias_dtype) = ctx.exchange, ctx.dtypes
-        grad = grad[ctx.order].to(w.dtype)  # rank order -> round order
+        grad = (grad if ctx.order is None else grad[ctx.order]).to(w.dtype)  # rank order -> round order
         for j, rows in enumerate(grad.chunk(exchange.size)):
             exchange._send_back(j, (rows @ w).to(features_dtype))
         grad_weight = (grad.t() @ x).to(weight_dtype)  # while the last round's gradient travels
