@@ -35,25 +35,44 @@ FORWARD, BACKWARD = "forward", "backward"
 @dataclass
 class Ledger:
     """Elements and bytes sent, per (piece, link, direction), and seconds spent blocked waiting for
-    communication, per link, since the last `reset`. The wait is measured without barriers: a synchronous
-    collective counts whole, an asynchronous one only for the time `wait()` blocks, so an exchange
-    hidden behind computation shows as less wait."""
+    communication, per (link, direction), since the last `reset`. The wait is measured without barriers:
+    a synchronous collective counts whole, an asynchronous one only for the time `wait()` blocks, so an
+    exchange hidden behind computation shows as less wait.
+
+    A wait includes the time until the slowest peer reaches the collective, which is imbalance, not
+    communication. To tell them apart, `arrivals` holds the wall-clock time (`time.time`, one clock for
+    every process of a host) at which this process first reached each (link, direction) since the
+    reset: entering a synchronous collective, or launching an asynchronous one. The benchmark compares
+    them between ranks."""
 
     elements: dict[tuple[int, str, str], float] = field(default_factory=lambda: defaultdict(float))
     bytes: dict[tuple[int, str, str], float] = field(default_factory=lambda: defaultdict(float))
-    waits: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # seconds blocked, per link
+    blocked: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))  # seconds
+    arrivals: dict[tuple[str, str], float] = field(default_factory=dict)  # time.time()
+
+    @property
+    def waits(self) -> dict[str, float]:
+        """Seconds blocked per link, both directions."""
+        out: dict[str, float] = defaultdict(float)
+        for (link, _), seconds in self.blocked.items():
+            out[link] += seconds
+        return dict(out)
 
     @property
     def wait_s(self) -> float:
-        return sum(self.waits.values())
+        return sum(self.blocked.values())
+
+    def arrive(self, link: str, direction: str) -> None:
+        self.arrivals.setdefault((link, direction), time.time())
 
     @contextmanager
-    def waiting(self, link: str) -> Iterator[None]:
+    def waiting(self, link: str, direction: str) -> Iterator[None]:
+        self.arrive(link, direction)
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.waits[link] += time.perf_counter() - started
+            self.blocked[link, direction] += time.perf_counter() - started
 
     def record(self, piece: int, link: str, direction: str, tensor_or_count: Tensor | float,
                element_size: int = 4) -> None:
@@ -78,7 +97,8 @@ class Ledger:
     def reset(self) -> None:
         self.elements.clear()
         self.bytes.clear()
-        self.waits.clear()
+        self.blocked.clear()
+        self.arrivals.clear()
 
 
 def _group_size(group: dist.ProcessGroup) -> int:
@@ -106,7 +126,7 @@ class AllGatherForwardReduceScatterBackward(Function):
         # the only 4-D link, 43k values per image), and conv3's channels_last weight restores the layout
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(size)]
-        with ledger.waiting(name):
+        with ledger.waiting(name, FORWARD):
             dist.all_gather(parts, x, group=group)
         ledger.record(0, name, FORWARD, x.numel() * (size - 1), x.element_size())
         return torch.cat(parts, dim)
@@ -116,7 +136,7 @@ class AllGatherForwardReduceScatterBackward(Function):
         size = _group_size(ctx.group)
         chunks = [chunk.contiguous() for chunk in grad.chunk(size, ctx.dim)]
         mine = torch.empty_like(chunks[0])
-        with ctx.ledger.waiting(ctx.name):
+        with ctx.ledger.waiting(ctx.name, BACKWARD):
             dist.reduce_scatter(mine, chunks, group=ctx.group)
         ctx.ledger.record(0, ctx.name, BACKWARD, mine.numel() * (size - 1), mine.element_size())
         return mine, None, None, None, None
@@ -133,7 +153,7 @@ class GatherToFirstForwardScatterBackward(Function):
         ctx.shape, first = x.shape, _group_rank(group) == 0
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(_group_size(group))] if first else None
-        with ledger.waiting(name):
+        with ledger.waiting(name, FORWARD):
             dist.gather(x, parts, dst=_first(group), group=group)
         if first:
             return torch.cat(parts, dim)
@@ -145,7 +165,7 @@ class GatherToFirstForwardScatterBackward(Function):
         size, first = _group_size(ctx.group), _group_rank(ctx.group) == 0
         mine = grad.new_empty(ctx.shape)
         chunks = [chunk.contiguous() for chunk in grad.chunk(size, ctx.dim)] if first else None
-        with ctx.ledger.waiting(ctx.name):
+        with ctx.ledger.waiting(ctx.name, BACKWARD):
             dist.scatter(mine, chunks, src=_first(ctx.group), group=ctx.group)
         if first:
             ctx.ledger.record(0, ctx.name, BACKWARD, mine.numel() * (size - 1), mine.element_size())
@@ -248,6 +268,7 @@ class GradientAllReduce:
         flat = torch.cat([p.grad.reshape(-1) for p in self.buckets[index]])
         if self.average:
             flat /= self.size
+        self.ledger.arrive(self.name, BACKWARD)
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self.ledger.record(0, self.name, BACKWARD, ring_all_reduce_elements(flat.numel(), self.size),
                            flat.element_size())
@@ -256,7 +277,7 @@ class GradientAllReduce:
     def wait(self) -> None:
         """Waits for every bucket of this backward pass and writes the reduced gradients back."""
         for index, flat, work in self.in_flight:
-            with self.ledger.waiting(self.name):
+            with self.ledger.waiting(self.name, BACKWARD):
                 work.wait()
             offset = 0
             for param in self.buckets[index]:
@@ -324,6 +345,7 @@ class RoundExchange:
     def _launch(self, features: Tensor) -> None:
         features = features.contiguous()
         self.forward_work.clear()
+        self.ledger.arrive(self.name, FORWARD)
         for j in range(self.size):
             if self.scheme == "one-at-a-time":
                 buffer = features if self._is_own(j) else torch.empty_like(features)
@@ -339,7 +361,7 @@ class RoundExchange:
         buffer, work = self.forward_work[j]
         if self._is_own(j):
             return buffer  # being sent, not received
-        with self.ledger.waiting(self.name):
+        with self.ledger.waiting(self.name, FORWARD):
             work.wait()
         return buffer
 
@@ -347,12 +369,13 @@ class RoundExchange:
         """Waits for every round's collective: in scheme (b) that is this rank's own broadcast, whose
         features fc6 read while they were being sent; the others have been received already."""
         for _, work in self.forward_work:
-            with self.ledger.waiting(self.name):
+            with self.ledger.waiting(self.name, FORWARD):
                 work.wait()
         self.forward_work.clear()
 
     def _send_back(self, j: int, grad: Tensor) -> None:
         grad = grad.contiguous()
+        self.ledger.arrive(self.name, BACKWARD)
         if self.scheme == "one-at-a-time":
             work = dist.reduce(grad, dst=dist.get_global_rank(self.group, j), group=self.group, async_op=True)
             mine, sent = grad, 0 if j == self.rank else grad.numel()
@@ -368,7 +391,7 @@ class RoundExchange:
         """The gradient of this rank's features, once every round's has come back."""
         received = {}
         for j, mine, work in self.backward_work:
-            with self.ledger.waiting(self.name):
+            with self.ledger.waiting(self.name, BACKWARD):
                 work.wait()
             received[j] = mine
         self.backward_work.clear()

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 
 from alexnet_mp.links import (
+    BACKWARD,
+    FORWARD,
     AllGatherForwardReduceScatterBackward,
     GatherToFirstForwardScatterBackward,
     GradientAllReduce,
@@ -141,12 +143,29 @@ def test_gradient_all_reduce_sums_or_averages_over_ranks(gradients, average):
         torch.testing.assert_close(gradients[rank][f"all-reduce-average-{average}"], expected)
 
 
-def test_the_ledger_counts_blocked_time_per_link_and_in_total():
+def test_the_ledger_counts_blocked_time_per_link_and_direction_and_in_total():
     ledger = Ledger()
-    with ledger.waiting("fc6-input"):
+    with ledger.waiting("fc6-input", FORWARD):
         time.sleep(0.01)
-    with ledger.waiting("fc7-input"):
+    with ledger.waiting("fc6-input", BACKWARD):
         pass
-    assert ledger.waits["fc6-input"] >= 0.01 and ledger.wait_s == sum(ledger.waits.values())
+    with ledger.waiting("fc7-input", FORWARD):
+        pass
+    assert ledger.blocked["fc6-input", FORWARD] >= 0.01
+    assert ledger.waits["fc6-input"] == ledger.blocked["fc6-input", FORWARD] + ledger.blocked["fc6-input", BACKWARD]
+    assert ledger.wait_s == sum(ledger.waits.values())
     ledger.reset()
-    assert ledger.wait_s == 0
+    assert ledger.wait_s == 0 and not ledger.arrivals
+
+
+def test_the_ledger_keeps_the_time_a_link_was_first_reached_in_each_direction():
+    ledger = Ledger()
+    ledger.arrive("fc6-input", FORWARD)  # an asynchronous collective is launched
+    launched = ledger.arrivals["fc6-input", FORWARD]
+    time.sleep(0.01)
+    with ledger.waiting("fc6-input", FORWARD):  # and waited for later
+        pass
+    with ledger.waiting("fc6-input", BACKWARD):
+        pass
+    assert ledger.arrivals["fc6-input", FORWARD] == launched
+    assert ledger.arrivals["fc6-input", BACKWARD] >= launched + 0.01
