@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -46,12 +47,17 @@ def test_tensorboard_tracker_writes_event_files(tmp_path):
     assert list(tmp_path.rglob("events.out.tfevents.*"))
 
 
-def test_forty_steps_on_synthetic_data_lower_the_loss_well_below_its_start_and_chance(tmp_path):
-    """With He et al.'s init; the paper's init stays at chance for far longer (docs/reproduction.md)."""
-    result = subprocess.run([sys.executable, "-m", "alexnet_mp", "train", "--mode", "single", "--init", "he",
-                             "--lr", "0.001", "--steps", "40", "--batch-size", "16", *CLASSES, "--workers", "0",
-                             "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, **ENV})
+def readme_main_job() -> list[str]:
+    """train.py's arguments in the README's first set-up command."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    command = next(line for line in lines if "accelerate launch train.py" in line)
+    return shlex.split(command.split("train.py", 1)[1])
+
+
+def test_the_readmes_main_job_lowers_the_loss_well_below_its_start_and_chance(tmp_path):
+    """Its 40 steps with He et al.'s init; the paper's init stays at chance for far longer
+    (docs/reproduction.md)."""
+    result = launch(*readme_main_job(), "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [row["loss"] for row in metrics(tmp_path)]
     chance = math.log(10)
