@@ -261,7 +261,9 @@ def measure(name: str, fn: Callable[..., dict], ranks: int, threads: int, batch:
 def blocked_per_rank(step: tuple[dict, ...], links: set[str], after_last_arrival: bool) -> list[float]:
     """Each rank's seconds blocked on `links` in one step (`step`: each rank's `_link_times`). With
     `after_last_arrival`, only what it was still blocked after the last rank reached each link, in each
-    direction: until then it was waiting for a slower rank, which no overlap of communication can hide."""
+    direction: until then it was waiting for a slower rank, which no overlap of communication can hide.
+    Each link is compared over all ranks: right for the layouts measured here, whose every link spans
+    all ranks (paper-split on 2M ranks has M groups per link name)."""
     keys = {key for rank in step for key in rank["blocked"] if key[0] in links}
 
     def early(rank: dict, key: tuple[str, str]) -> float:
