@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -101,16 +102,11 @@ def _fixed_batch(batch: int, num_classes: int, device: torch.device) -> tuple[to
     return images.to(device), torch.randint(0, num_classes, (batch,), generator=generator).to(device)
 
 
-NO_LINKS = {"blocked": {}, "arrivals": {}}
-
-
-def _link_times(ledger: Ledger) -> dict[str, dict[tuple[str, str], float]]:
-    """One step's seconds blocked and time of first arrival per (link, direction), from its ledger."""
-    return {"blocked": dict(ledger.blocked), "arrivals": dict(ledger.arrivals)}
+NO_LINKS = Ledger().timings()
 
 
 def _timed(run_step: Callable[[int], None], device: torch.device, sizes: Sizes, ledger: Ledger | None = None) -> dict:
-    """Seconds per timed step, and for each the ledger's communication times (`_link_times`)."""
+    """Seconds per timed step, and for each the ledger's communication times (`Ledger.timings`)."""
     step_s, links = [], []
     clock = StepClock(device)
     for step in range(sizes.warmup + sizes.steps):
@@ -119,7 +115,7 @@ def _timed(run_step: Callable[[int], None], device: torch.device, sizes: Sizes, 
         elapsed = clock.stop()
         if step >= sizes.warmup:
             step_s.append(elapsed)
-            links.append(_link_times(ledger) if ledger else NO_LINKS)
+            links.append(ledger.timings() if ledger else NO_LINKS)
     return {"step_s": step_s, "links": links, "peak_memory_mb": peak_memory_mb(device)}
 
 
@@ -259,17 +255,17 @@ def measure(name: str, fn: Callable[..., dict], ranks: int, threads: int, batch:
 
 
 def blocked_per_rank(step: tuple[dict, ...], links: set[str], after_last_arrival: bool) -> list[float]:
-    """Each rank's seconds blocked on `links` in one step (`step`: each rank's `_link_times`). With
+    """Each rank's seconds blocked on `links` in one step (`step`: each rank's `Ledger.timings`). With
     `after_last_arrival`, only what it was still blocked after the last rank reached each link, in each
     direction: until then it was waiting for a slower rank, which no overlap of communication can hide.
     Each link is compared over all ranks: right for the layouts measured here, whose every link spans
     all ranks (paper-split on 2M ranks has M groups per link name)."""
     keys = {key for rank in step for key in rank["blocked"] if key[0] in links}
+    last = {key: max(rank["arrivals"].get(key, -math.inf) for rank in step) for key in keys}
 
     def early(rank: dict, key: tuple[str, str]) -> float:
-        if not after_last_arrival or key not in rank["arrivals"]:
-            return 0.0
-        return max(r["arrivals"][key] for r in step if key in r["arrivals"]) - rank["arrivals"][key]
+        """Seconds from this rank's arrival until the last rank's (a blocked rank has arrived)."""
+        return last[key] - rank["arrivals"][key] if after_last_arrival and key in rank["arrivals"] else 0.0
 
     return [sum(max(0.0, rank["blocked"].get(key, 0.0) - early(rank, key)) for key in keys) for rank in step]
 

@@ -62,6 +62,11 @@ class Ledger:
     def wait_s(self) -> float:
         return sum(self.blocked.values())
 
+    def timings(self) -> dict[str, dict[tuple[str, str], float]]:
+        """A copy of the seconds blocked and the first arrivals, per (link, direction), to compare
+        between ranks."""
+        return {"blocked": dict(self.blocked), "arrivals": dict(self.arrivals)}
+
     def arrive(self, link: str, direction: str) -> None:
         self.arrivals.setdefault((link, direction), time.time())
 
