@@ -248,6 +248,11 @@ class GradientAllReduce:
     Used by every layout that replicates parameters, instead of DDP: DDP broadcasts rank 0's
     weights at construction and averages over its group, which is wrong for two towers with
     identical shapes and for the weird-trick conv column, whose loss is already the global mean.
+
+    Each bucket is one flat buffer kept from step to step, and its parameters' gradients become
+    views into it (DDP's `gradient_as_bucket_view`): a gradient is copied in once, and the reduced
+    values need no copy back. A fresh buffer per step would cost more than the copy: on a CPU, its
+    first touch faults in every page (a 300 MB bucket: 0.13 s fresh, 0.03 s reused).
     """
 
     def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, average: bool,
@@ -261,7 +266,8 @@ class GradientAllReduce:
             self.buckets[-1].append(param)
         self.bucket_of = {param: i for i, bucket in enumerate(self.buckets) for param in bucket}
         self.pending = [len(bucket) for bucket in self.buckets]
-        self.in_flight: list[tuple[int, Tensor, dist.Work]] = []
+        self.flats: list[Tensor | None] = [None] * len(self.buckets)
+        self.in_flight: list[dist.Work] = []
         for param in params:
             param.register_post_accumulate_grad_hook(self._ready)
 
@@ -270,24 +276,37 @@ class GradientAllReduce:
         self.pending[index] -= 1
         if self.pending[index]:
             return
-        flat = torch.cat([p.grad.reshape(-1) for p in self.buckets[index]])
+        flat = self._gather_into_bucket(index)
         if self.average:
             flat /= self.size
         self.ledger.arrive(self.name, BACKWARD)
-        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self.in_flight.append(dist.all_reduce(flat, group=self.group, async_op=True))
         self.ledger.record(0, self.name, BACKWARD, ring_all_reduce_elements(flat.numel(), self.size),
                            flat.element_size())
-        self.in_flight.append((index, flat, work))
+
+    def _gather_into_bucket(self, index: int) -> Tensor:
+        """Bucket `index`'s flat buffer, its parameters' gradients now views into it (with the
+        parameters' strides, so channels_last weights keep channels_last gradients). A gradient that
+        is already its view (kept by `zero_grad(set_to_none=False)`) is not copied."""
+        bucket, like = self.buckets[index], self.buckets[index][0].grad
+        flat = self.flats[index]
+        if flat is None or flat.dtype != like.dtype or flat.device != like.device:
+            flat = self.flats[index] = torch.empty(sum(p.numel() for p in bucket), dtype=like.dtype,
+                                                   device=like.device)
+        offset = 0
+        for param in bucket:
+            view = flat.as_strided(param.shape, param.stride(), flat.storage_offset() + offset)
+            if param.grad.data_ptr() != view.data_ptr():
+                view.copy_(param.grad)
+                param.grad = view
+            offset += param.numel()
+        return flat
 
     def wait(self) -> None:
-        """Waits for every bucket of this backward pass and writes the reduced gradients back."""
-        for index, flat, work in self.in_flight:
+        """Waits for every bucket of this backward pass: the gradients then hold the reduced values."""
+        for work in self.in_flight:
             with self.ledger.waiting(self.name, BACKWARD):
                 work.wait()
-            offset = 0
-            for param in self.buckets[index]:
-                param.grad.copy_(flat[offset:offset + param.numel()].view_as(param.grad))
-                offset += param.numel()
         if any(self.pending):
             raise RuntimeError(f"{self.name}: some replicated parameters received no gradient this step")
         self.in_flight.clear()

@@ -24,6 +24,7 @@ from alexnet_mp.links import (
 from alexnet_mp.processes import run_distributed
 
 WORLD = 2
+CONV_SHAPE = (2, 3, 2, 2)
 
 
 def parts(shape: tuple[int, ...]) -> list[torch.Tensor]:
@@ -99,7 +100,23 @@ def link_gradients() -> dict[str, torch.Tensor]:
         (param * weights((3,))[rank]).sum().backward()
         sync.wait()
         out[f"all-reduce-average-{average}"] = param.grad
+    for set_to_none in (True, False):
+        out[f"all-reduce-second-step-set-to-none-{set_to_none}"] = second_step_gradient(set_to_none)
     return out
+
+
+def second_step_gradient(set_to_none: bool) -> torch.Tensor:
+    """A channels_last conv weight's all-reduced gradient at the second of two steps (rank r's loss at
+    step s: (s + 1) * sum(weight * w_r)), zeroed between the steps as an optimizer does: set to None,
+    or zeroed in place, which keeps it a view of its bucket."""
+    conv = torch.nn.Parameter(parts(CONV_SHAPE)[dist.get_rank()].contiguous(memory_format=torch.channels_last))
+    sync = GradientAllReduce([conv], dist.group.WORLD, False, Ledger(), "test")
+    for step in range(2):
+        if conv.grad is not None:
+            conv.grad = None if set_to_none else conv.grad.zero_()
+        ((step + 1) * conv * weights(CONV_SHAPE)[dist.get_rank()]).sum().backward()
+        sync.wait()
+    return conv.grad
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +186,12 @@ def test_the_ledger_keeps_the_time_a_link_was_first_reached_in_each_direction():
         pass
     assert ledger.arrivals["fc6-input", FORWARD] == launched
     assert ledger.arrivals["fc6-input", BACKWARD] >= launched + 0.01
+
+
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["set-to-none", "zeroed-in-place"])
+def test_gradient_all_reduce_is_right_on_every_step_and_keeps_channels_last_however_gradients_are_zeroed(
+        gradients, set_to_none):
+    for rank in range(WORLD):
+        got = gradients[rank][f"all-reduce-second-step-set-to-none-{set_to_none}"]
+        torch.testing.assert_close(got, 2 * sum(weights(CONV_SHAPE)))
+        assert got.is_contiguous(memory_format=torch.channels_last)
