@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from alexnet_mp import checkpoint
 from alexnet_mp.config import TrainConfig, add_train_arguments, train_config
 from alexnet_mp.data import DECODE_PLACES
 from alexnet_mp.strategies import STRATEGIES, Setup, UsageError
@@ -40,6 +41,9 @@ def check_train_config(config: TrainConfig) -> None:
         raise UsageError("--triton-lrn needs a GPU and Triton (installed with torch's CUDA wheels); drop the flag")
     if config.batch_size < 1 or (config.steps is not None and config.steps < 1) or config.epochs < 1:
         raise UsageError("--batch-size, --steps and --epochs must be positive")
+    if not config.resume and checkpoint.complete_checkpoints(config.checkpoints):
+        raise UsageError(f"{config.output} already holds a run with checkpoints: add --resume latest to continue "
+                         "it, or choose another --output-dir")
 
 
 def run_train(config: TrainConfig) -> None:
@@ -58,8 +62,6 @@ def run_train(config: TrainConfig) -> None:
 
 
 def export(args: argparse.Namespace) -> None:
-    from alexnet_mp import checkpoint
-
     found = checkpoint.find(args.checkpoint, Path(args.checkpoint))
     checkpoint.export(found, Path(args.out))
     print(f"wrote {args.out}: {found.meta['arch']} net, {found.meta['num_classes']} classes, step {found.step}")
@@ -67,7 +69,6 @@ def export(args: argparse.Namespace) -> None:
 
 def evaluate(args: argparse.Namespace) -> None:
     """One process, one device: the checkpoint merged into the whole net, whatever layout wrote it."""
-    from alexnet_mp import checkpoint
     from alexnet_mp.data import DataSpec, build_datasets
     from alexnet_mp.loop import evaluate as run_evaluation
     from alexnet_mp.strategies import create

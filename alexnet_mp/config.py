@@ -72,6 +72,10 @@ class TrainConfig:
     def output(self) -> Path:
         return Path(self.output_dir)
 
+    @property
+    def checkpoints(self) -> Path:
+        return self.output / "checkpoints"
+
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()

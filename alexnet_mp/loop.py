@@ -132,7 +132,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
     scale = LossScale() if config.mixed_precision == "fp16" else None
     autocast = mixed_precision_autocast(accelerator, config.mixed_precision)
     total = config.steps or config.epochs * batches.steps_per_epoch
-    checkpoints = config.output / "checkpoints"
+    checkpoints = config.checkpoints
     start = 0
     if config.resume:
         found = checkpoint.find(config.resume, checkpoints)
@@ -141,9 +141,6 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         if scale and found.meta.get("loss_scale"):
             scale.load_state_dict(found.meta["loss_scale"])
         start = found.step
-    elif checkpoint.complete_checkpoints(checkpoints):
-        raise UsageError(f"{config.output} already holds a run with checkpoints: add --resume latest to continue "
-                         "it, or choose another --output-dir")
     tracker = Tracker(accelerator, run_description(config, strategy, accelerator), config.output, config.tracker,
                       config.project, config.group, config.run_name, config.mode, resumed_at=start)
     stop = StopRequest()

@@ -3,14 +3,11 @@ That its bytes equal the ledger's is tested beside the ledger (test_strategies, 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import matplotlib.image
 import pytest
 
 from alexnet_mp.plan import layouts, plan, predict, shares
-from tests.launching import one_line_error
+from tests.launching import in_process, one_line_error
 
 
 def test_conv_layers_hold_few_parameters_and_most_of_the_flops():
@@ -44,17 +41,16 @@ def test_only_layouts_that_can_run_are_planned():
     assert "paper-split" not in layouts(3, "paper")
 
 
-def test_plan_command_prints_a_table_and_draws_a_plot(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "alexnet_mp", "plan", "--gpus", "1,2,4", "--batch", "128",
-                             "--link-gbps", "16,450", "--device-tflops", "50", "--output-dir", str(tmp_path)],
-                            capture_output=True, text=True, check=True)
+def test_plan_command_prints_a_table_and_draws_a_plot(tmp_path, capsys):
+    result = in_process(capsys, "plan", "--gpus", "1,2,4", "--batch", "128", "--link-gbps", "16,450",
+                        "--device-tflops", "50", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
     assert "| weird-trick | 4 |" in result.stdout and "step ms @ 450 GB/s" in result.stdout
     assert (tmp_path / "plan.md").read_text().count("| data-parallel |") == 2
     assert matplotlib.image.imread(tmp_path / "plan.png").shape[2] in (3, 4)
 
 
-def test_plan_refuses_gpu_counts_that_are_not_numbers(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "alexnet_mp", "plan", "--gpus", "2,four", "--output-dir",
-                             str(tmp_path)], capture_output=True, text=True)
+def test_plan_refuses_gpu_counts_that_are_not_numbers(tmp_path, capsys):
+    result = in_process(capsys, "plan", "--gpus", "2,four", "--output-dir", str(tmp_path))
     assert result.returncode == 2
     assert "--gpus takes comma-separated numbers" in one_line_error(result)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.launching import ENV, ROOT
+from tests.launching import ENV, ROOT, in_process
 
 PLOTS = ("images_per_s.png", "step_time_breakdown.png", "loss.png", "bytes_per_step.png")
 
@@ -59,7 +59,7 @@ def test_loss_difference_from_single_is_below_float_tolerance(trial):
     assert float(row.strip("| ").split("|")[-1]) <= 1e-3
 
 
-def test_compare_names_a_broken_run_and_reports_the_others(trial, tmp_path):
+def test_compare_names_a_broken_run_and_reports_the_others(trial, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(trial / "paper-split-2", broken)
     text = (broken / "metrics.jsonl").read_text()
@@ -67,8 +67,8 @@ def test_compare_names_a_broken_run_and_reports_the_others(trial, tmp_path):
     missing = tmp_path / "missing"
     shutil.copytree(trial / "single-1", missing)
     (missing / "metrics.jsonl").unlink()
-    result = subprocess.run([sys.executable, "-m", "alexnet_mp", "compare", str(trial / "single-1"), str(broken),
-                             str(missing), "--out", str(tmp_path / "report")], cwd=ROOT, capture_output=True, text=True)
+    result = in_process(capsys, "compare", str(trial / "single-1"), str(broken), str(missing),
+                        "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr
     assert f"{broken}: a line of its record is cut" in result.stderr
     assert f"{missing}: metrics.jsonl is missing" in result.stderr

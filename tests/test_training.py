@@ -1,5 +1,5 @@
-"""Training for real: tracking writes its records, checkpoints resume exactly and load in any layout, tracking
-writes its records, and faults stop the run cleanly with one clear line."""
+"""Training for real: tracking writes its records, checkpoints resume exactly and load in any layout, and
+faults stop the run cleanly with one clear line."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import math
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +18,25 @@ import torch
 from safetensors.torch import load_file
 
 from alexnet_mp import AlexNet2012, checkpoint
-from tests.launching import ENV, ROOT, launch, metrics, one_line_error, records, run_train_py
+from tests.launching import (
+    ENV,
+    ROOT,
+    in_process,
+    launch,
+    metrics,
+    one_line_error,
+    records,
+    run_ranks,
+    run_train_py,
+    start_ranks,
+)
 
 CLASSES = ["--num-classes", "10"]
 
 
 def test_wandb_offline_run_holds_the_config_and_job_type(tmp_path):
-    result = launch("--mode", "single", "--steps", "2", "--batch-size", "4", *CLASSES, "--workers", "0",
-                    "--tracker", "wandb", "--group", "trial", "--output-dir", str(tmp_path))
+    result = run_ranks("--mode", "single", "--steps", "2", "--batch-size", "4", *CLASSES, "--workers", "0",
+                       "--tracker", "wandb", "--group", "trial", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     # An offline run keeps its config in the binary record stream, with no public reader: look for it.
@@ -74,8 +84,8 @@ def image_folder_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
     runs = {}
     for place in ("workers", "device"):
         runs[place] = tmp_path_factory.mktemp(place)
-        result = launch("--mode", "paper-split", "--data", str(data), "--batch-size", "4", "--steps", "3",
-                        "--workers", "1", "--decode-on", place, "--output-dir", str(runs[place]))
+        result = run_ranks("--mode", "paper-split", "--data", str(data), "--batch-size", "4", "--steps", "3",
+                           "--workers", "1", "--decode-on", place, "--output-dir", str(runs[place]))
         assert result.returncode == 0, result.stderr[-3000:]
     return runs
 
@@ -103,7 +113,7 @@ def straight_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     for args in (["--steps", "6", "--output-dir", str(straight)],
                  ["--steps", "3", "--output-dir", str(resumed)],
                  ["--steps", "6", "--output-dir", str(resumed), "--resume", "latest"]):
-        result = launch(*common, *args, processes=2)
+        result = run_ranks(*common, *args, processes=2)
         assert result.returncode == 0, result.stderr[-3000:]
     return straight, resumed
 
@@ -128,27 +138,24 @@ def test_rank_1s_tower_survives_a_resume(straight_and_resumed):
     assert torch.equal(weights["conv1.weight"][48:], tower1[1]["conv1.weight"])
 
 
-def test_a_paper_split_checkpoint_exports_and_evaluates_on_one_device(straight_and_resumed, tmp_path):
+def test_a_paper_split_checkpoint_exports_and_evaluates_on_one_device(straight_and_resumed, tmp_path, capsys):
     _, resumed = straight_and_resumed
     out = tmp_path / "alexnet.safetensors"
-    subprocess.run([sys.executable, "-m", "alexnet_mp", "export", str(resumed / "checkpoints"), str(out)],
-                   cwd=ROOT, check=True, capture_output=True)
+    assert in_process(capsys, "export", str(resumed / "checkpoints"), str(out)).returncode == 0
     net = AlexNet2012(num_classes=10)
     net.load_state_dict(load_file(str(out)))
     weights, _ = checkpoint.full_state(checkpoint.find("latest", resumed / "checkpoints"))
     assert all(torch.equal(net.state_dict()[key], weights[key]) for key in weights)
-    result = subprocess.run([sys.executable, "-m", "alexnet_mp", "evaluate", str(resumed / "checkpoints"),
-                             "--data", "synthetic", "--synthetic-size", "512", "--batch-size", "16",
-                             "--workers", "0"],
-                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, **ENV})
+    result = in_process(capsys, "evaluate", str(resumed / "checkpoints"), "--data", "synthetic", "--synthetic-size",
+                        "512", "--batch-size", "16", "--workers", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "top-1 error" in result.stdout and "top-5 error" in result.stdout
 
 
 def test_a_paper_split_checkpoint_resumes_under_data_parallel(straight_and_resumed, tmp_path):
     _, resumed = straight_and_resumed
-    result = launch("--mode", "data-parallel", "--batch-size", "4", *CLASSES, "--workers", "0", "--steps", "7",
-                    "--resume", str(resumed / "checkpoints"), "--output-dir", str(tmp_path))
+    result = run_ranks("--mode", "data-parallel", "--batch-size", "4", *CLASSES, "--workers", "0", "--steps", "7",
+                       "--resume", str(resumed / "checkpoints"), "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert [row["step"] for row in metrics(tmp_path)] == [6]
 
@@ -161,10 +168,11 @@ def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(straight_an
     assert "--arch paper" in one_line_error(result)
 
 
-def test_a_new_run_refuses_an_output_folder_that_holds_checkpoints(straight_and_resumed):
+def test_a_new_run_refuses_an_output_folder_that_holds_checkpoints_before_building_anything(straight_and_resumed,
+                                                                                           capsys):
     _, resumed = straight_and_resumed
     before = (resumed / "metrics.jsonl").read_text()
-    result = run_train_py("--mode", "paper-split", *CLASSES, "--steps", "2", "--output-dir", str(resumed))
+    result = in_process(capsys, "train", "--mode", "paper-split", *CLASSES, "--output-dir", str(resumed))
     assert result.returncode == 2 and "--resume latest" in one_line_error(result)
     assert (resumed / "metrics.jsonl").read_text() == before
 
@@ -183,10 +191,8 @@ def test_a_loss_that_becomes_infinite_stops_naming_the_step_and_keeps_the_last_c
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
 def test_a_stop_signal_finishes_the_step_saves_a_checkpoint_and_exits_cleanly(signal_number, tmp_path):
-    process = subprocess.Popen([sys.executable, "train.py", "--mode", "paper-split", "--batch-size", "4", *CLASSES,
-                                "--steps", "1000", "--workers", "0", "--output-dir", str(tmp_path)],
-                               cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    (process,) = start_ranks("--mode", "paper-split", "--batch-size", "4", *CLASSES, "--steps", "1000",
+                             "--workers", "0", "--output-dir", str(tmp_path))
     wait_for_steps(tmp_path, 1)
     process.send_signal(signal_number)
     stdout, stderr = process.communicate(timeout=120)
@@ -199,16 +205,8 @@ def test_a_stop_signal_finishes_the_step_saves_a_checkpoint_and_exits_cleanly(si
 def test_a_rank_that_dies_stops_the_others_with_a_clear_message(tmp_path):
     """The ranks started as a launcher without an agent of its own (srun, say) starts them; under
     `accelerate launch`, torchrun's agent also ends the survivors and names the rank that died."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    args = ["--mode", "paper-split", "--batch-size", "4", *CLASSES, "--steps", "1000", "--workers", "0",
-            "--timeout", "30", "--output-dir", str(tmp_path)]
-    ranks = [subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, **ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-             for rank in range(2)]
+    ranks = start_ranks("--mode", "paper-split", "--batch-size", "4", *CLASSES, "--steps", "1000", "--workers", "0",
+                        "--timeout", "30", "--output-dir", str(tmp_path), processes=2)
     wait_for_steps(tmp_path, 1)
     ranks[1].kill()
     started = time.monotonic()
