@@ -68,13 +68,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_train_py(*args: str, world_size: int = 1) -> subprocess.CompletedProcess:
-    """train.py as a launcher starts rank 0 of `world_size`: bad input is refused before any group exists."""
-    env = {**os.environ, **ENV, "WORLD_SIZE": str(world_size), "RANK": "0"}
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=180, env=env)
-
-
 def in_process(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
     """`python -m alexnet_mp ARGS` run in this process, for commands that start no process group
     (a fresh interpreter costs about 5 s of imports): its exit code and output."""

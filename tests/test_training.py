@@ -27,7 +27,6 @@ from tests.launching import (
     one_line_error,
     records,
     run_ranks,
-    run_train_py,
     start_ranks,
 )
 
@@ -162,8 +161,8 @@ def test_a_paper_split_checkpoint_resumes_under_data_parallel(straight_and_resum
 
 def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(straight_and_resumed):
     _, resumed = straight_and_resumed
-    result = run_train_py("--mode", "single", "--arch", "owt", *CLASSES, "--workers", "0", "--steps", "8",
-                          "--resume", str(resumed / "checkpoints"), "--output-dir", str(resumed / "owt"))
+    result = run_ranks("--mode", "single", "--arch", "owt", *CLASSES, "--workers", "0", "--steps", "8",
+                       "--resume", str(resumed / "checkpoints"), "--output-dir", str(resumed / "owt"))
     assert result.returncode == 2
     assert "--arch paper" in one_line_error(result)
 
@@ -178,8 +177,8 @@ def test_a_new_run_refuses_an_output_folder_that_holds_checkpoints_before_buildi
 
 
 def test_a_loss_that_becomes_infinite_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    result = run_train_py("--mode", "single", "--lr", "1e6", "--batch-size", "4", *CLASSES, "--steps", "20",
-                          "--workers", "0", "--checkpoint-every", "1", "--output-dir", str(tmp_path))
+    result = run_ranks("--mode", "single", "--lr", "1e6", "--batch-size", "4", *CLASSES, "--steps", "20",
+                       "--workers", "0", "--checkpoint-every", "1", "--output-dir", str(tmp_path))
     assert result.returncode == 1
     message = one_line_error(result)
     assert "not finite at step" in message
