@@ -25,11 +25,13 @@ profile() {  # profile NAME [profile_step.py flags]: the fastest step, at batch 
         2>&1 | tee "$out/profile_$name.txt" | tail -40 | cut -c1-80,150-
 }
 if [[ $parts == *profile* ]]; then
-    # in memory: the device's time; fed by JPEGs decoded on the GPU: the host's, and a trace of where it waits
-    for fed in memory device; do
+    # What no GPU has measured yet comes first, in case the call's time runs out: LRN's Triton kernels
+    # (against the compiled torch ops of the in-memory profile, last), then the step fed by JPEGs decoded
+    # on the GPU (the host's time, and a trace of where it waits), then the step in memory (the device's time).
+    profile triton_lrn --triton-lrn
+    for fed in device memory; do
         profile $fed --fed-by $fed --trace "$out/trace_$fed.json.gz"
     done
-    profile triton_lrn --triton-lrn  # LRN's Triton kernels against the compiled torch ops above
 fi
 if [[ $parts == *train* ]]; then
     timeout 180 python3 train.py --mode paper-split --steps 20 --batch-size 256 --synthetic-size 4096 \
