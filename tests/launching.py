@@ -43,15 +43,17 @@ def launch(*args: str, processes: int = 1, config_file: Path | None = None,
 def start_ranks(*args: str, processes: int = 1) -> list[subprocess.Popen]:
     """train.py ARGS once per rank, each with the environment a launcher sets (one plain process
     when `processes` is 1)."""
-    port = free_port()
-    ranks = []
-    for rank in range(processes):
-        launcher = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
-                    "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        ranks.append(subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True,
-                                      env={**os.environ, **ENV, **(launcher if processes > 1 else {})}))
-    return ranks
+    port = free_port() if processes > 1 else None
+
+    def launcher(rank: int) -> dict[str, str]:
+        if port is None:
+            return {}
+        return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
+                "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+    return [subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV, **launcher(rank)})
+            for rank in range(processes)]
 
 
 def run_ranks(*args: str, processes: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
