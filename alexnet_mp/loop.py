@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -95,12 +95,25 @@ class StopRequest:
         self.requested = True
 
 
-def agree(flags: list[bool], device: torch.device) -> list[bool]:
-    """Any rank's flag is every rank's (one tiny all-reduce per step), so all ranks stop together."""
-    values = torch.tensor([float(flag) for flag in flags], device=device)
+def agreed_flags(stop_requested: bool, loss: Tensor) -> Tensor:
+    """[a stop was requested, the loss is not finite], each any rank's (one tiny all-reduce per step) so
+    that all ranks stop together. Made on the loss's device without a copy from the host, which on a GPU
+    would wait for the step to finish: the host reads them once it has queued the next batch's work."""
+    flags = torch.stack([torch.full((), float(stop_requested), device=loss.device),
+                         loss.isfinite().logical_not().float()])
     if world()[1] > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in values.tolist()]
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
+
+
+Batch = tuple[int, Tensor, Tensor]  # step, this rank's images, this rank's labels
+
+
+def next_batch(batches: Iterator[Batch]) -> tuple[Batch | None, float]:
+    """The next of `batches` (None after the last), and the seconds the host spent getting it."""
+    started = time.perf_counter()
+    batch = next(batches, None)
+    return batch, time.perf_counter() - started
 
 
 def per_rank(values: list[float], device: torch.device) -> list[list[float]]:
@@ -156,23 +169,28 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
     steps = rank_batches(train_set, batches, strategy.image_rows(config.batch_size),
                          strategy.label_rows(config.batch_size), start, total, config.workers, device)
     clock = StepClock(device)
-    waited = time.perf_counter()
-    for step, images, labels in steps:
-        started = time.perf_counter()
+    batch, data_wait_s = next_batch(steps)
+    while batch is not None:
+        step, images, labels = batch
         clock.start()
         strategy.ledger.reset()
         with autocast():
             loss = train_step(strategy, optimizer, images, labels, step, config.batch_size, scale)
-        stopping, diverged = agree([stop.requested, not bool(torch.isfinite(loss))], device)
+        flags = agreed_flags(stop.requested, loss)
+        clock.end()
+        # Nothing above waits for a GPU: the host decodes and queues the next batch while the device
+        # runs this step, and only then waits for the step's flags, time and loss.
+        upcoming, upcoming_wait_s = next_batch(steps)
+        stopping, diverged = (bool(flag) for flag in flags.tolist())
         if diverged:
             raise FloatingPointError(f"the loss is not finite at step {step}; the last good checkpoint in "
                                      f"{checkpoints} is intact (try a lower --lr)")
-        elapsed = clock.stop()
+        elapsed = clock.seconds()
         if step % config.log_every == 0 or step == total - 1:
             global_loss = float(strategy.global_loss(loss))
             memory, sent = per_rank([peak_memory_mb(device), strategy.ledger.total_bytes()], device)
             tracker.log({"loss": global_loss, "lr": optimizer.param_groups[0]["lr"], "epoch": batches.epoch(step),
-                         "step_time_s": elapsed, "data_wait_s": started - waited,
+                         "step_time_s": elapsed, "data_wait_s": data_wait_s,
                          "images_per_s": config.batch_size / elapsed, "comm_bytes": sent,
                          "comm_wait_s": strategy.ledger.wait_s,
                          **{f"comm_wait_s/{link}": seconds for link, seconds in strategy.ledger.waits.items()},
@@ -194,7 +212,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         if stopping:
             accelerator.print(f"stopped by a signal after step {step}; checkpoint saved, resume with --resume latest")
             break
-        waited = time.perf_counter()
+        batch, data_wait_s = upcoming, upcoming_wait_s
     progress.close()
     tracker.finish()
 

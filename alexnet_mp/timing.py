@@ -15,20 +15,31 @@ class StepClock:
         self.device = device
         self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
             if device.type == "cuda" else None
-        self.started = 0.0
+        self.started = self.ended = 0.0
 
     def start(self) -> None:
         if self.events:
             self.events[0].record()
         self.started = time.perf_counter()
 
-    def stop(self) -> float:
-        """Seconds since `start`; on a GPU, waits for the work queued in between to finish."""
+    def end(self) -> None:
+        """Marks the end of what is timed: work queued after it is not counted, and the host may queue
+        more before it reads `seconds`."""
         if self.events:
             self.events[1].record()
+        self.ended = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Seconds from `start` to `end`; on a GPU, waits for the work queued between them to finish."""
+        if self.events:
             self.events[1].synchronize()
             return self.events[0].elapsed_time(self.events[1]) / 1000
-        return time.perf_counter() - self.started
+        return self.ended - self.started
+
+    def stop(self) -> float:
+        """`end`, then `seconds`."""
+        self.end()
+        return self.seconds()
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from alexnet_mp import AlexNet2012, checkpoint
+from alexnet_mp import AlexNet2012, checkpoint, loop
 from tests.launching import (
     ENV,
     ROOT,
@@ -54,6 +55,45 @@ def test_tensorboard_tracker_writes_event_files(tmp_path):
                             env={**os.environ, **ENV})
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+@pytest.fixture
+def training_in_this_process(monkeypatch: pytest.MonkeyPatch):
+    """Training in the pytest process installs its stop-signal handlers and accelerate's shared state:
+    both are put back afterwards."""
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    yield monkeypatch
+    for number, handler in handlers.items():
+        signal.signal(number, handler)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_loop_asks_for_the_next_batch_before_it_waits_for_the_step(training_in_this_process, tmp_path, capsys):
+    """So that on a GPU the host decodes and queues batch k+1 while the device runs step k: the first
+    read of step k's results (the flags the ranks agree on) comes after batch k+1 is asked for."""
+    order = []
+    batches, flags = loop.rank_batches, loop.agreed_flags
+
+    def recorded_batches(*args: object):
+        for batch in batches(*args):
+            order.append(f"batch {batch[0]}")
+            yield batch
+
+    class RecordedFlags:
+        def __init__(self, values: torch.Tensor) -> None:
+            self.values = values
+
+        def tolist(self) -> list[float]:
+            order.append("wait")
+            return self.values.tolist()
+
+    training_in_this_process.setattr(loop, "rank_batches", recorded_batches)
+    training_in_this_process.setattr(loop, "agreed_flags", lambda *args: RecordedFlags(flags(*args)))
+    result = in_process(capsys, "train", "--mode", "single", "--steps", "3", "--batch-size", "2", *CLASSES,
+                        "--workers", "0", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert order == ["batch 0", "batch 1", "wait", "batch 2", "wait", "wait"]
+    assert [row["step"] for row in metrics(tmp_path)] == [0, 1, 2]
 
 
 def readme_main_job() -> list[str]:
