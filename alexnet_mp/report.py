@@ -68,6 +68,7 @@ class RunSummary:
     step_s: list[float]
     comm_wait_s: list[float]
     data_wait_s: list[float]
+    wall_s: list[float]
     comm_bytes: list[list[float]]  # per step, per rank
     peak_memory_mb: list[float]
 
@@ -105,6 +106,7 @@ def read_run(directory: Path) -> RunSummary:
         return RunSummary(directory.name, config, [r["step"] for r in steps], [r["loss"] for r in steps],
                           [r["images_per_s"] for r in steps], [r["step_time_s"] for r in steps],
                           [r["comm_wait_s"] for r in steps], [r["data_wait_s"] for r in steps],
+                          [r["wall_s"] for r in steps],
                           [r["comm_bytes"] for r in steps], steps[-1]["peak_memory_mb"])
     except KeyError as error:
         raise BrokenRun(f"{directory}: metrics.jsonl lacks {error.args[0]!r}") from None
@@ -175,8 +177,7 @@ def plot_comparison(runs: list[RunSummary], out: Path) -> list[Path]:
     figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(10, 4))
     for run in runs:
         by_step.plot(run.steps, run.losses, label=run.label)
-        wall = [sum(run.step_s[:i + 1]) + sum(run.data_wait_s[:i + 1]) for i in range(len(run.steps))]
-        by_time.plot(wall, run.losses, label=run.label)
+        by_time.plot(run.wall_s, run.losses, label=run.label)
     by_step.set(xlabel="step", ylabel="loss")
     by_time.set(xlabel="wall time (s)", ylabel="loss")
     by_step.legend()

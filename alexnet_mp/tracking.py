@@ -4,6 +4,7 @@ compared offline), and accelerate's trackers (wandb, tensorboard) when asked; ma
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,31 +17,40 @@ class Tracker:
         self.accelerator, self.active = accelerator, accelerator.is_main_process
         self.metrics_path = output / "metrics.jsonl"
         self.uses_trackers = tracker != "none"
+        self.began = self.wall_before = 0.0
         if not self.active:
             return
         output.mkdir(parents=True, exist_ok=True)
-        self._keep_steps_before(resumed_at)
+        kept = self._keep_steps_before(resumed_at)
+        # a resumed run's clock goes on from its checkpoint's (records from before wall_s have none)
+        self.wall_before = max((row.get("wall_s", 0.0) for row in kept), default=0.0)
         (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         if self.uses_trackers:
             init = {"wandb": {"group": group, "job_type": job_type, "name": run_name, "dir": str(output)}}
             accelerator.init_trackers(project, config=config, init_kwargs=init)
+        self.began = time.perf_counter()  # the loop's first step starts now
 
-    def _keep_steps_before(self, step: int) -> None:
+    def _keep_steps_before(self, step: int) -> list[dict[str, Any]]:
         """A resumed run continues the file where its checkpoint was taken (later lines, logged after
-        it before a crash, are logged again); a new run starts a new file."""
+        it before a crash, are logged again); a new run starts a new file. Returns the rows kept."""
         if not self.metrics_path.exists():
-            return
-        kept = [line for line in self.metrics_path.read_text().splitlines(keepends=True)
-                if step and line.strip() and json.loads(line)["step"] < step]
+            return []
+        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if step and line.strip()]
+        kept = [row for row in rows if row["step"] < step]
         temporary = self.metrics_path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(kept))
+        temporary.write_text("".join(json.dumps(row) + "\n" for row in kept))
         temporary.replace(self.metrics_path)
+        return kept
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Writes a row to metrics.jsonl, stamped with `wall_s`: the seconds the run has trained so far,
+        up to the moment the row is logged (evaluations and checkpoints included, the time lost to a
+        crash not), and passes `metrics` to the trackers."""
         if not self.active:
             return
+        wall_s = self.wall_before + time.perf_counter() - self.began
         with self.metrics_path.open("a") as record:
-            record.write(json.dumps({"step": step, **metrics}) + "\n")
+            record.write(json.dumps({"step": step, "wall_s": round(wall_s, 4), **metrics}) + "\n")
         if self.uses_trackers:
             self.accelerator.log(metrics, step=step)
 

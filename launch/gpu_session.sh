@@ -33,11 +33,20 @@ if [[ $parts == *profile* ]]; then
         profile $fed --fed-by $fed --trace "$out/trace_$fed.json.gz"
     done
 fi
+loop_speed() {  # loop_speed RUN_DIR BATCH: the loop's images/s in wall time (second half of its steps) vs the step's
+    python3 -c "import json, statistics, sys
+rows = [row for row in map(json.loads, open(sys.argv[1] + '/metrics.jsonl')) if 'loss' in row][-8:]
+batch, seconds = int(sys.argv[2]), (rows[-1]['wall_s'] - rows[0]['wall_s']) / (len(rows) - 1)
+step = statistics.median(row['step_time_s'] for row in rows[1:])
+print(f'loop: {batch / seconds:.0f} images/s in wall time over steps {rows[1][\"step\"]}-{rows[-1][\"step\"]}; '
+      f'its step alone: {batch / step:.0f}')" "$1" "$2"
+}
 if [[ $parts == *train* ]]; then
     timeout 180 python3 train.py --mode paper-split --steps 20 --batch-size 256 --synthetic-size 4096 \
         --num-classes 1000 --init he --lr 0.001 --mixed-precision bf16 --channels-last --compile \
         --workers 8 --output-dir "$out/train" 2>&1 | tail -5
     tail -n 3 "$out/train/metrics.jsonl"
+    loop_speed "$out/train" 256
     rm -rf "$out/train/checkpoints"  # hundreds of MB, not worth fetching
 fi
 if [[ $parts == *jpeg* ]]; then  # the loop on JPEG files decoded by nvJPEG, CUDA graphs replaying the step
@@ -47,6 +56,7 @@ for split in ('train', 'val'): write_jpeg_tree(Path(sys.argv[1]) / split, 2048, 
         --mixed-precision bf16 --channels-last --cuda-graphs --decode-on device --workers 8 \
         --output-dir "$out/jpeg" 2>&1 | tail -5
     grep -h val "$out/jpeg/metrics.jsonl" | tail -n 2
+    loop_speed "$out/jpeg" 256
     rm -rf "$out/jpegs" "$out/jpeg/checkpoints"
 fi
 if [[ $parts == *bench* ]]; then

@@ -35,6 +35,15 @@ def test_paper_split_writes_the_loss_of_every_step_to_metrics_jsonl(runs):
     assert all(isinstance(row["loss"], float) for row in rows)
 
 
+def test_each_logged_step_records_the_wall_time_trained_so_far(runs):
+    rows = metrics(runs["paper-split", 2])
+    trained = 0.0
+    for row in rows:
+        trained += row["step_time_s"]
+        assert row["wall_s"] >= trained
+    assert rows[-1]["wall_s"] < 60  # seconds trained, not a clock's reading
+
+
 def test_paper_split_logs_the_time_blocked_on_each_link(runs):
     (first, *_) = metrics(runs["paper-split", 2])
     links = {key.split("/")[1] for key in first if key.startswith("comm_wait_s/")}

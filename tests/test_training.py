@@ -169,6 +169,12 @@ def test_a_resumed_run_matches_the_straight_run_step_for_step(straight_and_resum
         assert all(torch.equal(state_one[key], state_two[key]) for key in state_one)
 
 
+def test_a_resumed_runs_wall_time_goes_on_from_its_checkpoints(straight_and_resumed):
+    _, resumed = straight_and_resumed
+    rows = metrics(resumed)  # steps 0-2 before the resume, 3-5 after
+    assert rows[3]["wall_s"] >= rows[2]["wall_s"] + rows[3]["step_time_s"]
+
+
 def test_rank_1s_tower_survives_a_resume(straight_and_resumed):
     _, resumed = straight_and_resumed
     found = checkpoint.find("latest", resumed / "checkpoints")
