@@ -1,3 +1,4 @@
 from alexnet_mp.cli import main
 
-main()
+if __name__ == "__main__":  # not again in a process spawned to decode JPEGs on a GPU
+    main()

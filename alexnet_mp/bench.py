@@ -303,7 +303,9 @@ class Comparison:
 
 PLAIN_LOOP = "plain loop, torchvision alexnet"
 FED = "single, paper, fed by the input pipeline"
-ON_DEVICE = ", JPEGs decoded on the device"
+# what each of data.DECODE_PLACES adds to the pipeline's measurement names
+DECODED = {"workers": "", "device": ", JPEGs decoded on the device",
+           "device-in-workers": ", JPEGs decoded on the device by the workers"}
 
 
 def run_matrix(sizes: Sizes, scratch: Path, device_type: str) -> tuple[list[Measurement], list[str], list[str]]:
@@ -346,8 +348,7 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str) -> tuple[list[Meas
     pictures = str(write_jpeg_tree(scratch / "jpeg", sizes.pipeline_images))
     run("input pipeline, 1 worker (in process)", pipeline_pass, 1, pictures, batch, 0, sizes.pipeline_steps,
         threads=1)
-    places = {"workers": ""} | ({"device": ON_DEVICE} if _can_decode_on_device(skipped) else {})
-    for place, suffix in places.items():
+    for place, suffix in ((place, DECODED[place]) for place in decode_places(device_type, skipped)):
         run(f"input pipeline, {sizes.workers} workers{suffix}", pipeline_pass, 1, pictures, batch, sizes.workers,
             sizes.pipeline_steps, place, threads=1)
         run(layouts.named(FED + suffix), fed_steps, 1, pictures, batch, sizes.workers, sizes, layouts, place,
@@ -355,14 +356,16 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str) -> tuple[list[Meas
     return list(found.values()), skipped, failed
 
 
-def _can_decode_on_device(skipped: list[str]) -> bool:
-    """Whether TorchCodec can decode JPEGs on the device; if not, the reason is added to `skipped`."""
+def decode_places(device_type: str, skipped: list[str]) -> list[str]:
+    """Where the pipeline's JPEGs are decoded in this run: by the workers; on the device if a decoder can
+    run there (if not, the reason is added to `skipped`); and on a GPU, on it by the workers as well (on
+    a CPU that would be the workers' decoding again, by another decoder)."""
     try:
         require_device_decoder()
     except UsageError as error:
         skipped.append(f"input pipeline decoded on the device: {error}")
-        return False
-    return True
+        return ["workers"]
+    return ["workers", "device"] + (["device-in-workers"] if device_type == "cuda" else [])
 
 
 def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -> list[Comparison]:
@@ -404,11 +407,11 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -
     ratio("input pipeline vs the training step it feeds (>= 1: the loader keeps up)", pipeline, single, 1.0,
           f"{found['input pipeline, 1 worker (in process)'].median:.1f} images/s per worker"
           if "input pipeline, 1 worker (in process)" in found else "")
-    ratio("input pipeline, JPEGs decoded on the device, vs the training step it feeds", pipeline + ON_DEVICE,
-          single, 1.0)
-    ratio("single step fed by the input pipeline vs from memory", layouts.named(FED), single)
-    ratio("single step fed by the input pipeline, JPEGs decoded on the device, vs from memory",
-          layouts.named(FED + ON_DEVICE), single)
+    for suffix in DECODED.values():
+        if suffix:
+            ratio(f"input pipeline{suffix} vs the training step it feeds", pipeline + suffix, single, 1.0)
+    for suffix in DECODED.values():
+        ratio(f"single step fed by the input pipeline{suffix} vs from memory", layouts.named(FED + suffix), single)
     return rows
 
 

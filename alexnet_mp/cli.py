@@ -173,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--batch-size", type=int, default=100)
     check.add_argument("--workers", type=int, default=2)
     check.add_argument("--decode-on", default="workers", choices=DECODE_PLACES,
-                       help="where JPEGs are decoded: by the workers, or on the device (see train --help)")
+                       help="where JPEGs are decoded (see train --help)")
     check.set_defaults(run=evaluate)
     runner = commands.add_parser("experiment", help="run several layouts on the same batches, then compare them; "
                                                     "arguments it does not know go to each training run")

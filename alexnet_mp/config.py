@@ -112,9 +112,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--workers", type=int, default=d.workers, help="data loader processes per rank")
     parser.add_argument("--decode-on", default=d.decode_on, choices=DECODE_PLACES,
-                        help="where JPEGs are decoded, resized and cropped: by the loader's workers, or on the "
-                             "training device in one call per batch (nvJPEG on a GPU; needs "
-                             "'alexnet-mp[device-decode]'). Other images are decoded by the workers either way")
+                        help="where JPEGs are decoded, resized and cropped: by the loader's workers; on the "
+                             "training device in one call per batch, by the training process (device) or by each "
+                             "worker in its own process (device-in-workers; the training process with --workers 0). "
+                             "nvJPEG on a GPU; needs 'alexnet-mp[device-decode]'. Other images: by the workers")
     parser.add_argument("--eval-every", type=int, default=d.eval_every,
                         help="validate every N steps as well as at each epoch's end")
     parser.add_argument("--ten-crop", action="store_true", help="validate on the paper's ten crops")

@@ -6,8 +6,10 @@ random augmentation is drawn from (seed, epoch, sample index), so it looks the s
 loads it. Labels come from the dataset's `targets`, so a rank can hold labels for rows whose images
 it does not load (weird-trick rank 0 computes the loss over the whole global batch).
 
-Images are decoded by the loader's workers, or (`decode_on="device"`) left encoded there and
-decoded in one call where the batch is going: on a GPU by nvJPEG, through TorchCodec or torchvision.
+Images are decoded by the loader's workers, or left encoded there and decoded a batch in one call on
+the device the batch is going to (on a GPU by nvJPEG, through TorchCodec or torchvision): by the
+training process (`decode_on="device"`), or by each worker in its own process (`"device-in-workers"`),
+whose host work and waits then hold up neither the training process nor each other.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ PCA_EIGENVECTORS = ((-0.5675, 0.7192, 0.4009),
 LIGHTING_STD = 0.1
 CLASS_COLOUR = 2.0  # synthetic set: the class colour cast's scale, in normalised units
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
-DECODE_PLACES = ("workers", "device")
+DECODE_PLACES = ("workers", "device", "device-in-workers")  # where JPEGs are decoded; docs/experiments.md
 DEVICE_JPEG_MODES = ("RGB", "L")  # JPEGs nvJPEG turns into the RGB PIL gives; CMYK and the rest: the workers
 
 
@@ -162,11 +164,16 @@ class Encoded:
     index: int
 
 
-def collate(samples: list[tuple[Tensor | Encoded, Tensor]]) -> tuple[Tensor | list[Tensor | Encoded], Tensor]:
-    """Stacked (pixels, alphas) as usual; a batch with encoded samples stays a list until it is decoded."""
+def collate(samples: list[tuple[Tensor | Encoded, Tensor]],
+            decode: Callable[[list[Tensor | Encoded]], Tensor] | None = None
+            ) -> tuple[Tensor | list[Tensor | Encoded], Tensor]:
+    """Stacked (pixels, alphas) as usual. A batch with encoded samples stays a list until it is decoded,
+    unless a worker decodes it here (`decode`): then its uint8 pixels come back to host memory, to
+    cross to the training process like any batch."""
     if not any(isinstance(pixels, Encoded) for pixels, _ in samples):
         return default_collate(samples)
-    return [pixels for pixels, _ in samples], torch.stack([alpha for _, alpha in samples])
+    pixels, alphas = [pixels for pixels, _ in samples], torch.stack([alpha for _, alpha in samples])
+    return (pixels if decode is None else decode(pixels).cpu()), alphas
 
 
 class Augmented(Dataset):
@@ -213,7 +220,7 @@ class Augmented(Dataset):
         return crop(central_pixels(v2.functional.to_image(self.source.load(index))))
 
     def _pixels_or_jpeg(self, index: int, crop: Callable[[Tensor], Tensor]) -> Tensor | Encoded:
-        jpeg = self.source.jpeg(index) if self.decode_on == "device" else None
+        jpeg = self.source.jpeg(index) if self.decode_on != "workers" else None
         return Encoded(jpeg, crop, index) if jpeg is not None else self._pixels(index, crop)
 
     def _readable(self, index: int, read: Callable[[int], T]) -> T:
@@ -423,9 +430,13 @@ def rank_batches(dataset: Dataset, batches: GlobalBatches, image_rows: slice, la
     without a wait: a copy from pageable memory would hold the host until the GPU had finished the step
     before, and with it the preparation of the next batch."""
     cuda = device.type == "cuda"
+    in_workers = workers > 0 and isinstance(dataset, Augmented) and dataset.decode_on == "device-in-workers"
+    decode = functools.partial(dataset.on_device, device=device) if in_workers else None
     loader = DataLoader(dataset, batch_sampler=_RowSampler(batches, image_rows, start, stop), num_workers=workers,
-                        collate_fn=collate, pin_memory=cuda, prefetch_factor=4 if workers else None,
-                        persistent_workers=False)
+                        collate_fn=functools.partial(collate, decode=decode), pin_memory=cuda,
+                        prefetch_factor=4 if workers else None, persistent_workers=False,
+                        # spawned: a forked child of a process that uses CUDA cannot use CUDA itself
+                        multiprocessing_context="spawn" if in_workers else None)
     targets = torch.as_tensor(dataset.targets)
     for step, (images, alphas) in zip(range(start, stop), loader, strict=True):
         if isinstance(images, list):  # JPEGs left encoded for the device
@@ -451,7 +462,7 @@ def build_datasets(spec: DataSpec, seed: int) -> tuple[Dataset, Dataset]:
     """(training set, validation set). Bad paths raise UsageError before any training starts."""
     if spec.decode_on not in DECODE_PLACES:
         raise UsageError(f"--decode-on {spec.decode_on!r}: choose one of {', '.join(DECODE_PLACES)}")
-    if spec.decode_on == "device":
+    if spec.decode_on != "workers":
         require_device_decoder()
     if spec.data == "synthetic":
         classes = spec.num_classes or 1000

@@ -27,9 +27,10 @@ profile() {  # profile NAME [profile_step.py flags]: the fastest step, at batch 
 if [[ $parts == *profile* ]]; then
     # What no GPU has measured yet comes first, in case the call's time runs out: LRN's Triton kernels
     # (against the compiled torch ops of the in-memory profile, last), then the step fed by JPEGs decoded
-    # on the GPU (the host's time, and a trace of where it waits), then the step in memory (the device's time).
+    # on the GPU by the workers, then by the training process (the host's time, and a trace of where it
+    # waits), then the step in memory (the device's time).
     profile triton_lrn --triton-lrn
-    for fed in device memory; do
+    for fed in device-in-workers device memory; do
         profile $fed --fed-by $fed --trace "$out/trace_$fed.json.gz"
     done
 fi
@@ -52,12 +53,15 @@ fi
 if [[ $parts == *jpeg* ]]; then  # the loop on JPEG files decoded by nvJPEG, CUDA graphs replaying the step
     python3 -c "import sys; from pathlib import Path; from alexnet_mp.bench import write_jpeg_tree
 for split in ('train', 'val'): write_jpeg_tree(Path(sys.argv[1]) / split, 2048, classes=100)" "$out/jpegs"
-    timeout 180 python3 train.py --mode single --data "$out/jpegs" --epochs 2 --batch-size 256 --lr 0.001 \
-        --mixed-precision bf16 --channels-last --cuda-graphs --decode-on device --workers 8 \
-        --output-dir "$out/jpeg" 2>&1 | tail -5
-    grep -h val "$out/jpeg/metrics.jsonl" | tail -n 2
-    loop_speed "$out/jpeg" 256
-    rm -rf "$out/jpegs" "$out/jpeg/checkpoints"
+    for place in device-in-workers device; do
+        timeout 180 python3 train.py --mode single --data "$out/jpegs" --epochs 2 --batch-size 256 --lr 0.001 \
+            --mixed-precision bf16 --channels-last --cuda-graphs --decode-on $place --workers 8 \
+            --output-dir "$out/jpeg-$place" 2>&1 | tail -5
+        grep -h val "$out/jpeg-$place/metrics.jsonl" | tail -n 2
+        loop_speed "$out/jpeg-$place" 256
+        rm -rf "$out/jpeg-$place/checkpoints"
+    done
+    rm -rf "$out/jpegs"
 fi
 if [[ $parts == *bench* ]]; then
     timeout "${BENCH_TIMEOUT:-540}" python3 -m alexnet_mp bench --output-dir "$out"

@@ -1,6 +1,6 @@
 """Where one training step's time goes: torch.profiler over a few steady-state steps of one layout on
 one process, printed as the ops and kernels that take the most device time. Fed by the input
-pipeline (`--fed-by workers|device`, over generated JPEGs), it prints the host's time instead: the
+pipeline (`--fed-by workers|device|device-in-workers`, over generated JPEGs), it prints the host's time instead: the
 calls that keep the host from preparing the next batch while the device trains.
 
     python launch/profile_step.py --precision bf16 --channels-last --compile --batch 256
@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from alexnet_mp.bench import loaded_batches, write_jpeg_tree
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.data import require_device_decoder
+from alexnet_mp.data import DECODE_PLACES, require_device_decoder
 from alexnet_mp.rng import seeded_generator
 from alexnet_mp.speed import Speed, Variant
 from alexnet_mp.step import make_optimizer, train_step
@@ -40,9 +40,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=25)
-    parser.add_argument("--fed-by", default="memory", choices=["memory", "workers", "device"],
-                        help="one in-memory batch, or the input pipeline with JPEGs decoded by its workers or on "
-                             "the device")
+    parser.add_argument("--fed-by", default="memory", choices=["memory", *DECODE_PLACES],
+                        help="one in-memory batch, or the input pipeline with JPEGs decoded where --decode-on says")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--trace", type=Path, help="also write a Chrome trace here (.json or .json.gz)")
     args = parser.parse_args()
@@ -81,7 +80,7 @@ def feed(source: str, batch: int, workers: int, steps: int, device: torch.device
         generator = seeded_generator(0, 9)
         images = torch.randn(batch, 3, 224, 224, generator=generator).to(device)
         return itertools.repeat((images, torch.randint(0, 1000, (batch,), generator=generator).to(device)))
-    if source == "device":
+    if source != "workers":
         require_device_decoder()
     root = str(write_jpeg_tree(Path(tempfile.mkdtemp()) / "jpeg", 2048))
     return ((images, labels) for _, images, labels in loaded_batches(root, batch, workers, steps, device, source))

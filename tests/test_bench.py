@@ -91,3 +91,11 @@ def test_on_a_gpu_every_speed_up_is_held_to_twice_the_plain_loop():
         row = rows[variant.named("single, paper")]
         assert row.theirs == PLAIN_LOOP and row.target == 2.0
     assert rows[names[-1]].ratio == len(names)  # the last variant measured len(names) x the plain loop
+
+
+def test_on_a_gpu_the_pipeline_is_also_measured_decoding_on_the_device_in_the_workers():
+    from alexnet_mp.bench import decode_places
+    from alexnet_mp.data import DECODE_PLACES
+
+    assert decode_places("cuda", []) == list(DECODE_PLACES)
+    assert "device-in-workers" not in decode_places("cpu", [])  # there, the workers' decoding again

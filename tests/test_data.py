@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from alexnet_mp import data
 from alexnet_mp.data import (
     MEAN,
     PCA_EIGENVALUES,
@@ -176,9 +177,9 @@ def batch_of_everything(dataset, device: str = "cpu", workers: int = 0) -> torch
     return next(rank_batches(dataset, batches, rows, rows, 0, 1, workers, torch.device(device)))[1]
 
 
-def decoded_both_ways(root: Path, **spec: object) -> list[tuple]:
+def decoded_both_ways(root: Path, on_device: str = "device", **spec: object) -> list[tuple]:
     """(training set, validation set) of `root`, with JPEGs decoded by the workers, then on the device."""
-    return [build_datasets(DataSpec(str(root), decode_on=place, **spec), seed=0) for place in ("workers", "device")]
+    return [build_datasets(DataSpec(str(root), decode_on=place, **spec), seed=0) for place in ("workers", on_device)]
 
 
 def test_device_decoding_leaves_jpegs_encoded_and_lets_the_workers_decode_the_rest(tmp_path):
@@ -206,6 +207,17 @@ def test_jpegs_decoded_on_the_device_are_the_pixels_the_workers_decode(tmp_path,
                                    batch_of_everything(workers_set, workers=workers), rtol=0, atol=0)
 
 
+def test_jpegs_decoded_on_the_device_in_spawned_workers_are_the_pixels_the_workers_decode(tmp_path, monkeypatch):
+    by_workers, by_device = (train for train, _ in decoded_both_ways(write_image_tree(tmp_path), "device-in-workers"))
+
+    def in_this_process(*args: object) -> None:
+        raise AssertionError("the training process decoded JPEGs")
+
+    expected = batch_of_everything(by_workers)
+    monkeypatch.setattr(data, "_decode_jpegs", in_this_process)  # a spawned worker imports its own module
+    torch.testing.assert_close(batch_of_everything(by_device, workers=1), expected, rtol=0, atol=0)
+
+
 def test_a_jpeg_the_device_cannot_decode_is_read_as_the_workers_read_it(tmp_path):
     root = write_image_tree(tmp_path)
     truncated = root / "train" / "dog" / "0.jpg"
@@ -223,13 +235,14 @@ def test_decoding_on_the_device_with_no_jpeg_decoder_is_one_clear_error(tmp_path
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_nvjpeg_decodes_to_what_the_workers_decode_within_a_level(tmp_path):
+@pytest.mark.parametrize(("on_device", "workers"), [("device", 0), ("device-in-workers", 2)])
+def test_nvjpeg_decodes_to_what_the_workers_decode_within_a_level(tmp_path, on_device, workers):
     root = write_image_tree(tmp_path)
     for path in root.rglob("*.jpg"):  # full-resolution chroma: nvJPEG upsamples 4:2:0 chroma unlike libjpeg-turbo
         Image.open(path).convert("RGB").save(path, quality=95, subsampling=0)
-    (by_workers, _), (by_device, _) = decoded_both_ways(root)
+    (by_workers, _), (by_device, _) = decoded_both_ways(root, on_device)
     # then the pixels decode alike and only resizing in float on the GPU rounds differently: a fraction of a
     # level of 255 on average; a wrong crop, flip or channel order is tens of levels
-    levels = (batch_of_everything(by_device, "cuda").cpu() - batch_of_everything(by_workers)) * torch.tensor(
+    levels = (batch_of_everything(by_device, "cuda", workers).cpu() - batch_of_everything(by_workers)) * torch.tensor(
         STD).view(3, 1, 1) * 255
     assert levels.abs().mean() < 1
