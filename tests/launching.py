@@ -71,8 +71,8 @@ def free_port() -> int:
 
 
 def in_process(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
-    """`python -m alexnet_mp ARGS` run in this process, for commands that start no process group
-    (a fresh interpreter costs about 5 s of imports): its exit code and output."""
+    """`python -m alexnet_mp ARGS` run in this process, for commands that start no process group, training
+    in one process included (a fresh interpreter costs about 5 s of imports): its exit code and output."""
     from alexnet_mp.cli import main
 
     try:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,6 @@ from safetensors.torch import load_file
 
 from alexnet_mp import AlexNet2012, checkpoint, loop
 from tests.launching import (
-    ENV,
     ROOT,
     in_process,
     launch,
@@ -32,6 +29,17 @@ from tests.launching import (
 )
 
 CLASSES = ["--num-classes", "10"]
+
+
+@pytest.fixture
+def training_in_this_process(monkeypatch: pytest.MonkeyPatch):
+    """Training in the pytest process installs its stop-signal handlers and accelerate's shared state:
+    both are put back afterwards."""
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    yield monkeypatch
+    for number, handler in handlers.items():
+        signal.signal(number, handler)
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_wandb_offline_run_holds_the_config_and_job_type(tmp_path):
@@ -48,24 +56,12 @@ def test_wandb_offline_run_holds_the_config_and_job_type(tmp_path):
                for row in metrics(tmp_path))
 
 
-def test_tensorboard_tracker_writes_event_files(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "alexnet_mp", "train", "--mode", "single", "--steps", "1",
-                             "--batch-size", "2", *CLASSES, "--workers", "0", "--tracker", "tensorboard",
-                             "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, **ENV})
+@pytest.mark.usefixtures("training_in_this_process")
+def test_tensorboard_tracker_writes_event_files(tmp_path, capsys):
+    result = in_process(capsys, "train", "--mode", "single", "--steps", "1", "--batch-size", "2", *CLASSES,
+                        "--workers", "0", "--tracker", "tensorboard", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(tmp_path.rglob("events.out.tfevents.*"))
-
-
-@pytest.fixture
-def training_in_this_process(monkeypatch: pytest.MonkeyPatch):
-    """Training in the pytest process installs its stop-signal handlers and accelerate's shared state:
-    both are put back afterwards."""
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
-    yield monkeypatch
-    for number, handler in handlers.items():
-        signal.signal(number, handler)
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_the_loop_asks_for_the_next_batch_before_it_waits_for_the_step(training_in_this_process, tmp_path, capsys):
@@ -200,18 +196,20 @@ def test_a_paper_split_checkpoint_exports_and_evaluates_on_one_device(straight_a
     assert "top-1 error" in result.stdout and "top-5 error" in result.stdout
 
 
-def test_a_paper_split_checkpoint_resumes_under_data_parallel(straight_and_resumed, tmp_path):
+@pytest.mark.usefixtures("training_in_this_process")
+def test_a_paper_split_checkpoint_resumes_under_data_parallel(straight_and_resumed, tmp_path, capsys):
     _, resumed = straight_and_resumed
-    result = run_ranks("--mode", "data-parallel", "--batch-size", "4", *CLASSES, "--workers", "0", "--steps", "7",
-                       "--resume", str(resumed / "checkpoints"), "--output-dir", str(tmp_path))
+    result = in_process(capsys, "train", "--mode", "data-parallel", "--batch-size", "4", *CLASSES, "--workers", "0",
+                        "--steps", "7", "--resume", str(resumed / "checkpoints"), "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert [row["step"] for row in metrics(tmp_path)] == [6]
 
 
-def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(straight_and_resumed):
+@pytest.mark.usefixtures("training_in_this_process")
+def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(straight_and_resumed, capsys):
     _, resumed = straight_and_resumed
-    result = run_ranks("--mode", "single", "--arch", "owt", *CLASSES, "--workers", "0", "--steps", "8",
-                       "--resume", str(resumed / "checkpoints"), "--output-dir", str(resumed / "owt"))
+    result = in_process(capsys, "train", "--mode", "single", "--arch", "owt", *CLASSES, "--workers", "0",
+                        "--steps", "8", "--resume", str(resumed / "checkpoints"), "--output-dir", str(resumed / "owt"))
     assert result.returncode == 2
     assert "--arch paper" in one_line_error(result)
 
@@ -225,9 +223,10 @@ def test_a_new_run_refuses_an_output_folder_that_holds_checkpoints_before_buildi
     assert (resumed / "metrics.jsonl").read_text() == before
 
 
-def test_a_loss_that_becomes_infinite_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    result = run_ranks("--mode", "single", "--lr", "1e6", "--batch-size", "4", *CLASSES, "--steps", "20",
-                       "--workers", "0", "--checkpoint-every", "1", "--output-dir", str(tmp_path))
+@pytest.mark.usefixtures("training_in_this_process")
+def test_a_loss_that_becomes_infinite_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    result = in_process(capsys, "train", "--mode", "single", "--lr", "1e6", "--batch-size", "4", *CLASSES,
+                        "--steps", "20", "--workers", "0", "--checkpoint-every", "1", "--output-dir", str(tmp_path))
     assert result.returncode == 1
     message = one_line_error(result)
     assert "not finite at step" in message
