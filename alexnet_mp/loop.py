@@ -178,8 +178,8 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
             loss = train_step(strategy, optimizer, images, labels, step, config.batch_size, scale)
         flags = agreed_flags(stop.requested, loss)
         clock.end()
-        # Nothing above waits for a GPU: the host decodes and queues the next batch while the device
-        # runs this step, and only then waits for the step's flags, time and loss.
+        # Nothing above waits for a GPU (fp16's overflow check aside): the host decodes and queues the
+        # next batch while the device runs this step, and only then waits for the step's flags, time, loss.
         upcoming, upcoming_wait_s = next_batch(steps)
         stopping, diverged = (bool(flag) for flag in flags.tolist())
         if diverged:
