@@ -50,7 +50,7 @@ class Tracker:
             return
         wall_s = self.wall_before + time.perf_counter() - self.began
         with self.metrics_path.open("a") as record:
-            record.write(json.dumps({"step": step, "wall_s": round(wall_s, 4), **metrics}) + "\n")
+            record.write(json.dumps({"step": step, "wall_s": wall_s, **metrics}) + "\n")
         if self.uses_trackers:
             self.accelerator.log(metrics, step=step)
 
