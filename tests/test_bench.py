@@ -99,3 +99,23 @@ def test_on_a_gpu_the_pipeline_is_also_measured_decoding_on_the_device_in_the_wo
 
     assert decode_places("cuda", []) == list(DECODE_PLACES)
     assert "device-in-workers" not in decode_places("cpu", [])  # there, the workers' decoding again
+
+
+def test_on_a_gpu_the_paper_nets_missed_targets_are_shown_beside_torchvisions_layout_with_the_same_speed_ups(
+        monkeypatch):
+    from alexnet_mp import bench
+    from alexnet_mp.bench import FAST_GPU, FULL_GPU, PLAIN_LOOP, Measurement, comparisons
+
+    monkeypatch.setattr(bench, "peak_tflops", lambda precision: bench.PEAK_TFLOPS["H100"][precision])
+
+    def measured(name: str, images_per_s: float, arch: str, precision: str = "bf16") -> Measurement:
+        return Measurement(name, 1, 16, 256, [images_per_s], 0.0, [0.0], [1.0], arch, precision)
+
+    paper, owt = FAST_GPU.named("single, paper"), FAST_GPU.named("single, owt")
+    found = {PLAIN_LOOP: measured(PLAIN_LOOP, 1000.0, "owt", "fp32"), paper: measured(paper, 1000.0, "paper"),
+             owt: measured(owt, 2200.0, "owt")}
+    rows = comparisons(found, FULL_GPU, "cuda")
+    (twice,) = [row for row in rows if row.ours == paper and row.target == 2.0]
+    assert twice.verdict == "missed by 1.00" and "(owt) with these speed-ups: 2.20x" in twice.detail
+    (utilisation,) = [row for row in rows if row.what.startswith("model FLOPs utilisation")]
+    assert "torchvision's layout (owt) " in utilisation.detail
