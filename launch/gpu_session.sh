@@ -6,6 +6,10 @@
 # run it in parts.
 #   bash launch/gpu_session.sh OUT_DIR [PARTS]   (PARTS: any of tests,profile,train,jpeg,bench; default all)
 # The lent machine's torch 2.11 predates TorchCodec's JPEG decoder: --decode-on device uses torchvision's there.
+# A lease holds about 12 minutes of commands after the machine's start, and one call at most 10: run
+# `bench` first (every figure the issue asks for, device-in-workers and Triton LRN included; BENCH_TIMEOUT
+# below the call's limit), then `tests,jpeg` (the GPU equivalence and pixel tests, and the loop's wall-time
+# speed with each device decoding), then `profile` as time allows.
 set -uo pipefail
 out=${1:-runs/gpu}
 parts=${2:-tests,profile,train,jpeg,bench}
