@@ -308,9 +308,12 @@ DECODED = {"workers": "", "device": ", JPEGs decoded on the device",
            "device-in-workers": ", JPEGs decoded on the device by the workers"}
 
 
-def run_matrix(sizes: Sizes, scratch: Path, device_type: str) -> tuple[list[Measurement], list[str], list[str]]:
+def run_matrix(sizes: Sizes, scratch: Path, device_type: str,
+               measured: Callable[[list[Measurement], list[str]], None] = lambda *so_far: None
+               ) -> tuple[list[Measurement], list[str], list[str]]:
     """Every measurement of the matrix; the ones skipped, each with the reason (layouts needing more
-    GPUs than this machine has); and the ones that FAILED, each with its error's last line."""
+    GPUs than this machine has); and the ones that FAILED, each with its error's last line. After each
+    measurement, `measured` gets those so far (the measurements, and the skipped and failed ones)."""
     cores, gpus = os.cpu_count() or 1, torch.cuda.device_count()
     batch, layouts = sizes.batch, layout_variant(device_type)
     found: dict[str, Measurement] = {}
@@ -329,6 +332,7 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str) -> tuple[list[Meas
             last = str(error).strip().splitlines()[-1]
             print(f"  {name}: FAILED: {last}", flush=True)
             failed.append(f"{name}: FAILED: {last}")
+        measured(list(found.values()), skipped + failed)
 
     def step(name: str, ranks: int, mode: str, arch: str, variant: Variant, exchange: str | None = None) -> None:
         run(variant.named(name), layout_steps, ranks, mode, arch, exchange, batch, sizes, variant, arch=arch,
@@ -513,9 +517,11 @@ def report(measurements: list[Measurement], rows: list[Comparison], not_measured
                               c.detail] for c in rows])]
     if not_measured:
         lines += ["", "Not measured:", *(f"- {reason}" for reason in not_measured)]
-    single = next(m for m in measurements if m.name == "single, paper")
-    tflops = training_tflops(single, sizes.num_classes)
-    lines += ["", f"`single, paper` sustains {tflops:.3f} TFLOP/s of training (`plan --device-tflops {tflops:.3g}`)"]
+    single = next((m for m in measurements if m.name == "single, paper"), None)  # None in a partial report
+    if single:
+        tflops = training_tflops(single, sizes.num_classes)
+        lines += ["", f"`single, paper` sustains {tflops:.3f} TFLOP/s of training "
+                      f"(`plan --device-tflops {tflops:.3g}`)"]
     return "\n".join(lines) + "\n"
 
 
@@ -525,20 +531,25 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None) -> Pa
     if ranks:
         sizes = replace(sizes, ranks=ranks)
     output.mkdir(parents=True, exist_ok=True)
+    env = environment()
+
+    def write(measurements: list[Measurement], not_measured: list[str]) -> str:
+        """bench.json and bench.md of the measurements so far: a run cut short keeps what it measured."""
+        rows = comparisons({m.name: m for m in measurements}, sizes, device_type)
+        text = report(measurements, rows, not_measured, sizes, quick, env)
+        record = {"environment": env, "sizes": asdict(sizes), "quick": quick, "skipped": not_measured,
+                  "measurements": [{**asdict(m), "median_images_per_s": m.median} for m in measurements],
+                  "comparisons": [{**asdict(c), "verdict": c.verdict} for c in rows]}
+        (output / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
+        (output / "bench.md").write_text(text)
+        return text
+
     scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=output))
     try:
-        measurements, skipped, failed = run_matrix(sizes, scratch, device_type)
+        measurements, skipped, failed = run_matrix(sizes, scratch, device_type, write)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    rows = comparisons({m.name: m for m in measurements}, sizes, device_type)
-    env, not_measured = environment(), skipped + failed
-    text = report(measurements, rows, not_measured, sizes, quick, env)
-    record = {"environment": env, "sizes": asdict(sizes), "quick": quick, "skipped": not_measured,
-              "measurements": [{**asdict(m), "median_images_per_s": m.median} for m in measurements],
-              "comparisons": [{**asdict(c), "verdict": c.verdict} for c in rows]}
-    (output / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
-    (output / "bench.md").write_text(text)
-    print(text)
+    print(write(measurements, skipped + failed))
     if failed:
         raise RuntimeError(f"{len(failed)} measurements failed (the rest are in {output / 'bench.md'}): {failed[0]}")
     return output

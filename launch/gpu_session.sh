@@ -68,5 +68,6 @@ for split in ('train', 'val'): write_jpeg_tree(Path(sys.argv[1]) / split, 2048, 
     rm -rf "$out/jpegs"
 fi
 if [[ $parts == *bench* ]]; then
-    timeout "${BENCH_TIMEOUT:-540}" python3 -m alexnet_mp bench --output-dir "$out"
+    timeout "${BENCH_TIMEOUT:-540}" python3 -m alexnet_mp bench --output-dir "$out"  # bench.md: what it measured
+    rm -rf "$out"/bench-*  # the scratch folder (JPEGs) a bench cut short leaves behind
 fi

@@ -119,3 +119,20 @@ def test_on_a_gpu_the_paper_nets_missed_targets_are_shown_beside_torchvisions_la
     assert twice.verdict == "missed by 1.00" and "(owt) with these speed-ups: 2.20x" in twice.detail
     (utilisation,) = [row for row in rows if row.what.startswith("model FLOPs utilisation")]
     assert "torchvision's layout (owt) " in utilisation.detail
+
+
+def test_a_benchmark_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
+    from alexnet_mp import bench
+    from alexnet_mp.bench import PLAIN_LOOP, Measurement
+
+    plain_loop = Measurement(PLAIN_LOOP, 1, 2, 4, [10.0], 0.0, [0.0], [100.0], "owt")
+
+    def cut_short(sizes, scratch, device_type, measured):
+        measured([plain_loop], [])
+        raise KeyboardInterrupt  # as a timeout's signal ends it
+
+    monkeypatch.setattr(bench, "run_matrix", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        bench.bench(tmp_path, quick=True)
+    assert [m["name"] for m in json.loads((tmp_path / "bench.json").read_text())["measurements"]] == [PLAIN_LOOP]
+    assert PLAIN_LOOP in (tmp_path / "bench.md").read_text()
