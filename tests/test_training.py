@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from alexnet_mp import AlexNet2012, checkpoint, loop
@@ -40,6 +40,7 @@ def training_in_this_process(monkeypatch: pytest.MonkeyPatch):
     for number, handler in handlers.items():
         signal.signal(number, handler)
     AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def test_wandb_offline_run_holds_the_config_and_job_type(tmp_path):
