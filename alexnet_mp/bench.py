@@ -309,7 +309,7 @@ DECODED = {"workers": "", "device": ", JPEGs decoded on the device",
 
 
 def run_matrix(sizes: Sizes, scratch: Path, device_type: str,
-               measured: Callable[[list[Measurement], list[str]], None] = lambda *so_far: None
+               measured: Callable[[list[Measurement], list[str]], None]
                ) -> tuple[list[Measurement], list[str], list[str]]:
     """Every measurement of the matrix; the ones skipped, each with the reason (layouts needing more
     GPUs than this machine has); and the ones that FAILED, each with its error's last line. After each
@@ -352,7 +352,8 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str,
     pictures = str(write_jpeg_tree(scratch / "jpeg", sizes.pipeline_images))
     run("input pipeline, 1 worker (in process)", pipeline_pass, 1, pictures, batch, 0, sizes.pipeline_steps,
         threads=1)
-    for place, suffix in ((place, DECODED[place]) for place in decode_places(device_type, skipped)):
+    for place in decode_places(device_type, skipped):
+        suffix = DECODED[place]
         run(f"input pipeline, {sizes.workers} workers{suffix}", pipeline_pass, 1, pictures, batch, sizes.workers,
             sizes.pipeline_steps, place, threads=1)
         run(layouts.named(FED + suffix), fed_steps, 1, pictures, batch, sizes.workers, sizes, layouts, place,
