@@ -191,8 +191,10 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--batch", type=int, default=128, help="the global batch")
     model.add_argument("--link-gbps", default="16,64,450",
                        help="link bandwidths in gigabytes per second per direction (PCIe 3 x16, PCIe 5 x16, NVLink 4)")
-    model.add_argument("--device-tflops", type=float, default=100.0,
-                       help="TFLOP/s one GPU sustains on these layers (not its datasheet peak)")
+    model.add_argument("--device-tflops", type=float, default=70.0,
+                       help="TFLOP/s one GPU sustains on these layers, not its datasheet peak (default: what the "
+                            "paper net's fastest step sustained on an H100, docs/experiments.md; `bench` prints it "
+                            "for your device and net)")
     model.add_argument("--arch", default="paper", choices=["paper", "owt"])
     model.add_argument("--num-classes", type=int, default=1000)
     model.add_argument("--output-dir", default="runs/plan", help="where plan.md and plan.png go")
