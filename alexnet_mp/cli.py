@@ -16,6 +16,7 @@ from alexnet_mp import checkpoint
 from alexnet_mp.config import TrainConfig, add_train_arguments, train_config
 from alexnet_mp.data import DECODE_PLACES
 from alexnet_mp.strategies import STRATEGIES, Setup, UsageError
+from alexnet_mp.tracking import require_tracker
 
 
 def launched_world_size() -> int:
@@ -33,8 +34,7 @@ def check_train_config(config: TrainConfig) -> None:
         raise UsageError(f"unknown --mode {config.mode!r}; choose one of: {', '.join(STRATEGIES)}")
     setup = Setup(config.arch, config.num_classes or 1000, config.seed, exchange=config.exchange)
     STRATEGIES[config.mode].check(launched_world_size(), setup)
-    if config.tracker == "tensorboard" and not importlib.util.find_spec("tensorboard"):
-        raise UsageError("--tracker tensorboard needs the tensorboard package: pip install 'alexnet-mp[tensorboard]'")
+    require_tracker(config.tracker)
     if config.cuda_graphs and not torch.cuda.is_available():
         raise UsageError("--cuda-graphs needs a GPU (none is visible); use --compile alone on a CPU")
     if config.triton_lrn and not (torch.cuda.is_available() and importlib.util.find_spec("triton")):

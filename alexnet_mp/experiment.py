@@ -15,7 +15,7 @@ import torch
 from alexnet_mp.config import add_train_arguments
 from alexnet_mp.report import compare
 from alexnet_mp.strategies import STRATEGIES, UsageError
-from alexnet_mp.tracking import publish_comparison
+from alexnet_mp.tracking import publish_comparison, require_tracker
 
 
 def launch_command(processes: int) -> tuple[list[str], dict[str, str]]:
@@ -32,6 +32,8 @@ def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, tr
     unknown = [mode for mode in modes if mode not in STRATEGIES]
     if unknown:
         raise UsageError(f"unknown mode {unknown[0]!r} in --modes; choose from: {', '.join(STRATEGIES)}")
+    tracking = _tracking_arguments(train_args)
+    require_tracker(tracking.tracker)
     folder = output / name
     directories = []
     for mode in modes:
@@ -49,7 +51,6 @@ def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, tr
     for line in comparison.broken:
         print(f"cannot compare {line}", file=sys.stderr)
     print(comparison.table)
-    tracking = _tracking_arguments(train_args)
     if tracking.tracker == "wandb" and comparison.rows:
         publish_comparison(comparison.header, comparison.rows, tracking.project, name, folder)
     return folder

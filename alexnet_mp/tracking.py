@@ -3,12 +3,26 @@ compared offline), and accelerate's trackers (wandb, tensorboard) when asked; ma
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from accelerate import Accelerator
+from alexnet_mp.strategies import UsageError
+
+if TYPE_CHECKING:  # commands that only check arguments need not import accelerate
+    from accelerate import Accelerator
+
+TRACKER_INSTALLS = {"wandb": "pip install wandb", "tensorboard": "pip install 'alexnet-mp[tensorboard]'"}
+
+
+def require_tracker(tracker: str) -> None:
+    """Refuses, in one line, a tracker whose package is missing: accelerate would only warn, then log
+    nothing to it."""
+    if tracker in TRACKER_INSTALLS and importlib.util.find_spec(tracker) is None:
+        raise UsageError(f"--tracker {tracker} needs the {tracker} package: {TRACKER_INSTALLS[tracker]}, "
+                         "or use --tracker none")
 
 
 class Tracker:

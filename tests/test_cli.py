@@ -83,6 +83,23 @@ def test_bad_input_is_one_line_naming_what_works_with_exit_code_2(args, world_si
     assert result.returncode == 2 and names in one_line_error(result)
 
 
+@pytest.mark.parametrize(("command", "tracker", "install"), [
+    (["train"], "wandb", "pip install wandb"),
+    (["train"], "tensorboard", "pip install 'alexnet-mp[tensorboard]'"),
+    (["experiment", "--name", "trial", "--modes", "single"], "wandb", "pip install wandb"),
+])
+def test_a_tracker_whose_package_is_missing_is_refused_in_one_line_before_any_run(command, tracker, install, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """accelerate would only warn, then log nothing to it; the experiment runner would run every layout first."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == tracker else real(name, *rest))
+    result = in_process(capsys, *command, "--tracker", tracker, "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2 and install in one_line_error(result)
+    assert not (tmp_path / "out").exists()
+
+
 def test_every_launch_config_names_its_process_count():
     import yaml
 
