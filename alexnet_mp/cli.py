@@ -13,7 +13,15 @@ from pathlib import Path
 import torch
 
 from alexnet_mp import checkpoint
-from alexnet_mp.config import TrainConfig, add_train_arguments, train_config
+from alexnet_mp.config import (
+    COUNT,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    Parser,
+    TrainConfig,
+    add_train_arguments,
+    train_config,
+)
 from alexnet_mp.data import DECODE_PLACES
 from alexnet_mp.strategies import STRATEGIES, Setup, UsageError
 from alexnet_mp.tracking import require_tracker
@@ -39,8 +47,6 @@ def check_train_config(config: TrainConfig) -> None:
         raise UsageError("--cuda-graphs needs a GPU (none is visible); use --compile alone on a CPU")
     if config.triton_lrn and not (torch.cuda.is_available() and importlib.util.find_spec("triton")):
         raise UsageError("--triton-lrn needs a GPU and Triton (installed with torch's CUDA wheels); drop the flag")
-    if config.batch_size < 1 or (config.steps is not None and config.steps < 1) or config.epochs < 1:
-        raise UsageError("--batch-size, --steps and --epochs must be positive")
     if not config.resume and checkpoint.complete_checkpoints(config.checkpoints):
         raise UsageError(f"{config.output} already holds a run with checkpoints: add --resume latest to continue "
                          "it, or choose another --output-dir")
@@ -149,14 +155,14 @@ def summary(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="python -m alexnet_mp", description=__doc__)
+    root = Parser(prog="python -m alexnet_mp", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train (use `accelerate launch train.py` for several processes)")
     add_train_arguments(train)
     train.set_defaults(run=lambda args: run_train(train_config(args)))
     table = commands.add_parser("summary", help="per-layer output shapes, parameters and FLOPs")
     table.add_argument("--arch", default="paper", choices=["paper", "owt"])
-    table.add_argument("--num-classes", type=int, default=1000)
+    table.add_argument("--num-classes", type=POSITIVE_INT, default=1000)
     table.add_argument("--tower", action="store_true", help="per tower (paper net)")
     table.set_defaults(run=summary)
     out = commands.add_parser("export", help="a checkpoint of any layout as one safetensors state_dict")
@@ -168,10 +174,10 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--data", required=True, help="'synthetic', a folder with val/, or CIFAR-10 batches")
     check.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "cifar10"])
     check.add_argument("--ten-crop", action="store_true")
-    check.add_argument("--synthetic-size", type=int, default=4096,
+    check.add_argument("--synthetic-size", type=POSITIVE_INT, default=4096,
                        help="with --data synthetic: the training set's size (the validation set is 1/8 of it)")
-    check.add_argument("--batch-size", type=int, default=100)
-    check.add_argument("--workers", type=int, default=2)
+    check.add_argument("--batch-size", type=POSITIVE_INT, default=100)
+    check.add_argument("--workers", type=COUNT, default=2)
     check.add_argument("--decode-on", default="workers", choices=DECODE_PLACES,
                        help="where JPEGs are decoded (see train --help)")
     check.set_defaults(run=evaluate)
@@ -179,7 +185,7 @@ def parser() -> argparse.ArgumentParser:
                                                     "arguments it does not know go to each training run")
     runner.add_argument("--name", required=True)
     runner.add_argument("--modes", default="single,data-parallel,paper-split,weird-trick")
-    runner.add_argument("--ranks", type=int, default=2, help="processes for every mode but single")
+    runner.add_argument("--ranks", type=POSITIVE_INT, default=2, help="processes for every mode but single")
     runner.add_argument("--output-dir", default="runs")
     runner.set_defaults(run=experiment)
     report = commands.add_parser("compare", help="a table and plots from run folders (config.json, metrics.jsonl)")
@@ -188,15 +194,15 @@ def parser() -> argparse.ArgumentParser:
     report.set_defaults(run=compare)
     model = commands.add_parser("plan", help="predicted bytes, compute, step time and memory per layout and GPU count")
     model.add_argument("--gpus", default="1,2,4,8,16")
-    model.add_argument("--batch", type=int, default=128, help="the global batch")
+    model.add_argument("--batch", type=POSITIVE_INT, default=128, help="the global batch")
     model.add_argument("--link-gbps", default="16,64,450",
                        help="link bandwidths in gigabytes per second per direction (PCIe 3 x16, PCIe 5 x16, NVLink 4)")
-    model.add_argument("--device-tflops", type=float, default=70.0,
+    model.add_argument("--device-tflops", type=POSITIVE_FLOAT, default=70.0,
                        help="TFLOP/s one GPU sustains on these layers, not its datasheet peak (default: what the "
                             "paper net's fastest step sustained on an H100, docs/experiments.md; `bench` prints it "
                             "for your device and net)")
     model.add_argument("--arch", default="paper", choices=["paper", "owt"])
-    model.add_argument("--num-classes", type=int, default=1000)
+    model.add_argument("--num-classes", type=POSITIVE_INT, default=1000)
     model.add_argument("--output-dir", default="runs/plan", help="where plan.md and plan.png go")
     model.set_defaults(run=plan)
     timing = commands.add_parser("bench", help="every layout's training step timed side by side, against the plain "
@@ -209,10 +215,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args, args.train_args = parser().parse_known_args(argv)
-    if args.train_args and args.command != "experiment":
-        parser().parse_args(argv)  # the usual message and exit code 2 for unknown arguments
     try:
+        args, args.train_args = parser().parse_known_args(argv)
+        if args.train_args and args.command != "experiment":
+            parser().parse_args(argv)  # refuses the unknown arguments
         args.run(args)
     except UsageError as error:
         fail(str(error), 2)

@@ -3,15 +3,44 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 from alexnet_mp.data import DECODE_PLACES
 from alexnet_mp.model import ARCHITECTURES, INITS
 from alexnet_mp.speed import Speed
-from alexnet_mp.strategies import STRATEGIES
+from alexnet_mp.strategies import STRATEGIES, UsageError
 
 PAPER_BATCH = 128
+N = TypeVar("N", int, float)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as the program's other refusals (a usage block of 40 options
+    buries what was wrong): raised as a UsageError, which the command line prints with exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see --help")
+
+
+def number(kind: Callable[[str], N], lowest: N, exclusive: bool = False) -> Callable[[str], N]:
+    """An argparse type: a `kind` of at least `lowest` (more than it if `exclusive`), refused while the
+    command line is read, before anything runs."""
+    def parse(text: str) -> N:
+        value = kind(text)
+        if value < lowest or (exclusive and value == lowest):
+            raise argparse.ArgumentTypeError(f"must be {'more than' if exclusive else 'at least'} {lowest:g}, "
+                                             f"not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
+
+
+COUNT, POSITIVE_INT = number(int, 0), number(int, 1)  # e.g. --workers, --batch-size
+NON_NEGATIVE_FLOAT, POSITIVE_FLOAT = number(float, 0.0), number(float, 0.0, exclusive=True)  # --lr, --timeout
 
 
 @dataclass(frozen=True)
@@ -90,38 +119,38 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=d.data, help="'synthetic' (built in) or a folder")
     parser.add_argument("--dataset", default=d.dataset, choices=["imagefolder", "cifar10"],
                         help="layout of --data PATH: PATH/train and PATH/val class folders, or CIFAR-10 batches")
-    parser.add_argument("--num-classes", type=int, default=d.num_classes)
-    parser.add_argument("--synthetic-size", type=int, default=d.synthetic_size,
+    parser.add_argument("--num-classes", type=POSITIVE_INT, default=d.num_classes)
+    parser.add_argument("--synthetic-size", type=POSITIVE_INT, default=d.synthetic_size,
                         help="images in the synthetic training set")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="the global batch")
-    parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--steps", type=int, default=d.steps,
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=d.batch_size, help="the global batch")
+    parser.add_argument("--epochs", type=POSITIVE_INT, default=d.epochs)
+    parser.add_argument("--steps", type=POSITIVE_INT, default=d.steps,
                         help="length of the whole run in steps (overrides --epochs); a resumed run continues to it")
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--momentum", type=float, default=d.momentum)
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--lr", type=NON_NEGATIVE_FLOAT, default=d.lr)
+    parser.add_argument("--momentum", type=NON_NEGATIVE_FLOAT, default=d.momentum)
+    parser.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=d.weight_decay)
     parser.add_argument("--lr-scaling", default=d.lr_scaling, choices=["none", "linear", "sqrt"],
                         help="scale --lr by the global batch over the paper's 128: none (the flags mean what "
                              "they say), linear (Goyal et al. 2017), sqrt (Krizhevsky 2014)")
     parser.add_argument("--lr-schedule", default=d.lr_schedule, choices=["plateau", "step"],
                         help="plateau: /10 when validation top-1 error stops improving (the paper); step: /10 "
                              "every --lr-step-epochs")
-    parser.add_argument("--lr-step-epochs", type=int, default=d.lr_step_epochs)
-    parser.add_argument("--plateau-patience", type=int, default=d.plateau_patience,
+    parser.add_argument("--lr-step-epochs", type=POSITIVE_INT, default=d.lr_step_epochs)
+    parser.add_argument("--plateau-patience", type=COUNT, default=d.plateau_patience,
                         help="evaluations without improvement before the learning rate drops")
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--workers", type=int, default=d.workers, help="data loader processes per rank")
+    parser.add_argument("--workers", type=COUNT, default=d.workers, help="data loader processes per rank")
     parser.add_argument("--decode-on", default=d.decode_on, choices=DECODE_PLACES,
                         help="where JPEGs are decoded, resized and cropped: by the loader's workers; on the "
                              "training device in one call per batch, by the training process (device) or by each "
                              "worker in its own process (device-in-workers; the training process with --workers 0). "
                              "nvJPEG on a GPU; needs 'alexnet-mp[device-decode]'. Other images: by the workers")
-    parser.add_argument("--eval-every", type=int, default=d.eval_every,
+    parser.add_argument("--eval-every", type=COUNT, default=d.eval_every,
                         help="validate every N steps as well as at each epoch's end")
     parser.add_argument("--ten-crop", action="store_true", help="validate on the paper's ten crops")
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+    parser.add_argument("--checkpoint-every", type=COUNT, default=d.checkpoint_every,
                         help="checkpoint every N steps as well as at each epoch's end")
-    parser.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    parser.add_argument("--keep-checkpoints", type=POSITIVE_INT, default=d.keep_checkpoints)
     parser.add_argument("--resume", default=d.resume, help="'latest' (in --output-dir) or a checkpoint folder")
     parser.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "bf16", "fp16"])
     parser.add_argument("--channels-last", action="store_true",
@@ -132,8 +161,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replay the compiled stages as CUDA graphs (implies --compile; GPU only)")
     parser.add_argument("--triton-lrn", action="store_true",
                         help="LRN as hand-written Triton kernels instead of torch ops (GPU only; not float64)")
-    parser.add_argument("--log-every", type=int, default=d.log_every)
-    parser.add_argument("--timeout", dest="timeout_s", type=float, default=d.timeout_s,
+    parser.add_argument("--log-every", type=POSITIVE_INT, default=d.log_every)
+    parser.add_argument("--timeout", dest="timeout_s", type=POSITIVE_FLOAT, default=d.timeout_s,
                         help="seconds a rank waits for its peers before giving up")
     parser.add_argument("--output-dir", default=d.output_dir)
     parser.add_argument("--tracker", default=d.tracker, choices=["none", "wandb", "tensorboard"])

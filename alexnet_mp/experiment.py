@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from alexnet_mp.config import add_train_arguments
+from alexnet_mp.config import Parser, add_train_arguments
 from alexnet_mp.report import compare
 from alexnet_mp.strategies import STRATEGIES, UsageError
 from alexnet_mp.tracking import publish_comparison, require_tracker
@@ -58,6 +58,6 @@ def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, tr
 
 def _tracking_arguments(train_args: Sequence[str]) -> argparse.Namespace:
     """--tracker and --project as the training runs read them from the same arguments."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = Parser(add_help=False)
     add_train_arguments(parser)
     return parser.parse_known_args(train_args)[0]

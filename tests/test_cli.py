@@ -83,6 +83,22 @@ def test_bad_input_is_one_line_naming_what_works_with_exit_code_2(args, world_si
     assert result.returncode == 2 and names in one_line_error(result)
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (["train", "--log-every", "0"], "argument --log-every: must be at least 1, not 0"),
+    (["train", "--workers", "-1"], "argument --workers: must be at least 0, not -1"),
+    (["train", "--lr", "-0.01"], "argument --lr: must be at least 0, not -0.01"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["plan", "--device-tflops", "0"], "argument --device-tflops: must be more than 0, not 0"),
+    (["experiment", "--name", "trial", "--modes", "single", "--batch-size", "0"], "argument --batch-size"),
+])
+def test_a_malformed_argument_is_refused_in_one_line_before_anything_runs(args, says, tmp_path, capsys):
+    """argparse's own refusals too (a usage block of 40 options would bury them); the experiment runner
+    refuses its training arguments before its first run."""
+    result = in_process(capsys, *args, "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2 and says in one_line_error(result) and "see --help" in one_line_error(result)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(("command", "tracker", "install"), [
     (["train"], "wandb", "pip install wandb"),
     (["train"], "tensorboard", "pip install 'alexnet-mp[tensorboard]'"),
