@@ -93,7 +93,8 @@ def complete_checkpoints(directory: Path) -> list[Path]:
 
 
 def find(where: str, output_checkpoints: Path) -> Checkpoint:
-    """`latest` (the newest complete checkpoint of this output folder) or a checkpoint folder."""
+    """`latest` (the newest complete checkpoint of this output folder) or a checkpoint folder; a folder of
+    checkpoints, or a run's --output-dir, stands for its newest."""
     if where == "latest":
         found = complete_checkpoints(output_checkpoints)
         if not found:
@@ -101,10 +102,12 @@ def find(where: str, output_checkpoints: Path) -> Checkpoint:
         path = found[-1]
     else:
         path = Path(where)
-        if path.is_dir() and not (path / "meta.json").is_file() and complete_checkpoints(path):
-            path = complete_checkpoints(path)[-1]
+        if not (path / "meta.json").is_file():
+            newest = complete_checkpoints(path) or complete_checkpoints(path / "checkpoints")
+            path = newest[-1] if newest else path
     if not (path / "meta.json").is_file():
-        raise UsageError(f"{path} is not a checkpoint folder (no meta.json); give step-N or its parent")
+        raise UsageError(f"{path} is not a checkpoint folder (no meta.json); give step-N, its parent, or the "
+                         "run's --output-dir")
     try:
         meta = json.loads((path / "meta.json").read_text())
     except json.JSONDecodeError:

@@ -51,7 +51,7 @@ def evaluate(strategy: Strategy, dataset: Dataset, batch_size: int, workers: int
     """Validation loss and top-1/top-5 error over every whole global batch of `dataset`; with ten
     crops per image (samples of shape [10, 3, H, W]) the ten softmaxes are averaged."""
     strategy.train(False)
-    batches = GlobalBatches(len(dataset), batch_size, seed=0, shuffle=False)
+    batches = validation_batches(len(dataset), batch_size)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 right, top-5 right, samples
     for step, images, labels in rank_batches(dataset, batches, strategy.image_rows(batch_size),
                                              strategy.label_rows(batch_size), 0, batches.steps_per_epoch,
@@ -65,6 +65,16 @@ def evaluate(strategy: Strategy, dataset: Dataset, batch_size: int, workers: int
     loss, top1, top5, count = strategy.sum_over_replicas(sums).tolist()
     count = max(count, 1.0)
     return Evaluation(loss / count, 1 - top1 / count, 1 - top5 / count)
+
+
+def validation_batches(images: int, batch_size: int) -> GlobalBatches:
+    """The validation set's whole global batches, in order. A set smaller than one batch is refused: its
+    evaluation would score nothing (a loss of 0 and an error of 1)."""
+    batches = GlobalBatches(images, batch_size, seed=0, shuffle=False)
+    if batches.steps_per_epoch < 1:
+        raise UsageError(f"the validation set has {images} images, fewer than one --batch-size of {batch_size}: "
+                         "use a smaller --batch-size, or more validation images")
+    return batches
 
 
 def average_crops(logits: Tensor, crops: int) -> Tensor:
@@ -133,6 +143,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
     batches = GlobalBatches(len(train_set), config.batch_size, config.seed)
     if batches.steps_per_epoch < 1:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training images")
+    validation_batches(len(val_set), config.batch_size)  # refused now, not after the first epoch
     device = accelerator.device
     setup = Setup(config.arch, config.num_classes or train_set.num_classes, config.seed, device,
                   exchange=config.exchange, init=config.init, speed=config.speed,

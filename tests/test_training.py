@@ -215,6 +215,23 @@ def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(straight_an
     assert "--arch paper" in one_line_error(result)
 
 
+def test_a_runs_output_folder_stands_for_its_newest_checkpoint(straight_and_resumed):
+    """What `export` and `evaluate` take, beside step-N and the folder of checkpoints."""
+    _, resumed = straight_and_resumed
+    newest = checkpoint.find("latest", resumed / "checkpoints").path
+    assert checkpoint.find(str(resumed), resumed).path == checkpoint.find(str(resumed / "checkpoints"), resumed).path \
+        == newest
+
+
+@pytest.mark.usefixtures("training_in_this_process")
+def test_a_validation_set_smaller_than_one_batch_is_refused_before_training(tmp_path, capsys):
+    """Its evaluation would score no image (a loss of 0, an error of 1), after a whole epoch of training."""
+    result = in_process(capsys, "train", "--mode", "single", "--synthetic-size", "512", "--batch-size", "100",
+                        *CLASSES, "--workers", "0", "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 2 and "64 images, fewer than one --batch-size of 100" in one_line_error(result)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_new_run_refuses_an_output_folder_that_holds_checkpoints_before_building_anything(straight_and_resumed,
                                                                                            capsys):
     _, resumed = straight_and_resumed
