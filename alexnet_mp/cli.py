@@ -24,6 +24,7 @@ from alexnet_mp.config import (
 )
 from alexnet_mp.data import DECODE_PLACES
 from alexnet_mp.strategies import STRATEGIES, Setup, UsageError
+from alexnet_mp.strategies import check as check_layout
 from alexnet_mp.tracking import require_tracker
 
 
@@ -38,10 +39,7 @@ def is_main_process() -> bool:
 
 def check_train_config(config: TrainConfig) -> None:
     """Refuses, before any process group or data exists, what the layout cannot run."""
-    if config.mode not in STRATEGIES:
-        raise UsageError(f"unknown --mode {config.mode!r}; choose one of: {', '.join(STRATEGIES)}")
-    setup = Setup(config.arch, config.num_classes or 1000, config.seed, exchange=config.exchange)
-    STRATEGIES[config.mode].check(launched_world_size(), setup)
+    check_layout(config.mode, launched_world_size(), config.layout_setup())
     require_tracker(config.tracker)
     if config.cuda_graphs and not torch.cuda.is_available():
         raise UsageError("--cuda-graphs needs a GPU (none is visible); use --compile alone on a CPU")

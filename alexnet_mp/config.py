@@ -11,7 +11,7 @@ from typing import NoReturn, TypeVar
 from alexnet_mp.data import DECODE_PLACES
 from alexnet_mp.model import ARCHITECTURES, INITS
 from alexnet_mp.speed import Speed
-from alexnet_mp.strategies import STRATEGIES, UsageError
+from alexnet_mp.strategies import STRATEGIES, Setup, UsageError
 
 PAPER_BATCH = 128
 N = TypeVar("N", int, float)
@@ -96,6 +96,10 @@ class TrainConfig:
     @property
     def speed(self) -> Speed:
         return Speed(self.channels_last, self.compile, self.cuda_graphs, self.triton_lrn)
+
+    def layout_setup(self) -> Setup:
+        """What a layout's check needs of the run, before any device or process group exists."""
+        return Setup(self.arch, self.num_classes or 1000, self.seed, exchange=self.exchange)
 
     @property
     def output(self) -> Path:

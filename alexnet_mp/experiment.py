@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from alexnet_mp.config import Parser, add_train_arguments
+from alexnet_mp.config import Parser, add_train_arguments, train_config
 from alexnet_mp.report import compare
-from alexnet_mp.strategies import STRATEGIES, UsageError
+from alexnet_mp.strategies import check as check_layout
 from alexnet_mp.tracking import publish_comparison, require_tracker
 
 
@@ -27,17 +27,21 @@ def launch_command(processes: int) -> tuple[list[str], dict[str, str]]:
                       "-m", "alexnet_mp", "train"], env
 
 
+def processes_for(mode: str, ranks: int) -> int:
+    return 1 if mode == "single" else ranks
+
+
 def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, train_args: Sequence[str]) -> Path:
-    """Runs each mode (single on 1 process, the others on `ranks`) and writes the comparison."""
-    unknown = [mode for mode in modes if mode not in STRATEGIES]
-    if unknown:
-        raise UsageError(f"unknown mode {unknown[0]!r} in --modes; choose from: {', '.join(STRATEGIES)}")
-    tracking = _tracking_arguments(train_args)
-    require_tracker(tracking.tracker)
+    """Runs each mode (single on 1 process, the others on `ranks`) and writes the comparison. What no run
+    could do (an unknown mode, a world size or flag a layout refuses, a missing tracker) is refused first."""
+    config = train_config(_train_arguments(train_args))
+    for mode in modes:
+        check_layout(mode, processes_for(mode, ranks), config.layout_setup())
+    require_tracker(config.tracker)
     folder = output / name
     directories = []
     for mode in modes:
-        processes = 1 if mode == "single" else ranks
+        processes = processes_for(mode, ranks)
         directory = folder / f"{mode}-{processes}"
         command, env = launch_command(processes)
         command += ["--mode", mode, "--output-dir", str(directory), "--group", name, *train_args]
@@ -51,13 +55,13 @@ def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, tr
     for line in comparison.broken:
         print(f"cannot compare {line}", file=sys.stderr)
     print(comparison.table)
-    if tracking.tracker == "wandb" and comparison.rows:
-        publish_comparison(comparison.header, comparison.rows, tracking.project, name, folder)
+    if config.tracker == "wandb" and comparison.rows:
+        publish_comparison(comparison.header, comparison.rows, config.project, name, folder)
     return folder
 
 
-def _tracking_arguments(train_args: Sequence[str]) -> argparse.Namespace:
-    """--tracker and --project as the training runs read them from the same arguments."""
+def _train_arguments(train_args: Sequence[str]) -> argparse.Namespace:
+    """The training runs' arguments, read as they will read them (--mode aside, which the runner sets)."""
     parser = Parser(add_help=False)
     add_train_arguments(parser)
-    return parser.parse_known_args(train_args)[0]
+    return parser.parse_args(train_args)

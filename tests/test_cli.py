@@ -99,6 +99,17 @@ def test_a_malformed_argument_is_refused_in_one_line_before_anything_runs(args, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("args", "names"), [
+    (["--modes", "single,paper-split", "--ranks", "3"], "--mode paper-split runs on 1 process or an even number"),
+    (["--modes", "single,model-parallel"], "unknown --mode 'model-parallel'"),
+    (["--modes", "single,paper-split", "--exchange", "all"], "--exchange applies to --mode weird-trick only"),
+])
+def test_an_experiment_refuses_a_layout_that_cannot_run_before_the_first_run(args, names, tmp_path, capsys):
+    result = in_process(capsys, "experiment", "--name", "trial", *args, "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2 and names in one_line_error(result)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(("command", "tracker", "install"), [
     (["train"], "wandb", "pip install wandb"),
     (["train"], "tensorboard", "pip install 'alexnet-mp[tensorboard]'"),

@@ -13,13 +13,17 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def create(mode: str, setup: Setup, world_size: int) -> Strategy:
-    """The strategy for `mode`, after checking it can run on `world_size` ranks as `setup` asks."""
+def check(mode: str, world_size: int, setup: Setup) -> type[Strategy]:
+    """The layout `mode`, once it is known to run on `world_size` ranks as `setup` asks (UsageError if not)."""
     if mode not in STRATEGIES:
         raise UsageError(f"unknown --mode {mode!r}; choose one of: {', '.join(STRATEGIES)}")
-    cls = STRATEGIES[mode]
-    cls.check(world_size, setup)
-    return cls(setup)
+    STRATEGIES[mode].check(world_size, setup)
+    return STRATEGIES[mode]
 
 
-__all__ = ["STRATEGIES", "Setup", "Strategy", "UsageError", "create"]
+def create(mode: str, setup: Setup, world_size: int) -> Strategy:
+    """The strategy for `mode`, after checking it can run on `world_size` ranks as `setup` asks."""
+    return check(mode, world_size, setup)(setup)
+
+
+__all__ = ["STRATEGIES", "Setup", "Strategy", "UsageError", "check", "create"]
