@@ -103,9 +103,9 @@ def compare(args: argparse.Namespace) -> None:
     comparison = compare_runs(directories, Path(args.out or directories[0].parent))
     for line in comparison.broken:
         print(f"cannot compare {line}", file=sys.stderr)
-    print(comparison.table)
     if not comparison.rows:
         raise UsageError("no run could be read")
+    print(comparison.table)
 
 
 def plan(args: argparse.Namespace) -> None:
@@ -147,8 +147,11 @@ def bench(args: argparse.Namespace) -> None:
 
 
 def summary(args: argparse.Namespace) -> None:
+    from alexnet_mp.model import ARCHITECTURES
     from alexnet_mp.report import summary_table
 
+    if args.tower and ARCHITECTURES[args.arch].towers == 1:
+        raise UsageError(f"--tower: the {args.arch} net has one column; use --arch paper")
     print(summary_table(args.arch, args.num_classes, tower=args.tower))
 
 

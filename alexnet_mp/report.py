@@ -92,6 +92,8 @@ class RunSummary:
 
 
 def read_run(directory: Path) -> RunSummary:
+    if not directory.is_dir():
+        raise BrokenRun(f"{directory}: not a run folder (one with config.json and metrics.jsonl)")
     try:
         config = json.loads((directory / "config.json").read_text())
         rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -67,9 +67,12 @@ def test_compare_names_a_broken_run_and_reports_the_others(trial, tmp_path, caps
     missing = tmp_path / "missing"
     shutil.copytree(trial / "single-1", missing)
     (missing / "metrics.jsonl").unlink()
-    result = in_process(capsys, "compare", str(trial / "single-1"), str(broken), str(missing),
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a run")
+    result = in_process(capsys, "compare", str(trial / "single-1"), str(broken), str(missing), str(a_file),
                         "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr
     assert f"{broken}: a line of its record is cut" in result.stderr
     assert f"{missing}: metrics.jsonl is missing" in result.stderr
+    assert f"{a_file}: not a run folder" in result.stderr
     assert "single x1" in result.stdout and (tmp_path / "report" / "comparison.md").is_file()
