@@ -175,3 +175,20 @@ def test_bf16_paper_split_logs_the_float32_losses_within_bf16_tolerance(runs, tm
     assert result.returncode == 0, result.stderr[-3000:]
     expected = [row["loss"] for row in metrics(runs["paper-split", 2])][:2]
     assert [row["loss"] for row in metrics(tmp_path)] == pytest.approx(expected, rel=2e-2)
+
+
+def test_summary_per_tower_splits_the_paper_nets_parameters_between_its_towers(capsys):
+    def totals(*args: str) -> list[int]:
+        result = in_process(capsys, "summary", *args)
+        assert result.returncode == 0, result.stderr
+        (total,) = [line for line in result.stdout.splitlines() if line.startswith("| total")]
+        cells = [cell.strip() for cell in total.strip("|").split("|")]
+        return [int(cell.replace(",", "")) for cell in cells if "," in cell]
+
+    (whole,) = totals()
+    assert whole == 60_965_224 and sum(totals("--tower")) == whole  # fc8 lives on tower 0
+
+
+def test_summary_per_tower_refuses_the_one_column_net(capsys):
+    result = in_process(capsys, "summary", "--arch", "owt", "--tower")
+    assert result.returncode == 2 and "--arch paper" in one_line_error(result)
