@@ -476,6 +476,10 @@ def build_datasets(spec: DataSpec, seed: int) -> tuple[Dataset, Dataset]:
             raise UsageError(f"--data {root}: no such folder; give a folder with train/ and val/ class folders, "
                              "or --data synthetic")
         train, val = FolderSource(root / "train"), FolderSource(root / "val")
+        if val.classes != train.classes:  # labels are class folders' positions: they would mean other classes
+            differ = sorted(set(train.classes) ^ set(val.classes))
+            raise UsageError(f"{root}/train and {root}/val have different class folders ({', '.join(differ[:3])}"
+                             f"{', ...' if len(differ) > 3 else ''}): give both the same classes")
     if spec.num_classes not in (None, len(train.classes)):
         raise UsageError(f"--num-classes {spec.num_classes} but {root} has {len(train.classes)} classes")
     return (Augmented(train, seed, train=True, decode_on=spec.decode_on),

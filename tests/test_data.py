@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,6 +162,13 @@ def test_corrupt_image_is_skipped_counted_and_warned_once_with_its_path(tmp_path
 def test_missing_or_empty_data_is_one_clear_error(tmp_path, make, message):
     with pytest.raises(UsageError, match=message):
         build_datasets(DataSpec(str(make(tmp_path))), seed=0)
+
+
+def test_validation_classes_other_than_the_training_classes_are_one_clear_error(tmp_path):
+    """A label is its class folder's position, so a class missing from val/ would shift the rest."""
+    shutil.rmtree(write_image_tree(tmp_path) / "val" / CLASSES[0])
+    with pytest.raises(UsageError, match=f"different class folders \\({CLASSES[0]}\\)"):
+        build_datasets(DataSpec(str(tmp_path)), seed=0)
 
 
 def test_missing_cifar_files_are_named(tmp_path):
