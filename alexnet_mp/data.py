@@ -481,6 +481,7 @@ def build_datasets(spec: DataSpec, seed: int) -> tuple[Dataset, Dataset]:
             raise UsageError(f"{root}/train and {root}/val have different class folders ({', '.join(differ[:3])}"
                              f"{', ...' if len(differ) > 3 else ''}): give both the same classes")
     if spec.num_classes not in (None, len(train.classes)):
-        raise UsageError(f"--num-classes {spec.num_classes} but {root} has {len(train.classes)} classes")
+        raise UsageError(f"{root} has {len(train.classes)} classes, but {spec.num_classes} are asked for (by "
+                         "--num-classes, or by the checkpoint evaluated): give data and class count that agree")
     return (Augmented(train, seed, train=True, decode_on=spec.decode_on),
             Augmented(val, seed, train=False, ten_crop=spec.ten_crop, decode_on=spec.decode_on))

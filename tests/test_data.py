@@ -171,6 +171,11 @@ def test_validation_classes_other_than_the_training_classes_are_one_clear_error(
         build_datasets(DataSpec(str(tmp_path)), seed=0)
 
 
+def test_a_class_count_other_than_the_datas_is_one_clear_error(tmp_path):
+    with pytest.raises(UsageError, match="has 3 classes, but 10 are asked for"):
+        build_datasets(DataSpec(str(write_image_tree(tmp_path)), num_classes=10), seed=0)
+
+
 def test_missing_cifar_files_are_named(tmp_path):
     write_cifar(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
