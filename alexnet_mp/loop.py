@@ -165,6 +165,10 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         if scale and found.meta.get("loss_scale"):
             scale.load_state_dict(found.meta["loss_scale"])
         start = found.step
+    if start >= total:  # before the tracker, which would rewrite the run's record
+        accelerator.print(f"the run is already at step {start} of {total}: nothing to train; raise --steps or "
+                          "--epochs to go on")
+        return
     tracker = Tracker(accelerator, run_description(config, strategy, accelerator), config.output, config.tracker,
                       config.project, config.group, config.run_name, config.mode, resumed_at=start)
     stop = StopRequest()

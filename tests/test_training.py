@@ -172,6 +172,16 @@ def test_a_resumed_runs_wall_time_goes_on_from_its_checkpoints(straight_and_resu
     assert rows[3]["wall_s"] >= rows[2]["wall_s"] + rows[3]["step_time_s"]
 
 
+@pytest.mark.usefixtures("training_in_this_process")
+def test_resuming_a_finished_run_says_so_and_leaves_its_record_alone(straight_and_resumed, capsys):
+    _, resumed = straight_and_resumed
+    before = (resumed / "metrics.jsonl").read_text()
+    result = in_process(capsys, "train", "--mode", "single", "--batch-size", "4", *CLASSES, "--workers", "0",
+                        "--steps", "5", "--resume", "latest", "--output-dir", str(resumed))
+    assert result.returncode == 0 and "already at step 6 of 5" in result.stdout
+    assert (resumed / "metrics.jsonl").read_text() == before
+
+
 def test_rank_1s_tower_survives_a_resume(straight_and_resumed):
     _, resumed = straight_and_resumed
     found = checkpoint.find("latest", resumed / "checkpoints")
