@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.launching import ENV, ROOT, in_process
+from tests.launching import ENV, ROOT, in_process, metrics
 
 PLOTS = ("images_per_s.png", "step_time_breakdown.png", "loss.png", "bytes_per_step.png")
 
@@ -45,6 +45,20 @@ def test_experiment_puts_its_runs_in_one_wandb_group_with_a_summary_table(trial)
     data = json.loads(table.read_text())
     assert [row[0] for row in data["data"]] == ["single x1", "paper-split x2"]
     assert b"summary" in next(summary.glob("run-*.wandb")).read_bytes()
+
+
+def test_each_run_keeps_its_config_and_job_type_in_its_offline_wandb_record(trial):
+    (record,) = (trial / "single-1" / "wandb").glob("offline-run-*/run-*.wandb")
+    # An offline run keeps its config in the binary record stream, with no public reader: look for it.
+    data = record.read_bytes()
+    assert all(token in data for token in (b"world_size", b"per_rank_batch", b'"single"', b"trial"))
+
+
+def test_a_one_device_run_logs_one_rank_and_no_communication(trial):
+    rows = metrics(trial / "single-1")
+    assert [row["step"] for row in rows] == [0, 1, 2]
+    assert all(len(row["peak_memory_mb"]) == 1 and row["comm_bytes"] == [0] and row["comm_wait_s"] == 0
+               for row in rows)
 
 
 def test_the_report_plots_open_as_images(trial):
