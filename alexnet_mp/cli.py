@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -20,12 +19,11 @@ from alexnet_mp.config import (
     Parser,
     TrainConfig,
     add_train_arguments,
+    check_run,
     train_config,
 )
 from alexnet_mp.data import DECODE_PLACES
 from alexnet_mp.strategies import STRATEGIES, Setup, UsageError
-from alexnet_mp.strategies import check as check_layout
-from alexnet_mp.tracking import require_tracker
 
 
 def launched_world_size() -> int:
@@ -37,26 +35,13 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def check_train_config(config: TrainConfig) -> None:
-    """Refuses, before any process group or data exists, what the layout cannot run."""
-    check_layout(config.mode, launched_world_size(), config.layout_setup())
-    require_tracker(config.tracker)
-    if config.cuda_graphs and not torch.cuda.is_available():
-        raise UsageError("--cuda-graphs needs a GPU (none is visible); use --compile alone on a CPU")
-    if config.triton_lrn and not (torch.cuda.is_available() and importlib.util.find_spec("triton")):
-        raise UsageError("--triton-lrn needs a GPU and Triton (installed with torch's CUDA wheels); drop the flag")
-    if not config.resume and checkpoint.complete_checkpoints(config.checkpoints):
-        raise UsageError(f"{config.output} already holds a run with checkpoints: add --resume latest to continue "
-                         "it, or choose another --output-dir")
-
-
 def run_train(config: TrainConfig) -> None:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     from alexnet_mp.loop import train
 
-    check_train_config(config)
+    check_run(config, launched_world_size())
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(
         cpu=not cuda, mixed_precision=config.mixed_precision, project_dir=str(config.output),

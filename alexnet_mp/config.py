@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
+import torch
+
+from alexnet_mp import checkpoint
 from alexnet_mp.data import DECODE_PLACES
 from alexnet_mp.model import ARCHITECTURES, INITS
 from alexnet_mp.speed import Speed
 from alexnet_mp.strategies import STRATEGIES, Setup, UsageError
+from alexnet_mp.strategies import check as check_layout
+from alexnet_mp.tracking import require_tracker
 
 PAPER_BATCH = 128
 N = TypeVar("N", int, float)
@@ -97,10 +103,6 @@ class TrainConfig:
     def speed(self) -> Speed:
         return Speed(self.channels_last, self.compile, self.cuda_graphs, self.triton_lrn)
 
-    def layout_setup(self) -> Setup:
-        """What a layout's check needs of the run, before any device or process group exists."""
-        return Setup(self.arch, self.num_classes or 1000, self.seed, exchange=self.exchange)
-
     @property
     def output(self) -> Path:
         return Path(self.output_dir)
@@ -173,6 +175,22 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--project", default=d.project)
     parser.add_argument("--group", default=d.group, help="experiment name: runs compared together")
     parser.add_argument("--run-name", default=d.run_name)
+
+
+def check_run(config: TrainConfig, world_size: int) -> None:
+    """Refuses, before any process group or data exists, what the run cannot do on `world_size` ranks:
+    a layout that cannot run there, a missing tracker, a GPU-only speed-up without a GPU, or an output
+    folder that already holds another run."""
+    check_layout(config.mode, world_size, Setup(config.arch, config.num_classes or 1000, config.seed,
+                                                exchange=config.exchange))
+    require_tracker(config.tracker)
+    if config.cuda_graphs and not torch.cuda.is_available():
+        raise UsageError("--cuda-graphs needs a GPU (none is visible); use --compile alone on a CPU")
+    if config.triton_lrn and not (torch.cuda.is_available() and importlib.util.find_spec("triton")):
+        raise UsageError("--triton-lrn needs a GPU and Triton (installed with torch's CUDA wheels); drop the flag")
+    if not config.resume and checkpoint.complete_checkpoints(config.checkpoints):
+        raise UsageError(f"{config.output} already holds a run with checkpoints: add --resume latest to continue "
+                         "it, or choose another --output-dir")
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

@@ -8,14 +8,14 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from alexnet_mp.config import Parser, add_train_arguments, train_config
+from alexnet_mp.config import Parser, add_train_arguments, check_run, train_config
 from alexnet_mp.report import compare
-from alexnet_mp.strategies import check as check_layout
-from alexnet_mp.tracking import publish_comparison, require_tracker
+from alexnet_mp.tracking import publish_comparison
 
 
 def launch_command(processes: int) -> tuple[list[str], dict[str, str]]:
@@ -34,15 +34,12 @@ def processes_for(mode: str, ranks: int) -> int:
 def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, train_args: Sequence[str]) -> Path:
     """Runs each mode (single on 1 process, the others on `ranks`) and writes the comparison. What no run
     could do (an unknown mode, a world size or flag a layout refuses, a missing tracker) is refused first."""
-    config = train_config(_train_arguments(train_args))
-    for mode in modes:
-        check_layout(mode, processes_for(mode, ranks), config.layout_setup())
-    require_tracker(config.tracker)
-    folder = output / name
+    config, folder = train_config(_train_arguments(train_args)), output / name
+    runs = [(mode, processes_for(mode, ranks), folder / f"{mode}-{processes_for(mode, ranks)}") for mode in modes]
+    for mode, processes, directory in runs:
+        check_run(replace(config, mode=mode, output_dir=str(directory)), processes)
     directories = []
-    for mode in modes:
-        processes = processes_for(mode, ranks)
-        directory = folder / f"{mode}-{processes}"
+    for mode, processes, directory in runs:
         command, env = launch_command(processes)
         command += ["--mode", mode, "--output-dir", str(directory), "--group", name, *train_args]
         print(f"[{name}] {mode} on {processes} process(es) -> {directory}", flush=True)
