@@ -74,7 +74,7 @@ class TrainConfig:
     decode_on: str = "workers"
     eval_every: int = 0  # steps; 0: at the end of each epoch only
     ten_crop: bool = False
-    checkpoint_every: int = 0  # steps; checkpoints are also written at the end of each epoch
+    checkpoint_every: int = 0  # steps; checkpoints are also written at each epoch's end and the run's last step
     keep_checkpoints: int = 3
     resume: str | None = None
     mixed_precision: str = "no"
@@ -155,7 +155,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validate every N steps as well as at each epoch's end")
     parser.add_argument("--ten-crop", action="store_true", help="validate on the paper's ten crops")
     parser.add_argument("--checkpoint-every", type=COUNT, default=d.checkpoint_every,
-                        help="checkpoint every N steps as well as at each epoch's end")
+                        help="checkpoint every N steps as well as at each epoch's end and the run's last step")
     parser.add_argument("--keep-checkpoints", type=POSITIVE_INT, default=d.keep_checkpoints)
     parser.add_argument("--resume", default=d.resume, help="'latest' (in --output-dir) or a checkpoint folder")
     parser.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "bf16", "fp16"])

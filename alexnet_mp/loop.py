@@ -222,7 +222,9 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
                 scheduler.step(result.top1_error)
         if epoch_end and config.lr_schedule == "step":
             scheduler.step()
-        if epoch_end or stopping or (config.checkpoint_every and next_step % config.checkpoint_every == 0):
+        checkpoint_due = bool(config.checkpoint_every) and next_step % config.checkpoint_every == 0
+        # the run's last step too: --steps may end it mid-epoch, and its training would be lost
+        if epoch_end or stopping or next_step == total or checkpoint_due:
             save(next_step)
         if stopping:
             accelerator.print(f"stopped by a signal after step {step}; checkpoint saved, resume with --resume latest")
