@@ -6,11 +6,14 @@ launcher's own path use the first; the others the second, which saves the launch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -82,6 +85,30 @@ def in_process(capsys: pytest.CaptureFixture, *args: str) -> subprocess.Complete
         code = exited.code
     output = capsys.readouterr()
     return subprocess.CompletedProcess(["python", "-m", "alexnet_mp", *args], code, output.out, output.err)
+
+
+@contextlib.contextmanager
+def process_state_restored() -> Iterator[None]:
+    """Training in the pytest process installs its stop-signal handlers and accelerate's shared state:
+    both are put back afterwards."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def train_in_process(*args: str) -> None:
+    """`python -m alexnet_mp train ARGS` in this process, for a fixture (no capsys): one that fails fails it."""
+    from alexnet_mp.cli import main
+
+    with process_state_restored():
+        main(["train", *args])
 
 
 def records(directory: Path) -> list[dict]:

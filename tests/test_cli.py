@@ -8,21 +8,23 @@ import math
 
 import pytest
 
-from tests.launching import CPU_CONFIG, in_process, launch, metrics, one_line_error, run_ranks
+from tests.launching import CPU_CONFIG, in_process, launch, metrics, one_line_error, run_ranks, train_in_process
 
 # mode, processes, launched with launch/cpu-2proc.yaml (else with the README's flags)
-# (paper-split in 1 process under `accelerate launch` is the README's main job: tests/test_training.py)
-RUNS = [("single", 1, False), ("paper-split", 2, False), ("data-parallel", 2, True), ("weird-trick", 2, True)]
+# (one process under `accelerate launch` is the README's main job: tests/test_training.py)
+LAUNCHED = [("paper-split", 2, False), ("data-parallel", 2, True), ("weird-trick", 2, True)]
+RUN = ["--steps", "3", "--batch-size", "4", "--seed", "0", "--num-classes", "10", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Each layout for 3 steps on the same global batches (batch 4, seed 0, synthetic data)."""
-    done = {}
-    for mode, processes, with_config in RUNS:
+    """Each layout for 3 steps on the same global batches (batch 4, seed 0, synthetic data): single, the
+    reference, in this process (a launch would cost about 8 s more), the others launched."""
+    done = {("single", 1): tmp_path_factory.mktemp("single-1")}
+    train_in_process("--mode", "single", *RUN, "--output-dir", str(done["single", 1]))
+    for mode, processes, with_config in LAUNCHED:
         directory = tmp_path_factory.mktemp(f"{mode}-{processes}")
-        result = launch("--mode", mode, "--steps", "3", "--batch-size", "4", "--seed", "0", "--num-classes", "10",
-                        "--workers", "0", "--output-dir", str(directory), processes=processes,
+        result = launch("--mode", mode, *RUN, "--output-dir", str(directory), processes=processes,
                         config_file=CPU_CONFIG if with_config else None)
         assert result.returncode == 0, result.stderr[-3000:]
         done[mode, processes] = directory

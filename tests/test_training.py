@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from alexnet_mp import AlexNet2012, checkpoint, loop
@@ -23,6 +22,7 @@ from tests.launching import (
     launch,
     metrics,
     one_line_error,
+    process_state_restored,
     records,
     run_ranks,
     start_ranks,
@@ -33,14 +33,8 @@ CLASSES = ["--num-classes", "10"]
 
 @pytest.fixture
 def training_in_this_process(monkeypatch: pytest.MonkeyPatch):
-    """Training in the pytest process installs its stop-signal handlers and accelerate's shared state:
-    both are put back afterwards."""
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
-    yield monkeypatch
-    for number, handler in handlers.items():
-        signal.signal(number, handler)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    with process_state_restored():
+        yield monkeypatch
 
 
 @pytest.mark.usefixtures("training_in_this_process")
