@@ -20,6 +20,9 @@ from alexnet_mp.strategies import check as check_layout
 from alexnet_mp.tracking import require_tracker
 
 PAPER_BATCH = 128
+# What decides step N's samples, augmentation and dropout masks (docs/architecture.md): a resume that
+# changes one continues the run on other batches than the straight run would have drawn.
+SAMPLE_STREAM = ("seed", "batch_size", "data", "dataset", "synthetic_size")
 N = TypeVar("N", int, float)
 
 
@@ -98,6 +101,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def sample_stream_changes(self, saved: dict) -> list[str]:
+        """The flags of `SAMPLE_STREAM` that differ from `saved` (a checkpoint's config), as 'now (was)'."""
+        now = self.to_dict()
+        unused = "dataset" if self.data == "synthetic" else "synthetic_size"
+        return [f"--{key.replace('_', '-')} {now[key]} (was {saved[key]})" for key in SAMPLE_STREAM
+                if key != unused and key in saved and saved[key] != now[key]]
 
     @property
     def speed(self) -> Speed:

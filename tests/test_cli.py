@@ -146,6 +146,14 @@ def test_lr_scaling_scales_from_the_papers_batch_of_128(scaling, expected):
     assert TrainConfig(lr=0.01, batch_size=512, lr_scaling=scaling).scaled_lr == pytest.approx(expected)
 
 
+def test_a_resume_compares_only_the_sample_flags_its_data_reads():
+    from alexnet_mp.config import TrainConfig
+
+    saved = TrainConfig(data="/data/imagenet").to_dict()
+    assert TrainConfig(data="/data/imagenet", synthetic_size=64, lr=0.1, workers=8).sample_stream_changes(saved) == []
+    assert TrainConfig(data="/data/other").sample_stream_changes(saved) == ["--data /data/other (was /data/imagenet)"]
+
+
 def test_speed_flags_become_the_strategys_speed_ups():
     import argparse
 

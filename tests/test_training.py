@@ -199,6 +199,16 @@ def test_a_paper_split_checkpoint_resumes_under_data_parallel(straight_and_resum
 
 
 @pytest.mark.usefixtures("training_in_this_process")
+def test_a_resume_with_another_seed_or_batch_size_warns_that_its_batches_are_not_the_straight_runs(
+        straight_and_resumed, tmp_path, capsys):
+    _, resumed = straight_and_resumed
+    result = in_process(capsys, "train", "--mode", "single", "--batch-size", "8", "--seed", "1", *CLASSES,
+                        "--workers", "0", "--steps", "7", "--resume", str(resumed), "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: resumed with --seed 1 (was 0), --batch-size 8 (was 4): from step 6 on" in result.stderr
+
+
+@pytest.mark.usefixtures("training_in_this_process")
 def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(straight_and_resumed, capsys):
     _, resumed = straight_and_resumed
     result = in_process(capsys, "train", "--mode", "single", "--arch", "owt", *CLASSES, "--workers", "0",
