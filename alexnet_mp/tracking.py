@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,7 @@ if TYPE_CHECKING:  # commands that only check arguments need not import accelera
     from accelerate import Accelerator
 
 TRACKER_INSTALLS = {"wandb": "pip install wandb", "tensorboard": "pip install 'alexnet-mp[tensorboard]'"}
+WANDB_RUN_ID = "wandb-run-id"  # in OUTPUT: the W&B run that a resume of this run continues
 
 
 def require_tracker(tracker: str) -> None:
@@ -40,7 +42,8 @@ class Tracker:
         self.wall_before = max((row.get("wall_s", 0.0) for row in kept), default=0.0)
         (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         if self.uses_trackers:
-            init = {"wandb": {"group": group, "job_type": job_type, "name": run_name, "dir": str(output)}}
+            init = {"wandb": {"group": group, "job_type": job_type, "name": run_name, "dir": str(output),
+                              **(wandb_identity(output, resumed_at > 0) if tracker == "wandb" else {})}}
             accelerator.init_trackers(project, config=config, init_kwargs=init)
         self.began = time.perf_counter()  # the loop's first step starts now
 
@@ -71,6 +74,19 @@ class Tracker:
     def finish(self) -> None:
         if self.active and self.uses_trackers:
             self.accelerator.end_training()
+
+
+def wandb_identity(output: Path, resumed: bool) -> dict[str, str]:
+    """wandb.init's id (and resume) for the run in `output`: a resumed run continues its W&B run, whose
+    curves would otherwise be split over two runs. Offline, each part is a folder with the run's id,
+    and `wandb sync` uploads them into one run. Steps logged after the checkpoint before a crash are
+    logged again, which W&B ignores: they are the same (seed, step), so the same values, timings aside."""
+    path = output / WANDB_RUN_ID
+    if resumed and path.is_file():
+        return {"id": path.read_text().strip(), "resume": "allow"}
+    run_id = uuid.uuid4().hex[:8]
+    path.write_text(run_id + "\n")
+    return {"id": run_id}
 
 
 def publish_comparison(header: list[str], rows: list[list[str]], project: str, group: str, directory: Path) -> None:

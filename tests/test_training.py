@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from alexnet_mp import AlexNet2012, checkpoint, loop
+from alexnet_mp.tracking import WANDB_RUN_ID
 from tests.launching import (
     ROOT,
     in_process,
@@ -128,12 +129,12 @@ def test_jpegs_decoded_on_the_device_train_and_validate_on_the_same_pixels(image
 @pytest.fixture(scope="module")
 def straight_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """paper-split on 2 ranks: 6 steps straight, and 3 steps + resume + 3 steps (a run's last step is
-    checkpointed, mid-epoch too)."""
+    checkpointed, mid-epoch too), tracked in offline wandb."""
     common = ["--mode", "paper-split", "--batch-size", "4", *CLASSES, "--workers", "0"]
     straight, resumed = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
     for args in (["--steps", "6", "--output-dir", str(straight)],
-                 ["--steps", "3", "--output-dir", str(resumed)],
-                 ["--steps", "6", "--output-dir", str(resumed), "--resume", "latest"]):
+                 ["--steps", "3", "--output-dir", str(resumed), "--tracker", "wandb"],
+                 ["--steps", "6", "--output-dir", str(resumed), "--tracker", "wandb", "--resume", "latest"]):
         result = run_ranks(*common, *args, processes=2)
         assert result.returncode == 0, result.stderr[-3000:]
     return straight, resumed
@@ -152,6 +153,13 @@ def test_a_resumed_runs_wall_time_goes_on_from_its_checkpoints(straight_and_resu
     _, resumed = straight_and_resumed
     rows = metrics(resumed)  # steps 0-2 before the resume, 3-5 after
     assert rows[3]["wall_s"] >= rows[2]["wall_s"] + rows[3]["step_time_s"]
+
+
+def test_a_resumed_run_continues_its_wandb_run(straight_and_resumed):
+    _, resumed = straight_and_resumed
+    run_id = (resumed / WANDB_RUN_ID).read_text().strip()
+    parts = list((resumed / "wandb").glob("offline-run-*"))
+    assert len(parts) == 2 and all(part.name.endswith(f"-{run_id}") for part in parts)
 
 
 @pytest.mark.usefixtures("training_in_this_process")
