@@ -22,7 +22,7 @@ from alexnet_mp.config import (
     check_run,
     train_config,
 )
-from alexnet_mp.data import DECODE_PLACES
+from alexnet_mp.data import DECODE_PLACES, DataSpec
 from alexnet_mp.strategies import STRATEGIES, Setup, UsageError
 
 
@@ -58,21 +58,30 @@ def export(args: argparse.Namespace) -> None:
 
 def evaluate(args: argparse.Namespace) -> None:
     """One process, one device: the checkpoint merged into the whole net, whatever layout wrote it."""
-    from alexnet_mp.data import DataSpec, build_datasets
+    from alexnet_mp.data import build_datasets
     from alexnet_mp.loop import evaluate as run_evaluation
     from alexnet_mp.strategies import create
 
     found = checkpoint.find(args.checkpoint, Path(args.checkpoint))
     meta = found.meta
-    spec = DataSpec(args.data, args.dataset, meta["num_classes"], args.synthetic_size, args.ten_crop, args.decode_on)
+    spec = evaluation_data(args, meta)
     _, val_set = build_datasets(spec, meta["config"]["seed"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     strategy = create("single", Setup(meta["arch"], meta["num_classes"], meta["config"]["seed"], device), 1)
     checkpoint.load(found, strategy, optimizer=None)
     result = run_evaluation(strategy, val_set, args.batch_size, args.workers, device)
     crops = "10-crop" if args.ten_crop else "centre crop"
-    print(f"{found.path} ({crops}): loss {result.loss:.4f}  top-1 error {result.top1_error:.4f}  "
+    print(f"{found.path} on {spec.data} ({crops}): loss {result.loss:.4f}  top-1 error {result.top1_error:.4f}  "
           f"top-5 error {result.top5_error:.4f}")
+
+
+def evaluation_data(args: argparse.Namespace, meta: dict) -> DataSpec:
+    """The validation set `evaluate` scores: --data's, or by default that of the data the checkpoint's
+    run trained on (its --data, --dataset and --synthetic-size)."""
+    trained = meta["config"]
+    dataset = args.dataset or (trained["dataset"] if args.data is None else "imagefolder")
+    return DataSpec(args.data or trained["data"], dataset, meta["num_classes"],
+                    args.synthetic_size or trained["synthetic_size"], args.ten_crop, args.decode_on)
 
 
 def experiment(args: argparse.Namespace) -> None:
@@ -158,11 +167,14 @@ def parser() -> argparse.ArgumentParser:
     out.set_defaults(run=export)
     check = commands.add_parser("evaluate", help="top-1/top-5 error of a checkpoint on a validation set")
     check.add_argument("checkpoint", help="as export's")
-    check.add_argument("--data", required=True, help="'synthetic', a folder with val/, or CIFAR-10 batches")
-    check.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "cifar10"])
+    check.add_argument("--data", help="'synthetic', a folder with val/, or CIFAR-10 batches (default: the data "
+                                      "the checkpoint's run trained on)")
+    check.add_argument("--dataset", choices=["imagefolder", "cifar10"],
+                       help="default: imagefolder with --data, else the run's")
     check.add_argument("--ten-crop", action="store_true")
-    check.add_argument("--synthetic-size", type=POSITIVE_INT, default=4096,
-                       help="with --data synthetic: the training set's size (the validation set is 1/8 of it)")
+    check.add_argument("--synthetic-size", type=POSITIVE_INT,
+                       help="with --data synthetic: the training set's size, the validation set is 1/8 of it "
+                            "(default: the run's)")
     check.add_argument("--batch-size", type=POSITIVE_INT, default=100)
     check.add_argument("--workers", type=COUNT, default=2)
     check.add_argument("--decode-on", default="workers", choices=DECODE_PLACES,

@@ -154,6 +154,21 @@ def test_a_resume_compares_only_the_sample_flags_its_data_reads():
     assert TrainConfig(data="/data/other").sample_stream_changes(saved) == ["--data /data/other (was /data/imagenet)"]
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    ([], ("/data/cifar", "cifar10", 512)),
+    (["--data", "/data/imagenet"], ("/data/imagenet", "imagefolder", 512)),
+    (["--data", "synthetic", "--synthetic-size", "64"], ("synthetic", "imagefolder", 64)),
+])
+def test_evaluate_scores_the_data_the_run_trained_on_unless_given_other_data(flags, expected):
+    from alexnet_mp.cli import evaluation_data, parser
+    from alexnet_mp.config import TrainConfig
+
+    trained = TrainConfig(data="/data/cifar", dataset="cifar10", synthetic_size=512)
+    spec = evaluation_data(parser().parse_args(["evaluate", "runs/a", *flags]),
+                           {"num_classes": 10, "config": trained.to_dict()})
+    assert (spec.data, spec.dataset, spec.synthetic_size) == expected
+
+
 def test_speed_flags_become_the_strategys_speed_ups():
     import argparse
 

@@ -191,10 +191,10 @@ def test_a_paper_split_checkpoint_exports_and_evaluates_on_one_device(straight_a
     net.load_state_dict(load_file(str(out)))
     weights, _ = checkpoint.full_state(checkpoint.find("latest", resumed / "checkpoints"))
     assert all(torch.equal(net.state_dict()[key], weights[key]) for key in weights)
-    result = in_process(capsys, "evaluate", str(resumed / "checkpoints"), "--data", "synthetic", "--synthetic-size",
-                        "512", "--batch-size", "16", "--workers", "0")
+    result = in_process(capsys, "evaluate", str(resumed / "checkpoints"), "--synthetic-size", "512", "--batch-size",
+                        "16", "--workers", "0")  # the data the run trained on: synthetic (a smaller set, for time)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "top-1 error" in result.stdout and "top-5 error" in result.stdout
+    assert "on synthetic" in result.stdout and "top-1 error" in result.stdout and "top-5 error" in result.stdout
 
 
 @pytest.mark.usefixtures("training_in_this_process")
