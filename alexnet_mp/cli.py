@@ -180,8 +180,10 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--decode-on", default="workers", choices=DECODE_PLACES,
                        help="where JPEGs are decoded (see train --help)")
     check.set_defaults(run=evaluate)
+    # no abbreviations: the runner's --modes would take a training run's --mode
     runner = commands.add_parser("experiment", help="run several layouts on the same batches, then compare them; "
-                                                    "arguments it does not know go to each training run")
+                                                    "arguments it does not know go to each training run",
+                                 allow_abbrev=False)
     runner.add_argument("--name", required=True)
     runner.add_argument("--modes", default="single,data-parallel,paper-split,weird-trick")
     runner.add_argument("--ranks", type=POSITIVE_INT, default=2, help="processes for every mode but single")

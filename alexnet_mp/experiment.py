@@ -15,6 +15,7 @@ import torch
 
 from alexnet_mp.config import Parser, add_train_arguments, check_run, train_config
 from alexnet_mp.report import compare
+from alexnet_mp.strategies import UsageError
 from alexnet_mp.tracking import publish_comparison
 
 
@@ -58,7 +59,13 @@ def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, tr
 
 
 def _train_arguments(train_args: Sequence[str]) -> argparse.Namespace:
-    """The training runs' arguments, read as they will read them (--mode aside, which the runner sets)."""
+    """The training runs' arguments, read as they will read them. --mode and --group are the runner's to
+    set: given among them, they would override it, and every run would be the same layout."""
     parser = Parser(add_help=False)
     add_train_arguments(parser)
-    return parser.parse_args(train_args)
+    parser.set_defaults(mode=None, group=None)
+    args = parser.parse_args(train_args)
+    if args.mode is not None or args.group is not None:
+        raise UsageError("an experiment sets each run's --mode and --group: give the layouts as --modes and the "
+                         "group as --name")
+    return args

@@ -112,6 +112,15 @@ def test_an_experiment_refuses_a_layout_that_cannot_run_before_the_first_run(arg
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag", [["--mode", "data-parallel"], ["--mod", "single"], ["--group", "other"]])
+def test_an_experiment_refuses_the_training_flags_it_sets_for_each_run(flag, tmp_path, capsys):
+    """Passed on to every run, they would override the runner's: every run the same layout, or out of the group."""
+    result = in_process(capsys, "experiment", "--name", "trial", "--modes", "single,paper-split", *flag,
+                        "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2 and "--modes" in one_line_error(result)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(("command", "tracker", "install"), [
     (["train"], "wandb", "pip install wandb"),
     (["train"], "tensorboard", "pip install 'alexnet-mp[tensorboard]'"),
