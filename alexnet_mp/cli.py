@@ -87,7 +87,10 @@ def evaluation_data(args: argparse.Namespace, meta: dict) -> DataSpec:
 def experiment(args: argparse.Namespace) -> None:
     from alexnet_mp.experiment import run_experiment
 
-    run_experiment(args.name, args.modes.split(","), args.ranks, Path(args.output_dir), args.train_args)
+    modes = args.modes.split(",")
+    failed = run_experiment(args.name, modes, args.ranks, Path(args.output_dir), args.train_args)
+    if failed:  # after the comparison of the others, and with a status a script can test
+        fail(f"{len(failed)} of {len(modes)} runs failed: {', '.join(failed)}; see their output above", 1)
 
 
 def compare(args: argparse.Namespace) -> None:

@@ -32,14 +32,16 @@ def processes_for(mode: str, ranks: int) -> int:
     return 1 if mode == "single" else ranks
 
 
-def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, train_args: Sequence[str]) -> Path:
-    """Runs each mode (single on 1 process, the others on `ranks`) and writes the comparison. What no run
-    could do (an unknown mode, a world size or flag a layout refuses, a missing tracker) is refused first."""
+def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, train_args: Sequence[str]
+                   ) -> list[str]:
+    """Runs each mode (single on 1 process, the others on `ranks`) and writes the comparison; returns the
+    runs that failed, each with its exit code. What no run could do (an unknown mode, a world size or flag
+    a layout refuses, a missing tracker) is refused first."""
     config, folder = train_config(_train_arguments(train_args)), output / name
     runs = [(mode, processes_for(mode, ranks), folder / f"{mode}-{processes_for(mode, ranks)}") for mode in modes]
     for mode, processes, directory in runs:
         check_run(replace(config, mode=mode, output_dir=str(directory)), processes)
-    directories = []
+    directories, failed = [], []
     for mode, processes, directory in runs:
         command, env = launch_command(processes)
         command += ["--mode", mode, "--output-dir", str(directory), "--group", name, *train_args]
@@ -48,6 +50,7 @@ def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, tr
         if result.returncode:
             print(f"[{name}] {mode} failed (exit code {result.returncode}); the comparison leaves it out",
                   file=sys.stderr)
+            failed.append(f"{directory.name} (exit code {result.returncode})")
         directories.append(directory)
     comparison = compare(directories, folder)
     for line in comparison.broken:
@@ -55,7 +58,7 @@ def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, tr
     print(comparison.table)
     if config.tracker == "wandb" and comparison.rows:
         publish_comparison(comparison.header, comparison.rows, config.project, name, folder)
-    return folder
+    return failed
 
 
 def _train_arguments(train_args: Sequence[str]) -> argparse.Namespace:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.launching import ENV, ROOT, in_process, metrics
+from tests.launching import ENV, ROOT, in_process, metrics, one_line_error
 
 PLOTS = ("images_per_s.png", "step_time_breakdown.png", "loss.png", "bytes_per_step.png")
 
@@ -71,6 +71,24 @@ def test_loss_difference_from_single_is_below_float_tolerance(trial):
     rows = [line for line in (trial / "comparison.md").read_text().splitlines() if line.startswith("| paper-split")]
     (row,) = rows
     assert float(row.strip("| ").split("|")[-1]) <= 1e-3
+
+
+def test_an_experiment_with_a_failed_run_compares_the_others_then_exits_1_naming_it(trial, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """The runs are stood in for: single by the trial's record, paper-split by a launch that fails."""
+    from alexnet_mp import experiment
+
+    single = tmp_path / "trial" / "single-1"
+    single.mkdir(parents=True)
+    for record in ("config.json", "metrics.jsonl"):
+        shutil.copy(trial / "single-1" / record, single / record)
+    monkeypatch.setattr(experiment.subprocess, "run", lambda command, env: subprocess.CompletedProcess(
+        command, 1 if "paper-split" in command else 0))
+    result = in_process(capsys, "experiment", "--name", "trial", "--modes", "single,paper-split", "--output-dir",
+                        str(tmp_path))
+    assert result.returncode == 1
+    assert "1 of 2 runs failed: paper-split-2 (exit code 1)" in one_line_error(result)
+    assert "single x1" in result.stdout and (tmp_path / "trial" / "comparison.md").is_file()
 
 
 def test_compare_names_a_broken_run_and_reports_the_others(trial, tmp_path, capsys):
