@@ -140,7 +140,9 @@ def bench(args: argparse.Namespace) -> None:
     ranks = tuple(_numbers(args.ranks, int, "--ranks")) if args.ranks else None
     for world_size in ranks or ():
         STRATEGIES["weird-trick"].check(world_size, Setup())  # the layout that is most particular
-    run_bench(Path(args.output_dir), args.quick, ranks)
+    failed = run_bench(Path(args.output_dir), args.quick, ranks)
+    if failed:  # the others are measured and written
+        fail(f"{'; '.join(failed)} (the others are in {Path(args.output_dir) / 'bench.md'})", 1)
 
 
 def summary(args: argparse.Namespace) -> None:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.launching import ENV, ROOT
+from tests.launching import ENV, ROOT, in_process, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -135,4 +135,17 @@ def test_a_benchmark_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         bench.bench(tmp_path, quick=True)
     assert [m["name"] for m in json.loads((tmp_path / "bench.json").read_text())["measurements"]] == [PLAIN_LOOP]
+    assert PLAIN_LOOP in (tmp_path / "bench.md").read_text()
+
+
+def test_a_failed_measurement_exits_1_in_one_line_after_writing_the_others(tmp_path, monkeypatch, capsys):
+    from alexnet_mp import bench
+    from alexnet_mp.bench import PLAIN_LOOP, Measurement
+
+    plain_loop = Measurement(PLAIN_LOOP, 1, 2, 4, [10.0], 0.0, [0.0], [100.0], "owt")
+    monkeypatch.setattr(bench, "run_matrix", lambda *args: ([plain_loop], [], ["single, paper: FAILED: out of memory"]))
+    result = in_process(capsys, "bench", "--quick", "--output-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert one_line_error(result) == \
+        f"error: single, paper: FAILED: out of memory (the others are in {tmp_path}/bench.md)"
     assert PLAIN_LOOP in (tmp_path / "bench.md").read_text()
