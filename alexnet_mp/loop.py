@@ -131,9 +131,9 @@ def per_rank(values: list[float], device: torch.device) -> list[list[float]]:
     if world()[1] == 1:
         return [[value] for value in values]
     # float64: byte counts of 10^8 and more are exact in it, not in float32
-    gathered = torch.zeros(dist.get_world_size(), len(values), dtype=torch.float64, device=device)
-    dist.all_gather_into_tensor(gathered, torch.tensor([values], dtype=torch.float64, device=device))
-    return gathered.T.tolist()
+    gathered = [torch.zeros(len(values), dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, torch.tensor(values, dtype=torch.float64, device=device))
+    return torch.stack(gathered).T.tolist()
 
 
 def train(config: TrainConfig, accelerator: Accelerator) -> None:
