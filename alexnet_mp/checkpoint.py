@@ -111,8 +111,14 @@ def find(where: str, output_checkpoints: Path) -> Checkpoint:
     try:
         meta = json.loads((path / "meta.json").read_text())
     except json.JSONDecodeError:
-        raise UsageError(f"{path}/meta.json is corrupt; use an earlier checkpoint") from None
+        raise UsageError(f"{path}/meta.json is corrupt; {_earlier(path)}") from None
     return Checkpoint(path, meta)
+
+
+def _earlier(path: Path) -> str:
+    """What to do with a checkpoint that cannot be read: the newest complete one before it, by name."""
+    earlier = [p for p in complete_checkpoints(path.parent) if p.name < path.name]
+    return f"use an earlier checkpoint: {earlier[-1]}" if earlier else "no earlier checkpoint is left beside it"
 
 
 def check_compatible(checkpoint: Checkpoint, arch: str, num_classes: int) -> None:
@@ -129,12 +135,13 @@ def full_state(checkpoint: Checkpoint) -> tuple[dict[str, Tensor], dict[str, Ten
     weights, momentum = [], []
     shards = sorted(checkpoint.path.glob("shard-*.pt"))
     if not shards:
-        raise UsageError(f"{checkpoint.path} has no shard files; use an earlier checkpoint")
+        raise UsageError(f"{checkpoint.path} has no shard files; {_earlier(checkpoint.path)}")
     for shard in shards:
         try:
             pieces = torch.load(shard, map_location="cpu", weights_only=False)["pieces"]
         except Exception as error:  # a truncated or foreign file: say which, not a stack trace
-            raise UsageError(f"{shard} cannot be read ({type(error).__name__}); use an earlier checkpoint") from None
+            raise UsageError(f"{shard} cannot be read ({type(error).__name__}); {_earlier(checkpoint.path)}"
+                             ) from None
         for piece, piece_weights, piece_momentum in pieces:
             weights.append((piece, piece_weights))
             if piece_momentum:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -223,6 +224,26 @@ def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(straight_an
                         "--steps", "8", "--resume", str(resumed / "checkpoints"), "--output-dir", str(resumed / "owt"))
     assert result.returncode == 2
     assert "--arch paper" in one_line_error(result)
+
+
+@pytest.mark.parametrize("damage", ["a shard cut short", "meta.json cut short"])
+def test_an_unreadable_checkpoint_is_refused_in_one_line_naming_the_one_before_it(damage, straight_and_resumed,
+                                                                                   tmp_path, capsys):
+    _, resumed = straight_and_resumed
+    newest = checkpoint.find("latest", resumed / "checkpoints").path
+    folder = tmp_path / "checkpoints"
+    for name in ("step-00000003", "step-00000006"):
+        (folder / name).mkdir(parents=True)
+        shutil.copy(newest / "meta.json", folder / name / "meta.json")
+    damaged = folder / "step-00000006"
+    if damage == "a shard cut short":
+        with (newest / "shard-00000.pt").open("rb") as shard:
+            (damaged / "shard-00000.pt").write_bytes(shard.read(4096))
+    else:
+        (damaged / "meta.json").write_text((newest / "meta.json").read_text()[:40])
+    result = in_process(capsys, "export", str(folder), str(tmp_path / "alexnet.safetensors"))
+    assert result.returncode == 2
+    assert one_line_error(result).endswith(f"use an earlier checkpoint: {folder / 'step-00000003'}")
 
 
 def test_a_runs_output_folder_stands_for_its_newest_checkpoint(straight_and_resumed):
