@@ -362,22 +362,27 @@ class CifarSource(ImageSource):
                              "(expected the python version, cifar-10-python.tar.gz, extracted)")
         images, labels = [], []
         for name in names:
-            batch = _unpickle(folder / name)
+            batch = _unpickle(folder / name, b"data", b"labels")
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.extend(int(label) for label in batch[b"labels"])
         self.images, self.targets = np.concatenate(images), labels
-        self.classes = [name.decode() for name in _unpickle(folder / "batches.meta")[b"label_names"]]
+        self.classes = [name.decode() for name in _unpickle(folder / "batches.meta", b"label_names")[b"label_names"]]
 
     def load(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index])
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path, *keys: bytes) -> dict:
+    """A CIFAR-10 python batch holding `keys`; a cut or foreign file is one clear error."""
     try:
         with path.open("rb") as file:
-            return pickle.load(file, encoding="bytes")
+            batch = pickle.load(file, encoding="bytes")
     except (pickle.UnpicklingError, EOFError, ValueError) as error:
         raise UsageError(f"{path} is not a CIFAR-10 python batch ({error}); re-extract the archive") from None
+    missing = [key.decode() for key in keys if not isinstance(batch, dict) or key not in batch]
+    if missing:
+        raise UsageError(f"{path} is not a CIFAR-10 python batch (no {', '.join(missing)}); re-extract the archive")
+    return batch
 
 
 @dataclass(frozen=True)

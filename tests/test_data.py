@@ -183,6 +183,15 @@ def test_missing_cifar_files_are_named(tmp_path):
         build_datasets(DataSpec(str(tmp_path), dataset="cifar10"), seed=0)
 
 
+@pytest.mark.parametrize(("content", "says"), [(b"\x80\x04\x95", "pickle data was truncated"),
+                                               (pickle.dumps({b"labels": [0]}), "no data")])
+def test_a_corrupt_cifar_batch_is_named_with_what_is_wrong(tmp_path, content, says):
+    write_cifar(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(content)
+    with pytest.raises(UsageError, match=f"data_batch_2 is not a CIFAR-10 python batch \\({says}"):
+        build_datasets(DataSpec(str(tmp_path), dataset="cifar10"), seed=0)
+
+
 def batch_of_everything(dataset, device: str = "cpu", workers: int = 0) -> torch.Tensor:
     """One batch holding every image of `dataset`, as rank_batches hands it to the step."""
     batches = GlobalBatches(len(dataset), len(dataset), seed=0)
