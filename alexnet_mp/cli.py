@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser().parse_args(argv)  # refuses the unknown arguments
         args.run(args)
     except UsageError as error:
-        fail(str(error), 2)
+        fail(unwrapped(str(error)), 2)
     except FloatingPointError as error:
         fail(str(error), 1)
     except RuntimeError as error:
@@ -236,6 +236,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         fail(f"rank {os.environ.get('RANK', '0')} lost contact with another process ({first_line}); "
              "see that process's output, then resume with --resume latest", 1, every_rank=True)
+
+
+def unwrapped(message: str) -> str:
+    """A refusal raised in a DataLoader worker reaches the training process as 'Caught UsageError in
+    DataLoader worker process N.' and the worker's traceback: its own message ends the last line."""
+    lines = message.strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return lines[-1].split(": ", 1)[-1]
+    return message
 
 
 PEER_FAILURE_WORDS = ("Connection reset", "Connection closed", "timed out", "Timed out", "Broken pipe",

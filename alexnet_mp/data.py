@@ -238,7 +238,8 @@ class Augmented(Dataset):
                     self.skipped.add(path)
                     log.warning("skipping unreadable image %s (%d skipped so far in this process)",
                                 path, len(self.skipped))
-        raise UsageError(f"class {self.classes[label]!r} has no readable image")
+        raise UsageError(f"class {self.classes[label]!r} has no readable image: replace its files, or remove its "
+                         "folder from train/ and val/")
 
 
 JpegDecoder = Callable[[list[bytes], torch.device], list[Tensor]]

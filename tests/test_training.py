@@ -255,6 +255,19 @@ def test_a_runs_output_folder_stands_for_its_newest_checkpoint(straight_and_resu
 
 
 @pytest.mark.usefixtures("training_in_this_process")
+def test_a_class_with_no_readable_image_stops_training_in_one_line_from_a_loader_worker(tmp_path, capsys):
+    from tests.test_data import write_image_tree
+
+    data = write_image_tree(tmp_path / "data")
+    for image in (data / "train" / "dog").iterdir():
+        image.write_bytes(b"not an image")
+    result = in_process(capsys, "train", "--mode", "single", "--data", str(data), "--batch-size", "9", "--steps", "1",
+                        "--workers", "1", "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert one_line_error(result).startswith("error: class 'dog' has no readable image: replace its files")
+
+
+@pytest.mark.usefixtures("training_in_this_process")
 def test_a_validation_set_smaller_than_one_batch_is_refused_before_training(tmp_path, capsys):
     """Its evaluation would score no image (a loss of 0, an error of 1), after a whole epoch of training."""
     result = in_process(capsys, "train", "--mode", "single", "--synthetic-size", "512", "--batch-size", "100",
