@@ -88,7 +88,11 @@ def experiment(args: argparse.Namespace) -> None:
     from alexnet_mp.experiment import run_experiment
 
     modes = args.modes.split(",")
-    failed = run_experiment(args.name, modes, args.ranks, Path(args.output_dir), args.train_args)
+    try:
+        failed = run_experiment(args.name, modes, args.ranks, Path(args.output_dir), args.train_args)
+    except KeyboardInterrupt:  # once the run in hand has stopped
+        fail("stopped by Ctrl-C: the run in hand stopped (with a checkpoint, if it had begun training), and the "
+             "runs after it did not start", 130)
     if failed:  # after the comparison of the others, and with a status a script can test
         fail(f"{len(failed)} of {len(modes)} runs failed: {', '.join(failed)}; see their output above", 1)
 

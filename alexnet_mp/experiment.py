@@ -20,12 +20,16 @@ from alexnet_mp.tracking import publish_comparison
 
 
 def launch_command(processes: int) -> tuple[list[str], dict[str, str]]:
-    """`accelerate launch` for `processes` ranks: NCCL on GPUs, gloo processes on a CPU-only machine."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0"]
+    """`accelerate launch` for several ranks (NCCL on GPUs, gloo processes on a CPU-only machine); one rank
+    is a plain process, which a Ctrl-C lets finish its checkpoint (accelerate's one-process launcher exits
+    at once, and the runner would stop before its run has)."""
+    train = ["-m", "alexnet_mp", "train"]
+    if processes == 1:
+        return [sys.executable, *train], {}
     env = {} if torch.cuda.is_available() else {"ACCELERATE_USE_CPU": "1"}
-    command += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
-    return command + ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                      "-m", "alexnet_mp", "train"], env
+    return [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", "--multi_gpu",
+            "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", *train], env
 
 
 def processes_for(mode: str, ranks: int) -> int:
@@ -46,11 +50,10 @@ def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, tr
         command, env = launch_command(processes)
         command += ["--mode", mode, "--output-dir", str(directory), "--group", name, *train_args]
         print(f"[{name}] {mode} on {processes} process(es) -> {directory}", flush=True)
-        result = subprocess.run(command, env={**os.environ, **env})
-        if result.returncode:
-            print(f"[{name}] {mode} failed (exit code {result.returncode}); the comparison leaves it out",
-                  file=sys.stderr)
-            failed.append(f"{directory.name} (exit code {result.returncode})")
+        code = _run(command, {**os.environ, **env})
+        if code:
+            print(f"[{name}] {mode} failed (exit code {code}); the comparison leaves it out", file=sys.stderr)
+            failed.append(f"{directory.name} (exit code {code})")
         directories.append(directory)
     comparison = compare(directories, folder)
     for line in comparison.broken:
@@ -59,6 +62,17 @@ def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, tr
     if config.tracker == "wandb" and comparison.rows:
         publish_comparison(comparison.header, comparison.rows, config.project, name, folder)
     return failed
+
+
+def _run(command: list[str], env: dict[str, str]) -> int:
+    """A run's exit code. Ctrl-C reaches the run as well (the terminal signals its whole process group),
+    which then finishes its step and checkpoints: that is waited for before the interrupt goes on."""
+    process = subprocess.Popen(command, env=env)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.wait()
+        raise
 
 
 def _train_arguments(train_args: Sequence[str]) -> argparse.Namespace:

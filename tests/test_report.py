@@ -82,13 +82,45 @@ def test_an_experiment_with_a_failed_run_compares_the_others_then_exits_1_naming
     single.mkdir(parents=True)
     for record in ("config.json", "metrics.jsonl"):
         shutil.copy(trial / "single-1" / record, single / record)
-    monkeypatch.setattr(experiment.subprocess, "run", lambda command, env: subprocess.CompletedProcess(
-        command, 1 if "paper-split" in command else 0))
+    class Launched:
+        def __init__(self, command: list[str], env: dict[str, str]) -> None:
+            self.code = 1 if "paper-split" in command else 0
+
+        def wait(self) -> int:
+            return self.code
+
+    monkeypatch.setattr(experiment.subprocess, "Popen", Launched)
     result = in_process(capsys, "experiment", "--name", "trial", "--modes", "single,paper-split", "--output-dir",
                         str(tmp_path))
     assert result.returncode == 1
     assert "1 of 2 runs failed: paper-split-2 (exit code 1)" in one_line_error(result)
     assert "single x1" in result.stdout and (tmp_path / "trial" / "comparison.md").is_file()
+
+
+def test_ctrl_c_in_an_experiment_waits_for_the_run_in_hand_then_stops_in_one_line(tmp_path, capsys, monkeypatch):
+    """The run gets the Ctrl-C too (the terminal signals the whole process group) and checkpoints: it is
+    waited for, and no later run starts."""
+    from alexnet_mp import experiment
+
+    launched = []
+
+    class InterruptedRun:
+        def __init__(self, command: list[str], env: dict[str, str]) -> None:
+            self.command, self.waits = command, 0
+            launched.append(self)
+
+        def wait(self) -> int:
+            self.waits += 1
+            if self.waits == 1:
+                raise KeyboardInterrupt
+            return 0
+
+    monkeypatch.setattr(experiment.subprocess, "Popen", InterruptedRun)
+    result = in_process(capsys, "experiment", "--name", "trial", "--modes", "single,paper-split", "--output-dir",
+                        str(tmp_path))
+    assert result.returncode == 130 and "stopped by Ctrl-C" in one_line_error(result)
+    (run,) = launched
+    assert "single" in run.command and run.waits == 2
 
 
 def test_compare_names_a_broken_run_and_reports_the_others(trial, tmp_path, capsys):
