@@ -90,9 +90,9 @@ def experiment(args: argparse.Namespace) -> None:
     modes = args.modes.split(",")
     try:
         failed = run_experiment(args.name, modes, args.ranks, Path(args.output_dir), args.train_args)
-    except KeyboardInterrupt:  # once the run in hand has stopped
-        fail("stopped by Ctrl-C: the run in hand stopped (with a checkpoint, if it had begun training), and the "
-             "runs after it did not start", 130)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, once the run in hand has stopped
+        fail("stopped by a signal: the run in hand stopped (with a checkpoint, if it had begun training), and "
+             "the runs after it did not start", 130)
     if failed:  # after the comparison of the others, and with a status a script can test
         fail(f"{len(failed)} of {len(modes)} runs failed: {', '.join(failed)}; see their output above", 1)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -66,13 +67,22 @@ def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, tr
 
 def _run(command: list[str], env: dict[str, str]) -> int:
     """A run's exit code. Ctrl-C reaches the run as well (the terminal signals its whole process group),
-    which then finishes its step and checkpoints: that is waited for before the interrupt goes on."""
+    and a SIGTERM to the runner is passed on to it: the run finishes its step and checkpoints, which is
+    waited for before the stop goes on, as a KeyboardInterrupt."""
     process = subprocess.Popen(command, env=env)
+
+    def pass_on(signum: int, frame: object) -> None:
+        process.send_signal(signum)
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, pass_on)
     try:
         return process.wait()
     except KeyboardInterrupt:
         process.wait()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _train_arguments(train_args: Sequence[str]) -> argparse.Namespace:

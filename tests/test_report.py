@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -97,30 +98,37 @@ def test_an_experiment_with_a_failed_run_compares_the_others_then_exits_1_naming
     assert "single x1" in result.stdout and (tmp_path / "trial" / "comparison.md").is_file()
 
 
-def test_ctrl_c_in_an_experiment_waits_for_the_run_in_hand_then_stops_in_one_line(tmp_path, capsys, monkeypatch):
-    """The run gets the Ctrl-C too (the terminal signals the whole process group) and checkpoints: it is
-    waited for, and no later run starts."""
+@pytest.mark.parametrize("stop", ["ctrl-c", "SIGTERM"])
+def test_a_stopped_experiment_waits_for_the_run_in_hand_then_ends_in_one_line(stop, tmp_path, capsys, monkeypatch):
+    """The run gets the signal too (Ctrl-C: the terminal signals the whole process group; SIGTERM: the
+    runner passes it on) and checkpoints: it is waited for, and no later run starts."""
     from alexnet_mp import experiment
 
     launched = []
 
     class InterruptedRun:
         def __init__(self, command: list[str], env: dict[str, str]) -> None:
-            self.command, self.waits = command, 0
+            self.command, self.waits, self.signals = command, 0, []
             launched.append(self)
+
+        def send_signal(self, number: int) -> None:
+            self.signals.append(number)
 
         def wait(self) -> int:
             self.waits += 1
-            if self.waits == 1:
+            if self.waits == 1 and stop == "ctrl-c":
                 raise KeyboardInterrupt
+            if self.waits == 1:
+                signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
             return 0
 
     monkeypatch.setattr(experiment.subprocess, "Popen", InterruptedRun)
     result = in_process(capsys, "experiment", "--name", "trial", "--modes", "single,paper-split", "--output-dir",
                         str(tmp_path))
-    assert result.returncode == 130 and "stopped by Ctrl-C" in one_line_error(result)
+    assert result.returncode == 130 and "stopped by a signal" in one_line_error(result)
     (run,) = launched
     assert "single" in run.command and run.waits == 2
+    assert run.signals == ([signal.SIGTERM] if stop == "SIGTERM" else [])
 
 
 def test_compare_names_a_broken_run_and_reports_the_others(trial, tmp_path, capsys):
