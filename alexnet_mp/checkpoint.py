@@ -115,6 +115,14 @@ def find(where: str, output_checkpoints: Path) -> Checkpoint:
     return Checkpoint(path, meta)
 
 
+def resume_point(where: str | None, output_checkpoints: Path) -> Checkpoint | None:
+    """The checkpoint a run resumes from, or None for a fresh start. `auto` is `latest` where the output
+    folder holds a checkpoint and a fresh start where it holds none: one command a requeued job repeats."""
+    if where == "auto":
+        where = "latest" if complete_checkpoints(output_checkpoints) else None
+    return find(where, output_checkpoints) if where else None
+
+
 def _earlier(path: Path) -> str:
     """What to do with a checkpoint that cannot be read: the newest complete one before it, by name."""
     earlier = [p for p in complete_checkpoints(path.parent) if p.name < path.name]

@@ -92,7 +92,7 @@ def experiment(args: argparse.Namespace) -> None:
         failed = run_experiment(args.name, modes, args.ranks, Path(args.output_dir), args.train_args)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM, once the run in hand has stopped
         fail("stopped by a signal: the run in hand stopped (with a checkpoint, if it had begun training), and "
-             "the runs after it did not start", 130)
+             "the runs after it did not start; the same command with --resume auto goes on", 130)
     if failed:  # after the comparison of the others, and with a status a script can test
         fail(f"{len(failed)} of {len(modes)} runs failed: {', '.join(failed)}; see their output above", 1)
 

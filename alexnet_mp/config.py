@@ -167,7 +167,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=COUNT, default=d.checkpoint_every,
                         help="checkpoint every N steps as well as at each epoch's end and the run's last step")
     parser.add_argument("--keep-checkpoints", type=POSITIVE_INT, default=d.keep_checkpoints)
-    parser.add_argument("--resume", default=d.resume, help="'latest' (in --output-dir) or a checkpoint folder")
+    parser.add_argument("--resume", default=d.resume,
+                        help="'latest' (in --output-dir), 'auto' (latest if there is one, else a fresh start: for a "
+                             "job that may be requeued), or a checkpoint folder")
     parser.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "bf16", "fp16"])
     parser.add_argument("--channels-last", action="store_true",
                         help="conv weights and maps in NHWC, the layout of cuDNN's fast (tensor core) kernels")

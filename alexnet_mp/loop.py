@@ -158,8 +158,8 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
     total = config.steps or config.epochs * batches.steps_per_epoch
     checkpoints = config.checkpoints
     start, stream_changes = 0, []
-    if config.resume:
-        found = checkpoint.find(config.resume, checkpoints)
+    found = checkpoint.resume_point(config.resume, checkpoints)
+    if found:
         checkpoint.load(found, strategy, optimizer)
         scheduler.load_state_dict(found.meta["scheduler"])
         if scale and found.meta.get("loss_scale"):

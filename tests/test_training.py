@@ -207,6 +207,20 @@ def test_a_paper_split_checkpoint_resumes_under_data_parallel(straight_and_resum
     assert [row["step"] for row in metrics(tmp_path)] == [6]
 
 
+def test_resume_auto_starts_a_new_run_fresh_and_goes_on_from_an_earlier_ones_checkpoint(tmp_path, capsys):
+    """One command for a job that may be requeued."""
+    records_after = []
+    for steps in ("1", "2"):
+        with process_state_restored():
+            result = in_process(capsys, "train", "--mode", "single", "--batch-size", "2", *CLASSES, "--workers", "0",
+                                "--steps", steps, "--resume", "auto", "--output-dir", str(tmp_path))
+        assert result.returncode == 0, result.stderr[-3000:]
+        records_after.append(metrics(tmp_path))
+    first, second = records_after
+    assert [row["step"] for row in second] == [0, 1] and second[0] == first[0]  # step 0 kept, not run again
+    assert checkpoint.find("latest", tmp_path / "checkpoints").step == 2
+
+
 @pytest.mark.usefixtures("training_in_this_process")
 def test_a_resume_with_another_seed_or_batch_size_warns_that_its_batches_are_not_the_straight_runs(
         straight_and_resumed, tmp_path, capsys):
