@@ -157,18 +157,18 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
     autocast = mixed_precision_autocast(accelerator, config.mixed_precision)
     total = config.steps or config.epochs * batches.steps_per_epoch
     checkpoints = config.checkpoints
-    start, stream_changes = 0, []
     found = checkpoint.resume_point(config.resume, checkpoints)
     if found:
         checkpoint.load(found, strategy, optimizer)
         scheduler.load_state_dict(found.meta["scheduler"])
         if scale and found.meta.get("loss_scale"):
             scale.load_state_dict(found.meta["loss_scale"])
-        start, stream_changes = found.step, config.sample_stream_changes(found.meta["config"])
+    start = found.step if found else 0
     if start >= total:  # before the tracker, which would rewrite the run's record
         accelerator.print(f"the run is already at step {start} of {total}: nothing to train; raise --steps or "
                           "--epochs to go on")
         return
+    stream_changes = config.sample_stream_changes(found.meta["config"]) if found else []
     if stream_changes and accelerator.is_main_process:
         print(f"warning: resumed with {', '.join(stream_changes)}: from step {start} on, the batches and dropout "
               "masks are not those the checkpoint's run would have drawn", file=sys.stderr)
