@@ -18,6 +18,7 @@ import functools
 import io
 import logging
 import pickle
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,6 +430,15 @@ class _RowSampler:
         return self.stop - self.start
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker leaves stopping to the training process. Ctrl-C, torchrun passing a stop on to a
+    rank, and a scheduler's stop signal the whole process group: a worker ended by it would end the run
+    mid-step, before its checkpoint. The loader ends its workers when done, and a worker whose training
+    process is gone ends itself (torch's worker watchdog)."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+
+
 def rank_batches(dataset: Dataset, batches: GlobalBatches, image_rows: slice, label_rows: slice,
                  start: int, stop: int, workers: int, device: torch.device) -> Iterator[tuple[int, Tensor, Tensor]]:
     """(step, images of image_rows, labels of label_rows) for steps start..stop-1, both on `device`.
@@ -441,6 +451,7 @@ def rank_batches(dataset: Dataset, batches: GlobalBatches, image_rows: slice, la
     loader = DataLoader(dataset, batch_sampler=_RowSampler(batches, image_rows, start, stop), num_workers=workers,
                         collate_fn=functools.partial(collate, decode=decode), pin_memory=cuda,
                         prefetch_factor=4 if workers else None, persistent_workers=False,
+                        worker_init_fn=_ignore_stop_signals,
                         # spawned: a forked child of a process that uses CUDA cannot use CUDA itself
                         multiprocessing_context="spawn" if in_workers else None)
     targets = torch.as_tensor(dataset.targets)

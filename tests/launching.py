@@ -43,9 +43,10 @@ def launch(*args: str, processes: int = 1, config_file: Path | None = None,
                           env={**os.environ, **ENV})
 
 
-def start_ranks(*args: str, processes: int = 1) -> list[subprocess.Popen]:
+def start_ranks(*args: str, processes: int = 1, own_process_groups: bool = False) -> list[subprocess.Popen]:
     """train.py ARGS once per rank, each with the environment a launcher sets (one plain process
-    when `processes` is 1)."""
+    when `processes` is 1); with `own_process_groups`, each rank leads a process group of its own, which
+    its loader's workers join, as torchrun starts them (`os.killpg(rank.pid, ...)` signals all of them)."""
     port = free_port() if processes > 1 else None
 
     def launcher(rank: int) -> dict[str, str]:
@@ -55,7 +56,8 @@ def start_ranks(*args: str, processes: int = 1) -> list[subprocess.Popen]:
                 "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
     return [subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV, **launcher(rank)})
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV, **launcher(rank)},
+                             start_new_session=own_process_groups)
             for rank in range(processes)]
 
 

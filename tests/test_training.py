@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import shutil
 import signal
@@ -314,10 +315,12 @@ def test_a_loss_that_becomes_infinite_stops_naming_the_step_and_keeps_the_last_c
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
 def test_a_stop_signal_finishes_the_step_saves_a_checkpoint_and_exits_cleanly(signal_number, tmp_path):
+    """Sent to the run's whole process group, its loader's workers included, as a terminal sends Ctrl-C,
+    torchrun (under `accelerate launch`) passes on a stop to each rank, and a scheduler stops a job."""
     (process,) = start_ranks("--mode", "paper-split", "--batch-size", "4", *CLASSES, "--steps", "1000",
-                             "--workers", "0", "--output-dir", str(tmp_path))
+                             "--workers", "1", "--output-dir", str(tmp_path), own_process_groups=True)
     wait_for_steps(tmp_path, 1)
-    process.send_signal(signal_number)
+    os.killpg(process.pid, signal_number)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
     assert "checkpoint saved" in stdout
