@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -192,7 +193,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def check_run(config: TrainConfig, world_size: int) -> None:
     """Refuses, before any process group or data exists, what the run cannot do on `world_size` ranks:
     a layout that cannot run there, a missing tracker, a GPU-only speed-up without a GPU, or an output
-    folder that already holds another run."""
+    folder that already holds another run or cannot be written."""
     check_layout(config.mode, world_size, Setup(config.arch, config.num_classes or 1000, config.seed,
                                                 exchange=config.exchange))
     require_tracker(config.tracker)
@@ -200,9 +201,19 @@ def check_run(config: TrainConfig, world_size: int) -> None:
         raise UsageError("--cuda-graphs needs a GPU (none is visible); use --compile alone on a CPU")
     if config.triton_lrn and not (torch.cuda.is_available() and importlib.util.find_spec("triton")):
         raise UsageError("--triton-lrn needs a GPU and Triton (installed with torch's CUDA wheels); drop the flag")
+    check_writable(config.output)
     if not config.resume and checkpoint.complete_checkpoints(config.checkpoints):
         raise UsageError(f"{config.output} already holds a run with checkpoints: add --resume latest to continue "
                          "it, or choose another --output-dir")
+
+
+def check_writable(output: Path) -> None:
+    """The output folder, or the nearest folder above it that exists, must be one this user can write
+    into: refused now, not when the run writes its first record."""
+    existing = next(path for path in (output, *output.parents) if path.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-dir {output}: {existing} is not a folder this user can write to; choose another "
+                         "--output-dir")
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

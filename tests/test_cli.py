@@ -138,6 +138,14 @@ def test_a_tracker_whose_package_is_missing_is_refused_in_one_line_before_any_ru
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", [["train"], ["experiment", "--name", "trial", "--modes", "single"]])
+def test_an_output_folder_that_cannot_be_written_is_refused_in_one_line_before_any_run(command, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("kept")
+    result = in_process(capsys, *command, "--output-dir", str(tmp_path / "a-file" / "runs"))
+    assert result.returncode == 2 and "choose another --output-dir" in one_line_error(result)
+    assert (tmp_path / "a-file").read_text() == "kept"
+
+
 def test_every_launch_config_names_its_process_count():
     import yaml
 
