@@ -20,6 +20,7 @@ from alexnet_mp.config import (
     TrainConfig,
     add_train_arguments,
     check_run,
+    check_writable,
     train_config,
 )
 from alexnet_mp.data import DECODE_PLACES, DataSpec
@@ -51,6 +52,7 @@ def run_train(config: TrainConfig) -> None:
 
 
 def export(args: argparse.Namespace) -> None:
+    check_writable(Path(args.out).parent, "file to write")
     found = checkpoint.find(args.checkpoint, Path(args.checkpoint))
     checkpoint.export(found, Path(args.out))
     print(f"wrote {args.out}: {found.meta['arch']} net, {found.meta['num_classes']} classes, step {found.step}")
@@ -101,7 +103,9 @@ def compare(args: argparse.Namespace) -> None:
     from alexnet_mp.report import compare as compare_runs
 
     directories = [Path(d) for d in args.runs]
-    comparison = compare_runs(directories, Path(args.out or directories[0].parent))
+    out = Path(args.out or directories[0].parent)
+    check_writable(out, "--out")
+    comparison = compare_runs(directories, out)
     for line in comparison.broken:
         print(f"cannot compare {line}", file=sys.stderr)
     if not comparison.rows:
@@ -113,6 +117,7 @@ def plan(args: argparse.Namespace) -> None:
     from alexnet_mp.plan import plan as predict
     from alexnet_mp.plan import plan_table, plot_plan, shares
 
+    check_writable(Path(args.output_dir), "--output-dir")
     gpus, links = _numbers(args.gpus, int, "--gpus"), _numbers(args.link_gbps, float, "--link-gbps")
     predictions = predict(gpus, args.arch, args.batch, args.device_tflops, args.num_classes)
     if not predictions:
@@ -141,6 +146,7 @@ def _numbers(text: str, kind: type, flag: str) -> list:
 def bench(args: argparse.Namespace) -> None:
     from alexnet_mp.bench import bench as run_bench
 
+    check_writable(Path(args.output_dir), "--output-dir")
     ranks = tuple(_numbers(args.ranks, int, "--ranks")) if args.ranks else None
     for world_size in ranks or ():
         STRATEGIES["weird-trick"].check(world_size, Setup())  # the layout that is most particular

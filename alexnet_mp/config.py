@@ -201,19 +201,19 @@ def check_run(config: TrainConfig, world_size: int) -> None:
         raise UsageError("--cuda-graphs needs a GPU (none is visible); use --compile alone on a CPU")
     if config.triton_lrn and not (torch.cuda.is_available() and importlib.util.find_spec("triton")):
         raise UsageError("--triton-lrn needs a GPU and Triton (installed with torch's CUDA wheels); drop the flag")
-    check_writable(config.output)
+    check_writable(config.output, "--output-dir")
     if not config.resume and checkpoint.complete_checkpoints(config.checkpoints):
         raise UsageError(f"{config.output} already holds a run with checkpoints: add --resume latest to continue "
                          "it, or choose another --output-dir")
 
 
-def check_writable(output: Path) -> None:
-    """The output folder, or the nearest folder above it that exists, must be one this user can write
-    into: refused now, not when the run writes its first record."""
-    existing = next(path for path in (output, *output.parents) if path.exists())
+def check_writable(folder: Path, what: str) -> None:
+    """An output folder, or the nearest folder above it that exists, must be one this user can write
+    into: refused before the command's work, not when it writes its first file. `what`: the argument
+    that names it, for the message."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--output-dir {output}: {existing} is not a folder this user can write to; choose another "
-                         "--output-dir")
+        raise UsageError(f"{folder}: {existing} is not a folder this user can write to; choose another {what}")
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

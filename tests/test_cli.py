@@ -138,11 +138,20 @@ def test_a_tracker_whose_package_is_missing_is_refused_in_one_line_before_any_ru
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("command", [["train"], ["experiment", "--name", "trial", "--modes", "single"]])
-def test_an_output_folder_that_cannot_be_written_is_refused_in_one_line_before_any_run(command, tmp_path, capsys):
+@pytest.mark.parametrize(("command", "names"), [
+    (["train", "--output-dir", "{}"], "--output-dir"),
+    (["experiment", "--name", "trial", "--modes", "single", "--output-dir", "{}"], "--output-dir"),
+    (["bench", "--quick", "--output-dir", "{}"], "--output-dir"),
+    (["plan", "--output-dir", "{}"], "--output-dir"),
+    (["compare", "runs/a", "--out", "{}"], "--out"),
+    (["export", "runs/a", "{}/alexnet.safetensors"], "file to write"),
+])
+def test_an_output_folder_that_cannot_be_written_is_refused_in_one_line_before_the_work(command, names, tmp_path,
+                                                                                        capsys):
+    """Here a folder under a file; as well, one without write permission or on a read-only file system."""
     (tmp_path / "a-file").write_text("kept")
-    result = in_process(capsys, *command, "--output-dir", str(tmp_path / "a-file" / "runs"))
-    assert result.returncode == 2 and "choose another --output-dir" in one_line_error(result)
+    result = in_process(capsys, *(arg.format(tmp_path / "a-file" / "out") for arg in command))
+    assert result.returncode == 2 and f"choose another {names}" in one_line_error(result)
     assert (tmp_path / "a-file").read_text() == "kept"
 
 
