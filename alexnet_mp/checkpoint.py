@@ -56,18 +56,46 @@ def _momentum(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> dict
             if "momentum_buffer" in optimizer.state.get(p, {})}
 
 
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written (most often: the disk is full); the newest complete one is intact."""
+
+
 def save(directory: Path, strategy: Strategy, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
          keep: int) -> Path:
-    """Writes a checkpoint of every rank's shard (collective: every rank calls it)."""
+    """Writes a checkpoint of every rank's shard (collective: every rank calls it). A rank that cannot
+    write removes what it began and raises CheckpointWriteError, naming the newest complete checkpoint."""
     final = directory / f"{PREFIX}{meta['step']:08d}"
     staging = final.with_name(final.name + ".tmp")
-    if _is_main() and staging.exists():
-        shutil.rmtree(staging)
+    try:
+        _write(staging, final, strategy, optimizer, meta, keep)
+    except (OSError, RuntimeError) as error:
+        cause = _os_error(error)
+        if cause is None:  # a lost peer, say: not the file system's
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # a part-written shard would hold the space it lacks
+        newest = complete_checkpoints(directory)
+        raise CheckpointWriteError(
+            f"could not write checkpoint {final} ({cause.strerror or cause}); the newest complete one, "
+            f"{newest[-1] if newest else 'none yet'}, is intact: make room, then add --resume latest") from error
+    _barrier()
+    return final
+
+
+def _write(staging: Path, final: Path, strategy: Strategy, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+           keep: int) -> None:
+    """Every rank's shard into `staging`; then rank 0 adds meta.json, renames it `final` and drops the
+    checkpoints beyond the newest `keep`."""
+    if _is_main():
+        for unfinished in final.parent.glob(f"{PREFIX}*.tmp"):  # this save's, or a failed one's
+            shutil.rmtree(unfinished)
     _barrier()
     staging.mkdir(parents=True, exist_ok=True)
     if strategy.holds_distinct_shard():
         shard = [(piece, module.state_dict(), _momentum(optimizer, module)) for piece, module in strategy.pieces]
-        torch.save({"pieces": shard}, staging / f"shard-{strategy.rank:05d}.pt")
+        # through a Python file: a full disk is then an OSError (given a path, torch's C++ writer raises
+        # only a RuntimeError of its own)
+        with open(staging / f"shard-{strategy.rank:05d}.pt", "wb") as file:
+            torch.save({"pieces": shard}, file)
     _barrier()
     if _is_main():
         setup = strategy.setup
@@ -77,10 +105,16 @@ def save(directory: Path, strategy: Strategy, optimizer: torch.optim.Optimizer, 
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
-        for old in complete_checkpoints(directory)[:-keep]:
+        for old in complete_checkpoints(final.parent)[:-keep]:
             shutil.rmtree(old)
-    _barrier()
-    return final
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError behind `error`: itself, or the one torch's zip writer was handling when closing the
+    file failed in turn (as it does on a full disk, with a RuntimeError)."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:

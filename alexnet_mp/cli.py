@@ -240,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(unwrapped(str(error)), 2)
     except FloatingPointError as error:
         fail(str(error), 1)
+    except checkpoint.CheckpointWriteError as error:  # on the rank that could not write, whichever it is
+        fail(str(error), 1, every_rank=True)
     except RuntimeError as error:
         if not is_peer_failure(error):
             raise

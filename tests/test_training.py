@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import torch
@@ -311,6 +312,31 @@ def test_a_loss_that_becomes_infinite_stops_naming_the_step_and_keeps_the_last_c
     assert f"step {found.step}" in message
     weights, _ = checkpoint.full_state(found)
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_naming_the_newest_complete_one(
+        training_in_this_process, tmp_path, capsys):
+    saves = []
+
+    def save_until_the_disk_is_full(obj: object, file: BinaryIO, *args: object, **kwargs: object) -> None:
+        saves.append(file)
+        if len(saves) > 1:
+            file.write(b"part of a shard")
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError:  # as torch's zip writer does on a full disk: closing the file fails in turn
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from None
+        torch_save(obj, file, *args, **kwargs)
+
+    torch_save = torch.save
+    training_in_this_process.setattr(torch, "save", save_until_the_disk_is_full)
+    result = in_process(capsys, "train", "--mode", "single", "--batch-size", "2", *CLASSES, "--steps", "3",
+                        "--workers", "0", "--checkpoint-every", "1", "--output-dir", str(tmp_path))
+    assert result.returncode == 1
+    first = tmp_path / "checkpoints" / "step-00000001"
+    assert one_line_error(result).endswith(f"(No space left on device); the newest complete one, {first}, is intact: "
+                                           "make room, then add --resume latest")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
