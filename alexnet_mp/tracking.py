@@ -44,7 +44,7 @@ class Tracker:
         if self.uses_trackers:
             init = {"wandb": {"group": group, "job_type": job_type, "name": run_name, "dir": str(output),
                               **(wandb_identity(output, resumed_at > 0) if tracker == "wandb" else {})}}
-            accelerator.init_trackers(project, config=config, init_kwargs=init)
+            _init_trackers(accelerator, tracker, project, config, init)
         self.began = time.perf_counter()  # the loop's first step starts now
 
     def _keep_steps_before(self, step: int) -> list[dict[str, Any]]:
@@ -74,6 +74,19 @@ class Tracker:
     def finish(self) -> None:
         if self.active and self.uses_trackers:
             self.accelerator.end_training()
+
+
+def _init_trackers(accelerator: Accelerator, tracker: str, project: str, config: dict[str, Any],
+                   init: dict[str, dict[str, Any]]) -> None:
+    """accelerate's trackers; wandb's refusals (no API key, no connection to its server) in one line."""
+    try:
+        accelerator.init_trackers(project, config=config, init_kwargs=init)
+    except Exception as error:
+        if tracker != "wandb" or not type(error).__module__.startswith("wandb"):
+            raise
+        refusal = str(error).strip().rstrip(".")
+        raise UsageError(f"--tracker wandb: {refusal}; or set WANDB_MODE=offline to keep the run's record on disk "
+                         "(`wandb sync` uploads it later), or use --tracker none") from None
 
 
 def wandb_identity(output: Path, resumed: bool) -> dict[str, str]:

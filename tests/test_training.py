@@ -49,6 +49,23 @@ def test_tensorboard_tracker_writes_event_files(tmp_path, capsys):
     assert list(tmp_path.rglob("events.out.tfevents.*"))
 
 
+def test_a_wandb_that_refuses_to_start_is_one_line_that_says_what_to_do(training_in_this_process, tmp_path, capsys):
+    """Here: no API key, as on a machine never logged in to W&B (the stand-in raises wandb's own error)."""
+    import wandb
+    from accelerate import Accelerator
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    training_in_this_process.setattr(Accelerator, "init_trackers", refuse)
+    result = in_process(capsys, "train", "--mode", "single", "--steps", "1", "--batch-size", "2", *CLASSES,
+                        "--workers", "0", "--tracker", "wandb", "--output-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert one_line_error(result) == ("error: --tracker wandb: No API key configured. Use `wandb login` to log in; "
+                                      "or set WANDB_MODE=offline to keep the run's record on disk (`wandb sync` "
+                                      "uploads it later), or use --tracker none")
+
+
 def test_the_loop_asks_for_the_next_batch_before_it_waits_for_the_step(training_in_this_process, tmp_path, capsys):
     """So that on a GPU the host decodes and queues batch k+1 while the device runs step k: the first
     read of step k's results (the flags the ranks agree on) comes after batch k+1 is asked for."""
