@@ -17,8 +17,8 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import os
 import pickle
-import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -430,13 +430,14 @@ class _RowSampler:
         return self.stop - self.start
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """A loader worker leaves stopping to the training process. Ctrl-C, torchrun passing a stop on to a
-    rank, and a scheduler's stop signal the whole process group: a worker ended by it would end the run
-    mid-step, before its checkpoint. The loader ends its workers when done, and a worker whose training
-    process is gone ends itself (torch's worker watchdog)."""
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, signal.SIG_IGN)
+def _own_session(worker_id: int) -> None:
+    """A loader worker leaves stopping to the training process. Ctrl-C in a terminal, and torchrun (under
+    `accelerate launch`) passing a stop on to a rank, signal the rank's whole process group: a worker ended
+    by it would end the run mid-step, before its checkpoint. In a session of its own a worker is out of
+    their reach, while the loader still ends it when done (by its pid), and a worker whose training process
+    is gone ends itself (torch's worker watchdog). Ignoring the signals instead would also ignore the
+    loader's own SIGTERM, and a process exiting with a live loader would wait for its workers forever."""
+    os.setsid()
 
 
 def rank_batches(dataset: Dataset, batches: GlobalBatches, image_rows: slice, label_rows: slice,
@@ -451,7 +452,7 @@ def rank_batches(dataset: Dataset, batches: GlobalBatches, image_rows: slice, la
     loader = DataLoader(dataset, batch_sampler=_RowSampler(batches, image_rows, start, stop), num_workers=workers,
                         collate_fn=functools.partial(collate, decode=decode), pin_memory=cuda,
                         prefetch_factor=4 if workers else None, persistent_workers=False,
-                        worker_init_fn=_ignore_stop_signals,
+                        worker_init_fn=_own_session,
                         # spawned: a forked child of a process that uses CUDA cannot use CUDA itself
                         multiprocessing_context="spawn" if in_workers else None)
     targets = torch.as_tensor(dataset.targets)
