@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import pickle
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,7 @@ from alexnet_mp.data import (
 from alexnet_mp.loop import average_crops
 from alexnet_mp.model import rows
 from alexnet_mp.strategies import UsageError
+from tests.launching import ROOT
 
 CLASSES = ("cat", "dog", "fox")
 
@@ -268,3 +270,17 @@ def test_nvjpeg_decodes_to_what_the_workers_decode_within_a_level(tmp_path, on_d
     levels = (batch_of_everything(by_device, "cuda", workers).cpu() - batch_of_everything(by_workers)) * torch.tensor(
         STD).view(3, 1, 1) * 255
     assert levels.abs().mean() < 1
+
+
+def test_a_process_that_ends_with_a_live_loader_ends_with_its_workers():
+    """Its loader is still open at exit (a run that failed mid-epoch keeps it in the failure's traceback):
+    Python's exit ends the workers with SIGTERM and waits for them. Workers that ignored it, to outlive a
+    Ctrl-C, would keep the process from ending; in sessions of their own they are out of Ctrl-C's reach
+    and end on SIGTERM (tests/test_training.py: a stop signal to the run's process group)."""
+    program = ("import torch\n"
+               "from alexnet_mp.data import GlobalBatches, SyntheticImages, rank_batches\n"
+               "batches = rank_batches(SyntheticImages(2, 8), GlobalBatches(8, 2, seed=0), slice(0, 2), slice(0, 2),"
+               " 0, 4, 1, torch.device('cpu'))\n"
+               "next(batches)\n")
+    done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
