@@ -23,6 +23,7 @@ from alexnet_mp.tracking import require_tracker
 PAPER_BATCH = 128
 # What decides step N's samples, augmentation and dropout masks (docs/architecture.md): a resume that
 # changes one continues the run on other batches than the straight run would have drawn.
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 SAMPLE_STREAM = ("seed", "batch_size", "data", "dataset", "synthetic_size")
 N = TypeVar("N", int, float)
 
@@ -171,7 +172,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=d.resume,
                         help="'latest' (in --output-dir), 'auto' (latest if there is one, else a fresh start: for a "
                              "job that may be requeued), or a checkpoint folder")
-    parser.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "bf16", "fp16"])
+    parser.add_argument("--mixed-precision", choices=MIXED_PRECISIONS,
+                        help="default: the launcher's (`accelerate launch --mixed_precision`, or its config file), "
+                             f"else {d.mixed_precision}")
     parser.add_argument("--channels-last", action="store_true",
                         help="conv weights and maps in NHWC, the layout of cuDNN's fast (tensor core) kernels")
     parser.add_argument("--compile", action="store_true",
@@ -218,4 +221,15 @@ def check_writable(folder: Path, what: str) -> None:
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     fields = TrainConfig.__dataclass_fields__
-    return TrainConfig(**{key: value for key, value in vars(args).items() if key in fields})
+    given = {key: value for key, value in vars(args).items() if key in fields}
+    return TrainConfig(**{**given, "mixed_precision": args.mixed_precision or launcher_mixed_precision()})
+
+
+def launcher_mixed_precision() -> str:
+    """What `accelerate launch --mixed_precision` (or its config file) asked for, which the Accelerator,
+    given --mixed-precision's value, would otherwise override; without a launcher that says, none."""
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", TrainConfig.mixed_precision)
+    if asked not in MIXED_PRECISIONS:
+        raise UsageError(f"the launcher asks for mixed precision {asked!r}: this project runs one of "
+                         f"{', '.join(MIXED_PRECISIONS)}; launch with one of them, or give --mixed-precision")
+    return asked

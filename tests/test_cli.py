@@ -195,15 +195,44 @@ def test_evaluate_scores_the_data_the_run_trained_on_unless_given_other_data(fla
     assert (spec.data, spec.dataset, spec.synthetic_size) == expected
 
 
-def test_speed_flags_become_the_strategys_speed_ups():
+@pytest.mark.parametrize(("launcher", "flags", "expected"), [
+    (None, [], "no"),
+    ("bf16", [], "bf16"),  # accelerate launch --mixed_precision bf16, or its config file
+    ("bf16", ["--mixed-precision", "fp16"], "fp16"),
+])
+def test_mixed_precision_is_the_flags_else_the_launchers(launcher, flags, expected, monkeypatch):
+    """The Accelerator is given the run's value: were it always the flag's default, it would override the
+    launcher's silently."""
+    from alexnet_mp.config import train_config
+
+    if launcher:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    else:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert train_config(train_arguments(*flags)).mixed_precision == expected
+
+
+def test_a_launchers_mixed_precision_this_project_does_not_run_is_refused_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    result = in_process(capsys, "train", "--steps", "1")
+    assert result.returncode == 2 and "mixed precision 'fp8'" in one_line_error(result)
+
+
+def train_arguments(*flags: str):
     import argparse
 
-    from alexnet_mp.config import add_train_arguments, train_config
-    from alexnet_mp.speed import Speed
+    from alexnet_mp.config import add_train_arguments
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
-    config = train_config(parser.parse_args(["--channels-last", "--compile"]))
+    return parser.parse_args(list(flags))
+
+
+def test_speed_flags_become_the_strategys_speed_ups():
+    from alexnet_mp.config import train_config
+    from alexnet_mp.speed import Speed
+
+    config = train_config(train_arguments("--channels-last", "--compile"))
     assert config.speed == Speed(channels_last=True, compile=True, cuda_graphs=False)
 
 
