@@ -21,9 +21,9 @@ from alexnet_mp.strategies import check as check_layout
 from alexnet_mp.tracking import require_tracker
 
 PAPER_BATCH = 128
+MIXED_PRECISIONS = ("no", "bf16", "fp16")  # "no": float32
 # What decides step N's samples, augmentation and dropout masks (docs/architecture.md): a resume that
 # changes one continues the run on other batches than the straight run would have drawn.
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
 SAMPLE_STREAM = ("seed", "batch_size", "data", "dataset", "synthetic_size")
 N = TypeVar("N", int, float)
 
@@ -227,7 +227,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 def launcher_mixed_precision() -> str:
     """What `accelerate launch --mixed_precision` (or its config file) asked for, which the Accelerator,
-    given --mixed-precision's value, would otherwise override; without a launcher that says, none."""
+    given --mixed-precision's value, would override; "no" (float32) where no launcher says."""
     asked = os.environ.get("ACCELERATE_MIXED_PRECISION", TrainConfig.mixed_precision)
     if asked not in MIXED_PRECISIONS:
         raise UsageError(f"the launcher asks for mixed precision {asked!r}: this project runs one of "
