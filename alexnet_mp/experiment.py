@@ -49,7 +49,10 @@ def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, tr
     directories, failed = [], []
     for mode, processes, directory in runs:
         command, env = launch_command(processes)
-        command += ["--mode", mode, "--output-dir", str(directory), "--group", name, *train_args]
+        # mixed precision as resolved here, for every run alike: a plain process would otherwise take it from
+        # the runner's environment, a launched one from its launcher's --mixed_precision
+        command += ["--mode", mode, "--output-dir", str(directory), "--group", name,
+                    "--mixed-precision", config.mixed_precision, *train_args]
         print(f"[{name}] {mode} on {processes} process(es) -> {directory}", flush=True)
         code = _run(command, {**os.environ, **env})
         if code:
