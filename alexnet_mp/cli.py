@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from alexnet_mp.config import (
     add_train_arguments,
     check_run,
     check_writable,
+    hold_output,
     train_config,
 )
 from alexnet_mp.data import DECODE_PLACES, DataSpec
@@ -43,12 +45,14 @@ def run_train(config: TrainConfig) -> None:
     from alexnet_mp.loop import train
 
     check_run(config, launched_world_size())
-    cuda = torch.cuda.is_available()
-    accelerator = Accelerator(
-        cpu=not cuda, mixed_precision=config.mixed_precision, project_dir=str(config.output),
-        log_with=None if config.tracker == "none" else config.tracker,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.timeout_s))])
-    train(config, accelerator)
+    # the main process writes the run's record and decides when checkpoints are complete: it holds the folder
+    with hold_output(config.output) if is_main_process() else nullcontext():
+        cuda = torch.cuda.is_available()
+        accelerator = Accelerator(
+            cpu=not cuda, mixed_precision=config.mixed_precision, project_dir=str(config.output),
+            log_with=None if config.tracker == "none" else config.tracker,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.timeout_s))])
+        train(config, accelerator)
 
 
 def export(args: argparse.Namespace) -> None:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import importlib.util
 import os
-from collections.abc import Callable
+import shutil
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import NoReturn, TextIO, TypeVar
 
 import torch
 
@@ -217,6 +223,47 @@ def check_writable(folder: Path, what: str) -> None:
     existing = next(path for path in (folder, *folder.parents) if path.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{folder}: {existing} is not a folder this user can write to; choose another {what}")
+
+
+RUN_LOCK = "run.lock"  # in OUTPUT: held by the run writing there (`hold_output`)
+
+
+@contextmanager
+def hold_output(folder: Path) -> Iterator[None]:
+    """Holds an exclusive lock on `folder` (which `check_run` found writable) while the run writing there
+    lives; the main process takes it. A second run into the folder is refused in one line: the same command
+    started twice, say, or a requeued job whose first attempt is still saving. The two would interleave
+    their metrics, and delete each other's half-written checkpoints. It is an flock, which the kernel drops
+    with its process however that ends, so a killed run leaves no stale lock. Where the file system has no
+    locks, the run goes on with a warning. A run refused before it wrote anything leaves no folder behind."""
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / RUN_LOCK).open("a+") as lock:
+        _lock(lock, folder)
+        try:
+            yield
+        finally:  # only while holding the lock: a refused run must not remove a live one's
+            if created and [path.name for path in folder.iterdir()] == [RUN_LOCK]:
+                shutil.rmtree(folder)
+
+
+def _lock(lock: TextIO, folder: Path) -> None:
+    """Takes `lock` (the open RUN_LOCK of `folder`) and writes this process's pid and host into it."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        raise UsageError(f"{folder} is in use by a live run ({holder}): wait for it to end, or choose another "
+                         "--output-dir") from None
+    except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        print(f"warning: {folder}'s file system has no locks ({error.strerror}): a second run into it at the "
+              "same time would not be refused", file=sys.stderr)
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -272,3 +273,18 @@ def test_summary_per_tower_splits_the_paper_nets_parameters_between_its_towers(c
 def test_summary_per_tower_refuses_the_one_column_net(capsys):
     result = in_process(capsys, "summary", "--arch", "owt", "--tower")
     assert result.returncode == 2 and "--arch paper" in one_line_error(result)
+
+
+def test_an_output_folder_on_a_file_system_without_locks_is_used_with_a_warning(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    from alexnet_mp.config import hold_output
+
+    def no_locks(file: object, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with hold_output(tmp_path):
+        assert (tmp_path / "run.lock").read_text().startswith(f"pid {os.getpid()} on ")
+    assert "has no locks (No locks available)" in capsys.readouterr().err

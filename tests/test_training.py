@@ -318,6 +318,20 @@ def test_a_new_run_refuses_an_output_folder_that_holds_checkpoints_before_buildi
     assert (resumed / "metrics.jsonl").read_text() == before
 
 
+def test_a_run_into_a_folder_that_a_live_run_holds_is_refused_in_one_line_naming_the_holder(straight_and_resumed,
+                                                                                            capsys):
+    from alexnet_mp.config import hold_output
+
+    _, resumed = straight_and_resumed
+    before = {path: path.read_bytes() for path in resumed.rglob("*") if path.is_file() and path.name != "run.lock"}
+    with hold_output(resumed):  # as the live run's main process holds it
+        result = in_process(capsys, "train", "--mode", "paper-split", *CLASSES, "--output-dir", str(resumed),
+                            "--resume", "latest", "--steps", "12")
+    assert result.returncode == 2
+    assert f"in use by a live run (pid {os.getpid()} on " in one_line_error(result)
+    assert {path: path.read_bytes() for path in before} == before
+
+
 @pytest.mark.usefixtures("training_in_this_process")
 def test_a_loss_that_becomes_infinite_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, capsys):
     result = in_process(capsys, "train", "--mode", "single", "--lr", "1e6", "--batch-size", "4", *CLASSES,
