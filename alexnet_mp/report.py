@@ -9,6 +9,7 @@ from pathlib import Path
 
 from alexnet_mp.cost import LayerCost, layer_costs
 from alexnet_mp.model import ARCHITECTURES, Piece
+from alexnet_mp.tracking import CorruptRecord, read_metrics
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -96,11 +97,13 @@ def read_run(directory: Path) -> RunSummary:
         raise BrokenRun(f"{directory}: not a run folder (one with config.json and metrics.jsonl)")
     try:
         config = json.loads((directory / "config.json").read_text())
-        rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = read_metrics(directory / "metrics.jsonl")
     except FileNotFoundError as error:
         raise BrokenRun(f"{directory}: {Path(error.filename).name} is missing") from None
     except json.JSONDecodeError as error:
-        raise BrokenRun(f"{directory}: a line of its record is cut or corrupt ({error.msg})") from None
+        raise BrokenRun(f"{directory}: config.json is not JSON ({error.msg})") from None
+    except CorruptRecord as error:
+        raise BrokenRun(f"{directory}: {error}") from None
     steps = [row for row in rows if "loss" in row]
     if not steps:
         raise BrokenRun(f"{directory}: metrics.jsonl holds no training step")

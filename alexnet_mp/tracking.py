@@ -27,6 +27,27 @@ def require_tracker(tracker: str) -> None:
                          "or use --tracker none")
 
 
+class CorruptRecord(ValueError):
+    """A line of metrics.jsonl that is not JSON, other than a last line a crash cut short."""
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl. A last line with no newline after it that is not JSON is the write of
+    a run killed mid-line, left out (a resume logs that step again); any other line that is not JSON raises
+    CorruptRecord, naming it."""
+    lines = path.read_text().split("\n")  # the last is "" when the file ends with a newline
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise CorruptRecord(f"{path.name} line {number} is not JSON ({error.msg})") from None
+    return rows
+
+
 class Tracker:
     def __init__(self, accelerator: Accelerator, config: dict[str, Any], output: Path, tracker: str,
                  project: str, group: str | None, run_name: str | None, job_type: str, resumed_at: int = 0) -> None:
@@ -52,7 +73,10 @@ class Tracker:
         it before a crash, are logged again); a new run starts a new file. Returns the rows kept."""
         if not self.metrics_path.exists():
             return []
-        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if step and line.strip()]
+        try:
+            rows = read_metrics(self.metrics_path) if step else []
+        except CorruptRecord as error:
+            raise UsageError(f"{self.metrics_path.parent}: {error}; mend or delete that line, then resume") from None
         kept = [row for row in rows if row["step"] < step]
         temporary = self.metrics_path.with_suffix(".jsonl.tmp")
         temporary.write_text("".join(json.dumps(row) + "\n" for row in kept))

@@ -134,8 +134,9 @@ def test_a_stopped_experiment_waits_for_the_run_in_hand_then_ends_in_one_line(st
 def test_compare_names_a_broken_run_and_reports_the_others(trial, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(trial / "paper-split-2", broken)
-    text = (broken / "metrics.jsonl").read_text()
-    (broken / "metrics.jsonl").write_text(text[: len(text) // 2])  # cut mid-line
+    lines = (broken / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:20]
+    (broken / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     missing = tmp_path / "missing"
     shutil.copytree(trial / "single-1", missing)
     (missing / "metrics.jsonl").unlink()
@@ -144,7 +145,17 @@ def test_compare_names_a_broken_run_and_reports_the_others(trial, tmp_path, caps
     result = in_process(capsys, "compare", str(trial / "single-1"), str(broken), str(missing), str(a_file),
                         "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr
-    assert f"{broken}: a line of its record is cut" in result.stderr
+    assert f"{broken}: metrics.jsonl line 2 is not JSON" in result.stderr
     assert f"{missing}: metrics.jsonl is missing" in result.stderr
     assert f"{a_file}: not a run folder" in result.stderr
     assert "single x1" in result.stdout and (tmp_path / "report" / "comparison.md").is_file()
+
+
+def test_compare_reads_a_run_killed_mid_line_up_to_its_last_whole_line(trial, tmp_path, capsys):
+    killed = tmp_path / "killed"
+    shutil.copytree(trial / "single-1", killed)
+    with (killed / "metrics.jsonl").open("a") as record:
+        record.write('{"step": 99, "lo')
+    result = in_process(capsys, "compare", str(killed), "--out", str(tmp_path / "report"))
+    assert result.returncode == 0 and "cannot compare" not in result.stderr
+    assert "single x1" in result.stdout

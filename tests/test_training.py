@@ -240,6 +240,31 @@ def test_resume_auto_starts_a_new_run_fresh_and_goes_on_from_an_earlier_ones_che
     assert checkpoint.find("latest", tmp_path / "checkpoints").step == 2
 
 
+def single_run_in_process(capsys: pytest.CaptureFixture, output: Path, steps: int) -> subprocess.CompletedProcess:
+    with process_state_restored():
+        return in_process(capsys, "train", "--mode", "single", "--batch-size", "2", *CLASSES, "--workers", "0",
+                          "--steps", str(steps), "--resume", "auto", "--output-dir", str(output))
+
+
+def test_a_resume_after_a_run_killed_mid_line_leaves_out_the_cut_line_and_logs_its_step_again(tmp_path, capsys):
+    assert single_run_in_process(capsys, tmp_path, 1).returncode == 0
+    with (tmp_path / "metrics.jsonl").open("a") as record:
+        record.write('{"step": 1, "wall_s": 0.1, "lo')  # where a kill mid-write leaves it
+    result = single_run_in_process(capsys, tmp_path, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [row["step"] for row in metrics(tmp_path)] == [0, 1]
+
+
+def test_a_resume_over_a_record_with_a_corrupt_line_is_refused_in_one_line_and_leaves_it_alone(tmp_path, capsys):
+    assert single_run_in_process(capsys, tmp_path, 1).returncode == 0
+    record = tmp_path / "metrics.jsonl"
+    record.write_text("{not json\n" + record.read_text())
+    before = record.read_text()
+    result = single_run_in_process(capsys, tmp_path, 2)
+    assert result.returncode == 2 and "metrics.jsonl line 1 is not JSON" in one_line_error(result)
+    assert record.read_text() == before
+
+
 @pytest.mark.usefixtures("training_in_this_process")
 def test_a_resume_with_another_seed_or_batch_size_warns_that_its_batches_are_not_the_straight_runs(
         straight_and_resumed, tmp_path, capsys):
