@@ -74,9 +74,9 @@ def save(directory: Path, strategy: Strategy, optimizer: torch.optim.Optimizer, 
             raise
         shutil.rmtree(staging, ignore_errors=True)  # a part-written shard would hold the space it lacks
         newest = complete_checkpoints(directory)
-        raise CheckpointWriteError(
-            f"could not write checkpoint {final} ({cause.strerror or cause}); the newest complete one, "
-            f"{newest[-1] if newest else 'none yet'}, is intact: make room, then add --resume latest") from error
+        then = (f"the newest complete one, {newest[-1]}, is intact: make room, then add --resume latest" if newest
+                else "the run has no complete checkpoint yet: make room, then run it again")
+        raise CheckpointWriteError(f"could not write checkpoint {final} ({cause.strerror or cause}); {then}") from error
     _barrier()
     return final
 

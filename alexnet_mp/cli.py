@@ -27,6 +27,7 @@ from alexnet_mp.config import (
 )
 from alexnet_mp.data import DECODE_PLACES, DataSpec
 from alexnet_mp.strategies import STRATEGIES, Setup, UsageError
+from alexnet_mp.tracking import RecordWriteError
 
 
 def launched_world_size() -> int:
@@ -244,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(unwrapped(str(error)), 2)
     except FloatingPointError as error:
         fail(str(error), 1)
-    except checkpoint.CheckpointWriteError as error:  # on the rank that could not write, whichever it is
+    except (checkpoint.CheckpointWriteError, RecordWriteError) as error:  # on the rank that could not write
         fail(str(error), 1, every_rank=True)
     except RuntimeError as error:
         if not is_peer_failure(error):

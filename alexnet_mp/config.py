@@ -24,7 +24,7 @@ from alexnet_mp.model import ARCHITECTURES, INITS
 from alexnet_mp.speed import Speed
 from alexnet_mp.strategies import STRATEGIES, Setup, UsageError
 from alexnet_mp.strategies import check as check_layout
-from alexnet_mp.tracking import require_tracker
+from alexnet_mp.tracking import require_tracker, writing
 
 PAPER_BATCH = 128
 MIXED_PRECISIONS = ("no", "bf16", "fp16")  # "no": float32
@@ -261,9 +261,10 @@ def _lock(lock: TextIO, folder: Path) -> None:
             raise
         print(f"warning: {folder}'s file system has no locks ({error.strerror}): a second run into it at the "
               "same time would not be refused", file=sys.stderr)
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
+    with writing(folder / RUN_LOCK):
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

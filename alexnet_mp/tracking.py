@@ -7,6 +7,8 @@ import importlib.util
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,22 @@ def require_tracker(tracker: str) -> None:
     if tracker in TRACKER_INSTALLS and importlib.util.find_spec(tracker) is None:
         raise UsageError(f"--tracker {tracker} needs the {tracker} package: {TRACKER_INSTALLS[tracker]}, "
                          "or use --tracker none")
+
+
+class RecordWriteError(Exception):
+    """The run's record could not be written: a full disk, most often."""
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """An OSError while writing `path` becomes a RecordWriteError that says what to do (the command line prints
+    it in one line), not a traceback and, on the other ranks, a lost peer."""
+    try:
+        yield
+    except OSError as error:
+        raise RecordWriteError(f"could not write {path} ({error.strerror or error}): make room, then run again; "
+                               "the checkpoints written so far are intact (--resume latest goes on from the newest)"
+                               ) from None
 
 
 class CorruptRecord(ValueError):
@@ -61,7 +79,8 @@ class Tracker:
         kept = self._keep_steps_before(resumed_at)
         # a resumed run's clock goes on from its checkpoint's (records from before wall_s have none)
         self.wall_before = max((row.get("wall_s", 0.0) for row in kept), default=0.0)
-        (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        with writing(output / "config.json"):
+            (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         if self.uses_trackers:
             init = {"wandb": {"group": group, "job_type": job_type, "name": run_name, "dir": str(output),
                               **(wandb_identity(output, resumed_at > 0) if tracker == "wandb" else {})}}
@@ -79,8 +98,9 @@ class Tracker:
             raise UsageError(f"{self.metrics_path.parent}: {error}; mend or delete that line, then resume") from None
         kept = [row for row in rows if row["step"] < step]
         temporary = self.metrics_path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        temporary.replace(self.metrics_path)
+        with writing(temporary):
+            temporary.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            temporary.replace(self.metrics_path)
         return kept
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -90,7 +110,7 @@ class Tracker:
         if not self.active:
             return
         wall_s = self.wall_before + time.perf_counter() - self.began
-        with self.metrics_path.open("a") as record:
+        with writing(self.metrics_path), self.metrics_path.open("a") as record:
             record.write(json.dumps({"step": step, "wall_s": wall_s, **metrics}) + "\n")
         if self.uses_trackers:
             self.accelerator.log(metrics, step=step)
@@ -122,7 +142,8 @@ def wandb_identity(output: Path, resumed: bool) -> dict[str, str]:
     if resumed and path.is_file():
         return {"id": path.read_text().strip(), "resume": "allow"}
     run_id = uuid.uuid4().hex[:8]
-    path.write_text(run_id + "\n")
+    with writing(path):
+        path.write_text(run_id + "\n")
     return {"id": run_id}
 
 

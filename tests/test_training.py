@@ -265,6 +265,26 @@ def test_a_resume_over_a_record_with_a_corrupt_line_is_refused_in_one_line_and_l
     assert record.read_text() == before
 
 
+def test_a_record_that_cannot_be_written_stops_the_run_in_one_line_keeping_its_checkpoints(tmp_path, capsys):
+    assert single_run_in_process(capsys, tmp_path, 1).returncode == 0
+    (tmp_path / "metrics.jsonl.tmp").symlink_to("/dev/full")  # every write: No space left on device
+    result = single_run_in_process(capsys, tmp_path, 2)
+    assert result.returncode == 1
+    assert "metrics.jsonl.tmp (No space left on device): make room" in one_line_error(result)
+    assert checkpoint.find("latest", tmp_path / "checkpoints").step == 1
+
+
+def test_a_metrics_row_that_cannot_be_written_is_one_error_that_says_what_to_do(tmp_path):
+    from types import SimpleNamespace
+
+    from alexnet_mp.tracking import RecordWriteError, Tracker
+
+    tracker = Tracker(SimpleNamespace(is_main_process=True), {}, tmp_path, "none", "alexnet-mp", None, None, "single")
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+    with pytest.raises(RecordWriteError, match=r"metrics.jsonl \(No space left on device\): make room, then run"):
+        tracker.log({"loss": 1.0}, 0)
+
+
 @pytest.mark.usefixtures("training_in_this_process")
 def test_a_resume_with_another_seed_or_batch_size_warns_that_its_batches_are_not_the_straight_runs(
         straight_and_resumed, tmp_path, capsys):
@@ -370,13 +390,14 @@ def test_a_loss_that_becomes_infinite_stops_naming_the_step_and_keeps_the_last_c
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.parametrize("complete", [1, 0], ids=["after-one-checkpoint", "before-any"])
 def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_naming_the_newest_complete_one(
-        training_in_this_process, tmp_path, capsys):
+        complete, training_in_this_process, tmp_path, capsys):
     saves = []
 
     def save_until_the_disk_is_full(obj: object, file: BinaryIO, *args: object, **kwargs: object) -> None:
         saves.append(file)
-        if len(saves) > 1:
+        if len(saves) > complete:
             file.write(b"part of a shard")
             try:
                 raise OSError(28, "No space left on device")
@@ -390,9 +411,10 @@ def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_naming_the_newest
                         "--workers", "0", "--checkpoint-every", "1", "--output-dir", str(tmp_path))
     assert result.returncode == 1
     first = tmp_path / "checkpoints" / "step-00000001"
-    assert one_line_error(result).endswith(f"(No space left on device); the newest complete one, {first}, is intact: "
-                                           "make room, then add --resume latest")
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]
+    then = (f"the newest complete one, {first}, is intact: make room, then add --resume latest" if complete
+            else "the run has no complete checkpoint yet: make room, then run it again")
+    assert one_line_error(result).endswith(f"(No space left on device); {then}")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"][:complete]
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
