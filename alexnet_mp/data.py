@@ -330,6 +330,9 @@ class FolderSource(ImageSource):
             raise UsageError(f"no image folder at {root}: expected {root}/<class>/<image>.jpg")
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         if not classes:
+            if any(f.suffix in IMAGE_SUFFIXES for f in root.iterdir()):
+                raise UsageError(f"{root} holds images but no class folders: sort them into {root}/<class>/ "
+                                 "(ImageNet's validation archive unpacks flat; docs/reproduction.md says how)")
             raise UsageError(f"{root} has no class folders: expected {root}/<class>/<image>.jpg")
         empty = [c for c in classes if not any(f.suffix in IMAGE_SUFFIXES for f in (root / c).iterdir())]
         if empty:

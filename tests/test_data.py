@@ -156,10 +156,21 @@ def test_corrupt_image_is_skipped_counted_and_warned_once_with_its_path(tmp_path
     assert str(broken) in caplog.records[0].getMessage()
 
 
+def flat_validation_folder(root: Path) -> Path:
+    """val/ as ImageNet's validation archive unpacks: every image in the folder itself."""
+    for image in list((root / "val").glob("*/*")):
+        image.rename(root / "val" / f"{image.parent.name}-{image.name}")
+    for folder in (root / "val").iterdir():
+        if folder.is_dir():
+            folder.rmdir()
+    return root
+
+
 @pytest.mark.parametrize(("make", "message"), [
     (lambda root: root / "missing", "no such folder"),
     (lambda root: (root / "train").mkdir() or (root / "val").mkdir() or root, "no class folders"),
     (lambda root: (root / "train" / "cat").mkdir(parents=True) or root, "has no JPEG or PNG images"),
+    (lambda root: flat_validation_folder(write_image_tree(root)), "val holds images but no class folders"),
 ])
 def test_missing_or_empty_data_is_one_clear_error(tmp_path, make, message):
     with pytest.raises(UsageError, match=message):
