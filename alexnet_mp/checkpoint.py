@@ -68,17 +68,44 @@ def save(directory: Path, strategy: Strategy, optimizer: torch.optim.Optimizer, 
     staging = final.with_name(final.name + ".tmp")
     try:
         _write(staging, final, strategy, optimizer, meta, keep)
+    except ShardsNotShared as error:
+        raise _write_error(staging, final, str(error), "give every node the same --output-dir, on a file system "
+                           "they share") from None
     except (OSError, RuntimeError) as error:
         cause = _os_error(error)
         if cause is None:  # a lost peer, say: not the file system's
             raise
-        shutil.rmtree(staging, ignore_errors=True)  # a part-written shard would hold the space it lacks
-        newest = complete_checkpoints(directory)
-        then = (f"the newest complete one, {newest[-1]}, is intact: make room, then add --resume latest" if newest
-                else "the run has no complete checkpoint yet: make room, then run it again")
-        raise CheckpointWriteError(f"could not write checkpoint {final} ({cause.strerror or cause}); {then}") from error
+        raise _write_error(staging, final, cause.strerror or str(cause), "make room") from error
     _barrier()
     return final
+
+
+class ShardsNotShared(Exception):
+    """Rank 0 does not see every rank's shard: the ranks of a multi-node run wrote into folders of their own."""
+
+
+def _write_error(staging: Path, final: Path, reason: str, remedy: str) -> CheckpointWriteError:
+    """Removes the unfinished `staging` (a part-written shard would hold the space a full disk lacks); the error
+    names the newest complete checkpoint."""
+    shutil.rmtree(staging, ignore_errors=True)
+    newest = complete_checkpoints(final.parent)
+    then = (f"the newest complete one, {newest[-1]}, is intact: {remedy}, then add --resume latest" if newest
+            else f"the run has no complete checkpoint yet: {remedy}, then run it again")
+    return CheckpointWriteError(f"could not write checkpoint {final} ({reason}); {then}")
+
+
+def _shard_name(rank: int) -> str:
+    return f"shard-{rank:05d}.pt"
+
+
+def _shard_writers(strategy: Strategy) -> list[int]:
+    """The ranks that write a shard: those holding a distinct part of the model (one tiny all-gather)."""
+    writes = torch.tensor([float(strategy.holds_distinct_shard())], device=strategy.setup.device)
+    if strategy.world_size == 1:
+        return [0] if writes.item() else []
+    flags = [torch.zeros_like(writes) for _ in range(strategy.world_size)]
+    dist.all_gather(flags, writes)
+    return [rank for rank, flag in enumerate(flags) if flag.item()]
 
 
 def _write(staging: Path, final: Path, strategy: Strategy, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
@@ -90,17 +117,22 @@ def _write(staging: Path, final: Path, strategy: Strategy, optimizer: torch.opti
             shutil.rmtree(unfinished)
     _barrier()
     staging.mkdir(parents=True, exist_ok=True)
+    shards = [_shard_name(rank) for rank in _shard_writers(strategy)]
     if strategy.holds_distinct_shard():
         shard = [(piece, module.state_dict(), _momentum(optimizer, module)) for piece, module in strategy.pieces]
         # through a Python file: a full disk is then an OSError (given a path, torch's C++ writer raises
         # only a RuntimeError of its own)
-        with open(staging / f"shard-{strategy.rank:05d}.pt", "wb") as file:
+        with open(staging / _shard_name(strategy.rank), "wb") as file:
             torch.save({"pieces": shard}, file)
     _barrier()
     if _is_main():
+        # each name looked up once every rank has written: a network file system's cache cannot hide it
+        unseen = [name for name in shards if not (staging / name).is_file()]
+        if unseen:
+            raise ShardsNotShared(f"rank 0 does not see {', '.join(unseen)}, written by other ranks")
         setup = strategy.setup
         full_meta = {**meta, "format": FORMAT, "mode": strategy.name, "arch": setup.arch,
-                     "num_classes": setup.num_classes, "world_size": strategy.world_size}
+                     "num_classes": setup.num_classes, "world_size": strategy.world_size, "shards": shards}
         (staging / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -178,6 +210,10 @@ def full_state(checkpoint: Checkpoint) -> tuple[dict[str, Tensor], dict[str, Ten
     shards = sorted(checkpoint.path.glob("shard-*.pt"))
     if not shards:
         raise UsageError(f"{checkpoint.path} has no shard files; {_earlier(checkpoint.path)}")
+    missing = [name for name in checkpoint.meta.get("shards", []) if not (checkpoint.path / name).is_file()]
+    if missing:
+        raise UsageError(f"{checkpoint.path} lacks {', '.join(missing)} of its {len(checkpoint.meta['shards'])} "
+                         f"shards; {_earlier(checkpoint.path)}")
     for shard in shards:
         try:
             pieces = torch.load(shard, map_location="cpu", weights_only=False)["pieces"]

@@ -304,7 +304,7 @@ def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(straight_an
     assert "--arch paper" in one_line_error(result)
 
 
-@pytest.mark.parametrize("damage", ["a shard cut short", "meta.json cut short"])
+@pytest.mark.parametrize("damage", ["a shard cut short", "a shard missing", "meta.json cut short"])
 def test_an_unreadable_checkpoint_is_refused_in_one_line_naming_the_one_before_it(damage, straight_and_resumed,
                                                                                    tmp_path, capsys):
     _, resumed = straight_and_resumed
@@ -317,6 +317,8 @@ def test_an_unreadable_checkpoint_is_refused_in_one_line_naming_the_one_before_i
     if damage == "a shard cut short":
         with (newest / "shard-00000.pt").open("rb") as shard:
             (damaged / "shard-00000.pt").write_bytes(shard.read(4096))
+    elif damage == "a shard missing":  # of the two towers' shards, tower 0's alone
+        shutil.copy(newest / "shard-00000.pt", damaged / "shard-00000.pt")
     else:
         (damaged / "meta.json").write_text((newest / "meta.json").read_text()[:40])
     result = in_process(capsys, "export", str(folder), str(tmp_path / "alexnet.safetensors"))
@@ -415,6 +417,20 @@ def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_naming_the_newest
             else "the run has no complete checkpoint yet: make room, then run it again")
     assert one_line_error(result).endswith(f"(No space left on device); {then}")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"][:complete]
+
+
+def test_a_checkpoint_whose_shards_rank_0_does_not_see_stops_in_one_line_saying_to_share_the_output_folder(
+        training_in_this_process, tmp_path, capsys):
+    """As when the nodes of a multi-node run each write into a folder of their own: here a second rank that
+    wrote into one."""
+    training_in_this_process.setattr(checkpoint, "_shard_writers", lambda strategy: [0, 1])
+    result = in_process(capsys, "train", "--mode", "single", "--batch-size", "2", *CLASSES, "--steps", "1",
+                        "--workers", "0", "--output-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert one_line_error(result).endswith("(rank 0 does not see shard-00001.pt, written by other ranks); the run "
+                                           "has no complete checkpoint yet: give every node the same --output-dir, "
+                                           "on a file system they share, then run it again")
+    assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
