@@ -9,7 +9,7 @@ from pathlib import Path
 
 from alexnet_mp.cost import LayerCost, layer_costs
 from alexnet_mp.model import ARCHITECTURES, Piece
-from alexnet_mp.tracking import CorruptRecord, read_metrics
+from alexnet_mp.tracking import CorruptRecord, read_metrics, run_label
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -75,8 +75,7 @@ class RunSummary:
 
     @property
     def label(self) -> str:
-        exchange = f" ({self.config['exchange']})" if self.config.get("exchange") else ""
-        return f"{self.config['mode']}{exchange} x{self.config['world_size']}"
+        return run_label(self.config)
 
     def steady(self, values: list[float]) -> list[float]:
         return values[WARM_UP_STEPS:] if len(values) > WARM_UP_STEPS else values

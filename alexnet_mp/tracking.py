@@ -29,6 +29,12 @@ def require_tracker(tracker: str) -> None:
                          "or use --tracker none")
 
 
+def run_label(description: dict[str, Any]) -> str:
+    """A run's name in comparisons, and in W&B unless --run-name gives one: its layout and its rank count."""
+    exchange = f" ({description['exchange']})" if description.get("exchange") else ""
+    return f"{description['mode']}{exchange} x{description['world_size']}"
+
+
 class RecordWriteError(Exception):
     """The run's record could not be written: a full disk, most often."""
 
@@ -82,7 +88,8 @@ class Tracker:
         with writing(output / "config.json"):
             (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         if self.uses_trackers:
-            init = {"wandb": {"group": group, "job_type": job_type, "name": run_name, "dir": str(output),
+            init = {"wandb": {"group": group, "job_type": job_type, "name": run_name or run_label(config),
+                              "dir": str(output),
                               **(wandb_identity(output, resumed_at > 0) if tracker == "wandb" else {})}}
             _init_trackers(accelerator, tracker, project, config, init)
         self.began = time.perf_counter()  # the loop's first step starts now

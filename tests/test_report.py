@@ -48,11 +48,12 @@ def test_experiment_puts_its_runs_in_one_wandb_group_with_a_summary_table(trial)
     assert b"summary" in next(summary.glob("run-*.wandb")).read_bytes()
 
 
-def test_each_run_keeps_its_config_and_job_type_in_its_offline_wandb_record(trial):
-    (record,) = (trial / "single-1" / "wandb").glob("offline-run-*/run-*.wandb")
+def test_each_run_keeps_its_config_job_type_and_layout_name_in_its_offline_wandb_record(trial):
+    (record,) = (trial / "paper-split-2" / "wandb").glob("offline-run-*/run-*.wandb")
     # An offline run keeps its config in the binary record stream, with no public reader: look for it.
     data = record.read_bytes()
-    assert all(token in data for token in (b"world_size", b"per_rank_batch", b'"single"', b"trial"))
+    assert all(token in data for token in (b"world_size", b"per_rank_batch", b'"paper-split"', b"trial",
+                                           b"paper-split x2"))
 
 
 def test_a_one_device_run_logs_one_rank_and_no_communication(trial):
