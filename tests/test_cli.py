@@ -9,7 +9,16 @@ import os
 
 import pytest
 
-from tests.launching import CPU_CONFIG, in_process, launch, metrics, one_line_error, run_ranks, train_in_process
+from tests.launching import (
+    CPU_CONFIG,
+    in_process,
+    launch,
+    metrics,
+    one_line_error,
+    process_state_restored,
+    run_ranks,
+    train_in_process,
+)
 
 # mode, processes, launched with launch/cpu-2proc.yaml (else with the README's flags)
 # (one process under `accelerate launch` is the README's main job: tests/test_training.py)
@@ -288,3 +297,18 @@ def test_an_output_folder_on_a_file_system_without_locks_is_used_with_a_warning(
     with hold_output(tmp_path):
         assert (tmp_path / "run.lock").read_text().startswith(f"pid {os.getpid()} on ")
     assert "has no locks (No locks available)" in capsys.readouterr().err
+
+
+def test_running_out_of_gpu_memory_is_one_line_that_says_what_to_lower(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from alexnet_mp import loop
+
+    def out_of_memory(*args: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...")
+
+    monkeypatch.setattr(loop, "train", out_of_memory)
+    with process_state_restored():
+        result = in_process(capsys, "train", "--mode", "single", "--output-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "ran out of GPU memory: lower --batch-size" in one_line_error(result)
