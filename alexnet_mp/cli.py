@@ -247,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(str(error), 1)
     except torch.cuda.OutOfMemoryError:  # a traceback into the allocator says less than what to change
         fail(f"rank {os.environ.get('RANK', '0')} ran out of GPU memory: lower --batch-size (the global batch), or "
-             "add --mixed-precision bf16 (--resume auto goes on from the newest checkpoint, if any)", 1, every_rank=True)
+             "add --mixed-precision bf16 (--resume auto goes on from the newest checkpoint, if any)", 1,
+             every_rank=True)
     except (checkpoint.CheckpointWriteError, RecordWriteError) as error:  # on the rank that could not write
         fail(str(error), 1, every_rank=True)
     except RuntimeError as error:
