@@ -64,7 +64,7 @@ def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, tr
         print(f"cannot compare {line}", file=sys.stderr)
     print(comparison.table)
     if config.tracker == "wandb" and comparison.rows:
-        publish_comparison(comparison.header, comparison.rows, config.project, name, folder)
+        publish_comparison(comparison.header, comparison.rows, comparison.plots, config.project, name, folder)
     return failed
 
 

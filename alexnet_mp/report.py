@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from alexnet_mp.cost import LayerCost, layer_costs
@@ -200,6 +200,7 @@ class Comparison:
     header: list[str]
     rows: list[list[str]]
     broken: list[str]  # one line per run that could not be read
+    plots: list[Path] = field(default_factory=list)
 
     @property
     def table(self) -> str:
@@ -218,8 +219,7 @@ def compare(directories: list[Path], out: Path) -> Comparison:
     if not runs:
         return Comparison([], [], broken)
     out.mkdir(parents=True, exist_ok=True)
-    comparison = Comparison(*comparison_rows(runs), broken)
-    plots = plot_comparison(runs, out)
+    comparison = Comparison(*comparison_rows(runs), broken, plot_comparison(runs, out))
     (out / "comparison.md").write_text(comparison.table + "\n\n" +
-                                       "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
+                                       "\n".join(f"![{p.stem}]({p.name})" for p in comparison.plots) + "\n")
     return comparison

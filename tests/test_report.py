@@ -37,7 +37,7 @@ def test_experiment_writes_each_run_into_its_own_folder_and_a_report(trial):
     assert "paper-split x2" in report and "single x1" in report
 
 
-def test_experiment_puts_its_runs_in_one_wandb_group_with_a_summary_table(trial):
+def test_experiment_puts_its_runs_in_one_wandb_group_with_a_summary_table_and_plots(trial):
     for run in ("single-1", "paper-split-2"):
         (record,) = (trial / run / "wandb").glob("offline-run-*/run-*.wandb")
         assert b"trial" in record.read_bytes()
@@ -46,6 +46,9 @@ def test_experiment_puts_its_runs_in_one_wandb_group_with_a_summary_table(trial)
     data = json.loads(table.read_text())
     assert [row[0] for row in data["data"]] == ["single x1", "paper-split x2"]
     assert b"summary" in next(summary.glob("run-*.wandb")).read_bytes()
+    images = [path.name for path in summary.glob("files/media/images/comparison/*.png")]
+    assert len(images) == len(PLOTS)
+    assert all(any(image.startswith(Path(plot).stem + "_") for image in images) for plot in PLOTS)
 
 
 def test_each_run_keeps_its_config_job_type_and_layout_name_in_its_offline_wandb_record(trial):
