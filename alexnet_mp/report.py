@@ -61,7 +61,7 @@ class BrokenRun(Exception):
 class RunSummary:
     """One run's record, reduced to what the comparison shows."""
 
-    name: str
+    path: Path
     config: dict
     steps: list[int]
     losses: list[float]
@@ -72,10 +72,10 @@ class RunSummary:
     wall_s: list[float]
     comm_bytes: list[list[float]]  # per step, per rank
     peak_memory_mb: list[float]
+    label: str = ""  # `run_label`, and the folder where another run of the comparison has the same
 
-    @property
-    def label(self) -> str:
-        return run_label(self.config)
+    def __post_init__(self) -> None:
+        self.label = self.label or run_label(self.config)
 
     def steady(self, values: list[float]) -> list[float]:
         return values[WARM_UP_STEPS:] if len(values) > WARM_UP_STEPS else values
@@ -107,7 +107,7 @@ def read_run(directory: Path) -> RunSummary:
     if not steps:
         raise BrokenRun(f"{directory}: metrics.jsonl holds no training step")
     try:
-        return RunSummary(directory.name, config, [r["step"] for r in steps], [r["loss"] for r in steps],
+        return RunSummary(directory, config, [r["step"] for r in steps], [r["loss"] for r in steps],
                           [r["images_per_s"] for r in steps], [r["step_time_s"] for r in steps],
                           [r["comm_wait_s"] for r in steps], [r["data_wait_s"] for r in steps],
                           [r["wall_s"] for r in steps],
@@ -195,6 +195,16 @@ def plot_comparison(runs: list[RunSummary], out: Path) -> list[Path]:
     return written
 
 
+def _tell_apart(runs: list[RunSummary]) -> None:
+    """Runs that share a label (one layout at two batch sizes, say) are labelled with their folders as well:
+    the table's rows and the plots' bars and curves would otherwise be indistinguishable, or drawn on top
+    of each other."""
+    labels = [run.label for run in runs]
+    for run in runs:
+        if labels.count(run.label) > 1:
+            run.label = f"{run.label} [{run.path}]"
+
+
 @dataclass
 class Comparison:
     header: list[str]
@@ -218,6 +228,7 @@ def compare(directories: list[Path], out: Path) -> Comparison:
             broken.append(str(error))
     if not runs:
         return Comparison([], [], broken)
+    _tell_apart(runs)
     out.mkdir(parents=True, exist_ok=True)
     comparison = Comparison(*comparison_rows(runs), broken, plot_comparison(runs, out))
     (out / "comparison.md").write_text(comparison.table + "\n\n" +

@@ -163,3 +163,13 @@ def test_compare_reads_a_run_killed_mid_line_up_to_its_last_whole_line(trial, tm
     result = in_process(capsys, "compare", str(killed), "--out", str(tmp_path / "report"))
     assert result.returncode == 0 and "cannot compare" not in result.stderr
     assert "single x1" in result.stdout
+
+
+def test_runs_of_one_layout_are_told_apart_by_their_folders(trial, tmp_path, capsys):
+    """One layout at two batch sizes, say: rows, bars and curves would otherwise share a label."""
+    again = tmp_path / "again"
+    shutil.copytree(trial / "single-1", again)
+    result = in_process(capsys, "compare", str(trial / "single-1"), str(again), str(trial / "paper-split-2"),
+                        "--out", str(tmp_path / "report"))
+    labels = [line.split("|")[1].strip() for line in result.stdout.splitlines() if line.startswith("| ")][1:]
+    assert labels == [f"single x1 [{trial / 'single-1'}]", f"single x1 [{again}]", "paper-split x2"]
