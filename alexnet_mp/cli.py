@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -252,11 +253,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (checkpoint.CheckpointWriteError, RecordWriteError) as error:  # on the rank that could not write
         fail(str(error), 1, every_rank=True)
     except RuntimeError as error:
+        if "shared memory" in str(error):  # the loader's workers hand batches over through /dev/shm
+            fail(f"rank {os.environ.get('RANK', '0')}: the data loader's workers ran out of shared memory "
+                 f"({shared_memory_size()}): give the container more (docker run --shm-size 16g, or --ipc host), or "
+                 "lower --workers (0 needs none)", 1, every_rank=True)
         if not is_peer_failure(error):
             raise
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         fail(f"rank {os.environ.get('RANK', '0')} lost contact with another process ({first_line}); "
              "see that process's output, then resume with --resume latest", 1, every_rank=True)
+
+
+def shared_memory_size() -> str:
+    """/dev/shm's size, as the out-of-shared-memory line names it (Docker's default is 64 MB)."""
+    try:
+        return f"/dev/shm holds {shutil.disk_usage('/dev/shm').total / 2**20:.0f} MiB"
+    except OSError:
+        return "no /dev/shm"
 
 
 def unwrapped(message: str) -> str:

@@ -312,3 +312,20 @@ def test_running_out_of_gpu_memory_is_one_line_that_says_what_to_lower(tmp_path,
         result = in_process(capsys, "train", "--mode", "single", "--output-dir", str(tmp_path))
     assert result.returncode == 1
     assert "ran out of GPU memory: lower --batch-size" in one_line_error(result)
+
+
+def test_loader_workers_out_of_shared_memory_is_one_line_that_says_how_to_give_them_more(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """As torch reports it from a worker, when a container's /dev/shm (64 MB in Docker) cannot hold the batches."""
+    from alexnet_mp import loop
+
+    def out_of_shared_memory(*args: object) -> None:
+        raise RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                           "call last):\nRuntimeError: unable to allocate shared memory(shm) for file "
+                           "</torch_24787_4283425755_0>: No space left on device (28)\n")
+
+    monkeypatch.setattr(loop, "train", out_of_shared_memory)
+    with process_state_restored():
+        result = in_process(capsys, "train", "--mode", "single", "--output-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "workers ran out of shared memory (/dev/shm holds" in one_line_error(result)
