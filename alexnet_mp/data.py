@@ -454,7 +454,7 @@ def rank_batches(dataset: Dataset, batches: GlobalBatches, image_rows: slice, la
     decode = functools.partial(dataset.on_device, device=device) if in_workers else None
     loader = DataLoader(dataset, batch_sampler=_RowSampler(batches, image_rows, start, stop), num_workers=workers,
                         collate_fn=functools.partial(collate, decode=decode), pin_memory=cuda,
-                        prefetch_factor=4 if workers else None, persistent_workers=False,
+                        persistent_workers=False,
                         worker_init_fn=_own_session,
                         # spawned: a forked child of a process that uses CUDA cannot use CUDA itself
                         multiprocessing_context="spawn" if in_workers else None)
