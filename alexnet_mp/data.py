@@ -308,7 +308,7 @@ class ImageSource:
     """Where images come from: `load(index)`, `describe(index)`, `targets`, `classes`, and `jpeg(index)`
     for sources that hold JPEG files a device can decode."""
 
-    targets: list[int]
+    targets: np.ndarray  # int64, one per image
     classes: list[str]
 
     def load(self, index: int) -> Image.Image:
@@ -339,20 +339,28 @@ class FolderSource(ImageSource):
             raise UsageError(f"class folder {root / empty[0]} has no JPEG or PNG images; add some or remove it")
         folder = datasets.ImageFolder(str(root), allow_empty=False,
                                       is_valid_file=lambda path: path.endswith(IMAGE_SUFFIXES))
-        self.samples, self.targets, self.classes = folder.samples, folder.targets, folder.classes
+        # Arrays, not lists of Python objects: a forked loader worker that reads a list's items writes their
+        # reference counts, which copies their pages into every worker (250 MB each for ImageNet's 1.28M files).
+        self.root, self.classes = root, folder.classes
+        prefix = len(os.path.join(str(root), ""))  # ImageFolder's paths are root/class/file
+        self.files = np.array([os.fsencode(path[prefix:]) for path, _ in folder.samples])
+        self.targets = np.array(folder.targets, dtype=np.int64)
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, os.fsdecode(self.files[index]))
 
     def load(self, index: int) -> Image.Image:
-        with Image.open(self.samples[index][0]) as image:
+        with Image.open(self.path(index)) as image:
             return image.convert("RGB")
 
     def jpeg(self, index: int) -> bytes | None:
-        data = Path(self.samples[index][0]).read_bytes()
+        data = Path(self.path(index)).read_bytes()
         with Image.open(io.BytesIO(data)) as image:  # the header only: a file PIL cannot open is skipped
             usable = image.format == "JPEG" and image.mode in DEVICE_JPEG_MODES
         return data if usable else None
 
     def describe(self, index: int) -> str:
-        return self.samples[index][0]
+        return self.path(index)
 
 
 class CifarSource(ImageSource):
@@ -370,7 +378,7 @@ class CifarSource(ImageSource):
             batch = _unpickle(folder / name, b"data", b"labels")
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.extend(int(label) for label in batch[b"labels"])
-        self.images, self.targets = np.concatenate(images), labels
+        self.images, self.targets = np.concatenate(images), np.array(labels, dtype=np.int64)
         self.classes = [name.decode() for name in _unpickle(folder / "batches.meta", b"label_names")[b"label_names"]]
 
     def load(self, index: int) -> Image.Image:
