@@ -400,24 +400,36 @@ def _unpickle(path: Path, *keys: bytes) -> dict:
 
 @dataclass(frozen=True)
 class GlobalBatches:
-    """The global batch of each step: epoch e's permutation comes from (seed, e)."""
+    """The global batch of each step: epoch e's permutation comes from (seed, e). An epoch is its whole
+    batches; with `fill_last`, the last batch is filled up with the order's first samples, so that every
+    sample is in one (validation: see `scored`)."""
 
     dataset_size: int
     batch_size: int
     seed: int
     shuffle: bool = True
+    fill_last: bool = False
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.dataset_size // self.batch_size
+        whole, part = divmod(self.dataset_size, self.batch_size)
+        return whole + bool(part and self.fill_last)
 
     def epoch(self, step: int) -> int:
         return step // self.steps_per_epoch
 
     def indices(self, step: int) -> Tensor:
-        epoch, position = divmod(step, self.steps_per_epoch)
-        order = _epoch_order(self.dataset_size, self.seed, epoch) if self.shuffle else torch.arange(self.dataset_size)
-        return order[position * self.batch_size:(position + 1) * self.batch_size]
+        positions = self.positions(step) % self.dataset_size
+        return _epoch_order(self.dataset_size, self.seed, self.epoch(step))[positions] if self.shuffle else positions
+
+    def positions(self, step: int) -> Tensor:
+        """The positions in its epoch's order of step's global batch, one per row."""
+        start = step % self.steps_per_epoch * self.batch_size
+        return torch.arange(start, start + self.batch_size)
+
+    def scored(self, step: int, rows: slice) -> Tensor:
+        """Which of step's global batch's `rows` are the samples they stand for, not the last batch's fill."""
+        return self.positions(step)[rows] < self.dataset_size
 
 
 @functools.lru_cache(maxsize=2)

@@ -48,19 +48,20 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(strategy: Strategy, dataset: Dataset, batch_size: int, workers: int, device: torch.device,
              autocast: Callable[[], AbstractContextManager] = nullcontext) -> Evaluation:
-    """Validation loss and top-1/top-5 error over every whole global batch of `dataset`; with ten
+    """Validation loss and top-1/top-5 error over every image of `dataset`, each scored once; with ten
     crops per image (samples of shape [10, 3, H, W]) the ten softmaxes are averaged."""
     strategy.train(False)
     batches = validation_batches(len(dataset), batch_size)
+    label_rows = strategy.label_rows(batch_size)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 right, top-5 right, samples
-    for step, images, labels in rank_batches(dataset, batches, strategy.image_rows(batch_size),
-                                             strategy.label_rows(batch_size), 0, batches.steps_per_epoch,
-                                             workers, device):
+    for step, images, labels in rank_batches(dataset, batches, strategy.image_rows(batch_size), label_rows, 0,
+                                             batches.steps_per_epoch, workers, device):
         crops = images.shape[1] if images.dim() == 5 else 1
         with autocast():
             logits = strategy.forward(images.flatten(0, 1) if crops > 1 else images, step, batch_size * crops)
         if logits.numel():
-            sums += batch_sums(average_crops(logits.float(), crops), labels.to(logits.device))
+            scored = batches.scored(step, label_rows).to(logits.device)
+            sums += batch_sums(average_crops(logits.float(), crops), labels.to(logits.device), scored)
     strategy.train(True)
     loss, top1, top5, count = strategy.sum_over_replicas(sums).tolist()
     count = max(count, 1.0)
@@ -68,13 +69,9 @@ def evaluate(strategy: Strategy, dataset: Dataset, batch_size: int, workers: int
 
 
 def validation_batches(images: int, batch_size: int) -> GlobalBatches:
-    """The validation set's whole global batches, in order. A set smaller than one batch is refused: its
-    evaluation would score nothing (a loss of 0 and an error of 1)."""
-    batches = GlobalBatches(images, batch_size, seed=0, shuffle=False)
-    if batches.steps_per_epoch < 1:
-        raise UsageError(f"the validation set has {images} images, fewer than one --batch-size of {batch_size}: "
-                         "use a smaller --batch-size, or more validation images")
-    return batches
+    """The validation set in order, in global batches of the training's size (every layout can run them),
+    the last filled up with the set's first images, which are not scored again."""
+    return GlobalBatches(images, batch_size, seed=0, shuffle=False, fill_last=True)
 
 
 def average_crops(logits: Tensor, crops: int) -> Tensor:
@@ -84,13 +81,12 @@ def average_crops(logits: Tensor, crops: int) -> Tensor:
     return logits.softmax(-1).view(-1, crops, logits.shape[-1]).mean(1).log()
 
 
-def batch_sums(log_probabilities: Tensor, labels: Tensor) -> Tensor:
-    """Summed negative log-likelihood, top-1 and top-5 correct counts, and the sample count."""
+def batch_sums(log_probabilities: Tensor, labels: Tensor, scored: Tensor) -> Tensor:
+    """Over the `scored` rows: summed negative log-likelihood, top-1 and top-5 correct counts, sample count."""
     top = log_probabilities.topk(min(5, log_probabilities.shape[-1]), -1).indices
-    hit = top == labels.unsqueeze(-1)
-    nll = -log_probabilities.gather(-1, labels.unsqueeze(-1)).sum()
-    return torch.stack([nll.double(), hit[:, 0].sum().double(), hit.any(-1).sum().double(),
-                        torch.tensor(float(len(labels)), dtype=torch.float64, device=hit.device)])
+    hit = (top == labels.unsqueeze(-1)) & scored.unsqueeze(-1)
+    nll = -log_probabilities.gather(-1, labels.unsqueeze(-1)).squeeze(-1)[scored].sum()
+    return torch.stack([nll.double(), hit[:, 0].sum().double(), hit.any(-1).sum().double(), scored.sum().double()])
 
 
 class StopRequest:
@@ -143,7 +139,6 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
     batches = GlobalBatches(len(train_set), config.batch_size, config.seed)
     if batches.steps_per_epoch < 1:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training images")
-    validation_batches(len(val_set), config.batch_size)  # refused now, not after the first epoch
     device = accelerator.device
     setup = Setup(config.arch, config.num_classes or train_set.num_classes, config.seed, device,
                   exchange=config.exchange, init=config.init, speed=config.speed,

@@ -142,6 +142,15 @@ def test_global_batch_is_the_same_whatever_the_rows_a_rank_takes():
     assert not torch.equal(batches.indices(5), batches.indices(5 + batches.steps_per_epoch))
 
 
+def test_a_filled_up_last_batch_holds_the_first_samples_again_and_leaves_them_unscored():
+    batches = GlobalBatches(10, 4, seed=0, shuffle=False, fill_last=True)
+    assert batches.steps_per_epoch == 3
+    assert batches.indices(2).tolist() == [8, 9, 0, 1]
+    assert batches.scored(2, slice(0, 4)).tolist() == [True, True, False, False]
+    assert batches.scored(2, slice(2, 4)).tolist() == [False, False]
+    assert GlobalBatches(10, 4, seed=0).steps_per_epoch == 2  # training: whole batches only
+
+
 def test_corrupt_image_is_skipped_counted_and_warned_once_with_its_path(tmp_path, caplog):
     root = write_image_tree(tmp_path)
     broken = root / "train" / "dog" / "0.jpg"

@@ -348,12 +348,27 @@ def test_a_class_with_no_readable_image_stops_training_in_one_line_from_a_loader
 
 
 @pytest.mark.usefixtures("training_in_this_process")
-def test_a_validation_set_smaller_than_one_batch_is_refused_before_training(tmp_path, capsys):
-    """Its evaluation would score no image (a loss of 0, an error of 1), after a whole epoch of training."""
-    result = in_process(capsys, "train", "--mode", "single", "--synthetic-size", "512", "--batch-size", "100",
-                        *CLASSES, "--workers", "0", "--output-dir", str(tmp_path / "run"))
-    assert result.returncode == 2 and "64 images, fewer than one --batch-size of 100" in one_line_error(result)
-    assert not (tmp_path / "run").exists()
+@pytest.mark.parametrize("batch_size", [4, 16], ids=["last-batch-filled-up", "set-smaller-than-a-batch"])
+def test_evaluation_scores_every_validation_image_once_whatever_the_batch_size(batch_size):
+    """The paper scores all 50,000 validation images: none is left out of a last, partial batch, and the
+    images that fill it up are not scored twice."""
+    import torch.nn.functional as F
+
+    from alexnet_mp.data import SyntheticImages
+    from alexnet_mp.strategies import Setup, create
+
+    dataset = SyntheticImages(num_classes=10, size=10, seed=0, split=1)
+    strategy = create("single", Setup("paper", 10, 0, init="he"), 1)
+    result = loop.evaluate(strategy, dataset, batch_size, workers=0, device=torch.device("cpu"))
+    strategy.train(False)
+    with torch.no_grad():
+        images = torch.stack([dataset[(i, 0)][0] for i in range(len(dataset))])
+        log_probabilities = strategy.forward(images, 0, len(dataset)).log_softmax(-1)
+    top5 = log_probabilities.topk(5, -1).indices
+    labels = dataset.targets
+    assert result.loss == pytest.approx(F.nll_loss(log_probabilities, labels).item(), rel=1e-5)
+    assert result.top1_error == pytest.approx(1 - (top5[:, 0] == labels).double().mean().item())
+    assert result.top5_error == pytest.approx(1 - (top5 == labels[:, None]).any(-1).double().mean().item())
 
 
 def test_a_new_run_refuses_an_output_folder_that_holds_checkpoints_before_building_anything(straight_and_resumed,
