@@ -201,10 +201,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_run(config: TrainConfig, world_size: int) -> None:
     """Refuses, before any process group or data exists, what the run cannot do on `world_size` ranks:
-    a layout that cannot run there, a missing tracker, a GPU-only speed-up without a GPU, or an output
-    folder that already holds another run or cannot be written."""
+    a layout that cannot run there, more ranks than GPUs, a missing tracker, a GPU-only speed-up without a
+    GPU, or an output folder that already holds another run or cannot be written."""
     check_layout(config.mode, world_size, Setup(config.arch, config.num_classes or 1000, config.seed,
                                                 exchange=config.exchange))
+    check_gpus(world_size)
     require_tracker(config.tracker)
     if config.cuda_graphs and not torch.cuda.is_available():
         raise UsageError("--cuda-graphs needs a GPU (none is visible); use --compile alone on a CPU")
@@ -214,6 +215,19 @@ def check_run(config: TrainConfig, world_size: int) -> None:
     if not config.resume and checkpoint.complete_checkpoints(config.checkpoints):
         raise UsageError(f"{config.output} already holds a run with checkpoints: add --resume latest to continue "
                          "it, or choose another --output-dir")
+
+
+def check_gpus(world_size: int) -> None:
+    """Each rank on GPUs needs one of its own (NCCL puts no two ranks on one GPU): more processes on a machine
+    than it has GPUs are refused in one line, where the surplus ranks failed with CUDA's "invalid device
+    ordinal". Ranks that accelerate keeps on the CPU (ACCELERATE_USE_CPU) need none."""
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes", "y", "on")
+    if world_size == 1 or on_cpu or not torch.cuda.is_available():
+        return
+    here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), torch.cuda.device_count()
+    if here > gpus:
+        raise UsageError(f"{here} processes on this machine, {gpus} GPU(s): each rank needs a GPU of its own; launch "
+                         f"at most {gpus} per machine, or run them on the CPU with ACCELERATE_USE_CPU=1")
 
 
 def check_writable(folder: Path, what: str) -> None:

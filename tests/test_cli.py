@@ -329,3 +329,22 @@ def test_loader_workers_out_of_shared_memory_is_one_line_that_says_how_to_give_t
         result = in_process(capsys, "train", "--mode", "single", "--output-dir", str(tmp_path))
     assert result.returncode == 1
     assert "workers ran out of shared memory (/dev/shm holds" in one_line_error(result)
+
+
+@pytest.mark.parametrize("on_cpu", [False, True], ids=["on-gpus", "accelerate-use-cpu"])
+def test_more_ranks_on_a_machine_than_it_has_gpus_are_refused_in_one_line_unless_they_run_on_the_cpu(
+        on_cpu, monkeypatch):
+    import torch
+
+    from alexnet_mp.config import check_gpus
+    from alexnet_mp.strategies import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1" if on_cpu else "0")
+    if on_cpu:
+        check_gpus(2)
+    else:
+        with pytest.raises(UsageError, match="2 processes on this machine, 1 GPU"):
+            check_gpus(2)
