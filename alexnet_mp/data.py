@@ -330,15 +330,15 @@ class FolderSource(ImageSource):
             raise UsageError(f"no image folder at {root}: expected {root}/<class>/<image>.jpg")
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         if not classes:
-            if any(f.suffix in IMAGE_SUFFIXES for f in root.iterdir()):
+            if any(_is_image(f.name) for f in root.iterdir()):
                 raise UsageError(f"{root} holds images but no class folders: sort them into {root}/<class>/ "
                                  "(ImageNet's validation archive unpacks flat; docs/reproduction.md says how)")
             raise UsageError(f"{root} has no class folders: expected {root}/<class>/<image>.jpg")
-        empty = [c for c in classes if not any(f.suffix in IMAGE_SUFFIXES for f in (root / c).iterdir())]
+        empty = [c for c in classes if not any(_is_image(f.name) for f in (root / c).iterdir())]
         if empty:
             raise UsageError(f"class folder {root / empty[0]} has no JPEG or PNG images; add some or remove it")
         folder = datasets.ImageFolder(str(root), allow_empty=False,
-                                      is_valid_file=lambda path: path.endswith(IMAGE_SUFFIXES))
+                                      is_valid_file=lambda path: _is_image(os.path.basename(path)))
         # Arrays, not lists of Python objects: a forked loader worker that reads a list's items writes their
         # reference counts, which copies their pages into every worker (250 MB each for ImageNet's 1.28M files).
         self.root, self.classes = root, folder.classes
@@ -361,6 +361,12 @@ class FolderSource(ImageSource):
 
     def describe(self, index: int) -> str:
         return self.path(index)
+
+
+def _is_image(name: str) -> bool:
+    """A JPEG or PNG by its name. Hidden files are not: a folder copied from a Mac holds an AppleDouble file
+    `._NAME.JPEG` of metadata beside each image, which would be read, skipped and warned about one by one."""
+    return name.endswith(IMAGE_SUFFIXES) and not name.startswith(".")
 
 
 class CifarSource(ImageSource):

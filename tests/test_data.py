@@ -306,6 +306,16 @@ def test_a_process_that_ends_with_a_live_loader_ends_with_its_workers():
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def test_hidden_files_beside_the_images_are_not_images(tmp_path):
+    """As a folder copied from a Mac has: `._NAME.jpg`, AppleDouble metadata, beside each image."""
+    root = write_image_tree(tmp_path)
+    for image in list(root.glob("*/*/*")):
+        (image.parent / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07 Mac OS X metadata")
+    train, val = build_datasets(DataSpec(str(root)), seed=0)
+    assert len(train) == len(val) == 3 * len(CLASSES)
+    assert not any(Path(train.source.path(i)).name.startswith(".") for i in range(len(train)))
+
+
 def test_an_image_folder_keeps_its_file_list_in_arrays_that_forked_workers_share(tmp_path):
     """Not in lists of Python objects, whose reference counts a worker writes as it reads them: that copies
     the list's pages into every worker, 250 MB each for ImageNet's 1.28M files."""
