@@ -95,14 +95,14 @@ def evaluation_data(args: argparse.Namespace, meta: dict) -> DataSpec:
 def experiment(args: argparse.Namespace) -> None:
     from alexnet_mp.experiment import run_experiment
 
-    modes = args.modes.split(",")
+    modes, ranks = args.modes.split(","), _numbers(args.ranks, int, "--ranks")
     try:
-        failed = run_experiment(args.name, modes, args.ranks, Path(args.output_dir), args.train_args)
+        failed, runs = run_experiment(args.name, modes, ranks, Path(args.output_dir), args.train_args)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM, once the run in hand has stopped
         fail("stopped by a signal: the run in hand stopped (with a checkpoint, if it had begun training), and "
              "the runs after it did not start; the same command with --resume auto goes on", 130)
     if failed:  # after the comparison of the others, and with a status a script can test
-        fail(f"{len(failed)} of {len(modes)} runs failed: {', '.join(failed)}; see their output above", 1)
+        fail(f"{len(failed)} of {runs} runs failed: {', '.join(failed)}; see their output above", 1)
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -207,7 +207,8 @@ def parser() -> argparse.ArgumentParser:
                                  allow_abbrev=False)
     runner.add_argument("--name", required=True)
     runner.add_argument("--modes", default="single,data-parallel,paper-split,weird-trick")
-    runner.add_argument("--ranks", type=POSITIVE_INT, default=2, help="processes for every mode but single")
+    runner.add_argument("--ranks", default="2", help="processes for every mode but single; several (2,4): each "
+                                                       "mode at each")
     runner.add_argument("--output-dir", default="runs")
     runner.set_defaults(run=experiment)
     report = commands.add_parser("compare", help="a table and plots from run folders (config.json, metrics.jsonl)")

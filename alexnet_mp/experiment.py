@@ -37,13 +37,25 @@ def processes_for(mode: str, ranks: int) -> int:
     return 1 if mode == "single" else ranks
 
 
-def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, train_args: Sequence[str]
-                   ) -> list[str]:
-    """Runs each mode (single on 1 process, the others on `ranks`) and writes the comparison; returns the
-    runs that failed, each with its exit code. What no run could do (an unknown mode, a world size or flag
-    a layout refuses, a missing tracker) is refused first."""
+def planned_runs(modes: Sequence[str], ranks: Sequence[int], folder: Path) -> list[tuple[str, int, Path]]:
+    """(mode, processes, run folder): each mode at each rank count, single once on one process."""
+    runs: list[tuple[str, int, Path]] = []
+    for mode in modes:
+        for count in ranks:
+            processes = processes_for(mode, count)
+            run = (mode, processes, folder / f"{mode}-{processes}")
+            if run not in runs:
+                runs.append(run)
+    return runs
+
+
+def run_experiment(name: str, modes: Sequence[str], ranks: Sequence[int], output: Path, train_args: Sequence[str]
+                   ) -> tuple[list[str], int]:
+    """Runs each mode (single on 1 process, the others on each of `ranks`) and writes the comparison; returns
+    the runs that failed, each with its exit code, and how many ran. What no run could do (an unknown mode,
+    a world size or flag a layout refuses, a missing tracker) is refused first."""
     config, folder = train_config(_train_arguments(train_args)), output / name
-    runs = [(mode, processes_for(mode, ranks), folder / f"{mode}-{processes_for(mode, ranks)}") for mode in modes]
+    runs = planned_runs(modes, ranks, folder)
     for mode, processes, directory in runs:
         check_run(replace(config, mode=mode, output_dir=str(directory)), processes)
     directories, failed = [], []
@@ -65,7 +77,7 @@ def run_experiment(name: str, modes: Sequence[str], ranks: int, output: Path, tr
     print(comparison.table)
     if config.tracker == "wandb" and comparison.rows:
         publish_comparison(comparison.header, comparison.rows, comparison.plots, config.project, name, folder)
-    return failed
+    return failed, len(runs)
 
 
 def _run(command: list[str], env: dict[str, str]) -> int:

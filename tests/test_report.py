@@ -102,6 +102,25 @@ def test_an_experiment_with_a_failed_run_compares_the_others_then_exits_1_naming
     assert "single x1" in result.stdout and (tmp_path / "trial" / "comparison.md").is_file()
 
 
+def test_an_experiment_over_several_rank_counts_runs_each_layout_at_each_and_single_once(tmp_path, capsys,
+                                                                                          monkeypatch):
+    from alexnet_mp import experiment
+
+    launched = []
+
+    class Launched:
+        def __init__(self, command: list[str], env: dict[str, str]) -> None:
+            launched.append(Path(command[command.index("--output-dir") + 1]).name)
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(experiment.subprocess, "Popen", Launched)
+    in_process(capsys, "experiment", "--name", "scaling", "--modes", "single,data-parallel,weird-trick", "--ranks",
+               "2,4", "--output-dir", str(tmp_path))
+    assert launched == ["single-1", "data-parallel-2", "data-parallel-4", "weird-trick-2", "weird-trick-4"]
+
+
 @pytest.mark.parametrize("stop", ["ctrl-c", "SIGTERM"])
 def test_a_stopped_experiment_waits_for_the_run_in_hand_then_ends_in_one_line(stop, tmp_path, capsys, monkeypatch):
     """The run gets the signal too (Ctrl-C: the terminal signals the whole process group; SIGTERM: the
