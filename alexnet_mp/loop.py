@@ -85,7 +85,8 @@ def batch_sums(log_probabilities: Tensor, labels: Tensor, scored: Tensor) -> Ten
     """Over the `scored` rows: summed negative log-likelihood, top-1 and top-5 correct counts, sample count."""
     top = log_probabilities.topk(min(5, log_probabilities.shape[-1]), -1).indices
     hit = (top == labels.unsqueeze(-1)) & scored.unsqueeze(-1)
-    nll = -log_probabilities.gather(-1, labels.unsqueeze(-1)).squeeze(-1)[scored].sum()
+    # where, not a boolean index: no wait for the GPU, and a fill row's -inf (a ten-crop mean's log) drops out
+    nll = -torch.where(scored, log_probabilities.gather(-1, labels.unsqueeze(-1)).squeeze(-1), 0.0).sum()
     return torch.stack([nll.double(), hit[:, 0].sum().double(), hit.any(-1).sum().double(), scored.sum().double()])
 
 
