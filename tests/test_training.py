@@ -347,7 +347,6 @@ def test_a_class_with_no_readable_image_stops_training_in_one_line_from_a_loader
     assert one_line_error(result).startswith("error: class 'dog' has no readable image: replace its files")
 
 
-@pytest.mark.usefixtures("training_in_this_process")
 @pytest.mark.parametrize("batch_size", [4, 16], ids=["last-batch-filled-up", "set-smaller-than-a-batch"])
 def test_evaluation_scores_every_validation_image_once_whatever_the_batch_size(batch_size):
     """The paper scores all 50,000 validation images: none is left out of a last, partial batch, and the
