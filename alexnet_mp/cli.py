@@ -36,8 +36,13 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> str:
+    """This process's rank as the launcher set it ("0" for a plain process), before any group exists."""
+    return os.environ.get("RANK", "0")
+
+
 def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    return launched_rank() == "0"
 
 
 def run_train(config: TrainConfig) -> None:
@@ -248,20 +253,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     except FloatingPointError as error:
         fail(str(error), 1)
     except torch.cuda.OutOfMemoryError:  # a traceback into the allocator says less than what to change
-        fail(f"rank {os.environ.get('RANK', '0')} ran out of GPU memory: lower --batch-size (the global batch), or "
+        fail(f"rank {launched_rank()} ran out of GPU memory: lower --batch-size (the global batch), or "
              "add --mixed-precision bf16 (--resume auto goes on from the newest checkpoint, if any)", 1,
              every_rank=True)
     except (checkpoint.CheckpointWriteError, RecordWriteError) as error:  # on the rank that could not write
         fail(str(error), 1, every_rank=True)
     except RuntimeError as error:
         if "shared memory" in str(error):  # the loader's workers hand batches over through /dev/shm
-            fail(f"rank {os.environ.get('RANK', '0')}: the data loader's workers ran out of shared memory "
+            fail(f"rank {launched_rank()}: the data loader's workers ran out of shared memory "
                  f"({shared_memory_size()}): give the container more (docker run --shm-size 16g, or --ipc host), or "
                  "lower --workers (0 needs none)", 1, every_rank=True)
         if not is_peer_failure(error):
             raise
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        fail(f"rank {os.environ.get('RANK', '0')} lost contact with another process ({first_line}); "
+        fail(f"rank {launched_rank()} lost contact with another process ({first_line}); "
              "see that process's output, then resume with --resume latest", 1, every_rank=True)
 
 

@@ -221,8 +221,9 @@ def check_gpus(world_size: int) -> None:
     """Each rank on GPUs needs one of its own (NCCL puts no two ranks on one GPU): more processes on a machine
     than it has GPUs are refused in one line, where the surplus ranks failed with CUDA's "invalid device
     ordinal". Ranks that accelerate keeps on the CPU (ACCELERATE_USE_CPU) need none."""
-    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes", "y", "on")
-    if world_size == 1 or on_cpu or not torch.cuda.is_available():
+    from accelerate.utils import parse_flag_from_env
+
+    if world_size == 1 or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available():
         return
     here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), torch.cuda.device_count()
     if here > gpus:

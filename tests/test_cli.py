@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -299,17 +301,24 @@ def test_an_output_folder_on_a_file_system_without_locks_is_used_with_a_warning(
     assert "has no locks (No locks available)" in capsys.readouterr().err
 
 
+def training_that_raises(error: Exception, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                         output: Path) -> subprocess.CompletedProcess:
+    """`train` whose loop raises `error`, as a failure deep in a run would."""
+    from alexnet_mp import loop
+
+    def fails(*args: object) -> None:
+        raise error
+
+    monkeypatch.setattr(loop, "train", fails)
+    with process_state_restored():
+        return in_process(capsys, "train", "--mode", "single", "--output-dir", str(output))
+
+
 def test_running_out_of_gpu_memory_is_one_line_that_says_what_to_lower(tmp_path, monkeypatch, capsys):
     import torch
 
-    from alexnet_mp import loop
-
-    def out_of_memory(*args: object) -> None:
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...")
-
-    monkeypatch.setattr(loop, "train", out_of_memory)
-    with process_state_restored():
-        result = in_process(capsys, "train", "--mode", "single", "--output-dir", str(tmp_path))
+    error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...")
+    result = training_that_raises(error, monkeypatch, capsys, tmp_path)
     assert result.returncode == 1
     assert "ran out of GPU memory: lower --batch-size" in one_line_error(result)
 
@@ -317,16 +326,10 @@ def test_running_out_of_gpu_memory_is_one_line_that_says_what_to_lower(tmp_path,
 def test_loader_workers_out_of_shared_memory_is_one_line_that_says_how_to_give_them_more(tmp_path, monkeypatch,
                                                                                           capsys):
     """As torch reports it from a worker, when a container's /dev/shm (64 MB in Docker) cannot hold the batches."""
-    from alexnet_mp import loop
-
-    def out_of_shared_memory(*args: object) -> None:
-        raise RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent "
-                           "call last):\nRuntimeError: unable to allocate shared memory(shm) for file "
-                           "</torch_24787_4283425755_0>: No space left on device (28)\n")
-
-    monkeypatch.setattr(loop, "train", out_of_shared_memory)
-    with process_state_restored():
-        result = in_process(capsys, "train", "--mode", "single", "--output-dir", str(tmp_path))
+    error = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                         "last):\nRuntimeError: unable to allocate shared memory(shm) for file "
+                         "</torch_24787_4283425755_0>: No space left on device (28)\n")
+    result = training_that_raises(error, monkeypatch, capsys, tmp_path)
     assert result.returncode == 1
     assert "workers ran out of shared memory (/dev/shm holds" in one_line_error(result)
 

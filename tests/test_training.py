@@ -226,24 +226,22 @@ def test_a_paper_split_checkpoint_resumes_under_data_parallel(straight_and_resum
     assert [row["step"] for row in metrics(tmp_path)] == [6]
 
 
+def single_run_in_process(capsys: pytest.CaptureFixture, output: Path, steps: int) -> subprocess.CompletedProcess:
+    with process_state_restored():
+        return in_process(capsys, "train", "--mode", "single", "--batch-size", "2", *CLASSES, "--workers", "0",
+                          "--steps", str(steps), "--resume", "auto", "--output-dir", str(output))
+
+
 def test_resume_auto_starts_a_new_run_fresh_and_goes_on_from_an_earlier_ones_checkpoint(tmp_path, capsys):
     """One command for a job that may be requeued."""
     records_after = []
-    for steps in ("1", "2"):
-        with process_state_restored():
-            result = in_process(capsys, "train", "--mode", "single", "--batch-size", "2", *CLASSES, "--workers", "0",
-                                "--steps", steps, "--resume", "auto", "--output-dir", str(tmp_path))
+    for steps in (1, 2):
+        result = single_run_in_process(capsys, tmp_path, steps)
         assert result.returncode == 0, result.stderr[-3000:]
         records_after.append(metrics(tmp_path))
     first, second = records_after
     assert [row["step"] for row in second] == [0, 1] and second[0] == first[0]  # step 0 kept, not run again
     assert checkpoint.find("latest", tmp_path / "checkpoints").step == 2
-
-
-def single_run_in_process(capsys: pytest.CaptureFixture, output: Path, steps: int) -> subprocess.CompletedProcess:
-    with process_state_restored():
-        return in_process(capsys, "train", "--mode", "single", "--batch-size", "2", *CLASSES, "--workers", "0",
-                          "--steps", str(steps), "--resume", "auto", "--output-dir", str(output))
 
 
 def test_a_resume_after_a_run_killed_mid_line_leaves_out_the_cut_line_and_logs_its_step_again(tmp_path, capsys):
