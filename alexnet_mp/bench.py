@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs
 from alexnet_mp.data import Augmented, FolderSource, GlobalBatches, rank_batches, require_device_decoder
+from alexnet_mp.errors import UsageError
 from alexnet_mp.links import Ledger
 from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE
 from alexnet_mp.processes import run_distributed
@@ -32,9 +33,9 @@ from alexnet_mp.report import markdown_table
 from alexnet_mp.rng import seeded_generator
 from alexnet_mp.speed import EAGER, Speed, Variant
 from alexnet_mp.step import make_optimizer, train_step
-from alexnet_mp.strategies import Setup, UsageError, create
-from alexnet_mp.strategies.base import world
+from alexnet_mp.strategies import Setup, create
 from alexnet_mp.timing import StepClock, peak_memory_mb
+from alexnet_mp.world import current
 
 SEED = 0
 BENCH_STREAM = 9  # a key of its own for the in-memory batch (rng.seeded_generator)
@@ -90,7 +91,7 @@ def layout_variant(device_type: str) -> Variant:
 # -- what runs inside the measured processes --
 
 def _device() -> torch.device:
-    rank, _ = world()
+    rank = current().rank
     if torch.cuda.is_available():
         return torch.device("cuda", rank % torch.cuda.device_count())
     return torch.device("cpu")
@@ -124,7 +125,7 @@ def layout_steps(mode: str, arch: str, exchange: str | None, batch: int, sizes: 
     """Our training step on this rank's part of an in-memory global batch."""
     device = _device()
     setup = Setup(arch, sizes.num_classes, SEED, device, exchange=exchange, speed=variant.speed)
-    strategy = create(mode, setup, world()[1])
+    strategy = create(mode, setup, current().size)
     strategy.check_batch(batch)
     strategy.train()
     optimizer = make_optimizer(strategy.parameters(), TrainConfig(batch_size=batch))

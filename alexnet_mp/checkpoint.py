@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from alexnet_mp.errors import UsageError, WriteFailed
 from alexnet_mp.model import ARCHITECTURES, merge_state_dicts, shard_state_dict
-from alexnet_mp.strategies import Strategy, UsageError
-from alexnet_mp.strategies.base import world
+from alexnet_mp.strategies import Strategy
+from alexnet_mp.world import barrier, current
 
 FORMAT = 1
 PREFIX = "step-"
@@ -42,28 +43,15 @@ class Checkpoint:
         return int(self.meta["step"])
 
 
-def _barrier() -> None:
-    if world()[1] > 1:
-        dist.barrier()
-
-
-def _is_main() -> bool:
-    return world()[0] == 0
-
-
 def _momentum(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> dict[str, Tensor]:
     return {name: optimizer.state[p]["momentum_buffer"] for name, p in module.named_parameters()
             if "momentum_buffer" in optimizer.state.get(p, {})}
 
 
-class CheckpointWriteError(Exception):
-    """A checkpoint could not be written (most often: the disk is full); the newest complete one is intact."""
-
-
 def save(directory: Path, strategy: Strategy, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
          keep: int) -> Path:
     """Writes a checkpoint of every rank's shard (collective: every rank calls it). A rank that cannot
-    write removes what it began and raises CheckpointWriteError, naming the newest complete checkpoint."""
+    write removes what it began and raises WriteFailed, naming the newest complete checkpoint."""
     final = directory / f"{PREFIX}{meta['step']:08d}"
     staging = final.with_name(final.name + ".tmp")
     try:
@@ -76,7 +64,7 @@ def save(directory: Path, strategy: Strategy, optimizer: torch.optim.Optimizer, 
         if cause is None:  # a lost peer, say: not the file system's
             raise
         raise _write_error(staging, final, cause.strerror or str(cause), "make room") from error
-    _barrier()
+    barrier()
     return final
 
 
@@ -84,14 +72,14 @@ class ShardsNotShared(Exception):
     """Rank 0 does not see every rank's shard: the ranks of a multi-node run wrote into folders of their own."""
 
 
-def _write_error(staging: Path, final: Path, reason: str, remedy: str) -> CheckpointWriteError:
+def _write_error(staging: Path, final: Path, reason: str, remedy: str) -> WriteFailed:
     """Removes the unfinished `staging` (a part-written shard would hold the space a full disk lacks); the error
     names the newest complete checkpoint."""
     shutil.rmtree(staging, ignore_errors=True)
     newest = complete_checkpoints(final.parent)
     then = (f"the newest complete one, {newest[-1]}, is intact: {remedy}, then add --resume latest" if newest
             else f"the run has no complete checkpoint yet: {remedy}, then run it again")
-    return CheckpointWriteError(f"could not write checkpoint {final} ({reason}); {then}")
+    return WriteFailed(f"could not write checkpoint {final} ({reason}); {then}")
 
 
 def _shard_name(rank: int) -> str:
@@ -112,10 +100,10 @@ def _write(staging: Path, final: Path, strategy: Strategy, optimizer: torch.opti
            keep: int) -> None:
     """Every rank's shard into `staging`; then rank 0 adds meta.json, renames it `final` and drops the
     checkpoints beyond the newest `keep`."""
-    if _is_main():
+    if current().is_main:
         for unfinished in final.parent.glob(f"{PREFIX}*.tmp"):  # this save's, or a failed one's
             shutil.rmtree(unfinished)
-    _barrier()
+    barrier()
     staging.mkdir(parents=True, exist_ok=True)
     shards = [_shard_name(rank) for rank in _shard_writers(strategy)]
     if strategy.holds_distinct_shard():
@@ -124,8 +112,8 @@ def _write(staging: Path, final: Path, strategy: Strategy, optimizer: torch.opti
         # only a RuntimeError of its own)
         with open(staging / _shard_name(strategy.rank), "wb") as file:
             torch.save({"pieces": shard}, file)
-    _barrier()
-    if _is_main():
+    barrier()
+    if current().is_main:
         # each name looked up once every rank has written: a network file system's cache cannot hide it
         unseen = [name for name in shards if not (staging / name).is_file()]
         if unseen:

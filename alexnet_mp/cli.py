@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -27,22 +25,9 @@ from alexnet_mp.config import (
     train_config,
 )
 from alexnet_mp.data import DECODE_PLACES, DataSpec
-from alexnet_mp.strategies import STRATEGIES, Setup, UsageError
-from alexnet_mp.tracking import RecordWriteError
-
-
-def launched_world_size() -> int:
-    """The world size the launcher (accelerate, torchrun) set up, before any group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def launched_rank() -> str:
-    """This process's rank as the launcher set it ("0" for a plain process), before any group exists."""
-    return os.environ.get("RANK", "0")
-
-
-def is_main_process() -> bool:
-    return launched_rank() == "0"
+from alexnet_mp.errors import AlexNetMPError, UsageError, from_torch
+from alexnet_mp.strategies import STRATEGIES, Setup
+from alexnet_mp.world import launched
 
 
 def run_train(config: TrainConfig) -> None:
@@ -51,15 +36,22 @@ def run_train(config: TrainConfig) -> None:
 
     from alexnet_mp.loop import train
 
-    check_run(config, launched_world_size())
+    launch = launched()
+    check_run(config, launch.size)
     # the main process writes the run's record and decides when checkpoints are complete: it holds the folder
-    with hold_output(config.output) if is_main_process() else nullcontext():
+    with hold_output(config.output) if launch.is_main else nullcontext():
         cuda = torch.cuda.is_available()
         accelerator = Accelerator(
             cpu=not cuda, mixed_precision=config.mixed_precision, project_dir=str(config.output),
             log_with=None if config.tracker == "none" else config.tracker,
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.timeout_s))])
-        train(config, accelerator)
+        try:
+            train(config, accelerator)
+        except RuntimeError as error:  # torch's own words for a lost peer or exhausted memory
+            named = from_torch(error, launch.rank)
+            if named is None:
+                raise
+            raise named from None
 
 
 def export(args: argparse.Namespace) -> None:
@@ -248,56 +240,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.train_args and args.command != "experiment":
             parser().parse_args(argv)  # refuses the unknown arguments
         args.run(args)
-    except UsageError as error:
-        fail(unwrapped(str(error)), 2)
-    except FloatingPointError as error:
-        fail(str(error), 1)
-    except torch.cuda.OutOfMemoryError:  # a traceback into the allocator says less than what to change
-        fail(f"rank {launched_rank()} ran out of GPU memory: lower --batch-size (the global batch), or "
-             "add --mixed-precision bf16 (--resume auto goes on from the newest checkpoint, if any)", 1,
-             every_rank=True)
-    except (checkpoint.CheckpointWriteError, RecordWriteError) as error:  # on the rank that could not write
-        fail(str(error), 1, every_rank=True)
-    except RuntimeError as error:
-        if "shared memory" in str(error):  # the loader's workers hand batches over through /dev/shm
-            fail(f"rank {launched_rank()}: the data loader's workers ran out of shared memory "
-                 f"({shared_memory_size()}): give the container more (docker run --shm-size 16g, or --ipc host), or "
-                 "lower --workers (0 needs none)", 1, every_rank=True)
-        if not is_peer_failure(error):
-            raise
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        fail(f"rank {launched_rank()} lost contact with another process ({first_line}); "
-             "see that process's output, then resume with --resume latest", 1, every_rank=True)
-
-
-def shared_memory_size() -> str:
-    """/dev/shm's size, as the out-of-shared-memory line names it (Docker's default is 64 MB)."""
-    try:
-        return f"/dev/shm holds {shutil.disk_usage('/dev/shm').total / 2**20:.0f} MiB"
-    except OSError:
-        return "no /dev/shm"
-
-
-def unwrapped(message: str) -> str:
-    """A refusal raised in a DataLoader worker reaches the training process as 'Caught UsageError in
-    DataLoader worker process N.' and the worker's traceback: its own message ends the last line."""
-    lines = message.strip().splitlines()
-    if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
-        return lines[-1].split(": ", 1)[-1]
-    return message
-
-
-PEER_FAILURE_WORDS = ("Connection reset", "Connection closed", "timed out", "Timed out", "Broken pipe",
-                      "NCCL communicator was aborted")
-
-
-def is_peer_failure(error: RuntimeError) -> bool:
-    """A peer process died or did not answer within --timeout (gloo reports it as a RuntimeError)."""
-    return isinstance(error, torch.distributed.DistError) or any(w in str(error) for w in PEER_FAILURE_WORDS)
+    except AlexNetMPError as error:
+        fail(str(error), error.exit_code, error.every_rank)
 
 
 def fail(message: str, code: int, every_rank: bool = False) -> None:
-    if every_rank or is_main_process():
+    if every_rank or launched().is_main:
         print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code) from None
 

@@ -20,9 +20,10 @@ import torch
 
 from alexnet_mp import checkpoint
 from alexnet_mp.data import DECODE_PLACES
+from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES, INITS
 from alexnet_mp.speed import Speed
-from alexnet_mp.strategies import STRATEGIES, Setup, UsageError
+from alexnet_mp.strategies import STRATEGIES, Setup
 from alexnet_mp.strategies import check as check_layout
 from alexnet_mp.tracking import require_tracker, writing
 

@@ -33,9 +33,9 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from alexnet_mp.errors import UsageError
 from alexnet_mp.model import IMAGE_SIZE
 from alexnet_mp.rng import seeded_generator
-from alexnet_mp.strategies import UsageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -485,7 +485,7 @@ def rank_batches(dataset: Dataset, batches: GlobalBatches, image_rows: slice, la
                         # spawned: a forked child of a process that uses CUDA cannot use CUDA itself
                         multiprocessing_context="spawn" if in_workers else None)
     targets = torch.as_tensor(dataset.targets)
-    for step, (images, alphas) in zip(range(start, stop), loader, strict=True):
+    for step, (images, alphas) in zip(range(start, stop), _refusals_unwrapped(loader), strict=True):
         if isinstance(images, list):  # JPEGs left encoded for the device
             images = dataset.on_device(images, device)
         images = images.to(device, non_blocking=cuda)
@@ -493,6 +493,24 @@ def rank_batches(dataset: Dataset, batches: GlobalBatches, image_rows: slice, la
             images = normalise(images, alphas.to(device, non_blocking=cuda))
         labels = targets[batches.indices(step)[label_rows]]
         yield step, images, labels.pin_memory().to(device, non_blocking=True) if cuda else labels
+
+
+def _refusals_unwrapped(loader: DataLoader) -> Iterator:
+    """The loader's batches. A refusal raised in a worker reaches this process as a UsageError whose message is
+    "Caught UsageError in DataLoader worker process N." and the worker's traceback: re-raised with the worker's
+    own one-line message, which ends the traceback's last line."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except UsageError as error:
+            lines = str(error).strip().splitlines()
+            if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+                raise UsageError(lines[-1].split(": ", 1)[-1]) from None
+            raise
+        yield batch
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from alexnet_mp.config import Parser, add_train_arguments, check_run, train_config
+from alexnet_mp.errors import UsageError
 from alexnet_mp.report import compare
-from alexnet_mp.strategies import UsageError
 from alexnet_mp.tracking import publish_comparison
 
 

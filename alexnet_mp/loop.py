@@ -22,11 +22,12 @@ from tqdm import tqdm
 from alexnet_mp import checkpoint
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.data import DataSpec, GlobalBatches, build_datasets, rank_batches
+from alexnet_mp.errors import Diverged, UsageError
 from alexnet_mp.step import LossScale, make_optimizer, train_step
-from alexnet_mp.strategies import Setup, Strategy, UsageError, create
-from alexnet_mp.strategies.base import world
+from alexnet_mp.strategies import Setup, Strategy, create
 from alexnet_mp.timing import StepClock, peak_memory_mb
 from alexnet_mp.tracking import Tracker
+from alexnet_mp.world import current
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
@@ -108,7 +109,7 @@ def agreed_flags(stop_requested: bool, loss: Tensor) -> Tensor:
     would wait for the step to finish: the host reads them once it has queued the next batch's work."""
     flags = torch.stack([torch.full((), float(stop_requested), device=loss.device),
                          loss.isfinite().logical_not().float()])
-    if world()[1] > 1:
+    if current().size > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return flags
 
@@ -125,7 +126,7 @@ def next_batch(batches: Iterator[Batch]) -> tuple[Batch | None, float]:
 
 def per_rank(values: list[float], device: torch.device) -> list[list[float]]:
     """Each of `values` from every rank, in one all-gather (for the main process to log)."""
-    if world()[1] == 1:
+    if current().size == 1:
         return [[value] for value in values]
     # float64: byte counts of 10^8 and more are exact in it, not in float32
     gathered = [torch.zeros(len(values), dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
@@ -197,7 +198,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         upcoming, upcoming_wait_s = next_batch(steps)
         stopping, diverged = (bool(flag) for flag in flags.tolist())
         if diverged:
-            raise FloatingPointError(f"the loss is not finite at step {step}; the last good checkpoint in "
+            raise Diverged(f"the loss is not finite at step {step}; the last good checkpoint in "
                                      f"{checkpoints} is intact (try a lower --lr)")
         elapsed = clock.seconds()
         if step % config.log_every == 0 or step == total - 1:

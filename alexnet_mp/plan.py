@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alexnet_mp.cost import expected_traffic, layer_costs, memory_bytes, rank_work, training_flops
+from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.report import markdown_table
-from alexnet_mp.strategies import STRATEGIES, Setup, UsageError
+from alexnet_mp.strategies import STRATEGIES, Setup
 
 GRADIENT_LINKS = ("gradients", "conv-gradients")  # all-reduces that overlap the backward pass
 BACKWARD_SHARE = 2 / 3  # of a step's FLOPs (see cost.training_flops)

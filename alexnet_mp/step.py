@@ -11,7 +11,7 @@ from torch import Tensor
 
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.strategies import Strategy
-from alexnet_mp.strategies.base import world
+from alexnet_mp.world import current
 
 
 class LossScale:
@@ -30,7 +30,7 @@ class LossScale:
         torch._foreach_mul_(grads, 1.0 / self.value)
         overflow = torch.stack([g.isfinite().all().logical_not() for g in grads]).any().float().reshape(1) \
             if grads else torch.zeros(1)
-        if world()[1] > 1:
+        if current().size > 1:
             dist.all_reduce(overflow, op=dist.ReduceOp.MAX)
         finite = not bool(overflow.item())
         if finite:

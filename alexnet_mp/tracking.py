@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alexnet_mp.strategies import UsageError
+from alexnet_mp.errors import UsageError, WriteFailed
 
 if TYPE_CHECKING:  # commands that only check arguments need not import accelerate
     from accelerate import Accelerator
@@ -35,18 +35,14 @@ def run_label(description: dict[str, Any]) -> str:
     return f"{description['mode']}{exchange} x{description['world_size']}"
 
 
-class RecordWriteError(Exception):
-    """The run's record could not be written: a full disk, most often."""
-
-
 @contextmanager
 def writing(path: Path) -> Iterator[None]:
-    """An OSError while writing `path` becomes a RecordWriteError that says what to do (the command line prints
+    """An OSError while writing `path` becomes a WriteFailed that says what to do (the command line prints
     it in one line), not a traceback and, on the other ranks, a lost peer."""
     try:
         yield
     except OSError as error:
-        raise RecordWriteError(f"could not write {path} ({error.strerror or error}): make room, then run again; "
+        raise WriteFailed(f"could not write {path} ({error.strerror or error}): make room, then run again; "
                                "the checkpoints written so far are intact (--resume latest goes on from the newest)"
                                ) from None
 

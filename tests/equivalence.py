@@ -26,7 +26,7 @@ from alexnet_mp.model import ARCHITECTURES, DropoutMasks, Piece, build_model, in
 from alexnet_mp.speed import EAGER, Variant
 from alexnet_mp.step import compute_gradients, make_optimizer
 from alexnet_mp.strategies import Setup, create
-from alexnet_mp.strategies.base import world
+from alexnet_mp.world import current
 
 CLASSES, SEED, LR, STEPS = 10, 0, 0.01, 2  # two steps: the second one uses momentum
 FLOAT64_TOLERANCE, FLOAT32_TOLERANCE = 1e-10, 1e-5
@@ -66,7 +66,7 @@ def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, 
     """`steps` SGD steps of a layout; what it saw comes back on the CPU."""
     setup = Setup(arch, CLASSES, SEED, torch.device(device), dtype=dtype, exchange=exchange, speed=variant.speed,
                   timeout=timedelta(seconds=60))
-    strategy = create(mode, setup, world()[1])
+    strategy = create(mode, setup, current().size)
     strategy.check_batch(size)
     strategy.train()
     optimizer = sgd(strategy.parameters())

@@ -340,7 +340,7 @@ def test_more_ranks_on_a_machine_than_it_has_gpus_are_refused_in_one_line_unless
     import torch
 
     from alexnet_mp.config import check_gpus
-    from alexnet_mp.strategies import UsageError
+    from alexnet_mp.errors import UsageError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

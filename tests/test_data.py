@@ -34,9 +34,9 @@ from alexnet_mp.data import (
     normalise,
     rank_batches,
 )
+from alexnet_mp.errors import UsageError
 from alexnet_mp.loop import average_crops
 from alexnet_mp.model import rows
-from alexnet_mp.strategies import UsageError
 from tests.launching import ROOT
 
 CLASSES = ("cat", "dog", "fox")

@@ -275,11 +275,12 @@ def test_a_record_that_cannot_be_written_stops_the_run_in_one_line_keeping_its_c
 def test_a_metrics_row_that_cannot_be_written_is_one_error_that_says_what_to_do(tmp_path):
     from types import SimpleNamespace
 
-    from alexnet_mp.tracking import RecordWriteError, Tracker
+    from alexnet_mp.errors import WriteFailed
+    from alexnet_mp.tracking import Tracker
 
     tracker = Tracker(SimpleNamespace(is_main_process=True), {}, tmp_path, "none", "alexnet-mp", None, None, "single")
     (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
-    with pytest.raises(RecordWriteError, match=r"metrics.jsonl \(No space left on device\): make room, then run"):
+    with pytest.raises(WriteFailed, match=r"metrics.jsonl \(No space left on device\): make room, then run"):
         tracker.log({"loss": 1.0}, 0)
 
 

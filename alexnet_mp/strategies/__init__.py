@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from alexnet_mp.strategies.base import Setup, Strategy, UsageError
+from alexnet_mp.errors import UsageError
+from alexnet_mp.strategies.base import Setup, Strategy
 from alexnet_mp.strategies.data_parallel import DataParallel
 from alexnet_mp.strategies.paper_split import PaperSplit
 from alexnet_mp.strategies.single import Single
@@ -26,4 +27,4 @@ def create(mode: str, setup: Setup, world_size: int) -> Strategy:
     return check(mode, world_size, setup)(setup)
 
 
-__all__ = ["STRATEGIES", "Setup", "Strategy", "UsageError", "check", "create"]
+__all__ = ["STRATEGIES", "Setup", "Strategy", "check", "create"]

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alexnet_mp.errors import UsageError
 from alexnet_mp.links import GradientAllReduce, Ledger, Link
 from alexnet_mp.model import (
     ARCHITECTURES,
@@ -26,10 +27,7 @@ from alexnet_mp.model import (
     shard_state_dict,
 )
 from alexnet_mp.speed import Speed, apply_speed
-
-
-class UsageError(ValueError):
-    """Bad input from the command line: printed as one line, exit code 2."""
+from alexnet_mp.world import current
 
 
 @dataclass(frozen=True)
@@ -51,13 +49,6 @@ class Setup:
         return ARCHITECTURES[self.arch]
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class Strategy(ABC):
     """How the network is laid out on ranks and linked. The loop calls, each step:
     `logits = forward(images, step, global_batch)`, `loss = loss(logits, labels)`,
@@ -73,7 +64,8 @@ class Strategy(ABC):
 
     def __init__(self, setup: Setup) -> None:
         self.setup = setup
-        self.rank, self.world_size = world()
+        here = current()
+        self.rank, self.world_size = here.rank, here.size
         self.ledger = Ledger()
         self.pieces: list[tuple[Piece, AlexNet]] = []
 

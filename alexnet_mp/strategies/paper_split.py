@@ -10,9 +10,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from alexnet_mp.errors import UsageError
 from alexnet_mp.links import LocalLink, ProcessLink
 from alexnet_mp.model import PAPER, Piece, rows
-from alexnet_mp.strategies.base import Setup, Strategy, UsageError, sharded_classifier
+from alexnet_mp.strategies.base import Setup, Strategy, sharded_classifier
 from alexnet_mp.strategies.mesh import grid
 
 TOWERS = PAPER.towers

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from alexnet_mp.strategies.base import Setup, UsageError
+from alexnet_mp.errors import UsageError
+from alexnet_mp.strategies.base import Setup
 from alexnet_mp.strategies.data_parallel import DataParallel
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
+from alexnet_mp.errors import UsageError
 from alexnet_mp.links import ProcessLink, RoundExchange
 from alexnet_mp.model import Piece, rows
-from alexnet_mp.strategies.base import Setup, Strategy, UsageError, classifier_after_fc6, sharded_classifier
+from alexnet_mp.strategies.base import Setup, Strategy, classifier_after_fc6, sharded_classifier
 
 EXCHANGES = ("all", *RoundExchange.SCHEMES)
 

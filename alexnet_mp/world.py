@@ -1,0 +1,41 @@
+"""Which process this is, among how many: read here and nowhere else. Before the process group exists the
+launcher's environment says (accelerate, torchrun and srun-style launchers set RANK, WORLD_SIZE and
+LOCAL_WORLD_SIZE; a plain process is rank 0 of 1); once it exists, the group does."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> World:
+    """This process as the launcher started it, before any process group."""
+    return World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def processes_on_this_machine() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", launched().size))
+
+
+def current() -> World:
+    """This process in the default process group; rank 0 of 1 without one."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World(0, 1)
+
+
+def barrier() -> None:
+    if current().size > 1:
+        dist.barrier()
