@@ -33,7 +33,7 @@ from alexnet_mp.report import markdown_table
 from alexnet_mp.rng import seeded_generator
 from alexnet_mp.speed import EAGER, Speed, Variant
 from alexnet_mp.step import make_optimizer, train_step
-from alexnet_mp.strategies import Setup, create
+from alexnet_mp.strategies import build, check_layout
 from alexnet_mp.timing import StepClock, peak_memory_mb
 from alexnet_mp.world import current
 
@@ -124,11 +124,12 @@ def layout_steps(mode: str, arch: str, exchange: str | None, batch: int, sizes: 
                  variant: Variant = EAGER) -> dict:
     """Our training step on this rank's part of an in-memory global batch."""
     device = _device()
-    setup = Setup(arch, sizes.num_classes, SEED, device, exchange=exchange, speed=variant.speed)
-    strategy = create(mode, setup, current().size)
-    strategy.check_batch(batch)
+    config = TrainConfig(mode=mode, arch=arch, num_classes=sizes.num_classes, seed=SEED, exchange=exchange,
+                         batch_size=batch, **variant.speed.flags())
+    check_layout(config, current().size)
+    strategy = build(config, device)
     strategy.train()
-    optimizer = make_optimizer(strategy.parameters(), TrainConfig(batch_size=batch))
+    optimizer = make_optimizer(strategy.parameters(), config)
     images, labels = _fixed_batch(batch, sizes.num_classes, device)
     images, labels = images[strategy.image_rows(batch)], labels[strategy.label_rows(batch)]
 
@@ -196,9 +197,11 @@ def fed_steps(root: str, batch: int, workers: int, sizes: Sizes, variant: Varian
     """Our single-device step fed by the input pipeline, data waits included; warmed up (compiled) on an
     in-memory batch first."""
     device = _device()
-    strategy = create("single", Setup("paper", sizes.num_classes, SEED, device, speed=variant.speed), 1)
+    config = TrainConfig(mode="single", num_classes=sizes.num_classes, seed=SEED, batch_size=batch,
+                         **variant.speed.flags())
+    strategy = build(config, device)
     strategy.train()
-    optimizer = make_optimizer(strategy.parameters(), TrainConfig(batch_size=batch))
+    optimizer = make_optimizer(strategy.parameters(), config)
 
     def run_step(step: int, images: torch.Tensor, labels: torch.Tensor) -> None:
         with variant.autocast(device):

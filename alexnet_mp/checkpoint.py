@@ -1,10 +1,12 @@
 """Checkpoints that any layout can load.
 
-Each rank that holds a distinct part of the model writes its pieces (weights and SGD momentum, by
-`Piece`) to `step-N.tmp/shard-R.pt`; after a barrier rank 0 writes `meta.json` and renames the
-folder to `step-N`, so a crash mid-save leaves the last complete checkpoint untouched. Loading
-merges every shard into whole-net tensors and slices out the pieces the loading layout holds: a
-checkpoint from paper-split loads into single, weird-trick, or a different world size.
+Each rank writes, to `step-N.tmp/shard-R.pt`, the blocks of the whole net's tensors (weights and SGD
+momentum; `blocks.py`) that it holds and no lower rank holds (a replica writes nothing); after a
+barrier rank 0 writes `meta.json` and renames the folder to `step-N`, so a crash mid-save leaves the
+last complete checkpoint untouched. Loading places every shard's blocks into whole-net tensors and
+takes out the blocks the loading layout holds: a checkpoint from paper-split loads into single,
+weird-trick, or a different world size. Checkpoints of format 1 (before 2026-12: a list of pieces per
+shard) load too.
 
 No RNG state is saved because none is needed: dropout masks depend on (seed, step, layer) and data
 order and augmentation on (seed, epoch, sample), so step N of a resumed run is step N of the straight one.
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +27,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from alexnet_mp.blocks import WHOLE, Block, block_as_offsets, merge, offsets_as_block, rows
 from alexnet_mp.errors import UsageError, WriteFailed
-from alexnet_mp.model import ARCHITECTURES, merge_state_dicts, shard_state_dict
+from alexnet_mp.model import ARCHITECTURES, build_model, full_shapes
 from alexnet_mp.strategies import Strategy
 from alexnet_mp.world import barrier, current
 
-FORMAT = 1
+FORMAT = 2
+READS = (1, FORMAT)
 PREFIX = "step-"
+BlockRead = tuple[str, Block, Tensor, Tensor | None]  # a shard's block: key, block, weights, momentum or None
 
 
 @dataclass(frozen=True)
@@ -41,11 +48,6 @@ class Checkpoint:
     def step(self) -> int:
         """The next step to run."""
         return int(self.meta["step"])
-
-
-def _momentum(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> dict[str, Tensor]:
-    return {name: optimizer.state[p]["momentum_buffer"] for name, p in module.named_parameters()
-            if "momentum_buffer" in optimizer.state.get(p, {})}
 
 
 def save(directory: Path, strategy: Strategy, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
@@ -86,9 +88,16 @@ def _shard_name(rank: int) -> str:
     return f"shard-{rank:05d}.pt"
 
 
-def _shard_writers(strategy: Strategy) -> list[int]:
-    """The ranks that write a shard: those holding a distinct part of the model (one tiny all-gather)."""
-    writes = torch.tensor([float(strategy.holds_distinct_shard())], device=strategy.setup.device)
+def _shard(strategy: Strategy, optimizer: torch.optim.Optimizer) -> list[tuple[str, tuple, Tensor, Tensor | None]]:
+    """(key, block as offsets, weights, momentum or None) of each block this rank writes."""
+    return [(key, block_as_offsets(block, strategy.shapes[key]), param.detach(),
+             optimizer.state.get(param, {}).get("momentum_buffer"))
+            for key, block, param, writes in strategy.blocks() if writes]
+
+
+def _shard_writers(strategy: Strategy, writes_one: bool) -> list[int]:
+    """The ranks that write a shard: those holding a block no lower rank holds (one tiny all-gather)."""
+    writes = torch.tensor([float(writes_one)], device=strategy.device)
     if strategy.world_size == 1:
         return [0] if writes.item() else []
     flags = [torch.zeros_like(writes) for _ in range(strategy.world_size)]
@@ -105,22 +114,22 @@ def _write(staging: Path, final: Path, strategy: Strategy, optimizer: torch.opti
             shutil.rmtree(unfinished)
     barrier()
     staging.mkdir(parents=True, exist_ok=True)
-    shards = [_shard_name(rank) for rank in _shard_writers(strategy)]
-    if strategy.holds_distinct_shard():
-        shard = [(piece, module.state_dict(), _momentum(optimizer, module)) for piece, module in strategy.pieces]
+    shard = _shard(strategy, optimizer)
+    shards = [_shard_name(rank) for rank in _shard_writers(strategy, bool(shard))]
+    if shard:
         # through a Python file: a full disk is then an OSError (given a path, torch's C++ writer raises
         # only a RuntimeError of its own)
         with open(staging / _shard_name(strategy.rank), "wb") as file:
-            torch.save({"pieces": shard}, file)
+            torch.save({"blocks": shard}, file)
     barrier()
     if current().is_main:
         # each name looked up once every rank has written: a network file system's cache cannot hide it
         unseen = [name for name in shards if not (staging / name).is_file()]
         if unseen:
             raise ShardsNotShared(f"rank 0 does not see {', '.join(unseen)}, written by other ranks")
-        setup = strategy.setup
-        full_meta = {**meta, "format": FORMAT, "mode": strategy.name, "arch": setup.arch,
-                     "num_classes": setup.num_classes, "world_size": strategy.world_size, "shards": shards}
+        config = strategy.config
+        full_meta = {**meta, "format": FORMAT, "mode": strategy.name, "arch": config.arch,
+                     "num_classes": config.num_classes, "world_size": strategy.world_size, "shards": shards}
         (staging / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -185,16 +194,16 @@ def _earlier(path: Path) -> str:
 
 def check_compatible(checkpoint: Checkpoint, arch: str, num_classes: int) -> None:
     meta = checkpoint.meta
-    if meta.get("format") != FORMAT:
-        raise UsageError(f"{checkpoint.path} has checkpoint format {meta.get('format')}, this version reads {FORMAT}")
+    if meta.get("format") not in READS:
+        raise UsageError(f"{checkpoint.path} has checkpoint format {meta.get('format')}, this version reads "
+                         f"{' and '.join(map(str, READS))}: load it with the version of alexnet-mp that wrote it")
     if (meta["arch"], meta["num_classes"]) != (arch, num_classes):
         raise UsageError(f"{checkpoint.path} holds --arch {meta['arch']} with {meta['num_classes']} classes; "
                          f"this run is --arch {arch} with {num_classes}: pass the same --arch and --num-classes")
 
 
 def full_state(checkpoint: Checkpoint) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(weights, momentum) of the whole net, merged from every shard of a checkpoint."""
-    weights, momentum = [], []
+    """(weights, momentum) of the whole net, placed together from every shard's blocks."""
     shards = sorted(checkpoint.path.glob("shard-*.pt"))
     if not shards:
         raise UsageError(f"{checkpoint.path} has no shard files; {_earlier(checkpoint.path)}")
@@ -202,41 +211,78 @@ def full_state(checkpoint: Checkpoint) -> tuple[dict[str, Tensor], dict[str, Ten
     if missing:
         raise UsageError(f"{checkpoint.path} lacks {', '.join(missing)} of its {len(checkpoint.meta['shards'])} "
                          f"shards; {_earlier(checkpoint.path)}")
+    shapes = full_shapes(checkpoint.meta["arch"], checkpoint.meta["num_classes"])
+    weights, momentum = [], []
     for shard in shards:
         try:
-            pieces = torch.load(shard, map_location="cpu", weights_only=False)["pieces"]
+            blocks = _read_shard(shard, checkpoint.meta["format"], checkpoint.meta["arch"], shapes)
         except Exception as error:  # a truncated or foreign file: say which, not a stack trace
             raise UsageError(f"{shard} cannot be read ({type(error).__name__}); {_earlier(checkpoint.path)}"
                              ) from None
-        for piece, piece_weights, piece_momentum in pieces:
-            weights.append((piece, piece_weights))
-            if piece_momentum:
-                momentum.append((piece, piece_momentum))
-    arch, classes = ARCHITECTURES[checkpoint.meta["arch"]], checkpoint.meta["num_classes"]
-    return (merge_state_dicts(weights, arch, classes),
-            merge_state_dicts(momentum, arch, classes) if momentum else {})
+        for key, block, weight, buffer in blocks:
+            weights.append((key, block, weight))
+            if buffer is not None:
+                momentum.append((key, block, buffer))
+    return merge(weights, shapes), merge(momentum, shapes)
+
+
+def _read_shard(path: Path, format_: int, arch: str, shapes: dict[str, torch.Size]) -> list[BlockRead]:
+    """(key, block, weights, momentum or None) of every block in a shard file."""
+    if format_ == 1:
+        return _read_format_1(path, arch, shapes)
+    blocks = torch.load(path, map_location="cpu", weights_only=True)["blocks"]
+    return [(key, offsets_as_block(offsets), weight, buffer) for key, offsets, weight, buffer in blocks]
+
+
+class _Format1Piece:
+    """What format 1 pickled as `alexnet_mp.model.Piece`: the tower a shard held (None: every conv channel) and
+    its (index, count) shard of fc6's and fc7's units; fc8 lived whole on FC shard 0."""
+
+    tower: int | None
+    fc_shard: tuple[int, int]
+
+    def block(self, key: str, shape: torch.Size, towers: int) -> Block | None:
+        layer = key.split(".")[0]
+        if layer == "fc8":
+            return WHOLE if self.fc_shard[0] == 0 else None
+        if layer in ("fc6", "fc7"):
+            return (rows(shape[0], *self.fc_shard),)
+        return WHOLE if self.tower is None else (rows(shape[0], self.tower, towers),)
+
+
+class _Format1Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("alexnet_mp.model", "Piece"):
+            return _Format1Piece
+        return super().find_class(module, name)
+
+
+_FORMAT_1_PICKLE = types.ModuleType("pickle_format_1")
+_FORMAT_1_PICKLE.Unpickler, _FORMAT_1_PICKLE.load = _Format1Unpickler, pickle.load
+
+
+def _read_format_1(path: Path, arch: str, shapes: dict[str, torch.Size]) -> list[BlockRead]:
+    pieces = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_FORMAT_1_PICKLE)["pieces"]
+    towers = ARCHITECTURES[arch].towers
+    return [(key, piece.block(key, shapes[key], towers), weight, momentum.get(key))
+            for piece, state, momentum in pieces for key, weight in state.items()]
 
 
 def load(checkpoint: Checkpoint, strategy: Strategy, optimizer: torch.optim.Optimizer | None) -> None:
-    """Loads a checkpoint of any layout into this rank's pieces (and their momentum)."""
-    check_compatible(checkpoint, strategy.setup.arch, strategy.setup.num_classes)
+    """Loads a checkpoint of any layout into this rank's blocks (and their momentum)."""
+    check_compatible(checkpoint, strategy.config.arch, strategy.config.num_classes)
     weights, momentum = full_state(checkpoint)
-    arch = strategy.setup.architecture
-    for piece, module in strategy.pieces:
-        module.load_state_dict(shard_state_dict(weights, arch, piece))
-        if optimizer is None or not momentum:
-            continue
-        buffers = shard_state_dict(momentum, arch, piece)
-        for name, param in module.named_parameters():
-            # the parameter's device, dtype and memory format (channels_last): fused SGD walks both alike
-            optimizer.state[param]["momentum_buffer"] = torch.empty_like(param).copy_(buffers[name])
+    with torch.no_grad():
+        for key, block, param, _ in strategy.blocks():
+            param.copy_(weights[key][block])
+            if optimizer is not None and key in momentum:
+                # the parameter's device, dtype and memory format (channels_last): fused SGD walks both alike
+                optimizer.state[param]["momentum_buffer"] = torch.empty_like(param).copy_(momentum[key][block])
 
 
 def export(checkpoint: Checkpoint, out: Path) -> None:
     """The whole net's weights as a safetensors file: `AlexNet2012`'s keys, or torchvision's for owt."""
     from safetensors.torch import save_file
-
-    from alexnet_mp.model import build_model
 
     weights, _ = full_state(checkpoint)
     model = build_model(checkpoint.meta["arch"], checkpoint.meta["num_classes"])

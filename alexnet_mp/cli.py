@@ -12,21 +12,13 @@ from pathlib import Path
 import torch
 
 from alexnet_mp import checkpoint
-from alexnet_mp.config import (
-    COUNT,
-    POSITIVE_FLOAT,
-    POSITIVE_INT,
-    Parser,
-    TrainConfig,
-    add_train_arguments,
-    check_run,
-    check_writable,
-    hold_output,
-    train_config,
-)
+from alexnet_mp.arguments import COUNT, POSITIVE_FLOAT, POSITIVE_INT, Parser, add_train_arguments, train_config
+from alexnet_mp.config import TrainConfig
 from alexnet_mp.data import DECODE_PLACES, DataSpec
 from alexnet_mp.errors import AlexNetMPError, UsageError, from_torch
-from alexnet_mp.strategies import STRATEGIES, Setup
+from alexnet_mp.preflight import check_run, check_writable
+from alexnet_mp.strategies import STRATEGIES
+from alexnet_mp.tracking import hold_output
 from alexnet_mp.world import launched
 
 
@@ -65,14 +57,14 @@ def evaluate(args: argparse.Namespace) -> None:
     """One process, one device: the checkpoint merged into the whole net, whatever layout wrote it."""
     from alexnet_mp.data import build_datasets
     from alexnet_mp.loop import evaluate as run_evaluation
-    from alexnet_mp.strategies import create
+    from alexnet_mp.strategies import build
 
     found = checkpoint.find(args.checkpoint, Path(args.checkpoint))
     meta = found.meta
     spec = evaluation_data(args, meta)
     _, val_set = build_datasets(spec, meta["config"]["seed"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    strategy = create("single", Setup(meta["arch"], meta["num_classes"], meta["config"]["seed"], device), 1)
+    strategy = build(TrainConfig(mode="single", arch=meta["arch"], num_classes=meta["num_classes"]), device)
     checkpoint.load(found, strategy, optimizer=None)
     result = run_evaluation(strategy, val_set, args.batch_size, args.workers, device)
     crops = "10-crop" if args.ten_crop else "centre crop"
@@ -151,8 +143,6 @@ def bench(args: argparse.Namespace) -> None:
 
     check_writable(Path(args.output_dir), "--output-dir")
     ranks = tuple(_numbers(args.ranks, int, "--ranks")) if args.ranks else None
-    for world_size in ranks or ():
-        STRATEGIES["weird-trick"].check(world_size, Setup())  # the layout that is most particular
     failed = run_bench(Path(args.output_dir), args.quick, ranks)
     if failed:  # the others are measured and written
         fail(f"{'; '.join(failed)} (the others are in {Path(args.output_dir) / 'bench.md'})", 1)
@@ -203,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
                                                     "arguments it does not know go to each training run",
                                  allow_abbrev=False)
     runner.add_argument("--name", required=True)
-    runner.add_argument("--modes", default="single,data-parallel,paper-split,weird-trick")
+    runner.add_argument("--modes", default=",".join(STRATEGIES), help="the layouts to run (default: every one)")
     runner.add_argument("--ranks", default="2", help="processes for every mode but single; several (2,4): each "
                                                        "mode at each")
     runner.add_argument("--output-dir", default="runs")

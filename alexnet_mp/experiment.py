@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
-from alexnet_mp.config import Parser, add_train_arguments, check_run, train_config
+from alexnet_mp.arguments import Parser, add_train_arguments, train_config
 from alexnet_mp.errors import UsageError
+from alexnet_mp.preflight import check_run
 from alexnet_mp.report import compare
+from alexnet_mp.strategies import layout
 from alexnet_mp.tracking import publish_comparison
 
 
@@ -33,16 +35,13 @@ def launch_command(processes: int) -> tuple[list[str], dict[str, str]]:
             "--dynamo_backend", "no", *train], env
 
 
-def processes_for(mode: str, ranks: int) -> int:
-    return 1 if mode == "single" else ranks
-
-
 def planned_runs(modes: Sequence[str], ranks: Sequence[int], folder: Path) -> list[tuple[str, int, Path]]:
-    """(mode, processes, run folder): each mode at each rank count, single once on one process."""
+    """(mode, processes, run folder): each mode at each rank count, a layout that runs on one world size
+    only (single) once, on that."""
     runs: list[tuple[str, int, Path]] = []
     for mode in modes:
         for count in ranks:
-            processes = processes_for(mode, count)
+            processes = layout(mode).fixed_world_size or count
             run = (mode, processes, folder / f"{mode}-{processes}")
             if run not in runs:
                 runs.append(run)

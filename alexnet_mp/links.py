@@ -1,17 +1,20 @@
-"""The communication links between pieces of the network, and the ledger that counts them.
+"""The communication links between the parts of a layout, and the ledger that counts them.
 
-Each link is a small autograd Function whose name says its forward and its backward (after
-Megatron-LM's tensor_parallel/mappings.py). Plain `dist.*` calls inside a forward pass pass no
-gradient back; these do, and tests/test_links.py proves each backward against autograd on one device.
+Each link is a small autograd Function of (tensor, dim, group) whose name says its forward and its
+backward (after Megatron-LM's tensor_parallel/mappings.py); tests/test_links.py proves each backward
+against autograd on one device. Plain `dist.*` calls inside a forward pass pass no gradient back.
+Hand-written rather than torch's: `_functional_collectives.all_gather_tensor_autograd` has the
+all-gather's backward but is private and has no gather to one rank; nothing in torch runs a linear
+layer over rounds of an exchange (the weird trick's schemes b and c); and every collective here is
+counted. Parts held by one process (the one-process paper split) exchange by `torch.cat` and `.to()`,
+whose autograd backward sums and splits exactly as the collectives' do.
 
-A `Link` moves the outputs of the pieces one process holds: one piece per process over a process
-group (`ProcessLink`), or several pieces in one process, where the exchange is a local copy
-(`LocalLink`). The strategies call the same two methods either way.
-
-Ledger convention: a link records the elements and bytes each piece *sends*, as if point to point:
-an all-gather of n elements over N pieces sends n(N-1); its reduce-scatter sends the same; a gather
-to the first piece sends n from every other piece; its scatter sends n(N-1) from the first piece; a
-ring all-reduce of n elements sends 2n(N-1)/N (a fraction, hence float counts).
+Counting is not a parameter of the links: a layout names a link and its ledger with `metered`, and
+the collectives inside count into it, forward at once and backward whenever autograd runs it.
+Convention: the elements and bytes each part *sends*, as if point to point: an all-gather of n
+elements over N parts sends n(N-1); its reduce-scatter sends the same; a gather to the first part
+sends n from every other part; its scatter sends n(N-1) from the first part; a ring all-reduce of n
+elements sends 2n(N-1)/N (a fraction, hence float counts).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -34,7 +37,7 @@ FORWARD, BACKWARD = "forward", "backward"
 
 @dataclass
 class Ledger:
-    """Elements and bytes sent, per (piece, link, direction), and seconds spent blocked waiting for
+    """Elements and bytes sent, per (part, link, direction), and seconds spent blocked waiting for
     communication, per (link, direction), since the last `reset`. The wait is measured without barriers:
     a synchronous collective counts whole, an asynchronous one only for the time `wait()` blocks, so an
     exchange hidden behind computation shows as less wait.
@@ -79,20 +82,15 @@ class Ledger:
         finally:
             self.blocked[link, direction] += time.perf_counter() - started
 
-    def record(self, piece: int, link: str, direction: str, tensor_or_count: Tensor | float,
-               element_size: int = 4) -> None:
-        if isinstance(tensor_or_count, Tensor):
-            count, element_size = tensor_or_count.numel(), tensor_or_count.element_size()
-        else:
-            count = tensor_or_count
-        self.elements[piece, link, direction] += count
-        self.bytes[piece, link, direction] += count * element_size
+    def record(self, part: int, link: str, direction: str, count: float, element_size: int) -> None:
+        self.elements[part, link, direction] += count
+        self.bytes[part, link, direction] += count * element_size
 
-    def sent(self, piece: int | None = None) -> dict[tuple[str, str], float]:
-        """Elements sent per (link, direction), by one piece or by all pieces this process holds."""
+    def sent(self, part: int | None = None) -> dict[tuple[str, str], float]:
+        """Elements sent per (link, direction), by one part or by all parts this process holds."""
         out: dict[tuple[str, str], float] = defaultdict(float)
         for (who, link, direction), count in self.elements.items():
-            if piece is None or who == piece:
+            if part is None or who == part:
                 out[link, direction] += count
         return dict(out)
 
@@ -106,6 +104,43 @@ class Ledger:
         self.arrivals.clear()
 
 
+@dataclass(frozen=True)
+class Meter:
+    """Where a link counts: a ledger, the link's name, and the part of this process that sends."""
+
+    ledger: Ledger
+    link: str
+    part: int = 0
+
+    def sent(self, direction: str, elements: float, element_size: int, part: int | None = None) -> None:
+        self.ledger.record(self.part if part is None else part, self.link, direction, elements, element_size)
+
+    def waiting(self, direction: str) -> contextmanager:
+        return self.ledger.waiting(self.link, direction)
+
+    def arrive(self, direction: str) -> None:
+        self.ledger.arrive(self.link, direction)
+
+
+_METER: ContextVar[Meter | None] = ContextVar("alexnet_mp_meter", default=None)
+
+
+@contextmanager
+def metered(ledger: Ledger, link: str, part: int = 0) -> Iterator[None]:
+    """The links used within count into `ledger` as `link`: their forward now, their backward (which autograd runs
+    later, outside this context) into the same place."""
+    token = _METER.set(Meter(ledger, link, part))
+    try:
+        yield
+    finally:
+        _METER.reset(token)
+
+
+def _meter() -> Meter:
+    """The meter the caller named, or one into a ledger nobody reads (a link used outside `metered`)."""
+    return _METER.get() or Meter(Ledger(), "unnamed")
+
+
 def _group_size(group: dist.ProcessGroup) -> int:
     return dist.get_world_size(group)
 
@@ -114,124 +149,119 @@ def _group_rank(group: dist.ProcessGroup) -> int:
     return dist.get_rank(group)
 
 
-def _first(group: dist.ProcessGroup) -> int:
-    return dist.get_global_rank(group, 0)
-
-
 class AllGatherForwardReduceScatterBackward(Function):
-    """Forward: every piece gets all pieces' tensors concatenated along `dim`.
-    Backward: every piece computed a gradient for the whole concatenation; the true gradient of
-    its own part is the sum over pieces of that part, i.e. a reduce-scatter."""
+    """Forward: every rank gets all ranks' tensors concatenated along `dim`.
+    Backward: every rank computed a gradient for the whole concatenation; the true gradient of
+    its own part is the sum over ranks of that part, i.e. a reduce-scatter."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, dim: int, group: dist.ProcessGroup, ledger: Ledger, name: str) -> Tensor:
-        ctx.dim, ctx.group, ctx.ledger, ctx.name = dim, group, ledger, name
+    def forward(ctx, x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
+        ctx.dim, ctx.group, ctx.meter = dim, group, _meter()
         size = _group_size(group)
         # collectives take dense row-major tensors: channels_last maps are copied (conv3's input is
-        # the only 4-D link, 43k values per image), and conv3's channels_last weight restores the layout
+        # the only 4-D link), and conv3's channels_last weight restores the layout
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(size)]
-        with ledger.waiting(name, FORWARD):
+        with ctx.meter.waiting(FORWARD):
             dist.all_gather(parts, x, group=group)
-        ledger.record(0, name, FORWARD, x.numel() * (size - 1), x.element_size())
+        ctx.meter.sent(FORWARD, x.numel() * (size - 1), x.element_size())
         return torch.cat(parts, dim)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         size = _group_size(ctx.group)
         chunks = [chunk.contiguous() for chunk in grad.chunk(size, ctx.dim)]
         mine = torch.empty_like(chunks[0])
-        with ctx.ledger.waiting(ctx.name, BACKWARD):
+        with ctx.meter.waiting(BACKWARD):
             dist.reduce_scatter(mine, chunks, group=ctx.group)
-        ctx.ledger.record(0, ctx.name, BACKWARD, mine.numel() * (size - 1), mine.element_size())
-        return mine, None, None, None, None
+        ctx.meter.sent(BACKWARD, mine.numel() * (size - 1), mine.element_size())
+        return mine, None, None
 
 
 class GatherToFirstForwardScatterBackward(Function):
-    """Forward: the first piece gets all pieces' tensors concatenated along `dim`; the others get
-    an empty tensor (their backward starts from it). Backward: the first piece sends every piece
-    the gradient of its part."""
+    """Forward: the group's first rank gets all ranks' tensors concatenated along `dim`; the others get
+    an empty tensor (their backward starts from it). Backward: the first rank sends every rank the
+    gradient of its part."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, dim: int, group: dist.ProcessGroup, ledger: Ledger, name: str) -> Tensor:
-        ctx.dim, ctx.group, ctx.ledger, ctx.name = dim, group, ledger, name
+    def forward(ctx, x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
+        ctx.dim, ctx.group, ctx.meter = dim, group, _meter()
         ctx.shape, first = x.shape, _group_rank(group) == 0
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(_group_size(group))] if first else None
-        with ledger.waiting(name, FORWARD):
-            dist.gather(x, parts, dst=_first(group), group=group)
+        with ctx.meter.waiting(FORWARD):
+            dist.gather(x, parts, dst=dist.get_global_rank(group, 0), group=group)
         if first:
             return torch.cat(parts, dim)
-        ledger.record(0, name, FORWARD, x)
+        ctx.meter.sent(FORWARD, x.numel(), x.element_size())
         return x.new_empty(0)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         size, first = _group_size(ctx.group), _group_rank(ctx.group) == 0
         mine = grad.new_empty(ctx.shape)
         chunks = [chunk.contiguous() for chunk in grad.chunk(size, ctx.dim)] if first else None
-        with ctx.ledger.waiting(ctx.name, BACKWARD):
-            dist.scatter(mine, chunks, src=_first(ctx.group), group=ctx.group)
+        with ctx.meter.waiting(BACKWARD):
+            dist.scatter(mine, chunks, src=dist.get_global_rank(ctx.group, 0), group=ctx.group)
         if first:
-            ctx.ledger.record(0, ctx.name, BACKWARD, mine.numel() * (size - 1), mine.element_size())
-        return mine, None, None, None, None
+            ctx.meter.sent(BACKWARD, mine.numel() * (size - 1), mine.element_size())
+        return mine, None, None
 
 
-class Link(Protocol):
-    """How the pieces a process holds exchange tensors; `parts` has one tensor per local piece."""
-
-    ledger: Ledger
-
-    def gather(self, parts: list[Tensor], dim: int, name: str) -> list[Tensor]:
-        """Every piece gets all pieces' tensors concatenated along `dim` (in piece order)."""
-        ...
-
-    def gather_to_first(self, parts: list[Tensor], dim: int, name: str) -> Tensor:
-        """The first piece's concatenation of all pieces' tensors along `dim`, returned where the
-        first piece lives; an empty tensor on a process that does not hold the first piece."""
-        ...
+def all_gather(x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
+    return AllGatherForwardReduceScatterBackward.apply(x, dim, group)
 
 
-class ProcessLink:
-    """One piece per process; the pieces are the ranks of `group`, in group-rank order."""
-
-    def __init__(self, group: dist.ProcessGroup, ledger: Ledger) -> None:
-        self.group, self.ledger = group, ledger
-
-    def gather(self, parts: list[Tensor], dim: int, name: str) -> list[Tensor]:
-        (x,) = parts
-        return [AllGatherForwardReduceScatterBackward.apply(x, dim, self.group, self.ledger, name)]
-
-    def gather_to_first(self, parts: list[Tensor], dim: int, name: str) -> Tensor:
-        (x,) = parts
-        return GatherToFirstForwardScatterBackward.apply(x, dim, self.group, self.ledger, name)
+def gather_to_first(x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
+    return GatherToFirstForwardScatterBackward.apply(x, dim, group)
 
 
-class LocalLink:
-    """All pieces in one process (the one-process paper split): the exchange is a copy to each
-    piece's device; autograd's backward of cat and .to() sums and splits the gradients exactly as
-    the process links do. The ledger records what each piece would send."""
+def _count_local(meter: Meter, sender: int, x: Tensor, receivers: int, backward_sender: int) -> None:
+    """What a part held in this process would send: forward now, backward when x's gradient is computed."""
+    count = x.numel() * receivers
+    meter.sent(FORWARD, count, x.element_size(), part=sender)
+    if x.requires_grad:
+        x.register_hook(lambda grad: meter.sent(BACKWARD, count, grad.element_size(), part=backward_sender))
 
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
 
-    def _record(self, sender: int, x: Tensor, name: str, receivers: int, backward_sender: int) -> None:
-        """Forward traffic now; backward traffic when x's gradient is computed."""
-        count = x.numel() * receivers
-        self.ledger.record(sender, name, FORWARD, count, x.element_size())
-        if x.requires_grad:
-            x.register_hook(lambda g: self.ledger.record(backward_sender, name, BACKWARD, count, g.element_size()))
+def all_gather_among(parts: list[Tensor], dim: int) -> list[Tensor]:
+    """`all_gather` among parts one process holds: each gets every part's tensor, on its own device."""
+    meter = _meter()
+    for part, x in enumerate(parts):
+        _count_local(meter, part, x, len(parts) - 1, part)
+    return [torch.cat([p.to(x.device) for p in parts], dim) for x in parts]
 
-    def gather(self, parts: list[Tensor], dim: int, name: str) -> list[Tensor]:
-        for piece, x in enumerate(parts):
-            self._record(piece, x, name, len(parts) - 1, piece)
-        return [torch.cat([p.to(x.device) for p in parts], dim) for x in parts]
 
-    def gather_to_first(self, parts: list[Tensor], dim: int, name: str) -> Tensor:
-        # Every other piece sends its tensor forward; the first piece sends each its gradient back.
-        for piece, x in enumerate(parts[1:], start=1):
-            self._record(piece, x, name, 1, 0)
-        return torch.cat([p.to(parts[0].device) for p in parts], dim)
+def gather_to_first_among(parts: list[Tensor], dim: int) -> list[Tensor]:
+    """`gather_to_first` among parts one process holds: the first gets every part's tensor; the others send
+    theirs and get an empty tensor, and the first part sends each its gradient back."""
+    meter = _meter()
+    for part, x in enumerate(parts[1:], start=1):
+        _count_local(meter, part, x, 1, 0)
+    return [torch.cat([p.to(parts[0].device) for p in parts], dim), *(x.new_empty(0) for x in parts[1:])]
+
+
+@dataclass(frozen=True)
+class Link:
+    """Where a layout's parts exchange a tensor: at the input of `layer`, along `dim`. Every part gets every
+    part's tensor (an all-gather) or, `to_first`, the first part alone (a gather: fc8's input, where fc8 and
+    the loss live on the first part)."""
+
+    layer: str
+    dim: int
+    to_first: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer}-input"
+
+    def over(self, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        """Across the ranks of `group`, one part each."""
+        return (gather_to_first if self.to_first else all_gather)(x, self.dim, group)
+
+    def among(self, parts: list[Tensor]) -> list[Tensor]:
+        """Among parts held by this process."""
+        return (gather_to_first_among if self.to_first else all_gather_among)(parts, self.dim)
 
 
 def ring_all_reduce_elements(count: int, size: int) -> float:
@@ -314,8 +344,9 @@ class GradientAllReduce:
 
 
 class RoundExchange:
-    """The weird-trick exchange of conv features in rounds (Krizhevsky 2014, schemes b and c),
-    fused with fc6, the one layer that reads the features, so that the transfers overlap its work.
+    """The weird-trick exchange of conv features in rounds (Krizhevsky 2014, schemes b and c), for
+    `LinearOverRounds`: fused with fc6, the one layer that reads the features, so that the transfers
+    overlap its work.
 
     Round j's features reach every rank: in scheme "one-at-a-time" rank j's whole batch slice
     (a broadcast from rank j), in scheme "slice" the j-th 1/N of every rank's slice (an all-gather).
@@ -328,16 +359,12 @@ class RoundExchange:
 
     SCHEMES = ("one-at-a-time", "slice")
 
-    def __init__(self, scheme: str, group: dist.ProcessGroup, ledger: Ledger, name: str = "fc6-input") -> None:
-        self.scheme, self.group, self.ledger, self.name = scheme, group, ledger, name
+    def __init__(self, scheme: str, group: dist.ProcessGroup) -> None:
+        self.scheme, self.group = scheme, group
         self.size, self.rank = _group_size(group), _group_rank(group)
+        self.meter = _meter()  # each forward's, which its backward counts into too
         self.forward_work: list[tuple[Tensor, dist.Work | None]] = []
         self.backward_work: list[tuple[int, Tensor, dist.Work]] = []
-
-    def linear(self, features: Tensor, layer: nn.Linear) -> Tensor:
-        """`layer` applied to every rank's features, rows in rank order: what `layer` computes on the
-        all-gather of `features` along the batch, with the exchange overlapping the layer's work."""
-        return _LinearOverRounds.apply(features, layer.weight, layer.bias, self)
 
     def _arrival_order(self) -> Iterator[int]:
         """The rounds in the order fc6 runs them here: those already here first (in scheme (b) this
@@ -369,7 +396,8 @@ class RoundExchange:
     def _launch(self, features: Tensor) -> None:
         features = features.contiguous()
         self.forward_work.clear()
-        self.ledger.arrive(self.name, FORWARD)
+        self.meter = _meter()
+        self.meter.arrive(FORWARD)
         for j in range(self.size):
             if self.scheme == "one-at-a-time":
                 buffer = features if self._is_own(j) else torch.empty_like(features)
@@ -379,13 +407,13 @@ class RoundExchange:
                 buffer = torch.empty((self.size * mine.shape[0], *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
                 work = dist.all_gather(list(buffer.chunk(self.size)), mine, group=self.group, async_op=True)
             self.forward_work.append((buffer, work))
-        self.ledger.record(0, self.name, FORWARD, features.numel() * (self.size - 1), features.element_size())
+        self.meter.sent(FORWARD, features.numel() * (self.size - 1), features.element_size())
 
     def _receive(self, j: int) -> Tensor:
         buffer, work = self.forward_work[j]
         if self._is_own(j):
             return buffer  # being sent, not received
-        with self.ledger.waiting(self.name, FORWARD):
+        with self.meter.waiting(FORWARD):
             work.wait()
         return buffer
 
@@ -393,13 +421,13 @@ class RoundExchange:
         """Waits for every round's collective: in scheme (b) that is this rank's own broadcast, whose
         features fc6 read while they were being sent; the others have been received already."""
         for _, work in self.forward_work:
-            with self.ledger.waiting(self.name, FORWARD):
+            with self.meter.waiting(FORWARD):
                 work.wait()
         self.forward_work.clear()
 
     def _send_back(self, j: int, grad: Tensor) -> None:
         grad = grad.contiguous()
-        self.ledger.arrive(self.name, BACKWARD)
+        self.meter.arrive(BACKWARD)
         if self.scheme == "one-at-a-time":
             work = dist.reduce(grad, dst=dist.get_global_rank(self.group, j), group=self.group, async_op=True)
             mine, sent = grad, 0 if j == self.rank else grad.numel()
@@ -408,14 +436,14 @@ class RoundExchange:
             mine = torch.empty_like(chunks[0])
             work = dist.reduce_scatter(mine, chunks, group=self.group, async_op=True)
             sent = mine.numel() * (self.size - 1)
-        self.ledger.record(0, self.name, BACKWARD, sent, grad.element_size())
+        self.meter.sent(BACKWARD, sent, grad.element_size())
         self.backward_work.append((j, mine, work))
 
     def _gradient(self, shape: torch.Size) -> Tensor:
         """The gradient of this rank's features, once every round's has come back."""
         received = {}
         for j, mine, work in self.backward_work:
-            with self.ledger.waiting(self.name, BACKWARD):
+            with self.meter.waiting(BACKWARD):
                 work.wait()
             received[j] = mine
         self.backward_work.clear()
@@ -473,3 +501,22 @@ class _LinearOverRounds(Function):
         grad_weight = (grad.t() @ x).to(weight_dtype)  # while the last round's gradient travels
         grad_bias = grad.sum(0).to(bias_dtype)
         return exchange._gradient(ctx.shape), grad_weight, grad_bias, None
+
+
+class LinearOverRounds(nn.Linear):
+    """A linear layer over every rank's rows of its input, which travel in rounds (`RoundExchange`) while the
+    layer works on those already here: what the layer computes on the all-gather of its input along the
+    batch, rows in rank order, with the exchange behind its work. It holds the layer's own weight and bias,
+    so its state_dict is the layer's. The exchange counts into `ledger` as `link`."""
+
+    def __init__(self, layer: nn.Linear, scheme: str, group: dist.ProcessGroup, ledger: Ledger, link: str) -> None:
+        super().__init__(layer.in_features, layer.out_features, device="meta")
+        self.weight, self.bias = layer.weight, layer.bias
+        self.exchange, self.ledger, self.link = RoundExchange(scheme, group), ledger, link
+
+    def forward(self, x: Tensor) -> Tensor:
+        with metered(self.ledger, self.link):
+            return _LinearOverRounds.apply(x, self.weight, self.bias, self.exchange)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scheme={self.exchange.scheme}"

@@ -8,8 +8,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, replace
+from typing import Any
 
 import accelerate
 import torch
@@ -24,7 +24,8 @@ from alexnet_mp.config import TrainConfig
 from alexnet_mp.data import DataSpec, GlobalBatches, build_datasets, rank_batches
 from alexnet_mp.errors import Diverged, UsageError
 from alexnet_mp.step import LossScale, make_optimizer, train_step
-from alexnet_mp.strategies import Setup, Strategy, create
+from alexnet_mp.strategies import Strategy
+from alexnet_mp.strategies import build as build_layout
 from alexnet_mp.timing import StepClock, peak_memory_mb
 from alexnet_mp.tracking import Tracker
 from alexnet_mp.world import current
@@ -134,64 +135,85 @@ def per_rank(values: list[float], device: torch.device) -> list[list[float]]:
     return torch.stack(gathered).T.tolist()
 
 
-def train(config: TrainConfig, accelerator: Accelerator) -> None:
+@dataclass
+class Run:
+    """A training run as the loop holds it: its data, its layout on this rank, the optimizer and its schedule,
+    and where it starts (a resumed run: its checkpoint's next step)."""
+
+    config: TrainConfig  # num_classes resolved from the data
+    device: torch.device
+    train_set: Dataset
+    val_set: Dataset
+    batches: GlobalBatches
+    strategy: Strategy
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+    scale: LossScale | None
+    autocast: Callable[[], AbstractContextManager]
+    resumed_from: checkpoint.Checkpoint | None
+
+    @property
+    def start(self) -> int:
+        return self.resumed_from.step if self.resumed_from else 0
+
+    @property
+    def total(self) -> int:
+        return self.config.steps or self.config.epochs * self.batches.steps_per_epoch
+
+
+def build(config: TrainConfig, accelerator: Accelerator) -> Run:
+    """Data, then the whole net laid out on this rank by the run's layout, then the optimizer; loaded from the
+    checkpoint the run resumes from, if any."""
     train_set, val_set = build_datasets(DataSpec(config.data, config.dataset, config.num_classes,
                                                  config.synthetic_size, config.ten_crop, config.decode_on),
                                         config.seed)
     batches = GlobalBatches(len(train_set), config.batch_size, config.seed)
     if batches.steps_per_epoch < 1:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training images")
-    device = accelerator.device
-    setup = Setup(config.arch, config.num_classes or train_set.num_classes, config.seed, device,
-                  exchange=config.exchange, init=config.init, speed=config.speed,
-                  timeout=timedelta(seconds=config.timeout_s))
-    strategy = create(config.mode, setup, accelerator.num_processes)
-    strategy.check_batch(config.batch_size)
+    config = replace(config, num_classes=config.num_classes or train_set.num_classes)
+    strategy = build_layout(config, accelerator.device)
     strategy.train()
     optimizer = make_optimizer(strategy.parameters(), config)
-    scheduler = make_scheduler(optimizer, config)
-    scale = LossScale() if config.mixed_precision == "fp16" else None
-    autocast = mixed_precision_autocast(accelerator, config.mixed_precision)
-    total = config.steps or config.epochs * batches.steps_per_epoch
-    checkpoints = config.checkpoints
-    found = checkpoint.resume_point(config.resume, checkpoints)
-    if found:
-        checkpoint.load(found, strategy, optimizer)
-        scheduler.load_state_dict(found.meta["scheduler"])
-        if scale and found.meta.get("loss_scale"):
-            scale.load_state_dict(found.meta["loss_scale"])
-    start = found.step if found else 0
-    if start >= total:  # before the tracker, which would rewrite the run's record
-        accelerator.print(f"the run is already at step {start} of {total}: nothing to train; raise --steps or "
-                          "--epochs to go on")
-        return
-    stream_changes = config.sample_stream_changes(found.meta["config"]) if found else []
-    if stream_changes and accelerator.is_main_process:
-        print(f"warning: resumed with {', '.join(stream_changes)}: from step {start} on, the batches and dropout "
+    run = Run(config, accelerator.device, train_set, val_set, batches, strategy, optimizer,
+              make_scheduler(optimizer, config), LossScale() if config.mixed_precision == "fp16" else None,
+              mixed_precision_autocast(accelerator, config.mixed_precision),
+              checkpoint.resume_point(config.resume, config.checkpoints))
+    if run.resumed_from:
+        resume(run, run.resumed_from)
+    return run
+
+
+def resume(run: Run, found: checkpoint.Checkpoint) -> None:
+    checkpoint.load(found, run.strategy, run.optimizer)
+    run.scheduler.load_state_dict(found.meta["scheduler"])
+    if run.scale and found.meta.get("loss_scale"):
+        run.scale.load_state_dict(found.meta["loss_scale"])
+    changes = run.config.sample_stream_changes(found.meta["config"])
+    if changes and current().is_main:
+        print(f"warning: resumed with {', '.join(changes)}: from step {run.start} on, the batches and dropout "
               "masks are not those the checkpoint's run would have drawn", file=sys.stderr)
-    tracker = Tracker(accelerator, run_description(config, strategy, accelerator), config.output, config.tracker,
-                      config.project, config.group, config.run_name, config.mode, resumed_at=start)
+
+
+def train(config: TrainConfig, accelerator: Accelerator) -> None:
+    run = build(config, accelerator)
+    if run.start >= run.total:  # before the tracker, which would rewrite the run's record
+        accelerator.print(f"the run is already at step {run.start} of {run.total}: nothing to train; raise --steps "
+                          "or --epochs to go on")
+        return
+    config, strategy = run.config, run.strategy
+    tracker = Tracker(accelerator, run_description(run, accelerator), config.output, config.tracker, config.project,
+                      config.group, config.run_name, config.mode, resumed_at=run.start)
     stop = StopRequest()
-
-    def save(next_step: int) -> None:
-        meta = {"step": next_step, "epoch": next_step // batches.steps_per_epoch,
-                "scheduler": scheduler.state_dict(), "config": config.to_dict(),
-                "loss_scale": scale.state_dict() if scale else None}
-        checkpoint.save(checkpoints, strategy, optimizer, meta, config.keep_checkpoints)
-
-    progress = tqdm(total=total, initial=start, disable=not (accelerator.is_main_process and sys.stderr.isatty()),
+    progress = tqdm(total=run.total, initial=run.start, disable=not (current().is_main and sys.stderr.isatty()),
                     unit="step", dynamic_ncols=True)
-    steps = rank_batches(train_set, batches, strategy.image_rows(config.batch_size),
-                         strategy.label_rows(config.batch_size), start, total, config.workers, device)
-    clock = StepClock(device)
+    steps = rank_batches(run.train_set, run.batches, strategy.image_rows(config.batch_size),
+                         strategy.label_rows(config.batch_size), run.start, run.total, config.workers, run.device)
+    clock = StepClock(run.device)
     batch, data_wait_s = next_batch(steps)
     while batch is not None:
         step, images, labels = batch
         clock.start()
-        strategy.ledger.reset()
-        with autocast():
-            loss = train_step(strategy, optimizer, images, labels, step, config.batch_size, scale)
-        flags = agreed_flags(stop.requested, loss)
+        loss, flags = run_step(run, images, labels, step, stop.requested)
         clock.end()
         # Nothing above waits for a GPU (fp16's overflow check aside): the host decodes and queues the
         # next batch while the device runs this step, and only then waits for the step's flags, time, loss.
@@ -199,39 +221,67 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         stopping, diverged = (bool(flag) for flag in flags.tolist())
         if diverged:
             raise Diverged(f"the loss is not finite at step {step}; the last good checkpoint in "
-                                     f"{checkpoints} is intact (try a lower --lr)")
-        elapsed = clock.seconds()
-        if step % config.log_every == 0 or step == total - 1:
-            global_loss = float(strategy.global_loss(loss))
-            memory, sent = per_rank([peak_memory_mb(device), strategy.ledger.total_bytes()], device)
-            tracker.log({"loss": global_loss, "lr": optimizer.param_groups[0]["lr"], "epoch": batches.epoch(step),
-                         "step_time_s": elapsed, "data_wait_s": data_wait_s,
-                         "images_per_s": config.batch_size / elapsed, "comm_bytes": sent,
-                         "comm_wait_s": strategy.ledger.wait_s,
-                         **{f"comm_wait_s/{link}": seconds for link, seconds in strategy.ledger.waits.items()},
-                         "peak_memory_mb": memory, **({"loss_scale": scale.value} if scale else {})}, step)
-            progress.set_postfix(loss=f"{global_loss:.4f}", img_s=f"{config.batch_size / elapsed:.1f}")
+                           f"{config.checkpoints} is intact (try a lower --lr)")
+        if step % config.log_every == 0 or step == run.total - 1:
+            figures = log_step(run, tracker, step, loss, clock.seconds(), data_wait_s)
+            progress.set_postfix(loss=f"{figures['loss']:.4f}", img_s=f"{figures['images_per_s']:.1f}")
         progress.update()
-        next_step = step + 1
-        epoch_end = next_step % batches.steps_per_epoch == 0
-        if epoch_end or (config.eval_every and next_step % config.eval_every == 0):
-            result = evaluate(strategy, val_set, config.batch_size, config.workers, device, autocast)
-            tracker.log({"val_loss": result.loss, "val_top1_error": result.top1_error,
-                         "val_top5_error": result.top5_error}, step)
-            if config.lr_schedule == "plateau":
-                scheduler.step(result.top1_error)
-        if epoch_end and config.lr_schedule == "step":
-            scheduler.step()
-        checkpoint_due = bool(config.checkpoint_every) and next_step % config.checkpoint_every == 0
-        # the run's last step too: --steps may end it mid-epoch, and its training would be lost
-        if epoch_end or stopping or next_step == total or checkpoint_due:
-            save(next_step)
+        after_step(run, tracker, step + 1, stopping)
         if stopping:
             accelerator.print(f"stopped by a signal after step {step}; checkpoint saved, resume with --resume latest")
             break
         batch, data_wait_s = upcoming, upcoming_wait_s
     progress.close()
     tracker.finish()
+
+
+def run_step(run: Run, images: Tensor, labels: Tensor, step: int, stop_requested: bool) -> tuple[Tensor, Tensor]:
+    """One training step, queued: this rank's loss, and the flags every rank agrees on (`agreed_flags`)."""
+    run.strategy.ledger.reset()
+    with run.autocast():
+        loss = train_step(run.strategy, run.optimizer, images, labels, step, run.config.batch_size, run.scale)
+    return loss, agreed_flags(stop_requested, loss)
+
+
+def log_step(run: Run, tracker: Tracker, step: int, loss: Tensor, step_time_s: float, data_wait_s: float,
+             ) -> dict[str, Any]:
+    """A training step's row of the record: the global batch's loss, speed, the time waited on each link, the
+    bytes each rank sent and each rank's peak memory. Returns it."""
+    strategy, batch = run.strategy, run.config.batch_size
+    memory, sent = per_rank([peak_memory_mb(run.device), strategy.ledger.total_bytes()], run.device)
+    figures = {"loss": float(strategy.global_loss(loss)), "lr": run.optimizer.param_groups[0]["lr"],
+               "epoch": run.batches.epoch(step), "step_time_s": step_time_s, "data_wait_s": data_wait_s,
+               "images_per_s": batch / step_time_s, "comm_bytes": sent, "comm_wait_s": strategy.ledger.wait_s,
+               **{f"comm_wait_s/{link}": seconds for link, seconds in strategy.ledger.waits.items()},
+               "peak_memory_mb": memory, **({"loss_scale": run.scale.value} if run.scale else {})}
+    tracker.log(figures, step)
+    return figures
+
+
+def after_step(run: Run, tracker: Tracker, next_step: int, stopping: bool) -> None:
+    """What falls due once a step is done: an evaluation (at an epoch's end, or every --eval-every steps) and the
+    learning rate's schedule, then a checkpoint (at an epoch's end, every --checkpoint-every steps, on a stop,
+    and at the run's last step, since --steps may end it mid-epoch and its training would be lost)."""
+    config = run.config
+    epoch_end = next_step % run.batches.steps_per_epoch == 0
+    if epoch_end or (config.eval_every and next_step % config.eval_every == 0):
+        result = evaluate(run.strategy, run.val_set, config.batch_size, config.workers, run.device, run.autocast)
+        tracker.log({"val_loss": result.loss, "val_top1_error": result.top1_error,
+                     "val_top5_error": result.top5_error}, next_step - 1)
+        if config.lr_schedule == "plateau":
+            run.scheduler.step(result.top1_error)
+    if epoch_end and config.lr_schedule == "step":
+        run.scheduler.step()
+    checkpoint_due = bool(config.checkpoint_every) and next_step % config.checkpoint_every == 0
+    if epoch_end or stopping or next_step == run.total or checkpoint_due:
+        save(run, next_step)
+
+
+def save(run: Run, next_step: int) -> None:
+    meta = {"step": next_step, "epoch": next_step // run.batches.steps_per_epoch,
+            "scheduler": run.scheduler.state_dict(), "config": run.config.to_dict(),
+            "loss_scale": run.scale.state_dict() if run.scale else None}
+    checkpoint.save(run.config.checkpoints, run.strategy, run.optimizer, meta, run.config.keep_checkpoints)
 
 
 def mixed_precision_autocast(accelerator: Accelerator, mixed_precision: str) -> Callable[[], AbstractContextManager]:
@@ -241,9 +291,8 @@ def mixed_precision_autocast(accelerator: Accelerator, mixed_precision: str) -> 
     return accelerator.autocast
 
 
-def run_description(config: TrainConfig, strategy: Strategy, accelerator: Accelerator) -> dict:
+def run_description(run: Run, accelerator: Accelerator) -> dict:
     """Everything that defines the run, for config.json and the trackers."""
-    rows = strategy.image_rows(config.batch_size)
-    return {**config.to_dict(), "num_classes": strategy.setup.num_classes, "world_size": accelerator.num_processes,
-            "per_rank_batch": rows.stop - rows.start, "device": str(accelerator.device),
-            "torch": torch.__version__, "accelerate": accelerate.__version__}
+    rows = run.strategy.image_rows(run.config.batch_size)
+    return {**run.config.to_dict(), "world_size": current().size, "per_rank_batch": rows.stop - rows.start,
+            "device": str(accelerator.device), "torch": torch.__version__, "accelerate": accelerate.__version__}

@@ -1,17 +1,17 @@
-"""The 2012 network (and the one-weird-trick column), written once.
-
-One class, `AlexNet`, builds any piece of the network a layout needs: the whole net on one device
-(`AlexNet2012`, the reference), one tower of the paper's two (`Tower`), or a full conv column with a
-1/N shard of the fully connected layers (the one-weird-trick layout). Every parameter of a piece is a
-contiguous block of rows (dim 0) of the same parameter of the whole net, which makes the state_dict
-conversions exact slicing and concatenation.
+"""The 2012 network and the one-column net of "One weird trick", as plain modules that know nothing of
+parallelism. Each is a chain of named layers run in order (conv1 ... conv5, fc6, fc7, fc8, with the ReLUs
+and dropouts between them), so its state_dict keys are the layers' names, and a layout (strategies/)
+places, shards or wraps the layers it needs and is entered through the net's forward. The paper's two
+towers are architecture: conv2, conv4 and conv5 are grouped convolutions (groups=2) and the LRNs
+normalise each tower's maps on their own.
 
 Where the paper is ambiguous, the choices are explained in docs/reproduction.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -190,86 +190,92 @@ class LRN(nn.Module):
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, groups={self.groups}"
 
 
-def part_size(total: int, count: int) -> int:
-    if total % count:
-        raise ValueError(f"{total} does not split into {count} equal parts")
-    return total // count
+class ConvLayer(nn.Conv2d):
+    """One conv layer as the paper's figure 2 draws it: the convolution, its ReLU, then the response
+    normalisation and the overlapping 3x3/2 max-pool where the layer has them (sections 3.3 and 3.4). A
+    Conv2d, so that its parameters keep their names (conv1.weight, ...)."""
 
+    def __init__(self, spec: ConvSpec, in_channels: int, groups: int, lrn_groups: int, lrn_alpha: float) -> None:
+        padding = 0 if isinstance(spec.padding, tuple) else spec.padding
+        super().__init__(in_channels, spec.out_channels, spec.kernel, spec.stride, padding, groups=groups)
+        self.explicit_padding = spec.padding if isinstance(spec.padding, tuple) else None
+        self.lrn = LRN(alpha=lrn_alpha, groups=lrn_groups) if spec.lrn else None
+        self.pool = spec.pool
 
-def rows(total: int, index: int, count: int) -> slice:
-    """The contiguous block of `total` rows (channels, units, samples) that part `index` of `count` holds."""
-    size = part_size(total, count)
-    return slice(index * size, (index + 1) * size)
-
-
-class DropoutMasks:
-    """Dropout masks that depend only on (seed, step, layer, global sample, unit).
-
-    The mask for a layer is drawn over the whole global batch and the whole layer from a generator
-    seeded by (seed, step, layer); each layout slices out the samples and units it holds, so every
-    layout drops exactly the same activations as the one-device net.
-    """
-
-    def __init__(self, seed: int, step: int, global_batch: int, samples: slice | None = None,
-                 p: float = DROPOUT) -> None:
-        self.seed, self.step, self.global_batch, self.p = seed, step, global_batch, p
-        self.samples = samples if samples is not None else slice(0, global_batch)
-
-    def keep(self, layer: int, units_total: int, units: slice, device: torch.device) -> Tensor:
-        generator = seeded_generator(self.seed, self.step, layer, device=device)
-        noise = torch.rand(self.global_batch, units_total, generator=generator, device=device)
-        return noise[self.samples, units] >= self.p
-
-    def apply(self, x: Tensor, layer: int, units_total: int, units: slice) -> Tensor:
-        keep = self.keep(layer, units_total, units, x.device)
-        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+    def forward(self, x: Tensor) -> Tensor:
+        if self.explicit_padding is not None:
+            x = F.pad(x, self.explicit_padding)
+        x = F.relu(super().forward(x), inplace=True)
+        if self.lrn is not None:
+            x = self.lrn(x)
+        return F.max_pool2d(x, 3, 2) if self.pool else x
 
 
 @dataclass(frozen=True)
-class Piece:
-    """Which part of the whole net a module holds (see `AlexNet`)."""
+class MaskDraw:
+    """What a training step's dropout masks are drawn from: the seed and the step, the global batch's size,
+    and which of its rows the layer's input holds."""
 
-    tower: int | None = None
-    fc_shard: tuple[int, int] = (0, 1)
-
-    def block(self, key: str, arch: Architecture, full_rows: int) -> slice | None:
-        """The rows of the whole net's parameter `key` this piece holds; None if it holds none."""
-        layer = key.split(".")[0]
-        if layer == "fc8":
-            return slice(0, full_rows) if self.fc_shard[0] == 0 else None
-        if layer in ("fc6", "fc7"):
-            return rows(full_rows, *self.fc_shard)
-        return slice(0, full_rows) if self.tower is None else rows(full_rows, self.tower, arch.towers)
+    seed: int
+    step: int
+    global_batch: int
+    rows: slice
 
 
-class AlexNet(nn.Module):
-    """A piece of the network (see `Piece`): all of it, one tower, or a full conv column with a
-    1/N shard of fc6 and fc7. fc8 lives whole on FC shard 0, as in the paper's figure and
-    cuda-convnet2's multi-GPU configs."""
+class SeededDropout(nn.Module):
+    """Dropout (p = 0.5 after the ReLUs of fc6 and fc7, section 4.2) whose mask depends only on (seed, step,
+    layer, global sample, unit): it is drawn for the whole global batch and the whole layer from a generator
+    seeded by (seed, step, layer), and the rows and units this module's input holds are sliced out, so every
+    layout drops exactly the activations the one-device net drops. A layout that shards the layer sets
+    `units`; the training step sets `draw`. Without a draw (a module used outside this project's training
+    step) it is torch's dropout."""
 
-    def __init__(self, arch: Architecture = PAPER, num_classes: int = 1000, piece: Piece | None = None,
-                 lrn_alpha: float = 1e-4, init: str = "paper") -> None:
+    def __init__(self, layer: int, units: int, p: float = DROPOUT) -> None:
         super().__init__()
-        self.arch, self.num_classes, self.piece, self.init = arch, num_classes, piece or Piece(), init
-        tower = self.piece.tower
-        split = arch.towers if tower is not None else 1  # a tower holds 1/towers of every conv's maps
+        self.layer, self.units_total, self.p = layer, units, p
+        self.units = slice(0, units)
+        self.draw: MaskDraw | None = None
+
+    def keep(self, device: torch.device) -> Tensor:
+        draw = self.draw
+        generator = seeded_generator(draw.seed, draw.step, self.layer, device=device)
+        noise = torch.rand(draw.global_batch, self.units_total, generator=generator, device=device)
+        return noise[draw.rows, self.units] >= self.p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        if self.draw is None:
+            return F.dropout(x, self.p, training=True)
+        return x * self.keep(x.device).to(x.dtype) * (1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, layer={self.layer}, units={self.units.start}:{self.units.stop} of {self.units_total}"
+
+
+class AlexNet(nn.Sequential):
+    """conv1 ... conv5 (`ConvLayer`s), flatten, fc6, ReLU, dropout, fc7, ReLU, dropout, fc8, run in order.
+    fc6 reads conv5's pooled maps flattened channel by channel, so a tower's maps are a contiguous block of
+    fc6's inputs."""
+
+    def __init__(self, arch: Architecture = PAPER, num_classes: int = 1000, lrn_alpha: float = 1e-4,
+                 init: str = "paper") -> None:
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
         in_channels = 3
         for spec in arch.convs:
-            if tower is None:  # the towers as groups of one conv
-                conv_in, groups = in_channels, arch.towers if spec.own_tower_only else 1
-            else:  # a tower reads its own maps, or both towers' maps gathered by a link
-                conv_in, groups = in_channels // (split if spec.own_tower_only else 1), 1
-            padding = 0 if isinstance(spec.padding, tuple) else spec.padding
-            self.add_module(spec.name, nn.Conv2d(conv_in, spec.out_channels // split, spec.kernel,
-                                                 spec.stride, padding, groups=groups))
+            groups = arch.towers if spec.own_tower_only else 1
+            layers[spec.name] = ConvLayer(spec, in_channels, groups, arch.towers, lrn_alpha)
             in_channels = spec.out_channels
-        self.lrn = LRN(alpha=lrn_alpha, groups=arch.towers if tower is None else 1)
-        shard, shards = self.piece.fc_shard
         fc6_units, fc7_units = arch.fc_units
-        self.fc6 = nn.Linear(arch.feature_size, part_size(fc6_units, shards))
-        self.fc7 = nn.Linear(fc6_units, part_size(fc7_units, shards))
-        self.fc8 = nn.Linear(fc7_units, num_classes) if shard == 0 else None
-        if not self.fc6.weight.is_meta:  # a piece built on meta gets its weights from a state_dict
+        layers["flatten"] = nn.Flatten()
+        layers["fc6"], layers["relu6"] = nn.Linear(arch.feature_size, fc6_units), nn.ReLU(inplace=True)
+        layers["dropout6"] = SeededDropout(0, fc6_units)
+        layers["fc7"], layers["relu7"] = nn.Linear(fc6_units, fc7_units), nn.ReLU(inplace=True)
+        layers["dropout7"] = SeededDropout(1, fc7_units)
+        layers["fc8"] = nn.Linear(fc7_units, num_classes)
+        super().__init__(layers)
+        self.arch, self.num_classes, self.init = arch, num_classes, init
+        if not self.fc8.weight.is_meta:  # a net built on meta is for its shapes alone
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -287,84 +293,27 @@ class AlexNet(nn.Module):
                 nn.init.constant_(layer.bias, biases[name])
 
     def layers(self) -> dict[str, nn.Conv2d | nn.Linear]:
-        names = [spec.name for spec in self.arch.convs] + list(FC_NAMES)
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        """The layers with weights, conv1 ... fc8, by name."""
+        return {name: module for name, module in self.named_children() if isinstance(module, nn.Conv2d | nn.Linear)}
 
-    # -- the conv column, in stages between the points where the towers exchange maps --
-
-    def conv_stages(self) -> list[list[int]]:
-        """Indices of the conv layers between links: a new stage starts at every conv that reads
-        both towers' maps (conv3 in the paper net). The one-device net runs them back to back."""
-        stages: list[list[int]] = []
-        for i, spec in enumerate(self.arch.convs):
-            if i == 0 or not spec.own_tower_only and self.arch.towers > 1:
-                stages.append([])
-            stages[-1].append(i)
-        return stages
-
-    def run_convs(self, x: Tensor, indices: list[int]) -> Tensor:
-        for i in indices:
-            spec = self.arch.convs[i]
-            if isinstance(spec.padding, tuple):
-                x = F.pad(x, spec.padding)
-            x = F.relu(getattr(self, spec.name)(x), inplace=True)
-            if spec.lrn:
-                x = self.lrn(x)
-            if spec.pool:
-                x = F.max_pool2d(x, 3, 2)
-        return x
-
-    def features(self, x: Tensor) -> Tensor:
-        """All conv stages back to back (no links): the one-device net, or the weird-trick column."""
-        for stage in self.conv_stages():
-            x = self.run_convs(x, stage)
-        return x.flatten(1)
-
-    # -- the fully connected layers --
-
-    def hidden(self, x: Tensor, layer: int, dropout: DropoutMasks | None) -> Tensor:
-        """fc6 (layer 0) or fc7 (layer 1) on this piece's units: ReLU, then dropout while training."""
-        return self.activate(getattr(self, FC_NAMES[layer])(x), layer, dropout)
-
-    def activate(self, x: Tensor, layer: int, dropout: DropoutMasks | None) -> Tensor:
-        """What follows fc6's or fc7's product on this piece's units: ReLU, then dropout while training."""
-        x = F.relu(x, inplace=True)
-        if not self.training:
-            return x
-        if dropout is None:
-            return F.dropout(x, DROPOUT, training=True)
-        units_total = self.arch.fc_units[layer]
-        return dropout.apply(x, layer, units_total, rows(units_total, *self.piece.fc_shard))
-
-    def forward(self, x: Tensor, dropout: DropoutMasks | None = None) -> Tensor:
-        """The whole net on one device. Pieces of it are run by the strategies, through links."""
-        if self.piece != Piece():
-            raise RuntimeError("a tower or FC shard runs inside a strategy; only the whole net has forward()")
-        x = self.hidden(self.features(x), 0, dropout)
-        return self.fc8(self.hidden(x, 1, dropout))
+    def dropouts(self) -> dict[str, SeededDropout]:
+        """Each dropout, by the name of the layer whose units it drops (fc6, fc7)."""
+        return {"fc6": self.dropout6, "fc7": self.dropout7}
 
 
 class AlexNet2012(AlexNet):
     """The 2012 paper's network on one device: conv2/4/5 as groups=2 convs, LRN per tower."""
 
-    def __init__(self, num_classes: int = 1000, lrn_alpha: float = 1e-4) -> None:
-        super().__init__(PAPER, num_classes, lrn_alpha=lrn_alpha)
-
-
-class Tower(AlexNet):
-    """One tower of the paper's net: 48/128/192/192/128 conv channels, 2048 fc6 and fc7 units,
-    and the whole fc8 on tower 0."""
-
-    def __init__(self, index: int, num_classes: int = 1000, lrn_alpha: float = 1e-4) -> None:
-        super().__init__(PAPER, num_classes, Piece(index, (index, PAPER.towers)), lrn_alpha)
+    def __init__(self, num_classes: int = 1000, lrn_alpha: float = 1e-4, init: str = "paper") -> None:
+        super().__init__(PAPER, num_classes, lrn_alpha, init)
 
 
 class AlexNetOWT(AlexNet):
     """The one-column net of "One weird trick" (torchvision's AlexNet): loads torchvision's
     state_dict directly (its keys are renamed on load) and exports it with `torchvision_state_dict`."""
 
-    def __init__(self, num_classes: int = 1000) -> None:
-        super().__init__(OWT, num_classes)
+    def __init__(self, num_classes: int = 1000, init: str = "paper") -> None:
+        super().__init__(OWT, num_classes, init=init)
         self._register_load_state_dict_pre_hook(_rename_torchvision_keys)
 
     def torchvision_state_dict(self) -> dict[str, Tensor]:
@@ -379,55 +328,25 @@ def _rename_torchvision_keys(state_dict: dict, prefix: str, *args: object) -> No
             state_dict[f"{prefix}{TORCHVISION_NAMES[layer]}.{param}"] = state_dict.pop(key)
 
 
-def build_model(arch: str = "paper", num_classes: int = 1000) -> AlexNet:
-    """The whole net of an architecture on one device."""
-    return AlexNet2012(num_classes) if arch == "paper" else AlexNetOWT(num_classes)
-
-
-# -- state_dict conversions: every piece's parameter is a row block of the whole net's --
-
 INITS = ("paper", "he")
 
 
-def initial_state_dict(arch: Architecture, num_classes: int, seed: int, init: str = "paper") -> dict[str, Tensor]:
-    """The whole net's initial weights for a seed: every layout slices its pieces from these."""
-    torch.manual_seed(seed)
-    return AlexNet(arch, num_classes, init=init).state_dict()
+def build_model(arch: str = "paper", num_classes: int = 1000, seed: int | None = None, init: str = "paper",
+                ) -> AlexNet:
+    """The whole net of an architecture. With a seed, its initial weights are that seed's, whatever the global
+    random state: every layout starts from them, sliced to its parts."""
+    cls = AlexNet2012 if arch == "paper" else AlexNetOWT
+    if seed is None:
+        return cls(num_classes, init=init)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(num_classes, init=init)
 
 
-def full_shapes(arch: Architecture, num_classes: int) -> dict[str, torch.Size]:
+def full_shapes(arch: str, num_classes: int) -> dict[str, torch.Size]:
+    """The whole net's state_dict shapes, from a net built on meta (no memory, no init)."""
     with torch.device("meta"):
-        return {key: value.shape for key, value in AlexNet(arch, num_classes).state_dict().items()}
-
-
-def shard_state_dict(full: Mapping[str, Tensor], arch: Architecture, piece: Piece) -> dict[str, Tensor]:
-    """The part of a whole-net state_dict that `piece` holds."""
-    blocks = {key: piece.block(key, arch, value.shape[0]) for key, value in full.items()}
-    return {key: full[key][block].clone() for key, block in blocks.items() if block is not None}
-
-
-def merge_state_dicts(pieces: list[tuple[Piece, Mapping[str, Tensor]]], arch: Architecture,
-                      num_classes: int) -> dict[str, Tensor]:
-    """The whole-net state_dict from the state_dicts of pieces that together hold all of it.
-    Replicated parameters (the weird-trick conv column) are taken from the last piece holding them."""
-    shapes = full_shapes(arch, num_classes)
-    first = pieces[0][1]
-    merged = {key: first[key].new_empty(shape) for key, shape in shapes.items()}
-    for piece, state in pieces:
-        for key, value in state.items():
-            merged[key][piece.block(key, arch, shapes[key][0])] = value
-    return merged
-
-
-def towers_to_full(tower0: Mapping[str, Tensor], tower1: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """An `AlexNet2012` state_dict from the two towers' state_dicts."""
-    num_classes = tower0["fc8.weight"].shape[0]
-    return merge_state_dicts([(Piece(0, (0, 2)), tower0), (Piece(1, (1, 2)), tower1)], PAPER, num_classes)
-
-
-def full_to_towers(full: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The two towers' state_dicts from an `AlexNet2012` state_dict."""
-    return (shard_state_dict(full, PAPER, Piece(0, (0, 2))), shard_state_dict(full, PAPER, Piece(1, (1, 2))))
+        return {key: value.shape for key, value in build_model(arch, num_classes).state_dict().items()}
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -15,11 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from alexnet_mp.cost import expected_traffic, layer_costs, memory_bytes, rank_work, training_flops
+from alexnet_mp.config import TrainConfig
+from alexnet_mp.cost import layer_costs, memory_bytes, training_flops
 from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.report import markdown_table
-from alexnet_mp.strategies import STRATEGIES, Setup
+from alexnet_mp.strategies import STRATEGIES
 
 GRADIENT_LINKS = ("gradients", "conv-gradients")  # all-reduces that overlap the backward pass
 BACKWARD_SHARE = 2 / 3  # of a step's FLOPs (see cost.training_flops)
@@ -47,14 +48,15 @@ class Prediction:
         return self.compute_s + activations + max(0.0, gradients - BACKWARD_SHARE * self.compute_s)
 
 
-def layouts(gpus: int, arch: str) -> list[str]:
-    """The modes that can run on `gpus` ranks (single on one only), by the strategies' own checks."""
+def layouts(gpus: int, arch: str, batch: int = 128) -> list[str]:
+    """The modes that run a global batch of `batch` on `gpus` GPUs, one part of the net on each, by the layouts'
+    own checks; on one GPU, only the layout made for one (single)."""
     names = []
     for mode, cls in STRATEGIES.items():
-        if (mode == "single") != (gpus == 1):
+        if (cls.fixed_world_size == 1) != (gpus == 1) or cls.parts(gpus) != gpus:
             continue
         try:
-            cls.check(gpus, Setup(arch))
+            cls.check(gpus, TrainConfig(mode=mode, arch=arch, batch_size=batch))
         except UsageError:
             continue
         names.append(mode)
@@ -63,13 +65,16 @@ def layouts(gpus: int, arch: str) -> list[str]:
 
 def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, num_classes: int = 1000,
             bytes_per_element: int = 4) -> Prediction:
-    traffic = expected_traffic(mode, arch, gpus, batch, num_classes)
+    layout = STRATEGIES[mode]
+    traffic = layout.expected_traffic(arch, gpus, batch, num_classes)
     sent = [sum(rank.values()) * bytes_per_element for rank in traffic]
-    works = [rank_work(mode, arch, rank, gpus, batch) for rank in range(gpus)]
-    compute = [training_flops(work, arch, num_classes) / (device_tflops * 1e12) for work in works]
-    slowest = max(range(gpus), key=lambda rank: (compute[rank], sent[rank]))
+    parts = layout.parts(gpus)
+    works = [layout.work(arch, part, parts, batch, num_classes) for part in range(parts)]
+    architecture = ARCHITECTURES[arch]
+    compute = [training_flops(work, architecture, num_classes) / (device_tflops * 1e12) for work in works]
+    slowest = max(range(parts), key=lambda rank: (compute[rank], sent[rank]))
     gradient = sum(v for (link, _), v in traffic[slowest].items() if link in GRADIENT_LINKS) * bytes_per_element
-    memory = max((memory_bytes(work, arch, num_classes, bytes_per_element) for work in works),
+    memory = max((memory_bytes(work, architecture, num_classes, bytes_per_element) for work in works),
                  key=lambda kinds: sum(kinds.values()))
     return Prediction(mode, gpus, sent, compute[slowest], sent[slowest] - gradient, gradient, memory)
 
@@ -77,7 +82,7 @@ def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, n
 def plan(gpu_counts: list[int], arch: str, batch: int, device_tflops: float, num_classes: int = 1000,
          ) -> list[Prediction]:
     return [predict(mode, arch, gpus, batch, device_tflops, num_classes)
-            for gpus in gpu_counts if batch % gpus == 0 for mode in layouts(gpus, arch)]
+            for gpus in gpu_counts for mode in layouts(gpus, arch, batch)]
 
 
 def shares(arch: str, num_classes: int = 1000) -> str:

@@ -1,21 +1,22 @@
-"""Speed-ups that change how a piece of the net runs, never what it computes. Each one is applied to a
-built piece by its own small function (as torchtitan applies each parallelism), after the strategy has
-loaded the piece's weights; `apply_speed` runs the ones a `Speed` asks for."""
+"""Speed-ups that change how the net runs, never what it computes. Each one is applied to a layout's
+part of the net by its own small function (as torchtitan applies each parallelism), once the layout
+has sharded and placed it; `apply_speed` runs the ones a `Speed` asks for."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from alexnet_mp.model import LRN, AlexNet
+from alexnet_mp.model import LRN, ConvLayer
 
 
 @dataclass(frozen=True)
 class Speed:
     channels_last: bool = False  # conv weights (and so activations) in NHWC, the layout cuDNN's fast kernels use
-    compile: bool = False  # each conv stage between two links one torch.compile graph
-    cuda_graphs: bool = False  # the compiled stages replayed as CUDA graphs (implies compile)
+    compile: bool = False  # each conv layer one torch.compile graph
+    cuda_graphs: bool = False  # the compiled layers replayed as CUDA graphs (implies compile)
     triton_lrn: bool = False  # LRN as hand-written Triton kernels (kernels.py) instead of torch ops
 
     @property
@@ -32,37 +33,45 @@ class Speed:
                                                 ("cuda graphs", self.cuda_graphs), ("triton LRN", self.triton_lrn))
                           if on)
 
+    def flags(self) -> dict[str, bool]:
+        """The run's flags (TrainConfig's fields) that ask for these speed-ups."""
+        return {"channels_last": self.channels_last, "compile": self.compile, "cuda_graphs": self.cuda_graphs,
+                "triton_lrn": self.triton_lrn}
 
-def apply_channels_last(piece: AlexNet) -> None:
+
+def apply_channels_last(model: nn.Module) -> None:
     """Conv weights in channels_last; a conv with such a weight returns channels_last maps, so every
     layer after conv1 (links included: they concatenate channels) keeps the layout."""
-    piece.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)
 
 
-def apply_compile(piece: AlexNet, mode: str | None) -> None:
-    """Each conv stage (`run_convs`: the layers between two links) becomes one compiled graph. The
-    links and the fully connected layers, whose dropout draws from seeded generators, stay eager, so no
-    collective and no generator lies inside a graph: the links are the graphs' boundaries."""
-    piece.run_convs = torch.compile(piece.run_convs, mode=mode)
+def apply_compile(model: nn.Module, mode: str | None) -> None:
+    """Each conv layer's forward (convolution, ReLU, LRN, pool) becomes one compiled graph. The links
+    run as hooks around the layers' forwards, and the fully connected layers, whose dropout draws from
+    seeded generators, stay eager: no collective and no generator lies inside a graph."""
+    for layer in model.modules():
+        if isinstance(layer, ConvLayer):
+            layer.forward = torch.compile(layer.forward, mode=mode)
 
 
-def apply_triton_lrn(piece: AlexNet) -> None:
+def apply_triton_lrn(model: nn.Module) -> None:
     """Every LRN runs `kernels.lrn`; under compile it is one opaque op in the graph (imported here, so
     that only runs which ask for it import Triton)."""
     from alexnet_mp import kernels
 
-    for module in piece.modules():
+    for module in model.modules():
         if isinstance(module, LRN):
             module.kernel = kernels.lrn
 
 
-def apply_speed(piece: AlexNet, speed: Speed) -> None:
+def apply_speed(model: nn.Module, speed: Speed) -> nn.Module:
     if speed.channels_last:
-        apply_channels_last(piece)
+        apply_channels_last(model)
     if speed.triton_lrn:
-        apply_triton_lrn(piece)
+        apply_triton_lrn(model)
     if speed.compiled:
-        apply_compile(piece, speed.compile_mode)
+        apply_compile(model, speed.compile_mode)
+    return model
 
 
 @dataclass(frozen=True)

@@ -53,12 +53,12 @@ def compute_gradients(strategy: Strategy, images: Tensor, labels: Tensor, step: 
     """Forward and backward of global batch `step`, gradient communication finished. `images` and
     `labels` are this rank's rows of the batch (`strategy.image_rows`, `strategy.label_rows`).
     Returns this rank's logits and (unscaled) loss."""
-    if strategy.setup.speed.cuda_graphs:
+    if strategy.config.speed.cuda_graphs:
         torch.compiler.cudagraph_mark_step_begin()  # a new step: the CUDA graphs may reuse their buffers
     logits = strategy.forward(images, step, global_batch)
     loss = strategy.loss(logits, labels)
     (loss * loss_scale).backward()  # x 1.0 is exact
-    strategy.after_backward()
+    strategy.finish_backward()
     return logits.detach(), loss.detach()
 
 

@@ -1,16 +1,23 @@
-"""Where a run's record goes: OUTPUT/config.json and OUTPUT/metrics.jsonl always (so runs can be
-compared offline), and accelerate's trackers (wandb, tensorboard) when asked; main process only."""
+"""A run's folder and record: one live run per folder (OUTPUT/run.lock), OUTPUT/config.json and
+OUTPUT/metrics.jsonl always (so runs can be compared offline), and accelerate's trackers (wandb,
+tensorboard) when asked; main process only."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import importlib.util
 import json
+import os
+import shutil
+import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from alexnet_mp.errors import UsageError, WriteFailed
 
@@ -45,6 +52,48 @@ def writing(path: Path) -> Iterator[None]:
         raise WriteFailed(f"could not write {path} ({error.strerror or error}): make room, then run again; "
                                "the checkpoints written so far are intact (--resume latest goes on from the newest)"
                                ) from None
+
+
+RUN_LOCK = "run.lock"  # in OUTPUT: held by the run writing there (`hold_output`)
+
+
+@contextmanager
+def hold_output(folder: Path) -> Iterator[None]:
+    """Holds an exclusive lock on `folder` (which `check_run` found writable) while the run writing there
+    lives; the main process takes it. A second run into the folder is refused in one line: the same command
+    started twice, say, or a requeued job whose first attempt is still saving. The two would interleave
+    their metrics, and delete each other's half-written checkpoints. It is an flock, which the kernel drops
+    with its process however that ends, so a killed run leaves no stale lock. Where the file system has no
+    locks, the run goes on with a warning. A run refused before it wrote anything leaves no folder behind."""
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / RUN_LOCK).open("a+") as lock:
+        _lock(lock, folder)
+        try:
+            yield
+        finally:  # only while holding the lock: a refused run must not remove a live one's
+            if created and [path.name for path in folder.iterdir()] == [RUN_LOCK]:
+                shutil.rmtree(folder)
+
+
+def _lock(lock: TextIO, folder: Path) -> None:
+    """Takes `lock` (the open RUN_LOCK of `folder`) and writes this process's pid and host into it."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        raise UsageError(f"{folder} is in use by a live run ({holder}): wait for it to end, or choose another "
+                         "--output-dir") from None
+    except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        print(f"warning: {folder}'s file system has no locks ({error.strerror}): a second run into it at the "
+              "same time would not be refused", file=sys.stderr)
+    with writing(folder / RUN_LOCK):
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
 
 
 class CorruptRecord(ValueError):

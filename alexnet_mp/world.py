@@ -25,8 +25,9 @@ def launched() -> World:
     return World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def processes_on_this_machine() -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", launched().size))
+def processes_on_this_machine(world_size: int) -> int:
+    """The processes a launcher started on this machine, of the `world_size` it launched."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
 
 
 def current() -> World:

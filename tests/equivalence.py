@@ -14,18 +14,18 @@ Tolerances (relative, ||a - b|| / ||b|| per tensor):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alexnet_mp.blocks import WHOLE, Block, merge
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.links import Ledger
-from alexnet_mp.model import ARCHITECTURES, DropoutMasks, Piece, build_model, initial_state_dict, merge_state_dicts
+from alexnet_mp.model import MaskDraw, build_model, full_shapes
 from alexnet_mp.speed import EAGER, Variant
 from alexnet_mp.step import compute_gradients, make_optimizer
-from alexnet_mp.strategies import Setup, create
+from alexnet_mp.strategies import Strategy, build, check_layout
 from alexnet_mp.world import current
 
 CLASSES, SEED, LR, STEPS = 10, 0, 0.01, 2  # two steps: the second one uses momentum
@@ -34,17 +34,20 @@ BF16_LOGITS_TOLERANCE, BF16_GRADIENT_TOLERANCE = 1e-2, 1e-1
 BF16_GRADIENT_LAYERS = ("conv5", "fc6", "fc7", "fc8")
 
 
+Blocks = list[tuple[str, Block, Tensor]]  # (whole-net key, block, values)
+
+
 @dataclass
 class Run:
     """What one rank (or the reference) saw: per step the logits of `label_rows` and the global
-    loss; after step 0 the gradients; at the end the weights; the ledger of step 0. A rank whose
-    pieces replicate a lower rank's ships only a checksum of its final weights."""
+    loss; after step 0 the gradients; at the end the weights; the ledger of step 0. Only the blocks
+    no lower rank holds are shipped; every rank ships a checksum of its final weights."""
 
     label_rows: slice
     logits: list[Tensor] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
-    gradients: list[tuple[Piece, dict[str, Tensor]]] = field(default_factory=list)
-    weights: list[tuple[Piece, dict[str, Tensor]]] = field(default_factory=list)
+    gradients: Blocks = field(default_factory=list)
+    weights: Blocks = field(default_factory=list)
     traffic: dict = field(default_factory=dict)
     sent_bytes: float = 0.0
     checksum: float = 0.0
@@ -61,34 +64,38 @@ def sgd(params) -> torch.optim.SGD:
     return make_optimizer(params, TrainConfig(lr=LR))
 
 
+def distinct_blocks(strategy: Strategy, values: str) -> Blocks:
+    """Of every block this rank holds and no lower rank holds: the parameter's `values` ("grad" or "data"), on
+    the CPU."""
+    return [(key, block, getattr(param, values).detach().cpu().clone())
+            for key, block, param, writes in strategy.blocks() if writes]
+
+
 def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, exchange: str | None = None,
                variant: Variant = EAGER, device: str = "cpu") -> Run:
     """`steps` SGD steps of a layout; what it saw comes back on the CPU."""
-    setup = Setup(arch, CLASSES, SEED, torch.device(device), dtype=dtype, exchange=exchange, speed=variant.speed,
-                  timeout=timedelta(seconds=60))
-    strategy = create(mode, setup, current().size)
-    strategy.check_batch(size)
+    config = TrainConfig(mode=mode, arch=arch, num_classes=CLASSES, seed=SEED, exchange=exchange, batch_size=size,
+                         lr=LR, timeout_s=60, **variant.speed.flags())
+    check_layout(config, current().size)
+    strategy = build(config, torch.device(device), dtype)
     strategy.train()
-    optimizer = sgd(strategy.parameters())
+    optimizer = make_optimizer(strategy.parameters(), config)
     images, labels = global_batch(size, dtype)
     run = Run(strategy.label_rows(size))
     for step in range(steps):
         strategy.ledger.reset()
-        with variant.autocast(setup.device):
+        with variant.autocast(torch.device(device)):
             logits, loss = compute_gradients(strategy, images[strategy.image_rows(size)].to(device),
                                              labels[run.label_rows].to(device), step, size)
         run.logits.append(logits.float().cpu() if variant.precision == "bf16" else logits.cpu())
         run.losses.append(float(strategy.global_loss(loss)))
-        if step == 0 and strategy.holds_distinct_shard():
-            run.gradients = [(piece, {name: p.grad.cpu().clone() for name, p in module.named_parameters()})
-                             for piece, module in strategy.pieces]
         if step == 0:
+            run.gradients = distinct_blocks(strategy, "grad")
             run.traffic = dict(strategy.ledger.elements)
             run.sent_bytes = strategy.ledger.total_bytes()
         optimizer.step()
         optimizer.zero_grad()
-    run.weights = [(piece, {key: value.cpu() for key, value in state.items()})
-                   for piece, state in strategy.local_state()] if strategy.holds_distinct_shard() else []
+    run.weights = distinct_blocks(strategy, "data")
     run.checksum = sum(float(p.detach().double().sum()) for p in strategy.parameters())
     return run
 
@@ -100,28 +107,29 @@ def run_layout_both_precisions(mode: str, arch: str, size: int, exchange: str | 
 
 def run_reference(arch: str, size: int, steps: int, dtype: torch.dtype) -> Run:
     """The 2012 net (or the owt net) as one module, in a plain loop."""
-    net = build_model(arch, CLASSES)
-    net.load_state_dict(initial_state_dict(ARCHITECTURES[arch], CLASSES, SEED))
-    net.to(dtype).train()
+    net = build_model(arch, CLASSES, SEED).to(dtype).train()
     optimizer = sgd(net.parameters())
     images, labels = global_batch(size, dtype)
     run = Run(slice(0, size))
     for step in range(steps):
-        logits = net(images, DropoutMasks(SEED, step, size))
+        for dropout in net.dropouts().values():
+            dropout.draw = MaskDraw(SEED, step, size, slice(0, size))
+        logits = net(images)
         loss = F.cross_entropy(logits, labels)
         loss.backward()
         run.logits.append(logits.detach())
         run.losses.append(float(loss.detach()))
         if step == 0:
-            run.gradients = [(Piece(), {name: p.grad.clone() for name, p in net.named_parameters()})]
+            run.gradients = [(name, WHOLE, p.grad.clone()) for name, p in net.named_parameters()]
         optimizer.step()
         optimizer.zero_grad()
-    run.weights = [(Piece(), net.state_dict())]
+    run.weights = [(name, WHOLE, value) for name, value in net.state_dict().items()]
     return run
 
 
-def merged(pieces: list[tuple[Piece, dict[str, Tensor]]], arch: str) -> dict[str, Tensor]:
-    return merge_state_dicts(pieces, ARCHITECTURES[arch], CLASSES)
+def merged(blocks: Blocks, arch: str) -> dict[str, Tensor]:
+    """The whole net's tensors the blocks make up."""
+    return merge(blocks, full_shapes(arch, CLASSES))
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:

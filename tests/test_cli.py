@@ -215,7 +215,7 @@ def test_evaluate_scores_the_data_the_run_trained_on_unless_given_other_data(fla
 def test_mixed_precision_is_the_flags_else_the_launchers(launcher, flags, expected, monkeypatch):
     """The Accelerator is given the run's value: were it always the flag's default, it would override the
     launcher's silently."""
-    from alexnet_mp.config import train_config
+    from alexnet_mp.arguments import train_config
 
     if launcher:
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
@@ -233,7 +233,7 @@ def test_a_launchers_mixed_precision_this_project_does_not_run_is_refused_in_one
 def train_arguments(*flags: str):
     import argparse
 
-    from alexnet_mp.config import add_train_arguments
+    from alexnet_mp.arguments import add_train_arguments
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
@@ -241,7 +241,7 @@ def train_arguments(*flags: str):
 
 
 def test_speed_flags_become_the_strategys_speed_ups():
-    from alexnet_mp.config import train_config
+    from alexnet_mp.arguments import train_config
     from alexnet_mp.speed import Speed
 
     config = train_config(train_arguments("--channels-last", "--compile"))
@@ -290,7 +290,7 @@ def test_an_output_folder_on_a_file_system_without_locks_is_used_with_a_warning(
     import errno
     import fcntl
 
-    from alexnet_mp.config import hold_output
+    from alexnet_mp.tracking import hold_output
 
     def no_locks(file: object, operation: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
@@ -339,8 +339,8 @@ def test_more_ranks_on_a_machine_than_it_has_gpus_are_refused_in_one_line_unless
         on_cpu, monkeypatch):
     import torch
 
-    from alexnet_mp.config import check_gpus
     from alexnet_mp.errors import UsageError
+    from alexnet_mp.preflight import check_gpus
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

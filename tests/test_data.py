@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from alexnet_mp import data
+from alexnet_mp.blocks import rows
 from alexnet_mp.data import (
     MEAN,
     PCA_EIGENVALUES,
@@ -36,7 +37,6 @@ from alexnet_mp.data import (
 )
 from alexnet_mp.errors import UsageError
 from alexnet_mp.loop import average_crops
-from alexnet_mp.model import rows
 from tests.launching import ROOT
 
 CLASSES = ("cat", "dog", "fox")

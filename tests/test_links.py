@@ -15,11 +15,13 @@ import torch.distributed as dist
 from alexnet_mp.links import (
     BACKWARD,
     FORWARD,
-    AllGatherForwardReduceScatterBackward,
-    GatherToFirstForwardScatterBackward,
     GradientAllReduce,
     Ledger,
+    LinearOverRounds,
     RoundExchange,
+    all_gather,
+    gather_to_first,
+    metered,
 )
 from alexnet_mp.processes import run_distributed
 
@@ -71,7 +73,7 @@ def linear_over_rounds(world: int, precision: str, rank: int | None = None) -> d
     for scheme in RoundExchange.SCHEMES:
         x, layer = xs[rank].detach().clone().requires_grad_(), linears(world, dtype)[rank]
         with autocast:
-            y = RoundExchange(scheme, dist.group.WORLD, Ledger()).linear(x, layer)
+            y = LinearOverRounds(layer, scheme, dist.group.WORLD, Ledger(), "test")(x)
         (y * weights(y.shape)[0]).sum().backward()
         out[scheme] = (y.detach(), x.grad, layer.weight.grad, layer.bias.grad)
     return out
@@ -86,14 +88,17 @@ def link_gradients() -> dict[str, torch.Tensor]:
     out = {}
     for dim in (0, 1):
         x = parts((2, 3))[rank].requires_grad_()
-        full = AllGatherForwardReduceScatterBackward.apply(x, dim, group, ledger, "test")
+        with metered(ledger, f"all-gather-{dim}"):
+            full = all_gather(x, dim, group)
         (full * weights(full.shape)[rank]).sum().backward()
         out[f"all-gather-{dim}"] = x.grad
     x = parts((2, 3))[rank].requires_grad_()
-    first = GatherToFirstForwardScatterBackward.apply(x, 1, group, ledger, "test")
+    with metered(ledger, "gather-to-first"):
+        first = gather_to_first(x, 1, group)
     loss = (first * weights((2, 6))[0]).sum() if rank == 0 else first.sum()
     loss.backward()
     out["gather-to-first"] = x.grad
+    out["sent"] = ledger.sent()
     for average in (False, True):
         param = torch.nn.Parameter(parts((3,))[rank].clone())
         sync = GradientAllReduce([param], group, average, ledger, "test")
@@ -133,6 +138,15 @@ def test_all_gather_backward_is_the_reduce_scatter_of_every_ranks_gradient(gradi
 def test_gather_to_first_backward_sends_each_rank_the_gradient_of_its_part(gradients):
     for rank, expected in enumerate(expected_gradients(1, loss_on_every_rank=False)):
         torch.testing.assert_close(gradients[rank]["gather-to-first"], expected)
+
+
+def test_a_link_counts_what_it_sends_both_ways_under_the_name_it_was_used_with(gradients):
+    """Its backward too, which autograd runs after the `metered` block has ended."""
+    rank0, rank1 = (gradients[rank]["sent"] for rank in range(WORLD))
+    for dim in (0, 1):
+        assert rank0[f"all-gather-{dim}", FORWARD] == rank0[f"all-gather-{dim}", BACKWARD] == 6
+    assert (rank0.get(("gather-to-first", FORWARD)), rank0["gather-to-first", BACKWARD]) == (None, 6)
+    assert (rank1["gather-to-first", FORWARD], rank1.get(("gather-to-first", BACKWARD))) == (6, None)
 
 
 @pytest.fixture(scope="module", params=[(2, "float64"), (4, "float64"), (2, "bf16")], ids=str)

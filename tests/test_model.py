@@ -7,9 +7,9 @@ import torch
 import torchvision
 from torch import nn
 
-from alexnet_mp import LRN, AlexNet2012, AlexNetOWT, Tower
+from alexnet_mp import LRN, AlexNet2012, AlexNetOWT
 from alexnet_mp.cost import layer_costs
-from alexnet_mp.model import PAPER, full_to_towers, parameter_count, towers_to_full
+from alexnet_mp.model import PAPER, MaskDraw, SeededDropout, parameter_count
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,10 @@ def test_parameters_are_registered_in_layer_order_weight_before_bias(net):
 
 
 def test_every_layer_has_the_papers_output_shape(net):
+    """The convolutions' outputs (conv1: 96 maps of 55x55, ...), and what each layer hands on after its pool."""
     expected = {"conv1": (96, 55, 55), "conv2": (256, 27, 27), "conv3": (384, 13, 13), "conv4": (384, 13, 13),
                 "conv5": (256, 13, 13), "fc6": (4096,), "fc7": (4096,), "fc8": (1000,)}
+    pooled = {**expected, "conv1": (96, 27, 27), "conv2": (256, 13, 13), "conv5": (256, 6, 6)}
     seen = {}
     hooks = [getattr(net, name).register_forward_hook(
         lambda module, args, out, name=name: seen.__setitem__(name, tuple(out.shape[1:]))) for name in expected]
@@ -39,8 +41,9 @@ def test_every_layer_has_the_papers_output_shape(net):
         assert net(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
     for hook in hooks:
         hook.remove()
-    assert seen == expected
+    assert seen == pooled
     assert {c.name: c.output_shape for c in layer_costs(PAPER)} == expected
+    assert {c.name: c.block_shape for c in layer_costs(PAPER)} == pooled
 
 
 def test_conv2_conv4_conv5_read_their_own_tower_only(net):
@@ -102,26 +105,35 @@ def test_init_is_the_papers(net):
         assert torch.all(layer.bias == expected_bias), name
 
 
-def test_towers_hold_half_of_every_conv_and_fc8_lives_on_tower_0():
-    tower0, tower1 = Tower(0), Tower(1)
-    assert [getattr(tower0, f"conv{i}").out_channels for i in range(1, 6)] == [48, 128, 192, 192, 128]
-    assert tower0.conv3.in_channels == 256 and tower0.conv4.in_channels == 192  # conv3 reads both towers
-    assert (tower0.fc6.out_features, tower0.fc7.in_features, tower0.fc7.out_features) == (2048, 4096, 2048)
-    assert tower0.fc8.in_features == 4096 and tower1.fc8 is None
+def test_the_net_is_its_chain_of_named_layers_run_in_order(net):
+    """A plain module: what a layout wraps or shards, entered through its forward."""
+    assert [name for name, _ in net.named_children()] == [
+        "conv1", "conv2", "conv3", "conv4", "conv5", "flatten", "fc6", "relu6", "dropout6", "fc7", "relu7", "dropout7",
+        "fc8"]
+    x = torch.randn(2, 3, 224, 224)
+    net.eval()
+    with torch.no_grad():
+        chained = x
+        for layer in net.children():
+            chained = layer(chained)
+        torch.testing.assert_close(net(x), chained)
 
 
-def test_tower_state_dicts_round_trip_through_the_one_device_net(net):
-    tower0, tower1 = full_to_towers(net.state_dict())
-    Tower(0).load_state_dict(tower0)
-    Tower(1).load_state_dict(tower1)
-    full = towers_to_full(tower0, tower1)
-    assert list(full) == list(net.state_dict())
-    assert all(torch.equal(full[key], value) for key, value in net.state_dict().items())
+def test_seeded_dropout_drops_a_samples_units_alike_whatever_rows_and_units_its_input_holds():
+    """So a layout holding rows 2-3 of the global batch and units 4-7 drops what the one-device net drops there."""
+    whole, part = SeededDropout(0, 8), SeededDropout(0, 8)
+    whole.draw = MaskDraw(seed=0, step=3, global_batch=4, rows=slice(0, 4))
+    part.draw, part.units = MaskDraw(seed=0, step=3, global_batch=4, rows=slice(2, 4)), slice(4, 8)
+    x = torch.ones(4, 8)
+    torch.testing.assert_close(part(x[2:, 4:]), whole(x)[2:, 4:])
+    assert 0 < int((whole(x) == 0).sum()) < 32
 
 
-def test_a_tower_has_no_forward_of_its_own():
-    with pytest.raises(RuntimeError, match="strategy"):
-        Tower(0)(torch.randn(1, 3, 224, 224))
+def test_seeded_dropout_without_a_draw_is_torchs_dropout():
+    dropout = SeededDropout(0, 1000)
+    kept = dropout(torch.ones(4, 1000))
+    assert set(kept.unique().tolist()) == {0.0, 2.0}
+    assert torch.equal(dropout.eval()(torch.ones(4, 1000)), torch.ones(4, 1000))
 
 
 def test_owt_loads_a_torchvision_alexnet_and_computes_the_same():

@@ -16,7 +16,7 @@ from alexnet_mp.model import LRN
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.speed import Speed, Variant
 from alexnet_mp.step import make_optimizer, train_step
-from alexnet_mp.strategies import Setup, create
+from alexnet_mp.strategies import build
 from tests.conftest import REFERENCE_BATCH as BATCH
 from tests.equivalence import (
     BF16_GRADIENT_TOLERANCE,
@@ -52,13 +52,14 @@ def run_variants(variants: list[Variant]) -> dict[Variant, Run]:
 def errors(ranks: list[Run], reference: Run) -> dict[str, float]:
     """Relative errors against the reference: step 0's logits, every gradient, and (after float64
     runs) every weight after the last step."""
-    gradients = merged([piece for run in ranks for piece in run.gradients], "paper")
+    gradients = merged([block for run in ranks for block in run.gradients], "paper")
     found = {"logits": relative_error(layout_logits(ranks, 0, BATCH), reference.logits[0])}
-    found.update({key: relative_error(gradients[key], value) for key, value in reference.gradients[0][1].items()})
+    expected = merged(reference.gradients, "paper")
+    found.update({key: relative_error(gradients[key], value) for key, value in expected.items()})
     if len(ranks[0].logits) == STEPS:
-        weights = merged([piece for run in ranks for piece in run.weights], "paper")
+        weights = merged([block for run in ranks for block in run.weights], "paper")
         found.update({f"{key} after {STEPS} steps": relative_error(weights[key], value)
-                      for key, value in reference.weights[0][1].items()})
+                      for key, value in merged(reference.weights, "paper").items()})
     return found
 
 
@@ -101,18 +102,19 @@ def test_lrn_gives_the_same_maps_in_channels_last_and_keeps_that_layout():
 
 def test_resumed_momentum_takes_its_parameters_memory_format(tmp_path):
     def strategy_and_optimizer():
-        strategy = create("single", Setup(num_classes=10, speed=Speed(channels_last=True)), 1)
-        return strategy, make_optimizer(strategy.parameters(), TrainConfig())
+        config = TrainConfig(mode="single", num_classes=10, channels_last=True)
+        strategy = build(config, torch.device("cpu"))
+        return strategy, make_optimizer(strategy.parameters(), config)
 
     strategy, optimizer = strategy_and_optimizer()
     train_step(strategy, optimizer, torch.randn(2, 3, 224, 224), torch.tensor([1, 2]), 0, 2)
     checkpoint.save(tmp_path, strategy, optimizer, {"step": 1}, keep=1)
     resumed, resumed_optimizer = strategy_and_optimizer()
     checkpoint.load(checkpoint.find("latest", tmp_path), resumed, resumed_optimizer)
-    conv1 = resumed.modules()[0].conv1.weight
+    conv1 = resumed.model.conv1.weight
     momentum = resumed_optimizer.state[conv1]["momentum_buffer"]
     assert momentum.stride() == conv1.stride()
-    torch.testing.assert_close(momentum, optimizer.state[strategy.modules()[0].conv1.weight]["momentum_buffer"])
+    torch.testing.assert_close(momentum, optimizer.state[strategy.model.conv1.weight]["momentum_buffer"])
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from alexnet_mp.cost import expected_traffic
 from alexnet_mp.plan import predict
 from alexnet_mp.processes import run_distributed
+from alexnet_mp.strategies import STRATEGIES
 from tests.conftest import REFERENCE_BATCH as BATCH
 from tests.equivalence import (
     FLOAT32_TOLERANCE,
@@ -78,21 +78,21 @@ def test_logits_and_loss_equal_single_device(layout, references):
 def test_gradients_equal_single_device(layout, references):
     spec, ranks = layout
     for precision, tolerance in (("float32", FLOAT32_TOLERANCE), ("float64", FLOAT64_TOLERANCE)):
-        gradients = merged([piece for r in ranks for piece in r[precision].gradients], spec.arch)
-        assert_same(gradients, dict(references(spec.arch)[precision].gradients[0][1]), tolerance)
+        gradients = merged([block for r in ranks for block in r[precision].gradients], spec.arch)
+        assert_same(gradients, merged(references(spec.arch)[precision].gradients, spec.arch), tolerance)
 
 
 def test_weights_after_two_sgd_steps_equal_single_device(layout, references):
     spec, ranks = layout
     reference = references(spec.arch)["float64"]
-    weights = merged([piece for r in ranks for piece in r["float64"].weights], spec.arch)
-    assert_same(weights, dict(reference.weights[0][1]), FLOAT64_TOLERANCE)
+    weights = merged([block for r in ranks for block in r["float64"].weights], spec.arch)
+    assert_same(weights, merged(reference.weights, spec.arch), FLOAT64_TOLERANCE)
     assert ranks[0]["float64"].losses == pytest.approx(reference.losses, rel=FLOAT64_TOLERANCE)
 
 
 def test_ledger_equals_the_analytic_count(layout):
     spec, ranks = layout
-    expected = expected_traffic(spec.mode, spec.arch, spec.ranks, BATCH, num_classes=10)
+    expected = STRATEGIES[spec.mode].expected_traffic(spec.arch, spec.ranks, BATCH, num_classes=10)
     for rank, r in enumerate(ranks):
         assert ledger_of(r["float32"]).sent() == pytest.approx(expected[rank]), f"rank {rank}"
 

@@ -197,10 +197,12 @@ def test_rank_1s_tower_survives_a_resume(straight_and_resumed):
     found = checkpoint.find("latest", resumed / "checkpoints")
     shards = sorted(p.name for p in found.path.glob("shard-*.pt"))
     assert shards == ["shard-00000.pt", "shard-00001.pt"]
-    tower1 = torch.load(found.path / "shard-00001.pt", weights_only=False)["pieces"][0]
-    assert tower1[0].tower == 1
+    tower1 = {key: (offsets, weight) for key, offsets, weight, _ in
+              torch.load(found.path / "shard-00001.pt", weights_only=True)["blocks"]}
+    offsets, conv1 = tower1["conv1.weight"]
+    assert offsets == ((48, 96),) and "fc8.weight" not in tower1
     weights, _ = checkpoint.full_state(found)
-    assert torch.equal(weights["conv1.weight"][48:], tower1[1]["conv1.weight"])
+    assert torch.equal(weights["conv1.weight"][48:], conv1)
 
 
 def test_a_paper_split_checkpoint_exports_and_evaluates_on_one_device(straight_and_resumed, tmp_path, capsys):
@@ -352,11 +354,12 @@ def test_evaluation_scores_every_validation_image_once_whatever_the_batch_size(b
     images that fill it up are not scored twice."""
     import torch.nn.functional as F
 
+    from alexnet_mp.config import TrainConfig
     from alexnet_mp.data import SyntheticImages
-    from alexnet_mp.strategies import Setup, create
+    from alexnet_mp.strategies import build
 
     dataset = SyntheticImages(num_classes=10, size=10, seed=0, split=1)
-    strategy = create("single", Setup("paper", 10, 0, init="he"), 1)
+    strategy = build(TrainConfig(mode="single", num_classes=10, init="he"), torch.device("cpu"))
     result = loop.evaluate(strategy, dataset, batch_size, workers=0, device=torch.device("cpu"))
     strategy.train(False)
     with torch.no_grad():
@@ -380,7 +383,7 @@ def test_a_new_run_refuses_an_output_folder_that_holds_checkpoints_before_buildi
 
 def test_a_run_into_a_folder_that_a_live_run_holds_is_refused_in_one_line_naming_the_holder(straight_and_resumed,
                                                                                             capsys):
-    from alexnet_mp.config import hold_output
+    from alexnet_mp.tracking import hold_output
 
     _, resumed = straight_and_resumed
     before = {path: path.read_bytes() for path in resumed.rglob("*") if path.is_file() and path.name != "run.lock"}
@@ -436,7 +439,7 @@ def test_a_checkpoint_whose_shards_rank_0_does_not_see_stops_in_one_line_saying_
         training_in_this_process, tmp_path, capsys):
     """As when the nodes of a multi-node run each write into a folder of their own: here a second rank that
     wrote into one."""
-    training_in_this_process.setattr(checkpoint, "_shard_writers", lambda strategy: [0, 1])
+    training_in_this_process.setattr(checkpoint, "_shard_writers", lambda *args: [0, 1])
     result = in_process(capsys, "train", "--mode", "single", "--batch-size", "2", *CLASSES, "--steps", "1",
                         "--workers", "0", "--output-dir", str(tmp_path))
     assert result.returncode == 1
@@ -483,3 +486,53 @@ def wait_for_steps(directory: Path, steps: int, timeout: float = 120) -> None:
             return
         time.sleep(0.2)
     raise TimeoutError(f"no {steps} logged steps in {directory}")
+
+
+def write_format_1_checkpoint(folder: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
+    """A paper-split checkpoint of 2 ranks as this project wrote them before its redesign (format 1: each shard
+    a list of (Piece, state_dict, momentum) with `alexnet_mp.model.Piece` pickled), at step 1; returns the whole
+    net's weights it holds."""
+    from dataclasses import dataclass
+
+    import alexnet_mp.model
+    from alexnet_mp.blocks import rows
+    from alexnet_mp.config import TrainConfig
+    from alexnet_mp.model import build_model
+
+    @dataclass(frozen=True)
+    class Piece:
+        tower: int | None = None
+        fc_shard: tuple[int, int] = (0, 1)
+
+    Piece.__module__, Piece.__qualname__ = "alexnet_mp.model", "Piece"
+    monkeypatch.setattr(alexnet_mp.model, "Piece", Piece, raising=False)
+    whole = build_model("paper", 10, seed=3).state_dict()
+    folder.mkdir(parents=True)
+    for tower in range(2):
+        state = {key: value[rows(value.shape[0], tower, 2)].clone() for key, value in whole.items()
+                 if not key.startswith("fc8")}
+        if tower == 0:  # fc8 lived whole on tower 0
+            state.update({key: value.clone() for key, value in whole.items() if key.startswith("fc8")})
+        momentum = {key: torch.full_like(value, 0.5) for key, value in state.items()}
+        torch.save({"pieces": [(Piece(tower, (tower, 2)), state, momentum)]}, folder / f"shard-{tower:05d}.pt")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))])
+    meta = {"step": 1, "epoch": 0, "format": 1, "mode": "paper-split", "arch": "paper", "num_classes": 10,
+            "world_size": 2, "shards": ["shard-00000.pt", "shard-00001.pt"], "loss_scale": None,
+            "scheduler": loop.make_scheduler(optimizer, TrainConfig()).state_dict(),
+            "config": TrainConfig(mode="paper-split", batch_size=4, num_classes=10).to_dict()}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return whole
+
+
+@pytest.mark.usefixtures("training_in_this_process")
+def test_a_checkpoint_written_before_the_redesign_loads_exactly_and_resumes_in_any_layout(tmp_path, monkeypatch,
+                                                                                        capsys):
+    old = tmp_path / "checkpoints" / "step-00000001"
+    whole = write_format_1_checkpoint(old, monkeypatch)
+    weights, momentum = checkpoint.full_state(checkpoint.find(str(old), old))
+    assert all(torch.equal(weights[key], value) for key, value in whole.items()) and weights.keys() == whole.keys()
+    assert all(bool((value == 0.5).all()) for value in momentum.values()) and momentum.keys() == whole.keys()
+    result = in_process(capsys, "train", "--mode", "single", "--batch-size", "4", *CLASSES, "--workers", "0",
+                        "--steps", "2", "--resume", str(old), "--output-dir", str(tmp_path / "resumed"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [row["step"] for row in metrics(tmp_path / "resumed")] == [1]

@@ -1,9 +1,14 @@
-"""One module per layout; adding one is a new module and a line in STRATEGIES."""
+"""The layouts, one module each, and the registry that every command asks (train, experiment, plan, bench,
+the checkpoints): adding a layout is a new module and a line in STRATEGIES."""
 
 from __future__ import annotations
 
+import torch
+
+from alexnet_mp.config import TrainConfig
 from alexnet_mp.errors import UsageError
-from alexnet_mp.strategies.base import Setup, Strategy
+from alexnet_mp.model import build_model
+from alexnet_mp.strategies.base import Strategy
 from alexnet_mp.strategies.data_parallel import DataParallel
 from alexnet_mp.strategies.paper_split import PaperSplit
 from alexnet_mp.strategies.single import Single
@@ -14,17 +19,27 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def check(mode: str, world_size: int, setup: Setup) -> type[Strategy]:
-    """The layout `mode`, once it is known to run on `world_size` ranks as `setup` asks (UsageError if not)."""
+def layout(mode: str) -> type[Strategy]:
     if mode not in STRATEGIES:
         raise UsageError(f"unknown --mode {mode!r}; choose one of: {', '.join(STRATEGIES)}")
-    STRATEGIES[mode].check(world_size, setup)
     return STRATEGIES[mode]
 
 
-def create(mode: str, setup: Setup, world_size: int) -> Strategy:
-    """The strategy for `mode`, after checking it can run on `world_size` ranks as `setup` asks."""
-    return check(mode, world_size, setup)(setup)
+def check_layout(config: TrainConfig, world_size: int) -> type[Strategy]:
+    """The layout of `config.mode`, once it is known to run `config` on `world_size` ranks (UsageError if not)."""
+    cls = layout(config.mode)
+    if config.exchange is not None and not cls.exchanges:
+        takers = " or ".join(name for name, other in STRATEGIES.items() if other.exchanges)
+        raise UsageError(f"--exchange applies to --mode {takers} only, not {cls.name}")
+    cls.check(world_size, config)
+    return cls
 
 
-__all__ = ["STRATEGIES", "Setup", "Strategy", "check", "create"]
+def build(config: TrainConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> Strategy:
+    """The whole net `config` describes, with its seed's initial weights in `dtype` (float64 in the equivalence
+    tests), laid out on this rank by `config.mode`'s layout. `config.num_classes` must be known."""
+    model = build_model(config.arch, config.num_classes, config.seed, config.init).to(dtype)
+    return layout(config.mode)(model, config, device)
+
+
+__all__ = ["STRATEGIES", "Strategy", "build", "check_layout", "layout"]

@@ -1,11 +1,19 @@
-"""What every layout shares: the interface the training loop uses, and the pieces of a forward pass
-that more than one layout runs (the sharded fully connected layers, the gradient all-reduce)."""
+"""What a layout is, and what more than one layout does to the net.
+
+A layout answers, as class methods that need no process group, what every command asks of it: which
+world sizes and batches it runs (`check`), which block of each of the whole net's tensors each of its
+parts holds (`shard`: how it shards state, and so how checkpoints merge), and what each part computes
+and sends in a step (`work`, `traffic`: what `plan` prints and the ledger is tested against).
+
+On a rank, a layout is built around the whole net: its `parallelize` places, shards, links and wraps
+the net, and the training loop enters the result through `forward`, never a layer of it.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from typing import ClassVar
 
@@ -14,77 +22,118 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alexnet_mp.blocks import Block, part_size
+from alexnet_mp.config import TrainConfig
+from alexnet_mp.cost import RankWork, Traffic, both_ways
 from alexnet_mp.errors import UsageError
-from alexnet_mp.links import GradientAllReduce, Ledger, Link
-from alexnet_mp.model import (
-    ARCHITECTURES,
-    AlexNet,
-    Architecture,
-    DropoutMasks,
-    Piece,
-    initial_state_dict,
-    merge_state_dicts,
-    shard_state_dict,
-)
-from alexnet_mp.speed import Speed, apply_speed
+from alexnet_mp.links import BACKWARD, FORWARD, GradientAllReduce, Ledger, Link, metered
+from alexnet_mp.model import ARCHITECTURES, AlexNet, Architecture, MaskDraw, SeededDropout, full_shapes
+from alexnet_mp.speed import apply_speed
 from alexnet_mp.world import current
 
+Shard = Callable[[str, torch.Size, int, int], Block | None]  # (key, whole shape, part, parts) -> block
 
-@dataclass(frozen=True)
-class Setup:
-    """What a strategy is built from."""
-
-    arch: str = "paper"
-    num_classes: int = 1000
-    seed: int = 0
-    device: torch.device = torch.device("cpu")
-    dtype: torch.dtype = torch.float32  # of the parameters; the equivalence tests use float64
-    exchange: str | None = None  # weird-trick only
-    init: str = "paper"  # model.INITS
-    speed: Speed = Speed()  # how the pieces run (channels_last, compiled): never what they compute
-    timeout: timedelta = timedelta(minutes=10)
-
-    @property
-    def architecture(self) -> Architecture:
-        return ARCHITECTURES[self.arch]
+# Wherever fc6 and fc7 are split by units: fc7 reads every part's fc6 units, and fc8 (whole, on the first
+# part, with the loss) every part's fc7 units.
+FC_LINKS = (Link("fc7", 1), Link("fc8", 1, to_first=True))
 
 
 class Strategy(ABC):
-    """How the network is laid out on ranks and linked. The loop calls, each step:
-    `logits = forward(images, step, global_batch)`, `loss = loss(logits, labels)`,
-    `loss.backward()`, `after_backward()`, then the optimizer on `parameters()`.
-
-    `images` holds the rows `image_rows(global_batch)` of the global batch; `labels` the rows
-    `label_rows(global_batch)`. `logits` is empty on a rank that does not hold fc8: its backward starts
-    from the gradients that come back over the links.
-    """
+    """A layout of the net on ranks. Each step the loop calls `forward(images, step, global_batch)` with
+    the rows `image_rows` of the global batch, `loss(logits, labels)` with the rows `label_rows`,
+    `loss.backward()`, `finish_backward()`, then the optimizer on `parameters()`. `logits` is empty on a
+    rank without fc8: its backward starts from the gradients that come back over the links."""
 
     name: ClassVar[str]
-    exchanges: ClassVar[tuple[str, ...]] = ()
+    exchanges: ClassVar[tuple[str, ...]] = ()  # the --exchange schemes it runs
+    fixed_world_size: ClassVar[int | None] = None  # the one world size it runs on, if only one
 
-    def __init__(self, setup: Setup) -> None:
-        self.setup = setup
-        here = current()
-        self.rank, self.world_size = here.rank, here.size
-        self.ledger = Ledger()
-        self.pieces: list[tuple[Piece, AlexNet]] = []
-
-    # -- what a layout declares --
+    # -- what every command asks, before any process group --
 
     @classmethod
-    def check(cls, world_size: int, setup: Setup) -> None:
-        """Raises UsageError naming what would work if this layout cannot run as asked."""
-        if setup.exchange is not None and not cls.exchanges:
-            raise UsageError(f"--exchange applies to --mode weird-trick only, not {cls.name}")
+    def check(cls, world_size: int, config: TrainConfig) -> None:
+        """Refuses in one line, naming what would work, a run this layout cannot make: raises UsageError."""
+        if config.exchange is not None and cls.exchanges and config.exchange not in cls.exchanges:
+            raise UsageError(f"--exchange {config.exchange} is not one of: {', '.join(cls.exchanges)}")
+        cls.check_world(world_size, config)
+        multiple = cls.batch_multiple(world_size, config)
+        if config.batch_size % multiple:
+            raise UsageError(f"--batch-size {config.batch_size} does not split evenly for --mode {cls.name} on "
+                             f"{world_size} processes: use a multiple of {multiple}")
 
-    def batch_multiple(self) -> int:
+    @classmethod
+    def check_world(cls, world_size: int, config: TrainConfig) -> None:
+        """Refuses a world size (or an architecture) this layout cannot run."""
+
+    @classmethod
+    def batch_multiple(cls, world_size: int, config: TrainConfig) -> int:
         """The global batch must be a multiple of this (every rank takes an equal slice)."""
-        return self.world_size
+        return world_size
 
-    def check_batch(self, global_batch: int) -> None:
-        if global_batch % self.batch_multiple():
-            raise UsageError(f"--batch-size {global_batch} does not split evenly for --mode {self.name} on "
-                             f"{self.world_size} processes: use a multiple of {self.batch_multiple()}")
+    @classmethod
+    def parts(cls, world_size: int) -> int:
+        """How many parts the net is laid out in on `world_size` ranks: one per rank, unless a process holds
+        several."""
+        return world_size
+
+    @classmethod
+    @abstractmethod
+    def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
+        """The block of the whole net's tensor `key` (of `shape`) that `part` of `parts` holds; None if none."""
+
+    @classmethod
+    def writes(cls, key: str, shape: torch.Size, part: int, parts: int) -> bool:
+        """Whether `part` holds a block of `key` that no lower part holds: replicas' blocks are saved once."""
+        block = cls.shard(key, shape, part, parts)
+        return block is not None and all(cls.shard(key, shape, lower, parts) != block for lower in range(part))
+
+    @classmethod
+    @abstractmethod
+    def samples(cls, part: int, parts: int, batch: int) -> tuple[int, int]:
+        """How many images of a global batch of `batch` the part's conv layers and its FC layers each see."""
+
+    @classmethod
+    @abstractmethod
+    def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
+        """Elements `part` sends in one training step, per (link, direction), from the layer shapes alone."""
+
+    @classmethod
+    def expected_traffic(cls, arch: str, world_size: int, batch: int, num_classes: int = 1000) -> list[Traffic]:
+        """`traffic` of every part on `world_size` ranks: the count the links' ledger is tested against."""
+        parts = cls.parts(world_size)
+        return [{key: value for key, value in cls.traffic(ARCHITECTURES[arch], part, parts, batch,
+                                                          num_classes).items() if value}
+                for part in range(parts)]
+
+    @classmethod
+    def work(cls, arch: str, part: int, parts: int, batch: int, num_classes: int = 1000) -> RankWork:
+        """What `part` computes in a step: its share of each layer, and the images its layers see."""
+        shares = {}
+        for key, shape in full_shapes(arch, num_classes).items():
+            if key.endswith(".weight"):
+                block = cls.shard(key, shape, part, parts)
+                held = 0 if block is None else torch.empty(shape, device="meta")[block].numel()
+                shares[key.split(".")[0]] = held / shape.numel()
+        return RankWork(shares, *cls.samples(part, parts, batch))
+
+    # -- on a rank --
+
+    def __init__(self, model: AlexNet, config: TrainConfig, device: torch.device) -> None:
+        """Lays `model` (the whole net, with its initial weights) out on this rank: `parallelize`."""
+        here = current()
+        self.config, self.device, self.rank, self.world_size = config, device, here.rank, here.size
+        self.arch = model.arch
+        self.ledger = Ledger()
+        self.shapes = {key: value.shape for key, value in model.state_dict().items()}
+        self.parts_held: list[tuple[int, nn.Module]] = []  # (part, its layers under the whole net's names)
+        self.sync: GradientAllReduce | None = None
+        self.model = self.parallelize(model)
+        self.dropouts = [module for module in self.model.modules() if isinstance(module, SeededDropout)]
+
+    @abstractmethod
+    def parallelize(self, model: AlexNet) -> nn.Module:
+        """Places, shards, links and wraps the whole net for this rank; sets `parts_held` (and `sync`, for
+        replicated parameters). Returns the module the loop enters."""
 
     @abstractmethod
     def image_rows(self, global_batch: int) -> slice:
@@ -94,16 +143,36 @@ class Strategy(ABC):
     def label_rows(self, global_batch: int) -> slice:
         """Rows of the global batch whose labels this rank's loss needs (empty if it has no loss)."""
 
-    @abstractmethod
+    def dropout_rows(self, global_batch: int) -> slice:
+        """Rows of the global batch the fully connected layers' inputs hold here."""
+        return self.image_rows(global_batch)
+
     def forward(self, images: Tensor, step: int, global_batch: int) -> Tensor:
-        """Logits for `label_rows`, or an empty tensor on a rank without fc8."""
+        """Logits for `label_rows` (empty on a rank without fc8), with step `step`'s dropout masks."""
+        draw = MaskDraw(self.config.seed, step, global_batch, self.dropout_rows(global_batch))
+        for dropout in self.dropouts:
+            dropout.draw = draw
+        return self.model(images)
 
-    def after_backward(self) -> None:
-        """Finishes any gradient communication still in flight."""
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy over the rows this rank holds; on a rank without fc8, a zero that
+        starts its backward pass from the links."""
+        if logits.numel() == 0:
+            return logits.sum()
+        # at least float32 for the softmax (bf16/fp16 logits under autocast), never lower than given
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, labels.to(logits.device))
 
-    def holds_distinct_shard(self) -> bool:
-        """Whether this rank's pieces are not a replica of a lower rank's (only those are checkpointed)."""
-        return True
+    def finish_backward(self) -> None:
+        """Waits for the gradient communication still in flight: the gradients are then the global batch's."""
+        if self.sync is not None:
+            self.sync.wait()
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.parameters()
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
 
     def loss_replicas(self) -> tuple[dist.ProcessGroup | None, int]:
         """The group of ranks that hold a loss over different rows (reduced for logging), and its size."""
@@ -121,49 +190,20 @@ class Strategy(ABC):
         """The loss over the global batch, on the main process (for logging)."""
         return self.sum_over_replicas(loss) / self.loss_replicas()[1]
 
-    # -- shared behaviour --
+    def blocks(self) -> Iterator[tuple[str, Block, nn.Parameter, bool]]:
+        """(whole-net key, block, parameter, whether this process writes it to a checkpoint) for every
+        parameter this process holds."""
+        parts = self.parts(self.world_size)
+        for part, module in self.parts_held:
+            for key, param in module.named_parameters():
+                shape = self.shapes[key]
+                yield key, self.shard(key, shape, part, parts), param, self.writes(key, shape, part, parts)
 
-    def modules(self) -> list[AlexNet]:
-        return [module for _, module in self.pieces]
+    # -- what the layouts share --
 
-    def parameters(self) -> Iterator[nn.Parameter]:
-        for module in self.modules():
-            yield from module.parameters()
-
-    def train(self, mode: bool = True) -> None:
-        for module in self.modules():
-            module.train(mode)
-
-    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Mean cross-entropy over the rows this rank holds; on a rank without fc8, a zero that
-        starts its backward pass from the links."""
-        if logits.numel() == 0:
-            return logits.sum()
-        # at least float32 for the softmax (bf16/fp16 logits under autocast), never lower than given
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits, labels.to(logits.device))
-
-    def dropout(self, step: int, global_batch: int, samples: slice) -> DropoutMasks:
-        return DropoutMasks(self.setup.seed, step, global_batch, samples)
-
-    def build(self, pieces: list[Piece], devices: list[torch.device]) -> None:
-        """Creates this rank's pieces, each from the same seeded whole-net init sliced to the piece,
-        so every layout starts from the reference's exact weights, then applies the speed-ups."""
-        arch, num_classes = self.setup.architecture, self.setup.num_classes
-        full = initial_state_dict(arch, num_classes, self.setup.seed, self.setup.init)
-        for piece, device in zip(pieces, devices, strict=True):
-            with torch.device("meta"):  # no init work: the weights come from `full`
-                module = AlexNet(arch, num_classes, piece)
-            module.to_empty(device=device).to(self.setup.dtype)
-            module.load_state_dict(shard_state_dict(full, arch, piece))
-            apply_speed(module, self.setup.speed)
-            self.pieces.append((piece, module))
-
-    def local_state(self) -> list[tuple[Piece, dict[str, Tensor]]]:
-        return [(piece, module.state_dict()) for piece, module in self.pieces]
-
-    def full_state_dict(self, pieces: list[tuple[Piece, dict[str, Tensor]]]) -> dict[str, Tensor]:
-        return merge_state_dicts(pieces, self.setup.architecture, self.setup.num_classes)
+    def place(self, model: AlexNet, device: torch.device | None = None) -> AlexNet:
+        """`model` on this rank's device (or `device`), with the speed-ups the run asks for."""
+        return apply_speed(model.to(device or self.device), self.config.speed)
 
     def replicate_gradients(self, params: list[nn.Parameter], group: dist.ProcessGroup | None,
                             average: bool, name: str) -> GradientAllReduce | None:
@@ -172,19 +212,58 @@ class Strategy(ABC):
             return None
         return GradientAllReduce(params, group, average, self.ledger, name)
 
-
-def sharded_classifier(pieces: list[AlexNet], inputs: list[Tensor], link: Link,
-                       dropout: DropoutMasks) -> Tensor:
-    """fc6 -> fc7 -> fc8 over FC shards: each piece computes its units of fc6 and fc7 from all of
-    the previous layer (gathered by the link); fc8 reads all fc7 units on the first piece."""
-    hidden = [piece.hidden(x, 0, dropout) for piece, x in zip(pieces, inputs, strict=True)]
-    return classifier_after_fc6(pieces, hidden, link, dropout)
+    @property
+    def timeout(self) -> timedelta:
+        return timedelta(seconds=self.config.timeout_s)
 
 
-def classifier_after_fc6(pieces: list[AlexNet], hidden: list[Tensor], link: Link, dropout: DropoutMasks) -> Tensor:
-    """fc7 -> fc8 over FC shards, from each piece's fc6 units (activated)."""
-    hidden = link.gather(hidden, 1, "fc7-input")
-    hidden = [piece.hidden(x, 1, dropout) for piece, x in zip(pieces, hidden, strict=True)]
-    fc8_input = link.gather_to_first(hidden, 1, "fc8-input")
-    first = pieces[0]
-    return first.fc8(fc8_input) if first.fc8 is not None else fc8_input
+def shard_layers(model: AlexNet, shard: Shard, part: int, parts: int) -> AlexNet:
+    """`model` cut down, in place, to the blocks `part` holds: each layer's weight and bias to its block (output
+    channels, units), the layer's sizes to match (a grouped conv keeps the groups it holds, and so does its
+    LRN), a layer the part holds nothing of replaced by an Identity (its input, an empty tensor there, passes
+    through), and each dropout told which units it drops."""
+    for name, layer in model.layers().items():
+        blocks = {kind: shard(f"{name}.{kind}", param.shape, part, parts) for kind, param in layer.named_parameters()}
+        if all(block is None for block in blocks.values()):
+            setattr(model, name, nn.Identity())
+            continue
+        whole_rows = layer.weight.shape[0]
+        for kind, block in blocks.items():
+            setattr(layer, kind, nn.Parameter(getattr(layer, kind).detach()[block].clone()))
+        held_rows = layer.weight.shape[0]
+        if isinstance(layer, nn.Linear):
+            layer.out_features = held_rows
+            continue
+        layer.out_channels, layer.groups = held_rows, max(1, layer.groups * held_rows // whole_rows)
+        layer.in_channels = layer.weight.shape[1] * layer.groups
+        if layer.lrn is not None:
+            layer.lrn.groups = max(1, layer.lrn.groups * held_rows // whole_rows)
+    for name, dropout in model.dropouts().items():
+        block = shard(f"{name}.weight", torch.Size([dropout.units_total]), part, parts)
+        dropout.units = block[0] if block else slice(0, dropout.units_total)
+    return model
+
+
+def link_inputs(model: nn.Module, links: Iterable[Link], group: dist.ProcessGroup, ledger: Ledger) -> None:
+    """Each link at its layer's input, across `group`'s ranks, counted in `ledger` under the link's name."""
+    for link in links:
+        def exchange(module: nn.Module, args: tuple[Tensor, ...], link: Link = link) -> tuple[Tensor]:
+            with metered(ledger, link.name):
+                return (link.over(args[0], group),)
+
+        model.get_submodule(link.layer).register_forward_pre_hook(exchange)
+
+
+def fc_traffic(traffic: Traffic, arch: Architecture, shard: int, shards: int, samples: int) -> None:
+    """What `FC_LINKS` send for `samples` images: fc7's input gathered from every shard, fc7's outputs
+    gathered to shard 0 for fc8 (and their gradients back)."""
+    fc6_part, fc7_part = (part_size(units, shards) for units in arch.fc_units)
+    both_ways(traffic, "fc7-input", fc6_part * samples * (shards - 1))
+    if shard == 0:
+        traffic["fc8-input", BACKWARD] += fc7_part * samples * (shards - 1)
+    else:
+        traffic["fc8-input", FORWARD] += fc7_part * samples
+
+
+def new_traffic() -> Traffic:
+    return defaultdict(float)

@@ -3,37 +3,48 @@ gradients averaged over the ranks (each rank's loss is the mean over its slice).
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import nn
 
-from alexnet_mp.model import Piece, rows
-from alexnet_mp.strategies.base import Setup, Strategy
+from alexnet_mp.blocks import WHOLE, Block, part_size, rows
+from alexnet_mp.cost import Traffic, parameters
+from alexnet_mp.links import BACKWARD, ring_all_reduce_elements
+from alexnet_mp.model import AlexNet, Architecture
+from alexnet_mp.strategies.base import Strategy, new_traffic
 
 
 class DataParallel(Strategy):
     name = "data-parallel"
 
-    def __init__(self, setup: Setup) -> None:
-        super().__init__(setup)
-        self.build([Piece()], [setup.device])
+    @classmethod
+    def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
+        return WHOLE
+
+    @classmethod
+    def samples(cls, part: int, parts: int, batch: int) -> tuple[int, int]:
+        return part_size(batch, parts), part_size(batch, parts)
+
+    @classmethod
+    def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
+        traffic = new_traffic()
+        if parts > 1:
+            whole = parameters(cls.work(arch.name, part, parts, batch, num_classes), arch, num_classes)
+            traffic["gradients", BACKWARD] += ring_all_reduce_elements(whole, parts)
+        return traffic
+
+    def parallelize(self, model: AlexNet) -> nn.Module:
+        model = self.place(model)
+        self.parts_held = [(self.rank, model)]
         group = dist.group.WORLD if self.world_size > 1 else None
-        self.sync = self.replicate_gradients(list(self.parameters()), group, average=True, name="gradients")
+        self.sync = self.replicate_gradients(list(model.parameters()), group, average=True, name="gradients")
+        return model
 
     def image_rows(self, global_batch: int) -> slice:
         return rows(global_batch, self.rank, self.world_size)
 
-    label_rows = image_rows
-
-    def forward(self, images: Tensor, step: int, global_batch: int) -> Tensor:
-        (net,) = self.modules()
-        return net(images, self.dropout(step, global_batch, self.image_rows(global_batch)))
-
-    def after_backward(self) -> None:
-        if self.sync is not None:
-            self.sync.wait()
-
-    def holds_distinct_shard(self) -> bool:
-        return self.rank == 0
+    def label_rows(self, global_batch: int) -> slice:
+        return self.image_rows(global_batch)
 
     def loss_replicas(self) -> tuple[dist.ProcessGroup | None, int]:
         return dist.group.WORLD, self.world_size

@@ -1,0 +1,59 @@
+"""What a run must pass before any process group or data exists: for `train`, and for each run of an
+experiment before the first starts."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from alexnet_mp import checkpoint
+from alexnet_mp.config import TrainConfig
+from alexnet_mp.errors import UsageError
+from alexnet_mp.strategies import check_layout
+from alexnet_mp.tracking import require_tracker
+from alexnet_mp.world import processes_on_this_machine
+
+
+def check_run(config: TrainConfig, world_size: int) -> None:
+    """Refuses, before any process group or data exists, what the run cannot do on `world_size` ranks: a
+    layout that cannot run there (its world size, its batch), more ranks than GPUs, a missing tracker, a
+    GPU-only speed-up without a GPU, or an output folder that already holds another run or cannot be written."""
+    check_layout(config, world_size)
+    check_gpus(world_size)
+    require_tracker(config.tracker)
+    if config.cuda_graphs and not torch.cuda.is_available():
+        raise UsageError("--cuda-graphs needs a GPU (none is visible); use --compile alone on a CPU")
+    if config.triton_lrn and not (torch.cuda.is_available() and importlib.util.find_spec("triton")):
+        raise UsageError("--triton-lrn needs a GPU and Triton (installed with torch's CUDA wheels); drop the flag")
+    check_writable(config.output, "--output-dir")
+    if not config.resume and checkpoint.complete_checkpoints(config.checkpoints):
+        raise UsageError(f"{config.output} already holds a run with checkpoints: add --resume latest to continue "
+                         "it, or choose another --output-dir")
+
+
+def check_gpus(world_size: int) -> None:
+    """Each rank on GPUs needs one of its own (NCCL puts no two ranks on one GPU): more processes on a machine
+    than it has GPUs are refused in one line, where the surplus ranks failed with CUDA's "invalid device
+    ordinal". Ranks that accelerate keeps on the CPU (ACCELERATE_USE_CPU) need none."""
+    from accelerate.utils import parse_flag_from_env
+
+    if world_size == 1 or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available():
+        return
+    here, gpus = processes_on_this_machine(world_size), torch.cuda.device_count()
+    if here > gpus:
+        raise UsageError(f"{here} processes on this machine, {gpus} GPU(s): each rank needs a GPU of its own; launch "
+                         f"at most {gpus} per machine, or run them on the CPU with ACCELERATE_USE_CPU=1")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """An output folder, or the nearest folder above it that exists, must be one this user can write
+    into: refused before the command's work, not when it writes its first file. `what`: the argument
+    that names it, for the message."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{folder}: {existing} is not a folder this user can write to; choose another {what}")
+
+
