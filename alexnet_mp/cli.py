@@ -219,7 +219,7 @@ def parser() -> argparse.ArgumentParser:
                                                "PyTorch loop, and the input pipeline alone")
     timing.add_argument("--quick", action="store_true", help="the whole matrix in a tiny configuration")
     timing.add_argument("--output-dir", default="runs/bench", help="where bench.json and bench.md go")
-    timing.add_argument("--ranks", help="world sizes of the data-parallel vs weird-trick comparison (default 2,4)")
+    timing.add_argument("--ranks", help="world sizes at which every layout is measured (default 2,4)")
     timing.set_defaults(run=bench)
     return root
 

@@ -19,7 +19,7 @@ JOIN_TIMEOUT_S = 240
 # pay ~5 s to import torch and torch._dynamo (which the optimizer imports on first use) each time.
 # The bench imports torch, the strategies, the step and the data pipeline (torchvision). These
 # imports start no threads and touch no GPU, so forking after them is safe.
-PRELOAD = ["torch._dynamo", "alexnet_mp.bench"]
+PRELOAD = ["torch._dynamo", "alexnet_mp.bench.measure"]
 
 
 def _worker(fn: Callable[..., Any], rank: int, world_size: int, directory: str, threads: int, args: tuple) -> None:

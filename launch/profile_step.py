@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from alexnet_mp.bench import loaded_batches, write_jpeg_tree
+from alexnet_mp.bench.measure import loaded_batches, write_jpeg_tree
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.data import DECODE_PLACES, require_device_decoder
 from alexnet_mp.rng import seeded_generator
 from alexnet_mp.speed import Speed, Variant
 from alexnet_mp.step import make_optimizer, train_step
-from alexnet_mp.strategies import Setup, create
+from alexnet_mp.strategies import build
 
 
 def main() -> None:
@@ -48,9 +48,11 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     variant = Variant(args.precision, Speed(args.channels_last, args.compile, args.cuda_graphs, args.triton_lrn))
-    strategy = create(args.mode, Setup(args.arch, 1000, 0, device, speed=variant.speed), 1)
+    config = TrainConfig(mode=args.mode, arch=args.arch, num_classes=1000, batch_size=args.batch,
+                         **variant.speed.flags())
+    strategy = build(config, device)
     strategy.train()
-    optimizer = make_optimizer(strategy.parameters(), TrainConfig(batch_size=args.batch))
+    optimizer = make_optimizer(strategy.parameters(), config)
     batches = feed(args.fed_by, args.batch, args.workers, args.warmup + args.steps, device)
 
     def step(index: int) -> None:

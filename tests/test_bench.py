@@ -61,7 +61,7 @@ def test_scheme_b_is_judged_on_the_transfer_of_the_feature_exchange_and_its_whol
 
 
 def test_a_wait_that_ends_when_the_last_rank_arrives_is_not_counted_as_transfer():
-    from alexnet_mp.bench import blocked_per_rank
+    from alexnet_mp.bench.measure import blocked_per_rank
 
     forward, backward = ("fc6-input", "forward"), ("fc6-input", "backward")
     # rank 0 reaches the link 90 ms before rank 1 and is blocked 100 ms; rank 1 is blocked 10 ms;
@@ -81,7 +81,9 @@ def test_bench_reports_ratios_with_targets_in_markdown_and_json(quick):
 
 
 def test_on_a_gpu_every_speed_up_is_held_to_twice_the_plain_loop():
-    from alexnet_mp.bench import FULL_GPU, PLAIN_LOOP, Measurement, comparisons, single_variants
+    from alexnet_mp.bench.matrix import FULL_GPU, PLAIN_LOOP, single_variants
+    from alexnet_mp.bench.measure import Measurement
+    from alexnet_mp.bench.report import comparisons
 
     names = [PLAIN_LOOP] + [variant.named("single, paper") for variant in single_variants("cuda")]
     found = {name: Measurement(name, 1, 16, 256, [1000.0 * (i + 1)], 0.0, [0.0], [1.0], "paper")
@@ -94,7 +96,7 @@ def test_on_a_gpu_every_speed_up_is_held_to_twice_the_plain_loop():
 
 
 def test_on_a_gpu_the_pipeline_is_also_measured_decoding_on_the_device_in_the_workers():
-    from alexnet_mp.bench import decode_places
+    from alexnet_mp.bench.matrix import decode_places
     from alexnet_mp.data import DECODE_PLACES
 
     assert decode_places("cuda", []) == list(DECODE_PLACES)
@@ -103,10 +105,12 @@ def test_on_a_gpu_the_pipeline_is_also_measured_decoding_on_the_device_in_the_wo
 
 def test_on_a_gpu_the_paper_nets_missed_targets_are_shown_beside_torchvisions_layout_with_the_same_speed_ups(
         monkeypatch):
-    from alexnet_mp import bench
-    from alexnet_mp.bench import FAST_GPU, FULL_GPU, PLAIN_LOOP, Measurement, comparisons
+    from alexnet_mp.bench import report
+    from alexnet_mp.bench.matrix import FAST_GPU, FULL_GPU, PLAIN_LOOP
+    from alexnet_mp.bench.measure import Measurement
+    from alexnet_mp.bench.report import comparisons
 
-    monkeypatch.setattr(bench, "peak_tflops", lambda precision: bench.PEAK_TFLOPS["H100"][precision])
+    monkeypatch.setattr(report, "peak_tflops", lambda precision: report.PEAK_TFLOPS["H100"][precision])
 
     def measured(name: str, images_per_s: float, arch: str, precision: str = "bf16") -> Measurement:
         return Measurement(name, 1, 16, 256, [images_per_s], 0.0, [0.0], [1.0], arch, precision)
@@ -123,7 +127,8 @@ def test_on_a_gpu_the_paper_nets_missed_targets_are_shown_beside_torchvisions_la
 
 def test_a_benchmark_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
     from alexnet_mp import bench
-    from alexnet_mp.bench import PLAIN_LOOP, Measurement
+    from alexnet_mp.bench.matrix import PLAIN_LOOP
+    from alexnet_mp.bench.measure import Measurement
 
     plain_loop = Measurement(PLAIN_LOOP, 1, 2, 4, [10.0], 0.0, [0.0], [100.0], "owt")
 
@@ -140,7 +145,8 @@ def test_a_benchmark_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
 
 def test_a_failed_measurement_exits_1_in_one_line_after_writing_the_others(tmp_path, monkeypatch, capsys):
     from alexnet_mp import bench
-    from alexnet_mp.bench import PLAIN_LOOP, Measurement
+    from alexnet_mp.bench.matrix import PLAIN_LOOP
+    from alexnet_mp.bench.measure import Measurement
 
     plain_loop = Measurement(PLAIN_LOOP, 1, 2, 4, [10.0], 0.0, [0.0], [100.0], "owt")
     monkeypatch.setattr(bench, "run_matrix", lambda *args: ([plain_loop], [], ["single, paper: FAILED: out of memory"]))

@@ -1,0 +1,48 @@
+"""`python -m alexnet_mp bench`: every layout's training step timed side by side in one run, against the
+plain PyTorch loop, plus the input pipeline alone: the measurement (measure.py), what is measured
+(matrix.py) and the ratios and report (report.py). Medians with min-max; the ratios compare figures of
+this run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from alexnet_mp.bench.matrix import FULL, FULL_GPU, QUICK, run_matrix
+from alexnet_mp.bench.measure import Measurement
+from alexnet_mp.bench.report import as_markdown, comparisons, environment
+
+
+def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None) -> list[str]:
+    """Runs the matrix, writing OUTPUT/bench.json and bench.md after each measurement; returns the
+    measurements that failed, each with its error's last line."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes = QUICK if quick else FULL_GPU if device_type == "cuda" else FULL
+    if ranks:
+        sizes = replace(sizes, ranks=ranks)
+    output.mkdir(parents=True, exist_ok=True)
+    env = environment()
+
+    def write(measurements: list[Measurement], not_measured: list[str]) -> str:
+        """bench.json and bench.md of the measurements so far: a run cut short keeps what it measured."""
+        rows = comparisons({m.name: m for m in measurements}, sizes, device_type)
+        text = as_markdown(measurements, rows, not_measured, sizes, quick, env)
+        record = {"environment": env, "sizes": asdict(sizes), "quick": quick, "skipped": not_measured,
+                  "measurements": [{**asdict(m), "median_images_per_s": m.median} for m in measurements],
+                  "comparisons": [{**asdict(c), "verdict": c.verdict} for c in rows]}
+        (output / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
+        (output / "bench.md").write_text(text)
+        return text
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=output))
+    try:
+        measurements, skipped, failed = run_matrix(sizes, scratch, device_type, write)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(write(measurements, skipped + failed))
+    return failed
