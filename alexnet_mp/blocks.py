@@ -29,11 +29,6 @@ def rows(total: int, index: int, count: int) -> slice:
     return slice(index * size, (index + 1) * size)
 
 
-def take(whole: Tensor, block: Block) -> Tensor:
-    """A copy of `block` of `whole`, contiguous."""
-    return whole[block].clone()
-
-
 def block_as_offsets(block: Block, shape: torch.Size) -> tuple[tuple[int, int], ...]:
     """(start, stop) per leading dimension: a block as plain numbers, for a file."""
     return tuple(s.indices(size)[:2] for s, size in zip(block, shape, strict=False))

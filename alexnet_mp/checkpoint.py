@@ -5,7 +5,7 @@ momentum; `blocks.py`) that it holds and no lower rank holds (a replica writes n
 barrier rank 0 writes `meta.json` and renames the folder to `step-N`, so a crash mid-save leaves the
 last complete checkpoint untouched. Loading places every shard's blocks into whole-net tensors and
 takes out the blocks the loading layout holds: a checkpoint from paper-split loads into single,
-weird-trick, or a different world size. Checkpoints of format 1 (before 2026-12: a list of pieces per
+weird-trick, or a different world size. Checkpoints of format 1 (a list of pieces per
 shard) load too.
 
 No RNG state is saved because none is needed: dropout masks depend on (seed, step, layer) and data

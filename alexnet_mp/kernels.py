@@ -1,8 +1,8 @@
 """LRN as two hand-written Triton kernels (`--triton-lrn`): the function of `model._ChannelLRN`, on maps
 whose channels are innermost in memory (channels_last maps seen as (b, h, w, c)).
 
-Why: compiled, LRN's fused kernels took about 3.5 ms of the H100's 16 ms step, about 10x their
-memory-bound floor (docs/experiments.md). Here each program takes a block of pixels with all their
+Why: compiled, LRN's fused kernels ran far from their memory-bound floor on an H100 (the profile is in
+docs/experiments.md). Here each program takes a block of pixels with all their
 channels: forward reads the maps once and writes once; backward reads the maps and the gradient once
 and writes once. The channel windows are shifted loads of the same rows, served from the cache, and
 every sum is kept in float32, as `model._ChannelLRN` keeps it for bf16 and float32 maps (float64

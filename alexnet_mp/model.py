@@ -175,7 +175,7 @@ class LRN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The window runs along channels. channels_last maps are worked on as (b, h, w, c), a view
         # in which channels are innermost, as they are in memory: every access stays contiguous
-        # (over NCHW indices a fused kernel strides through memory, measured 10x slower on a GPU).
+        # (over NCHW indices a fused kernel strides through memory; docs/experiments.md).
         nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         if self.kernel is not None:  # it takes channels innermost only: NCHW maps are copied there and back
             out = self.kernel(x.movedim(1, -1).contiguous(), self.size, self.alpha, self.beta, self.k,
@@ -347,7 +347,3 @@ def full_shapes(arch: str, num_classes: int) -> dict[str, torch.Size]:
     """The whole net's state_dict shapes, from a net built on meta (no memory, no init)."""
     with torch.device("meta"):
         return {key: value.shape for key, value in build_model(arch, num_classes).state_dict().items()}
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

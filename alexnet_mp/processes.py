@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 GROUP_TIMEOUT = timedelta(seconds=60)
 JOIN_TIMEOUT_S = 240
-# Imported once by the fork server, then inherited by every rank it forks: a spawned rank would
-# pay ~5 s to import torch and torch._dynamo (which the optimizer imports on first use) each time.
+# Imported once by the fork server, then inherited by every rank it forks: a spawned rank would pay
+# for importing torch and torch._dynamo (which the optimizer imports on first use) each time.
 # The bench imports torch, the strategies, the step and the data pipeline (torchvision). These
 # imports start no threads and touch no GPU, so forking after them is safe.
 PRELOAD = ["torch._dynamo", "alexnet_mp.bench.measure"]

@@ -32,19 +32,19 @@ def summary_table(arch: str, num_classes: int = 1000, tower: bool = False) -> st
     architecture = ARCHITECTURES[arch]
     towers = TOWERS if tower else 1
     shares = [PaperSplit.work(arch, t, TOWERS, 1, num_classes).shares for t in range(TOWERS)] if tower else [None]
-    per_piece = [layer_costs(architecture, num_classes, share) for share in shares]
-    names = [cost.name for cost in per_piece[0]]
+    per_part = [layer_costs(architecture, num_classes, share) for share in shares]
+    names = [cost.name for cost in per_part[0]]
     header = ["layer"] + [f"tower {t} {col}" for t in range(towers) for col in ("output", "params", "GFLOPs")] \
         if tower else ["layer", "output", "params", "GFLOPs"]
     rows = []
     for name in names:
         row = [name]
-        for costs in per_piece:
+        for costs in per_part:
             cost = next((c for c in costs if c.name == name), None)
             row += [_shape(cost), f"{cost.parameters:,}", f"{cost.flops / 1e9:.3f}"] if cost else ["-", "0", "0"]
         rows.append(row)
     totals = ["total"]
-    for costs in per_piece:
+    for costs in per_part:
         totals += ["", f"{sum(c.parameters for c in costs):,}", f"{sum(c.flops for c in costs) / 1e9:.3f}"]
     rows.append(totals)
     title = f"{arch} net, {num_classes} classes, input 3x224x224" + (", per tower" if tower else "")

@@ -42,8 +42,8 @@ FAST_GPU = Variant("bf16", Speed(channels_last=True, compile=True))
 def single_variants(device_type: str) -> list[Variant]:
     """Our single-device step, one speed-up added at a time, on a GPU (the last: compiled with LRN's
     Triton kernels, against the compiled torch ops without CUDA graphs). A CPU runs the eager float32
-    step alone: it has no bf16 units (bf16 ran 10x slower than float32 here), and compiling takes
-    most of a minute per process with 2 cores."""
+    step alone: a CPU without bf16 units runs bf16 far slower than float32, and compiling costs more than
+    the few steps measured (docs/experiments.md)."""
     if device_type == "cpu":
         return [EAGER]
     return [EAGER, Variant("bf16"), Variant("bf16", Speed(channels_last=True)), FAST_GPU,
