@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from alexnet_mp.errors import UsageError, WriteFailed
+from alexnet_mp.world import current
 
 if TYPE_CHECKING:  # commands that only check arguments need not import accelerate
     from accelerate import Accelerator
@@ -120,7 +121,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 class Tracker:
     def __init__(self, accelerator: Accelerator, config: dict[str, Any], output: Path, tracker: str,
                  project: str, group: str | None, run_name: str | None, job_type: str, resumed_at: int = 0) -> None:
-        self.accelerator, self.active = accelerator, accelerator.is_main_process
+        self.accelerator, self.active = accelerator, current().is_main
         self.metrics_path = output / "metrics.jsonl"
         self.uses_trackers = tracker != "none"
         self.began = self.wall_before = 0.0

@@ -84,6 +84,7 @@ def test_config_json_records_what_defines_the_run(runs):
     (["--mode", "paper-split", "--arch", "owt"], 1, "--arch paper"),
     (["--mode", "single"], 2, "data-parallel"),
     (["--mode", "weird-trick"], 3, "use one of"),
+    (["--mode", "weird-trick", "--exchange", "slice", "--batch-size", "6"], 4, "use a multiple of 16"),
     (["--mode", "paper-split", "--exchange", "all"], 2, "weird-trick"),
     (["--cuda-graphs"], 1, "--compile"),  # CI has no GPU
     (["--triton-lrn"], 1, "drop the flag"),
@@ -117,6 +118,7 @@ def test_a_malformed_argument_is_refused_in_one_line_before_anything_runs(args, 
     (["--modes", "single,paper-split", "--ranks", "3"], "--mode paper-split runs on 1 process or an even number"),
     (["--modes", "single,model-parallel"], "unknown --mode 'model-parallel'"),
     (["--modes", "single,paper-split", "--exchange", "all"], "--exchange applies to --mode weird-trick only"),
+    (["--modes", "weird-trick", "--ranks", "4", "--exchange", "slice", "--batch-size", "6"], "use a multiple of 16"),
 ])
 def test_an_experiment_refuses_a_layout_that_cannot_run_before_the_first_run(args, names, tmp_path, capsys):
     result = in_process(capsys, "experiment", "--name", "trial", *args, "--output-dir", str(tmp_path / "out"))
