@@ -47,6 +47,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, directory: Path, *a
     (FileStore under `directory`) with a timeout; returns each rank's result, in rank order. The
     processes are forked from a server started at the first call: they see os.environ as it was then."""
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / "store").unlink(missing_ok=True)  # a store left by an earlier group would join this one to it
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     processes = [context.Process(target=_worker, args=(fn, rank, world_size, str(directory), threads, args))
