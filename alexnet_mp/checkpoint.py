@@ -19,6 +19,7 @@ import os
 import pickle
 import shutil
 import types
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from alexnet_mp.blocks import WHOLE, Block, block_as_offsets, merge, offsets_as_block, rows
+from alexnet_mp.blocks import WHOLE, Block, block_as_offsets, copy_overlap, local, merge, offsets_as_block, rows
 from alexnet_mp.errors import UsageError, WriteFailed
 from alexnet_mp.model import ARCHITECTURES, build_model, full_shapes
 from alexnet_mp.strategies import Strategy
@@ -90,8 +91,11 @@ def _shard_name(rank: int) -> str:
 
 def _shard(strategy: Strategy, optimizer: torch.optim.Optimizer) -> list[tuple[str, tuple, Tensor, Tensor | None]]:
     """(key, block as offsets, weights, momentum or None) of each block this rank writes."""
-    return [(key, block_as_offsets(block, strategy.shapes[key]), param.detach(),
-             optimizer.state.get(param, {}).get("momentum_buffer"))
+    def momentum(param: Tensor) -> Tensor | None:
+        buffer = optimizer.state.get(param, {}).get("momentum_buffer")
+        return None if buffer is None else local(buffer)
+
+    return [(key, block_as_offsets(block, strategy.shapes[key]), local(param).detach(), momentum(param))
             for key, block, param, writes in strategy.blocks() if writes]
 
 
@@ -204,6 +208,17 @@ def check_compatible(checkpoint: Checkpoint, arch: str, num_classes: int) -> Non
 
 def full_state(checkpoint: Checkpoint) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(weights, momentum) of the whole net, placed together from every shard's blocks."""
+    shapes = full_shapes(checkpoint.meta["arch"], checkpoint.meta["num_classes"])
+    weights, momentum = [], []
+    for key, block, weight, buffer in saved_blocks(checkpoint):
+        weights.append((key, block, weight))
+        if buffer is not None:
+            momentum.append((key, block, buffer))
+    return merge(weights, shapes), merge(momentum, shapes)
+
+
+def saved_blocks(checkpoint: Checkpoint) -> list[BlockRead]:
+    """Every block of every shard, memory-mapped: a block's values are read from disk when first touched."""
     shards = sorted(checkpoint.path.glob("shard-*.pt"))
     if not shards:
         raise UsageError(f"{checkpoint.path} has no shard files; {_earlier(checkpoint.path)}")
@@ -212,25 +227,21 @@ def full_state(checkpoint: Checkpoint) -> tuple[dict[str, Tensor], dict[str, Ten
         raise UsageError(f"{checkpoint.path} lacks {', '.join(missing)} of its {len(checkpoint.meta['shards'])} "
                          f"shards; {_earlier(checkpoint.path)}")
     shapes = full_shapes(checkpoint.meta["arch"], checkpoint.meta["num_classes"])
-    weights, momentum = [], []
+    blocks = []
     for shard in shards:
         try:
-            blocks = _read_shard(shard, checkpoint.meta["format"], checkpoint.meta["arch"], shapes)
+            blocks += _read_shard(shard, checkpoint.meta["format"], checkpoint.meta["arch"], shapes)
         except Exception as error:  # a truncated or foreign file: say which, not a stack trace
             raise UsageError(f"{shard} cannot be read ({type(error).__name__}); {_earlier(checkpoint.path)}"
                              ) from None
-        for key, block, weight, buffer in blocks:
-            weights.append((key, block, weight))
-            if buffer is not None:
-                momentum.append((key, block, buffer))
-    return merge(weights, shapes), merge(momentum, shapes)
+    return blocks
 
 
 def _read_shard(path: Path, format_: int, arch: str, shapes: dict[str, torch.Size]) -> list[BlockRead]:
     """(key, block, weights, momentum or None) of every block in a shard file."""
     if format_ == 1:
         return _read_format_1(path, arch, shapes)
-    blocks = torch.load(path, map_location="cpu", weights_only=True)["blocks"]
+    blocks = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["blocks"]
     return [(key, offsets_as_block(offsets), weight, buffer) for key, offsets, weight, buffer in blocks]
 
 
@@ -262,22 +273,32 @@ _FORMAT_1_PICKLE.Unpickler, _FORMAT_1_PICKLE.load = _Format1Unpickler, pickle.lo
 
 
 def _read_format_1(path: Path, arch: str, shapes: dict[str, torch.Size]) -> list[BlockRead]:
-    pieces = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_FORMAT_1_PICKLE)["pieces"]
+    pieces = torch.load(path, map_location="cpu", weights_only=False, mmap=True,
+                        pickle_module=_FORMAT_1_PICKLE)["pieces"]
     towers = ARCHITECTURES[arch].towers
     return [(key, piece.block(key, shapes[key], towers), weight, momentum.get(key))
             for piece, state, momentum in pieces for key, weight in state.items()]
 
 
 def load(checkpoint: Checkpoint, strategy: Strategy, optimizer: torch.optim.Optimizer | None) -> None:
-    """Loads a checkpoint of any layout into this rank's blocks (and their momentum)."""
+    """Loads a checkpoint of any layout into this rank's blocks (and their momentum): each filled from the saved
+    blocks it overlaps, read memory-mapped, so no rank builds the whole net on the way."""
     check_compatible(checkpoint, strategy.config.arch, strategy.config.num_classes)
-    weights, momentum = full_state(checkpoint)
+    saved: dict[str, list[tuple[Block, Tensor, Tensor | None]]] = defaultdict(list)
+    for key, block, weight, buffer in saved_blocks(checkpoint):
+        saved[key].append((block, weight, buffer))
     with torch.no_grad():
         for key, block, param, _ in strategy.blocks():
-            param.copy_(weights[key][block])
-            if optimizer is not None and key in momentum:
-                # the parameter's device, dtype and memory format (channels_last): fused SGD walks both alike
-                optimizer.state[param]["momentum_buffer"] = torch.empty_like(param).copy_(momentum[key][block])
+            shape = strategy.shapes[key]
+            with_momentum = optimizer is not None and all(buffer is not None for _, _, buffer in saved[key])
+            # the parameter's device, dtype, memory format and sharding: fused SGD walks both alike
+            momentum = torch.empty_like(param) if with_momentum else None
+            for saved_block, weight, buffer in saved[key]:
+                copy_overlap(local(param), block, weight, saved_block, shape)
+                if momentum is not None:
+                    copy_overlap(local(momentum), block, buffer, saved_block, shape)
+            if momentum is not None:
+                optimizer.state[param]["momentum_buffer"] = momentum
 
 
 def export(checkpoint: Checkpoint, out: Path) -> None:

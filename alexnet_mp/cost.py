@@ -63,11 +63,19 @@ def _count(layer: torch.nn.Module) -> int:
 @dataclass(frozen=True)
 class RankWork:
     """What one rank of a layout computes in a step: the share of each layer's output channels or units it
-    holds, and how many images its conv layers and its fully connected layers each see."""
+    computes, how many images its conv layers and its fully connected layers each see, the share of each
+    layer's parameters it holds (by default the share it computes), and the parameters it gathers from the
+    others for a while beyond those (FSDP's: a layer's whole weights and gradients)."""
 
     shares: Mapping[str, float]
     conv_samples: int
     fc_samples: int
+    held: Mapping[str, float] | None = None
+    gathered: int = 0
+
+    @property
+    def holds(self) -> Mapping[str, float]:
+        return self.shares if self.held is None else self.held
 
     def samples(self, layer: str) -> int:
         return self.conv_samples if layer.startswith("conv") else self.fc_samples
@@ -75,7 +83,7 @@ class RankWork:
 
 def parameters(work: RankWork, arch: Architecture, num_classes: int = 1000, layers: str = "") -> int:
     """Parameters the rank holds, of the layers whose names start with `layers` (all by default)."""
-    return sum(cost.parameters for cost in layer_costs(arch, num_classes, work.shares) if cost.name.startswith(layers))
+    return sum(cost.parameters for cost in layer_costs(arch, num_classes, work.holds) if cost.name.startswith(layers))
 
 
 def training_flops(work: RankWork, arch: Architecture, num_classes: int = 1000) -> float:
@@ -87,11 +95,11 @@ def training_flops(work: RankWork, arch: Architecture, num_classes: int = 1000) 
 def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, bytes_per_element: int = 4,
                  ) -> dict[str, float]:
     """A rank's memory for training, by kind: weights, their gradients and the momentum (one copy
-    each of the rank's parameters), and the activations autograd keeps at this batch (roughly: each
-    layer's output and its block's output, plus the input images)."""
+    each of the parameters the rank holds), what it gathers beyond them, and the activations autograd keeps
+    at this batch (roughly: each layer's output and its block's output, plus the input images)."""
     activations = 3 * IMAGE_SIZE ** 2 * work.conv_samples
     for cost in layer_costs(arch, num_classes, work.shares):
         activations += (math.prod(cost.output_shape) + math.prod(cost.block_shape)) * work.samples(cost.name)
     weights = parameters(work, arch, num_classes) * bytes_per_element
     return {"weights": weights, "gradients": weights, "momentum": weights,
-            "activations": activations * bytes_per_element}
+            "gathered": work.gathered * bytes_per_element, "activations": activations * bytes_per_element}

@@ -269,78 +269,42 @@ def ring_all_reduce_elements(count: int, size: int) -> float:
     return 2 * (size - 1) * count / size
 
 
-class GradientAllReduce:
-    """Sums (or averages) the gradients of replicated parameters over a group, as DDP does:
-    parameters are packed into buckets in reverse registration order (the order backward reaches
-    them); a bucket is all-reduced asynchronously as soon as its last gradient is accumulated, so
-    communication overlaps the rest of the backward pass. Call `wait` after backward.
+class MeteredAllReduce:
+    """The state of `all_reduce_hook`, DistributedDataParallel's communication hook here: each bucket of
+    replicated gradients is averaged over the group (each rank's loss is the mean over its own samples) or
+    summed (each rank's loss term is already its part of the global mean: the weird trick's conv column),
+    all-reduced asynchronously as DDP's default hook does, and counted in a ledger as `link`: the elements a
+    ring all-reduce sends, the moment the first bucket leaves (the link's arrival), and as the time blocked,
+    how long the last bucket's reduction outlasted the backward pass that produced it. DDP waits for the
+    reductions inside backward, where no caller can time the wait itself; `settle` records it after."""
 
-    Used by every layout that replicates parameters, instead of DDP: DDP broadcasts rank 0's
-    weights at construction and averages over its group, which is wrong for two towers with
-    identical shapes and for the weird-trick conv column, whose loss is already the global mean.
-
-    Each bucket is one flat buffer kept from step to step, and its parameters' gradients become
-    views into it (DDP's `gradient_as_bucket_view`): a gradient is copied in once, and the reduced
-    values need no copy back. A fresh buffer per step would cost more than the copy: on a CPU, its
-    first touch faults in every page (docs/experiments.md has the figures).
-    """
-
-    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, average: bool,
-                 ledger: Ledger, name: str, bucket_elements: int = 25 * 2**20 // 4) -> None:
-        self.group, self.average, self.ledger, self.name = group, average, ledger, name
+    def __init__(self, group: dist.ProcessGroup, average: bool, ledger: Ledger, link: str) -> None:
+        self.group, self.average, self.ledger, self.link = group, average, ledger, link
         self.size = dist.get_world_size(group)
-        self.buckets: list[list[nn.Parameter]] = [[]]
-        for param in reversed(params):
-            if sum(p.numel() for p in self.buckets[-1]) >= bucket_elements:
-                self.buckets.append([])
-            self.buckets[-1].append(param)
-        self.bucket_of = {param: i for i, bucket in enumerate(self.buckets) for param in bucket}
-        self.pending = [len(bucket) for bucket in self.buckets]
-        self.flats: list[Tensor | None] = [None] * len(self.buckets)
-        self.in_flight: list[dist.Work] = []
-        for param in params:
-            param.register_post_accumulate_grad_hook(self._ready)
+        self.last_ready = self.last_done = 0.0
 
-    def _ready(self, param: nn.Parameter) -> None:
-        index = self.bucket_of[param]
-        self.pending[index] -= 1
-        if self.pending[index]:
-            return
-        flat = self._gather_into_bucket(index)
+    def reduce(self, buffer: Tensor) -> torch.futures.Future[Tensor]:
         if self.average:
-            flat /= self.size
-        self.ledger.arrive(self.name, BACKWARD)
-        self.in_flight.append(dist.all_reduce(flat, group=self.group, async_op=True))
-        self.ledger.record(0, self.name, BACKWARD, ring_all_reduce_elements(flat.numel(), self.size),
-                           flat.element_size())
+            buffer.div_(self.size)
+        self.ledger.arrive(self.link, BACKWARD)
+        self.ledger.record(0, self.link, BACKWARD, ring_all_reduce_elements(buffer.numel(), self.size),
+                           buffer.element_size())
+        self.last_ready = time.perf_counter()
+        return dist.all_reduce(buffer, group=self.group, async_op=True).get_future().then(self._done)
 
-    def _gather_into_bucket(self, index: int) -> Tensor:
-        """Bucket `index`'s flat buffer, its parameters' gradients now views into it (with the
-        parameters' strides, so channels_last weights keep channels_last gradients). A gradient that
-        is already its view (kept by `zero_grad(set_to_none=False)`) is not copied."""
-        bucket, like = self.buckets[index], self.buckets[index][0].grad
-        flat = self.flats[index]
-        if flat is None or flat.dtype != like.dtype or flat.device != like.device:
-            flat = self.flats[index] = torch.empty(sum(p.numel() for p in bucket), dtype=like.dtype,
-                                                   device=like.device)
-        offset = 0
-        for param in bucket:
-            view = flat.as_strided(param.shape, param.stride(), flat.storage_offset() + offset)
-            if param.grad.data_ptr() != view.data_ptr():
-                view.copy_(param.grad)
-                param.grad = view
-            offset += param.numel()
-        return flat
+    def _done(self, future: torch.futures.Future[list[Tensor]]) -> Tensor:
+        self.last_done = max(self.last_done, time.perf_counter())
+        return future.value()[0]
 
-    def wait(self) -> None:
-        """Waits for every bucket of this backward pass: the gradients then hold the reduced values."""
-        for work in self.in_flight:
-            with self.ledger.waiting(self.name, BACKWARD):
-                work.wait()
-        if any(self.pending):
-            raise RuntimeError(f"{self.name}: some replicated parameters received no gradient this step")
-        self.in_flight.clear()
-        self.pending = [len(bucket) for bucket in self.buckets]
+    def settle(self) -> None:
+        """After a backward pass: the time it was blocked on its last reduction, into the ledger."""
+        self.ledger.blocked[self.link, BACKWARD] += max(0.0, self.last_done - self.last_ready)
+        self.last_ready = self.last_done = 0.0
+
+
+def all_reduce_hook(state, bucket):  # unannotated: DDP compares annotations it finds with its own types
+    """DistributedDataParallel's communication hook: `MeteredAllReduce.reduce` of the bucket's flat buffer."""
+    return state.reduce(bucket.buffer())
 
 
 class RoundExchange:

@@ -97,12 +97,12 @@ def shares(arch: str, num_classes: int = 1000) -> str:
 
 
 def plan_table(predictions: list[Prediction], link_gbps: list[float], batch: int) -> str:
-    header = ["mode", "GPUs", "MiB sent/rank/step (max)", "compute ms", "memory MiB/rank: params+grads+momentum"
-              " / activations"]
+    header = ["mode", "GPUs", "MiB sent/rank/step (max)", "compute ms",
+              "memory MiB/rank: params+grads+momentum(+gathered) / activations"]
     header += [f"step ms @ {gbps:g} GB/s: serial / overlapped (images/s)" for gbps in link_gbps]
     rows = []
     for p in predictions:
-        state = (p.memory["weights"] + p.memory["gradients"] + p.memory["momentum"]) / 2**20
+        state = (p.memory["weights"] + p.memory["gradients"] + p.memory["momentum"] + p.memory["gathered"]) / 2**20
         row = [p.mode, str(p.gpus), f"{max(p.bytes_per_rank) / 2**20:.1f}", f"{1000 * p.compute_s:.2f}",
                f"{state:.0f} / {p.memory['activations'] / 2**20:.0f}"]
         for gbps in link_gbps:

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.strategies import Strategy
@@ -76,5 +77,8 @@ def make_optimizer(parameters: Iterable[Tensor], config: TrainConfig) -> torch.o
     """The paper's SGD (section 5): momentum 0.9, weight decay 5e-4 (see docs/reproduction.md for
     how torch's update relates to the paper's). Fused: one kernel over all parameters, the same
     update as the per-parameter loop and several times faster (docs/experiments.md)."""
+    parameters = list(parameters)
+    # DTensor parameters (fsdp) have no fused SGD kernel: there the per-tensor foreach path, the same update
+    sharded = any(isinstance(p, DTensor) for p in parameters)
     return torch.optim.SGD(parameters, lr=config.scaled_lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay, fused=True)
+                           weight_decay=config.weight_decay, fused=not sharded, foreach=sharded or None)

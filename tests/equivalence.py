@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alexnet_mp.blocks import WHOLE, Block, merge
+from alexnet_mp.blocks import WHOLE, Block, local, merge
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.links import Ledger
 from alexnet_mp.model import MaskDraw, build_model, full_shapes
@@ -49,6 +49,7 @@ class Run:
     gradients: Blocks = field(default_factory=list)
     weights: Blocks = field(default_factory=list)
     traffic: dict = field(default_factory=dict)
+    traffic_bytes: dict = field(default_factory=dict)
     sent_bytes: float = 0.0
     checksum: float = 0.0
 
@@ -67,7 +68,7 @@ def sgd(params) -> torch.optim.SGD:
 def distinct_blocks(strategy: Strategy, values: str) -> Blocks:
     """Of every block this rank holds and no lower rank holds: the parameter's `values` ("grad" or "data"), on
     the CPU."""
-    return [(key, block, getattr(param, values).detach().cpu().clone())
+    return [(key, block, local(getattr(param, values)).detach().cpu().clone())
             for key, block, param, writes in strategy.blocks() if writes]
 
 
@@ -75,7 +76,8 @@ def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, 
                variant: Variant = EAGER, device: str = "cpu") -> Run:
     """`steps` SGD steps of a layout; what it saw comes back on the CPU."""
     config = TrainConfig(mode=mode, arch=arch, num_classes=CLASSES, seed=SEED, exchange=exchange, batch_size=size,
-                         lr=LR, timeout_s=60, **variant.speed.flags())
+                         lr=LR, timeout_s=60, mixed_precision="bf16" if variant.precision == "bf16" else "no",
+                         **variant.speed.flags())
     check_layout(config, current().size)
     strategy = build(config, torch.device(device), dtype)
     strategy.train()
@@ -91,12 +93,12 @@ def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, 
         run.losses.append(float(strategy.global_loss(loss)))
         if step == 0:
             run.gradients = distinct_blocks(strategy, "grad")
-            run.traffic = dict(strategy.ledger.elements)
+            run.traffic, run.traffic_bytes = dict(strategy.ledger.elements), dict(strategy.ledger.bytes)
             run.sent_bytes = strategy.ledger.total_bytes()
         optimizer.step()
         optimizer.zero_grad()
     run.weights = distinct_blocks(strategy, "data")
-    run.checksum = sum(float(p.detach().double().sum()) for p in strategy.parameters())
+    run.checksum = sum(float(local(p).detach().double().sum()) for p in strategy.parameters())
     return run
 
 

@@ -41,10 +41,15 @@ def test_bench_bytes_equal_the_analytic_minimum(quick):
     by_name = {m["name"]: m for m in quick["json"]["measurements"]}
     sizes = quick["json"]["sizes"]
     for name, mode in (("paper-split x2", "paper-split"), ("data-parallel x2", "data-parallel"),
-                       ("weird-trick (all) x2", "weird-trick")):
+                       ("weird-trick (all) x2", "weird-trick"), ("fsdp x2", "fsdp")):
         expected = [4 * sum(rank.values()) for rank in STRATEGIES[mode].expected_traffic("paper", 2, sizes["batch"],
                                                                        sizes["num_classes"])]
         assert by_name[name]["bytes_per_rank"] == pytest.approx(expected)
+
+
+def test_bench_compares_fsdp_with_data_parallel_in_speed_memory_and_bytes(quick):
+    (row,) = [c for c in quick["json"]["comparisons"] if c["what"].startswith("fsdp vs data-parallel at 2 ranks")]
+    assert row["detail"].startswith("peak MiB per rank (largest) ") and "bytes/step on rank 0: " in row["detail"]
 
 
 def test_bench_times_the_wait_of_each_link_and_the_part_after_the_last_rank_arrived(quick):

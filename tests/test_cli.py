@@ -85,6 +85,8 @@ def test_config_json_records_what_defines_the_run(runs):
     (["--mode", "single"], 2, "data-parallel"),
     (["--mode", "weird-trick"], 3, "use one of"),
     (["--mode", "weird-trick", "--exchange", "slice", "--batch-size", "6"], 4, "use a multiple of 16"),
+    (["--mode", "fsdp"], 1, "2 or more processes"),
+    (["--mode", "fsdp", "--batch-size", "6"], 4, "use a multiple of 4"),
     (["--mode", "paper-split", "--exchange", "all"], 2, "weird-trick"),
     (["--cuda-graphs"], 1, "--compile"),  # CI has no GPU
     (["--triton-lrn"], 1, "drop the flag"),

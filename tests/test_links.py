@@ -11,15 +11,17 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from alexnet_mp.links import (
     BACKWARD,
     FORWARD,
-    GradientAllReduce,
     Ledger,
     LinearOverRounds,
+    MeteredAllReduce,
     RoundExchange,
     all_gather,
+    all_reduce_hook,
     gather_to_first,
     metered,
 )
@@ -100,27 +102,48 @@ def link_gradients() -> dict[str, torch.Tensor]:
     out["gather-to-first"] = x.grad
     out["sent"] = ledger.sent()
     for average in (False, True):
-        param = torch.nn.Parameter(parts((3,))[rank].clone())
-        sync = GradientAllReduce([param], group, average, ledger, "test")
-        (param * weights((3,))[rank]).sum().backward()
-        sync.wait()
-        out[f"all-reduce-average-{average}"] = param.grad
+        weighted, sync = replicated(parts((3,))[rank].clone(), average)
+        weighted(weights((3,))[rank]).sum().backward()
+        sync.settle()
+        out[f"all-reduce-average-{average}"] = weighted.module.weight.grad
+        out[f"all-reduce-ledger-{average}"] = (sync.ledger.sent(), dict(sync.ledger.blocked))
     for set_to_none in (True, False):
         out[f"all-reduce-second-step-set-to-none-{set_to_none}"] = second_step_gradient(set_to_none)
     return out
 
 
+class Weighted(torch.nn.Module):
+    """x * weight: its gradient for a loss sum(x * weight) is x."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def replicated(weight: torch.Tensor, average: bool) -> tuple[DistributedDataParallel, MeteredAllReduce]:
+    """`Weighted(weight)` replicated over every rank as the layouts replicate: DDP with the metered hook."""
+    module = DistributedDataParallel(Weighted(weight), broadcast_buffers=False, init_sync=False,
+                                     gradient_as_bucket_view=True)
+    sync = MeteredAllReduce(dist.group.WORLD, average, Ledger(), "test")
+    module.register_comm_hook(sync, all_reduce_hook)
+    return module, sync
+
+
 def second_step_gradient(set_to_none: bool) -> torch.Tensor:
     """A channels_last conv weight's all-reduced gradient at the second of two steps (rank r's loss at
     step s: (s + 1) * sum(weight * w_r)), zeroed between the steps as an optimizer does: set to None,
-    or zeroed in place, which keeps it a view of its bucket."""
-    conv = torch.nn.Parameter(parts(CONV_SHAPE)[dist.get_rank()].contiguous(memory_format=torch.channels_last))
-    sync = GradientAllReduce([conv], dist.group.WORLD, False, Ledger(), "test")
+    or zeroed in place, which keeps it a view of DDP's bucket."""
+    weighted, sync = replicated(parts(CONV_SHAPE)[dist.get_rank()].contiguous(memory_format=torch.channels_last),
+                                average=False)
+    conv = weighted.module.weight
     for step in range(2):
         if conv.grad is not None:
             conv.grad = None if set_to_none else conv.grad.zero_()
-        ((step + 1) * conv * weights(CONV_SHAPE)[dist.get_rank()]).sum().backward()
-        sync.wait()
+        weighted((step + 1) * weights(CONV_SHAPE)[dist.get_rank()]).sum().backward()
+        sync.settle()
     return conv.grad
 
 
@@ -167,11 +190,18 @@ def test_linear_over_rounds_equals_the_linear_of_one_all_gather_outputs_and_grad
 
 
 @pytest.mark.parametrize("average", [False, True])
-def test_gradient_all_reduce_sums_or_averages_over_ranks(gradients, average):
+def test_replicated_gradients_are_summed_or_averaged_over_ranks(gradients, average):
     total = sum(weights((3,)))
     for rank in range(WORLD):
         expected = total / WORLD if average else total
         torch.testing.assert_close(gradients[rank][f"all-reduce-average-{average}"], expected)
+
+
+def test_the_replicas_reduction_counts_a_ring_all_reduce_and_the_time_it_outlasted_backward(gradients):
+    for rank in range(WORLD):
+        sent, blocked = gradients[rank]["all-reduce-ledger-True"]
+        assert sent == {("test", BACKWARD): 3.0}  # 2 x (N - 1) / N x 3 elements
+        assert blocked["test", BACKWARD] >= 0.0
 
 
 def test_the_ledger_counts_blocked_time_per_link_and_direction_and_in_total():
@@ -203,7 +233,7 @@ def test_the_ledger_keeps_the_time_a_link_was_first_reached_in_each_direction():
 
 
 @pytest.mark.parametrize("set_to_none", [True, False], ids=["set-to-none", "zeroed-in-place"])
-def test_gradient_all_reduce_is_right_on_every_step_and_keeps_channels_last_however_gradients_are_zeroed(
+def test_replicated_gradients_are_right_on_every_step_and_keep_channels_last_however_they_are_zeroed(
         gradients, set_to_none):
     for rank in range(WORLD):
         got = gradients[rank][f"all-reduce-second-step-set-to-none-{set_to_none}"]

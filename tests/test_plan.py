@@ -37,7 +37,7 @@ def test_compute_divides_across_ranks():
 
 def test_only_layouts_that_can_run_are_planned():
     assert layouts(1, "paper") == ["single"]
-    assert layouts(2, "owt") == ["data-parallel", "weird-trick"]
+    assert layouts(2, "owt") == ["data-parallel", "weird-trick", "fsdp"]
     assert "paper-split" not in layouts(3, "paper")
 
 

@@ -88,6 +88,23 @@ def test_bf16_paper_split_late_layer_gradients_are_within_bf16_tolerance(two_pro
     assert_within(late_layers(found), BF16_GRADIENT_TOLERANCE)
 
 
+def fsdp_in_bf16() -> Run:
+    return run_layout("fsdp", "paper", BATCH, 1, torch.float32, variant=Variant("bf16"))
+
+
+def test_fsdp_under_bf16_gathers_bf16_parameters_and_is_within_bf16_tolerance(reference, tmp_path):
+    """MixedPrecisionPolicy: each unit's parameters all-gathered in bf16 (2 bytes an element), gradients reduced
+    in float32 (4)."""
+    ranks = run_distributed(fsdp_in_bf16, 2, tmp_path)
+    found = errors(ranks, reference["float32"])
+    assert found["logits"] <= BF16_LOGITS_TOLERANCE
+    assert_within(late_layers(found), BF16_GRADIENT_TOLERANCE)
+    for run in ranks:
+        sent = {(link, direction): run.traffic_bytes[part, link, direction] / count
+                for (part, link, direction), count in run.traffic.items()}
+        assert sent == {("parameters", "forward"): 2, ("parameters", "backward"): 2, ("gradients", "backward"): 4}
+
+
 def test_compiled_towers_in_one_process_equal_single_device(reference):
     assert_within(errors([run_variant(COMPILED)], reference["float64"]), FLOAT64_TOLERANCE)
 

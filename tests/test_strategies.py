@@ -46,6 +46,8 @@ LAYOUTS = [
     Layout("weird-trick", "paper", 4, "all"),
     Layout("weird-trick", "owt", 2, "all"),
     Layout("paper-split", "paper", 4),
+    Layout("fsdp", "paper", 2),
+    Layout("fsdp", "paper", 4),
 ]
 
 

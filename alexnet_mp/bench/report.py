@@ -75,12 +75,16 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -
     ratio("paper-split in 1 process (towers as separate convs) vs single (grouped convs)",
           layouts.named("paper-split, 1 process"), single)
     for ranks in sizes.ranks:
-        dp, a, b = (layouts.named(name) for name in (f"data-parallel x{ranks}", f"weird-trick (all) x{ranks}",
-                                                     f"weird-trick (one-at-a-time) x{ranks}"))
+        dp, a, b, sharded = (layouts.named(name) for name in (
+            f"data-parallel x{ranks}", f"weird-trick (all) x{ranks}", f"weird-trick (one-at-a-time) x{ranks}",
+            f"fsdp x{ranks}"))
+        if {dp, sharded} <= found.keys():
+            ratio(f"fsdp vs data-parallel at {ranks} ranks: speed (memory and bytes in the detail)", sharded, dp,
+                  detail=f"peak MiB per rank (largest) {max(found[sharded].peak_memory_mb):.0f} vs "
+                         f"{max(found[dp].peak_memory_mb):.0f}; {bytes_on_rank_0(found[sharded], found[dp])}")
         if not {dp, a, b} <= found.keys():
             continue
-        ratio(f"weird-trick (a) vs data-parallel at {ranks} ranks", a, dp,
-              detail=f"bytes/step on rank 0: {found[a].bytes_per_rank[0]:,.0f} vs {found[dp].bytes_per_rank[0]:,.0f}")
+        ratio(f"weird-trick (a) vs data-parallel at {ranks} ranks", a, dp, detail=bytes_on_rank_0(found[a], found[dp]))
         rows.extend(hidden_exchange(found[b], found[a], ranks))
     pipeline = f"input pipeline, {sizes.workers} workers"
     ratio("input pipeline vs the training step it feeds (>= 1: the loader keeps up)", pipeline, single, 1.0,
@@ -92,6 +96,10 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -
     for suffix in DECODED.values():
         ratio(f"single step fed by the input pipeline{suffix} vs from memory", layouts.named(FED + suffix), single)
     return rows
+
+
+def bytes_on_rank_0(ours: Measurement, theirs: Measurement) -> str:
+    return f"bytes/step on rank 0: {ours.bytes_per_rank[0]:,.0f} vs {theirs.bytes_per_rank[0]:,.0f}"
 
 
 def hidden_exchange(b: Measurement, a: Measurement, ranks: int) -> list[Comparison]:

@@ -10,12 +10,13 @@ from alexnet_mp.errors import UsageError
 from alexnet_mp.model import build_model
 from alexnet_mp.strategies.base import Strategy
 from alexnet_mp.strategies.data_parallel import DataParallel
+from alexnet_mp.strategies.fsdp import FSDP
 from alexnet_mp.strategies.paper_split import PaperSplit
 from alexnet_mp.strategies.single import Single
 from alexnet_mp.strategies.weird_trick import WeirdTrick
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Single, DataParallel, PaperSplit, WeirdTrick)
+    cls.name: cls for cls in (Single, DataParallel, PaperSplit, WeirdTrick, FSDP)
 }
 
 

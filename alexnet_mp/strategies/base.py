@@ -21,12 +21,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from alexnet_mp.blocks import Block, part_size
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import RankWork, Traffic, both_ways
 from alexnet_mp.errors import UsageError
-from alexnet_mp.links import BACKWARD, FORWARD, GradientAllReduce, Ledger, Link, metered
+from alexnet_mp.links import BACKWARD, FORWARD, Ledger, Link, MeteredAllReduce, all_reduce_hook, metered
 from alexnet_mp.model import ARCHITECTURES, AlexNet, Architecture, MaskDraw, SeededDropout, full_shapes
 from alexnet_mp.speed import apply_speed
 from alexnet_mp.world import current
@@ -126,14 +127,14 @@ class Strategy(ABC):
         self.ledger = Ledger()
         self.shapes = {key: value.shape for key, value in model.state_dict().items()}
         self.parts_held: list[tuple[int, nn.Module]] = []  # (part, its layers under the whole net's names)
-        self.sync: GradientAllReduce | None = None
+        self.sync: MeteredAllReduce | None = None
         self.model = self.parallelize(model)
         self.dropouts = [module for module in self.model.modules() if isinstance(module, SeededDropout)]
 
     @abstractmethod
     def parallelize(self, model: AlexNet) -> nn.Module:
-        """Places, shards, links and wraps the whole net for this rank; sets `parts_held` (and `sync`, for
-        replicated parameters). Returns the module the loop enters."""
+        """Places, shards, links and wraps the whole net for this rank; sets `parts_held` (and `sync`, where
+        `replicate` wraps it). Returns the module the loop enters."""
 
     @abstractmethod
     def image_rows(self, global_batch: int) -> slice:
@@ -164,9 +165,10 @@ class Strategy(ABC):
         return F.cross_entropy(logits, labels.to(logits.device))
 
     def finish_backward(self) -> None:
-        """Waits for the gradient communication still in flight: the gradients are then the global batch's."""
+        """After the backward pass, whose gradients are then the global batch's: the ledger learns how long it
+        waited on the replicas' reductions."""
         if self.sync is not None:
-            self.sync.wait()
+            self.sync.settle()
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.model.parameters()
@@ -205,12 +207,21 @@ class Strategy(ABC):
         """`model` on this rank's device (or `device`), with the speed-ups the run asks for."""
         return apply_speed(model.to(device or self.device), self.config.speed)
 
-    def replicate_gradients(self, params: list[nn.Parameter], group: dist.ProcessGroup | None,
-                            average: bool, name: str) -> GradientAllReduce | None:
-        """Gradient all-reduce over `group` for replicated parameters; None for a group of one."""
+    def replicate(self, module: nn.Module, group: dist.ProcessGroup | None, average: bool, link: str,
+                  local: Iterable[str] = ()) -> nn.Module:
+        """`module` replicated over `group` by DistributedDataParallel (itself, for a group of one): its gradients,
+        but those of the parameters named in `local` (held by this rank alone), all-reduced in buckets while
+        backward goes on (`links.MeteredAllReduce`: averaged, or summed), counted as `link`. No broadcast at
+        construction (init_sync=False): every rank starts from the same seeded weights already."""
         if group is None or dist.get_world_size(group) == 1:
-            return None
-        return GradientAllReduce(params, group, average, self.ledger, name)
+            return module
+        if local:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, list(local))
+        replicas = DistributedDataParallel(module, process_group=group, broadcast_buffers=False, init_sync=False,
+                                           gradient_as_bucket_view=True)
+        self.sync = MeteredAllReduce(group, average, self.ledger, link)
+        replicas.register_comm_hook(self.sync, all_reduce_hook)
+        return replicas
 
     @property
     def timeout(self) -> timedelta:

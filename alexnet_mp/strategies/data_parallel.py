@@ -1,5 +1,5 @@
-"""data-parallel: a full replica per rank, each rank a contiguous slice of the global batch,
-gradients averaged over the ranks (each rank's loss is the mean over its slice)."""
+"""data-parallel: a full replica per rank (DistributedDataParallel), each rank a contiguous slice of the
+global batch, gradients averaged over the ranks (each rank's loss is the mean over its slice)."""
 
 from __future__ import annotations
 
@@ -36,9 +36,7 @@ class DataParallel(Strategy):
     def parallelize(self, model: AlexNet) -> nn.Module:
         model = self.place(model)
         self.parts_held = [(self.rank, model)]
-        group = dist.group.WORLD if self.world_size > 1 else None
-        self.sync = self.replicate_gradients(list(model.parameters()), group, average=True, name="gradients")
-        return model
+        return self.replicate(model, dist.group.WORLD if self.world_size > 1 else None, average=True, link="gradients")
 
     def image_rows(self, global_batch: int) -> slice:
         return rows(global_batch, self.rank, self.world_size)

@@ -129,9 +129,9 @@ class PaperSplit(Strategy):
         tower = self.place(shard_layers(model, self.shard, self.rank, self.world_size))
         link_inputs(tower, links, tower_group, self.ledger)
         self.parts_held = [(self.rank, tower)]
-        self.sync = self.replicate_gradients(list(tower.parameters()), self.data_group, average=True,
-                                             name="gradients")
-        return tower
+        # DDP over the replicas of this tower (a column of the grid), never over the world: there it would
+        # average tower 0's gradients with tower 1's, which have the same shapes
+        return self.replicate(tower, self.data_group, average=True, link="gradients")
 
     def _local_devices(self) -> list[torch.device]:
         if self.device.type == "cuda" and torch.cuda.device_count() >= TOWERS:

@@ -79,10 +79,10 @@ class WeirdTrick(Strategy):
         column = self.place(column)
         link_inputs(column, links, group, self.ledger)
         self.parts_held = [(self.rank, column)]
-        conv_params = [param for name, param in column.named_parameters() if not name.startswith("fc")]
-        # Each rank's gradient is already its part of the global-mean loss's: sum, don't average.
-        self.sync = self.replicate_gradients(conv_params, group, average=False, name="conv-gradients")
-        return column
+        fc_shards = [name for name, _ in column.named_parameters() if name.startswith("fc")]
+        # The conv column is replicated; each rank's gradient is already its part of the global-mean loss's:
+        # sum, don't average. The FC shards are this rank's own.
+        return self.replicate(column, group, average=False, link="conv-gradients", local=fc_shards)
 
     def image_rows(self, global_batch: int) -> slice:
         return rows(global_batch, self.rank, self.world_size)

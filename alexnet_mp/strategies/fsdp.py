@@ -1,0 +1,125 @@
+"""fsdp: FSDP2 (`torch.distributed.fsdp.fully_shard`) over every rank. Each rank computes the whole net on
+its slice of the global batch, as in data-parallel, but holds 1/N of every parameter, gradient and
+momentum buffer: each layer is a unit whose parameters are all-gathered before its forward, freed after
+it (reshard_after_forward) and all-gathered again before its backward, and whose gradients are
+reduce-scattered (averaged: each rank's loss is the mean over its samples) as soon as they are computed.
+Under --mixed-precision the units gather their parameters in bf16 (or fp16) and reduce gradients in
+float32 (MixedPrecisionPolicy)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
+
+from alexnet_mp.blocks import Block
+from alexnet_mp.config import TrainConfig
+from alexnet_mp.cost import RankWork, Traffic, both_ways
+from alexnet_mp.errors import UsageError
+from alexnet_mp.links import BACKWARD, FORWARD, Ledger
+from alexnet_mp.model import AlexNet, Architecture, full_shapes
+from alexnet_mp.strategies.base import new_traffic
+from alexnet_mp.strategies.data_parallel import DataParallel
+
+PARAMETERS, GRADIENTS = "parameters", "gradients"  # the ledger's links: all-gathers, and reduce-scatters
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Phase:
+    """Whether the step is in its forward pass or its backward, for the ledger's direction of an all-gather."""
+
+    direction = FORWARD
+
+
+class MeteredAllGather(DefaultAllGather):
+    """FSDP2's all-gather of a unit's parameters, counted: each rank sends its shard to every other rank."""
+
+    def __init__(self, ledger: Ledger, phase: Phase) -> None:
+        super().__init__()
+        self.ledger, self.phase = ledger, phase
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 async_op: bool = False) -> dist.Work | None:
+        direction = self.phase.direction
+        self.ledger.record(0, PARAMETERS, direction, input_tensor.numel() * (group.size() - 1),
+                           input_tensor.element_size())
+        with self.ledger.waiting(PARAMETERS, direction):  # the whole of it where synchronous (gloo, here)
+            return super().__call__(output_tensor, input_tensor, group, async_op)
+
+
+class MeteredReduceScatter(DefaultReduceScatter):
+    """FSDP2's reduce-scatter of a unit's gradients, counted: each rank sends every other rank its part."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        super().__init__()
+        self.ledger = ledger
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 op: object, async_op: bool = False) -> dist.Work | None:
+        self.ledger.record(0, GRADIENTS, BACKWARD, output_tensor.numel() * (group.size() - 1),
+                           output_tensor.element_size())
+        with self.ledger.waiting(GRADIENTS, BACKWARD):
+            return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+
+class FSDP(DataParallel):
+    """data-parallel's rows and loss, its state sharded."""
+
+    name = "fsdp"
+
+    @classmethod
+    def check_world(cls, world_size: int, config: TrainConfig) -> None:
+        if world_size < 2:
+            raise UsageError("--mode fsdp shards the net over 2 or more processes; use --mode single for one")
+
+    @classmethod
+    def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
+        """The rows `torch.chunk` gives a part, as fully_shard splits dim 0: ceil(rows / parts) each, the last
+        part fewer (or none)."""
+        size = -(-shape[0] // parts)
+        start = min(part * size, shape[0])
+        return (slice(start, min(start + size, shape[0])),)
+
+    @classmethod
+    def work(cls, arch: str, part: int, parts: int, batch: int, num_classes: int = 1000) -> RankWork:
+        """Every layer computed whole (on this rank's samples), 1/N of it held; and, held for a while, one
+        layer's whole parameters and gradients (the largest's, at worst), gathered."""
+        held = super().work(arch, part, parts, batch, num_classes)
+        weights = {key.split(".")[0]: shape.numel() for key, shape in full_shapes(arch, num_classes).items()
+                   if key.endswith(".weight")}
+        return RankWork(dict.fromkeys(held.shares, 1.0), held.conv_samples, held.fc_samples, held=held.shares,
+                        gathered=2 * max(weights.values()))
+
+    @classmethod
+    def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
+        """Per step, every unit's parameters all-gathered twice (forward, and again for backward) and its
+        gradients reduce-scattered once; a shard is ceil(rows / N) rows, padded to it where N does not divide
+        them, and each rank sends its shard to each of the N-1 others."""
+        traffic = new_traffic()
+        shapes = full_shapes(arch.name, num_classes).values()
+        shards = sum(-(-shape[0] // parts) * shape[1:].numel() for shape in shapes)
+        both_ways(traffic, PARAMETERS, shards * (parts - 1))
+        traffic[GRADIENTS, BACKWARD] += shards * (parts - 1)
+        return traffic
+
+    def parallelize(self, model: AlexNet) -> nn.Module:
+        model = self.place(model)
+        self.parts_held = [(self.rank, model)]
+        mesh = DeviceMesh.from_group(dist.group.WORLD, self.device.type)
+        precision = PRECISIONS.get(self.config.mixed_precision)
+        policy = MixedPrecisionPolicy(param_dtype=precision, reduce_dtype=torch.float32 if precision else None)
+        self.phase = Phase()
+        for layer in model.layers().values():
+            fully_shard(layer, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
+            layer.set_custom_all_gather(MeteredAllGather(self.ledger, self.phase))
+            layer.set_custom_reduce_scatter(MeteredReduceScatter(self.ledger))
+        return fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
+
+    def forward(self, images: torch.Tensor, step: int, global_batch: int) -> torch.Tensor:
+        self.phase.direction = FORWARD
+        logits = super().forward(images, step, global_batch)
+        self.phase.direction = BACKWARD
+        return logits
