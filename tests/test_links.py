@@ -125,8 +125,7 @@ class Weighted(torch.nn.Module):
 
 def replicated(weight: torch.Tensor, average: bool) -> tuple[DistributedDataParallel, MeteredAllReduce]:
     """`Weighted(weight)` replicated over every rank as the layouts replicate: DDP with the metered hook."""
-    module = DistributedDataParallel(Weighted(weight), broadcast_buffers=False, init_sync=False,
-                                     gradient_as_bucket_view=True)
+    module = DistributedDataParallel(Weighted(weight), init_sync=False, gradient_as_bucket_view=True)
     sync = MeteredAllReduce(dist.group.WORLD, average, Ledger(), "test")
     module.register_comm_hook(sync, all_reduce_hook)
     return module, sync

@@ -123,7 +123,6 @@ class Strategy(ABC):
         """Lays `model` (the whole net, with its initial weights) out on this rank: `parallelize`."""
         here = current()
         self.config, self.device, self.rank, self.world_size = config, device, here.rank, here.size
-        self.arch = model.arch
         self.ledger = Ledger()
         self.shapes = {key: value.shape for key, value in model.state_dict().items()}
         self.parts_held: list[tuple[int, nn.Module]] = []  # (part, its layers under the whole net's names)
@@ -217,8 +216,7 @@ class Strategy(ABC):
             return module
         if local:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, list(local))
-        replicas = DistributedDataParallel(module, process_group=group, broadcast_buffers=False, init_sync=False,
-                                           gradient_as_bucket_view=True)
+        replicas = DistributedDataParallel(module, process_group=group, init_sync=False, gradient_as_bucket_view=True)
         self.sync = MeteredAllReduce(group, average, self.ledger, link)
         replicas.register_comm_hook(self.sync, all_reduce_hook)
         return replicas
