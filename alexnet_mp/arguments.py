@@ -13,6 +13,7 @@ from alexnet_mp.data import DECODE_PLACES
 from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES, INITS
 from alexnet_mp.strategies import STRATEGIES
+from alexnet_mp.strategies.pipeline import SCHEDULES
 
 N = TypeVar("N", int, float)
 
@@ -53,6 +54,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "which leaves chance within tens of SGD steps (docs/reproduction.md)")
     parser.add_argument("--exchange", default=d.exchange,
                         help="weird-trick only: all (scheme a), one-at-a-time (b), slice (c)")
+    parser.add_argument("--schedule", default=d.schedule, choices=sorted(SCHEDULES),
+                        help="pipeline only: gpipe (every micro-batch's forward, then every backward) or 1f1b "
+                             "(default gpipe)")
+    parser.add_argument("--microbatches", type=POSITIVE_INT, default=d.microbatches,
+                        help="pipeline only: micro-batches of the global batch, which it must divide (default 1)")
     parser.add_argument("--data", default=d.data, help="'synthetic' (built in) or a folder")
     parser.add_argument("--dataset", default=d.dataset, choices=["imagefolder", "cifar10"],
                         help="layout of --data PATH: PATH/train and PATH/val class folders, or CIFAR-10 batches")

@@ -20,7 +20,9 @@ class TrainConfig:
     mode: str = "paper-split"
     arch: str = "paper"
     init: str = "paper"
-    exchange: str | None = None
+    exchange: str | None = None  # weird-trick's; this and the next two: None where not given
+    schedule: str | None = None  # pipeline's: gpipe or 1f1b
+    microbatches: int | None = None  # pipeline's
     data: str = "synthetic"
     dataset: str = "imagefolder"
     num_classes: int | None = None  # None: the dataset's (1000 for synthetic, like ImageNet)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import logging
 import os
 import pickle
@@ -476,16 +477,9 @@ def rank_batches(dataset: Dataset, batches: GlobalBatches, image_rows: slice, la
     without a wait: a copy from pageable memory would hold the host until the GPU had finished the step
     before, and with it the preparation of the next batch."""
     cuda = device.type == "cuda"
-    in_workers = workers > 0 and isinstance(dataset, Augmented) and dataset.decode_on == "device-in-workers"
-    decode = functools.partial(dataset.on_device, device=device) if in_workers else None
-    loader = DataLoader(dataset, batch_sampler=_RowSampler(batches, image_rows, start, stop), num_workers=workers,
-                        collate_fn=functools.partial(collate, decode=decode), pin_memory=cuda,
-                        persistent_workers=False,
-                        worker_init_fn=_own_session,
-                        # spawned: a forked child of a process that uses CUDA cannot use CUDA itself
-                        multiprocessing_context="spawn" if in_workers else None)
     targets = torch.as_tensor(dataset.targets)
-    for step, (images, alphas) in zip(range(start, stop), _refusals_unwrapped(loader), strict=True):
+    for step, (images, alphas) in zip(range(start, stop), _images(dataset, batches, image_rows, start, stop, workers,
+                                                                    device), strict=True):
         if isinstance(images, list):  # JPEGs left encoded for the device
             images = dataset.on_device(images, device)
         images = images.to(device, non_blocking=cuda)
@@ -493,6 +487,23 @@ def rank_batches(dataset: Dataset, batches: GlobalBatches, image_rows: slice, la
             images = normalise(images, alphas.to(device, non_blocking=cuda))
         labels = targets[batches.indices(step)[label_rows]]
         yield step, images, labels.pin_memory().to(device, non_blocking=True) if cuda else labels
+
+
+def _images(dataset: Dataset, batches: GlobalBatches, rows: slice, start: int, stop: int, workers: int,
+            device: torch.device) -> Iterator[tuple[Tensor | list, Tensor]]:
+    """(pixels, lighting alphas) of `rows` of each step's global batch, from a DataLoader; empty tensors, without
+    one, on a rank that takes no images (a pipeline's later stages)."""
+    if rows.stop <= rows.start:
+        return itertools.repeat((torch.empty(0), torch.empty(0, 3)), stop - start)
+    in_workers = workers > 0 and isinstance(dataset, Augmented) and dataset.decode_on == "device-in-workers"
+    decode = functools.partial(dataset.on_device, device=device) if in_workers else None
+    loader = DataLoader(dataset, batch_sampler=_RowSampler(batches, rows, start, stop), num_workers=workers,
+                        collate_fn=functools.partial(collate, decode=decode), pin_memory=device.type == "cuda",
+                        persistent_workers=False,
+                        worker_init_fn=_own_session,
+                        # spawned: a forked child of a process that uses CUDA cannot use CUDA itself
+                        multiprocessing_context="spawn" if in_workers else None)
+    return _refusals_unwrapped(loader)
 
 
 def _refusals_unwrapped(loader: DataLoader) -> Iterator:

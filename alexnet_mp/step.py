@@ -56,11 +56,7 @@ def compute_gradients(strategy: Strategy, images: Tensor, labels: Tensor, step: 
     Returns this rank's logits and (unscaled) loss."""
     if strategy.config.speed.cuda_graphs:
         torch.compiler.cudagraph_mark_step_begin()  # a new step: the CUDA graphs may reuse their buffers
-    logits = strategy.forward(images, step, global_batch)
-    loss = strategy.loss(logits, labels)
-    (loss * loss_scale).backward()  # x 1.0 is exact
-    strategy.finish_backward()
-    return logits.detach(), loss.detach()
+    return strategy.forward_backward(images, labels, step, global_batch, loss_scale)
 
 
 def train_step(strategy: Strategy, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor,

@@ -72,12 +72,13 @@ def distinct_blocks(strategy: Strategy, values: str) -> Blocks:
             for key, block, param, writes in strategy.blocks() if writes]
 
 
-def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, exchange: str | None = None,
-               variant: Variant = EAGER, device: str = "cpu") -> Run:
-    """`steps` SGD steps of a layout; what it saw comes back on the CPU."""
-    config = TrainConfig(mode=mode, arch=arch, num_classes=CLASSES, seed=SEED, exchange=exchange, batch_size=size,
-                         lr=LR, timeout_s=60, mixed_precision="bf16" if variant.precision == "bf16" else "no",
-                         **variant.speed.flags())
+def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, variant: Variant = EAGER,
+               device: str = "cpu", **options: object) -> Run:
+    """`steps` SGD steps of a layout (with its `options`: exchange, schedule, microbatches); what it saw comes
+    back on the CPU."""
+    config = TrainConfig(mode=mode, arch=arch, num_classes=CLASSES, seed=SEED, batch_size=size, lr=LR, timeout_s=60,
+                         mixed_precision="bf16" if variant.precision == "bf16" else "no", **variant.speed.flags(),
+                         **options)
     check_layout(config, current().size)
     strategy = build(config, torch.device(device), dtype)
     strategy.train()
@@ -102,9 +103,9 @@ def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, 
     return run
 
 
-def run_layout_both_precisions(mode: str, arch: str, size: int, exchange: str | None = None) -> dict[str, Run]:
-    return {"float64": run_layout(mode, arch, size, STEPS, torch.float64, exchange),
-            "float32": run_layout(mode, arch, size, 1, torch.float32, exchange)}
+def run_layout_both_precisions(mode: str, arch: str, size: int, options: dict | None = None) -> dict[str, Run]:
+    return {"float64": run_layout(mode, arch, size, STEPS, torch.float64, **(options or {})),
+            "float32": run_layout(mode, arch, size, 1, torch.float32, **(options or {}))}
 
 
 def run_reference(arch: str, size: int, steps: int, dtype: torch.dtype) -> Run:

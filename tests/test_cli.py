@@ -87,6 +87,12 @@ def test_config_json_records_what_defines_the_run(runs):
     (["--mode", "weird-trick", "--exchange", "slice", "--batch-size", "6"], 4, "use a multiple of 16"),
     (["--mode", "fsdp"], 1, "2 or more processes"),
     (["--mode", "fsdp", "--batch-size", "6"], 4, "use a multiple of 4"),
+    (["--mode", "pipeline"], 1, "2 to 8"),
+    (["--mode", "pipeline"], 9, "2 to 8"),
+    (["--mode", "pipeline", "--microbatches", "3", "--batch-size", "8"], 2, "use a multiple of 3"),
+    (["--mode", "pipeline", "--schedule", "1f1b"], 2, "--microbatches 2 or more"),
+    (["--mode", "pipeline", "--schedule", "zigzag"], 2, "argument --schedule: invalid choice"),
+    (["--mode", "data-parallel", "--microbatches", "2"], 2, "--microbatches applies to --mode pipeline only"),
     (["--mode", "paper-split", "--exchange", "all"], 2, "weird-trick"),
     (["--cuda-graphs"], 1, "--compile"),  # CI has no GPU
     (["--triton-lrn"], 1, "drop the flag"),

@@ -29,10 +29,18 @@ class Layout:
     mode: str
     arch: str
     ranks: int
-    exchange: str | None = None
+    options: tuple[tuple[str, object], ...] = ()  # the layout's own: exchange, schedule, microbatches
 
     def __str__(self) -> str:
-        return f"{self.mode}-{self.arch}-{self.ranks}" + (f"-{self.exchange}" if self.exchange else "")
+        return "-".join(map(str, (self.mode, self.arch, self.ranks, *(value for _, value in self.options))))
+
+
+def exchange(scheme: str) -> tuple[tuple[str, object], ...]:
+    return (("exchange", scheme),)
+
+
+def pipelined(schedule: str, microbatches: int) -> tuple[tuple[str, object], ...]:
+    return ("schedule", schedule), ("microbatches", microbatches)
 
 
 LAYOUTS = [
@@ -40,14 +48,18 @@ LAYOUTS = [
     Layout("data-parallel", "paper", 2),
     Layout("data-parallel", "paper", 4),
     Layout("data-parallel", "owt", 2),
-    Layout("weird-trick", "paper", 2, "all"),
-    Layout("weird-trick", "paper", 2, "one-at-a-time"),
-    Layout("weird-trick", "paper", 2, "slice"),
-    Layout("weird-trick", "paper", 4, "all"),
-    Layout("weird-trick", "owt", 2, "all"),
+    Layout("weird-trick", "paper", 2, exchange("all")),
+    Layout("weird-trick", "paper", 2, exchange("one-at-a-time")),
+    Layout("weird-trick", "paper", 2, exchange("slice")),
+    Layout("weird-trick", "paper", 4, exchange("all")),
+    Layout("weird-trick", "owt", 2, exchange("all")),
     Layout("paper-split", "paper", 4),
     Layout("fsdp", "paper", 2),
     Layout("fsdp", "paper", 4),
+    *(Layout("pipeline", "paper", 2, pipelined("gpipe", microbatches)) for microbatches in (1, 2, 4)),
+    *(Layout("pipeline", "paper", 2, pipelined("1f1b", microbatches)) for microbatches in (2, 4)),  # 1F1B: M >= N
+    Layout("pipeline", "paper", 4, pipelined("gpipe", 2)),
+    Layout("pipeline", "paper", 4, pipelined("1f1b", 4)),
 ]
 
 
@@ -58,13 +70,13 @@ SCHEME_RESULTS: dict[str, tuple[list[float], object]] = {}
 @pytest.fixture(scope="module", params=LAYOUTS, ids=str)
 def layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, list[dict]]:
     spec: Layout = request.param
-    args = (spec.mode, spec.arch, BATCH, spec.exchange)
+    args = (spec.mode, spec.arch, BATCH, dict(spec.options))
     if spec.ranks == 1:
         ranks = [run_layout_both_precisions(*args)]
     else:
         ranks = run_distributed(run_layout_both_precisions, spec.ranks, tmp_path_factory.mktemp(str(spec)), *args)
     if spec.mode == "weird-trick" and spec.ranks == 2 and spec.arch == "paper":
-        SCHEME_RESULTS[spec.exchange] = (ranks[0]["float64"].losses,
+        SCHEME_RESULTS[dict(spec.options)["exchange"]] = (ranks[0]["float64"].losses,
                                          layout_logits([r["float32"] for r in ranks], 0, BATCH))
     return spec, ranks
 

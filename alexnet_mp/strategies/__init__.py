@@ -12,11 +12,12 @@ from alexnet_mp.strategies.base import Strategy
 from alexnet_mp.strategies.data_parallel import DataParallel
 from alexnet_mp.strategies.fsdp import FSDP
 from alexnet_mp.strategies.paper_split import PaperSplit
+from alexnet_mp.strategies.pipeline import Pipeline
 from alexnet_mp.strategies.single import Single
 from alexnet_mp.strategies.weird_trick import WeirdTrick
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Single, DataParallel, PaperSplit, WeirdTrick, FSDP)
+    cls.name: cls for cls in (Single, DataParallel, PaperSplit, WeirdTrick, FSDP, Pipeline)
 }
 
 
@@ -29,9 +30,10 @@ def layout(mode: str) -> type[Strategy]:
 def check_layout(config: TrainConfig, world_size: int) -> type[Strategy]:
     """The layout of `config.mode`, once it is known to run `config` on `world_size` ranks (UsageError if not)."""
     cls = layout(config.mode)
-    if config.exchange is not None and not cls.exchanges:
-        takers = " or ".join(name for name, other in STRATEGIES.items() if other.exchanges)
-        raise UsageError(f"--exchange applies to --mode {takers} only, not {cls.name}")
+    for option in sorted({option for other in STRATEGIES.values() for option in other.options}):
+        if getattr(config, option) is not None and option not in cls.options:
+            takers = " or ".join(name for name, other in STRATEGIES.items() if option in other.options)
+            raise UsageError(f"--{option} applies to --mode {takers} only, not {cls.name}")
     cls.check(world_size, config)
     return cls
 

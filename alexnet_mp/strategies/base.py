@@ -40,12 +40,14 @@ FC_LINKS = (Link("fc7", 1), Link("fc8", 1, to_first=True))
 
 
 class Strategy(ABC):
-    """A layout of the net on ranks. Each step the loop calls `forward(images, step, global_batch)` with
-    the rows `image_rows` of the global batch, `loss(logits, labels)` with the rows `label_rows`,
-    `loss.backward()`, `finish_backward()`, then the optimizer on `parameters()`. `logits` is empty on a
-    rank without fc8: its backward starts from the gradients that come back over the links."""
+    """A layout of the net on ranks. Each step the loop calls `forward_backward(images, labels, step,
+    global_batch)` with the rows `image_rows` and `label_rows` of the global batch (by default `forward`,
+    `loss`, its backward and `finish_backward`), then the optimizer on `parameters()`; evaluation calls
+    `forward`. `logits` is empty on a rank without fc8: its backward starts from the gradients that come
+    back over the links."""
 
     name: ClassVar[str]
+    options: ClassVar[tuple[str, ...]] = ()  # the TrainConfig fields of its own it reads (None when not given)
     exchanges: ClassVar[tuple[str, ...]] = ()  # the --exchange schemes it runs
     fixed_world_size: ClassVar[int | None] = None  # the one world size it runs on, if only one
 
@@ -70,6 +72,12 @@ class Strategy(ABC):
     def batch_multiple(cls, world_size: int, config: TrainConfig) -> int:
         """The global batch must be a multiple of this (every rank takes an equal slice)."""
         return world_size
+
+    @classmethod
+    def slots(cls, world_size: int, config: TrainConfig) -> float:
+        """A step's length over its compute's, where the layout leaves ranks idle by design (a pipeline's
+        bubble); 1 where it does not."""
+        return 1.0
 
     @classmethod
     def parts(cls, world_size: int) -> int:
@@ -154,6 +162,16 @@ class Strategy(ABC):
             dropout.draw = draw
         return self.model(images)
 
+    def forward_backward(self, images: Tensor, labels: Tensor, step: int, global_batch: int,
+                         loss_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Forward and backward of global batch `step`, gradient communication finished: this rank's logits and
+        (unscaled) loss. The backward starts from the loss times `loss_scale` (fp16's)."""
+        logits = self.forward(images, step, global_batch)
+        loss = self.loss(logits, labels)
+        (loss * loss_scale).backward()  # x 1.0 is exact
+        self.finish_backward()
+        return logits.detach(), loss.detach()
+
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy over the rows this rank holds; on a rank without fc8, a zero that
         starts its backward pass from the links."""
@@ -176,14 +194,16 @@ class Strategy(ABC):
         self.model.train(mode)
 
     def loss_replicas(self) -> tuple[dist.ProcessGroup | None, int]:
-        """The group of ranks that hold a loss over different rows (reduced for logging), and its size."""
+        """The group over which per-rank sums (loss, correct predictions, ...) add up to the global batch's
+        (ranks without a loss add zeros; None: this rank's alone), and how many of its ranks hold a loss
+        over different rows."""
         return None, 1
 
     def sum_over_replicas(self, values: Tensor) -> Tensor:
-        """Sums per-rank sums (loss, correct predictions, ...) over the ranks that hold a loss."""
-        group, size = self.loss_replicas()
+        """Sums per-rank sums (loss, correct predictions, ...) over `loss_replicas`' group."""
+        group, _ = self.loss_replicas()
         values = values.detach().clone()
-        if size > 1:  # ranks without a loss reduce their zeros within their own group
+        if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(values, group=group)
         return values
 

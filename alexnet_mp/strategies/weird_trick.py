@@ -30,6 +30,7 @@ ALL = "all"  # scheme (a), the default
 
 class WeirdTrick(Strategy):
     name = "weird-trick"
+    options = ("exchange",)
     exchanges = (ALL, *RoundExchange.SCHEMES)
 
     @classmethod

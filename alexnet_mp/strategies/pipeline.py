@@ -1,0 +1,217 @@
+"""pipeline: the net cut by depth into N stages, one per rank (`torch.distributed.pipelining`), running the
+global batch in M micro-batches: GPipe (every micro-batch's forward, then every backward) or 1F1B (one
+forward, one backward, once the pipeline is full; fewer micro-batches' activations held). Every stage
+sees every sample. Each micro-batch's loss is the mean over its samples and the schedule divides the
+gradients by M (scale_grads), so the M micro-batches make up the global batch's mean.
+
+At 2 ranks the stages are the conv trunk and the classifier: the cut that sends fewest activations
+(9216 per image), though the trunk does 92% of the FLOPs. At more, the cut whose largest stage does
+fewest forward FLOPs of the paper net (the owt net takes the same cuts). Each stage is a run of the
+net's chain of layers under their own names, so checkpoints move between this layout and any other.
+
+torch's PipelineStage is wrapped thinly (`MeteredStage`) for what the invariant and the ledger need:
+each micro-batch's forward draws its own rows' dropout masks, the activations sent on and the gradients
+sent back are counted, and the time between a stage's compute chunks is the time it waited (on a
+transfer, or on the pipeline's bubble).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import OrderedDict
+from functools import cache
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from alexnet_mp.blocks import WHOLE, Block, rows
+from alexnet_mp.config import TrainConfig
+from alexnet_mp.cost import Traffic, layer_costs
+from alexnet_mp.errors import UsageError
+from alexnet_mp.links import BACKWARD, FORWARD
+from alexnet_mp.model import PAPER, AlexNet, Architecture, MaskDraw, build_model
+from alexnet_mp.strategies.base import Strategy, new_traffic
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+ACTIVATIONS = "activations"  # the ledger's link: a stage's outputs sent on, its inputs' gradients sent back
+
+
+@cache
+def chain() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names of the net's chain of layers, and of its weight layers among them."""
+    with torch.device("meta"):
+        net = build_model("paper")
+    return tuple(name for name, _ in net.named_children()), tuple(net.layers())
+
+
+@cache
+def stage_layers(stages: int) -> tuple[tuple[str, ...], ...]:
+    """The net's chain of layers cut into `stages` runs, each a weight layer and the modules after it up to
+    the next (flatten, ReLU, dropout)."""
+    layers, weights = chain()
+    flops = {cost.name: cost.flops for cost in layer_costs(PAPER)}
+    if stages == 2:
+        cuts = (weights.index("fc6"),)
+    else:  # every way to cut the weight layers into `stages` runs; the one whose largest run is smallest
+        cuts = min(itertools.combinations(range(1, len(weights)), stages - 1),
+                   key=lambda cut: max(sum(flops[name] for name in weights[a:b])
+                                       for a, b in zip((0, *cut), (*cut, len(weights)), strict=True)))
+    starts = [layers.index(weights[cut]) for cut in (0, *cuts)]
+    return tuple(layers[a:b] for a, b in zip(starts, (*starts[1:], len(layers)), strict=True))
+
+
+def layer_of(key: str) -> str:
+    return key.split(".")[0]
+
+
+class MeteredStage(PipelineStage):
+    """torch's PipelineStage over this rank's run of layers, with the micro-batch's dropout draw set before each
+    forward chunk, the tensors it sends counted, and the time between its compute chunks counted as waited: before
+    a forward chunk, for its input; before a backward chunk, and after the last, for a gradient (or the drain)."""
+
+    def __init__(self, module: nn.Module, pipeline: Pipeline) -> None:
+        super().__init__(module, pipeline.rank, pipeline.world_size, pipeline.device, group=dist.group.WORLD)
+        self.pipeline, self.ledger = pipeline, pipeline.ledger
+        self.idle_since = time.perf_counter()
+
+    def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+        self.pipeline.draw_for(fwd_chunk_id)
+        self.waited(FORWARD)
+        try:
+            return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+        finally:
+            self.idle_since = time.perf_counter()
+
+    def backward_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+        self.waited(BACKWARD)
+        try:
+            return super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
+        finally:
+            self.idle_since = time.perf_counter()
+
+    def get_fwd_send_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
+        return self.counted(super().get_fwd_send_ops(fwd_chunk_id), FORWARD)
+
+    def get_bwd_send_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
+        return self.counted(super().get_bwd_send_ops(bwd_chunk_id), BACKWARD)
+
+    def counted(self, ops: list[dist.P2POp], direction: str) -> list[dist.P2POp]:
+        for op in ops:
+            self.ledger.record(0, ACTIVATIONS, direction, op.tensor.numel(), op.tensor.element_size())
+        return ops
+
+    def waited(self, direction: str) -> None:
+        self.ledger.arrive(ACTIVATIONS, direction)
+        self.ledger.blocked[ACTIVATIONS, direction] += time.perf_counter() - self.idle_since
+
+
+class Pipeline(Strategy):
+    name = "pipeline"
+    options = ("schedule", "microbatches")
+
+    @classmethod
+    def check_world(cls, world_size: int, config: TrainConfig) -> None:
+        layers = len(chain()[1])
+        if not 2 <= world_size <= layers:
+            raise UsageError(f"--mode pipeline cuts the net into one stage per process, 2 to {layers} (its weight "
+                             f"layers), not {world_size}")
+        if config.schedule not in (None, *SCHEDULES):
+            raise UsageError(f"--schedule {config.schedule} is not one of: {', '.join(SCHEDULES)}")
+        if config.schedule == "1f1b" and (config.microbatches or 1) < world_size:
+            raise UsageError(f"--schedule 1f1b fills the pipeline before its first backward: it needs --microbatches "
+                             f"{world_size} or more on {world_size} stages; or use --schedule gpipe")
+
+    @classmethod
+    def batch_multiple(cls, world_size: int, config: TrainConfig) -> int:
+        return config.microbatches or 1  # every stage sees the whole global batch, in M micro-batches
+
+    @classmethod
+    def slots(cls, world_size: int, config: TrainConfig) -> float:
+        """A step's length in micro-batch slots over the M of work: (M + N - 1) / M (GPipe and 1F1B alike)."""
+        microbatches = config.microbatches or 1
+        return (microbatches + world_size - 1) / microbatches
+
+    @classmethod
+    def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
+        return WHOLE if layer_of(key) in stage_layers(parts)[part] else None
+
+    @classmethod
+    def samples(cls, part: int, parts: int, batch: int) -> tuple[int, int]:
+        return batch, batch
+
+    @classmethod
+    def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
+        """A stage sends its output forward (all but the last) and its input's gradient back (all but the
+        first): per image, the last layer's output of the stage before the cut."""
+        outputs = {cost.name: math.prod(cost.block_shape) for cost in layer_costs(arch, num_classes)}
+
+        def sent_at_cut(stage: int) -> int:
+            return outputs[[name for name in stage_layers(parts)[stage] if name in outputs][-1]] * batch
+
+        traffic = new_traffic()
+        if part < parts - 1:
+            traffic[ACTIVATIONS, FORWARD] += sent_at_cut(part)
+        if part > 0:
+            traffic[ACTIVATIONS, BACKWARD] += sent_at_cut(part - 1)
+        return traffic
+
+    def parallelize(self, model: AlexNet) -> nn.Module:
+        self.microbatches = self.config.microbatches or 1
+        stage = self.place(nn.Sequential(OrderedDict((name, getattr(model, name))
+                                                     for name in stage_layers(self.world_size)[self.rank])))
+        self.parts_held = [(self.rank, stage)]
+        self.stage = MeteredStage(stage, self)
+        self.schedule = SCHEDULES[self.config.schedule or "gpipe"](self.stage, n_microbatches=self.microbatches,
+                                                                     loss_fn=self.scaled_loss, scale_grads=True)
+        self.step, self.global_batch, self.loss_scale = 0, 0, 1.0
+        return stage
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.world_size - 1
+
+    def image_rows(self, global_batch: int) -> slice:
+        return slice(0, global_batch) if self.first else slice(0, 0)
+
+    def label_rows(self, global_batch: int) -> slice:
+        return slice(0, global_batch) if self.last else slice(0, 0)
+
+    def loss_replicas(self) -> tuple[dist.ProcessGroup | None, int]:
+        return dist.group.WORLD, 1  # the last stage holds the loss; the others add zeros
+
+    def draw_for(self, microbatch: int) -> None:
+        """The dropout masks of micro-batch `microbatch`: its rows of the global batch."""
+        draw = MaskDraw(self.config.seed, self.step, self.global_batch,
+                        rows(self.global_batch, microbatch, self.microbatches))
+        for dropout in self.dropouts:
+            dropout.draw = draw
+
+    def scaled_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return self.loss(logits, labels) * self.loss_scale
+
+    def forward(self, images: Tensor, step: int, global_batch: int) -> Tensor:
+        """Forward only (evaluation): the logits on the last stage, an empty tensor on the others."""
+        self.step, self.global_batch = step, global_batch
+        logits = self.schedule.eval(*((images,) if self.first else ()))
+        return logits if self.last else images.new_empty(0)
+
+    def forward_backward(self, images: Tensor, labels: Tensor, step: int, global_batch: int,
+                         loss_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+        self.step, self.global_batch, self.loss_scale = step, global_batch, loss_scale
+        losses: list[Tensor] = []
+        self.stage.idle_since = time.perf_counter()
+        logits = self.schedule.step(*((images,) if self.first else ()), target=labels if self.last else None,
+                                    losses=losses)
+        self.stage.waited(BACKWARD)  # the drain: sends still travelling after the last chunk
+        if not self.last:  # no loss here: a zero of the loss's dtype (the parameters'), which logging sums
+            return images.new_empty(0), next(self.model.parameters()).new_zeros(())
+        return logits.detach(), torch.stack(losses).detach().mean() / loss_scale
