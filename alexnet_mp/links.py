@@ -25,12 +25,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
+from torch.utils._python_dispatch import TorchDispatchMode
 
 FORWARD, BACKWARD = "forward", "backward"
 
@@ -305,6 +307,45 @@ class MeteredAllReduce:
 def all_reduce_hook(state, bucket):  # unannotated: DDP compares annotations it finds with its own types
     """DistributedDataParallel's communication hook: `MeteredAllReduce.reduce` of the bucket's flat buffer."""
     return state.reduce(bucket.buffer())
+
+
+_FUNCTIONAL = torch.ops._c10d_functional
+_KINDS = {_FUNCTIONAL.all_gather_into_tensor: "all-gather", _FUNCTIONAL.reduce_scatter_tensor: "reduce-scatter",
+          _FUNCTIONAL.all_reduce: "all-reduce"}
+
+
+class FunctionalCollectives(TorchDispatchMode):
+    """While on, counts into a ledger the functional collectives issued (DTensor's redistributions go through
+    them), each under the link the layout names for its kind ("all-gather", "reduce-scatter", "all-reduce")
+    and in `direction`, over a group of `size` ranks: elements sent as the links count them. A functional
+    collective returns at once; the time its `wait_tensor` blocks is the time waited. Like torch's
+    CommDebugMode, which counts the same ops but not what they move."""
+
+    def __init__(self, ledger: Ledger, links: dict[str, str], size: int) -> None:
+        super().__init__()
+        self.ledger, self.links, self.size = ledger, links, size
+        self.direction = FORWARD
+        self.in_flight: list[str] = []
+
+    def sent(self, kind: str, tensor: Tensor) -> float:
+        """Elements this rank sends in a collective of `kind` whose input is `tensor`."""
+        if kind == "all-reduce":
+            return ring_all_reduce_elements(tensor.numel(), self.size)
+        shard = tensor.numel() if kind == "all-gather" else tensor.numel() // self.size
+        return shard * (self.size - 1)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        packet = func._overloadpacket
+        if packet is _FUNCTIONAL.wait_tensor:
+            with self.ledger.waiting(self.in_flight.pop(0) if self.in_flight else "unnamed", self.direction):
+                return func(*args, **(kwargs or {}))
+        if packet in _KINDS:
+            kind, tensor = _KINDS[packet], args[0]
+            link = self.links[kind]
+            self.ledger.arrive(link, self.direction)
+            self.ledger.record(0, link, self.direction, self.sent(kind, tensor), tensor.element_size())
+            self.in_flight.append(link)
+        return func(*args, **(kwargs or {}))
 
 
 class RoundExchange:

@@ -74,7 +74,9 @@ def make_optimizer(parameters: Iterable[Tensor], config: TrainConfig) -> torch.o
     how torch's update relates to the paper's). Fused: one kernel over all parameters, the same
     update as the per-parameter loop and several times faster (docs/experiments.md)."""
     parameters = list(parameters)
-    # DTensor parameters (fsdp) have no fused SGD kernel: there the per-tensor foreach path, the same update
-    sharded = any(isinstance(p, DTensor) for p in parameters)
-    return torch.optim.SGD(parameters, lr=config.scaled_lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay, fused=not sharded, foreach=sharded or None)
+    # DTensor parameters (fsdp, tensor-parallel) have no fused SGD kernel, and torch's foreach path takes no
+    # mix of them with plain tensors: a group of each, the plain ones fused, the DTensors foreach; the same update
+    groups = [{"params": [p for p in parameters if isinstance(p, DTensor) == sharded], "fused": not sharded,
+               "foreach": sharded or None} for sharded in (False, True)]
+    return torch.optim.SGD([group for group in groups if group["params"]], lr=config.scaled_lr,
+                           momentum=config.momentum, weight_decay=config.weight_decay)

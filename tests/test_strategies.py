@@ -60,6 +60,8 @@ LAYOUTS = [
     *(Layout("pipeline", "paper", 2, pipelined("1f1b", microbatches)) for microbatches in (2, 4)),  # 1F1B: M >= N
     Layout("pipeline", "paper", 4, pipelined("gpipe", 2)),
     Layout("pipeline", "paper", 4, pipelined("1f1b", 4)),
+    Layout("tensor-parallel", "paper", 2),
+    Layout("tensor-parallel", "paper", 4),
 ]
 
 

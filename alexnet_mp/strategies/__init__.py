@@ -14,10 +14,11 @@ from alexnet_mp.strategies.fsdp import FSDP
 from alexnet_mp.strategies.paper_split import PaperSplit
 from alexnet_mp.strategies.pipeline import Pipeline
 from alexnet_mp.strategies.single import Single
+from alexnet_mp.strategies.tensor_parallel import TensorParallel
 from alexnet_mp.strategies.weird_trick import WeirdTrick
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Single, DataParallel, PaperSplit, WeirdTrick, FSDP, Pipeline)
+    cls.name: cls for cls in (Single, DataParallel, PaperSplit, WeirdTrick, FSDP, Pipeline, TensorParallel)
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from typing import ClassVar
 
@@ -166,11 +167,18 @@ class Strategy(ABC):
                          loss_scale: float = 1.0) -> tuple[Tensor, Tensor]:
         """Forward and backward of global batch `step`, gradient communication finished: this rank's logits and
         (unscaled) loss. The backward starts from the loss times `loss_scale` (fp16's)."""
-        logits = self.forward(images, step, global_batch)
-        loss = self.loss(logits, labels)
-        (loss * loss_scale).backward()  # x 1.0 is exact
+        with self.counting(FORWARD):
+            logits = self.forward(images, step, global_batch)
+            loss = self.loss(logits, labels)
+        with self.counting(BACKWARD):
+            (loss * loss_scale).backward()  # x 1.0 is exact
         self.finish_backward()
         return logits.detach(), loss.detach()
+
+    def counting(self, direction: str) -> AbstractContextManager:
+        """Where a layout's engine issues collectives the links do not see (FSDP's, DTensor's): the context in
+        which they count into the ledger, as `direction`'s."""
+        return nullcontext()
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy over the rows this rank holds; on a rank without fc8, a zero that
@@ -251,6 +259,7 @@ def shard_layers(model: AlexNet, shard: Shard, part: int, parts: int) -> AlexNet
     channels, units), the layer's sizes to match (a grouped conv keeps the groups it holds, and so does its
     LRN), a layer the part holds nothing of replaced by an Identity (its input, an empty tensor there, passes
     through), and each dropout told which units it drops."""
+    set_dropout_units(model, shard, part, parts)
     for name, layer in model.layers().items():
         blocks = {kind: shard(f"{name}.{kind}", param.shape, part, parts) for kind, param in layer.named_parameters()}
         if all(block is None for block in blocks.values()):
@@ -267,10 +276,15 @@ def shard_layers(model: AlexNet, shard: Shard, part: int, parts: int) -> AlexNet
         layer.in_channels = layer.weight.shape[1] * layer.groups
         if layer.lrn is not None:
             layer.lrn.groups = max(1, layer.lrn.groups * held_rows // whole_rows)
-    for name, dropout in model.dropouts().items():
-        block = shard(f"{name}.weight", torch.Size([dropout.units_total]), part, parts)
-        dropout.units = block[0] if block else slice(0, dropout.units_total)
     return model
+
+
+def set_dropout_units(model: AlexNet, shard: Shard, part: int, parts: int) -> None:
+    """Each dropout of the whole net `model` told which of its layer's units the part holds: the rows of the
+    layer's weight it holds."""
+    for name, dropout in model.dropouts().items():
+        block = shard(f"{name}.weight", getattr(model, name).weight.shape, part, parts)
+        dropout.units = block[0] if block else slice(0, dropout.units_total)
 
 
 def link_inputs(model: nn.Module, links: Iterable[Link], group: dist.ProcessGroup, ledger: Ledger) -> None:

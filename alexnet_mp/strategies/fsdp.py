@@ -8,6 +8,9 @@ float32 (MixedPrecisionPolicy)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -118,8 +121,7 @@ class FSDP(DataParallel):
             layer.set_custom_reduce_scatter(MeteredReduceScatter(self.ledger))
         return fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
 
-    def forward(self, images: torch.Tensor, step: int, global_batch: int) -> torch.Tensor:
-        self.phase.direction = FORWARD
-        logits = super().forward(images, step, global_batch)
-        self.phase.direction = BACKWARD
-        return logits
+    @contextmanager
+    def counting(self, direction: str) -> Iterator[None]:
+        self.phase.direction = direction
+        yield

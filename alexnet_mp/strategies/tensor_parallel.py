@@ -1,0 +1,90 @@
+"""tensor-parallel: the Megatron form of the 2014 paper's idea, on DTensor (`parallelize_module` over a 1-D
+DeviceMesh of every rank). The conv layers are data parallel, as in the weird trick: replicated, each rank
+its own slice of the batch, their gradients summed (DistributedDataParallel; each rank's loss term is
+already its part of the global mean). fc6 is column-parallel: its input, every rank's conv features, is
+all-gathered along the batch (Shard(0) to Replicate; backward: reduce-scatter), and each rank computes
+1/N of its units for the whole global batch. fc7 is row-parallel: each rank multiplies its fc6 units by
+its rows of fc7's inputs, and one all-reduce sums the partial outputs (backward: nothing moves). fc8 and
+the loss are replicated: every rank holds fc7's whole output and computes the same logits, loss and fc8
+gradients, so nothing else moves. Against the weird trick: one all-reduce of fc7's output instead of an
+all-gather of fc6's units and a gather of fc7's to rank 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from alexnet_mp.blocks import WHOLE, Block, part_size, rows
+from alexnet_mp.config import TrainConfig
+from alexnet_mp.cost import Traffic, both_ways, parameters
+from alexnet_mp.links import BACKWARD, FORWARD, FunctionalCollectives, ring_all_reduce_elements
+from alexnet_mp.model import AlexNet, Architecture
+from alexnet_mp.strategies.base import Strategy, new_traffic, set_dropout_units
+from alexnet_mp.strategies.weird_trick import WeirdTrick
+
+# The collectives DTensor issues here, by kind: each happens at one place.
+LINKS = {"all-gather": "fc6-input", "reduce-scatter": "fc6-input", "all-reduce": "fc7-output"}
+
+
+class TensorParallel(Strategy):
+    name = "tensor-parallel"
+
+    @classmethod
+    def check_world(cls, world_size: int, config: TrainConfig) -> None:
+        WeirdTrick.check_world(world_size, config)  # the same split of fc6's and fc7's units, by rank
+
+    @classmethod
+    def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
+        layer, kind = key.split(".")
+        if layer == "fc6":  # column-parallel: its output units, the rows of its weight and bias
+            return (rows(shape[0], part, parts),)
+        if (layer, kind) == ("fc7", "weight"):  # row-parallel: its input units, the columns of its weight
+            return slice(0, shape[0]), rows(shape[1], part, parts)
+        return WHOLE
+
+    @classmethod
+    def samples(cls, part: int, parts: int, batch: int) -> tuple[int, int]:
+        return part_size(batch, parts), batch
+
+    @classmethod
+    def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
+        traffic = new_traffic()
+        both_ways(traffic, "fc6-input", arch.feature_size * part_size(batch, parts) * (parts - 1))
+        traffic["fc7-output", FORWARD] += ring_all_reduce_elements(arch.fc_units[1] * batch, parts)
+        conv = parameters(cls.work(arch.name, part, parts, batch, num_classes), arch, num_classes, "conv")
+        traffic["conv-gradients", BACKWARD] += ring_all_reduce_elements(conv, parts)
+        return traffic
+
+    def parallelize(self, model: AlexNet) -> nn.Module:
+        set_dropout_units(model, self.shard, self.rank, self.world_size)
+        model = self.place(model)
+        mesh = DeviceMesh.from_group(dist.group.WORLD, self.device.type)
+        parallelize_module(model, mesh, {"fc6": ColwiseParallel(input_layouts=Shard(0)), "fc7": RowwiseParallel()})
+        model.relu6.inplace = model.relu7.inplace = False  # DTensor's local outputs are views autograd keeps whole
+        self.collectives = FunctionalCollectives(self.ledger, LINKS, self.world_size)
+        self.parts_held = [(self.rank, model)]
+        fc = [name for name, _ in model.named_parameters() if name.startswith("fc")]
+        return self.replicate(model, dist.group.WORLD, average=False, link="conv-gradients", local=fc)
+
+    @contextmanager
+    def counting(self, direction: str) -> Iterator[None]:
+        self.collectives.direction = direction
+        with self.collectives:
+            yield
+
+    def image_rows(self, global_batch: int) -> slice:
+        return rows(global_batch, self.rank, self.world_size)
+
+    def label_rows(self, global_batch: int) -> slice:
+        return slice(0, global_batch)  # every rank computes the loss over the global batch, the same
+
+    def dropout_rows(self, global_batch: int) -> slice:
+        return slice(0, global_batch)  # the FC layers see every rank's samples
