@@ -114,7 +114,7 @@ def plan(args: argparse.Namespace) -> None:
 
     check_writable(Path(args.output_dir), "--output-dir")
     gpus, links = _numbers(args.gpus, int, "--gpus"), _numbers(args.link_gbps, float, "--link-gbps")
-    predictions = predict(gpus, args.arch, args.batch, args.device_tflops, args.num_classes)
+    predictions = predict(gpus, args.arch, args.batch, args.device_tflops, args.num_classes, args.microbatches)
     if not predictions:
         raise UsageError(f"no layout runs a batch of {args.batch} on {args.gpus} GPUs; use counts that divide it")
     table = plan_table(predictions, links, args.batch)
@@ -211,6 +211,7 @@ def parser() -> argparse.ArgumentParser:
                        help="TFLOP/s one GPU sustains on these layers, not its datasheet peak (default: what the "
                             "paper net's fastest step sustained on an H100, docs/experiments.md; `bench` prints it "
                             "for your device and net)")
+    model.add_argument("--microbatches", type=POSITIVE_INT, default=4, help="the pipeline's micro-batches")
     model.add_argument("--arch", default="paper", choices=["paper", "owt"])
     model.add_argument("--num-classes", type=POSITIVE_INT, default=1000)
     model.add_argument("--output-dir", default="runs/plan", help="where plan.md and plan.png go")

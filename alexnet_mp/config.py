@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from alexnet_mp.speed import Speed
 
@@ -13,6 +15,14 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")  # "no": float32
 # What decides step N's samples, augmentation and dropout masks (docs/architecture.md): a resume that
 # changes one continues the run on other batches than the straight run would have drawn.
 SAMPLE_STREAM = ("seed", "batch_size", "data", "dataset", "synthetic_size")
+# The fields only some layouts read (their `options`), None where not given, and how a layout's name shows each.
+LAYOUT_OPTIONS = {"exchange": "{}", "schedule": "{}", "microbatches": "M={}"}
+
+
+def layout_label(values: Mapping[str, Any]) -> str:
+    """A layout with the options it was given, from a run's config: 'paper-split', 'pipeline (1f1b, M=4)'."""
+    given = [form.format(values[key]) for key, form in LAYOUT_OPTIONS.items() if values.get(key) is not None]
+    return values["mode"] + (f" ({', '.join(given)})" if given else "")
 
 
 @dataclass(frozen=True)

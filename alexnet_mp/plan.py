@@ -15,26 +15,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from alexnet_mp.config import TrainConfig
+from alexnet_mp.config import TrainConfig, layout_label
 from alexnet_mp.cost import layer_costs, memory_bytes, training_flops
 from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.report import markdown_table
 from alexnet_mp.strategies import STRATEGIES
 
-GRADIENT_LINKS = ("gradients", "conv-gradients")  # all-reduces that overlap the backward pass
+GRADIENT_LINKS = ("gradients", "conv-gradients")  # gradient reductions that overlap the backward pass
+MICROBATCHES = 4  # a pipeline's, unless told
 BACKWARD_SHARE = 2 / 3  # of a step's FLOPs (see cost.training_flops)
 
 
 @dataclass(frozen=True)
 class Prediction:
-    mode: str
+    layout: str  # the mode, with the options it was planned with: pipeline (M=4)
     gpus: int
     bytes_per_rank: list[float]
-    compute_s: float
+    compute_s: float  # of the slowest rank's work in a step
     activation_bytes: float  # of the slowest rank: exchanged on the critical path
     gradient_bytes: float  # of the slowest rank: all-reduced behind the backward pass
     memory: dict[str, float]  # bytes, of the rank that needs most
+    slots: float = 1.0  # the step's length over its work's: a pipeline's bubble, (M + N - 1) / M
+
+    @property
+    def busy_s(self) -> float:
+        """The compute's part of a step: the slowest rank's work, stretched over the slots the schedule takes."""
+        return self.compute_s * self.slots
 
     def comm_s(self, link_gbps: float) -> tuple[float, float]:
         """(activation exchange, gradient all-reduce) seconds at `link_gbps` GB/s."""
@@ -44,19 +51,19 @@ class Prediction:
     def step_s(self, link_gbps: float, overlap: bool) -> float:
         activations, gradients = self.comm_s(link_gbps)
         if not overlap:
-            return self.compute_s + activations + gradients
-        return self.compute_s + activations + max(0.0, gradients - BACKWARD_SHARE * self.compute_s)
+            return self.busy_s + activations + gradients
+        return self.busy_s + activations + max(0.0, gradients - BACKWARD_SHARE * self.compute_s)
 
 
-def layouts(gpus: int, arch: str, batch: int = 128) -> list[str]:
+def layouts(gpus: int, arch: str, batch: int = 128, microbatches: int = MICROBATCHES) -> list[str]:
     """The modes that run a global batch of `batch` on `gpus` GPUs, one part of the net on each, by the layouts'
-    own checks; on one GPU, only the layout made for one (single)."""
+    own checks (a pipeline in `microbatches` micro-batches); on one GPU, only the layout made for one (single)."""
     names = []
     for mode, cls in STRATEGIES.items():
         if (cls.fixed_world_size == 1) != (gpus == 1) or cls.parts(gpus) != gpus:
             continue
         try:
-            cls.check(gpus, TrainConfig(mode=mode, arch=arch, batch_size=batch))
+            cls.check(gpus, TrainConfig(mode=mode, arch=arch, batch_size=batch, microbatches=microbatches))
         except UsageError:
             continue
         names.append(mode)
@@ -64,8 +71,10 @@ def layouts(gpus: int, arch: str, batch: int = 128) -> list[str]:
 
 
 def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, num_classes: int = 1000,
-            bytes_per_element: int = 4) -> Prediction:
+            bytes_per_element: int = 4, microbatches: int = MICROBATCHES) -> Prediction:
     layout = STRATEGIES[mode]
+    options = {"microbatches": microbatches} if "microbatches" in layout.options else {}
+    config = TrainConfig(mode=mode, arch=arch, batch_size=batch, **options)
     traffic = layout.expected_traffic(arch, gpus, batch, num_classes)
     sent = [sum(rank.values()) * bytes_per_element for rank in traffic]
     parts = layout.parts(gpus)
@@ -76,13 +85,14 @@ def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, n
     gradient = sum(v for (link, _), v in traffic[slowest].items() if link in GRADIENT_LINKS) * bytes_per_element
     memory = max((memory_bytes(work, architecture, num_classes, bytes_per_element) for work in works),
                  key=lambda kinds: sum(kinds.values()))
-    return Prediction(mode, gpus, sent, compute[slowest], sent[slowest] - gradient, gradient, memory)
+    return Prediction(layout_label(config.to_dict()), gpus, sent, compute[slowest], sent[slowest] - gradient, gradient,
+                      memory, layout.slots(gpus, config))
 
 
 def plan(gpu_counts: list[int], arch: str, batch: int, device_tflops: float, num_classes: int = 1000,
-         ) -> list[Prediction]:
-    return [predict(mode, arch, gpus, batch, device_tflops, num_classes)
-            for gpus in gpu_counts for mode in layouts(gpus, arch, batch)]
+         microbatches: int = MICROBATCHES) -> list[Prediction]:
+    return [predict(mode, arch, gpus, batch, device_tflops, num_classes, microbatches=microbatches)
+            for gpus in gpu_counts for mode in layouts(gpus, arch, batch, microbatches)]
 
 
 def shares(arch: str, num_classes: int = 1000) -> str:
@@ -97,13 +107,13 @@ def shares(arch: str, num_classes: int = 1000) -> str:
 
 
 def plan_table(predictions: list[Prediction], link_gbps: list[float], batch: int) -> str:
-    header = ["mode", "GPUs", "MiB sent/rank/step (max)", "compute ms",
+    header = ["mode", "GPUs", "MiB sent/rank/step (max)", "compute ms (x the bubble's slots)",
               "memory MiB/rank: params+grads+momentum(+gathered) / activations"]
     header += [f"step ms @ {gbps:g} GB/s: serial / overlapped (images/s)" for gbps in link_gbps]
     rows = []
     for p in predictions:
         state = (p.memory["weights"] + p.memory["gradients"] + p.memory["momentum"] + p.memory["gathered"]) / 2**20
-        row = [p.mode, str(p.gpus), f"{max(p.bytes_per_rank) / 2**20:.1f}", f"{1000 * p.compute_s:.2f}",
+        row = [p.layout, str(p.gpus), f"{max(p.bytes_per_rank) / 2**20:.1f}", f"{1000 * p.busy_s:.2f}",
                f"{state:.0f} / {p.memory['activations'] / 2**20:.0f}"]
         for gbps in link_gbps:
             serial, overlapped = p.step_s(gbps, False), p.step_s(gbps, True)
@@ -119,10 +129,10 @@ def plot_plan(predictions: list[Prediction], link_gbps: list[float], batch: int,
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(link_gbps), figsize=(4.5 * len(link_gbps), 4), sharey=True, squeeze=False)
-    modes = list(dict.fromkeys(p.mode for p in predictions))
+    modes = list(dict.fromkeys(p.layout for p in predictions))
     for axis, gbps in zip(axes[0], link_gbps, strict=True):
         for mode in modes:
-            points = [p for p in predictions if p.mode == mode]
+            points = [p for p in predictions if p.layout == mode]
             gpus = [p.gpus for p in points]
             line, = axis.plot(gpus, [batch / p.step_s(gbps, True) for p in points], marker="o", label=mode)
             axis.plot(gpus, [batch / p.step_s(gbps, False) for p in points], linestyle="--", color=line.get_color())

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from alexnet_mp.config import layout_label
 from alexnet_mp.errors import UsageError, WriteFailed
 from alexnet_mp.world import current
 
@@ -39,8 +40,7 @@ def require_tracker(tracker: str) -> None:
 
 def run_label(description: dict[str, Any]) -> str:
     """A run's name in comparisons, and in W&B unless --run-name gives one: its layout and its rank count."""
-    exchange = f" ({description['exchange']})" if description.get("exchange") else ""
-    return f"{description['mode']}{exchange} x{description['world_size']}"
+    return f"{layout_label(description)} x{description['world_size']}"
 
 
 @contextmanager

@@ -41,10 +41,26 @@ def test_bench_bytes_equal_the_analytic_minimum(quick):
     by_name = {m["name"]: m for m in quick["json"]["measurements"]}
     sizes = quick["json"]["sizes"]
     for name, mode in (("paper-split x2", "paper-split"), ("data-parallel x2", "data-parallel"),
-                       ("weird-trick (all) x2", "weird-trick"), ("fsdp x2", "fsdp")):
+                       ("weird-trick (all) x2", "weird-trick"), ("fsdp x2", "fsdp"),
+                       ("pipeline (gpipe, M=2) x2", "pipeline"), ("tensor-parallel x2", "tensor-parallel")):
         expected = [4 * sum(rank.values()) for rank in STRATEGIES[mode].expected_traffic("paper", 2, sizes["batch"],
                                                                        sizes["num_classes"])]
         assert by_name[name]["bytes_per_rank"] == pytest.approx(expected)
+
+
+def test_bench_measures_every_registered_layout_with_each_option_value_it_compares(quick):
+    names = {m["name"] for m in quick["json"]["measurements"]}
+    assert {"fsdp x2", "tensor-parallel x2", "weird-trick (slice) x2", "pipeline (gpipe, M=1) x2",
+            "pipeline (gpipe, M=4) x2", "pipeline (1f1b, M=2) x2", "pipeline (1f1b, M=4) x2"} <= names
+    assert any(line.startswith("pipeline (1f1b, M=1) x2: --schedule 1f1b fills the pipeline")
+               for line in quick["json"]["skipped"])
+
+
+def test_bench_sets_each_pipelines_measured_bubble_beside_the_predicted_one(quick):
+    rows = {c["ours"]: c for c in quick["json"]["comparisons"] if c["what"].endswith("bubble, measured over predicted")}
+    assert rows.keys() == {"pipeline (gpipe, M=1) x2", "pipeline (gpipe, M=2) x2", "pipeline (gpipe, M=4) x2",
+                           "pipeline (1f1b, M=2) x2", "pipeline (1f1b, M=4) x2"}
+    assert rows["pipeline (gpipe, M=4) x2"]["detail"].endswith("predicted 20%")  # (N - 1) / (M + N - 1)
 
 
 def test_bench_compares_fsdp_with_data_parallel_in_speed_memory_and_bytes(quick):

@@ -37,8 +37,17 @@ def test_compute_divides_across_ranks():
 
 def test_only_layouts_that_can_run_are_planned():
     assert layouts(1, "paper") == ["single"]
-    assert layouts(2, "owt") == ["data-parallel", "weird-trick", "fsdp"]
+    assert layouts(2, "owt") == ["data-parallel", "weird-trick", "fsdp", "pipeline", "tensor-parallel"]
+    assert "pipeline" not in layouts(16, "paper")  # one stage per weight layer at most
     assert "paper-split" not in layouts(3, "paper")
+
+
+def test_a_pipeline_step_is_predicted_with_its_bubble():
+    """M micro-batches on N stages take M + N - 1 slots for M of work: compute stretched by (M + N - 1) / M."""
+    pipelined = predict("pipeline", "paper", 4, 128, 100.0, microbatches=4)
+    assert pipelined.layout == "pipeline (M=4)" and pipelined.slots == 7 / 4
+    assert pipelined.busy_s == pytest.approx(pipelined.compute_s * 7 / 4)
+    assert pipelined.step_s(450.0, overlap=False) > pipelined.busy_s
 
 
 def test_plan_command_prints_a_table_and_draws_a_plot(tmp_path, capsys):

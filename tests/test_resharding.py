@@ -19,8 +19,9 @@ from alexnet_mp.strategies import Strategy, build
 from tests.equivalence import CLASSES, global_batch
 
 BATCH = 4
-LAYOUTS = ("data-parallel", "paper-split", "weird-trick", "fsdp")
-NEW = "fsdp"  # into and from every other layout; the others' moves among themselves: tests/test_training.py
+LAYOUTS = ("data-parallel", "paper-split", "weird-trick", "fsdp", "pipeline", "tensor-parallel")
+# Each moves into and from every other layout; the others' moves among themselves: tests/test_training.py
+NEW = ("fsdp", "pipeline", "tensor-parallel")
 
 
 def trained(mode: str, steps: int, folder: Path | None = None) -> tuple[Strategy, torch.optim.Optimizer]:
@@ -48,44 +49,62 @@ def held(strategy: Strategy, optimizer: torch.optim.Optimizer) -> list[tuple[str
 
 
 def moves() -> list[tuple[str, str]]:
-    """(saving layout, loading layout): the new layout's checkpoint into every layout, every other's into it."""
-    return [(NEW, loader) for loader in LAYOUTS] + [(saver, NEW) for saver in LAYOUTS if saver != NEW]
+    """(saving layout, loading layout): each new layout's checkpoint into every layout, every other's into it."""
+    pairs = [(new, loader) for new in NEW for loader in LAYOUTS] + [(saver, new) for new in NEW for saver in LAYOUTS]
+    return list(dict.fromkeys(pairs))
 
 
-def save_then_load(folder: str) -> dict[tuple[str, str], list]:
+def differing(blocks: list, expected: list) -> list[str]:
+    """The keys whose weights or momentum differ between two lists of this rank's blocks."""
+    return [key for (key, _, values, buffer), (_, _, want, want_buffer) in zip(blocks, expected, strict=True)
+            if not (torch.equal(values, want) and torch.equal(buffer, want_buffer))]
+
+
+def save_then_load(folder: str) -> dict[tuple[str, str], list[str]]:
     """Each layout takes a step and saves; then each move's loader loads its saver's checkpoint. Returns, per
-    move, the blocks the loader holds."""
+    move, the keys of the loader's blocks that differ from the saved whole net's (compared here: shipping the
+    blocks back would move gigabytes)."""
     for saver in LAYOUTS:
         strategy, optimizer = trained(saver, 1)
         checkpoint.save(Path(folder) / saver, strategy, optimizer, {"step": 1}, keep=1)
-    return {(saver, loader): held(*trained(loader, 0, Path(folder) / saver)) for saver, loader in moves()}
+    found = {}
+    for saver, loader in moves():
+        weights, momentum = checkpoint.full_state(checkpoint.find("latest", Path(folder) / saver))
+        blocks = held(*trained(loader, 0, Path(folder) / saver))
+        found[saver, loader] = differing(blocks, [(key, block, weights[key][block], momentum[key][block])
+                                                  for key, block, _, _ in blocks])
+    return found
 
 
 @pytest.fixture(scope="module")
-def across_layouts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+def across_layouts(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     folder = tmp_path_factory.mktemp("checkpoints")
-    return folder, run_distributed(save_then_load, 2, folder / "ranks", str(folder))
+    return run_distributed(save_then_load, 2, folder / "ranks", str(folder))
 
 
 @pytest.mark.parametrize(("saver", "loader"), moves(), ids=[f"{saver}-to-{loader}" for saver, loader in moves()])
 def test_a_checkpoint_loads_exactly_into_another_layout(across_layouts, saver, loader):
-    folder, ranks = across_layouts
-    weights, momentum = checkpoint.full_state(checkpoint.find("latest", folder / saver))
-    for rank, found in enumerate(ranks):
-        for key, block, values, buffer in found[saver, loader]:
-            assert torch.equal(values, weights[key][block]) and torch.equal(buffer, momentum[key][block]), \
-                f"rank {rank}, {key}"
+    assert [ranks[saver, loader] for ranks in across_layouts] == [[], []]
 
 
-def straight_and_resumed(mode: str, folder: str) -> tuple[list, list]:
-    """4 steps straight, and 2 steps, a checkpoint, a fresh layout loading it, 2 more steps: the blocks at the end."""
-    straight = held(*trained(mode, 4))
-    strategy, optimizer = trained(mode, 2)
-    checkpoint.save(Path(folder), strategy, optimizer, {"step": 2}, keep=1)
-    return straight, held(*trained(mode, 2, Path(folder)))
+def straight_and_resumed(folder: str) -> dict[str, list[str]]:
+    """Per new layout: 2 steps straight, and a step, a checkpoint, a fresh layout loading it, a step. Returns the
+    keys whose weights or momentum differ at the end of the two."""
+    runs = {}
+    for mode in NEW:
+        straight = held(*trained(mode, 2))
+        strategy, optimizer = trained(mode, 1)
+        checkpoint.save(Path(folder) / mode, strategy, optimizer, {"step": 1}, keep=1)
+        runs[mode] = differing(held(*trained(mode, 1, Path(folder) / mode)), straight)
+    return runs
 
 
-def test_fsdp_resumed_from_its_checkpoint_goes_on_as_the_straight_run(tmp_path):
-    for straight, resumed in run_distributed(straight_and_resumed, 2, tmp_path / "ranks", "fsdp", str(tmp_path)):
-        for (key, _, values, buffer), (_, _, resumed_values, resumed_buffer) in zip(straight, resumed, strict=True):
-            assert torch.equal(values, resumed_values) and torch.equal(buffer, resumed_buffer), key
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    folder = tmp_path_factory.mktemp("resumed")
+    return run_distributed(straight_and_resumed, 2, folder / "ranks", str(folder))
+
+
+@pytest.mark.parametrize("mode", NEW)
+def test_a_run_resumed_from_its_checkpoint_goes_on_as_the_straight_run(resumed_runs, mode):
+    assert [ranks[mode] for ranks in resumed_runs] == [[], []]

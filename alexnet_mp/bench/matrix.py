@@ -1,13 +1,15 @@
 """What the benchmark measures: the plain PyTorch loop, our single-device step with each speed-up, every
-registered layout at each world size it runs (with each of its exchange schemes), and the input pipeline
-alone and feeding the step. A layout that cannot run on a world size is listed as not measured, with
-its own reason."""
+registered layout at each world size it runs (with the option values it says a comparison covers), and
+the input pipeline alone and feeding the step. A layout that cannot run on a world size is listed as
+not measured, with its own reason."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,7 +23,7 @@ from alexnet_mp.bench.measure import (
     plain_loop_steps,
     write_jpeg_tree,
 )
-from alexnet_mp.config import TrainConfig
+from alexnet_mp.config import TrainConfig, layout_label
 from alexnet_mp.data import require_device_decoder
 from alexnet_mp.errors import UsageError
 from alexnet_mp.speed import EAGER, Speed, Variant
@@ -77,29 +79,29 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str,
     failed: list[str] = []
 
     def run(name: str, fn: Callable[..., dict], ranks: int, *args: object, threads: int | None = None,
-            arch: str | None = None, precision: str = "fp32") -> None:
+            **described: Any) -> None:
         if device_type == "cuda" and ranks > gpus:
             skipped.append(f"{name}: one GPU per rank needed, this machine has {gpus}")
             return
         try:
             found[name] = measure(name, fn, ranks, threads or max(1, cores // ranks), batch, scratch, *args,
-                                  arch=arch, precision=precision)
+                                  **described)
         except RuntimeError as error:  # one broken measurement must not lose the rest of the matrix
             last = str(error).strip().splitlines()[-1]
             print(f"  {name}: FAILED: {last}", flush=True)
             failed.append(f"{name}: FAILED: {last}")
         measured(list(found.values()), skipped + failed)
 
-    def step(name: str, ranks: int, mode: str, arch: str, variant: Variant, exchange: str | None = None) -> None:
-        run(variant.named(name), layout_steps, ranks, mode, arch, exchange, batch, sizes, variant, arch=arch,
-            precision=variant.precision)
+    def step(name: str, ranks: int, mode: str, arch: str, variant: Variant, options: dict | None = None) -> None:
+        run(variant.named(name), layout_steps, ranks, mode, arch, options or {}, batch, sizes, variant, arch=arch,
+            precision=variant.precision, mode=mode, options=options or {})
 
     run(PLAIN_LOOP, plain_loop_steps, 1, batch, sizes, arch="owt")
     for variant in single_variants(device_type):
         step("single, paper", 1, "single", "paper", variant)
     step("single, owt", 1, "single", "owt", layouts)
-    for name, ranks, mode, exchange in layout_runs(sizes, device_type, skipped):
-        step(name, ranks, mode, "paper", layouts, exchange)
+    for name, ranks, mode, options in layout_runs(sizes, device_type, skipped):
+        step(name, ranks, mode, "paper", layouts, options)
     pictures = str(write_jpeg_tree(scratch / "jpeg", sizes.pipeline_images))
     run("input pipeline, 1 worker (in process)", pipeline_pass, 1, pictures, batch, 0, sizes.pipeline_steps,
         threads=1)
@@ -112,26 +114,27 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str,
     return list(found.values()), skipped, failed
 
 
-def layout_runs(sizes: Sizes, device_type: str, skipped: list[str]) -> list[tuple[str, int, str, str | None]]:
-    """(name, ranks, mode, exchange) of every registered layout that runs on more than one rank, at each of
-    `sizes.ranks`, with each of its exchange schemes; on a GPU also those that hold several parts in one
-    process (the paper split's towers on the one GPU). Those whose own check refuses the world size or the
-    batch are added to `skipped`, with its reason."""
+def layout_runs(sizes: Sizes, device_type: str, skipped: list[str]) -> list[tuple[str, int, str, dict[str, Any]]]:
+    """(name, ranks, mode, options) of every registered layout that runs on more than one rank, at each of
+    `sizes.ranks`, with each combination of the option values it says a comparison covers (`compared`: the
+    weird trick's exchange schemes, the pipeline's schedules and micro-batches); on a GPU also those that
+    hold several parts in one process (the paper split's towers on the one GPU). Those whose own check refuses
+    the world size or the batch are added to `skipped`, with its reason."""
     runs = []
     for mode, cls in STRATEGIES.items():
         if cls.fixed_world_size == 1:
             continue  # single: measured above, with each speed-up
         counts = ([1] if device_type == "cuda" and cls.parts(1) > 1 else []) + list(sizes.ranks)
-        for ranks in counts:
-            for exchange in cls.exchanges or (None,):
-                scheme = f" ({exchange})" if exchange else ""
-                name = f"{mode}{scheme}" + (", 1 process" if ranks == 1 else f" x{ranks}")
-                try:
-                    cls.check(ranks, TrainConfig(mode=mode, exchange=exchange, batch_size=sizes.batch))
-                except UsageError as refusal:
-                    skipped.append(f"{name}: {refusal}")
-                    continue
-                runs.append((name, ranks, mode, exchange))
+        combinations = [dict(zip(cls.compared, values, strict=True))
+                        for values in itertools.product(*cls.compared.values())]
+        for ranks, options in itertools.product(counts, combinations):
+            name = layout_label({"mode": mode, **options}) + (", 1 process" if ranks == 1 else f" x{ranks}")
+            try:
+                cls.check(ranks, TrainConfig(mode=mode, batch_size=sizes.batch, **options))
+            except UsageError as refusal:
+                skipped.append(f"{name}: {refusal}")
+                continue
+            runs.append((name, ranks, mode, options))
     return runs
 
 

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,12 +75,12 @@ def _timed(run_step: Callable[[int], None], device: torch.device, sizes: Sizes, 
     return {"step_s": step_s, "links": links, "peak_memory_mb": peak_memory_mb(device)}
 
 
-def layout_steps(mode: str, arch: str, exchange: str | None, batch: int, sizes: Sizes,
+def layout_steps(mode: str, arch: str, options: dict[str, Any], batch: int, sizes: Sizes,
                  variant: Variant = EAGER) -> dict:
-    """Our training step on this rank's part of an in-memory global batch."""
+    """Our training step on this rank's part of an in-memory global batch, the layout given `options` (its own)."""
     device = _device()
-    config = TrainConfig(mode=mode, arch=arch, num_classes=sizes.num_classes, seed=SEED, exchange=exchange,
-                         batch_size=batch, **variant.speed.flags())
+    config = TrainConfig(mode=mode, arch=arch, num_classes=sizes.num_classes, seed=SEED, batch_size=batch,
+                         **variant.speed.flags(), **options)
     check_layout(config, current().size)
     strategy = build(config, device)
     strategy.train()
@@ -183,6 +184,10 @@ class Measurement:
     # comm_wait_s after the last rank reached the link: data moving, not a rank waiting for a slower one
     comm_transfer_s: float = 0.0
     link_transfer_s: dict[str, float] = field(default_factory=dict)
+    wait_per_rank_s: list[float] = field(default_factory=list)  # each rank's median blocked time per step
+    step_s: float = 0.0  # median, slowest rank
+    mode: str | None = None  # of a layout's step, with its own options
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def median(self) -> float:
@@ -193,7 +198,8 @@ class Measurement:
 
 
 def measure(name: str, fn: Callable[..., dict], ranks: int, threads: int, batch: int, scratch: Path,
-            *args: object, arch: str | None = None, precision: str = "fp32") -> Measurement:
+            *args: object, arch: str | None = None, precision: str = "fp32", mode: str | None = None,
+            options: dict[str, Any] | None = None) -> Measurement:
     folder = Path(tempfile.mkdtemp(dir=scratch))
     results = run_distributed(fn, ranks, folder, *args, threads=threads)
     slowest = [max(steps) for steps in zip(*(r["step_s"] for r in results), strict=True)]
@@ -207,7 +213,10 @@ def measure(name: str, fn: Callable[..., dict], ranks: int, threads: int, batch:
     return Measurement(name, ranks, threads, batch, [batch / s for s in slowest], slowest_wait(links),
                        [r["bytes"] for r in results], [r["peak_memory_mb"] for r in results], arch, precision,
                        {link: slowest_wait({link}) for link in sorted(links)}, slowest_wait(links, True),
-                       {link: slowest_wait({link}, True) for link in sorted(links)})
+                       {link: slowest_wait({link}, True) for link in sorted(links)},
+                       [statistics.median(waits) for waits in zip(*(blocked_per_rank(step, links, False)
+                                                                    for step in steps), strict=True)],
+                       statistics.median(slowest), mode, options or {})
 
 
 def blocked_per_rank(step: tuple[dict, ...], links: set[str], after_last_arrival: bool) -> list[float]:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from alexnet_mp.bench.matrix import DECODED, FED, PLAIN_LOOP, layout_variant, single_variants
 from alexnet_mp.bench.measure import Measurement, Sizes
+from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.report import markdown_table
+from alexnet_mp.strategies import STRATEGIES
 
 # Dense peak TFLOP/s by device name and precision, from NVIDIA's datasheets (SXM parts); model FLOPs
 # utilisation divides the training FLOPs actually done per second by these. fp32 steps are held to the
@@ -86,6 +89,7 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -
             continue
         ratio(f"weird-trick (a) vs data-parallel at {ranks} ranks", a, dp, detail=bytes_on_rank_0(found[a], found[dp]))
         rows.extend(hidden_exchange(found[b], found[a], ranks))
+    rows.extend(bubbles(found.values()))
     pipeline = f"input pipeline, {sizes.workers} workers"
     ratio("input pipeline vs the training step it feeds (>= 1: the loader keeps up)", pipeline, single, 1.0,
           f"{found['input pipeline, 1 worker (in process)'].median:.1f} images/s per worker"
@@ -95,6 +99,22 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -
             ratio(f"input pipeline{suffix} vs the training step it feeds", pipeline + suffix, single, 1.0)
     for suffix in DECODED.values():
         ratio(f"single step fed by the input pipeline{suffix} vs from memory", layouts.named(FED + suffix), single)
+    return rows
+
+
+def bubbles(measurements: Iterable[Measurement]) -> list[Comparison]:
+    """For each layout that leaves ranks idle by design (a pipeline's bubble: `Strategy.slots`), the idle share
+    of the busiest rank's step (the one that waited least) against the prediction, 1 - 1 / slots: (N - 1) /
+    (M + N - 1) for a pipeline of equal stages."""
+    rows = []
+    for m in measurements:
+        slots = STRATEGIES[m.mode].slots(m.ranks, TrainConfig(mode=m.mode, batch_size=m.batch, **m.options)) \
+            if m.mode else 1.0
+        if slots > 1:
+            predicted, measured = 1 - 1 / slots, min(m.wait_per_rank_s) / m.step_s
+            rows.append(Comparison(f"{m.name}: bubble, measured over predicted", m.name, "(N - 1) / (M + N - 1)",
+                                   measured / predicted, None, f"the busiest stage idle {measured:.0%} of its step; "
+                                                               f"predicted {predicted:.0%}"))
     return rows
 
 

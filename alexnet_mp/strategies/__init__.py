@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from alexnet_mp.config import TrainConfig
+from alexnet_mp.config import LAYOUT_OPTIONS, TrainConfig
 from alexnet_mp.errors import UsageError
 from alexnet_mp.model import build_model
 from alexnet_mp.strategies.base import Strategy
@@ -31,7 +31,7 @@ def layout(mode: str) -> type[Strategy]:
 def check_layout(config: TrainConfig, world_size: int) -> type[Strategy]:
     """The layout of `config.mode`, once it is known to run `config` on `world_size` ranks (UsageError if not)."""
     cls = layout(config.mode)
-    for option in sorted({option for other in STRATEGIES.values() for option in other.options}):
+    for option in LAYOUT_OPTIONS:
         if getattr(config, option) is not None and option not in cls.options:
             takers = " or ".join(name for name, other in STRATEGIES.items() if option in other.options)
             raise UsageError(f"--{option} applies to --mode {takers} only, not {cls.name}")

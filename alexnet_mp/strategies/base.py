@@ -49,7 +49,7 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     options: ClassVar[tuple[str, ...]] = ()  # the TrainConfig fields of its own it reads (None when not given)
-    exchanges: ClassVar[tuple[str, ...]] = ()  # the --exchange schemes it runs
+    compared: ClassVar[dict[str, tuple]] = {}  # the values of those a comparison of layouts covers (the benchmark)
     fixed_world_size: ClassVar[int | None] = None  # the one world size it runs on, if only one
 
     # -- what every command asks, before any process group --
@@ -57,8 +57,6 @@ class Strategy(ABC):
     @classmethod
     def check(cls, world_size: int, config: TrainConfig) -> None:
         """Refuses in one line, naming what would work, a run this layout cannot make: raises UsageError."""
-        if config.exchange is not None and cls.exchanges and config.exchange not in cls.exchanges:
-            raise UsageError(f"--exchange {config.exchange} is not one of: {', '.join(cls.exchanges)}")
         cls.check_world(world_size, config)
         multiple = cls.batch_multiple(world_size, config)
         if config.batch_size % multiple:
@@ -67,7 +65,7 @@ class Strategy(ABC):
 
     @classmethod
     def check_world(cls, world_size: int, config: TrainConfig) -> None:
-        """Refuses a world size (or an architecture) this layout cannot run."""
+        """Refuses a world size, an architecture or an option's value this layout cannot run."""
 
     @classmethod
     def batch_multiple(cls, world_size: int, config: TrainConfig) -> int:

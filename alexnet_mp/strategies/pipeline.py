@@ -113,6 +113,7 @@ class MeteredStage(PipelineStage):
 class Pipeline(Strategy):
     name = "pipeline"
     options = ("schedule", "microbatches")
+    compared = {"schedule": tuple(SCHEDULES), "microbatches": (1, 2, 4, 8)}
 
     @classmethod
     def check_world(cls, world_size: int, config: TrainConfig) -> None:

@@ -26,15 +26,18 @@ from alexnet_mp.model import ARCHITECTURES, AlexNet, Architecture
 from alexnet_mp.strategies.base import FC_LINKS, Strategy, fc_traffic, link_inputs, new_traffic, shard_layers
 
 ALL = "all"  # scheme (a), the default
+EXCHANGES = (ALL, *RoundExchange.SCHEMES)
 
 
 class WeirdTrick(Strategy):
     name = "weird-trick"
     options = ("exchange",)
-    exchanges = (ALL, *RoundExchange.SCHEMES)
+    compared = {"exchange": EXCHANGES}
 
     @classmethod
     def check_world(cls, world_size: int, config: TrainConfig) -> None:
+        if config.exchange not in (None, *EXCHANGES):
+            raise UsageError(f"--exchange {config.exchange} is not one of: {', '.join(EXCHANGES)}")
         if world_size < 2:
             raise UsageError("--mode weird-trick needs 2 or more processes; use --mode single for one")
         widths = ARCHITECTURES[config.arch].fc_units
