@@ -22,7 +22,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert result.returncode == 0, result.stderr[-3000:]
     assert not list(out.glob("bench-*")), "the scratch folder (JPEGs, rank results) is left behind"
     return {"json": json.loads((out / "bench.json").read_text()), "md": (out / "bench.md").read_text(),
-            "stdout": result.stdout}
+            "stdout": result.stdout, "plot": out / "layouts.png"}
 
 
 def test_bench_measures_every_layout_the_plain_loop_and_the_input_pipeline_decoding_in_both_places(quick):
@@ -61,6 +61,13 @@ def test_bench_sets_each_pipelines_measured_bubble_beside_the_predicted_one(quic
     assert rows.keys() == {"pipeline (gpipe, M=1) x2", "pipeline (gpipe, M=2) x2", "pipeline (gpipe, M=4) x2",
                            "pipeline (1f1b, M=2) x2", "pipeline (1f1b, M=4) x2"}
     assert rows["pipeline (gpipe, M=4) x2"]["detail"].endswith("predicted 20%")  # (N - 1) / (M + N - 1)
+
+
+def test_bench_draws_every_layout_ranked_beside_the_one_device_step(quick):
+    from PIL import Image
+
+    with Image.open(quick["plot"]) as plot:
+        assert plot.size[0] > 300 and plot.size[1] > 300
 
 
 def test_bench_compares_fsdp_with_data_parallel_in_speed_memory_and_bytes(quick):

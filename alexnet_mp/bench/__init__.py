@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from alexnet_mp.bench.matrix import FULL, FULL_GPU, QUICK, run_matrix
+from alexnet_mp.bench.matrix import FULL, FULL_GPU, QUICK, layout_variant, run_matrix
 from alexnet_mp.bench.measure import Measurement
-from alexnet_mp.bench.report import as_markdown, comparisons, environment
+from alexnet_mp.bench.report import as_markdown, comparisons, environment, plot_layouts
 
 
 def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None) -> list[str]:
@@ -45,4 +45,5 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None) -> li
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(write(measurements, skipped + failed))
+    plot_layouts(measurements, layout_variant(device_type).named("single, paper"), output / "layouts.png")
     return failed

@@ -7,6 +7,7 @@ import os
 import platform
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -176,6 +177,33 @@ def utilisation_rows(steps: list[Measurement], num_classes: int, owt: Measuremen
                ) if owt else ""
     return [Comparison(f"model FLOPs utilisation in bf16 at batch {best.batch}", best.name, "dense bf16 peak",
                        tflops / peak, 0.30, f"{tflops:.1f} of {peak:g} TFLOP/s (datasheet){owt_net}")]
+
+
+def plot_layouts(measurements: list[Measurement], reference: str, out: Path) -> Path | None:
+    """Every layout's images/s on the same global batch, ranked, one panel per rank count, with the one-device
+    step (`reference`) as a line: the comparison at a glance. None if no layout ran on several ranks."""
+    counts = sorted({m.ranks for m in measurements if m.mode and m.ranks > 1})
+    if not counts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    single = next((m.median for m in measurements if m.name == reference), None)
+    rows = max(sum(1 for m in measurements if m.mode and m.ranks == n) for n in counts)
+    figure, axes = plt.subplots(1, len(counts), figsize=(6.5 * len(counts), 0.32 * rows + 1.5), squeeze=False)
+    for axis, count in zip(axes[0], counts, strict=True):
+        ranked = sorted((m for m in measurements if m.mode and m.ranks == count), key=lambda m: m.median)
+        axis.barh([m.name.rsplit(" x", 1)[0] for m in ranked], [m.median for m in ranked])
+        if single:
+            axis.axvline(single, color="black", linestyle="--", label=f"{reference} (one process)")
+            axis.legend(fontsize="small", loc="lower right")
+        axis.set(title=f"{count} ranks, global batch {ranked[0].batch}", xlabel="images/s (median)")
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
 
 
 def environment() -> dict[str, str]:
