@@ -8,8 +8,7 @@ import os
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
-from alexnet_mp.config import MIXED_PRECISIONS, TrainConfig
-from alexnet_mp.data import DECODE_PLACES
+from alexnet_mp.config import DECODE_PLACES, MIXED_PRECISIONS, TrainConfig
 from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES, INITS
 from alexnet_mp.strategies import STRATEGIES
@@ -75,6 +74,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-scaling", default=d.lr_scaling, choices=["none", "linear", "sqrt"],
                         help="scale --lr by the global batch over the paper's 128: none (the flags mean what "
                              "they say), linear (Goyal et al. 2017), sqrt (Krizhevsky 2014)")
+    parser.add_argument("--warmup-steps", type=COUNT, default=d.warmup_steps,
+                        help="raise the learning rate linearly to --lr over the first N steps (Goyal et al. 2017); "
+                             "default 0, the paper's recipe. With --init he, --lr 0.01 needs it (docs/reproduction.md)")
     parser.add_argument("--lr-schedule", default=d.lr_schedule, choices=["plateau", "step"],
                         help="plateau: /10 when validation top-1 error stops improving (the paper); step: /10 "
                              "every --lr-step-epochs")
@@ -94,6 +96,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=COUNT, default=d.checkpoint_every,
                         help="checkpoint every N steps as well as at each epoch's end and the run's last step")
     parser.add_argument("--keep-checkpoints", type=POSITIVE_INT, default=d.keep_checkpoints)
+    parser.add_argument("--no-checkpoints", dest="save_checkpoints", action="store_false",
+                        help="write no checkpoint at all (a toy run's: each is about 440 MB for the paper net)")
     parser.add_argument("--resume", default=d.resume,
                         help="'latest' (in --output-dir), 'auto' (latest if there is one, else a fresh start: for a "
                              "job that may be requeued), or a checkpoint folder")
@@ -113,8 +117,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a rank waits for its peers before giving up")
     parser.add_argument("--output-dir", default=d.output_dir)
     parser.add_argument("--tracker", default=d.tracker, choices=["none", "wandb", "tensorboard"])
-    parser.add_argument("--project", default=d.project)
-    parser.add_argument("--group", default=d.group, help="experiment name: runs compared together")
+    parser.add_argument("--project", default=d.project, help="W&B's project (default: $WANDB_PROJECT, else "
+                                                                 "alexnet-mp); W&B's WANDB_DIR, WANDB_ENTITY, "
+                                                                 "WANDB_RUN_GROUP and WANDB_TAGS are honoured too")
+    parser.add_argument("--group", default=d.group, help="experiment name: runs compared together (default: "
+                                                             "$WANDB_RUN_GROUP, else the arch and global batch)")
     parser.add_argument("--run-name", default=d.run_name)
 
 

@@ -8,18 +8,21 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from alexnet_mp import checkpoint
 from alexnet_mp.arguments import COUNT, POSITIVE_FLOAT, POSITIVE_INT, Parser, add_train_arguments, train_config
-from alexnet_mp.config import TrainConfig
-from alexnet_mp.data import DECODE_PLACES, DataSpec
+from alexnet_mp.config import DECODE_PLACES, TrainConfig
 from alexnet_mp.errors import AlexNetMPError, UsageError, from_torch
 from alexnet_mp.preflight import check_run, check_writable
 from alexnet_mp.strategies import STRATEGIES
 from alexnet_mp.tracking import hold_output
 from alexnet_mp.world import launched
+
+if TYPE_CHECKING:  # the data pipeline (torchvision) is imported by the commands that read data, not by --help
+    from alexnet_mp.data import DataSpec
 
 
 def run_train(config: TrainConfig) -> None:
@@ -75,6 +78,8 @@ def evaluate(args: argparse.Namespace) -> None:
 def evaluation_data(args: argparse.Namespace, meta: dict) -> DataSpec:
     """The validation set `evaluate` scores: --data's, or by default that of the data the checkpoint's
     run trained on (its --data, --dataset and --synthetic-size)."""
+    from alexnet_mp.data import DataSpec
+
     trained = meta["config"]
     dataset = args.dataset or (trained["dataset"] if args.data is None else "imagefolder")
     return DataSpec(args.data or trained["data"], dataset, meta["num_classes"],
@@ -109,23 +114,27 @@ def compare(args: argparse.Namespace) -> None:
 
 
 def plan(args: argparse.Namespace) -> None:
+    """Prints the prediction; writes plan.md and plan.png too where --output-dir says."""
     from alexnet_mp.plan import plan as predict
     from alexnet_mp.plan import plan_table, plot_plan, shares
 
-    check_writable(Path(args.output_dir), "--output-dir")
+    if args.output_dir:
+        check_writable(Path(args.output_dir), "--output-dir")
     gpus, links = _numbers(args.gpus, int, "--gpus"), _numbers(args.link_gbps, float, "--link-gbps")
     predictions = predict(gpus, args.arch, args.batch, args.device_tflops, args.num_classes, args.microbatches)
     if not predictions:
         raise UsageError(f"no layout runs a batch of {args.batch} on {args.gpus} GPUs; use counts that divide it")
     table = plan_table(predictions, links, args.batch)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     title = (f"Predicted per step: {args.arch} net, global batch {args.batch}, {args.device_tflops:g} TFLOP/s "
              f"sustained per GPU, fp32 links")
     text = f"{title}\n\n{shares(args.arch, args.num_classes)}\n\n{table}\n"
-    (out / "plan.md").write_text(text + "\n![plan](plan.png)\n")
-    plot_plan(predictions, links, args.batch, out / "plan.png")
-    print(f"{text}\nwrote {out / 'plan.md'} and {out / 'plan.png'}")
+    print(text)
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "plan.md").write_text(text + "\n![plan](plan.png)\n")
+        plot_plan(predictions, links, args.batch, out / "plan.png")
+        print(f"wrote {out / 'plan.md'} and {out / 'plan.png'}")
 
 
 def _numbers(text: str, kind: type, flag: str) -> list:
@@ -214,7 +223,7 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--microbatches", type=POSITIVE_INT, default=4, help="the pipeline's micro-batches")
     model.add_argument("--arch", default="paper", choices=["paper", "owt"])
     model.add_argument("--num-classes", type=POSITIVE_INT, default=1000)
-    model.add_argument("--output-dir", default="runs/plan", help="where plan.md and plan.png go")
+    model.add_argument("--output-dir", help="write plan.md and plan.png there too (default: print only)")
     model.set_defaults(run=plan)
     timing = commands.add_parser("bench", help="every layout's training step timed side by side, against the plain "
                                                "PyTorch loop, and the input pipeline alone")

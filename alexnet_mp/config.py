@@ -11,6 +11,7 @@ from typing import Any
 from alexnet_mp.speed import Speed
 
 PAPER_BATCH = 128
+DECODE_PLACES = ("workers", "device", "device-in-workers")  # where JPEGs are decoded; docs/experiments.md
 MIXED_PRECISIONS = ("no", "bf16", "fp16")  # "no": float32
 # What decides step N's samples, augmentation and dropout masks (docs/architecture.md): a resume that
 # changes one continues the run on other batches than the straight run would have drawn.
@@ -44,6 +45,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_scaling: str = "none"
+    warmup_steps: int = 0  # linear warm-up of the learning rate over the first N steps; 0: none (the paper's)
     lr_schedule: str = "plateau"
     lr_step_epochs: int = 30
     plateau_patience: int = 1
@@ -54,6 +56,7 @@ class TrainConfig:
     ten_crop: bool = False
     checkpoint_every: int = 0  # steps; checkpoints are also written at each epoch's end and the run's last step
     keep_checkpoints: int = 3
+    save_checkpoints: bool = True  # False: --no-checkpoints, none written at all
     resume: str | None = None
     mixed_precision: str = "no"
     channels_last: bool = False
@@ -64,7 +67,7 @@ class TrainConfig:
     timeout_s: float = 600.0
     output_dir: str = "runs/latest"
     tracker: str = "none"
-    project: str = "alexnet-mp"
+    project: str | None = None  # None: W&B's WANDB_PROJECT, else alexnet-mp
     group: str | None = None
     run_name: str | None = None
 

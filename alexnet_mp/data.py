@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from alexnet_mp.config import DECODE_PLACES
 from alexnet_mp.errors import UsageError
 from alexnet_mp.model import IMAGE_SIZE
 from alexnet_mp.rng import seeded_generator
@@ -55,7 +56,6 @@ PCA_EIGENVECTORS = ((-0.5675, 0.7192, 0.4009),
 LIGHTING_STD = 0.1
 CLASS_COLOUR = 2.0  # synthetic set: the class colour cast's scale, in normalised units
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
-DECODE_PLACES = ("workers", "device", "device-in-workers")  # where JPEGs are decoded; docs/experiments.md
 DEVICE_JPEG_MODES = ("RGB", "L")  # JPEGs nvJPEG turns into the RGB PIL gives; CMYK and the rest: the workers
 
 
@@ -129,11 +129,13 @@ class SyntheticImages(Dataset):
     """A deterministic, learnable, class-conditional image set, made on the fly: each class is a
     colour cast (a random RGB offset of about 2 standard deviations, which any conv stack picks up
     early) over a smooth random pattern; a sample is its class's image, randomly shifted and flipped,
-    plus noise. Already normalised and 224x224, so the main job runs anywhere with no data."""
+    plus noise. Already normalised and 224x224, so the main job runs anywhere with no data. With
+    `ten_crop` (validation), a sample is the paper's ten crops of its class's whole 256x256 image plus noise."""
 
     def __init__(self, num_classes: int = 1000, size: int = 4096, seed: int = 0, split: int = 0,
-                 noise: float = 1.0) -> None:
+                 noise: float = 1.0, ten_crop: bool = False) -> None:
         self.num_classes, self.size, self.seed, self.split, self.noise = num_classes, size, seed, split, noise
+        self.ten_crop = ten_crop
         self.classes = [f"class{c:04d}" for c in range(num_classes)]
         self.targets = torch.randint(0, num_classes, (size,), generator=seeded_generator(seed, 1, split))
         coarse = torch.randn(num_classes, 3, 8, 8, generator=seeded_generator(seed, 2))
@@ -147,6 +149,9 @@ class SyntheticImages(Dataset):
         """(normalised float image, no lighting): float images leave `normalise` out."""
         index, epoch = key
         generator = seeded_generator(self.seed, 3, self.split, epoch, index)
+        if self.ten_crop:
+            whole = self.patterns[int(self.targets[index])]
+            return eval_crops(whole + self.noise * torch.randn(whole.shape, generator=generator), True), torch.zeros(3)
         top, left = torch.randint(0, 33, (2,), generator=generator).tolist()
         image = self.patterns[int(self.targets[index]), :, top:top + IMAGE_SIZE, left:left + IMAGE_SIZE]
         if torch.rand((), generator=generator) < 0.5:
@@ -543,7 +548,7 @@ def build_datasets(spec: DataSpec, seed: int) -> tuple[Dataset, Dataset]:
     if spec.data == "synthetic":
         classes = spec.num_classes or 1000
         return (SyntheticImages(classes, spec.synthetic_size, seed, split=0),
-                SyntheticImages(classes, max(spec.synthetic_size // 8, 64), seed, split=1))
+                SyntheticImages(classes, max(spec.synthetic_size // 8, 64), seed, split=1, ten_crop=spec.ten_crop))
     root = Path(spec.data)
     if spec.dataset == "cifar10":
         train, val = CifarSource(root, train=True), CifarSource(root, train=False)

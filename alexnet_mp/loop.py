@@ -3,11 +3,13 @@ the strategy for logits, loss, parameters and which rows of each global batch to
 
 from __future__ import annotations
 
+import math
+import platform
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -201,9 +203,8 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
                           "or --epochs to go on")
         return
     config, strategy = run.config, run.strategy
-    tracker = Tracker(accelerator, run_description(run, accelerator), config.output, config.tracker, config.project,
-                      config.group, config.run_name, config.mode, resumed_at=run.start)
-    stop = StopRequest()
+    tracker = Tracker(accelerator, run_description(run, accelerator), config, run.total, resumed_at=run.start)
+    stop, stuck = StopRequest(), StuckLoss(config.num_classes)
     progress = tqdm(total=run.total, initial=run.start, disable=not (current().is_main and sys.stderr.isatty()),
                     unit="step", dynamic_ncols=True)
     steps = rank_batches(run.train_set, run.batches, strategy.image_rows(config.batch_size),
@@ -225,22 +226,68 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         if step % config.log_every == 0 or step == run.total - 1:
             figures = log_step(run, tracker, step, loss, clock.seconds(), data_wait_s)
             progress.set_postfix(loss=f"{figures['loss']:.4f}", img_s=f"{figures['images_per_s']:.1f}")
+            stuck.add(figures["loss"])
         progress.update()
         after_step(run, tracker, step + 1, stopping)
+        if (step + 1) % run.batches.steps_per_epoch == 0:
+            stuck.epoch_ended(run.batches.epoch(step))
         if stopping:
-            accelerator.print(f"stopped by a signal after step {step}; checkpoint saved, resume with --resume latest")
+            kept = "checkpoint saved, resume with --resume latest" if config.save_checkpoints else \
+                "no checkpoint kept (--no-checkpoints)"
+            accelerator.print(f"stopped by a signal after step {step}; {kept}")
             break
         batch, data_wait_s = upcoming, upcoming_wait_s
     progress.close()
-    tracker.finish()
+    newest = checkpoint.complete_checkpoints(config.checkpoints)
+    tracker.finish(step + 1 - run.start, newest[-1] if newest else None)
 
 
 def run_step(run: Run, images: Tensor, labels: Tensor, step: int, stop_requested: bool) -> tuple[Tensor, Tensor]:
     """One training step, queued: this rank's loss, and the flags every rank agrees on (`agreed_flags`)."""
     run.strategy.ledger.reset()
-    with run.autocast():
+    with run.autocast(), warmed_up(run.optimizer, warmup_factor(step, run.config.warmup_steps)):
         loss = train_step(run.strategy, run.optimizer, images, labels, step, run.config.batch_size, run.scale)
     return loss, agreed_flags(stop_requested, loss)
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The learning rate's share at `step` under a linear warm-up over `warmup_steps` steps (Goyal et al.
+    2017): (step + 1) / warmup_steps, then 1."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+@contextmanager
+def warmed_up(optimizer: torch.optim.Optimizer, factor: float) -> Iterator[None]:
+    """The optimizer's step at `factor` times each group's learning rate, which the schedule keeps as it is."""
+    scheduled = [group["lr"] for group in optimizer.param_groups]
+    for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
+        group["lr"] = lr * factor
+    try:
+        yield
+    finally:
+        for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
+            group["lr"] = lr
+
+
+class StuckLoss:
+    """Warns once, in one line, when the training loss has stayed at chance, ln(classes) (the softmax spread
+    evenly), for a whole epoch: a net that does not learn, most often a learning rate too high for its init
+    (docs/reproduction.md)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.chance, self.losses, self.warned = math.log(num_classes), [], False
+
+    def add(self, loss: float) -> None:
+        self.losses.append(loss)
+
+    def epoch_ended(self, epoch: int) -> None:
+        stuck = bool(self.losses) and all(abs(loss - self.chance) <= 0.01 * self.chance for loss in self.losses)
+        if stuck and not self.warned and current().is_main:
+            print(f"warning: the training loss stayed at chance, ln(classes) = {self.chance:.3f}, for all of epoch "
+                  f"{epoch}: the net is not learning; lower --lr, or raise it slowly with --warmup-steps",
+                  file=sys.stderr, flush=True)
+            self.warned = True
+        self.losses = []
 
 
 def log_step(run: Run, tracker: Tracker, step: int, loss: Tensor, step_time_s: float, data_wait_s: float,
@@ -249,7 +296,8 @@ def log_step(run: Run, tracker: Tracker, step: int, loss: Tensor, step_time_s: f
     bytes each rank sent and each rank's peak memory. Returns it."""
     strategy, batch = run.strategy, run.config.batch_size
     memory, sent = per_rank([peak_memory_mb(run.device), strategy.ledger.total_bytes()], run.device)
-    figures = {"loss": float(strategy.global_loss(loss)), "lr": run.optimizer.param_groups[0]["lr"],
+    lr = run.optimizer.param_groups[0]["lr"] * warmup_factor(step, run.config.warmup_steps)
+    figures = {"loss": float(strategy.global_loss(loss)), "lr": lr,
                "epoch": run.batches.epoch(step), "step_time_s": step_time_s, "data_wait_s": data_wait_s,
                "images_per_s": batch / step_time_s, "comm_bytes": sent, "comm_wait_s": strategy.ledger.wait_s,
                **{f"comm_wait_s/{link}": seconds for link, seconds in strategy.ledger.waits.items()},
@@ -273,7 +321,7 @@ def after_step(run: Run, tracker: Tracker, next_step: int, stopping: bool) -> No
     if epoch_end and config.lr_schedule == "step":
         run.scheduler.step()
     checkpoint_due = bool(config.checkpoint_every) and next_step % config.checkpoint_every == 0
-    if epoch_end or stopping or next_step == run.total or checkpoint_due:
+    if config.save_checkpoints and (epoch_end or stopping or next_step == run.total or checkpoint_due):
         save(run, next_step)
 
 
@@ -292,7 +340,11 @@ def mixed_precision_autocast(accelerator: Accelerator, mixed_precision: str) -> 
 
 
 def run_description(run: Run, accelerator: Accelerator) -> dict:
-    """Everything that defines the run, for config.json and the trackers."""
+    """Every flag and what it resolved to where it runs, for config.json and the trackers."""
+    import torchvision
+
     rows = run.strategy.image_rows(run.config.batch_size)
     return {**run.config.to_dict(), "world_size": current().size, "per_rank_batch": rows.stop - rows.start,
-            "device": str(accelerator.device), "torch": torch.__version__, "accelerate": accelerate.__version__}
+            "device": str(accelerator.device), "scaled_lr": run.config.scaled_lr, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
+            "python": platform.python_version()}

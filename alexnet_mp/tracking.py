@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from alexnet_mp.config import layout_label
+from alexnet_mp.config import TrainConfig, layout_label
 from alexnet_mp.errors import UsageError, WriteFailed
 from alexnet_mp.world import current
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # commands that only check arguments need not import accelera
     from accelerate import Accelerator
 
 TRACKER_INSTALLS = {"wandb": "pip install wandb", "tensorboard": "pip install 'alexnet-mp[tensorboard]'"}
+DEFAULT_PROJECT = "alexnet-mp"
 WANDB_RUN_ID = "wandb-run-id"  # in OUTPUT: the W&B run that a resume of this run continues
 
 
@@ -65,13 +66,15 @@ def hold_output(folder: Path) -> Iterator[None]:
     started twice, say, or a requeued job whose first attempt is still saving. The two would interleave
     their metrics, and delete each other's half-written checkpoints. It is an flock, which the kernel drops
     with its process however that ends, so a killed run leaves no stale lock. Where the file system has no
-    locks, the run goes on with a warning. A run refused before it wrote anything leaves no folder behind."""
+    locks, the run goes on with a warning. A run refused before it wrote anything leaves no folder behind, and
+    one that ends cleanly no lock file."""
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / RUN_LOCK).open("a+") as lock:
         _lock(lock, folder)
         try:
             yield
+            (folder / RUN_LOCK).unlink(missing_ok=True)  # a clean end: the flock guarded the live run, the file goes
         finally:  # only while holding the lock: a refused run must not remove a live one's
             if created and [path.name for path in folder.iterdir()] == [RUN_LOCK]:
                 shutil.rmtree(folder)
@@ -119,25 +122,34 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class Tracker:
-    def __init__(self, accelerator: Accelerator, config: dict[str, Any], output: Path, tracker: str,
-                 project: str, group: str | None, run_name: str | None, job_type: str, resumed_at: int = 0) -> None:
-        self.accelerator, self.active = accelerator, current().is_main
-        self.metrics_path = output / "metrics.jsonl"
-        self.uses_trackers = tracker != "none"
+    """A run's record, on the main process: config.json, a row of metrics.jsonl per logged step and evaluation,
+    accelerate's trackers when asked (W&B's per-rank figures as a scalar per rank and their max), and, when the
+    output is not a terminal (a cluster job's log), a line per logged step, per evaluation and at the end."""
+
+    def __init__(self, accelerator: Accelerator, description: dict[str, Any], config: TrainConfig, total: int,
+                 resumed_at: int = 0) -> None:
+        self.accelerator, self.active, self.config, self.total = accelerator, current().is_main, config, total
+        self.metrics_path = config.output / "metrics.jsonl"
+        self.uses_trackers = config.tracker != "none"
+        self.lines = not sys.stderr.isatty()  # on a terminal, the progress bar says it
         self.began = self.wall_before = 0.0
         if not self.active:
             return
-        output.mkdir(parents=True, exist_ok=True)
+        config.output.mkdir(parents=True, exist_ok=True)
         kept = self._keep_steps_before(resumed_at)
         # a resumed run's clock goes on from its checkpoint's (records from before wall_s have none)
         self.wall_before = max((row.get("wall_s", 0.0) for row in kept), default=0.0)
-        with writing(output / "config.json"):
-            (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        with writing(config.output / "config.json"):
+            (config.output / "config.json").write_text(json.dumps(description, indent=2, sort_keys=True, default=str)
+                                                       + "\n")
         if self.uses_trackers:
-            init = {"wandb": {"group": group, "job_type": job_type, "name": run_name or run_label(config),
-                              "dir": str(output),
-                              **(wandb_identity(output, resumed_at > 0) if tracker == "wandb" else {})}}
-            _init_trackers(accelerator, tracker, project, config, init)
+            settings = {}
+            if config.tracker == "wandb":
+                settings["wandb"] = {
+                    **wandb_settings(config, description),
+                    **wandb_identity(config.output, resumed_at > 0),
+                }
+            _init_trackers(accelerator, config.tracker, wandb_project(config), description, settings)
         self.began = time.perf_counter()  # the loop's first step starts now
 
     def _keep_steps_before(self, step: int) -> list[dict[str, Any]]:
@@ -156,21 +168,85 @@ class Tracker:
             temporary.replace(self.metrics_path)
         return kept
 
+    @property
+    def wall_s(self) -> float:
+        """The seconds the run has trained so far (evaluations and checkpoints included, the time lost to a
+        crash not)."""
+        return self.wall_before + time.perf_counter() - self.began
+
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        """Writes a row to metrics.jsonl, stamped with `wall_s`: the seconds the run has trained so far,
-        up to the moment the row is logged (evaluations and checkpoints included, the time lost to a
-        crash not), and passes `metrics` to the trackers."""
+        """Writes a row to metrics.jsonl, stamped with `wall_s`, passes `metrics` to the trackers, and says it
+        in a line where the output is not a terminal."""
         if not self.active:
             return
-        wall_s = self.wall_before + time.perf_counter() - self.began
         with writing(self.metrics_path), self.metrics_path.open("a") as record:
-            record.write(json.dumps({"step": step, "wall_s": wall_s, **metrics}) + "\n")
+            record.write(json.dumps({"step": step, "wall_s": self.wall_s, **metrics}) + "\n")
         if self.uses_trackers:
-            self.accelerator.log(metrics, step=step)
+            self.accelerator.log(per_rank_scalars(metrics), step=step)
+        if self.lines:
+            print(step_line(metrics, step, self.total) if "loss" in metrics else evaluation_line(metrics, step),
+                  flush=True)
 
-    def finish(self) -> None:
-        if self.active and self.uses_trackers:
+    def finish(self, steps: int, newest_checkpoint: Path | None) -> None:
+        """The closing line, on the main process: what was trained, and where its record and checkpoint are."""
+        if not self.active:
+            return
+        if self.uses_trackers:
             self.accelerator.end_training()
+        if newest_checkpoint:
+            kept = f"newest checkpoint {newest_checkpoint} ({checkpoint_size(newest_checkpoint)})"
+        else:
+            kept = "no checkpoint kept (--no-checkpoints)" if not self.config.save_checkpoints else "no checkpoint yet"
+        print(f"trained {steps} steps in {self.wall_s:.1f} s (to step {self.total}); record in {self.metrics_path}; "
+              f"{kept}", flush=True)
+
+
+def step_line(figures: dict[str, Any], step: int, total: int) -> str:
+    """A logged step in one line, as nanoGPT's and torchvision's reference scripts print them."""
+    step_ms, comm_ms = 1000 * figures["step_time_s"], 1000 * figures["comm_wait_s"]
+    return (f"step {step + 1}/{total} | loss {figures['loss']:.4f} | lr {figures['lr']:.3g} | "
+            f"{figures['images_per_s']:.1f} images/s | step {step_ms:.0f} ms (compute {step_ms - comm_ms:.0f} + comm "
+            f"wait {comm_ms:.0f}) + data wait {1000 * figures['data_wait_s']:.0f} ms | peak "
+            f"{max(figures['peak_memory_mb']):.0f} MiB")
+
+
+def evaluation_line(figures: dict[str, Any], step: int) -> str:
+    return (f"evaluation after step {step + 1} | val loss {figures['val_loss']:.4f} | top-1 error "
+            f"{figures['val_top1_error']:.4f} | top-5 error {figures['val_top5_error']:.4f}")
+
+
+def checkpoint_size(folder: Path) -> str:
+    return f"{sum(path.stat().st_size for path in folder.iterdir()) / 2**20:.0f} MiB"
+
+
+def per_rank_scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A figure per rank (a list) as a scalar per rank, `name/rank0` ..., and their max under its own name: W&B
+    charts scalars, not lists."""
+    scalars: dict[str, Any] = {}
+    for name, value in metrics.items():
+        if isinstance(value, list):
+            scalars.update({f"{name}/rank{rank}": each for rank, each in enumerate(value)})
+            scalars[name] = max(value)
+        else:
+            scalars[name] = value
+    return scalars
+
+
+def wandb_project(config: TrainConfig) -> str:
+    """--project, else W&B's own WANDB_PROJECT, else alexnet-mp."""
+    return config.project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
+
+
+def wandb_settings(config: TrainConfig, description: dict[str, Any]) -> dict[str, Any]:
+    """wandb.init's arguments: each flag, else W&B's own environment variable (WANDB_DIR, WANDB_RUN_GROUP,
+    WANDB_TAGS; WANDB_ENTITY wandb reads itself), else a default that W&B's group-by and filters can use: the
+    group is the architecture and the global batch (runs of one comparison), and the tags say the layout, its
+    ranks, the architecture and the precision."""
+    tags = [tag for tag in os.environ.get("WANDB_TAGS", "").split(",") if tag]
+    tags += [description["mode"], f"x{description['world_size']}", config.arch, config.mixed_precision]
+    return {"group": config.group or os.environ.get("WANDB_RUN_GROUP") or f"{config.arch}-b{config.batch_size}",
+            "job_type": config.mode, "name": config.run_name or run_label(description),
+            "dir": os.environ.get("WANDB_DIR") or str(config.output), "tags": list(dict.fromkeys(tags))}
 
 
 def _init_trackers(accelerator: Accelerator, tracker: str, project: str, config: dict[str, Any],

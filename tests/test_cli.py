@@ -182,7 +182,8 @@ def test_every_launch_config_names_its_process_count():
 
     from tests.launching import ROOT
 
-    expected = {"cpu-2proc.yaml": 2, "paper-split-2gpu.yaml": 2, "4gpu.yaml": 4, "2node-4gpu.yaml": 4}
+    expected = {"one-process.yaml": 1, "cpu-2proc.yaml": 2, "paper-split-2gpu.yaml": 2, "4gpu.yaml": 4,
+                "2node-4gpu.yaml": 4}
     for name, processes in expected.items():
         assert yaml.safe_load((ROOT / "launch" / name).read_text())["num_processes"] == processes
 

@@ -94,19 +94,21 @@ def test_the_loop_asks_for_the_next_batch_before_it_waits_for_the_step(training_
     assert [row["step"] for row in metrics(tmp_path)] == [0, 1, 2]
 
 
-def readme_main_job() -> list[str]:
-    """train.py's arguments in the README's first set-up command."""
+def readme_main_job() -> tuple[Path, list[str]]:
+    """The launcher's config file and train.py's arguments in the README's first set-up command."""
     lines = (ROOT / "README.md").read_text().splitlines()
-    command = next(line for line in lines if "accelerate launch train.py" in line)
-    return shlex.split(command.split("train.py", 1)[1])
+    command = next(line for line in lines if "accelerate launch" in line and "train.py" in line)
+    launcher, train = command.split("accelerate launch", 1)[1].split("train.py", 1)
+    return ROOT / shlex.split(launcher)[shlex.split(launcher).index("--config_file") + 1], shlex.split(train)
 
 
 def test_the_readmes_main_job_lowers_the_loss_well_below_its_start_and_chance(tmp_path):
     """Its few steps with He et al.'s init; the paper's init stays at chance for far longer
     (docs/reproduction.md)."""
-    args = readme_main_job()
-    result = launch(*args, "--output-dir", str(tmp_path))
+    config_file, args = readme_main_job()
+    result = launch(*args, "--output-dir", str(tmp_path), config_file=config_file)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "were not passed to `accelerate launch`" not in result.stderr  # the README greets with no warning
     losses = [row["loss"] for row in metrics(tmp_path)]
     flags = dict(zip(args[::2], args[1::2], strict=True))  # each of the README's flags takes a value
     chance = math.log(int(flags["--num-classes"]))
@@ -277,10 +279,11 @@ def test_a_record_that_cannot_be_written_stops_the_run_in_one_line_keeping_its_c
 def test_a_metrics_row_that_cannot_be_written_is_one_error_that_says_what_to_do(tmp_path):
     from types import SimpleNamespace
 
+    from alexnet_mp.config import TrainConfig
     from alexnet_mp.errors import WriteFailed
     from alexnet_mp.tracking import Tracker
 
-    tracker = Tracker(SimpleNamespace(is_main_process=True), {}, tmp_path, "none", "alexnet-mp", None, None, "single")
+    tracker = Tracker(SimpleNamespace(), {}, TrainConfig(output_dir=str(tmp_path)), total=1)
     (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
     with pytest.raises(WriteFailed, match=r"metrics.jsonl \(No space left on device\): make room, then run"):
         tracker.log({"loss": 1.0}, 0)
