@@ -4,6 +4,7 @@ Numbers are checked as they are read, and argparse's refusals are one line, as t
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
@@ -26,10 +27,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def number(kind: Callable[[str], N], lowest: N, exclusive: bool = False) -> Callable[[str], N]:
-    """An argparse type: a `kind` of at least `lowest` (more than it if `exclusive`), refused while the
-    command line is read, before anything runs."""
+    """An argparse type: a finite `kind` of at least `lowest` (more than it if `exclusive`), refused while
+    the command line is read, before anything runs."""
     def parse(text: str) -> N:
         value = kind(text)
+        if not math.isfinite(value):  # NaN compares False with everything, so the bound alone lets it in
+            raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
         if value < lowest or (exclusive and value == lowest):
             raise argparse.ArgumentTypeError(f"must be {'more than' if exclusive else 'at least'} {lowest:g}, "
                                              f"not {text}")
@@ -53,6 +56,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "which leaves chance within tens of SGD steps (docs/reproduction.md)")
     parser.add_argument("--exchange", default=d.exchange,
                         help="weird-trick only: all (scheme a), one-at-a-time (b), slice (c)")
+    parser.add_argument("--fc-update", default=d.fc_update,
+                        help="weird-trick only, with (b) or (c): per-step (default: one SGD step of every layer, "
+                             "the one-device net's), or per-round (the FC layers step after every round, on batches "
+                             "of B/N: the 2014 paper's variable batch size)")
     parser.add_argument("--schedule", default=d.schedule, choices=sorted(SCHEDULES),
                         help="pipeline only: gpipe (every micro-batch's forward, then every backward) or 1f1b "
                              "(default gpipe)")
@@ -90,6 +97,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "training device in one call per batch, by the training process (device) or by each "
                              "worker in its own process (device-in-workers; the training process with --workers 0). "
                              "nvJPEG on a GPU; needs 'alexnet-mp[device-decode]'. Other images: by the workers")
+    parser.add_argument("--max-bad-images", type=COUNT, default=d.max_bad_images,
+                        help="unreadable training images to skip (each replaced by the next of its class) before "
+                             "the run stops; default 0.1%% of the training set")
     parser.add_argument("--eval-every", type=COUNT, default=d.eval_every,
                         help="validate every N steps as well as at each epoch's end")
     parser.add_argument("--ten-crop", action="store_true", help="validate on the paper's ten crops")
@@ -97,7 +107,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint every N steps as well as at each epoch's end and the run's last step")
     parser.add_argument("--keep-checkpoints", type=POSITIVE_INT, default=d.keep_checkpoints)
     parser.add_argument("--no-checkpoints", dest="save_checkpoints", action="store_false",
-                        help="write no checkpoint at all (a toy run's: each is about 440 MB for the paper net)")
+                        help="write no checkpoint at all (a toy run's: each is about 435 MiB for the paper net)")
     parser.add_argument("--resume", default=d.resume,
                         help="'latest' (in --output-dir), 'auto' (latest if there is one, else a fresh start: for a "
                              "job that may be requeued), or a checkpoint folder")

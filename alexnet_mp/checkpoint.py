@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from alexnet_mp.blocks import WHOLE, Block, block_as_offsets, copy_overlap, local, merge, offsets_as_block, rows
-from alexnet_mp.errors import UsageError, WriteFailed
+from alexnet_mp.errors import Diverged, UsageError, WriteFailed
 from alexnet_mp.model import ARCHITECTURES, build_model, full_shapes
 from alexnet_mp.strategies import Strategy
 from alexnet_mp.world import barrier, current
@@ -37,6 +37,7 @@ from alexnet_mp.world import barrier, current
 FORMAT = 2
 READS = (1, FORMAT)
 PREFIX = "step-"
+DOOMED = "removing-"  # a checkpoint being deleted is renamed out of PREFIX's namespace first
 BlockRead = tuple[str, Block, Tensor, Tensor | None]  # a shard's block: key, block, weights, momentum or None
 
 
@@ -99,14 +100,26 @@ def _shard(strategy: Strategy, optimizer: torch.optim.Optimizer) -> list[tuple[s
             for key, block, param, writes in strategy.blocks() if writes]
 
 
-def _shard_writers(strategy: Strategy, writes_one: bool) -> list[int]:
-    """The ranks that write a shard: those holding a block no lower rank holds (one tiny all-gather)."""
-    writes = torch.tensor([float(writes_one)], device=strategy.device)
-    if strategy.world_size == 1:
-        return [0] if writes.item() else []
-    flags = [torch.zeros_like(writes) for _ in range(strategy.world_size)]
-    dist.all_gather(flags, writes)
-    return [rank for rank, flag in enumerate(flags) if flag.item()]
+def _shard_writers(strategy: Strategy, shard: list[tuple[str, tuple, Tensor, Tensor | None]]) -> tuple[list[int], bool]:
+    """The ranks that write a shard (those holding a block no lower rank holds), and whether every rank's
+    shard is finite: one tiny all-gather, so that every rank refuses to save a diverged net together."""
+    finite = all(bool(torch.isfinite(tensor).all()) for _, _, weights, momentum in shard
+                 for tensor in (weights, momentum) if tensor is not None)
+    flags = torch.tensor([float(bool(shard)), float(finite)], device=strategy.device)
+    gathered = [flags]
+    if strategy.world_size > 1:
+        gathered = [torch.zeros_like(flags) for _ in range(strategy.world_size)]
+        dist.all_gather(gathered, flags)
+    return [rank for rank, flag in enumerate(gathered) if flag[0].item()], all(flag[1].item() for flag in gathered)
+
+
+def diverged(directory: Path, what: str) -> Diverged:
+    """The error for a run whose numbers stopped being finite; it names the newest checkpoint, which is
+    finite, since none is written from non-finite weights or momentum."""
+    newest = complete_checkpoints(directory)
+    then = (f"the newest checkpoint, {newest[-1]}, is finite: resume from it with a lower --lr" if newest
+            else "no checkpoint was written before it: run again with a lower --lr")
+    return Diverged(f"{what}; {then}")
 
 
 def _write(staging: Path, final: Path, strategy: Strategy, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
@@ -114,12 +127,15 @@ def _write(staging: Path, final: Path, strategy: Strategy, optimizer: torch.opti
     """Every rank's shard into `staging`; then rank 0 adds meta.json, renames it `final` and drops the
     checkpoints beyond the newest `keep`."""
     if current().is_main:
-        for unfinished in final.parent.glob(f"{PREFIX}*.tmp"):  # this save's, or a failed one's
-            shutil.rmtree(unfinished)
+        remove_incomplete(final.parent)  # this save's staging folder, or a failed one's
     barrier()
-    staging.mkdir(parents=True, exist_ok=True)
     shard = _shard(strategy, optimizer)
-    shards = [_shard_name(rank) for rank in _shard_writers(strategy, bool(shard))]
+    writers, finite = _shard_writers(strategy, shard)
+    if not finite:
+        raise diverged(final.parent, f"the weights or momentum are not finite at step {meta['step']}, so no "
+                                     "checkpoint was written")
+    shards = [_shard_name(rank) for rank in writers]
+    staging.mkdir(parents=True, exist_ok=True)
     if shard:
         # through a Python file: a full disk is then an OSError (given a path, torch's C++ writer raises
         # only a RuntimeError of its own)
@@ -136,10 +152,31 @@ def _write(staging: Path, final: Path, strategy: Strategy, optimizer: torch.opti
                      "num_classes": config.num_classes, "world_size": strategy.world_size, "shards": shards}
         (staging / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n")
         if final.exists():
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(staging, final)
         for old in complete_checkpoints(final.parent)[:-keep]:
-            shutil.rmtree(old)
+            _remove(old)
+
+
+def _remove(folder: Path) -> None:
+    """Deletes a checkpoint after one atomic rename out of the checkpoint namespace: a kill midway leaves a
+    folder no loader takes for a checkpoint (a half-deleted step-N could lack a shard), which the next
+    start removes (`remove_incomplete`)."""
+    doomed = folder.with_name(DOOMED + folder.name)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed)
+
+
+def remove_incomplete(directory: Path) -> list[Path]:
+    """Deletes what a cut-short save or pruning left in `directory`: staging folders, step folders
+    without meta.json, folders renamed for deletion. Only for the process that holds the output folder."""
+    if not directory.is_dir():
+        return []
+    leftovers = sorted(p for p in directory.iterdir() if p.is_dir() and (p.name.startswith(DOOMED) or (
+        p.name.startswith(PREFIX) and (p.name.endswith(".tmp") or not (p / "meta.json").is_file()))))
+    for leftover in leftovers:
+        shutil.rmtree(leftover)
+    return leftovers
 
 
 def _os_error(error: BaseException | None) -> OSError | None:
@@ -177,9 +214,22 @@ def find(where: str, output_checkpoints: Path) -> Checkpoint:
                          "run's --output-dir")
     try:
         meta = json.loads((path / "meta.json").read_text())
-    except json.JSONDecodeError:
-        raise UsageError(f"{path}/meta.json is corrupt; {_earlier(path)}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = None
+    if not _well_formed(meta):
+        raise UsageError(f"{path}/meta.json is corrupt; {_earlier(path)}")
     return Checkpoint(path, meta)
+
+
+# what a meta.json of any format holds (the save writes these itself), and what a run's adds (its training
+# loop's); the types the loaders read them as
+META_FIELDS = {"step": int, "format": int, "arch": str, "num_classes": int}
+RUN_META_FIELDS = {"config": dict, "scheduler": dict, "shards": list}
+
+
+def _well_formed(meta: Any) -> bool:
+    return isinstance(meta, dict) and all(isinstance(meta.get(key), kind) for key, kind in META_FIELDS.items()) \
+        and all(isinstance(meta[key], kind) for key, kind in RUN_META_FIELDS.items() if key in meta)
 
 
 def resume_point(where: str | None, output_checkpoints: Path) -> Checkpoint | None:

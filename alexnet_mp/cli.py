@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -17,9 +18,9 @@ from alexnet_mp.arguments import COUNT, POSITIVE_FLOAT, POSITIVE_INT, Parser, ad
 from alexnet_mp.config import DECODE_PLACES, TrainConfig
 from alexnet_mp.errors import AlexNetMPError, UsageError, from_torch
 from alexnet_mp.preflight import check_run, check_writable
-from alexnet_mp.strategies import STRATEGIES
+from alexnet_mp.strategies import STRATEGIES, layout
 from alexnet_mp.tracking import hold_output
-from alexnet_mp.world import launched
+from alexnet_mp.world import launched, stop_with_launcher
 
 if TYPE_CHECKING:  # the data pipeline (torchvision) is imported by the commands that read data, not by --help
     from alexnet_mp.data import DataSpec
@@ -33,8 +34,13 @@ def run_train(config: TrainConfig) -> None:
 
     launch = launched()
     check_run(config, launch.size)
+    if "LOCAL_RANK" in os.environ:  # started by a launcher, not by hand
+        stop_with_launcher(config.timeout_s)
     # the main process writes the run's record and decides when checkpoints are complete: it holds the folder
     with hold_output(config.output) if launch.is_main else nullcontext():
+        if launch.is_main:
+            for leftover in checkpoint.remove_incomplete(config.checkpoints):
+                print(f"removed {leftover}: an incomplete checkpoint (a save or pruning cut short)", file=sys.stderr)
         cuda = torch.cuda.is_available()
         accelerator = Accelerator(
             cpu=not cuda, mixed_precision=config.mixed_precision, project_dir=str(config.output),
@@ -152,7 +158,10 @@ def bench(args: argparse.Namespace) -> None:
 
     check_writable(Path(args.output_dir), "--output-dir")
     ranks = tuple(_numbers(args.ranks, int, "--ranks")) if args.ranks else None
-    failed = run_bench(Path(args.output_dir), args.quick, ranks)
+    modes = tuple(args.modes.split(",")) if args.modes else None
+    for mode in modes or ():
+        layout(mode)  # an unknown one is refused before anything runs
+    failed = run_bench(Path(args.output_dir), args.quick, ranks, modes)
     if failed:  # the others are measured and written
         fail(f"{'; '.join(failed)} (the others are in {Path(args.output_dir) / 'bench.md'})", 1)
 
@@ -230,6 +239,8 @@ def parser() -> argparse.ArgumentParser:
     timing.add_argument("--quick", action="store_true", help="the whole matrix in a tiny configuration")
     timing.add_argument("--output-dir", default="runs/bench", help="where bench.json and bench.md go")
     timing.add_argument("--ranks", help="world sizes at which every layout is measured (default 2,4)")
+    timing.add_argument("--modes", help="comma-separated layouts to measure alone, beside the one-device step "
+                                        "(default: every layout, the plain loop and the input pipeline)")
     timing.set_defaults(run=bench)
     return root
 
@@ -241,12 +252,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser().parse_args(argv)  # refuses the unknown arguments
         args.run(args)
     except AlexNetMPError as error:
-        fail(str(error), error.exit_code, error.every_rank)
+        fail(str(error), error.exit_code, error.names_rank)
 
 
-def fail(message: str, code: int, every_rank: bool = False) -> None:
-    if every_rank or launched().is_main:
-        print(f"error: {message}", file=sys.stderr)
+def fail(message: str, code: int, names_rank: bool = False) -> None:
+    """Every process says its error: a launcher may kill the others as soon as one exits, so a line left to
+    rank 0 could be lost. Other ranks name themselves first where the message does not."""
+    rank = launched().rank
+    prefix = "" if names_rank or rank == 0 else f"rank {rank}: "
+    print(f"{prefix}error: {message}", file=sys.stderr)
     raise SystemExit(code) from None
 
 

@@ -17,7 +17,7 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")  # "no": float32
 # changes one continues the run on other batches than the straight run would have drawn.
 SAMPLE_STREAM = ("seed", "batch_size", "data", "dataset", "synthetic_size")
 # The fields only some layouts read (their `options`), None where not given, and how a layout's name shows each.
-LAYOUT_OPTIONS = {"exchange": "{}", "schedule": "{}", "microbatches": "M={}"}
+LAYOUT_OPTIONS = {"exchange": "{}", "fc_update": "FC {}", "schedule": "{}", "microbatches": "M={}"}
 
 
 def layout_label(values: Mapping[str, Any]) -> str:
@@ -34,6 +34,7 @@ class TrainConfig:
     exchange: str | None = None  # weird-trick's; this and the next two: None where not given
     schedule: str | None = None  # pipeline's: gpipe or 1f1b
     microbatches: int | None = None  # pipeline's
+    fc_update: str | None = None  # weird-trick's: per-step or per-round
     data: str = "synthetic"
     dataset: str = "imagefolder"
     num_classes: int | None = None  # None: the dataset's (1000 for synthetic, like ImageNet)
@@ -52,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     decode_on: str = "workers"
+    max_bad_images: int | None = None  # unreadable training images tolerated; None: 0.1% of the set
     eval_every: int = 0  # steps; 0: at the end of each epoch only
     ten_crop: bool = False
     checkpoint_every: int = 0  # steps; checkpoints are also written at each epoch's end and the run's last step
@@ -74,7 +76,11 @@ class TrainConfig:
     @property
     def scaled_lr(self) -> float:
         """--lr for a global batch of 128 (the paper's), scaled to --batch-size as --lr-scaling says."""
-        ratio = self.batch_size / PAPER_BATCH
+        return self.lr_for(self.batch_size)
+
+    def lr_for(self, batch: int) -> float:
+        """--lr scaled as --lr-scaling says for an update that averages over `batch` samples."""
+        ratio = batch / PAPER_BATCH
         return self.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[self.lr_scaling]
 
     def to_dict(self) -> dict:

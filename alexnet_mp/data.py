@@ -145,6 +145,8 @@ class SyntheticImages(Dataset):
     def __len__(self) -> int:
         return self.size
 
+    unreadable = torch.zeros(0, dtype=torch.bool)  # made, never read
+
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """(normalised float image, no lighting): float images leave `normalise` out."""
         index, epoch = key
@@ -189,13 +191,15 @@ class Augmented(Dataset):
     `decode_on="device"`, JPEGs come out as `Encoded` bytes and `on_device` crops them once decoded.
     A corrupt image is replaced by the next readable image of the same class, counted and warned once."""
 
+    unreadable: Tensor  # one flag per image, in shared memory: the loader's workers mark, the trainer counts
+
     def __init__(self, source: ImageSource, seed: int, train: bool, ten_crop: bool = False,
                  decode_on: str = "workers") -> None:
         self.source, self.seed, self.train, self.ten_crop = source, seed, train, ten_crop
         self.decode_on = decode_on
         self.targets, self.classes = source.targets, source.classes
         self.num_classes = len(source.classes)
-        self.skipped: set[str] = set()
+        self.unreadable = torch.zeros(len(self.targets), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -240,11 +244,10 @@ class Augmented(Dataset):
             try:
                 return read(candidate)
             except (OSError, UnidentifiedImageError, ValueError):
-                path = self.source.describe(candidate)
-                if path not in self.skipped:
-                    self.skipped.add(path)
-                    log.warning("skipping unreadable image %s (%d skipped so far in this process)",
-                                path, len(self.skipped))
+                if not self.unreadable[candidate]:
+                    self.unreadable[candidate] = True
+                    log.warning("skipping unreadable image %s (%d skipped so far)", self.source.describe(candidate),
+                                int(self.unreadable.sum()))
         raise UsageError(f"class {self.classes[label]!r} has no readable image: replace its files, or remove its "
                          "folder from train/ and val/")
 

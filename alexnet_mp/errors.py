@@ -1,6 +1,7 @@
 """The errors the program reports in one line: one family, each kind with the exit code the command line
-gives it and whether every rank that meets it says so (a failure on one rank) or the main process alone (a
-refusal every rank makes alike). The command line maps the family, never a message, to what it prints."""
+gives it and whether its message names the rank that met it (a failure on one rank) or not (a refusal every
+rank makes alike, which ranks other than 0 prefix with their rank). The command line maps the family, never a
+message, to what it prints."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 class AlexNetMPError(Exception):
     exit_code: ClassVar[int] = 1
-    every_rank: ClassVar[bool] = False
+    names_rank: ClassVar[bool] = False
 
 
 class UsageError(AlexNetMPError):
@@ -28,19 +29,19 @@ class Diverged(AlexNetMPError):
 class WriteFailed(AlexNetMPError):
     """A checkpoint or the run's record could not be written (most often: the disk is full)."""
 
-    every_rank = True
+    names_rank = True
 
 
 class PeerLost(AlexNetMPError):
     """Another process died or did not answer within --timeout."""
 
-    every_rank = True
+    names_rank = True
 
 
 class OutOfMemory(AlexNetMPError):
     """The device, or the shared memory through which loader workers hand batches over, ran out."""
 
-    every_rank = True
+    names_rank = True
 
 
 # What gloo and NCCL say when a peer is gone, where they raise a plain RuntimeError rather than a DistError.

@@ -4,9 +4,9 @@ Each link is a small autograd Function of (tensor, dim, group) whose name says i
 backward (after Megatron-LM's tensor_parallel/mappings.py); tests/test_links.py proves each backward
 against autograd on one device. Plain `dist.*` calls inside a forward pass pass no gradient back.
 Hand-written rather than torch's: `_functional_collectives.all_gather_tensor_autograd` has the
-all-gather's backward but is private and has no gather to one rank; nothing in torch runs a linear
-layer over rounds of an exchange (the weird trick's schemes b and c); and every collective here is
-counted. Parts held by one process (the one-process paper split) exchange by `torch.cat` and `.to()`,
+all-gather's backward but is private and has no gather to one rank; nothing in torch exchanges a
+batch in rounds for layers that work round by round (the weird trick's schemes b and c); and every
+collective here is counted. Parts held by one process (the one-process paper split) exchange by `torch.cat` and `.to()`,
 whose autograd backward sums and splits exactly as the collectives' do.
 
 Counting is not a parameter of the links: a layout names a link and its ledger with `metered`, and
@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd import Function
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -348,60 +347,45 @@ class FunctionalCollectives(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class RoundExchange:
-    """The weird-trick exchange of conv features in rounds (Krizhevsky 2014, schemes b and c), for
-    `LinearOverRounds`: fused with fc6, the one layer that reads the features, so that the transfers
-    overlap its work.
+def round_rows(scheme: str, j: int, size: int, global_batch: int) -> Tensor:
+    """The rows of the global batch that round j of `RoundExchange` carries over `size` ranks, in the order it
+    carries them (ranks own consecutive slices of the batch, rank 0's first)."""
+    slice_size = global_batch // size
+    if scheme == "one-at-a-time":
+        return torch.arange(j * slice_size, (j + 1) * slice_size)
+    part = slice_size // size
+    return torch.cat([torch.arange(r * slice_size + j * part, r * slice_size + (j + 1) * part) for r in range(size)])
 
-    Round j's features reach every rank: in scheme "one-at-a-time" rank j's whole batch slice
-    (a broadcast from rank j), in scheme "slice" the j-th 1/N of every rank's slice (an all-gather).
-    Every round's collective starts at once, asynchronously, and fc6 runs on each round as it
-    arrives: in scheme (b) a rank's own round first, which needs no transfer, so the other rounds
-    travel meanwhile. Backward mirrors it: each round's input gradient goes back to its rows' owners
-    asynchronously (a reduce to rank j, or a reduce-scatter) as soon as it is computed, and fc6's
-    weight gradient is computed while the last of them travels.
-    """
+
+class RoundExchange:
+    """The weird trick's exchange of conv features in rounds (Krizhevsky 2014, schemes b and c), for a layout
+    that runs its fully connected layers, forward and backward, on one round at a time while the next travels.
+
+    Round j's features reach every rank: in scheme "one-at-a-time" rank j's whole batch slice (a broadcast
+    from rank j), in scheme "slice" the j-th 1/N of every rank's slice (an all-gather). `launch` starts every
+    round's collective at once, asynchronously; `receive(j)` waits for round j alone. `send_back(j, grad)`
+    returns round j's input gradient to its rows' owners asynchronously (a reduce to rank j, or a
+    reduce-scatter), and `gradient` waits for them all. Give it a process group of its own: on NCCL a group is
+    one stream, and the FC layers' collectives would otherwise queue behind the rounds still in flight.
+    Counted into `meter` (link and ledger) as the elements each rank sends."""
 
     SCHEMES = ("one-at-a-time", "slice")
 
-    def __init__(self, scheme: str, group: dist.ProcessGroup) -> None:
-        self.scheme, self.group = scheme, group
+    def __init__(self, scheme: str, group: dist.ProcessGroup, meter: Meter) -> None:
+        self.scheme, self.group, self.meter = scheme, group, meter
         self.size, self.rank = _group_size(group), _group_rank(group)
-        self.meter = _meter()  # each forward's, which its backward counts into too
-        self.forward_work: list[tuple[Tensor, dist.Work | None]] = []
+        self.forward_work: list[tuple[Tensor, dist.Work]] = []
         self.backward_work: list[tuple[int, Tensor, dist.Work]] = []
 
-    def _arrival_order(self) -> Iterator[int]:
-        """The rounds in the order fc6 runs them here: those already here first (in scheme (b) this
-        rank's own round, which is never sent to it), else the next in rank order after its own."""
-        rounds = list(range(self.size))
-        pending = rounds[self.rank:] + rounds[:self.rank] if self.scheme == "one-at-a-time" else rounds
-        while pending:
-            j = next((j for j in pending if self._arrived(j)), pending[0])
-            pending.remove(j)
-            yield j
+    def rows(self, j: int, global_batch: int) -> Tensor:
+        return round_rows(self.scheme, j, self.size, global_batch)
 
     def _is_own(self, j: int) -> bool:
         """Whether round j carries this rank's own features, which it sends and never receives."""
         return self.scheme == "one-at-a-time" and j == self.rank
 
-    def _arrived(self, j: int) -> bool:
-        return self._is_own(j) or self.forward_work[j][1].is_completed()
-
-    def _sample_order(self, rows: int) -> Tensor | None:
-        """Indices into the rank-ordered rows (the all-gather's order) of the rows each round
-        delivers, round after round; None where the rounds deliver them in rank order (scheme b)."""
-        if self.scheme == "one-at-a-time":
-            return None
-        order = torch.arange(rows).view(self.size, self.size, -1)  # [rank, round, sub-row]
-        return order.transpose(0, 1).flatten()  # [round, rank, sub-row]
-
-    # -- the collectives, forward and backward --
-
-    def _launch(self, features: Tensor) -> None:
+    def launch(self, features: Tensor) -> None:
         features = features.contiguous()
-        self.forward_work.clear()
-        self.meter = _meter()
         self.meter.arrive(FORWARD)
         for j in range(self.size):
             if self.scheme == "one-at-a-time":
@@ -414,23 +398,19 @@ class RoundExchange:
             self.forward_work.append((buffer, work))
         self.meter.sent(FORWARD, features.numel() * (self.size - 1), features.element_size())
 
-    def _receive(self, j: int) -> Tensor:
-        buffer, work = self.forward_work[j]
-        if self._is_own(j):
-            return buffer  # being sent, not received
-        with self.meter.waiting(FORWARD):
-            work.wait()
-        return buffer
+    def arrived(self, j: int) -> bool:
+        """Whether round j is here (this rank's own always is)."""
+        return self._is_own(j) or self.forward_work[j][1].is_completed()
 
-    def _finish_sending(self) -> None:
-        """Waits for every round's collective: in scheme (b) that is this rank's own broadcast, whose
-        features fc6 read while they were being sent; the others have been received already."""
-        for _, work in self.forward_work:
+    def receive(self, j: int) -> Tensor:
+        """Round j's features, once here (this rank's own at once)."""
+        buffer, work = self.forward_work[j]
+        if not self._is_own(j):
             with self.meter.waiting(FORWARD):
                 work.wait()
-        self.forward_work.clear()
+        return buffer
 
-    def _send_back(self, j: int, grad: Tensor) -> None:
+    def send_back(self, j: int, grad: Tensor) -> None:
         grad = grad.contiguous()
         self.meter.arrive(BACKWARD)
         if self.scheme == "one-at-a-time":
@@ -444,8 +424,12 @@ class RoundExchange:
         self.meter.sent(BACKWARD, sent, grad.element_size())
         self.backward_work.append((j, mine, work))
 
-    def _gradient(self, shape: torch.Size) -> Tensor:
-        """The gradient of this rank's features, once every round's has come back."""
+    def gradient(self, shape: torch.Size) -> Tensor:
+        """The gradient of this rank's features, once every round's has come back; every collective done."""
+        for _, work in self.forward_work:  # in scheme (b), this rank's own broadcast may still be sending
+            with self.meter.waiting(FORWARD):
+                work.wait()
+        self.forward_work.clear()
         received = {}
         for j, mine, work in self.backward_work:
             with self.meter.waiting(BACKWARD):
@@ -455,73 +439,3 @@ class RoundExchange:
         if self.scheme == "one-at-a-time":
             return received[self.rank]
         return torch.cat([received[j] for j in range(self.size)]).view(shape)
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a linear layer computes in here: autocast's, where it is on, else the input's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-class _LinearOverRounds(Function):
-    """Forward: launches every round, then applies the linear layer to each round as it arrives (in
-    `_arrival_order`); the outputs come back in rank order. Backward: the input gradient of each
-    round, in round order on every rank (collectives must be issued in one order), goes back to its
-    owners asynchronously, and the weight gradient is computed while the last of them travels, as
-    Megatron-LM's LinearWithGradAccumulationAndAsyncCommunication overlaps its all-reduce.
-    Under autocast it computes in autocast's dtype, as `F.linear` would, with autograd's casts."""
-
-    @staticmethod
-    def forward(ctx, features: Tensor, weight: Tensor, bias: Tensor, exchange: RoundExchange) -> Tensor:
-        dtype = _compute_dtype(features)
-        exchange._launch(features)
-        w, b = weight.to(dtype), bias.to(dtype)
-        inputs: dict[int, Tensor] = {}
-        outputs: dict[int, Tensor] = {}
-        with torch.autocast(features.device.type, enabled=False):
-            for j in exchange._arrival_order():
-                inputs[j] = exchange._receive(j).to(dtype)
-                outputs[j] = F.linear(inputs[j], w, b)
-        exchange._finish_sending()
-        rounds = range(exchange.size)
-        x = torch.cat([inputs[j] for j in rounds])
-        ctx.save_for_backward(x, w)
-        ctx.exchange, ctx.shape, ctx.dtypes = exchange, features.shape, (features.dtype, weight.dtype, bias.dtype)
-        order = exchange._sample_order(x.shape[0])
-        ctx.order = order.to(x.device) if order is not None else None
-        out = torch.cat([outputs[j] for j in rounds])
-        if ctx.order is None:
-            return out
-        in_rank_order = torch.empty_like(out)
-        in_rank_order[ctx.order] = out
-        return in_rank_order
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
-        x, w = ctx.saved_tensors
-        exchange, (features_dtype, weight_dtype, bias_dtype) = ctx.exchange, ctx.dtypes
-        grad = (grad if ctx.order is None else grad[ctx.order]).to(w.dtype)  # rank order -> round order
-        for j, rows in enumerate(grad.chunk(exchange.size)):
-            exchange._send_back(j, (rows @ w).to(features_dtype))
-        grad_weight = (grad.t() @ x).to(weight_dtype)  # while the last round's gradient travels
-        grad_bias = grad.sum(0).to(bias_dtype)
-        return exchange._gradient(ctx.shape), grad_weight, grad_bias, None
-
-
-class LinearOverRounds(nn.Linear):
-    """A linear layer over every rank's rows of its input, which travel in rounds (`RoundExchange`) while the
-    layer works on those already here: what the layer computes on the all-gather of its input along the
-    batch, rows in rank order, with the exchange behind its work. It holds the layer's own weight and bias,
-    so its state_dict is the layer's. The exchange counts into `ledger` as `link`."""
-
-    def __init__(self, layer: nn.Linear, scheme: str, group: dist.ProcessGroup, ledger: Ledger, link: str) -> None:
-        super().__init__(layer.in_features, layer.out_features, device="meta")
-        self.weight, self.bias = layer.weight, layer.bias
-        self.exchange, self.ledger, self.link = RoundExchange(scheme, group), ledger, link
-
-    def forward(self, x: Tensor) -> Tensor:
-        with metered(self.ledger, self.link):
-            return _LinearOverRounds.apply(x, self.weight, self.bias, self.exchange)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, scheme={self.exchange.scheme}"

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from alexnet_mp import checkpoint
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.data import DataSpec, GlobalBatches, build_datasets, rank_batches
-from alexnet_mp.errors import Diverged, UsageError
+from alexnet_mp.errors import UsageError
 from alexnet_mp.step import LossScale, make_optimizer, train_step
 from alexnet_mp.strategies import Strategy
 from alexnet_mp.strategies import build as build_layout
@@ -106,12 +106,14 @@ class StopRequest:
         self.requested = True
 
 
-def agreed_flags(stop_requested: bool, loss: Tensor) -> Tensor:
-    """[a stop was requested, the loss is not finite], each any rank's (one tiny all-reduce per step) so
-    that all ranks stop together. Made on the loss's device without a copy from the host, which on a GPU
-    would wait for the step to finish: the host reads them once it has queued the next batch's work."""
+def agreed_flags(stop_requested: bool, loss: Tensor, unreadable_images: int) -> Tensor:
+    """[a stop was requested, the loss is not finite, unreadable images met], each the most of any rank's (one
+    tiny all-reduce per step) so that all ranks stop together. Made on the loss's device without a copy from
+    the host, which on a GPU would wait for the step to finish: the host reads them once it has queued the
+    next batch's work."""
     flags = torch.stack([torch.full((), float(stop_requested), device=loss.device),
-                         loss.isfinite().logical_not().float()])
+                         loss.isfinite().logical_not().float(),
+                         torch.full((), float(unreadable_images), device=loss.device)])
     if current().size > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return flags
@@ -162,6 +164,11 @@ class Run:
     def total(self) -> int:
         return self.config.steps or self.config.epochs * self.batches.steps_per_epoch
 
+    @property
+    def bad_image_limit(self) -> int:
+        limit = self.config.max_bad_images
+        return math.ceil(len(self.train_set) / 1000) if limit is None else limit
+
 
 def build(config: TrainConfig, accelerator: Accelerator) -> Run:
     """Data, then the whole net laid out on this rank by the run's layout, then the optimizer; loaded from the
@@ -175,7 +182,7 @@ def build(config: TrainConfig, accelerator: Accelerator) -> Run:
     config = replace(config, num_classes=config.num_classes or train_set.num_classes)
     strategy = build_layout(config, accelerator.device)
     strategy.train()
-    optimizer = make_optimizer(strategy.parameters(), config)
+    optimizer = make_optimizer(strategy.parameters(), config, strategy.learning_rates())
     run = Run(config, accelerator.device, train_set, val_set, batches, strategy, optimizer,
               make_scheduler(optimizer, config), LossScale() if config.mixed_precision == "fp16" else None,
               mixed_precision_autocast(accelerator, config.mixed_precision),
@@ -219,18 +226,24 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         # Nothing above waits for a GPU (fp16's overflow check aside): the host decodes and queues the
         # next batch while the device runs this step, and only then waits for the step's flags, time, loss.
         upcoming, upcoming_wait_s = next_batch(steps)
-        stopping, diverged = (bool(flag) for flag in flags.tolist())
+        stop_flag, diverged, unreadable_flag = flags.tolist()
+        stopping, unreadable = bool(stop_flag), int(unreadable_flag)
         if diverged:
-            raise Diverged(f"the loss is not finite at step {step}; the last good checkpoint in "
-                           f"{config.checkpoints} is intact (try a lower --lr)")
+            raise checkpoint.diverged(config.checkpoints, f"the loss is not finite at step {step}")
+        check_unreadable(run, unreadable)
         if step % config.log_every == 0 or step == run.total - 1:
             figures = log_step(run, tracker, step, loss, clock.seconds(), data_wait_s)
             progress.set_postfix(loss=f"{figures['loss']:.4f}", img_s=f"{figures['images_per_s']:.1f}")
             stuck.add(figures["loss"])
         progress.update()
-        after_step(run, tracker, step + 1, stopping)
         if (step + 1) % run.batches.steps_per_epoch == 0:
             stuck.epoch_ended(run.batches.epoch(step))
+            unreadable = unreadable_on_any_rank(run)
+            check_unreadable(run, unreadable)
+            if unreadable:
+                accelerator.print(f"epoch {run.batches.epoch(step)}: {unreadable} unreadable training "
+                                  "images skipped so far, each replaced by the next image of its class")
+        after_step(run, tracker, step + 1, stopping, unreadable)
         if stopping:
             kept = "checkpoint saved, resume with --resume latest" if config.save_checkpoints else \
                 "no checkpoint kept (--no-checkpoints)"
@@ -242,12 +255,28 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
     tracker.finish(step + 1 - run.start, newest[-1] if newest else None)
 
 
+def check_unreadable(run: Run, unreadable: int) -> None:
+    if unreadable > run.bad_image_limit:
+        raise UsageError(f"{unreadable} training images are unreadable, more than --max-bad-images "
+                         f"{run.bad_image_limit}: replace or remove the files the warnings name, or raise it")
+
+
+def unreadable_on_any_rank(run: Run) -> int:
+    """The training images any rank found unreadable. Ranks read the same images (model parallel) or different
+    ones (data parallel), so their flags are united, not added: one all-reduce of a byte per image, at an
+    epoch's end. A step's flags carry only the most any one rank met, a lower bound."""
+    flags = run.train_set.unreadable.to(run.device, torch.uint8)
+    if current().size > 1 and flags.numel():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return int(flags.sum())
+
+
 def run_step(run: Run, images: Tensor, labels: Tensor, step: int, stop_requested: bool) -> tuple[Tensor, Tensor]:
     """One training step, queued: this rank's loss, and the flags every rank agrees on (`agreed_flags`)."""
     run.strategy.ledger.reset()
     with run.autocast(), warmed_up(run.optimizer, warmup_factor(step, run.config.warmup_steps)):
         loss = train_step(run.strategy, run.optimizer, images, labels, step, run.config.batch_size, run.scale)
-    return loss, agreed_flags(stop_requested, loss)
+    return loss, agreed_flags(stop_requested, loss, int(run.train_set.unreadable.sum()))
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -306,16 +335,17 @@ def log_step(run: Run, tracker: Tracker, step: int, loss: Tensor, step_time_s: f
     return figures
 
 
-def after_step(run: Run, tracker: Tracker, next_step: int, stopping: bool) -> None:
+def after_step(run: Run, tracker: Tracker, next_step: int, stopping: bool, unreadable: int) -> None:
     """What falls due once a step is done: an evaluation (at an epoch's end, or every --eval-every steps) and the
-    learning rate's schedule, then a checkpoint (at an epoch's end, every --checkpoint-every steps, on a stop,
-    and at the run's last step, since --steps may end it mid-epoch and its training would be lost)."""
+    learning rate's schedule (the evaluation's row counts the unreadable images met so far), then a checkpoint
+    (at an epoch's end, every --checkpoint-every steps, on a stop, and at the run's last step, since --steps may
+    end it mid-epoch and its training would be lost)."""
     config = run.config
     epoch_end = next_step % run.batches.steps_per_epoch == 0
     if epoch_end or (config.eval_every and next_step % config.eval_every == 0):
         result = evaluate(run.strategy, run.val_set, config.batch_size, config.workers, run.device, run.autocast)
         tracker.log({"val_loss": result.loss, "val_top1_error": result.top1_error,
-                     "val_top5_error": result.top5_error}, next_step - 1)
+                     "val_top5_error": result.top5_error, "unreadable_images": unreadable}, next_step - 1)
         if config.lr_schedule == "plateau":
             run.scheduler.step(result.top1_error)
     if epoch_end and config.lr_schedule == "step":

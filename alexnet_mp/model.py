@@ -214,12 +214,12 @@ class ConvLayer(nn.Conv2d):
 @dataclass(frozen=True)
 class MaskDraw:
     """What a training step's dropout masks are drawn from: the seed and the step, the global batch's size,
-    and which of its rows the layer's input holds."""
+    and which of its rows the layer's input holds (a block, or indices in the input's order)."""
 
     seed: int
     step: int
     global_batch: int
-    rows: slice
+    rows: slice | Tensor
 
 
 class SeededDropout(nn.Module):

@@ -3,7 +3,7 @@ Kept apart from loop.py so that a process running steps imports no data pipeline
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -49,34 +49,44 @@ class LossScale:
         self.value, self.clean_steps = state["value"], int(state["clean_steps"])
 
 
-def compute_gradients(strategy: Strategy, images: Tensor, labels: Tensor, step: int,
-                      global_batch: int, loss_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+def compute_gradients(strategy: Strategy, images: Tensor, labels: Tensor, step: int, global_batch: int,
+                      loss_scale: float = 1.0, optimizer: torch.optim.Optimizer | None = None,
+                      ) -> tuple[Tensor, Tensor]:
     """Forward and backward of global batch `step`, gradient communication finished. `images` and
-    `labels` are this rank's rows of the batch (`strategy.image_rows`, `strategy.label_rows`).
-    Returns this rank's logits and (unscaled) loss."""
+    `labels` are this rank's rows of the batch (`strategy.image_rows`, `strategy.label_rows`); `optimizer`
+    the step's, for a layout that updates some layers within the step. Returns this rank's logits and
+    (unscaled) loss."""
     if strategy.config.speed.cuda_graphs:
         torch.compiler.cudagraph_mark_step_begin()  # a new step: the CUDA graphs may reuse their buffers
-    return strategy.forward_backward(images, labels, step, global_batch, loss_scale)
+    return strategy.forward_backward(images, labels, step, global_batch, loss_scale, optimizer)
 
 
 def train_step(strategy: Strategy, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor,
                step: int, global_batch: int, scale: LossScale | None = None) -> Tensor:
     """One SGD step (skipped on every rank if fp16 gradients overflowed); returns this rank's loss."""
-    _, loss = compute_gradients(strategy, images, labels, step, global_batch, scale.value if scale else 1.0)
+    _, loss = compute_gradients(strategy, images, labels, step, global_batch, scale.value if scale else 1.0,
+                                optimizer)
     if scale is None or scale.unscale_and_check(list(strategy.parameters())):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
 
 
-def make_optimizer(parameters: Iterable[Tensor], config: TrainConfig) -> torch.optim.SGD:
+def make_optimizer(parameters: Iterable[Tensor], config: TrainConfig,
+                   rates: Mapping[Tensor, float] | None = None) -> torch.optim.SGD:
     """The paper's SGD (section 5): momentum 0.9, weight decay 5e-4 (see docs/reproduction.md for
-    how torch's update relates to the paper's). Fused: one kernel over all parameters, the same
-    update as the per-parameter loop and several times faster (docs/experiments.md)."""
-    parameters = list(parameters)
-    # DTensor parameters (fsdp, tensor-parallel) have no fused SGD kernel, and torch's foreach path takes no
-    # mix of them with plain tensors: a group of each, the plain ones fused, the DTensors foreach; the same update
-    groups = [{"params": [p for p in parameters if isinstance(p, DTensor) == sharded], "fused": not sharded,
-               "foreach": sharded or None} for sharded in (False, True)]
-    return torch.optim.SGD([group for group in groups if group["params"]], lr=config.scaled_lr,
-                           momentum=config.momentum, weight_decay=config.weight_decay)
+    how torch's update relates to the paper's), at the run's rate but for the parameters `rates` gives
+    another (`Strategy.learning_rates`). Fused: one kernel over all parameters, the same update as the
+    per-parameter loop and several times faster (docs/experiments.md)."""
+    rates = rates or {}
+    groups: dict[tuple[bool, bool], list[Tensor]] = {}
+    for param in parameters:
+        # DTensor parameters (fsdp, tensor-parallel) have no fused SGD kernel, and torch's foreach path takes no
+        # mix of them with plain tensors: a group of each, the plain ones fused, the DTensors foreach; the same
+        # update. Those with a rate of their own form groups of their own too: they may also step apart (the
+        # fused kernel steps a group whose parameters all have momentum, or none)
+        groups.setdefault((isinstance(param, DTensor), param in rates), []).append(param)
+    return torch.optim.SGD([{"params": params, "lr": rates[params[0]] if own else config.scaled_lr,
+                             "fused": not sharded, "foreach": sharded or None}
+                            for (sharded, own), params in groups.items()],
+                           lr=config.scaled_lr, momentum=config.momentum, weight_decay=config.weight_decay)

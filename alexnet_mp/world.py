@@ -5,6 +5,9 @@ LOCAL_WORLD_SIZE; a plain process is rank 0 of 1); once it exists, the group doe
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -40,3 +43,20 @@ def current() -> World:
 def barrier() -> None:
     if current().size > 1:
         dist.barrier()
+
+
+def stop_with_launcher(timeout_s: float) -> None:
+    """Stops this rank if the launcher that started it dies. torchrun starts each rank in a session of its
+    own, so killing the launcher's process group leaves its ranks training as orphans (holding the output's
+    lock): a watcher sees the parent change and sends this process SIGTERM (the step in hand finishes, a
+    checkpoint is written, every rank stops together), and exits outright if that takes over `timeout_s`."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(timeout_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()

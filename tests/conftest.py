@@ -13,14 +13,15 @@ REFERENCE_BATCH = 4
 
 
 @pytest.fixture(scope="session")
-def references() -> Callable[[str], dict[str, Run]]:
-    """The one-device reference runs per architecture, at batch 4: float64 for 2 steps, float32 for 1."""
-    cache: dict[str, dict[str, Run]] = {}
+def references() -> Callable[[str, int], dict[str, Run]]:
+    """The one-device reference runs per architecture and batch (4 unless a layout needs more): float64 for 2
+    steps, float32 for 1."""
+    cache: dict[tuple[str, int], dict[str, Run]] = {}
 
-    def reference(arch: str) -> dict[str, Run]:
-        if arch not in cache:
-            cache[arch] = {"float64": run_reference(arch, REFERENCE_BATCH, STEPS, torch.float64),
-                           "float32": run_reference(arch, REFERENCE_BATCH, 1, torch.float32)}
-        return cache[arch]
+    def reference(arch: str, batch: int = REFERENCE_BATCH) -> dict[str, Run]:
+        if (arch, batch) not in cache:
+            cache[arch, batch] = {"float64": run_reference(arch, batch, STEPS, torch.float64),
+                                  "float32": run_reference(arch, batch, 1, torch.float32)}
+        return cache[arch, batch]
 
     return reference

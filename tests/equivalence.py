@@ -82,14 +82,14 @@ def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, 
     check_layout(config, current().size)
     strategy = build(config, torch.device(device), dtype)
     strategy.train()
-    optimizer = make_optimizer(strategy.parameters(), config)
+    optimizer = make_optimizer(strategy.parameters(), config, strategy.learning_rates())
     images, labels = global_batch(size, dtype)
     run = Run(strategy.label_rows(size))
     for step in range(steps):
         strategy.ledger.reset()
         with variant.autocast(torch.device(device)):
             logits, loss = compute_gradients(strategy, images[strategy.image_rows(size)].to(device),
-                                             labels[run.label_rows].to(device), step, size)
+                                             labels[run.label_rows].to(device), step, size, optimizer=optimizer)
         run.logits.append(logits.float().cpu() if variant.precision == "bf16" else logits.cpu())
         run.losses.append(float(strategy.global_loss(loss)))
         if step == 0:
@@ -122,10 +122,50 @@ def run_reference(arch: str, size: int, steps: int, dtype: torch.dtype) -> Run:
         loss.backward()
         run.logits.append(logits.detach())
         run.losses.append(float(loss.detach()))
-        if step == 0:
-            run.gradients = [(name, WHOLE, p.grad.clone()) for name, p in net.named_parameters()]
-        optimizer.step()
-        optimizer.zero_grad()
+        sgd_step(run, net, optimizer, step)
+    run.weights = [(name, WHOLE, value) for name, value in net.state_dict().items()]
+    return run
+
+
+def sgd_step(run: Run, net: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """A reference step's end: its gradients kept at step 0, then the SGD step."""
+    if step == 0:
+        run.gradients = [(name, WHOLE, p.grad.clone()) for name, p in net.named_parameters()]
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def run_per_round_reference(arch: str, size: int, rounds: list[Tensor], steps: int, dtype: torch.dtype) -> Run:
+    """The weird trick's per-round FC updates written plainly on the one-device net: the convs forward on the
+    global batch; then for each round (`rounds`: its rows), the FC layers forward and backward on its rows with
+    the loss their mean, and an SGD step of the FC layers after every round but the last; last, the convs'
+    backward from the rounds' feature gradients, scaled to the global mean, and one SGD step of every layer."""
+    net = build_model(arch, CLASSES, SEED).to(dtype).train()
+    names = list(net._modules)
+    convs, head = (torch.nn.Sequential(*(net.get_submodule(name) for name in chosen))
+                   for chosen in (names[:names.index("fc6")], names[names.index("fc6"):]))
+    # the FC layers in a group of their own, since they also step alone
+    optimizer = make_optimizer(net.parameters(), TrainConfig(lr=LR), {param: LR for param in head.parameters()})
+    images, labels = global_batch(size, dtype)
+    run = Run(slice(0, size))
+    for step in range(steps):
+        features = convs(images)
+        received = features.detach().requires_grad_()
+        logits, loss = torch.empty(size, CLASSES, dtype=dtype), 0.0
+        for j, rows in enumerate(rounds):
+            for dropout in net.dropouts().values():
+                dropout.draw = MaskDraw(SEED, step, size, rows)
+            out = head(received[rows])
+            round_loss = F.cross_entropy(out, labels[rows])
+            round_loss.backward()
+            if j < len(rounds) - 1:
+                optimizer.step()
+                optimizer.zero_grad()
+            logits[rows], loss = out.detach(), loss + float(round_loss.detach()) * len(rows) / size
+        features.backward(received.grad * len(rounds[0]) / size)
+        run.logits.append(logits)
+        run.losses.append(loss)
+        sgd_step(run, net, optimizer, step)
     run.weights = [(name, WHOLE, value) for name, value in net.state_dict().items()]
     return run
 

@@ -160,7 +160,7 @@ def test_a_benchmark_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
 
     plain_loop = Measurement(PLAIN_LOOP, 1, 2, 4, [10.0], 0.0, [0.0], [100.0], "owt")
 
-    def cut_short(sizes, scratch, device_type, measured):
+    def cut_short(sizes, scratch, device_type, measured, modes):
         measured([plain_loop], [])
         raise KeyboardInterrupt  # as a timeout's signal ends it
 
@@ -183,3 +183,9 @@ def test_a_failed_measurement_exits_1_in_one_line_after_writing_the_others(tmp_p
     assert one_line_error(result) == \
         f"error: single, paper: FAILED: out of memory (the others are in {tmp_path}/bench.md)"
     assert PLAIN_LOOP in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_refuses_an_unknown_layout_before_measuring_anything(tmp_path, capsys):
+    result = in_process(capsys, "bench", "--modes", "weird-trick,ddp", "--output-dir", str(tmp_path))
+    assert result.returncode == 2 and "unknown --mode 'ddp'" in one_line_error(result)
+    assert not list(tmp_path.iterdir())

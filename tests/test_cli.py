@@ -94,6 +94,11 @@ def test_config_json_records_what_defines_the_run(runs):
     (["--mode", "pipeline", "--schedule", "zigzag"], 2, "argument --schedule: invalid choice"),
     (["--mode", "data-parallel", "--microbatches", "2"], 2, "--microbatches applies to --mode pipeline only"),
     (["--mode", "paper-split", "--exchange", "all"], 2, "weird-trick"),
+    (["--mode", "weird-trick", "--fc-update", "per-round"], 2, "add --exchange one-at-a-time or slice"),
+    (["--mode", "weird-trick", "--fc-update", "often"], 2, "--fc-update often is not one of: per-step, per-round"),
+    (["--mode", "weird-trick", "--exchange", "slice", "--fc-update", "per-round", "--mixed-precision", "fp16"], 2,
+     "fp32 or bf16"),
+    (["--mode", "data-parallel", "--fc-update", "per-step"], 2, "--fc-update applies to --mode weird-trick only"),
     (["--cuda-graphs"], 1, "--compile"),  # CI has no GPU
     (["--triton-lrn"], 1, "drop the flag"),
 ])

@@ -17,13 +17,14 @@ from alexnet_mp.links import (
     BACKWARD,
     FORWARD,
     Ledger,
-    LinearOverRounds,
+    Meter,
     MeteredAllReduce,
     RoundExchange,
     all_gather,
     all_reduce_hook,
     gather_to_first,
     metered,
+    round_rows,
 )
 from alexnet_mp.processes import run_distributed
 
@@ -49,40 +50,35 @@ def expected_gradients(dim: int, loss_on_every_rank: bool) -> list[torch.Tensor]
     return [x.grad for x in xs]
 
 
-def linears(world: int, dtype: torch.dtype) -> list[torch.nn.Linear]:
-    """Rank r's shard of a linear layer (3 inputs, 4 of its units), for each rank."""
-    torch.manual_seed(9)
-    return [torch.nn.Linear(3, 4).to(dtype) for _ in range(world)]
+def features(world: int) -> torch.Tensor:
+    """Every rank's conv features: `world` rows each (so that scheme (c) splits them N ways), rank 0's first."""
+    return torch.randn(world * world, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
 
 
-def linear_over_rounds(world: int, precision: str, rank: int | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Each rank's shard of a linear layer applied to the all-gather of every rank's part, and the
-    gradients of the sum over ranks of (output * w_r): through `RoundExchange.linear` on this rank
-    for each scheme, or on one device for every rank when `rank` is None. Each rank holds `world`
-    rows, so that scheme (c) can split them N ways."""
-    dtype = torch.float32 if precision == "bf16" else torch.float64
-    xs = [x.to(dtype).requires_grad_() for x in torch.randn(world, world, 3, dtype=torch.float64,
-                                                            generator=torch.Generator().manual_seed(7))]
-    layers = linears(world, dtype)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    if rank is None:
-        with autocast:
-            ys = [layer(torch.cat(xs)) for layer in layers]
-        sum((y * weights(y.shape)[0]).sum() for y in ys).backward()
-        return {"expected": [(y.detach(), x.grad, layer.weight.grad, layer.bias.grad)
-                             for y, x, layer in zip(ys, xs, layers, strict=True)]}
-    out = {}
+def round_gradient(world: int, j: int, rank: int) -> torch.Tensor:
+    """What rank `rank` computes as round j's feature gradient (its FC shard's part of it)."""
+    return torch.randn(world, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(100 * j + rank))
+
+
+def exchange_rounds(world: int) -> dict[str, tuple[list[torch.Tensor], torch.Tensor]]:
+    """Per scheme, on this rank: the rounds' features as received, and this rank's feature gradient once every
+    round's has come back."""
+    rank, out = dist.get_rank(), {}
     for scheme in RoundExchange.SCHEMES:
-        x, layer = xs[rank].detach().clone().requires_grad_(), linears(world, dtype)[rank]
-        with autocast:
-            y = LinearOverRounds(layer, scheme, dist.group.WORLD, Ledger(), "test")(x)
-        (y * weights(y.shape)[0]).sum().backward()
-        out[scheme] = (y.detach(), x.grad, layer.weight.grad, layer.bias.grad)
+        exchange = RoundExchange(scheme, dist.group.WORLD, Meter(Ledger(), "test"))
+        mine = features(world)[rank * world:(rank + 1) * world]
+        exchange.launch(mine)
+        received = [exchange.receive(j).clone() for j in range(world)]
+        for j in range(world):
+            exchange.send_back(j, round_gradient(world, j, rank))
+        out[scheme] = (received, exchange.gradient(mine.shape))
     return out
 
 
-def rounds_on_ranks(world: int, precision: str) -> dict[str, tuple[torch.Tensor, ...]]:
-    return linear_over_rounds(world, precision, dist.get_rank())
+@pytest.fixture(scope="module", params=[2, 4], ids=str)
+def rounds(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, list]:
+    world = request.param
+    return world, run_distributed(exchange_rounds, world, tmp_path_factory.mktemp("rounds"), world)
 
 
 def link_gradients() -> dict[str, torch.Tensor]:
@@ -171,21 +167,23 @@ def test_a_link_counts_what_it_sends_both_ways_under_the_name_it_was_used_with(g
     assert (rank1["gather-to-first", FORWARD], rank1.get(("gather-to-first", BACKWARD))) == (6, None)
 
 
-@pytest.fixture(scope="module", params=[(2, "float64"), (4, "float64"), (2, "bf16")], ids=str)
-def rounds(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list, list]:
-    world, precision = request.param
-    found = run_distributed(rounds_on_ranks, world, tmp_path_factory.mktemp("rounds"), world, precision)
-    return precision, found, linear_over_rounds(world, precision)["expected"]
+@pytest.mark.parametrize("scheme", RoundExchange.SCHEMES)
+def test_round_j_brings_every_rank_the_rows_it_names(rounds, scheme):
+    world, found = rounds
+    for rank in range(world):
+        for j, received in enumerate(found[rank][scheme][0]):
+            torch.testing.assert_close(received, features(world)[round_rows(scheme, j, world, world * world)])
 
 
 @pytest.mark.parametrize("scheme", RoundExchange.SCHEMES)
-def test_linear_over_rounds_equals_the_linear_of_one_all_gather_outputs_and_gradients(rounds, scheme):
-    precision, found, expected = rounds
-    tolerance = {"rtol": 1e-2, "atol": 1e-2} if precision == "bf16" else {}
-    for rank, want in enumerate(expected):
-        for name, got, value in zip(("output", "input grad", "weight grad", "bias grad"), found[rank][scheme], want,
-                                    strict=True):
-            torch.testing.assert_close(got, value, **tolerance, msg=lambda m, r=rank, n=name: f"rank {r} {n}: {m}")
+def test_each_rank_gets_back_the_sum_over_ranks_of_its_rows_gradients(rounds, scheme):
+    world, found = rounds
+    whole = torch.zeros(world * world, 3, dtype=torch.float64)
+    for j in range(world):
+        every_ranks = sum(round_gradient(world, j, rank) for rank in range(world))
+        whole[round_rows(scheme, j, world, world * world)] += every_ranks
+    for rank in range(world):
+        torch.testing.assert_close(found[rank][scheme][1], whole[rank * world:(rank + 1) * world])
 
 
 @pytest.mark.parametrize("average", [False, True])

@@ -30,6 +30,7 @@ class Layout:
     arch: str
     ranks: int
     options: tuple[tuple[str, object], ...] = ()  # the layout's own: exchange, schedule, microbatches
+    batch: int = BATCH
 
     def __str__(self) -> str:
         return "-".join(map(str, (self.mode, self.arch, self.ranks, *(value for _, value in self.options))))
@@ -52,6 +53,8 @@ LAYOUTS = [
     Layout("weird-trick", "paper", 2, exchange("one-at-a-time")),
     Layout("weird-trick", "paper", 2, exchange("slice")),
     Layout("weird-trick", "paper", 4, exchange("all")),
+    Layout("weird-trick", "paper", 4, exchange("one-at-a-time")),
+    Layout("weird-trick", "paper", 4, exchange("slice"), batch=16),  # (c) sends 1/N of each rank's 1/N a round
     Layout("weird-trick", "owt", 2, exchange("all")),
     Layout("paper-split", "paper", 4),
     Layout("fsdp", "paper", 2),
@@ -72,7 +75,7 @@ SCHEME_RESULTS: dict[str, tuple[list[float], object]] = {}
 @pytest.fixture(scope="module", params=LAYOUTS, ids=str)
 def layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, list[dict]]:
     spec: Layout = request.param
-    args = (spec.mode, spec.arch, BATCH, dict(spec.options))
+    args = (spec.mode, spec.arch, spec.batch, dict(spec.options))
     if spec.ranks == 1:
         ranks = [run_layout_both_precisions(*args)]
     else:
@@ -86,8 +89,8 @@ def layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 def test_logits_and_loss_equal_single_device(layout, references):
     spec, ranks = layout
     for precision, tolerance in (("float32", FLOAT32_TOLERANCE), ("float64", FLOAT64_TOLERANCE)):
-        runs, reference = [r[precision] for r in ranks], references(spec.arch)[precision]
-        assert relative_error(layout_logits(runs, 0, BATCH), reference.logits[0]) <= tolerance
+        runs, reference = [r[precision] for r in ranks], references(spec.arch, spec.batch)[precision]
+        assert relative_error(layout_logits(runs, 0, spec.batch), reference.logits[0]) <= tolerance
         assert runs[0].losses[0] == pytest.approx(reference.losses[0], rel=tolerance)
 
 
@@ -95,12 +98,12 @@ def test_gradients_equal_single_device(layout, references):
     spec, ranks = layout
     for precision, tolerance in (("float32", FLOAT32_TOLERANCE), ("float64", FLOAT64_TOLERANCE)):
         gradients = merged([block for r in ranks for block in r[precision].gradients], spec.arch)
-        assert_same(gradients, merged(references(spec.arch)[precision].gradients, spec.arch), tolerance)
+        assert_same(gradients, merged(references(spec.arch, spec.batch)[precision].gradients, spec.arch), tolerance)
 
 
 def test_weights_after_two_sgd_steps_equal_single_device(layout, references):
     spec, ranks = layout
-    reference = references(spec.arch)["float64"]
+    reference = references(spec.arch, spec.batch)["float64"]
     weights = merged([block for r in ranks for block in r["float64"].weights], spec.arch)
     assert_same(weights, merged(reference.weights, spec.arch), FLOAT64_TOLERANCE)
     assert ranks[0]["float64"].losses == pytest.approx(reference.losses, rel=FLOAT64_TOLERANCE)
@@ -108,14 +111,14 @@ def test_weights_after_two_sgd_steps_equal_single_device(layout, references):
 
 def test_ledger_equals_the_analytic_count(layout):
     spec, ranks = layout
-    expected = STRATEGIES[spec.mode].expected_traffic(spec.arch, spec.ranks, BATCH, num_classes=10)
+    expected = STRATEGIES[spec.mode].expected_traffic(spec.arch, spec.ranks, spec.batch, num_classes=10)
     for rank, r in enumerate(ranks):
         assert ledger_of(r["float32"]).sent() == pytest.approx(expected[rank]), f"rank {rank}"
 
 
 def test_plan_predicts_the_bytes_the_ledger_measured(layout):
     spec, ranks = layout
-    predicted = predict(spec.mode, spec.arch, spec.ranks, BATCH, device_tflops=1.0, num_classes=10)
+    predicted = predict(spec.mode, spec.arch, spec.ranks, spec.batch, device_tflops=1.0, num_classes=10)
     assert predicted.bytes_per_rank == pytest.approx([r["float32"].sent_bytes for r in ranks])
 
 

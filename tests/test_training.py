@@ -442,7 +442,7 @@ def test_a_checkpoint_whose_shards_rank_0_does_not_see_stops_in_one_line_saying_
         training_in_this_process, tmp_path, capsys):
     """As when the nodes of a multi-node run each write into a folder of their own: here a second rank that
     wrote into one."""
-    training_in_this_process.setattr(checkpoint, "_shard_writers", lambda *args: [0, 1])
+    training_in_this_process.setattr(checkpoint, "_shard_writers", lambda *args: ([0, 1], True))
     result = in_process(capsys, "train", "--mode", "single", "--batch-size", "2", *CLASSES, "--steps", "1",
                         "--workers", "0", "--output-dir", str(tmp_path))
     assert result.returncode == 1

@@ -18,9 +18,10 @@ from alexnet_mp.bench.measure import Measurement
 from alexnet_mp.bench.report import as_markdown, comparisons, environment, plot_layouts
 
 
-def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None) -> list[str]:
-    """Runs the matrix, writing OUTPUT/bench.json and bench.md after each measurement; returns the
-    measurements that failed, each with its error's last line."""
+def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
+          modes: tuple[str, ...] | None = None) -> list[str]:
+    """Runs the matrix (with `modes`, those layouts alone, beside the one-device step), writing OUTPUT/bench.json
+    and bench.md after each measurement; returns the measurements that failed, each with its error's last line."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = QUICK if quick else FULL_GPU if device_type == "cuda" else FULL
     if ranks:
@@ -41,7 +42,7 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None) -> li
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=output))
     try:
-        measurements, skipped, failed = run_matrix(sizes, scratch, device_type, write)
+        measurements, skipped, failed = run_matrix(sizes, scratch, device_type, write, modes)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(write(measurements, skipped + failed))

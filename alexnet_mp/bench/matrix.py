@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +67,12 @@ DECODED = {"workers": "", "device": ", JPEGs decoded on the device",
 
 
 def run_matrix(sizes: Sizes, scratch: Path, device_type: str,
-               measured: Callable[[list[Measurement], list[str]], None]
+               measured: Callable[[list[Measurement], list[str]], None], modes: Collection[str] | None = None,
                ) -> tuple[list[Measurement], list[str], list[str]]:
-    """Every measurement of the matrix; the ones skipped, each with the reason (layouts needing more
-    GPUs than this machine has); and the ones that FAILED, each with its error's last line. After each
-    measurement, `measured` gets those so far (the measurements, and the skipped and failed ones)."""
+    """Every measurement of the matrix (with `modes`, only those layouts and the one-device step they are
+    compared with); the ones skipped, each with the reason (layouts needing more GPUs than this machine
+    has); and the ones that FAILED, each with its error's last line. After each measurement, `measured`
+    gets those so far (the measurements, and the skipped and failed ones)."""
     cores, gpus = os.cpu_count() or 1, torch.cuda.device_count()
     batch, layouts = sizes.batch, layout_variant(device_type)
     found: dict[str, Measurement] = {}
@@ -96,6 +97,11 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str,
         run(variant.named(name), layout_steps, ranks, mode, arch, options or {}, batch, sizes, variant, arch=arch,
             precision=variant.precision, mode=mode, options=options or {})
 
+    if modes is not None:
+        step("single, paper", 1, "single", "paper", layouts)
+        for name, ranks, mode, options in layout_runs(sizes, device_type, skipped, modes):
+            step(name, ranks, mode, "paper", layouts, options)
+        return list(found.values()), skipped, failed
     run(PLAIN_LOOP, plain_loop_steps, 1, batch, sizes, arch="owt")
     for variant in single_variants(device_type):
         step("single, paper", 1, "single", "paper", variant)
@@ -114,15 +120,16 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str,
     return list(found.values()), skipped, failed
 
 
-def layout_runs(sizes: Sizes, device_type: str, skipped: list[str]) -> list[tuple[str, int, str, dict[str, Any]]]:
+def layout_runs(sizes: Sizes, device_type: str, skipped: list[str], modes: Collection[str] | None = None,
+                ) -> list[tuple[str, int, str, dict[str, Any]]]:
     """(name, ranks, mode, options) of every registered layout that runs on more than one rank, at each of
     `sizes.ranks`, with each combination of the option values it says a comparison covers (`compared`: the
     weird trick's exchange schemes, the pipeline's schedules and micro-batches); on a GPU also those that
     hold several parts in one process (the paper split's towers on the one GPU). Those whose own check refuses
-    the world size or the batch are added to `skipped`, with its reason."""
+    the world size or the batch are added to `skipped`, with its reason. `modes`: those layouts alone."""
     runs = []
     for mode, cls in STRATEGIES.items():
-        if cls.fixed_world_size == 1:
+        if cls.fixed_world_size == 1 or (modes is not None and mode not in modes):
             continue  # single: measured above, with each speed-up
         counts = ([1] if device_type == "cuda" and cls.parts(1) > 1 else []) + list(sizes.ranks)
         combinations = [dict(zip(cls.compared, values, strict=True))

@@ -84,7 +84,7 @@ def layout_steps(mode: str, arch: str, options: dict[str, Any], batch: int, size
     check_layout(config, current().size)
     strategy = build(config, device)
     strategy.train()
-    optimizer = make_optimizer(strategy.parameters(), config)
+    optimizer = make_optimizer(strategy.parameters(), config, strategy.learning_rates())
     images, labels = _fixed_batch(batch, sizes.num_classes, device)
     images, labels = images[strategy.image_rows(batch)], labels[strategy.label_rows(batch)]
 
@@ -156,7 +156,7 @@ def fed_steps(root: str, batch: int, workers: int, sizes: Sizes, variant: Varian
                          **variant.speed.flags())
     strategy = build(config, device)
     strategy.train()
-    optimizer = make_optimizer(strategy.parameters(), config)
+    optimizer = make_optimizer(strategy.parameters(), config, strategy.learning_rates())
 
     def run_step(step: int, images: torch.Tensor, labels: torch.Tensor) -> None:
         with variant.autocast(device):

@@ -25,7 +25,7 @@ from alexnet_mp.strategies import STRATEGIES
 PEAK_TFLOPS = {"H100": {"fp32": 494.7, "bf16": 989.4}, "H200": {"fp32": 494.7, "bf16": 989.4}}
 
 
-EXCHANGE_LINK = "fc6-input"  # the link of weird-trick's conv-feature exchange, the one scheme (b) overlaps
+EXCHANGE_LINK = "fc6-input"  # the link of weird-trick's conv-feature exchange, which schemes (b), (c) overlap
 
 
 
@@ -79,17 +79,19 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -
     ratio("paper-split in 1 process (towers as separate convs) vs single (grouped convs)",
           layouts.named("paper-split, 1 process"), single)
     for ranks in sizes.ranks:
-        dp, a, b, sharded = (layouts.named(name) for name in (
+        dp, a, b, c, sharded = (layouts.named(name) for name in (
             f"data-parallel x{ranks}", f"weird-trick (all) x{ranks}", f"weird-trick (one-at-a-time) x{ranks}",
-            f"fsdp x{ranks}"))
+            f"weird-trick (slice) x{ranks}", f"fsdp x{ranks}"))
         if {dp, sharded} <= found.keys():
             ratio(f"fsdp vs data-parallel at {ranks} ranks: speed (memory and bytes in the detail)", sharded, dp,
                   detail=f"peak MiB per rank (largest) {max(found[sharded].peak_memory_mb):.0f} vs "
                          f"{max(found[dp].peak_memory_mb):.0f}; {bytes_on_rank_0(found[sharded], found[dp])}")
-        if not {dp, a, b} <= found.keys():
-            continue
-        ratio(f"weird-trick (a) vs data-parallel at {ranks} ranks", a, dp, detail=bytes_on_rank_0(found[a], found[dp]))
-        rows.extend(hidden_exchange(found[b], found[a], ranks))
+        if {dp, a} <= found.keys():
+            ratio(f"weird-trick (a) vs data-parallel at {ranks} ranks", a, dp,
+                  detail=bytes_on_rank_0(found[a], found[dp]))
+        for scheme, rounds, target in (("b", b, 0.5), ("c", c, None)):
+            if {a, rounds} <= found.keys():
+                rows.extend(hidden_exchange(scheme, found[rounds], found[a], ranks, target))
     rows.extend(bubbles(found.values()))
     pipeline = f"input pipeline, {sizes.workers} workers"
     ratio("input pipeline vs the training step it feeds (>= 1: the loader keeps up)", pipeline, single, 1.0,
@@ -123,24 +125,26 @@ def bytes_on_rank_0(ours: Measurement, theirs: Measurement) -> str:
     return f"bytes/step on rank 0: {ours.bytes_per_rank[0]:,.0f} vs {theirs.bytes_per_rank[0]:,.0f}"
 
 
-def hidden_exchange(b: Measurement, a: Measurement, ranks: int) -> list[Comparison]:
-    """How much of the conv features' exchange scheme (b) hides behind fc6's work, against scheme (a),
-    on that link alone (the FC layers' own gathers are the same in both schemes): of the transfer,
-    the target's measure, and of the whole wait, which also holds the time spent waiting for a
-    slower rank to finish its convs (imbalance, which shows up again at the next collective)."""
+def hidden_exchange(scheme: str, rounds: Measurement, a: Measurement, ranks: int,
+                    target: float | None) -> list[Comparison]:
+    """How much of the conv features' exchange a scheme in rounds (b or c) hides behind the FC layers' work
+    on the rounds before, against scheme (a), on that link alone (the FC layers' own gathers move the same in
+    every scheme): of the transfer, the target's measure, and of the whole wait, which also holds the time
+    spent waiting for a slower rank to finish its convs (imbalance, which shows up again at the next
+    collective)."""
     def hidden(ours: float, theirs: float) -> float:
         return 1 - ours / theirs if theirs else 0.0
 
-    moving_a, moving_b = (m.link_transfer_s.get(EXCHANGE_LINK, 0.0) for m in (a, b))
-    wait_a, wait_b = (m.link_wait_s.get(EXCHANGE_LINK, 0.0) for m in (a, b))
-    return [Comparison(f"weird-trick (b) vs (a) at {ranks} ranks: exchange transfer hidden", b.name, a.name,
-                       hidden(moving_b, moving_a), 0.5,
-                       f"{EXCHANGE_LINK} blocked after the last rank arrived {1000 * moving_b:.1f} vs "
+    moving_a, moving = (m.link_transfer_s.get(EXCHANGE_LINK, 0.0) for m in (a, rounds))
+    wait_a, wait = (m.link_wait_s.get(EXCHANGE_LINK, 0.0) for m in (a, rounds))
+    what = f"weird-trick ({scheme}) vs (a) at {ranks} ranks"
+    return [Comparison(f"{what}: exchange transfer hidden", rounds.name, a.name, hidden(moving, moving_a), target,
+                       f"{EXCHANGE_LINK} blocked after the last rank arrived {1000 * moving:.1f} vs "
                        f"{1000 * moving_a:.1f} ms"),
-            Comparison(f"weird-trick (b) vs (a) at {ranks} ranks: exchange wait hidden, slower ranks included",
-                       b.name, a.name, hidden(wait_b, wait_a), None,
-                       f"{EXCHANGE_LINK} blocked {1000 * wait_b:.1f} vs {1000 * wait_a:.1f} ms; all links "
-                       f"{1000 * b.comm_wait_s:.1f} vs {1000 * a.comm_wait_s:.1f} ms")]
+            Comparison(f"{what}: exchange wait hidden, slower ranks included", rounds.name, a.name,
+                       hidden(wait, wait_a), None,
+                       f"{EXCHANGE_LINK} blocked {1000 * wait:.1f} vs {1000 * wait_a:.1f} ms; all links "
+                       f"{1000 * rounds.comm_wait_s:.1f} vs {1000 * a.comm_wait_s:.1f} ms")]
 
 
 def training_tflops(measurement: Measurement, num_classes: int) -> float:

@@ -34,7 +34,7 @@ def check_layout(config: TrainConfig, world_size: int) -> type[Strategy]:
     for option in LAYOUT_OPTIONS:
         if getattr(config, option) is not None and option not in cls.options:
             takers = " or ".join(name for name, other in STRATEGIES.items() if option in other.options)
-            raise UsageError(f"--{option} applies to --mode {takers} only, not {cls.name}")
+            raise UsageError(f"--{option.replace('_', '-')} applies to --mode {takers} only, not {cls.name}")
     cls.check(world_size, config)
     return cls
 

@@ -156,15 +156,20 @@ class Strategy(ABC):
 
     def forward(self, images: Tensor, step: int, global_batch: int) -> Tensor:
         """Logits for `label_rows` (empty on a rank without fc8), with step `step`'s dropout masks."""
-        draw = MaskDraw(self.config.seed, step, global_batch, self.dropout_rows(global_batch))
-        for dropout in self.dropouts:
-            dropout.draw = draw
+        self.draw_masks(MaskDraw(self.config.seed, step, global_batch, self.dropout_rows(global_batch)))
         return self.model(images)
 
+    def draw_masks(self, draw: MaskDraw) -> None:
+        """The dropout masks the next forward applies: those of `draw`'s step and rows."""
+        for dropout in self.dropouts:
+            dropout.draw = draw
+
     def forward_backward(self, images: Tensor, labels: Tensor, step: int, global_batch: int,
-                         loss_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+                         loss_scale: float = 1.0, optimizer: torch.optim.Optimizer | None = None,
+                         ) -> tuple[Tensor, Tensor]:
         """Forward and backward of global batch `step`, gradient communication finished: this rank's logits and
-        (unscaled) loss. The backward starts from the loss times `loss_scale` (fp16's)."""
+        (unscaled) loss. The backward starts from the loss times `loss_scale` (fp16's). `optimizer` is for a
+        layout that updates some layers within the step (the weird trick's per-round FC updates)."""
         with self.counting(FORWARD):
             logits = self.forward(images, step, global_batch)
             loss = self.loss(logits, labels)
@@ -178,14 +183,18 @@ class Strategy(ABC):
         which they count into the ledger, as `direction`'s."""
         return nullcontext()
 
-    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Mean cross-entropy over the rows this rank holds; on a rank without fc8, a zero that
-        starts its backward pass from the links."""
+    def loss(self, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy over the rows this rank holds (their mean, or with `reduction="sum"` their sum); on a
+        rank without fc8, a zero that starts its backward pass from the links."""
         if logits.numel() == 0:
             return logits.sum()
         # at least float32 for the softmax (bf16/fp16 logits under autocast), never lower than given
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits, labels.to(logits.device))
+        return F.cross_entropy(logits, labels.to(logits.device), reduction=reduction)
+
+    def learning_rates(self) -> dict[Tensor, float]:
+        """Parameters whose learning rate is not the run's (`TrainConfig.scaled_lr`), with theirs."""
+        return {}
 
     def finish_backward(self) -> None:
         """After the backward pass, whose gradients are then the global batch's: the ledger learns how long it

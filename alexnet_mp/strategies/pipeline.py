@@ -191,10 +191,8 @@ class Pipeline(Strategy):
 
     def draw_for(self, microbatch: int) -> None:
         """The dropout masks of micro-batch `microbatch`: its rows of the global batch."""
-        draw = MaskDraw(self.config.seed, self.step, self.global_batch,
-                        rows(self.global_batch, microbatch, self.microbatches))
-        for dropout in self.dropouts:
-            dropout.draw = draw
+        self.draw_masks(MaskDraw(self.config.seed, self.step, self.global_batch,
+                                 rows(self.global_batch, microbatch, self.microbatches)))
 
     def scaled_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return self.loss(logits, labels) * self.loss_scale
@@ -206,7 +204,8 @@ class Pipeline(Strategy):
         return logits if self.last else images.new_empty(0)
 
     def forward_backward(self, images: Tensor, labels: Tensor, step: int, global_batch: int,
-                         loss_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+                         loss_scale: float = 1.0, optimizer: torch.optim.Optimizer | None = None,
+                         ) -> tuple[Tensor, Tensor]:
         self.step, self.global_batch, self.loss_scale = step, global_batch, loss_scale
         losses: list[Tensor] = []
         self.stage.idle_since = time.perf_counter()
