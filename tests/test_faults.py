@@ -263,6 +263,16 @@ def test_unreadable_images_met_by_different_ranks_are_each_counted_once(tmp_path
     assert f"epoch 0: {len(bad)} unreadable training images skipped so far" in result.stdout
 
 
+def test_every_rank_that_refuses_input_says_so_in_its_own_line_naming_itself(tmp_path):
+    """A launcher may kill the other ranks as soon as one exits: a line left to rank 0 alone could be lost."""
+    result = run_ranks("--mode", "weird-trick", "--fc-update", "per-round", "--output-dir", str(tmp_path),
+                       processes=2)
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 2
+    assert sorted(line.split("error:")[0] for line in lines) == ["", "rank 1: "]
+    assert all(line.endswith("add --exchange one-at-a-time or slice") for line in lines)
+
+
 def files_digest(folder: Path) -> list[tuple[str, int, int, int]]:
     """Each file's name, inode, size and modification time: what any write to a checkpoint changes."""
     return [(str(path.relative_to(folder)), path.stat().st_ino, path.stat().st_size, path.stat().st_mtime_ns)
