@@ -26,9 +26,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from alexnet_mp.blocks import Block, part_size
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import RankWork, Traffic, both_ways
+from alexnet_mp.cost import RankWork, Traffic, both_ways, parameters
 from alexnet_mp.errors import UsageError
-from alexnet_mp.links import BACKWARD, FORWARD, Ledger, Link, MeteredAllReduce, all_reduce_hook, metered
+from alexnet_mp.links import (
+    BACKWARD,
+    FORWARD,
+    Ledger,
+    Link,
+    MeteredAllReduce,
+    all_reduce_hook,
+    metered,
+    ring_all_reduce_elements,
+)
 from alexnet_mp.model import ARCHITECTURES, AlexNet, Architecture, MaskDraw, SeededDropout, full_shapes
 from alexnet_mp.speed import apply_speed
 from alexnet_mp.world import current
@@ -302,6 +311,18 @@ def link_inputs(model: nn.Module, links: Iterable[Link], group: dist.ProcessGrou
                 return (link.over(args[0], group),)
 
         model.get_submodule(link.layer).register_forward_pre_hook(exchange)
+
+
+def data_parallel_convs_traffic(layout: type[Strategy], arch: Architecture, part: int, parts: int, batch: int,
+                                num_classes: int) -> Traffic:
+    """What a layout whose convs are data parallel and whose FC layers read every rank's samples sends for its
+    convs: its conv features all-gathered along the batch (their gradients reduce-scattered back), and the
+    replicated convs' gradients all-reduced. The layout adds its FC layers' own links."""
+    traffic = new_traffic()
+    both_ways(traffic, "fc6-input", arch.feature_size * part_size(batch, parts) * (parts - 1))
+    conv = parameters(layout.work(arch.name, part, parts, batch, num_classes), arch, num_classes, "conv")
+    traffic["conv-gradients", BACKWARD] += ring_all_reduce_elements(conv, parts)
+    return traffic
 
 
 def fc_traffic(traffic: Traffic, arch: Architecture, shard: int, shards: int, samples: int) -> None:

@@ -24,10 +24,10 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from alexnet_mp.blocks import WHOLE, Block, part_size, rows
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import Traffic, both_ways, parameters
-from alexnet_mp.links import BACKWARD, FORWARD, FunctionalCollectives, ring_all_reduce_elements
+from alexnet_mp.cost import Traffic
+from alexnet_mp.links import FORWARD, FunctionalCollectives, ring_all_reduce_elements
 from alexnet_mp.model import AlexNet, Architecture
-from alexnet_mp.strategies.base import Strategy, new_traffic, set_dropout_units
+from alexnet_mp.strategies.base import Strategy, data_parallel_convs_traffic, set_dropout_units
 from alexnet_mp.strategies.weird_trick import WeirdTrick
 
 # The collectives DTensor issues here, by kind: each happens at one place.
@@ -56,11 +56,8 @@ class TensorParallel(Strategy):
 
     @classmethod
     def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
-        traffic = new_traffic()
-        both_ways(traffic, "fc6-input", arch.feature_size * part_size(batch, parts) * (parts - 1))
+        traffic = data_parallel_convs_traffic(cls, arch, part, parts, batch, num_classes)
         traffic["fc7-output", FORWARD] += ring_all_reduce_elements(arch.fc_units[1] * batch, parts)
-        conv = parameters(cls.work(arch.name, part, parts, batch, num_classes), arch, num_classes, "conv")
-        traffic["conv-gradients", BACKWARD] += ring_all_reduce_elements(conv, parts)
         return traffic
 
     def parallelize(self, model: AlexNet) -> nn.Module:

@@ -26,11 +26,18 @@ from torch import Tensor, nn
 
 from alexnet_mp.blocks import WHOLE, Block, part_size, rows
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import Traffic, both_ways, parameters
+from alexnet_mp.cost import Traffic
 from alexnet_mp.errors import UsageError
-from alexnet_mp.links import BACKWARD, Link, Meter, RoundExchange, metered, ring_all_reduce_elements
+from alexnet_mp.links import Link, Meter, RoundExchange, metered
 from alexnet_mp.model import ARCHITECTURES, AlexNet, Architecture, MaskDraw
-from alexnet_mp.strategies.base import FC_LINKS, Strategy, fc_traffic, link_inputs, new_traffic, shard_layers
+from alexnet_mp.strategies.base import (
+    FC_LINKS,
+    Strategy,
+    data_parallel_convs_traffic,
+    fc_traffic,
+    link_inputs,
+    shard_layers,
+)
 
 ALL = "all"  # scheme (a), the default
 EXCHANGES = (ALL, *RoundExchange.SCHEMES)
@@ -98,11 +105,8 @@ class WeirdTrick(Strategy):
     def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
         """Every exchange scheme moves the same elements, only in a different order: the FC layers' links
         carry the global batch's rows once a step, whether at once or round by round."""
-        traffic = new_traffic()
-        both_ways(traffic, FEATURES.name, arch.feature_size * part_size(batch, parts) * (parts - 1))
+        traffic = data_parallel_convs_traffic(cls, arch, part, parts, batch, num_classes)
         fc_traffic(traffic, arch, part, parts, batch)
-        conv = parameters(cls.work(arch.name, part, parts, batch, num_classes), arch, num_classes, "conv")
-        traffic["conv-gradients", BACKWARD] += ring_all_reduce_elements(conv, parts)
         return traffic
 
     def parallelize(self, model: AlexNet) -> nn.Module:
