@@ -84,6 +84,8 @@ def test_config_json_records_what_defines_the_run(runs):
     (["--mode", "paper-split", "--arch", "owt"], 1, "--arch paper"),
     (["--mode", "single"], 2, "data-parallel"),
     (["--mode", "weird-trick"], 3, "use one of"),
+    (["--mode", "tensor-parallel"], 3, "--mode tensor-parallel splits fc6/fc7"),
+    (["--mode", "tensor-parallel"], 1, "--mode tensor-parallel needs 2 or more processes"),
     (["--mode", "weird-trick", "--exchange", "slice", "--batch-size", "6"], 4, "use a multiple of 16"),
     (["--mode", "fsdp"], 1, "2 or more processes"),
     (["--mode", "fsdp", "--batch-size", "6"], 4, "use a multiple of 4"),

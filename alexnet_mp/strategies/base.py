@@ -313,6 +313,18 @@ def link_inputs(model: nn.Module, links: Iterable[Link], group: dist.ProcessGrou
         model.get_submodule(link.layer).register_forward_pre_hook(exchange)
 
 
+def check_fc_units_split(mode: str, world_size: int, config: TrainConfig) -> None:
+    """Refuses a world size that a layout splitting fc6's and fc7's units into one equal shard per rank cannot
+    run."""
+    if world_size < 2:
+        raise UsageError(f"--mode {mode} needs 2 or more processes; use --mode single for one")
+    widths = ARCHITECTURES[config.arch].fc_units
+    if any(width % world_size for width in widths):
+        working = [n for n in (1, 2, 4, 8, 16, 32) if all(w % n == 0 for w in widths)]
+        raise UsageError(f"--mode {mode} splits fc6/fc7 ({widths[0]} units) into equal shards: "
+                         f"{world_size} ranks do not divide them; use one of {working}")
+
+
 def data_parallel_convs_traffic(layout: type[Strategy], arch: Architecture, part: int, parts: int, batch: int,
                                 num_classes: int) -> Traffic:
     """What a layout whose convs are data parallel and whose FC layers read every rank's samples sends for its

@@ -27,8 +27,12 @@ from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import Traffic
 from alexnet_mp.links import FORWARD, FunctionalCollectives, ring_all_reduce_elements
 from alexnet_mp.model import AlexNet, Architecture
-from alexnet_mp.strategies.base import Strategy, data_parallel_convs_traffic, set_dropout_units
-from alexnet_mp.strategies.weird_trick import WeirdTrick
+from alexnet_mp.strategies.base import (
+    Strategy,
+    check_fc_units_split,
+    data_parallel_convs_traffic,
+    set_dropout_units,
+)
 
 # The collectives DTensor issues here, by kind: each happens at one place.
 LINKS = {"all-gather": "fc6-input", "reduce-scatter": "fc6-input", "all-reduce": "fc7-output"}
@@ -39,7 +43,7 @@ class TensorParallel(Strategy):
 
     @classmethod
     def check_world(cls, world_size: int, config: TrainConfig) -> None:
-        WeirdTrick.check_world(world_size, config)  # the same split of fc6's and fc7's units, by rank
+        check_fc_units_split(cls.name, world_size, config)
 
     @classmethod
     def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:

@@ -29,10 +29,11 @@ from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import Traffic
 from alexnet_mp.errors import UsageError
 from alexnet_mp.links import Link, Meter, RoundExchange, metered
-from alexnet_mp.model import ARCHITECTURES, AlexNet, Architecture, MaskDraw
+from alexnet_mp.model import AlexNet, Architecture, MaskDraw
 from alexnet_mp.strategies.base import (
     FC_LINKS,
     Strategy,
+    check_fc_units_split,
     data_parallel_convs_traffic,
     fc_traffic,
     link_inputs,
@@ -75,13 +76,7 @@ class WeirdTrick(Strategy):
         if config.fc_update == PER_ROUND and config.mixed_precision == "fp16":
             raise UsageError("--fc-update per-round runs in fp32 or bf16: fp16's loss scale skips whole steps, "
                              "not rounds")
-        if world_size < 2:
-            raise UsageError("--mode weird-trick needs 2 or more processes; use --mode single for one")
-        widths = ARCHITECTURES[config.arch].fc_units
-        if any(width % world_size for width in widths):
-            working = [n for n in (1, 2, 4, 8, 16, 32) if all(w % n == 0 for w in widths)]
-            raise UsageError(f"--mode weird-trick splits fc6/fc7 ({widths[0]} units) into equal shards: "
-                             f"{world_size} ranks do not divide them; use one of {working}")
+        check_fc_units_split(cls.name, world_size, config)
 
     @classmethod
     def batch_multiple(cls, world_size: int, config: TrainConfig) -> int:
