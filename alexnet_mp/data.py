@@ -132,6 +132,8 @@ class SyntheticImages(Dataset):
     plus noise. Already normalised and 224x224, so the main job runs anywhere with no data. With
     `ten_crop` (validation), a sample is the paper's ten crops of its class's whole 256x256 image plus noise."""
 
+    unreadable = torch.zeros(0, dtype=torch.bool)  # made, never read: no image to flag (Augmented's)
+
     def __init__(self, num_classes: int = 1000, size: int = 4096, seed: int = 0, split: int = 0,
                  noise: float = 1.0, ten_crop: bool = False) -> None:
         self.num_classes, self.size, self.seed, self.split, self.noise = num_classes, size, seed, split, noise
@@ -144,8 +146,6 @@ class SyntheticImages(Dataset):
 
     def __len__(self) -> int:
         return self.size
-
-    unreadable = torch.zeros(0, dtype=torch.bool)  # made, never read
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """(normalised float image, no lighting): float images leave `normalise` out."""
