@@ -68,11 +68,12 @@ def save_then_load(folder: str) -> dict[tuple[str, str], list[str]]:
         strategy, optimizer = trained(saver, 1)
         checkpoint.save(Path(folder) / saver, strategy, optimizer, {"step": 1}, keep=1)
     found = {}
-    for saver, loader in moves():
+    for saver in LAYOUTS:  # one saved whole net in memory at a time, read once for all its loaders
         weights, momentum = checkpoint.full_state(checkpoint.find("latest", Path(folder) / saver))
-        blocks = held(*trained(loader, 0, Path(folder) / saver))
-        found[saver, loader] = differing(blocks, [(key, block, weights[key][block], momentum[key][block])
-                                                  for key, block, _, _ in blocks])
+        for loader in [loader for source, loader in moves() if source == saver]:
+            blocks = held(*trained(loader, 0, Path(folder) / saver))
+            found[saver, loader] = differing(blocks, [(key, block, weights[key][block], momentum[key][block])
+                                                      for key, block, _, _ in blocks])
     return found
 
 

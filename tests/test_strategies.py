@@ -59,9 +59,10 @@ LAYOUTS = [
     Layout("paper-split", "paper", 4),
     Layout("fsdp", "paper", 2),
     Layout("fsdp", "paper", 4),
-    *(Layout("pipeline", "paper", 2, pipelined("gpipe", microbatches)) for microbatches in (1, 2, 4)),
-    *(Layout("pipeline", "paper", 2, pipelined("1f1b", microbatches)) for microbatches in (2, 4)),  # 1F1B: M >= N
+    # GPipe with one micro-batch, more than the stages, and fewer; 1F1B (M >= N) with more than the stages, and as many
+    *(Layout("pipeline", "paper", 2, pipelined("gpipe", microbatches)) for microbatches in (1, 4)),
     Layout("pipeline", "paper", 4, pipelined("gpipe", 2)),
+    Layout("pipeline", "paper", 2, pipelined("1f1b", 4)),
     Layout("pipeline", "paper", 4, pipelined("1f1b", 4)),
     Layout("tensor-parallel", "paper", 2),
     Layout("tensor-parallel", "paper", 4),
