@@ -19,6 +19,7 @@ from alexnet_mp.config import DECODE_PLACES, TrainConfig
 from alexnet_mp.errors import AlexNetMPError, UsageError, from_torch
 from alexnet_mp.preflight import check_run, check_writable
 from alexnet_mp.strategies import STRATEGIES, layout
+from alexnet_mp.strategies.weird_trick import EXCHANGES
 from alexnet_mp.tracking import hold_output
 from alexnet_mp.world import launched, stop_with_launcher
 
@@ -121,25 +122,30 @@ def compare(args: argparse.Namespace) -> None:
 
 def plan(args: argparse.Namespace) -> None:
     """Prints the prediction; writes plan.md and plan.png too where --output-dir says."""
+    from alexnet_mp.plan import one_gpu, plan_table, plot_plan, shares
     from alexnet_mp.plan import plan as predict
-    from alexnet_mp.plan import plan_table, plot_plan, shares
 
     if args.output_dir:
         check_writable(Path(args.output_dir), "--output-dir")
     gpus, links = _numbers(args.gpus, int, "--gpus"), _numbers(args.link_gbps, float, "--link-gbps")
-    predictions = predict(gpus, args.arch, args.batch, args.device_tflops, args.num_classes, args.microbatches)
+    per_gpu = args.batch_per_gpu is not None
+    batch = args.batch_per_gpu if per_gpu else args.batch
+    predictions = predict(gpus, args.arch, batch, args.device_tflops, args.num_classes, args.microbatches,
+                          args.exchange, per_gpu)
     if not predictions:
-        raise UsageError(f"no layout runs a batch of {args.batch} on {args.gpus} GPUs; use counts that divide it")
-    table = plan_table(predictions, links, args.batch)
-    title = (f"Predicted per step: {args.arch} net, global batch {args.batch}, {args.device_tflops:g} TFLOP/s "
-             f"sustained per GPU, fp32 links")
+        raise UsageError(f"no layout runs a batch of {batch}{' per GPU' if per_gpu else ''} on {args.gpus} GPUs; "
+                         "use counts that divide it")
+    table = plan_table(predictions, links, one_gpu(args.arch, batch, args.device_tflops, args.num_classes))
+    scaling = f"{batch} images per GPU" if per_gpu else f"global batch {batch}"
+    title = (f"Predicted per step: {args.arch} net, {scaling}, {args.device_tflops:g} TFLOP/s sustained per GPU, "
+             f"fp32 links; speed-ups over one GPU at {batch} images")
     text = f"{title}\n\n{shares(args.arch, args.num_classes)}\n\n{table}\n"
     print(text)
     if args.output_dir:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "plan.md").write_text(text + "\n![plan](plan.png)\n")
-        plot_plan(predictions, links, args.batch, out / "plan.png")
+        plot_plan(predictions, links, out / "plan.png")
         print(f"wrote {out / 'plan.md'} and {out / 'plan.png'}")
 
 
@@ -222,7 +228,11 @@ def parser() -> argparse.ArgumentParser:
     report.set_defaults(run=compare)
     model = commands.add_parser("plan", help="predicted bytes, compute, step time and memory per layout and GPU count")
     model.add_argument("--gpus", default="1,2,4,8,16")
-    model.add_argument("--batch", type=POSITIVE_INT, default=128, help="the global batch")
+    model.add_argument("--batch", type=POSITIVE_INT, default=128, help="the global batch at every GPU count")
+    model.add_argument("--batch-per-gpu", type=POSITIVE_INT,
+                       help="instead of --batch: this many images per GPU, the global batch growing with the GPUs, "
+                            "as the 2014 paper scales (128 per GPU)")
+    model.add_argument("--exchange", choices=EXCHANGES, help="the weird trick's scheme to plan (default all)")
     model.add_argument("--link-gbps", default="16,64,450",
                        help="link bandwidths in gigabytes per second per direction (PCIe 3 x16, PCIe 5 x16, NVLink 4)")
     model.add_argument("--device-tflops", type=POSITIVE_FLOAT, default=70.0,

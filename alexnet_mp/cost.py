@@ -86,10 +86,12 @@ def parameters(work: RankWork, arch: Architecture, num_classes: int = 1000, laye
     return sum(cost.parameters for cost in layer_costs(arch, num_classes, work.holds) if cost.name.startswith(layers))
 
 
-def training_flops(work: RankWork, arch: Architecture, num_classes: int = 1000) -> float:
-    """FLOPs of one training step of a rank: forward plus a backward that costs twice the forward
-    (one product for the input's gradient, one for the weights')."""
-    return sum(3 * cost.flops * work.samples(cost.name) for cost in layer_costs(arch, num_classes, work.shares))
+def training_flops(work: RankWork, arch: Architecture, num_classes: int = 1000, layers: str = "") -> float:
+    """FLOPs of one training step of a rank, in the layers whose names start with `layers` (all by default):
+    forward plus a backward that costs twice the forward (one product for the input's gradient, one for the
+    weights')."""
+    return sum(3 * cost.flops * work.samples(cost.name) for cost in layer_costs(arch, num_classes, work.shares)
+               if cost.name.startswith(layers))
 
 
 def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, bytes_per_element: int = 4,

@@ -7,7 +7,10 @@ layers, not its datasheet peak), its communication time at `link_gbps` gigabytes
 direction, and its memory. The step is set by the slowest rank. Without overlap, compute and
 communication add up. With overlap, the activation exchanges (conv3's and the fully connected
 layers' inputs) stay on the critical path, because the next layer needs them, while the gradient
-all-reduce is hidden behind the backward pass as far as the backward's compute lasts.
+all-reduce is hidden behind the backward pass as far as the backward's compute lasts, and a conv features'
+exchange sent in rounds (the weird trick's schemes b and c) travels behind the FC layers' work on the round
+before. Speed-ups are against one GPU running `single` at one GPU's batch: the same global batch (strong
+scaling), or with `per_gpu` the batch per GPU, as the 2014 paper scales (weak scaling).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from alexnet_mp.report import markdown_table
 from alexnet_mp.strategies import STRATEGIES
 
 GRADIENT_LINKS = ("gradients", "conv-gradients")  # gradient reductions that overlap the backward pass
+ROUNDS_LINK = "fc6-input"  # the conv features' exchange, in rounds where the layout says so (exchange_rounds)
 MICROBATCHES = 4  # a pipeline's, unless told
 BACKWARD_SHARE = 2 / 3  # of a step's FLOPs (see cost.training_flops)
 
@@ -31,12 +35,16 @@ BACKWARD_SHARE = 2 / 3  # of a step's FLOPs (see cost.training_flops)
 class Prediction:
     layout: str  # the mode, with the options it was planned with: pipeline (M=4)
     gpus: int
+    batch: int  # the global batch
     bytes_per_rank: list[float]
     compute_s: float  # of the slowest rank's work in a step
     activation_bytes: float  # of the slowest rank: exchanged on the critical path
     gradient_bytes: float  # of the slowest rank: all-reduced behind the backward pass
     memory: dict[str, float]  # bytes, of the rank that needs most
     slots: float = 1.0  # the step's length over its work's: a pipeline's bubble, (M + N - 1) / M
+    fc_compute_s: float = 0.0  # of the slowest rank: its FC layers' part of compute_s
+    rounds: int = 0  # the conv features' exchange in rounds behind the FC layers' work; 0: at once
+    round_bytes: float = 0.0  # of the slowest rank: that exchange's, both ways (in activation_bytes too)
 
     @property
     def busy_s(self) -> float:
@@ -48,22 +56,45 @@ class Prediction:
         rate = link_gbps * 1e9
         return self.activation_bytes / rate, self.gradient_bytes / rate
 
+    def hidden_by_rounds_s(self, link_gbps: float) -> float:
+        """The rounds' transfer hidden behind the FC layers' work. R rounds of transfer T/R and work F/R, each
+        round's work after its transfer and the next transfer beside it, take T/R + (R - 1) max(T, F) / R + F/R
+        instead of T + F: (R - 1) / R of the shorter is hidden (a round a rank need not receive is ignored)."""
+        if not self.rounds:
+            return 0.0
+        transfer = self.round_bytes / (link_gbps * 1e9)
+        return (self.rounds - 1) / self.rounds * min(transfer, self.fc_compute_s)
+
     def step_s(self, link_gbps: float, overlap: bool) -> float:
         activations, gradients = self.comm_s(link_gbps)
         if not overlap:
             return self.busy_s + activations + gradients
-        return self.busy_s + activations + max(0.0, gradients - BACKWARD_SHARE * self.compute_s)
+        exposed = activations - self.hidden_by_rounds_s(link_gbps)
+        return self.busy_s + exposed + max(0.0, gradients - BACKWARD_SHARE * self.compute_s)
+
+    def images_per_s(self, link_gbps: float, overlap: bool = True) -> float:
+        return self.batch / self.step_s(link_gbps, overlap)
 
 
-def layouts(gpus: int, arch: str, batch: int = 128, microbatches: int = MICROBATCHES) -> list[str]:
+def layout_config(mode: str, arch: str, batch: int, microbatches: int = MICROBATCHES, exchange: str | None = None,
+                  ) -> TrainConfig:
+    """The run a layout is planned as: the options given that it reads (a pipeline's micro-batches, the weird
+    trick's exchange)."""
+    given = {"microbatches": microbatches, "exchange": exchange}
+    options = {name: value for name, value in given.items() if name in STRATEGIES[mode].options and value is not None}
+    return TrainConfig(mode=mode, arch=arch, batch_size=batch, **options)
+
+
+def layouts(gpus: int, arch: str, batch: int = 128, microbatches: int = MICROBATCHES, exchange: str | None = None,
+            ) -> list[str]:
     """The modes that run a global batch of `batch` on `gpus` GPUs, one part of the net on each, by the layouts'
-    own checks (a pipeline in `microbatches` micro-batches); on one GPU, only the layout made for one (single)."""
+    own checks (with the options given); on one GPU, only the layout made for one (single)."""
     names = []
     for mode, cls in STRATEGIES.items():
         if (cls.fixed_world_size == 1) != (gpus == 1) or cls.parts(gpus) != gpus:
             continue
         try:
-            cls.check(gpus, TrainConfig(mode=mode, arch=arch, batch_size=batch, microbatches=microbatches))
+            cls.check(gpus, layout_config(mode, arch, batch, microbatches, exchange))
         except UsageError:
             continue
         names.append(mode)
@@ -71,28 +102,42 @@ def layouts(gpus: int, arch: str, batch: int = 128, microbatches: int = MICROBAT
 
 
 def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, num_classes: int = 1000,
-            bytes_per_element: int = 4, microbatches: int = MICROBATCHES) -> Prediction:
+            bytes_per_element: int = 4, microbatches: int = MICROBATCHES, exchange: str | None = None) -> Prediction:
     layout = STRATEGIES[mode]
-    options = {"microbatches": microbatches} if "microbatches" in layout.options else {}
-    config = TrainConfig(mode=mode, arch=arch, batch_size=batch, **options)
+    config = layout_config(mode, arch, batch, microbatches, exchange)
     traffic = layout.expected_traffic(arch, gpus, batch, num_classes)
     sent = [sum(rank.values()) * bytes_per_element for rank in traffic]
     parts = layout.parts(gpus)
     works = [layout.work(arch, part, parts, batch, num_classes) for part in range(parts)]
-    architecture = ARCHITECTURES[arch]
-    compute = [training_flops(work, architecture, num_classes) / (device_tflops * 1e12) for work in works]
+    architecture, rate = ARCHITECTURES[arch], device_tflops * 1e12
+    compute = [training_flops(work, architecture, num_classes) / rate for work in works]
     slowest = max(range(parts), key=lambda rank: (compute[rank], sent[rank]))
     gradient = sum(v for (link, _), v in traffic[slowest].items() if link in GRADIENT_LINKS) * bytes_per_element
     memory = max((memory_bytes(work, architecture, num_classes, bytes_per_element) for work in works),
                  key=lambda kinds: sum(kinds.values()))
-    return Prediction(layout_label(config.to_dict()), gpus, sent, compute[slowest], sent[slowest] - gradient, gradient,
-                      memory, layout.slots(gpus, config))
+    rounds = layout.exchange_rounds(gpus, config)
+    in_rounds = sum(v for (link, _), v in traffic[slowest].items() if link == ROUNDS_LINK) if rounds else 0.0
+    return Prediction(layout_label(config.to_dict()), gpus, batch, sent, compute[slowest], sent[slowest] - gradient,
+                      gradient, memory, layout.slots(gpus, config),
+                      fc_compute_s=training_flops(works[slowest], architecture, num_classes, "fc") / rate,
+                      rounds=rounds, round_bytes=in_rounds * bytes_per_element)
 
 
 def plan(gpu_counts: list[int], arch: str, batch: int, device_tflops: float, num_classes: int = 1000,
-         microbatches: int = MICROBATCHES) -> list[Prediction]:
-    return [predict(mode, arch, gpus, batch, device_tflops, num_classes, microbatches=microbatches)
-            for gpus in gpu_counts for mode in layouts(gpus, arch, batch, microbatches)]
+         microbatches: int = MICROBATCHES, exchange: str | None = None, per_gpu: bool = False) -> list[Prediction]:
+    """Every layout that runs on each GPU count: at the global batch `batch`, or with `per_gpu` at `batch` per GPU."""
+    predictions = []
+    for gpus in gpu_counts:
+        global_batch = batch * gpus if per_gpu else batch
+        predictions += [predict(mode, arch, gpus, global_batch, device_tflops, num_classes, microbatches=microbatches,
+                                exchange=exchange)
+                        for mode in layouts(gpus, arch, global_batch, microbatches, exchange)]
+    return predictions
+
+
+def one_gpu(arch: str, batch: int, device_tflops: float, num_classes: int = 1000) -> Prediction:
+    """What speed-ups are measured against: `single` on one GPU at one GPU's batch."""
+    return predict("single", arch, 1, batch, device_tflops, num_classes)
 
 
 def shares(arch: str, num_classes: int = 1000) -> str:
@@ -106,23 +151,25 @@ def shares(arch: str, num_classes: int = 1000) -> str:
             "parameters (cheap for convs), model parallelism moves activations (cheap for the FC layers).")
 
 
-def plan_table(predictions: list[Prediction], link_gbps: list[float], batch: int) -> str:
-    header = ["mode", "GPUs", "MiB sent/rank/step (max)", "compute ms (x the bubble's slots)",
+def plan_table(predictions: list[Prediction], link_gbps: list[float], baseline: Prediction) -> str:
+    """A row per prediction; at each link speed its step time, images/s and speed-up over `baseline`."""
+    header = ["mode", "GPUs", "global batch", "MiB sent/rank/step (max)", "compute ms (x the bubble's slots)",
               "memory MiB/rank: params+grads+momentum(+gathered) / activations"]
-    header += [f"step ms @ {gbps:g} GB/s: serial / overlapped (images/s)" for gbps in link_gbps]
+    header += [f"step ms @ {gbps:g} GB/s: serial / overlapped (images/s, speed-up)" for gbps in link_gbps]
     rows = []
     for p in predictions:
         state = (p.memory["weights"] + p.memory["gradients"] + p.memory["momentum"] + p.memory["gathered"]) / 2**20
-        row = [p.layout, str(p.gpus), f"{max(p.bytes_per_rank) / 2**20:.1f}", f"{1000 * p.busy_s:.2f}",
+        row = [p.layout, str(p.gpus), str(p.batch), f"{max(p.bytes_per_rank) / 2**20:.1f}", f"{1000 * p.busy_s:.2f}",
                f"{state:.0f} / {p.memory['activations'] / 2**20:.0f}"]
         for gbps in link_gbps:
             serial, overlapped = p.step_s(gbps, False), p.step_s(gbps, True)
-            row.append(f"{1000 * serial:.2f} / {1000 * overlapped:.2f} ({batch / overlapped:,.0f})")
+            speed_up = p.images_per_s(gbps) / baseline.images_per_s(gbps)
+            row.append(f"{1000 * serial:.2f} / {1000 * overlapped:.2f} ({p.images_per_s(gbps):,.0f}, {speed_up:.2f}x)")
         rows.append(row)
     return markdown_table(header, rows)
 
 
-def plot_plan(predictions: list[Prediction], link_gbps: list[float], batch: int, out: Path) -> Path:
+def plot_plan(predictions: list[Prediction], link_gbps: list[float], out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,8 +181,9 @@ def plot_plan(predictions: list[Prediction], link_gbps: list[float], batch: int,
         for mode in modes:
             points = [p for p in predictions if p.layout == mode]
             gpus = [p.gpus for p in points]
-            line, = axis.plot(gpus, [batch / p.step_s(gbps, True) for p in points], marker="o", label=mode)
-            axis.plot(gpus, [batch / p.step_s(gbps, False) for p in points], linestyle="--", color=line.get_color())
+            line, = axis.plot(gpus, [p.images_per_s(gbps) for p in points], marker="o", label=mode)
+            axis.plot(gpus, [p.images_per_s(gbps, overlap=False) for p in points], linestyle="--",
+                      color=line.get_color())
         axis.set(xscale="log", xlabel="GPUs", title=f"{gbps:g} GB/s links", ylabel="predicted images/s")
         axis.set_xticks(sorted({p.gpus for p in predictions}), labels=map(str, sorted({p.gpus for p in predictions})))
     axes[0][0].legend(title="solid: overlapped, dashed: serial", fontsize="small")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import matplotlib.image
 import pytest
 
-from alexnet_mp.plan import layouts, plan, predict, shares
+from alexnet_mp.plan import layouts, one_gpu, plan, predict, shares
 from tests.launching import in_process, one_line_error
 
 
@@ -27,6 +27,26 @@ def test_overlap_never_lengthens_a_step_and_hides_only_gradients():
             activations, _ = prediction.comm_s(gbps)
             overlapped = prediction.step_s(gbps, overlap=True)
             assert prediction.compute_s + activations <= overlapped <= prediction.step_s(gbps, overlap=False)
+
+
+def test_rounds_hide_the_feature_exchange_behind_the_fc_layers_work_and_nothing_else():
+    """R rounds, each round's transfer beside the FC layers' work on the round before: (R - 1) / R of the
+    shorter of the two is hidden. Scheme (a) waits for the whole exchange."""
+    at_once, rounds = (predict("weird-trick", "paper", 4, 512, 5.0, exchange=scheme) for scheme in ("all", "slice"))
+    assert (at_once.rounds, rounds.rounds) == (0, 4) and rounds.layout == "weird-trick (slice)"
+    for gbps in (8.0, 450.0):
+        transfer = rounds.round_bytes / (gbps * 1e9)
+        hidden = at_once.step_s(gbps, overlap=True) - rounds.step_s(gbps, overlap=True)
+        assert hidden == pytest.approx(3 / 4 * min(transfer, rounds.fc_compute_s))
+        assert rounds.step_s(gbps, overlap=False) == pytest.approx(at_once.step_s(gbps, overlap=False))
+    assert 0 < rounds.fc_compute_s < rounds.compute_s
+
+
+def test_per_gpu_batches_grow_the_global_batch_with_the_gpus():
+    predictions = plan([1, 2, 4], "paper", 128, 5.0, per_gpu=True)
+    assert {(p.gpus, p.batch) for p in predictions} == {(1, 128), (2, 256), (4, 512)}
+    (single,) = [p for p in predictions if p.gpus == 1]
+    assert single.images_per_s(16.0) == pytest.approx(one_gpu("paper", 128, 5.0).images_per_s(16.0))
 
 
 def test_compute_divides_across_ranks():
@@ -57,6 +77,15 @@ def test_plan_command_prints_a_table_and_draws_a_plot(tmp_path, capsys):
     assert "| weird-trick | 4 |" in result.stdout and "step ms @ 450 GB/s" in result.stdout
     assert (tmp_path / "plan.md").read_text().count("| data-parallel |") == 2
     assert matplotlib.image.imread(tmp_path / "plan.png").shape[2] in (3, 4)
+
+
+def test_plan_predicts_the_papers_scaling_speed_ups_over_one_gpu(capsys):
+    """128 images per GPU, the 2014 paper's scheme (b): each row's speed-up is over one GPU at 128 images."""
+    result = in_process(capsys, "plan", "--gpus", "1,2,4,8", "--batch-per-gpu", "128", "--exchange", "one-at-a-time",
+                        "--link-gbps", "8", "--device-tflops", "1")
+    assert result.returncode == 0, result.stderr
+    assert "128 images per GPU" in result.stdout and "| single | 1 | 128 |" in result.stdout
+    assert "| weird-trick (one-at-a-time) | 8 | 1024 |" in result.stdout and "1.00x)" in result.stdout
 
 
 def test_plan_refuses_gpu_counts_that_are_not_numbers(tmp_path, capsys):

@@ -119,7 +119,8 @@ def test_ledger_equals_the_analytic_count(layout):
 
 def test_plan_predicts_the_bytes_the_ledger_measured(layout):
     spec, ranks = layout
-    predicted = predict(spec.mode, spec.arch, spec.ranks, spec.batch, device_tflops=1.0, num_classes=10)
+    predicted = predict(spec.mode, spec.arch, spec.ranks, spec.batch, device_tflops=1.0, num_classes=10,
+                        exchange=dict(spec.options).get("exchange"))
     assert predicted.bytes_per_rank == pytest.approx([r["float32"].sent_bytes for r in ranks])
 
 

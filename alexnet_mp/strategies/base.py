@@ -88,6 +88,12 @@ class Strategy(ABC):
         return 1.0
 
     @classmethod
+    def exchange_rounds(cls, world_size: int, config: TrainConfig) -> int:
+        """In how many rounds the conv features' exchange (`fc6-input`) travels, each round behind the FC layers'
+        work on the round before; 0 where it is one exchange that the FC layers wait for."""
+        return 0
+
+    @classmethod
     def parts(cls, world_size: int) -> int:
         """How many parts the net is laid out in on `world_size` ranks: one per rank, unless a process holds
         several."""

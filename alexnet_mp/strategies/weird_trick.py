@@ -84,6 +84,10 @@ class WeirdTrick(Strategy):
         return world_size ** 2 if config.exchange == "slice" else world_size
 
     @classmethod
+    def exchange_rounds(cls, world_size: int, config: TrainConfig) -> int:
+        return 0 if (config.exchange or ALL) == ALL else world_size
+
+    @classmethod
     def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
         layer = key.split(".")[0]
         if layer == "fc8":
