@@ -24,9 +24,9 @@ from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.report import markdown_table
 from alexnet_mp.strategies import STRATEGIES
+from alexnet_mp.strategies.base import CONV_FEATURES
 
 GRADIENT_LINKS = ("gradients", "conv-gradients")  # gradient reductions that overlap the backward pass
-ROUNDS_LINK = "fc6-input"  # the conv features' exchange, in rounds where the layout says so (exchange_rounds)
 MICROBATCHES = 4  # a pipeline's, unless told
 BACKWARD_SHARE = 2 / 3  # of a step's FLOPs (see cost.training_flops)
 
@@ -116,7 +116,7 @@ def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, n
     memory = max((memory_bytes(work, architecture, num_classes, bytes_per_element) for work in works),
                  key=lambda kinds: sum(kinds.values()))
     rounds = layout.exchange_rounds(gpus, config)
-    in_rounds = sum(v for (link, _), v in traffic[slowest].items() if link == ROUNDS_LINK) if rounds else 0.0
+    in_rounds = sum(v for (link, _), v in traffic[slowest].items() if link == CONV_FEATURES.name) if rounds else 0.0
     return Prediction(layout_label(config.to_dict()), gpus, batch, sent, compute[slowest], sent[slowest] - gradient,
                       gradient, memory, layout.slots(gpus, config),
                       fc_compute_s=training_flops(works[slowest], architecture, num_classes, "fc") / rate,

@@ -18,6 +18,7 @@ from alexnet_mp.cost import layer_costs
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.report import markdown_table
 from alexnet_mp.strategies import STRATEGIES
+from alexnet_mp.strategies.base import CONV_FEATURES
 
 # Dense peak TFLOP/s by device name and precision, from NVIDIA's datasheets (SXM parts); model FLOPs
 # utilisation divides the training FLOPs actually done per second by these. fp32 steps are held to the
@@ -25,7 +26,7 @@ from alexnet_mp.strategies import STRATEGIES
 PEAK_TFLOPS = {"H100": {"fp32": 494.7, "bf16": 989.4}, "H200": {"fp32": 494.7, "bf16": 989.4}}
 
 
-EXCHANGE_LINK = "fc6-input"  # the link of weird-trick's conv-feature exchange, which schemes (b), (c) overlap
+EXCHANGE_LINK = CONV_FEATURES.name  # weird-trick's conv-feature exchange, which schemes (b), (c) overlap
 
 
 

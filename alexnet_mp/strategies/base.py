@@ -47,6 +47,9 @@ Shard = Callable[[str, torch.Size, int, int], Block | None]  # (key, whole shape
 # Wherever fc6 and fc7 are split by units: fc7 reads every part's fc6 units, and fc8 (whole, on the first
 # part, with the loss) every part's fc7 units.
 FC_LINKS = (Link("fc7", 1), Link("fc8", 1, to_first=True))
+# Where the convs are data parallel and the FC layers read every rank's samples: every rank's conv features,
+# along the batch.
+CONV_FEATURES = Link("fc6", 0)
 
 
 class Strategy(ABC):
@@ -89,7 +92,7 @@ class Strategy(ABC):
 
     @classmethod
     def exchange_rounds(cls, world_size: int, config: TrainConfig) -> int:
-        """In how many rounds the conv features' exchange (`fc6-input`) travels, each round behind the FC layers'
+        """In how many rounds the conv features' exchange (`CONV_FEATURES`) travels, each round behind the FC layers'
         work on the round before; 0 where it is one exchange that the FC layers wait for."""
         return 0
 
@@ -337,7 +340,7 @@ def data_parallel_convs_traffic(layout: type[Strategy], arch: Architecture, part
     convs: its conv features all-gathered along the batch (their gradients reduce-scattered back), and the
     replicated convs' gradients all-reduced. The layout adds its FC layers' own links."""
     traffic = new_traffic()
-    both_ways(traffic, "fc6-input", arch.feature_size * part_size(batch, parts) * (parts - 1))
+    both_ways(traffic, CONV_FEATURES.name, arch.feature_size * part_size(batch, parts) * (parts - 1))
     conv = parameters(layout.work(arch.name, part, parts, batch, num_classes), arch, num_classes, "conv")
     traffic["conv-gradients", BACKWARD] += ring_all_reduce_elements(conv, parts)
     return traffic

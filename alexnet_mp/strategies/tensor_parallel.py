@@ -28,6 +28,7 @@ from alexnet_mp.cost import Traffic
 from alexnet_mp.links import FORWARD, FunctionalCollectives, ring_all_reduce_elements
 from alexnet_mp.model import AlexNet, Architecture
 from alexnet_mp.strategies.base import (
+    CONV_FEATURES,
     Strategy,
     check_fc_units_split,
     data_parallel_convs_traffic,
@@ -35,7 +36,7 @@ from alexnet_mp.strategies.base import (
 )
 
 # The collectives DTensor issues here, by kind: each happens at one place.
-LINKS = {"all-gather": "fc6-input", "reduce-scatter": "fc6-input", "all-reduce": "fc7-output"}
+LINKS = {"all-gather": CONV_FEATURES.name, "reduce-scatter": CONV_FEATURES.name, "all-reduce": "fc7-output"}
 
 
 class TensorParallel(Strategy):

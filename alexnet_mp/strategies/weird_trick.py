@@ -28,9 +28,10 @@ from alexnet_mp.blocks import WHOLE, Block, part_size, rows
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import Traffic
 from alexnet_mp.errors import UsageError
-from alexnet_mp.links import Link, Meter, RoundExchange, metered
+from alexnet_mp.links import Meter, RoundExchange, metered
 from alexnet_mp.model import AlexNet, Architecture, MaskDraw
 from alexnet_mp.strategies.base import (
+    CONV_FEATURES,
     FC_LINKS,
     Strategy,
     check_fc_units_split,
@@ -44,7 +45,11 @@ ALL = "all"  # scheme (a), the default
 EXCHANGES = (ALL, *RoundExchange.SCHEMES)
 PER_STEP, PER_ROUND = "per-step", "per-round"
 FC_UPDATES = (PER_STEP, PER_ROUND)
-FEATURES = Link("fc6", 0)  # every rank's conv features, along the batch: the exchange
+
+
+def in_rounds(config: TrainConfig) -> bool:
+    """Whether the conv features travel in rounds (schemes b and c), not in one all-gather (a)."""
+    return (config.exchange or ALL) != ALL
 
 
 class AllSamples(nn.Module):
@@ -56,8 +61,8 @@ class AllSamples(nn.Module):
         self.group, self.strategy = group, strategy
 
     def forward(self, features: Tensor) -> Tensor:
-        with metered(self.strategy.ledger, FEATURES.name):
-            return FEATURES.over(features, self.group)
+        with metered(self.strategy.ledger, CONV_FEATURES.name):
+            return CONV_FEATURES.over(features, self.group)
 
 
 class WeirdTrick(Strategy):
@@ -71,7 +76,7 @@ class WeirdTrick(Strategy):
             raise UsageError(f"--exchange {config.exchange} is not one of: {', '.join(EXCHANGES)}")
         if config.fc_update not in (None, *FC_UPDATES):
             raise UsageError(f"--fc-update {config.fc_update} is not one of: {', '.join(FC_UPDATES)}")
-        if config.fc_update == PER_ROUND and (config.exchange or ALL) == ALL:
+        if config.fc_update == PER_ROUND and not in_rounds(config):
             raise UsageError("--fc-update per-round needs rounds: add --exchange one-at-a-time or slice")
         if config.fc_update == PER_ROUND and config.mixed_precision == "fp16":
             raise UsageError("--fc-update per-round runs in fp32 or bf16: fp16's loss scale skips whole steps, "
@@ -85,7 +90,7 @@ class WeirdTrick(Strategy):
 
     @classmethod
     def exchange_rounds(cls, world_size: int, config: TrainConfig) -> int:
-        return 0 if (config.exchange or ALL) == ALL else world_size
+        return world_size if in_rounds(config) else 0
 
     @classmethod
     def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
@@ -120,9 +125,9 @@ class WeirdTrick(Strategy):
         # sum, don't average.
         self.convs = self.replicate(convs, group, average=False, link="conv-gradients")
         self.rounds = None
-        if (self.config.exchange or ALL) != ALL:  # a group of its own, for the rounds in flight (RoundExchange)
+        if in_rounds(self.config):  # a group of its own, for the rounds in flight (RoundExchange)
             exchange_group = dist.new_group(list(range(self.world_size)), timeout=self.timeout)
-            self.rounds = RoundExchange(self.config.exchange, exchange_group, Meter(self.ledger, FEATURES.name))
+            self.rounds = RoundExchange(self.config.exchange, exchange_group, Meter(self.ledger, CONV_FEATURES.name))
         self.above_fc6 = self.head[1:]  # what the rounds run on fc6's output
         return nn.Sequential(OrderedDict(convs=self.convs, exchange=AllSamples(group, self), head=self.head))
 
