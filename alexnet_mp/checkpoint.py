@@ -5,8 +5,10 @@ momentum; `blocks.py`) that it holds and no lower rank holds (a replica writes n
 barrier rank 0 writes `meta.json` and renames the folder to `step-N`, so a crash mid-save leaves the
 last complete checkpoint untouched. Loading places every shard's blocks into whole-net tensors and
 takes out the blocks the loading layout holds: a checkpoint from paper-split loads into single,
-weird-trick, or a different world size. Checkpoints of format 1 (a list of pieces per
-shard) load too.
+weird-trick, or a different world size.
+
+A checkpoint is a file a user hands in, so nothing in it runs: shards are read with `weights_only=True`,
+and every shard's SHA-256, recorded in meta.json as it is written, is verified before its blocks are read.
 
 No RNG state is saved because none is needed: dropout masks depend on (seed, step, layer) and data
 order and augmentation on (seed, epoch, sample), so step N of a resumed run is step N of the straight one.
@@ -14,11 +16,12 @@ order and augmentation on (seed, epoch, sample), so step N of a resumed run is s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import pickle
+import re
 import shutil
-import types
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +31,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from alexnet_mp.blocks import WHOLE, Block, block_as_offsets, copy_overlap, local, merge, offsets_as_block, rows
+from alexnet_mp.blocks import Block, block_as_offsets, copy_overlap, local, merge, offsets_as_block
 from alexnet_mp.errors import Diverged, UsageError, WriteFailed
 from alexnet_mp.model import ARCHITECTURES, build_model, full_shapes
 from alexnet_mp.strategies import Strategy
 from alexnet_mp.world import barrier, current
 
 FORMAT = 2
-READS = (1, FORMAT)
 PREFIX = "step-"
+SHARD_NAME = re.compile(r"shard-\d{5}\.pt")
 DOOMED = "removing-"  # a checkpoint being deleted is renamed out of PREFIX's namespace first
+SET_ASIDE = ".set-aside"  # a step-N folder without meta.json that a save of step N would replace
 BlockRead = tuple[str, Block, Tensor, Tensor | None]  # a shard's block: key, block, weights, momentum or None
 
 
@@ -136,12 +140,15 @@ def _write(staging: Path, final: Path, strategy: Strategy, optimizer: torch.opti
                                      "checkpoint was written")
     shards = [_shard_name(rank) for rank in writers]
     staging.mkdir(parents=True, exist_ok=True)
+    digest = bytes(hashlib.sha256().digest_size)
     if shard:
         # through a Python file: a full disk is then an OSError (given a path, torch's C++ writer raises
-        # only a RuntimeError of its own)
+        # only a RuntimeError of its own); hashed on the way, so the file is not read back
         with open(staging / _shard_name(strategy.rank), "wb") as file:
-            torch.save({"blocks": shard}, file)
-    barrier()
+            hashing = _HashingWriter(file)
+            torch.save({"blocks": shard}, hashing)
+            digest = hashing.digest()
+    digests = _gathered(digest, strategy)  # every rank has written once this returns
     if current().is_main:
         # each name looked up once every rank has written: a network file system's cache cannot hide it
         unseen = [name for name in shards if not (staging / name).is_file()]
@@ -149,13 +156,44 @@ def _write(staging: Path, final: Path, strategy: Strategy, optimizer: torch.opti
             raise ShardsNotShared(f"rank 0 does not see {', '.join(unseen)}, written by other ranks")
         config = strategy.config
         full_meta = {**meta, "format": FORMAT, "mode": strategy.name, "arch": config.arch,
-                     "num_classes": config.num_classes, "world_size": strategy.world_size, "shards": shards}
+                     "num_classes": config.num_classes, "world_size": strategy.world_size, "shards": shards,
+                     "sha256": {_shard_name(rank): digests[rank].hex() for rank in writers}}
         (staging / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n")
-        if final.exists():
+        if (final / "meta.json").is_file():  # this run's own, from before a resume from an earlier one
             _remove(final)
+        elif final.exists():  # not a checkpoint this program completed: kept, out of the way
+            os.replace(final, final.with_name(final.name + SET_ASIDE))
+            print(f"warning: {final} had no meta.json; it is kept as {final.name + SET_ASIDE}", file=sys.stderr)
         os.replace(staging, final)
         for old in complete_checkpoints(final.parent)[:-keep]:
             _remove(old)
+
+
+class _HashingWriter:
+    """A binary file that hashes what is written through it (all torch.save asks of a file: write, flush)."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.hash = file, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def digest(self) -> bytes:
+        return self.hash.digest()
+
+
+def _gathered(digest: bytes, strategy: Strategy) -> list[bytes]:
+    """Every rank's `digest`, in rank order (one small all-gather)."""
+    if strategy.world_size == 1:
+        return [digest]
+    mine = torch.tensor(list(digest), dtype=torch.uint8, device=strategy.device)
+    gathered = [torch.zeros_like(mine) for _ in range(strategy.world_size)]
+    dist.all_gather(gathered, mine)
+    return [bytes(tensor.tolist()) for tensor in gathered]
 
 
 def _remove(folder: Path) -> None:
@@ -167,13 +205,16 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(doomed)
 
 
-def remove_incomplete(directory: Path) -> list[Path]:
-    """Deletes what a cut-short save or pruning left in `directory`: staging folders, step folders
-    without meta.json, folders renamed for deletion. Only for the process that holds the output folder."""
+def remove_incomplete(directory: Path, named: Path | None = None) -> list[Path]:
+    """Deletes what this program's own save and pruning can leave in `directory` when cut short: staging
+    folders (`step-N.tmp`) and folders renamed for deletion. Never a `step-N` folder, whatever it lacks (it
+    may hold the only copy of the weights), nor `named`, a checkpoint the command line names. Only for the
+    process that holds the output folder."""
     if not directory.is_dir():
         return []
-    leftovers = sorted(p for p in directory.iterdir() if p.is_dir() and (p.name.startswith(DOOMED) or (
-        p.name.startswith(PREFIX) and (p.name.endswith(".tmp") or not (p / "meta.json").is_file()))))
+    spared = named.resolve() if named is not None else None
+    leftovers = sorted(p for p in directory.iterdir() if p.is_dir() and p.resolve() != spared and (
+        p.name.startswith(DOOMED) or (p.name.startswith(PREFIX) and p.name.endswith(".tmp"))))
     for leftover in leftovers:
         shutil.rmtree(leftover)
     return leftovers
@@ -198,7 +239,8 @@ def complete_checkpoints(directory: Path) -> list[Path]:
 
 def find(where: str, output_checkpoints: Path) -> Checkpoint:
     """`latest` (the newest complete checkpoint of this output folder) or a checkpoint folder; a folder of
-    checkpoints, or a run's --output-dir, stands for its newest."""
+    checkpoints, or a run's --output-dir, stands for its newest. Its meta.json is checked here, its shards
+    when they are read (`saved_blocks`)."""
     if where == "latest":
         found = complete_checkpoints(output_checkpoints)
         if not found:
@@ -213,23 +255,67 @@ def find(where: str, output_checkpoints: Path) -> Checkpoint:
         raise UsageError(f"{path} is not a checkpoint folder (no meta.json); give step-N, its parent, or the "
                          "run's --output-dir")
     try:
+        return Checkpoint(path, _read_meta(path))
+    except Unreadable as error:
+        raise UsageError(f"{error}; {_earlier(path)}") from None
+
+
+class Unreadable(Exception):
+    """A checkpoint that cannot be used as it is; the message says why, the caller what to do instead."""
+
+
+# what a meta.json holds (the save writes these itself), with the types the loaders read them as; a training
+# run's adds its config and its learning-rate schedule's state (`training_config`)
+META_FIELDS = {"step": int, "format": int, "arch": str, "num_classes": int}
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
         meta = json.loads((path / "meta.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        meta = None
-    if not _well_formed(meta):
-        raise UsageError(f"{path}/meta.json is corrupt; {_earlier(path)}")
-    return Checkpoint(path, meta)
+        raise Unreadable(f"{path}/meta.json is corrupt (not JSON)") from None
+    except OSError as error:
+        raise Unreadable(f"{path}/meta.json cannot be read ({error.strerror})") from None
+    if isinstance(meta, dict) and isinstance(meta.get("format"), int) and meta["format"] != FORMAT:
+        raise Unreadable(f"{path} has checkpoint format {meta['format']}; this version reads format {FORMAT} only "
+                         "(format 1's shards are pickles, which could run code when loaded): use the version of "
+                         "alexnet-mp that wrote it")
+    problem = _meta_problem(meta)
+    if problem:
+        raise Unreadable(f"{path}/meta.json is corrupt ({problem})")
+    return meta
 
 
-# what a meta.json of any format holds (the save writes these itself), and what a run's adds (its training
-# loop's); the types the loaders read them as
-META_FIELDS = {"step": int, "format": int, "arch": str, "num_classes": int}
-RUN_META_FIELDS = {"config": dict, "scheduler": dict, "shards": list}
+def _meta_problem(meta: Any) -> str | None:
+    """What is wrong with a meta.json's contents, if anything."""
+    if not isinstance(meta, dict):
+        return "not an object"
+    wrong = [key for key, kind in META_FIELDS.items() if not isinstance(meta.get(key), kind)]
+    if wrong:
+        return f"no {', '.join(wrong)}"
+    if meta["step"] < 0 or meta["num_classes"] < 1 or meta["arch"] not in ARCHITECTURES:
+        return f"step {meta['step']}, arch {meta['arch']!r}, {meta['num_classes']} classes"
+    shards = meta.get("shards", [])
+    if not isinstance(shards, list) or not all(isinstance(name, str) and SHARD_NAME.fullmatch(name)
+                                               for name in shards):
+        return "shards is not a list of shard-NNNNN.pt names"
+    digests = meta.get("sha256", {})
+    if not isinstance(digests, dict) or sorted(digests) != sorted(shards if "sha256" in meta else ()) or not all(
+            isinstance(digest, str) and SHA256.fullmatch(digest) for digest in digests.values()):
+        return "sha256 does not give one digest per shard"
+    return None
 
 
-def _well_formed(meta: Any) -> bool:
-    return isinstance(meta, dict) and all(isinstance(meta.get(key), kind) for key, kind in META_FIELDS.items()) \
-        and all(isinstance(meta[key], kind) for key, kind in RUN_META_FIELDS.items() if key in meta)
+def training_config(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The config of the training run that wrote `checkpoint` (what a resume and `evaluate` read), checked."""
+    config, schedule = checkpoint.meta.get("config"), checkpoint.meta.get("scheduler")
+    wanted = {"seed": int, "batch_size": int, "data": str, "dataset": str, "synthetic_size": int}
+    if not (isinstance(config, dict) and isinstance(schedule, dict)
+            and all(isinstance(config.get(key), kind) for key, kind in wanted.items())):
+        raise UsageError(f"{checkpoint.path}/meta.json lacks the training run's config or schedule (it was not "
+                         f"written by `train`, or was edited); {_earlier(checkpoint.path)}")
+    return config
 
 
 def resume_point(where: str | None, output_checkpoints: Path) -> Checkpoint | None:
@@ -241,16 +327,19 @@ def resume_point(where: str | None, output_checkpoints: Path) -> Checkpoint | No
 
 
 def _earlier(path: Path) -> str:
-    """What to do with a checkpoint that cannot be read: the newest complete one before it, by name."""
-    earlier = [p for p in complete_checkpoints(path.parent) if p.name < path.name]
-    return f"use an earlier checkpoint: {earlier[-1]}" if earlier else "no earlier checkpoint is left beside it"
+    """What to do instead of using a checkpoint that cannot be: the newest complete one before it, by name,
+    whose meta.json and shards verify."""
+    for candidate in reversed([p for p in complete_checkpoints(path.parent) if p.name < path.name]):
+        try:
+            _checked_blocks(Checkpoint(candidate, _read_meta(candidate)))
+        except Unreadable:
+            continue
+        return f"use an earlier checkpoint: {candidate}"
+    return "no earlier checkpoint beside it verifies"
 
 
 def check_compatible(checkpoint: Checkpoint, arch: str, num_classes: int) -> None:
     meta = checkpoint.meta
-    if meta.get("format") not in READS:
-        raise UsageError(f"{checkpoint.path} has checkpoint format {meta.get('format')}, this version reads "
-                         f"{' and '.join(map(str, READS))}: load it with the version of alexnet-mp that wrote it")
     if (meta["arch"], meta["num_classes"]) != (arch, num_classes):
         raise UsageError(f"{checkpoint.path} holds --arch {meta['arch']} with {meta['num_classes']} classes; "
                          f"this run is --arch {arch} with {num_classes}: pass the same --arch and --num-classes")
@@ -268,66 +357,83 @@ def full_state(checkpoint: Checkpoint) -> tuple[dict[str, Tensor], dict[str, Ten
 
 
 def saved_blocks(checkpoint: Checkpoint) -> list[BlockRead]:
-    """Every block of every shard, memory-mapped: a block's values are read from disk when first touched."""
-    shards = sorted(checkpoint.path.glob("shard-*.pt"))
-    if not shards:
-        raise UsageError(f"{checkpoint.path} has no shard files; {_earlier(checkpoint.path)}")
-    missing = [name for name in checkpoint.meta.get("shards", []) if not (checkpoint.path / name).is_file()]
+    """Every block of every shard, memory-mapped (a block's values are read from disk when first touched), once
+    each shard's SHA-256 is verified and its blocks are found to be the net's that meta.json names."""
+    if "sha256" not in checkpoint.meta and current().is_main:
+        print(f"warning: {checkpoint.path} predates shard checksums: its shards are not verified", file=sys.stderr)
+    try:
+        return _checked_blocks(checkpoint)
+    except Unreadable as error:
+        raise UsageError(f"{error}; {_earlier(checkpoint.path)}") from None
+
+
+def _checked_blocks(checkpoint: Checkpoint) -> list[BlockRead]:
+    path, meta = checkpoint.path, checkpoint.meta
+    names = meta.get("shards") or sorted(p.name for p in path.glob("shard-*.pt"))  # older ones list no shards
+    if not names:
+        raise Unreadable(f"{path} has no shard files")
+    missing = [name for name in names if not (path / name).is_file()]
     if missing:
-        raise UsageError(f"{checkpoint.path} lacks {', '.join(missing)} of its {len(checkpoint.meta['shards'])} "
-                         f"shards; {_earlier(checkpoint.path)}")
-    shapes = full_shapes(checkpoint.meta["arch"], checkpoint.meta["num_classes"])
+        raise Unreadable(f"{path} lacks {', '.join(missing)} of its {len(names)} shards")
+    shapes = full_shapes(meta["arch"], meta["num_classes"])
+    net = f"the {meta['arch']} net with {meta['num_classes']} classes that meta.json names"
     blocks = []
-    for shard in shards:
+    for name in names:
+        shard = path / name
+        if "sha256" in meta and _sha256(shard) != meta["sha256"][name]:
+            raise Unreadable(f"{shard} does not match the SHA-256 recorded when it was written: it has changed since "
+                             "(a disk or copy fault, or an edit)")
         try:
-            blocks += _read_shard(shard, checkpoint.meta["format"], checkpoint.meta["arch"], shapes)
-        except Exception as error:  # a truncated or foreign file: say which, not a stack trace
-            raise UsageError(f"{shard} cannot be read ({type(error).__name__}); {_earlier(checkpoint.path)}"
-                             ) from None
+            read = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)["blocks"]
+        except Exception as error:  # a truncated or foreign file, or one that asks to run code: say which
+            raise Unreadable(f"{shard} cannot be read ({type(error).__name__})") from None
+        problems = [_block_problem(entry, shapes) for entry in (read if isinstance(read, list) else [None])]
+        if any(problems):
+            raise Unreadable(f"{shard} does not hold {net} ({next(filter(None, problems))})")
+        blocks += [(key, offsets_as_block(offsets), weight, buffer) for key, offsets, weight, buffer in read]
+    uncovered = [key for key in shapes if not _covered(key, blocks, shapes[key])]
+    if uncovered:
+        raise Unreadable(f"{path}'s shards do not hold all of {net} (not all of {uncovered[0]})")
     return blocks
 
 
-def _read_shard(path: Path, format_: int, arch: str, shapes: dict[str, torch.Size]) -> list[BlockRead]:
-    """(key, block, weights, momentum or None) of every block in a shard file."""
-    if format_ == 1:
-        return _read_format_1(path, arch, shapes)
-    blocks = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["blocks"]
-    return [(key, offsets_as_block(offsets), weight, buffer) for key, offsets, weight, buffer in blocks]
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-class _Format1Piece:
-    """What format 1 pickled as `alexnet_mp.model.Piece`: the tower a shard held (None: every conv channel) and
-    its (index, count) shard of fc6's and fc7's units; fc8 lived whole on FC shard 0."""
-
-    tower: int | None
-    fc_shard: tuple[int, int]
-
-    def block(self, key: str, shape: torch.Size, towers: int) -> Block | None:
-        layer = key.split(".")[0]
-        if layer == "fc8":
-            return WHOLE if self.fc_shard[0] == 0 else None
-        if layer in ("fc6", "fc7"):
-            return (rows(shape[0], *self.fc_shard),)
-        return WHOLE if self.tower is None else (rows(shape[0], self.tower, towers),)
-
-
-class _Format1Unpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("alexnet_mp.model", "Piece"):
-            return _Format1Piece
-        return super().find_class(module, name)
+def _block_problem(entry: Any, shapes: dict[str, torch.Size]) -> str | None:
+    """What makes a shard's entry other than a block of the net of `shapes`: (key, offsets, weights, momentum)."""
+    if not (isinstance(entry, tuple | list) and len(entry) == 4):
+        return "an entry that is not a block"
+    key, offsets, weight, momentum = entry
+    if key not in shapes:
+        return f"a tensor {key!r} that net does not have"
+    shape = shapes[key]
+    if not (isinstance(offsets, tuple | list) and len(offsets) <= len(shape) and all(
+            isinstance(pair, tuple | list) and len(pair) == 2 and all(type(n) is int for n in pair)
+            and 0 <= pair[0] < pair[1] <= size for pair, size in zip(offsets, shape, strict=False))):
+        return f"{key}'s block lies outside its shape {tuple(shape)}"
+    extent = [stop - start for start, stop in offsets] + list(shape[len(offsets):])
+    tensors = [weight] if momentum is None else [weight, momentum]
+    if not all(isinstance(tensor, Tensor) and tensor.is_floating_point() and list(tensor.shape) == extent
+               for tensor in tensors):
+        return f"{key}'s block is not {tuple(extent)} floats"
+    return None
 
 
-_FORMAT_1_PICKLE = types.ModuleType("pickle_format_1")
-_FORMAT_1_PICKLE.Unpickler, _FORMAT_1_PICKLE.load = _Format1Unpickler, pickle.load
-
-
-def _read_format_1(path: Path, arch: str, shapes: dict[str, torch.Size]) -> list[BlockRead]:
-    pieces = torch.load(path, map_location="cpu", weights_only=False, mmap=True,
-                        pickle_module=_FORMAT_1_PICKLE)["pieces"]
-    towers = ARCHITECTURES[arch].towers
-    return [(key, piece.block(key, shapes[key], towers), weight, momentum.get(key))
-            for piece, state, momentum in pieces for key, weight in state.items()]
+def _covered(key: str, blocks: list[BlockRead], shape: torch.Size) -> bool:
+    """Whether the blocks of `key` together hold every value of its whole tensor. Blocks slice leading
+    dimensions, so a mask over those is enough."""
+    mine = [block for name, block, _, _ in blocks if name == key]
+    depth = max((len(block) for block in mine), default=0)
+    mask = torch.zeros(shape[:depth], dtype=torch.bool)
+    for block in mine:
+        mask[block] = True
+    return bool(mine) and bool(mask.all())
 
 
 def load(checkpoint: Checkpoint, strategy: Strategy, optimizer: torch.optim.Optimizer | None) -> None:

@@ -16,7 +16,7 @@ import torch
 from alexnet_mp import checkpoint
 from alexnet_mp.arguments import COUNT, POSITIVE_FLOAT, POSITIVE_INT, Parser, add_train_arguments, train_config
 from alexnet_mp.config import DECODE_PLACES, TrainConfig
-from alexnet_mp.errors import AlexNetMPError, UsageError, from_torch
+from alexnet_mp.errors import AlexNetMPError, GroupNotFormed, UsageError, first_line, from_torch
 from alexnet_mp.preflight import check_run, check_writable
 from alexnet_mp.strategies import STRATEGIES, layout
 from alexnet_mp.strategies.weird_trick import EXCHANGES
@@ -40,23 +40,33 @@ def run_train(config: TrainConfig) -> None:
     # the main process writes the run's record and decides when checkpoints are complete: it holds the folder
     with hold_output(config.output) if launch.is_main else nullcontext():
         if launch.is_main:
-            for leftover in checkpoint.remove_incomplete(config.checkpoints):
+            named = Path(config.resume) if config.resume not in (None, "auto", "latest") else None
+            for leftover in checkpoint.remove_incomplete(config.checkpoints, named):
                 print(f"removed {leftover}: an incomplete checkpoint (a save or pruning cut short)", file=sys.stderr)
-        cuda = torch.cuda.is_available()
-        accelerator = Accelerator(
-            cpu=not cuda, mixed_precision=config.mixed_precision, project_dir=str(config.output),
-            log_with=None if config.tracker == "none" else config.tracker,
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.timeout_s))])
+        try:
+            accelerator = Accelerator(
+                cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
+                project_dir=str(config.output), log_with=None if config.tracker == "none" else config.tracker,
+                kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.timeout_s))])
+        except (RuntimeError, ValueError) as error:  # the process group could not be formed
+            raise GroupNotFormed(f"rank {launch.rank} could not join the process group at "
+                                 f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')} "
+                                 f"({first_line(error)}): check that every rank was started with the same "
+                                 "MASTER_ADDR and a free, non-zero MASTER_PORT (--master_port, --main_process_port) "
+                                 "that each machine can reach") from None
         try:
             train(config, accelerator)
-        except RuntimeError as error:  # torch's own words for a lost peer or exhausted memory
-            named = from_torch(error, launch.rank)
-            if named is None:
+        except (RuntimeError, MemoryError) as error:  # torch's own words for a lost peer or exhausted memory
+            named_error = from_torch(error, launch.rank)
+            if named_error is None:
                 raise
-            raise named from None
+            raise named_error from None
 
 
 def export(args: argparse.Namespace) -> None:
+    if Path(args.out).is_dir():
+        raise UsageError(f"{args.out} is a folder: name the .safetensors file to write, as in "
+                         f"{Path(args.out) / 'net.safetensors'}")
     check_writable(Path(args.out).parent, "file to write")
     found = checkpoint.find(args.checkpoint, Path(args.checkpoint))
     checkpoint.export(found, Path(args.out))
@@ -70,9 +80,9 @@ def evaluate(args: argparse.Namespace) -> None:
     from alexnet_mp.strategies import build
 
     found = checkpoint.find(args.checkpoint, Path(args.checkpoint))
-    meta = found.meta
-    spec = evaluation_data(args, meta)
-    _, val_set = build_datasets(spec, meta["config"]["seed"])
+    meta, trained = found.meta, checkpoint.training_config(found)
+    spec = evaluation_data(args, meta["num_classes"], trained)
+    _, val_set = build_datasets(spec, trained["seed"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     strategy = build(TrainConfig(mode="single", arch=meta["arch"], num_classes=meta["num_classes"]), device)
     checkpoint.load(found, strategy, optimizer=None)
@@ -82,20 +92,22 @@ def evaluate(args: argparse.Namespace) -> None:
           f"top-5 error {result.top5_error:.4f}")
 
 
-def evaluation_data(args: argparse.Namespace, meta: dict) -> DataSpec:
+def evaluation_data(args: argparse.Namespace, num_classes: int, trained: dict) -> DataSpec:
     """The validation set `evaluate` scores: --data's, or by default that of the data the checkpoint's
-    run trained on (its --data, --dataset and --synthetic-size)."""
+    run trained on (`trained`, its config: its --data, --dataset and --synthetic-size)."""
     from alexnet_mp.data import DataSpec
 
-    trained = meta["config"]
     dataset = args.dataset or (trained["dataset"] if args.data is None else "imagefolder")
-    return DataSpec(args.data or trained["data"], dataset, meta["num_classes"],
+    return DataSpec(args.data or trained["data"], dataset, num_classes,
                     args.synthetic_size or trained["synthetic_size"], args.ten_crop, args.decode_on)
 
 
 def experiment(args: argparse.Namespace) -> None:
     from alexnet_mp.experiment import run_experiment
 
+    if args.name in ("", ".", "..") or "/" in args.name or "\0" in args.name or os.sep in args.name:
+        raise UsageError(f"--name {args.name!r}: give one folder name (no '/', not '.' or '..'); the runs go in "
+                         f"{args.output_dir}/NAME")
     modes, ranks = args.modes.split(","), _numbers(args.ranks, int, "--ranks")
     try:
         failed, runs = run_experiment(args.name, modes, ranks, Path(args.output_dir), args.train_args)

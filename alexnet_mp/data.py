@@ -20,10 +20,12 @@ import itertools
 import logging
 import os
 import pickle
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -388,24 +390,69 @@ class CifarSource(ImageSource):
         if missing:
             raise UsageError(f"CIFAR-10 files missing in {folder}: {', '.join(missing)} "
                              "(expected the python version, cifar-10-python.tar.gz, extracted)")
-        images, labels = [], []
-        for name in names:
-            batch = _unpickle(folder / name, b"data", b"labels")
-            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            labels.extend(int(label) for label in batch[b"labels"])
-        self.images, self.targets = np.concatenate(images), np.array(labels, dtype=np.int64)
-        self.classes = [name.decode() for name in _unpickle(folder / "batches.meta", b"label_names")[b"label_names"]]
+        label_names = _unpickle(folder / "batches.meta", b"label_names")[b"label_names"]
+        if not (isinstance(label_names, list) and label_names and all(isinstance(n, bytes) for n in label_names)):
+            raise UsageError(f"{folder / 'batches.meta'} holds no list of class names; re-extract the archive")
+        self.classes = [name.decode(errors="replace") for name in label_names]
+        batches = [_cifar_batch(folder / name, len(self.classes)) for name in names]
+        self.images = np.concatenate([images for images, _ in batches])
+        self.targets = np.concatenate([labels for _, labels in batches])
 
     def load(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index])
 
 
+def _latin1(text: str, encoding: str) -> bytes:
+    """`_codecs.encode` as pickle protocol 2 uses it for bytes (CIFAR's batches were written by Python 2)."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"bytes encoded as {encoding!r}, not latin1")
+    return text.encode("latin1")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler for what a CIFAR-10 python batch holds (dicts, lists, bytes, str, numbers and numpy arrays)
+    and nothing else: a pickle may name any importable callable, which loading calls, so a crafted batch could
+    run code through the standard one."""
+
+    # numpy's own (re)constructors of arrays, under the module names numpy 1 and 2 pickle them with
+    ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
+        **{(module, "_reconstruct"): np.zeros(1).__reduce__()[0]
+           for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+        **{(module, "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0]
+           for module in ("numpy.core.numeric", "numpy._core.numeric")},
+        ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR-10 batch does not hold")
+        return self.ALLOWED[module, name]
+
+
+def _cifar_batch(path: Path, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N, 32, 32, 3] uint8, labels [N] int64) of a CIFAR-10 batch, its rows of 3072 channel-major bytes."""
+    batch = _unpickle(path, b"data", b"labels")
+    data, labels = batch[b"data"], batch[b"labels"]
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise UsageError(f"{path} is not a CIFAR-10 python batch (its data is {found}, not rows of 3072 bytes); "
+                         "re-extract the archive")
+    if not (isinstance(labels, list) and len(labels) == len(data)
+            and all(type(label) is int and 0 <= label < classes for label in labels)):
+        raise UsageError(f"{path} is not a CIFAR-10 python batch (not one label in 0..{classes - 1} per image); "
+                         "re-extract the archive")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.array(labels, dtype=np.int64)
+
+
 def _unpickle(path: Path, *keys: bytes) -> dict:
-    """A CIFAR-10 python batch holding `keys`; a cut or foreign file is one clear error."""
+    """A CIFAR-10 python batch holding `keys`, read with `_CifarUnpickler`; a cut, foreign or crafted file, or
+    one this user cannot read, is one clear error."""
     try:
         with path.open("rb") as file:
-            batch = pickle.load(file, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+            batch = _CifarUnpickler(file, encoding="bytes").load()
+    except OSError as error:
+        raise UsageError(f"{path} cannot be read ({error.strerror}): give this user read access to it") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
         raise UsageError(f"{path} is not a CIFAR-10 python batch ({error}); re-extract the archive") from None
     missing = [key.decode() for key in keys if not isinstance(batch, dict) or key not in batch]
     if missing:
@@ -468,14 +515,25 @@ class _RowSampler:
         return self.stop - self.start
 
 
-def _own_session(worker_id: int) -> None:
-    """A loader worker leaves stopping to the training process. Ctrl-C in a terminal, and torchrun (under
-    `accelerate launch`) passing a stop on to a rank, signal the rank's whole process group: a worker ended
-    by it would end the run mid-step, before its checkpoint. In a session of its own a worker is out of
-    their reach, while the loader still ends it when done (by its pid), and a worker whose training process
-    is gone ends itself (torch's worker watchdog). Ignoring the signals instead would also ignore the
-    loader's own SIGTERM, and a process exiting with a live loader would wait for its workers forever."""
+def _worker_started(worker_id: int) -> None:
+    """A loader worker leaves stopping to its training process, which finishes the step in hand and writes a
+    checkpoint on a stop: a worker ended first would end the run mid-step, with no checkpoint. Ctrl-C in a
+    terminal and torchrun signal the rank's process group: in a session of its own the worker is out of their
+    reach. A one-process `accelerate launch` passes a stop to every process below it, and Slurm signals each
+    process of the job: a worker ignores a SIGTERM from any process but its training process, which is how the
+    loader ends a worker that does not stop when told. A worker whose training process is gone ends itself."""
     os.setsid()
+    training_process = os.getppid()
+    # every thread of the worker blocks SIGTERM (threads started later inherit the mask); one waits for it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def obey_training_process_only() -> None:
+        while True:
+            sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+            if sender == training_process or os.getppid() != training_process:
+                os._exit(0)
+
+    threading.Thread(target=obey_training_process_only, name="sigterm-from-loader", daemon=True).start()
 
 
 def rank_batches(dataset: Dataset, batches: GlobalBatches, image_rows: slice, label_rows: slice,
@@ -508,7 +566,7 @@ def _images(dataset: Dataset, batches: GlobalBatches, rows: slice, start: int, s
     loader = DataLoader(dataset, batch_sampler=_RowSampler(batches, rows, start, stop), num_workers=workers,
                         collate_fn=functools.partial(collate, decode=decode), pin_memory=device.type == "cuda",
                         persistent_workers=False,
-                        worker_init_fn=_own_session,
+                        worker_init_fn=_worker_started,
                         # spawned: a forked child of a process that uses CUDA cannot use CUDA itself
                         multiprocessing_context="spawn" if in_workers else None)
     return _refusals_unwrapped(loader)
@@ -542,6 +600,16 @@ class DataSpec:
     decode_on: str = "workers"
 
 
+def _sources(root: Path, dataset: str) -> tuple[ImageSource, ImageSource]:
+    """The training and validation images under `root`."""
+    if dataset == "cifar10":
+        return CifarSource(root, train=True), CifarSource(root, train=False)
+    if not root.is_dir():
+        raise UsageError(f"--data {root}: no such folder; give a folder with train/ and val/ class folders, "
+                         "or --data synthetic")
+    return FolderSource(root / "train"), FolderSource(root / "val")
+
+
 def build_datasets(spec: DataSpec, seed: int) -> tuple[Dataset, Dataset]:
     """(training set, validation set). Bad paths raise UsageError before any training starts."""
     if spec.decode_on not in DECODE_PLACES:
@@ -553,17 +621,15 @@ def build_datasets(spec: DataSpec, seed: int) -> tuple[Dataset, Dataset]:
         return (SyntheticImages(classes, spec.synthetic_size, seed, split=0),
                 SyntheticImages(classes, max(spec.synthetic_size // 8, 64), seed, split=1, ten_crop=spec.ten_crop))
     root = Path(spec.data)
-    if spec.dataset == "cifar10":
-        train, val = CifarSource(root, train=True), CifarSource(root, train=False)
-    else:
-        if not root.is_dir():
-            raise UsageError(f"--data {root}: no such folder; give a folder with train/ and val/ class folders, "
-                             "or --data synthetic")
-        train, val = FolderSource(root / "train"), FolderSource(root / "val")
-        if val.classes != train.classes:  # labels are class folders' positions: they would mean other classes
-            differ = sorted(set(train.classes) ^ set(val.classes))
-            raise UsageError(f"{root}/train and {root}/val have different class folders ({', '.join(differ[:3])}"
-                             f"{', ...' if len(differ) > 3 else ''}): give both the same classes")
+    try:
+        train, val = _sources(root, spec.dataset)
+    except PermissionError as error:  # a folder or file this user may not read
+        raise UsageError(f"{error.filename or root} cannot be read ({error.strerror}): give this user read access to "
+                         "the data") from None
+    if val.classes != train.classes:  # labels are class folders' positions: they would mean other classes
+        differ = sorted(set(train.classes) ^ set(val.classes))
+        raise UsageError(f"{root}/train and {root}/val have different class folders ({', '.join(differ[:3])}"
+                         f"{', ...' if len(differ) > 3 else ''}): give both the same classes")
     if spec.num_classes not in (None, len(train.classes)):
         raise UsageError(f"{root} has {len(train.classes)} classes, but {spec.num_classes} are asked for (by "
                          "--num-classes, or by the checkpoint evaluated): give data and class count that agree")

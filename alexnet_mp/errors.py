@@ -38,6 +38,12 @@ class PeerLost(AlexNetMPError):
     names_rank = True
 
 
+class GroupNotFormed(AlexNetMPError):
+    """A rank could not join the process group: a launcher's address or port, or a rank that never started."""
+
+    names_rank = True
+
+
 class OutOfMemory(AlexNetMPError):
     """The device, or the shared memory through which loader workers hand batches over, ran out."""
 
@@ -54,6 +60,9 @@ def from_torch(error: BaseException, rank: int) -> AlexNetMPError | None:
     if isinstance(error, torch.cuda.OutOfMemoryError):  # a traceback into the allocator says less than what to change
         return OutOfMemory(f"rank {rank} ran out of GPU memory: lower --batch-size (the global batch), or add "
                            "--mixed-precision bf16 (--resume auto goes on from the newest checkpoint, if any)")
+    if isinstance(error, MemoryError) or "DefaultCPUAllocator" in str(error):  # the host's, or what `ulimit -v` allows
+        return OutOfMemory(f"rank {rank} ran out of host memory: lower --batch-size (the global batch) or --workers "
+                           "(--resume auto goes on from the newest checkpoint, if any)")
     if not isinstance(error, RuntimeError):
         return None
     if "shared memory" in str(error):  # loader workers hand batches over through /dev/shm
@@ -61,10 +70,15 @@ def from_torch(error: BaseException, rank: int) -> AlexNetMPError | None:
                            "give the container more (docker run --shm-size 16g, or --ipc host), or lower --workers "
                            "(0 needs none)")
     if isinstance(error, torch.distributed.DistError) or any(word in str(error) for word in PEER_FAILURE_WORDS):
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return PeerLost(f"rank {rank} lost contact with another process ({first_line}); see that process's output, "
-                        "then resume with --resume latest")
+        return PeerLost(f"rank {rank} lost contact with another process ({first_line(error)}); see that process's "
+                        "output, then resume with --resume latest")
     return None
+
+
+def first_line(error: BaseException) -> str:
+    """An error's message cut to its first line (torch's carry C++ stack traces after it)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def shared_memory_size() -> str:

@@ -193,14 +193,21 @@ def build(config: TrainConfig, accelerator: Accelerator) -> Run:
 
 
 def resume(run: Run, found: checkpoint.Checkpoint) -> None:
+    saved_config = checkpoint.training_config(found)
+    schedule = found.meta["scheduler"]
+    if saved_config.get("lr_schedule", run.config.lr_schedule) != run.config.lr_schedule:
+        raise UsageError(f"{found.path} was written under --lr-schedule {saved_config['lr_schedule']}, not "
+                         f"{run.config.lr_schedule}: pass --lr-schedule {saved_config['lr_schedule']}")
     checkpoint.load(found, run.strategy, run.optimizer)
-    run.scheduler.load_state_dict(found.meta["scheduler"])
+    run.scheduler.load_state_dict(schedule)
     if run.scale and found.meta.get("loss_scale"):
         run.scale.load_state_dict(found.meta["loss_scale"])
-    changes = run.config.sample_stream_changes(found.meta["config"])
-    if changes and current().is_main:
-        print(f"warning: resumed with {', '.join(changes)}: from step {run.start} on, the batches and dropout "
-              "masks are not those the checkpoint's run would have drawn", file=sys.stderr)
+    if current().is_main:
+        print(f"resumed from {found.path} (step {found.step})", file=sys.stderr, flush=True)
+        changes = run.config.sample_stream_changes(saved_config)
+        if changes:
+            print(f"warning: resumed with {', '.join(changes)}: from step {run.start} on, the batches and dropout "
+                  "masks are not those the checkpoint's run would have drawn", file=sys.stderr)
 
 
 def train(config: TrainConfig, accelerator: Accelerator) -> None:
@@ -221,7 +228,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
     while batch is not None:
         step, images, labels = batch
         clock.start()
-        loss, flags = run_step(run, images, labels, step, stop.requested)
+        loss, flags = run_step(run, images, labels, step, stop)
         clock.end()
         # Nothing above waits for a GPU (fp16's overflow check aside): the host decodes and queues the
         # next batch while the device runs this step, and only then waits for the step's flags, time, loss.
@@ -271,12 +278,13 @@ def unreadable_on_any_rank(run: Run) -> int:
     return int(flags.sum())
 
 
-def run_step(run: Run, images: Tensor, labels: Tensor, step: int, stop_requested: bool) -> tuple[Tensor, Tensor]:
-    """One training step, queued: this rank's loss, and the flags every rank agrees on (`agreed_flags`)."""
+def run_step(run: Run, images: Tensor, labels: Tensor, step: int, stop: StopRequest) -> tuple[Tensor, Tensor]:
+    """One training step, queued: this rank's loss, and the flags every rank agrees on (`agreed_flags`). A stop
+    is read once the step is queued, so one that arrives during it ends the run after it, not after the next."""
     run.strategy.ledger.reset()
     with run.autocast(), warmed_up(run.optimizer, warmup_factor(step, run.config.warmup_steps)):
         loss = train_step(run.strategy, run.optimizer, images, labels, step, run.config.batch_size, run.scale)
-    return loss, agreed_flags(stop_requested, loss, int(run.train_set.unreadable.sum()))
+    return loss, agreed_flags(stop.requested, loss, int(run.train_set.unreadable.sum()))
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:

@@ -13,7 +13,7 @@ from alexnet_mp import checkpoint
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.errors import UsageError
 from alexnet_mp.strategies import check_layout
-from alexnet_mp.tracking import require_tracker
+from alexnet_mp.tracking import RUN_RECORD, require_tracker
 from alexnet_mp.world import processes_on_this_machine
 
 
@@ -23,6 +23,7 @@ def check_run(config: TrainConfig, world_size: int) -> None:
     GPU-only speed-up without a GPU, or an output folder that already holds another run or cannot be written."""
     check_layout(config, world_size)
     check_gpus(world_size)
+    check_rendezvous(world_size)
     require_tracker(config.tracker)
     if config.cuda_graphs and not torch.cuda.is_available():
         raise UsageError("--cuda-graphs needs a GPU (none is visible); use --compile alone on a CPU")
@@ -32,6 +33,10 @@ def check_run(config: TrainConfig, world_size: int) -> None:
     if not config.resume and checkpoint.complete_checkpoints(config.checkpoints):
         raise UsageError(f"{config.output} already holds a run with checkpoints: add --resume latest to continue "
                          "it, or choose another --output-dir")
+    record = [name for name in RUN_RECORD if (config.output / name).exists()]
+    if not config.resume and record:
+        raise UsageError(f"{config.output} already holds a run's {' and '.join(record)}: choose another --output-dir "
+                         "(or remove them to start it afresh)")
 
 
 def check_gpus(world_size: int) -> None:
@@ -46,6 +51,22 @@ def check_gpus(world_size: int) -> None:
     if here > gpus:
         raise UsageError(f"{here} processes on this machine, {gpus} GPU(s): each rank needs a GPU of its own; launch "
                          f"at most {gpus} per machine, or run them on the CPU with ACCELERATE_USE_CPU=1")
+
+
+def check_rendezvous(world_size: int) -> None:
+    """What keeps ranks from forming their group, or from forming it again after a restart, refused at once
+    rather than after --timeout. MASTER_PORT 0 names no port a rank can reach. torchrun restarts ranks
+    (--max-restarts) on the rendezvous store its agent shares with them, static or c10d, which keeps the first
+    attempt's addresses: the restarted group never forms (pytorch/pytorch#135712) unless the launcher was
+    given TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, with which c10d rendezvous gives each attempt its own store."""
+    if world_size > 1 and os.environ.get("MASTER_PORT") == "0":
+        raise UsageError("MASTER_PORT is 0, which no rank can reach: give the launcher a free port (torchrun "
+                         "--master_port P, accelerate launch --main_process_port P), or torchrun --standalone")
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise UsageError(f"--max-restarts {restarts}: a restarted group could not form on the launcher's shared "
+                         "store; launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and --rdzv-backend c10d "
+                         "--rdzv-endpoint HOST:PORT (accelerate launch: --rdzv_backend c10d), and --resume auto")
 
 
 def check_writable(folder: Path, what: str) -> None:

@@ -9,7 +9,6 @@ import fcntl
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import sys
 import time
@@ -57,6 +56,8 @@ def writing(path: Path) -> Iterator[None]:
 
 
 RUN_LOCK = "run.lock"  # in OUTPUT: held by the run writing there (`hold_output`)
+CONFIG, METRICS = "config.json", "metrics.jsonl"  # in OUTPUT: the run's record
+RUN_RECORD = (CONFIG, METRICS)
 
 
 @contextmanager
@@ -67,21 +68,35 @@ def hold_output(folder: Path) -> Iterator[None]:
     their metrics, and delete each other's half-written checkpoints. It is an flock, which the kernel drops
     with its process however that ends, so a killed run leaves no stale lock. Where the file system has no
     locks, the run goes on with a warning. A run refused before it wrote anything leaves no folder behind, and
-    one that ends cleanly no lock file."""
+    one that ends, refused or not, no lock file. A lock file that is a symbolic link is refused, not followed."""
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / RUN_LOCK).open("a+") as lock:
+    path = folder / RUN_LOCK
+    with _open_lock(path) as lock:
         _lock(lock, folder)
         try:
             yield
-            (folder / RUN_LOCK).unlink(missing_ok=True)  # a clean end: the flock guarded the live run, the file goes
         finally:  # only while holding the lock: a refused run must not remove a live one's
-            if created and [path.name for path in folder.iterdir()] == [RUN_LOCK]:
-                shutil.rmtree(folder)
+            path.unlink(missing_ok=True)
+            if created and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def _open_lock(path: Path) -> TextIO:
+    """The lock file, created if need be, never through a symbolic link (whose target it would overwrite)."""
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise UsageError(f"{path} is a symbolic link, which a run never writes through: remove it, or choose "
+                         "another --output-dir") from None
+    return os.fdopen(descriptor, "r+")
 
 
 def _lock(lock: TextIO, folder: Path) -> None:
-    """Takes `lock` (the open RUN_LOCK of `folder`) and writes this process's pid and host into it."""
+    """Takes `lock` (the open RUN_LOCK of `folder`) and writes this process's pid and host into it. A lock taken
+    on a file that its holder removed as it ended (this process opened it just before) is taken again, anew."""
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -94,6 +109,12 @@ def _lock(lock: TextIO, folder: Path) -> None:
             raise
         print(f"warning: {folder}'s file system has no locks ({error.strerror}): a second run into it at the "
               "same time would not be refused", file=sys.stderr)
+    try:
+        current = os.stat(folder / RUN_LOCK, follow_symlinks=False).st_ino
+    except FileNotFoundError:
+        current = None
+    if current != os.fstat(lock.fileno()).st_ino:
+        raise UsageError(f"{folder} was in use by a run that has just ended: start again")
     with writing(folder / RUN_LOCK):
         lock.truncate(0)
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -129,7 +150,7 @@ class Tracker:
     def __init__(self, accelerator: Accelerator, description: dict[str, Any], config: TrainConfig, total: int,
                  resumed_at: int = 0) -> None:
         self.accelerator, self.active, self.config, self.total = accelerator, current().is_main, config, total
-        self.metrics_path = config.output / "metrics.jsonl"
+        self.metrics_path = config.output / METRICS
         self.uses_trackers = config.tracker != "none"
         self.lines = not sys.stderr.isatty()  # on a terminal, the progress bar says it
         self.began = self.wall_before = 0.0
@@ -139,8 +160,8 @@ class Tracker:
         kept = self._keep_steps_before(resumed_at)
         # a resumed run's clock goes on from its checkpoint's (records from before wall_s have none)
         self.wall_before = max((row.get("wall_s", 0.0) for row in kept), default=0.0)
-        with writing(config.output / "config.json"):
-            (config.output / "config.json").write_text(json.dumps(description, indent=2, sort_keys=True, default=str)
+        with writing(config.output / CONFIG):
+            (config.output / CONFIG).write_text(json.dumps(description, indent=2, sort_keys=True, default=str)
                                                        + "\n")
         if self.uses_trackers:
             settings = {}

@@ -220,8 +220,7 @@ def test_evaluate_scores_the_data_the_run_trained_on_unless_given_other_data(fla
     from alexnet_mp.config import TrainConfig
 
     trained = TrainConfig(data="/data/cifar", dataset="cifar10", synthetic_size=512)
-    spec = evaluation_data(parser().parse_args(["evaluate", "runs/a", *flags]),
-                           {"num_classes": 10, "config": trained.to_dict()})
+    spec = evaluation_data(parser().parse_args(["evaluate", "runs/a", *flags]), 10, trained.to_dict())
     assert (spec.data, spec.dataset, spec.synthetic_size) == expected
 
 
