@@ -17,6 +17,7 @@ order and augmentation on (seed, epoch, sample), so step N of a resumed run is s
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -162,11 +163,18 @@ def _write(staging: Path, final: Path, strategy: Strategy, optimizer: torch.opti
         if (final / "meta.json").is_file():  # this run's own, from before a resume from an earlier one
             _remove(final)
         elif final.exists():  # not a checkpoint this program completed: kept, out of the way
-            os.replace(final, final.with_name(final.name + SET_ASIDE))
-            print(f"warning: {final} had no meta.json; it is kept as {final.name + SET_ASIDE}", file=sys.stderr)
+            _set_aside(final)
         os.replace(staging, final)
         for old in complete_checkpoints(final.parent)[:-keep]:
             _remove(old)
+
+
+def _set_aside(folder: Path) -> None:
+    """Renames `folder` to a free name out of the checkpoint namespace, with a warning."""
+    aside = next(candidate for number in itertools.count(1) if not (candidate := folder.with_name(
+        folder.name + SET_ASIDE + (f"-{number}" if number > 1 else ""))).exists())
+    os.replace(folder, aside)
+    print(f"warning: {folder} had no meta.json, so it is no checkpoint; it is kept as {aside.name}", file=sys.stderr)
 
 
 class _HashingWriter:

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -734,3 +735,22 @@ def test_a_rank_killed_under_elastic_restarts_is_restarted_and_the_run_ends_as_t
     assert run.returncode == 0, errors[-3000:]
     assert f"resumed from {tmp_path / 'checkpoints'}" in errors
     assert [row["loss"] for row in metrics(tmp_path)] == straight
+
+
+def test_a_one_process_accelerate_launch_shows_a_refusal_as_its_one_line():
+    """`-q`: without it accelerate wraps a failed run in a CalledProcessError traceback of its own."""
+    result = subprocess.run([ACCELERATE, "launch", "-q", "--config_file", str(ROOT / "launch" / "one-process.yaml"),
+                             "train.py", "--mode", "magic"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **ENV})
+    assert result.returncode == 1  # accelerate's own exit code for any failure
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown --mode 'magic'; choose one of: single, data-parallel, paper-split, weird-trick, fsdp, "
+        "pipeline, tensor-parallel"]
+
+
+def test_every_documented_accelerate_launch_is_quiet():
+    documents = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "launch").glob("*.yaml"))]
+    loud = [f"{path.name}: {match.group(0)}" for path in documents
+            for match in re.finditer(r"accelerate launch (?!-q)(--config_file|train\.py|--multi_gpu)\S*",
+                                     path.read_text())]
+    assert loud == []

@@ -80,16 +80,18 @@ def test_loss_difference_from_single_is_below_float_tolerance(trial):
 
 def test_an_experiment_with_a_failed_run_compares_the_others_then_exits_1_naming_it(trial, tmp_path, capsys,
                                                                                      monkeypatch):
-    """The runs are stood in for: single by the trial's record, paper-split by a launch that fails."""
+    """The runs are stood in for: single by a launch that writes the trial's record, paper-split by one that
+    fails."""
     from alexnet_mp import experiment
 
-    single = tmp_path / "trial" / "single-1"
-    single.mkdir(parents=True)
-    for record in ("config.json", "metrics.jsonl"):
-        shutil.copy(trial / "single-1" / record, single / record)
     class Launched:
         def __init__(self, command: list[str], env: dict[str, str]) -> None:
             self.code = 1 if "paper-split" in command else 0
+            if "single" in command:
+                single = tmp_path / "trial" / "single-1"
+                single.mkdir(parents=True)
+                for record in ("config.json", "metrics.jsonl"):
+                    shutil.copy(trial / "single-1" / record, single / record)
 
         def wait(self) -> int:
             return self.code

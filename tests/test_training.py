@@ -314,10 +314,10 @@ def test_an_unreadable_checkpoint_is_refused_in_one_line_naming_the_one_before_i
     _, resumed = straight_and_resumed
     newest = checkpoint.find("latest", resumed / "checkpoints").path
     folder = tmp_path / "checkpoints"
-    for name in ("step-00000003", "step-00000006"):
-        (folder / name).mkdir(parents=True)
-        shutil.copy(newest / "meta.json", folder / name / "meta.json")
+    shutil.copytree(newest, folder / "step-00000003", copy_function=os.link)  # an earlier one that verifies
     damaged = folder / "step-00000006"
+    damaged.mkdir()
+    shutil.copy(newest / "meta.json", damaged / "meta.json")
     if damage == "a shard cut short":
         with (newest / "shard-00000.pt").open("rb") as shard:
             (damaged / "shard-00000.pt").write_bytes(shard.read(4096))
