@@ -12,6 +12,8 @@ import pytest
 
 from tests.launching import ENV, ROOT, in_process, one_line_error
 
+pytestmark = pytest.mark.slow  # the benchmark matrix, run on real processes
+
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> dict:

@@ -43,12 +43,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return done
 
 
+@pytest.mark.slow
 def test_paper_split_writes_the_loss_of_every_step_to_metrics_jsonl(runs):
     rows = metrics(runs["paper-split", 2])
     assert [row["step"] for row in rows] == [0, 1, 2]
     assert all(isinstance(row["loss"], float) for row in rows)
 
 
+@pytest.mark.slow
 def test_each_logged_step_records_the_wall_time_trained_so_far(runs):
     rows = metrics(runs["paper-split", 2])
     trained = 0.0
@@ -58,6 +60,7 @@ def test_each_logged_step_records_the_wall_time_trained_so_far(runs):
     assert rows[-1]["wall_s"] < 60  # seconds trained, not a clock's reading
 
 
+@pytest.mark.slow
 def test_paper_split_logs_the_time_blocked_on_each_link(runs):
     (first, *_) = metrics(runs["paper-split", 2])
     links = {key.split("/")[1] for key in first if key.startswith("comm_wait_s/")}
@@ -65,12 +68,14 @@ def test_paper_split_logs_the_time_blocked_on_each_link(runs):
     assert first["comm_wait_s"] == pytest.approx(sum(first[f"comm_wait_s/{link}"] for link in links))
 
 
+@pytest.mark.slow
 def test_every_layout_logs_the_same_losses_as_single(runs):
     reference = [row["loss"] for row in metrics(runs["single", 1])]
     for key, directory in runs.items():
         assert [row["loss"] for row in metrics(directory)] == pytest.approx(reference, rel=1e-4), key
 
 
+@pytest.mark.slow
 def test_config_json_records_what_defines_the_run(runs):
     config = json.loads((runs["paper-split", 2] / "config.json").read_text())
     assert (config["mode"], config["world_size"], config["batch_size"], config["per_rank_batch"]) == \
@@ -265,6 +270,7 @@ def test_speed_flags_become_the_strategys_speed_ups():
     assert config.speed == Speed(channels_last=True, compile=True, cuda_graphs=False)
 
 
+@pytest.mark.slow
 def test_fp16_paper_split_runs_with_a_loss_scale_and_starts_at_the_float32_loss(runs, tmp_path):
     """fp16 autocast through the links, with one dynamic loss scale every rank agrees on. Steps whose
     scaled gradients overflow are skipped (and the scale halved), as with any dynamic loss scale, so
@@ -277,6 +283,7 @@ def test_fp16_paper_split_runs_with_a_loss_scale_and_starts_at_the_float32_loss(
     assert all(math.isfinite(row["loss"]) and math.log2(row["loss_scale"]).is_integer() for row in rows)
 
 
+@pytest.mark.slow
 def test_bf16_paper_split_logs_the_float32_losses_within_bf16_tolerance(runs, tmp_path):
     """bf16 autocast through the links; tolerance 2e-2 relative (bf16 keeps 8 bits of mantissa)."""
     result = run_ranks("--mode", "paper-split", "--steps", "2", "--batch-size", "4", "--seed", "0", "--num-classes",

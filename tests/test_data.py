@@ -251,6 +251,7 @@ def test_jpegs_decoded_on_the_device_are_the_pixels_the_workers_decode(tmp_path,
                                    batch_of_everything(workers_set, workers=workers), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_jpegs_decoded_on_the_device_in_spawned_workers_are_the_pixels_the_workers_decode(tmp_path, monkeypatch):
     by_workers, by_device = (train for train, _ in decoded_both_ways(write_image_tree(tmp_path), "device-in-workers"))
 
@@ -293,6 +294,7 @@ def test_nvjpeg_decodes_to_what_the_workers_decode_within_a_level(tmp_path, on_d
     assert levels.abs().mean() < 1
 
 
+@pytest.mark.slow
 def test_a_process_that_ends_with_a_live_loader_ends_with_its_workers():
     """Its loader is still open at exit (a run that failed mid-epoch keeps it in the failure's traceback):
     Python's exit ends the workers with SIGTERM and waits for them. Workers that ignored it, to outlive a

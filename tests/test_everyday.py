@@ -15,6 +15,8 @@ import pytest
 from alexnet_mp import loop
 from tests.launching import ENV, ROOT, in_process, metrics, process_state_restored
 
+pytestmark = pytest.mark.slow  # whole training runs
+
 TOY = ["--mode", "single", "--batch-size", "4", "--num-classes", "10", "--workers", "0", "--synthetic-size", "8"]
 
 

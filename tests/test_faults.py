@@ -96,6 +96,7 @@ def stop_every_rank(ranks: list[subprocess.Popen], folder: Path) -> None:
                                    stop_every_rank],
                          ids=["kill -9 rank 1 mid-step", "kill -9 all 0 s into a save",
                               "kill -9 all 0.15 s into a save", "kill -9 all 0.4 s into a save", "SIGTERM"])
+@pytest.mark.slow
 def test_a_run_stopped_by_a_fault_resumes_to_the_straight_runs_losses_exactly(straight, fault, tmp_path):
     ranks = start_ranks(*PAPER_SPLIT, "--timeout", "20", "--output-dir", str(tmp_path), processes=2,
                         own_process_groups=True)
@@ -110,6 +111,7 @@ def test_a_run_stopped_by_a_fault_resumes_to_the_straight_runs_losses_exactly(st
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_save_keeps_the_last_checkpoint_and_resumes_to_the_straight_runs_losses(straight, tmp_path):
     """On a 700 MiB tmpfs (in a mount namespace of its own), step 1's checkpoint (about 435 MiB) fits and
     step 2's does not: the run stops in one line, and the folder copied out resumes exactly."""
@@ -130,6 +132,7 @@ def test_a_full_disk_mid_save_keeps_the_last_checkpoint_and_resumes_to_the_strai
     assert [row["loss"] for row in metrics(kept)] == straight
 
 
+@pytest.mark.slow
 def test_a_launcher_killed_with_its_process_group_leaves_no_rank_running(tmp_path):
     """torchrun starts each rank in a session of its own, out of reach of a kill of the launcher's group."""
     launcher = subprocess.Popen(
@@ -174,9 +177,9 @@ def test_pruning_renames_a_checkpoint_out_of_reach_before_deleting_it(tmp_path, 
     assert checkpoint.complete_checkpoints(tmp_path) == []
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished one-process run of 2 steps with checkpoints at both."""
+    """A finished one-process run of 2 steps with checkpoints at both (once a worker: its classes share it)."""
     folder = tmp_path_factory.mktemp("finished") / "run"
     train_in_process("--mode", "single", "--batch-size", "4", "--num-classes", "10", "--workers", "0",
                      "--synthetic-size", "8", "--steps", "2", "--checkpoint-every", "1", "--output-dir", str(folder))
@@ -272,6 +275,7 @@ def test_unreadable_images_within_the_limit_are_counted_at_each_epochs_end(tmp_p
     assert "epoch 0: 1 unreadable training images skipped so far" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_unreadable_images_met_by_different_ranks_are_each_counted_once(tmp_path):
     from tests.test_data import write_image_tree
 
@@ -287,6 +291,7 @@ def test_unreadable_images_met_by_different_ranks_are_each_counted_once(tmp_path
     assert f"epoch 0: {len(bad)} unreadable training images skipped so far" in result.stdout
 
 
+@pytest.mark.slow
 def test_every_rank_that_refuses_input_says_so_in_its_own_line_naming_itself(tmp_path):
     """A launcher may kill the other ranks as soon as one exits: a line left to rank 0 alone could be lost."""
     result = run_ranks("--mode", "weird-trick", "--fc-update", "per-round", "--output-dir", str(tmp_path),
@@ -436,148 +441,152 @@ READS_A_CHECKPOINT = {
 }
 
 
-@pytest.mark.parametrize("format_", [1, 2], ids=["format 1", "format 2 with its checksum"])
-@pytest.mark.parametrize("command", READS_A_CHECKPOINT)
-def test_a_crafted_checkpoint_runs_no_code_through_any_command(single_run, tmp_path, command, format_, capsys):
-    marker = tmp_path / "code-ran"
-    craft_checkpoint(single_run, marker, format_)
-    with process_state_restored():
-        result = in_process(capsys, *READS_A_CHECKPOINT[command](single_run, tmp_path))
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert not marker.exists()
-    assert "step-00000002" in one_line_error(result) and "Traceback" not in result.stderr
-
-
-@pytest.mark.parametrize("command", ["train", "evaluate"])
-def test_a_crafted_cifar_batch_runs_no_code(single_run, tmp_path, command, capsys):
-    from tests.test_data import write_cifar
-
-    root, marker = write_cifar(tmp_path / "data"), tmp_path / "code-ran"
-    for name in ("batches.meta", "data_batch_1", "test_batch"):
-        (root / "cifar-10-batches-py" / name).write_bytes(pickle.dumps(RunsCode(marker)))
-    data = ["--dataset", "cifar10", "--data", str(root)]
-    arguments = [*TRAIN, *data, "--output-dir", str(tmp_path / "new-run")] if command == "train" else \
-        ["evaluate", str(single_run), *data, "--workers", "0"]
-    with process_state_restored():
-        result = in_process(capsys, *arguments)
-    assert result.returncode == 2
-    assert not marker.exists()
-    assert "which a CIFAR-10 batch does not hold" in one_line_error(result)
-
-
-def test_a_cifar_batch_of_the_wrong_shape_is_refused_in_one_line(tmp_path, capsys):
-    from tests.test_data import write_cifar
-
-    root = write_cifar(tmp_path / "data")
-    (root / "cifar-10-batches-py" / "data_batch_2").write_bytes(
-        pickle.dumps({b"data": np.zeros((4, 1000), np.uint8), b"labels": [0, 1, 2, 3]}))
-    with process_state_restored():
-        result = in_process(capsys, *TRAIN, "--dataset", "cifar10", "--data", str(root), "--output-dir",
-                            str(tmp_path / "run"))
-    assert result.returncode == 2
-    assert "its data is uint8 (4, 1000), not rows of 3072 bytes" in one_line_error(result)
-
-
-@pytest.fixture
-def world_readable() -> Iterator[Path]:
-    """A folder any user can reach (pytest's own are root's alone), removed afterwards."""
-    folder = Path(tempfile.mkdtemp())
-    folder.chmod(0o755)
-    yield folder
-    shutil.rmtree(folder)
-
-
-@pytest.mark.parametrize("unreadable", ["an image folder", "a CIFAR batch"])
-def test_data_this_user_cannot_read_is_refused_in_one_line(world_readable, unreadable, capsys):
-    """Run as `nobody`: root reads every file whatever its mode."""
-    from tests.test_data import write_cifar, write_image_tree
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root, to act as another user")
-    if unreadable == "an image folder":
-        root, data = write_image_tree(world_readable / "data"), []
-        (root / "train").chmod(0o700)
-    else:
-        root, data = write_cifar(world_readable / "data"), ["--dataset", "cifar10"]
-        (root / "cifar-10-batches-py" / "data_batch_3").chmod(0o600)
-    out = world_readable / "out"
-    out.mkdir()
-    out.chmod(0o777)
-    os.setegid(65534)
-    os.seteuid(65534)
-    try:
+class TestFilesAUserHandsInRunNoCode:
+    @pytest.mark.parametrize("format_", [1, 2], ids=["format 1", "format 2 with its checksum"])
+    @pytest.mark.parametrize("command", READS_A_CHECKPOINT)
+    def test_a_crafted_checkpoint_runs_no_code_through_any_command(self, single_run, tmp_path, command, format_,
+                                                                   capsys):
+        marker = tmp_path / "code-ran"
+        craft_checkpoint(single_run, marker, format_)
         with process_state_restored():
-            result = in_process(capsys, *TRAIN, "--data", str(root), *data, "--output-dir", str(out / "run"))
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
-    assert result.returncode == 2
-    assert "cannot be read (Permission denied): give this user read access" in one_line_error(result)
+            result = in_process(capsys, *READS_A_CHECKPOINT[command](single_run, tmp_path))
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert not marker.exists()
+        assert "step-00000002" in one_line_error(result) and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ""])
-def test_an_experiment_name_is_one_folder_name(tmp_path, name, capsys):
-    result = in_process(capsys, "experiment", "--name", name, "--modes", "single", "--output-dir",
-                        str(tmp_path / "runs" / "here"))
-    assert result.returncode == 2
-    assert "give one folder name" in one_line_error(result)
-    assert list(tmp_path.iterdir()) == []
+    @pytest.mark.parametrize("command", ["train", "evaluate"])
+    def test_a_crafted_cifar_batch_runs_no_code(self, single_run, tmp_path, command, capsys):
+        from tests.test_data import write_cifar
+
+        root, marker = write_cifar(tmp_path / "data"), tmp_path / "code-ran"
+        for name in ("batches.meta", "data_batch_1", "test_batch"):
+            (root / "cifar-10-batches-py" / name).write_bytes(pickle.dumps(RunsCode(marker)))
+        data = ["--dataset", "cifar10", "--data", str(root)]
+        arguments = [*TRAIN, *data, "--output-dir", str(tmp_path / "new-run")] if command == "train" else \
+            ["evaluate", str(single_run), *data, "--workers", "0"]
+        with process_state_restored():
+            result = in_process(capsys, *arguments)
+        assert result.returncode == 2
+        assert not marker.exists()
+        assert "which a CIFAR-10 batch does not hold" in one_line_error(result)
+
+
+    def test_a_cifar_batch_of_the_wrong_shape_is_refused_in_one_line(self, tmp_path, capsys):
+        from tests.test_data import write_cifar
+
+        root = write_cifar(tmp_path / "data")
+        (root / "cifar-10-batches-py" / "data_batch_2").write_bytes(
+            pickle.dumps({b"data": np.zeros((4, 1000), np.uint8), b"labels": [0, 1, 2, 3]}))
+        with process_state_restored():
+            result = in_process(capsys, *TRAIN, "--dataset", "cifar10", "--data", str(root), "--output-dir",
+                                str(tmp_path / "run"))
+        assert result.returncode == 2
+        assert "its data is uint8 (4, 1000), not rows of 3072 bytes" in one_line_error(result)
+
+
+    @pytest.fixture
+    def world_readable(self) -> Iterator[Path]:
+        """A folder any user can reach (pytest's own are root's alone), removed afterwards."""
+        folder = Path(tempfile.mkdtemp())
+        folder.chmod(0o755)
+        yield folder
+        shutil.rmtree(folder)
+
+
+    @pytest.mark.parametrize("unreadable", ["an image folder", "a CIFAR batch"])
+    def test_data_this_user_cannot_read_is_refused_in_one_line(self, world_readable, unreadable, capsys):
+        """Run as `nobody`: root reads every file whatever its mode."""
+        from tests.test_data import write_cifar, write_image_tree
+
+        if os.geteuid() != 0:
+            pytest.skip("needs root, to act as another user")
+        if unreadable == "an image folder":
+            root, data = write_image_tree(world_readable / "data"), []
+            (root / "train").chmod(0o700)
+        else:
+            root, data = write_cifar(world_readable / "data"), ["--dataset", "cifar10"]
+            (root / "cifar-10-batches-py" / "data_batch_3").chmod(0o600)
+        out = world_readable / "out"
+        out.mkdir()
+        out.chmod(0o777)
+        os.setegid(65534)
+        os.seteuid(65534)
+        try:
+            with process_state_restored():
+                result = in_process(capsys, *TRAIN, "--data", str(root), *data, "--output-dir", str(out / "run"))
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+        assert result.returncode == 2
+        assert "cannot be read (Permission denied): give this user read access" in one_line_error(result)
+
+
+    @pytest.mark.parametrize("name", ["../../x", "a/b", "..", ""])
+    def test_an_experiment_name_is_one_folder_name(self, tmp_path, name, capsys):
+        result = in_process(capsys, "experiment", "--name", name, "--modes", "single", "--output-dir",
+                            str(tmp_path / "runs" / "here"))
+        assert result.returncode == 2
+        assert "give one folder name" in one_line_error(result)
+        assert list(tmp_path.iterdir()) == []
 
 
 # No checkpoint lost or silently altered.
 
-@pytest.mark.parametrize("named", ["step-00000002", "step-00000002.tmp"])
-def test_a_refused_resume_deletes_nothing_of_the_folder_it_names(single_run, named, capsys):
-    folder = single_run / "checkpoints" / named
-    os.replace(single_run / "checkpoints" / "step-00000002", folder)
-    (folder / "meta.json").unlink()
-    before = files_digest(single_run / "checkpoints")
-    with process_state_restored():
-        result = in_process(capsys, *TRAIN, "--resume", str(folder), "--output-dir", str(single_run))
-    assert result.returncode == 2
-    assert "is not a checkpoint folder (no meta.json)" in one_line_error(result)
-    assert files_digest(single_run / "checkpoints") == before
+class TestNoCheckpointLostOrChanged:
+    @pytest.mark.parametrize("named", ["step-00000002", "step-00000002.tmp"])
+    def test_a_refused_resume_deletes_nothing_of_the_folder_it_names(self, single_run, named, capsys):
+        folder = single_run / "checkpoints" / named
+        os.replace(single_run / "checkpoints" / "step-00000002", folder)
+        (folder / "meta.json").unlink()
+        before = files_digest(single_run / "checkpoints")
+        with process_state_restored():
+            result = in_process(capsys, *TRAIN, "--resume", str(folder), "--output-dir", str(single_run))
+        assert result.returncode == 2
+        assert "is not a checkpoint folder (no meta.json)" in one_line_error(result)
+        assert files_digest(single_run / "checkpoints") == before
 
 
-@pytest.mark.parametrize("command", READS_A_CHECKPOINT)
-def test_a_changed_shard_is_named_with_the_newest_earlier_checkpoint_that_verifies(single_run, tmp_path, command,
-                                                                                  capsys):
-    overwrite_middle(shard_of(single_run), 0xFF)
-    with process_state_restored():
-        result = in_process(capsys, *READS_A_CHECKPOINT[command](single_run, tmp_path))
-    assert result.returncode == 2
-    message = one_line_error(result)
-    assert f"{shard_of(single_run)} does not match the SHA-256 recorded when it was written" in message
-    assert message.endswith(f"use an earlier checkpoint: {single_run / 'checkpoints' / 'step-00000001'}")
+    @pytest.mark.parametrize("command", READS_A_CHECKPOINT)
+    def test_a_changed_shard_is_named_with_the_newest_earlier_checkpoint_that_verifies(self, single_run, tmp_path,
+                                                                                      command, capsys):
+        overwrite_middle(shard_of(single_run), 0xFF)
+        with process_state_restored():
+            result = in_process(capsys, *READS_A_CHECKPOINT[command](single_run, tmp_path))
+        assert result.returncode == 2
+        message = one_line_error(result)
+        assert f"{shard_of(single_run)} does not match the SHA-256 recorded when it was written" in message
+        assert message.endswith(f"use an earlier checkpoint: {single_run / 'checkpoints' / 'step-00000001'}")
 
 
-def test_an_earlier_checkpoint_that_does_not_verify_is_not_offered(single_run, capsys):
-    overwrite_middle(shard_of(single_run), 0xFF)
-    overwrite_middle(single_run / "checkpoints" / "step-00000001" / "shard-00000.pt", 0xFF)
-    with process_state_restored():
-        result = in_process(capsys, *TRAIN, "--resume", "latest", "--output-dir", str(single_run))
-    assert result.returncode == 2
-    assert one_line_error(result).endswith("no earlier checkpoint beside it verifies")
+    def test_an_earlier_checkpoint_that_does_not_verify_is_not_offered(self, single_run, capsys):
+        overwrite_middle(shard_of(single_run), 0xFF)
+        overwrite_middle(single_run / "checkpoints" / "step-00000001" / "shard-00000.pt", 0xFF)
+        with process_state_restored():
+            result = in_process(capsys, *TRAIN, "--resume", "latest", "--output-dir", str(single_run))
+        assert result.returncode == 2
+        assert one_line_error(result).endswith("no earlier checkpoint beside it verifies")
 
 
-@pytest.mark.parametrize("meta", [{"num_classes": 1000}, {"num_classes": -1}, {"arch": "owt"}],
-                         ids=["num_classes 1000", "num_classes -1", "arch owt"])
-@pytest.mark.parametrize("command", ["export", "evaluate"])
-def test_a_meta_json_that_does_not_match_its_shards_is_refused_in_one_line(single_run, tmp_path, command, meta,
-                                                                          capsys):
-    edit_meta(single_run, **meta)
-    with process_state_restored():
-        result = in_process(capsys, *READS_A_CHECKPOINT[command](single_run, tmp_path))
-    assert result.returncode == 2
-    assert "step-00000002" in one_line_error(result) and "Traceback" not in result.stderr
+    @pytest.mark.parametrize("meta", [{"num_classes": 1000}, {"num_classes": -1}, {"arch": "owt"}],
+                             ids=["num_classes 1000", "num_classes -1", "arch owt"])
+    @pytest.mark.parametrize("command", ["export", "evaluate"])
+    def test_a_meta_json_that_does_not_match_its_shards_is_refused_in_one_line(self, single_run, tmp_path, command,
+                                                                              meta, capsys):
+        edit_meta(single_run, **meta)
+        with process_state_restored():
+            result = in_process(capsys, *READS_A_CHECKPOINT[command](single_run, tmp_path))
+        assert result.returncode == 2
+        assert "step-00000002" in one_line_error(result) and "Traceback" not in result.stderr
 
 
-def test_export_into_an_existing_folder_is_refused_in_one_line(single_run, tmp_path, capsys):
-    result = in_process(capsys, "export", str(single_run), str(tmp_path))
-    assert result.returncode == 2
-    assert "is a folder: name the .safetensors file to write" in one_line_error(result)
+    def test_export_into_an_existing_folder_is_refused_in_one_line(self, single_run, tmp_path, capsys):
+        result = in_process(capsys, "export", str(single_run), str(tmp_path))
+        assert result.returncode == 2
+        assert "is a folder: name the .safetensors file to write" in one_line_error(result)
 
 
+@pytest.mark.slow
 def test_running_out_of_host_memory_is_one_line_saying_what_to_lower(tmp_path):
     script = (f"ulimit -v 10000000; exec {sys.executable} train.py --mode single --batch-size 4000 --num-classes 10 "
               f"--workers 0 --steps 1 --no-checkpoints --output-dir {tmp_path / 'run'}")
@@ -603,6 +612,7 @@ def test_restarts_on_a_store_shared_across_attempts_are_refused_before_the_first
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in one_line_error(result)
 
 
+@pytest.mark.slow
 def test_a_rank_that_cannot_join_its_group_says_so_in_one_line_within_its_timeout(tmp_path):
     """Rank 1 alone: nobody serves the store at MASTER_PORT."""
     environment = {**os.environ, **ENV, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
@@ -737,6 +747,7 @@ def test_a_rank_killed_under_elastic_restarts_is_restarted_and_the_run_ends_as_t
     assert [row["loss"] for row in metrics(tmp_path)] == straight
 
 
+@pytest.mark.slow
 def test_a_one_process_accelerate_launch_shows_a_refusal_as_its_one_line():
     """`-q`: without it accelerate wraps a failed run in a CalledProcessError traceback of its own."""
     result = subprocess.run([ACCELERATE, "launch", "-q", "--config_file", str(ROOT / "launch" / "one-process.yaml"),

@@ -25,6 +25,8 @@ from tests.equivalence import (
     run_per_round_reference,
 )
 
+pytestmark = pytest.mark.slow  # the weird trick's rounds on real processes
+
 RANKS = 2
 
 

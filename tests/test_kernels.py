@@ -12,6 +12,8 @@ import pytest
 
 from tests.lrn_kernel_errors import CASES
 
+pytestmark = pytest.mark.slow  # Triton kernels (a GPU)
+
 pytest.importorskip("triton", reason="Triton comes with torch's CUDA wheels on Linux only")
 
 FLOAT32_TOLERANCE, BF16_TOLERANCE = 1e-6, 1e-2

@@ -25,6 +25,8 @@ from tests.equivalence import (
     run_layout_both_precisions,
 )
 
+pytestmark = pytest.mark.slow  # the towers on real processes
+
 
 @pytest.fixture(scope="module")
 def reference(references) -> dict:

@@ -21,6 +21,8 @@ from tests.conftest import REFERENCE_BATCH as BATCH
 from tests.equivalence import FLOAT64_TOLERANCE, assert_same, layout_logits, merged, relative_error, run_layout
 from tests.launching import in_process, metrics, process_state_restored
 
+pytestmark = pytest.mark.slow  # a toy layout trained under train, plan, bench and experiment
+
 
 class EveryRankWhole(Strategy):
     """A toy layout: every rank runs the whole net on the whole global batch, and nothing is exchanged."""

@@ -15,6 +15,8 @@ from PIL import Image
 
 from tests.launching import ENV, ROOT, in_process, metrics, one_line_error
 
+pytestmark = pytest.mark.slow  # experiments of launched runs
+
 PLOTS = ("images_per_s.png", "step_time_breakdown.png", "loss.png", "bytes_per_step.png")
 
 

@@ -18,6 +18,8 @@ from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import Strategy, build
 from tests.equivalence import CLASSES, global_batch
 
+pytestmark = pytest.mark.slow  # checkpoints saved and loaded across layouts on real processes
+
 BATCH = 4
 LAYOUTS = ("data-parallel", "paper-split", "weird-trick", "fsdp", "pipeline", "tensor-parallel")
 # Each moves into and from every other layout; the others' moves among themselves: tests/test_training.py

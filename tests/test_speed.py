@@ -32,6 +32,8 @@ from tests.equivalence import (
     run_layout,
 )
 
+pytestmark = pytest.mark.slow  # the fast paths held to the reference by training
+
 CHANNELS_LAST = Variant(speed=Speed(channels_last=True))
 BF16_CHANNELS_LAST = Variant("bf16", Speed(channels_last=True))
 COMPILED = Variant(speed=Speed(compile=True))

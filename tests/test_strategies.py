@@ -23,6 +23,8 @@ from tests.equivalence import (
     run_layout_both_precisions,
 )
 
+pytestmark = pytest.mark.slow  # every layout held to the one-device reference on real processes
+
 
 @dataclass(frozen=True)
 class Layout:

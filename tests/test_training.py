@@ -32,6 +32,8 @@ from tests.launching import (
     start_ranks,
 )
 
+pytestmark = pytest.mark.slow  # whole training runs, launched and in this process
+
 CLASSES = ["--num-classes", "10"]
 
 
