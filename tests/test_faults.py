@@ -227,9 +227,7 @@ def test_a_step_folder_without_meta_json_is_never_deleted_and_a_save_of_its_step
     orphan.mkdir()
     (orphan / "shard-00000.pt").write_bytes(b"weights")
     with process_state_restored():
-        result = in_process(capsys, "train", "--mode", "single", "--batch-size", "4", "--num-classes", "10",
-                            "--workers", "0", "--synthetic-size", "8", "--steps", "3", "--resume", "latest",
-                            "--output-dir", str(single_run))
+        result = in_process(capsys, *TRAIN, "--resume", "latest", "--output-dir", str(single_run))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (single_run / "checkpoints" / "step-00000003.set-aside" / "shard-00000.pt").read_bytes() == b"weights"
     assert (orphan / "meta.json").is_file()
