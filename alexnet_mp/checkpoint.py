@@ -308,9 +308,9 @@ def _meta_problem(meta: Any) -> str | None:
     if not isinstance(shards, list) or not all(isinstance(name, str) and SHARD_NAME.fullmatch(name)
                                                for name in shards):
         return "shards is not a list of shard-NNNNN.pt names"
-    digests = meta.get("sha256", {})
-    if not isinstance(digests, dict) or sorted(digests) != sorted(shards if "sha256" in meta else ()) or not all(
-            isinstance(digest, str) and SHA256.fullmatch(digest) for digest in digests.values()):
+    digests = meta.get("sha256")  # absent from checkpoints written before checksums
+    if digests is not None and not (isinstance(digests, dict) and sorted(digests) == sorted(shards) and all(
+            isinstance(digest, str) and SHA256.fullmatch(digest) for digest in digests.values())):
         return "sha256 does not give one digest per shard"
     return None
 

@@ -105,7 +105,7 @@ def evaluation_data(args: argparse.Namespace, num_classes: int, trained: dict) -
 def experiment(args: argparse.Namespace) -> None:
     from alexnet_mp.experiment import run_experiment
 
-    if args.name in ("", ".", "..") or "/" in args.name or "\0" in args.name or os.sep in args.name:
+    if args.name in ("", ".", "..") or Path(args.name).name != args.name or "\0" in args.name:
         raise UsageError(f"--name {args.name!r}: give one folder name (no '/', not '.' or '..'); the runs go in "
                          f"{args.output_dir}/NAME")
     modes, ranks = args.modes.split(","), _numbers(args.ranks, int, "--ranks")

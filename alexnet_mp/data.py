@@ -445,13 +445,11 @@ def _cifar_batch(path: Path, classes: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _unpickle(path: Path, *keys: bytes) -> dict:
-    """A CIFAR-10 python batch holding `keys`, read with `_CifarUnpickler`; a cut, foreign or crafted file, or
-    one this user cannot read, is one clear error."""
+    """A CIFAR-10 python batch holding `keys`, read with `_CifarUnpickler`; a cut, foreign or crafted file is
+    one clear error."""
     try:
         with path.open("rb") as file:
             batch = _CifarUnpickler(file, encoding="bytes").load()
-    except OSError as error:
-        raise UsageError(f"{path} cannot be read ({error.strerror}): give this user read access to it") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
         raise UsageError(f"{path} is not a CIFAR-10 python batch ({error}); re-extract the archive") from None
     missing = [key.decode() for key in keys if not isinstance(batch, dict) or key not in batch]
