@@ -4,18 +4,14 @@ Numbers are checked as they are read, and argparse's refusals are one line, as t
 from __future__ import annotations
 
 import argparse
-import math
 import os
-from collections.abc import Callable
-from typing import NoReturn, TypeVar
+from typing import NoReturn
 
 from alexnet_mp.config import DECODE_PLACES, MIXED_PRECISIONS, TrainConfig
 from alexnet_mp.errors import UsageError
+from alexnet_mp.flag_types import COUNT, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
 from alexnet_mp.model import ARCHITECTURES, INITS
-from alexnet_mp.strategies import STRATEGIES
-from alexnet_mp.strategies.pipeline import SCHEDULES
-
-N = TypeVar("N", int, float)
+from alexnet_mp.strategies import LAYOUTS, all_options
 
 
 class Parser(argparse.ArgumentParser):
@@ -26,45 +22,15 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see --help")
 
 
-def number(kind: Callable[[str], N], lowest: N, exclusive: bool = False) -> Callable[[str], N]:
-    """An argparse type: a finite `kind` of at least `lowest` (more than it if `exclusive`), refused while
-    the command line is read, before anything runs."""
-    def parse(text: str) -> N:
-        value = kind(text)
-        if not math.isfinite(value):  # NaN compares False with everything, so the bound alone lets it in
-            raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
-        if value < lowest or (exclusive and value == lowest):
-            raise argparse.ArgumentTypeError(f"must be {'more than' if exclusive else 'at least'} {lowest:g}, "
-                                             f"not {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
-    return parse
-
-
-COUNT, POSITIVE_INT = number(int, 0), number(int, 1)  # e.g. --workers, --batch-size
-NON_NEGATIVE_FLOAT, POSITIVE_FLOAT = number(float, 0.0), number(float, 0.0, exclusive=True)  # --lr, --timeout
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    parser.add_argument("--mode", default=d.mode, help=f"layout: {', '.join(STRATEGIES)}")
+    parser.add_argument("--mode", default=d.mode, help=f"layout: {', '.join(LAYOUTS)}")
     parser.add_argument("--arch", default=d.arch, choices=sorted(ARCHITECTURES),
                         help="paper: the 2012 two-tower net; owt: the one-column net of 'One weird trick'")
     parser.add_argument("--init", default=d.init, choices=INITS,
                         help="paper: N(0, 0.01), biases 1 (the 2012 recipe); he: N(0, 2/fan_in), biases 0, "
                              "which leaves chance within tens of SGD steps (docs/reproduction.md)")
-    parser.add_argument("--exchange", default=d.exchange,
-                        help="weird-trick only: all (scheme a), one-at-a-time (b), slice (c)")
-    parser.add_argument("--fc-update", default=d.fc_update,
-                        help="weird-trick only, with (b) or (c): per-step (default: one SGD step of every layer, "
-                             "the one-device net's), or per-round (the FC layers step after every round, on batches "
-                             "of B/N: the 2014 paper's variable batch size)")
-    parser.add_argument("--schedule", default=d.schedule, choices=sorted(SCHEDULES),
-                        help="pipeline only: gpipe (every micro-batch's forward, then every backward) or 1f1b "
-                             "(default gpipe)")
-    parser.add_argument("--microbatches", type=POSITIVE_INT, default=d.microbatches,
-                        help="pipeline only: micro-batches of the global batch, which it must divide (default 1)")
+    add_layout_options(parser)
     parser.add_argument("--data", default=d.data, help="'synthetic' (built in) or a folder")
     parser.add_argument("--dataset", default=d.dataset, choices=["imagefolder", "cifar10"],
                         help="layout of --data PATH: PATH/train and PATH/val class folders, or CIFAR-10 batches")
@@ -135,10 +101,22 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-name", default=d.run_name)
 
 
+def add_layout_options(parser: argparse.ArgumentParser, defaults: bool = False) -> None:
+    """A flag for each layout's own option, from the registry: not given (None) unless set, or with `defaults`,
+    the value a plan assumes."""
+    for option, takers in all_options().values():
+        default = option.planned_value() if defaults else None
+        parser.add_argument(option.flag, dest=option.name, type=option.parse, choices=option.choices or None,
+                            default=default, help=f"{' and '.join(takers)} only: {option.help} "
+                                              f"(default {option.planned_value() if defaults else option.default})")
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     fields = TrainConfig.__dataclass_fields__
     given = {key: value for key, value in vars(args).items() if key in fields}
-    return TrainConfig(**{**given, "mixed_precision": args.mixed_precision or launcher_mixed_precision()})
+    options = {name: getattr(args, name) for name in all_options() if getattr(args, name, None) is not None}
+    return TrainConfig(**{**given, "options": options,
+                          "mixed_precision": args.mixed_precision or launcher_mixed_precision()})
 
 
 def launcher_mixed_precision() -> str:

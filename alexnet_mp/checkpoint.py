@@ -35,7 +35,7 @@ from torch import Tensor
 from alexnet_mp.blocks import Block, block_as_offsets, copy_overlap, local, merge, offsets_as_block
 from alexnet_mp.errors import Diverged, UsageError, WriteFailed
 from alexnet_mp.model import ARCHITECTURES, build_model, full_shapes
-from alexnet_mp.strategies import Strategy
+from alexnet_mp.strategies import Layout
 from alexnet_mp.world import barrier, current
 
 FORMAT = 2
@@ -57,14 +57,14 @@ class Checkpoint:
         return int(self.meta["step"])
 
 
-def save(directory: Path, strategy: Strategy, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+def save(directory: Path, layout: Layout, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
          keep: int) -> Path:
     """Writes a checkpoint of every rank's shard (collective: every rank calls it). A rank that cannot
     write removes what it began and raises WriteFailed, naming the newest complete checkpoint."""
     final = directory / f"{PREFIX}{meta['step']:08d}"
     staging = final.with_name(final.name + ".tmp")
     try:
-        _write(staging, final, strategy, optimizer, meta, keep)
+        _write(staging, final, layout, optimizer, meta, keep)
     except ShardsNotShared as error:
         raise _write_error(staging, final, str(error), "give every node the same --output-dir, on a file system "
                            "they share") from None
@@ -95,25 +95,25 @@ def _shard_name(rank: int) -> str:
     return f"shard-{rank:05d}.pt"
 
 
-def _shard(strategy: Strategy, optimizer: torch.optim.Optimizer) -> list[tuple[str, tuple, Tensor, Tensor | None]]:
+def _shard(layout: Layout, optimizer: torch.optim.Optimizer) -> list[tuple[str, tuple, Tensor, Tensor | None]]:
     """(key, block as offsets, weights, momentum or None) of each block this rank writes."""
     def momentum(param: Tensor) -> Tensor | None:
         buffer = optimizer.state.get(param, {}).get("momentum_buffer")
         return None if buffer is None else local(buffer)
 
-    return [(key, block_as_offsets(block, strategy.shapes[key]), local(param).detach(), momentum(param))
-            for key, block, param, writes in strategy.blocks() if writes]
+    return [(key, block_as_offsets(block, layout.shapes[key]), local(param).detach(), momentum(param))
+            for key, block, param, writes in layout.blocks() if writes]
 
 
-def _shard_writers(strategy: Strategy, shard: list[tuple[str, tuple, Tensor, Tensor | None]]) -> tuple[list[int], bool]:
+def _shard_writers(layout: Layout, shard: list[tuple[str, tuple, Tensor, Tensor | None]]) -> tuple[list[int], bool]:
     """The ranks that write a shard (those holding a block no lower rank holds), and whether every rank's
     shard is finite: one tiny all-gather, so that every rank refuses to save a diverged net together."""
     finite = all(bool(torch.isfinite(tensor).all()) for _, _, weights, momentum in shard
                  for tensor in (weights, momentum) if tensor is not None)
-    flags = torch.tensor([float(bool(shard)), float(finite)], device=strategy.device)
+    flags = torch.tensor([float(bool(shard)), float(finite)], device=layout.device)
     gathered = [flags]
-    if strategy.world_size > 1:
-        gathered = [torch.zeros_like(flags) for _ in range(strategy.world_size)]
+    if layout.world_size > 1:
+        gathered = [torch.zeros_like(flags) for _ in range(layout.world_size)]
         dist.all_gather(gathered, flags)
     return [rank for rank, flag in enumerate(gathered) if flag[0].item()], all(flag[1].item() for flag in gathered)
 
@@ -127,15 +127,15 @@ def diverged(directory: Path, what: str) -> Diverged:
     return Diverged(f"{what}; {then}")
 
 
-def _write(staging: Path, final: Path, strategy: Strategy, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+def _write(staging: Path, final: Path, layout: Layout, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
            keep: int) -> None:
     """Every rank's shard into `staging`; then rank 0 adds meta.json, renames it `final` and drops the
     checkpoints beyond the newest `keep`."""
     if current().is_main:
         remove_incomplete(final.parent)  # this save's staging folder, or a failed one's
     barrier()
-    shard = _shard(strategy, optimizer)
-    writers, finite = _shard_writers(strategy, shard)
+    shard = _shard(layout, optimizer)
+    writers, finite = _shard_writers(layout, shard)
     if not finite:
         raise diverged(final.parent, f"the weights or momentum are not finite at step {meta['step']}, so no "
                                      "checkpoint was written")
@@ -145,19 +145,19 @@ def _write(staging: Path, final: Path, strategy: Strategy, optimizer: torch.opti
     if shard:
         # through a Python file: a full disk is then an OSError (given a path, torch's C++ writer raises
         # only a RuntimeError of its own); hashed on the way, so the file is not read back
-        with open(staging / _shard_name(strategy.rank), "wb") as file:
+        with open(staging / _shard_name(layout.rank), "wb") as file:
             hashing = _HashingWriter(file)
             torch.save({"blocks": shard}, hashing)
             digest = hashing.digest()
-    digests = _gathered(digest, strategy)  # every rank has written once this returns
+    digests = _gathered(digest, layout)  # every rank has written once this returns
     if current().is_main:
         # each name looked up once every rank has written: a network file system's cache cannot hide it
         unseen = [name for name in shards if not (staging / name).is_file()]
         if unseen:
             raise ShardsNotShared(f"rank 0 does not see {', '.join(unseen)}, written by other ranks")
-        config = strategy.config
-        full_meta = {**meta, "format": FORMAT, "mode": strategy.name, "arch": config.arch,
-                     "num_classes": config.num_classes, "world_size": strategy.world_size, "shards": shards,
+        config = layout.config
+        full_meta = {**meta, "format": FORMAT, "mode": layout.name, "arch": config.arch,
+                     "num_classes": config.num_classes, "world_size": layout.world_size, "shards": shards,
                      "sha256": {_shard_name(rank): digests[rank].hex() for rank in writers}}
         (staging / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n")
         if (final / "meta.json").is_file():  # this run's own, from before a resume from an earlier one
@@ -194,12 +194,12 @@ class _HashingWriter:
         return self.hash.digest()
 
 
-def _gathered(digest: bytes, strategy: Strategy) -> list[bytes]:
+def _gathered(digest: bytes, layout: Layout) -> list[bytes]:
     """Every rank's `digest`, in rank order (one small all-gather)."""
-    if strategy.world_size == 1:
+    if layout.world_size == 1:
         return [digest]
-    mine = torch.tensor(list(digest), dtype=torch.uint8, device=strategy.device)
-    gathered = [torch.zeros_like(mine) for _ in range(strategy.world_size)]
+    mine = torch.tensor(list(digest), dtype=torch.uint8, device=layout.device)
+    gathered = [torch.zeros_like(mine) for _ in range(layout.world_size)]
     dist.all_gather(gathered, mine)
     return [bytes(tensor.tolist()) for tensor in gathered]
 
@@ -444,16 +444,16 @@ def _covered(key: str, blocks: list[BlockRead], shape: torch.Size) -> bool:
     return bool(mine) and bool(mask.all())
 
 
-def load(checkpoint: Checkpoint, strategy: Strategy, optimizer: torch.optim.Optimizer | None) -> None:
+def load(checkpoint: Checkpoint, layout: Layout, optimizer: torch.optim.Optimizer | None) -> None:
     """Loads a checkpoint of any layout into this rank's blocks (and their momentum): each filled from the saved
     blocks it overlaps, read memory-mapped, so no rank builds the whole net on the way."""
-    check_compatible(checkpoint, strategy.config.arch, strategy.config.num_classes)
+    check_compatible(checkpoint, layout.config.arch, layout.config.num_classes)
     saved: dict[str, list[tuple[Block, Tensor, Tensor | None]]] = defaultdict(list)
     for key, block, weight, buffer in saved_blocks(checkpoint):
         saved[key].append((block, weight, buffer))
     with torch.no_grad():
-        for key, block, param, _ in strategy.blocks():
-            shape = strategy.shapes[key]
+        for key, block, param, _ in layout.blocks():
+            shape = layout.shapes[key]
             with_momentum = optimizer is not None and all(buffer is not None for _, _, buffer in saved[key])
             # the parameter's device, dtype, memory format and sharding: fused SGD walks both alike
             momentum = torch.empty_like(param) if with_momentum else None

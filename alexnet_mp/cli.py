@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from alexnet_mp import checkpoint
-from alexnet_mp.arguments import COUNT, POSITIVE_FLOAT, POSITIVE_INT, Parser, add_train_arguments, train_config
+from alexnet_mp.arguments import Parser, add_layout_options, add_train_arguments, train_config
 from alexnet_mp.config import DECODE_PLACES, TrainConfig
 from alexnet_mp.errors import AlexNetMPError, GroupNotFormed, UsageError, first_line, from_torch
+from alexnet_mp.flag_types import COUNT, POSITIVE_FLOAT, POSITIVE_INT
 from alexnet_mp.preflight import check_run, check_writable
-from alexnet_mp.strategies import STRATEGIES, layout
-from alexnet_mp.strategies.weird_trick import EXCHANGES
+from alexnet_mp.strategies import LAYOUTS, REFERENCE, all_options, layout_named
 from alexnet_mp.tracking import hold_output
 from alexnet_mp.world import launched, stop_with_launcher
 
@@ -84,9 +84,9 @@ def evaluate(args: argparse.Namespace) -> None:
     spec = evaluation_data(args, meta["num_classes"], trained)
     _, val_set = build_datasets(spec, trained["seed"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    strategy = build(TrainConfig(mode="single", arch=meta["arch"], num_classes=meta["num_classes"]), device)
-    checkpoint.load(found, strategy, optimizer=None)
-    result = run_evaluation(strategy, val_set, args.batch_size, args.workers, device)
+    layout = build(TrainConfig(mode=REFERENCE, arch=meta["arch"], num_classes=meta["num_classes"]), device)
+    checkpoint.load(found, layout, optimizer=None)
+    result = run_evaluation(layout, val_set, args.batch_size, args.workers, device)
     crops = "10-crop" if args.ten_crop else "centre crop"
     print(f"{found.path} on {spec.data} ({crops}): loss {result.loss:.4f}  top-1 error {result.top1_error:.4f}  "
           f"top-5 error {result.top5_error:.4f}")
@@ -142,8 +142,8 @@ def plan(args: argparse.Namespace) -> None:
     gpus, links = _numbers(args.gpus, int, "--gpus"), _numbers(args.link_gbps, float, "--link-gbps")
     per_gpu = args.batch_per_gpu is not None
     batch = args.batch_per_gpu if per_gpu else args.batch
-    predictions = predict(gpus, args.arch, batch, args.device_tflops, args.num_classes, args.microbatches,
-                          args.exchange, per_gpu)
+    options = {name: getattr(args, name) for name in all_options()}
+    predictions = predict(gpus, args.arch, batch, args.device_tflops, args.num_classes, options, per_gpu)
     if not predictions:
         raise UsageError(f"no layout runs a batch of {batch}{' per GPU' if per_gpu else ''} on {args.gpus} GPUs; "
                          "use counts that divide it")
@@ -178,7 +178,7 @@ def bench(args: argparse.Namespace) -> None:
     ranks = tuple(_numbers(args.ranks, int, "--ranks")) if args.ranks else None
     modes = tuple(args.modes.split(",")) if args.modes else None
     for mode in modes or ():
-        layout(mode)  # an unknown one is refused before anything runs
+        layout_named(mode)  # an unknown one is refused before anything runs
     failed = run_bench(Path(args.output_dir), args.quick, ranks, modes)
     if failed:  # the others are measured and written
         fail(f"{'; '.join(failed)} (the others are in {Path(args.output_dir) / 'bench.md'})", 1)
@@ -229,9 +229,9 @@ def parser() -> argparse.ArgumentParser:
                                                     "arguments it does not know go to each training run",
                                  allow_abbrev=False)
     runner.add_argument("--name", required=True)
-    runner.add_argument("--modes", default=",".join(STRATEGIES), help="the layouts to run (default: every one)")
-    runner.add_argument("--ranks", default="2", help="processes for every mode but single; several (2,4): each "
-                                                       "mode at each")
+    runner.add_argument("--modes", default=",".join(LAYOUTS), help="the layouts to run (default: every one)")
+    runner.add_argument("--ranks", default="2", help="processes for every mode but the one-device reference; "
+                                                       "several (2,4): each mode at each")
     runner.add_argument("--output-dir", default="runs")
     runner.set_defaults(run=experiment)
     report = commands.add_parser("compare", help="a table and plots from run folders (config.json, metrics.jsonl)")
@@ -244,14 +244,13 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--batch-per-gpu", type=POSITIVE_INT,
                        help="instead of --batch: this many images per GPU, the global batch growing with the GPUs, "
                             "as the 2014 paper scales (128 per GPU)")
-    model.add_argument("--exchange", choices=EXCHANGES, help="the weird trick's scheme to plan (default all)")
     model.add_argument("--link-gbps", default="16,64,450",
                        help="link bandwidths in gigabytes per second per direction (PCIe 3 x16, PCIe 5 x16, NVLink 4)")
     model.add_argument("--device-tflops", type=POSITIVE_FLOAT, default=70.0,
                        help="TFLOP/s one GPU sustains on these layers, not its datasheet peak (default: what the "
                             "paper net's fastest step sustained on an H100, docs/experiments.md; `bench` prints it "
                             "for your device and net)")
-    model.add_argument("--microbatches", type=POSITIVE_INT, default=4, help="the pipeline's micro-batches")
+    add_layout_options(model, defaults=True)
     model.add_argument("--arch", default="paper", choices=["paper", "owt"])
     model.add_argument("--num-classes", type=POSITIVE_INT, default=1000)
     model.add_argument("--output-dir", help="write plan.md and plan.png there too (default: print only)")

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,6 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")  # "no": float32
 # What decides step N's samples, augmentation and dropout masks (docs/architecture.md): a resume that
 # changes one continues the run on other batches than the straight run would have drawn.
 SAMPLE_STREAM = ("seed", "batch_size", "data", "dataset", "synthetic_size")
-# The fields only some layouts read (their `options`), None where not given, and how a layout's name shows each.
-LAYOUT_OPTIONS = {"exchange": "{}", "fc_update": "FC {}", "schedule": "{}", "microbatches": "M={}"}
-
-
-def layout_label(values: Mapping[str, Any]) -> str:
-    """A layout with the options it was given, from a run's config: 'paper-split', 'pipeline (1f1b, M=4)'."""
-    given = [form.format(values[key]) for key, form in LAYOUT_OPTIONS.items() if values.get(key) is not None]
-    return values["mode"] + (f" ({', '.join(given)})" if given else "")
 
 
 @dataclass(frozen=True)
@@ -31,10 +23,7 @@ class TrainConfig:
     mode: str = "paper-split"
     arch: str = "paper"
     init: str = "paper"
-    exchange: str | None = None  # weird-trick's; this and the next two: None where not given
-    schedule: str | None = None  # pipeline's: gpipe or 1f1b
-    microbatches: int | None = None  # pipeline's
-    fc_update: str | None = None  # weird-trick's: per-step or per-round
+    options: Mapping[str, Any] = field(default_factory=dict)  # the layout's own settings given (strategies/)
     data: str = "synthetic"
     dataset: str = "imagefolder"
     num_classes: int | None = None  # None: the dataset's (1000 for synthetic, like ImageNet)
@@ -84,7 +73,11 @@ class TrainConfig:
         return self.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[self.lr_scaling]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every setting as one flat record (config.json, W&B's config, a checkpoint's meta.json): the layout's
+        options beside the others, as their flags are."""
+        settings = asdict(self)
+        options = settings.pop("options")
+        return {**settings, **options}
 
     def sample_stream_changes(self, saved: dict) -> list[str]:
         """The flags of `SAMPLE_STREAM` that differ from `saved` (a checkpoint's config), as 'now (was)'."""

@@ -1,18 +1,18 @@
 """Analytic figures derived from the layer shapes alone: parameters, FLOPs and memory of the whole net or of
 the share of it a rank holds, and the bookkeeping of traffic. What each layout sends is the layout's own
-(`Strategy.traffic`, built from these); `plan` turns both into predicted step times.
+(`Layout.traffic`, built from these); `plan` turns both into predicted step times.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from alexnet_mp.links import BACKWARD, FORWARD
-from alexnet_mp.model import FC_NAMES, IMAGE_SIZE, Architecture, build_model, conv_sides
+from alexnet_mp.ledger import BACKWARD, FORWARD
+from alexnet_mp.model import FC_NAMES, IMAGE_SIZE, Architecture, build_model, conv_sides, full_shapes
 
 Traffic = dict[tuple[str, str], float]  # (link, direction) -> elements sent
 
@@ -105,3 +105,15 @@ def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, by
     weights = parameters(work, arch, num_classes) * bytes_per_element
     return {"weights": weights, "gradients": weights, "momentum": weights,
             "gathered": work.gathered * bytes_per_element, "activations": activations * bytes_per_element}
+
+
+def held_shares(shard: Callable[[str, torch.Size, int, int], tuple | None], arch: str, part: int, parts: int,
+                num_classes: int = 1000) -> dict[str, float]:
+    """The share of each layer's weight that `part` of `parts` holds, by `shard` (a layout's, or a tower's)."""
+    shares = {}
+    for key, shape in full_shapes(arch, num_classes).items():
+        if key.endswith(".weight"):
+            block = shard(key, shape, part, parts)
+            held = 0 if block is None else torch.empty(shape, device="meta")[block].numel()
+            shares[key.split(".")[0]] = held / shape.numel()
+    return shares

@@ -18,7 +18,7 @@ from alexnet_mp.arguments import Parser, add_train_arguments, train_config
 from alexnet_mp.errors import UsageError
 from alexnet_mp.preflight import check_run
 from alexnet_mp.report import compare
-from alexnet_mp.strategies import layout
+from alexnet_mp.strategies import layout_named
 from alexnet_mp.tracking import publish_comparison
 
 
@@ -41,7 +41,7 @@ def planned_runs(modes: Sequence[str], ranks: Sequence[int], folder: Path) -> li
     runs: list[tuple[str, int, Path]] = []
     for mode in modes:
         for count in ranks:
-            processes = layout(mode).fixed_world_size or count
+            processes = layout_named(mode).fixed_world_size or count
             run = (mode, processes, folder / f"{mode}-{processes}")
             if run not in runs:
                 runs.append(run)

@@ -1,5 +1,5 @@
 """The training loop: step, evaluation, checkpoints, logging. It knows nothing of layouts: it asks
-the strategy for logits, loss, parameters and which rows of each global batch to load."""
+the layout for logits, loss, parameters and which rows of each global batch to load."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from alexnet_mp.config import TrainConfig
 from alexnet_mp.data import DataSpec, GlobalBatches, build_datasets, rank_batches
 from alexnet_mp.errors import UsageError
 from alexnet_mp.step import LossScale, make_optimizer, train_step
-from alexnet_mp.strategies import Strategy
+from alexnet_mp.strategies import Layout
 from alexnet_mp.strategies import build as build_layout
 from alexnet_mp.timing import StepClock, peak_memory_mb
 from alexnet_mp.tracking import Tracker
@@ -50,24 +50,24 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(strategy: Strategy, dataset: Dataset, batch_size: int, workers: int, device: torch.device,
+def evaluate(layout: Layout, dataset: Dataset, batch_size: int, workers: int, device: torch.device,
              autocast: Callable[[], AbstractContextManager] = nullcontext) -> Evaluation:
     """Validation loss and top-1/top-5 error over every image of `dataset`, each scored once; with ten
     crops per image (samples of shape [10, 3, H, W]) the ten softmaxes are averaged."""
-    strategy.train(False)
+    layout.train(False)
     batches = validation_batches(len(dataset), batch_size)
-    label_rows = strategy.label_rows(batch_size)
+    label_rows = layout.label_rows(batch_size)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 right, top-5 right, samples
-    for step, images, labels in rank_batches(dataset, batches, strategy.image_rows(batch_size), label_rows, 0,
+    for step, images, labels in rank_batches(dataset, batches, layout.image_rows(batch_size), label_rows, 0,
                                              batches.steps_per_epoch, workers, device):
         crops = images.shape[1] if images.dim() == 5 else 1
         with autocast():
-            logits = strategy.forward(images.flatten(0, 1) if crops > 1 else images, step, batch_size * crops)
+            logits = layout.forward(images.flatten(0, 1) if crops > 1 else images, step, batch_size * crops)
         if logits.numel():
             scored = batches.scored(step, label_rows).to(logits.device)
             sums += batch_sums(average_crops(logits.float(), crops), labels.to(logits.device), scored)
-    strategy.train(True)
-    loss, top1, top5, count = strategy.sum_over_replicas(sums).tolist()
+    layout.train(True)
+    loss, top1, top5, count = layout.sum_over_replicas(sums).tolist()
     count = max(count, 1.0)
     return Evaluation(loss / count, 1 - top1 / count, 1 - top5 / count)
 
@@ -149,7 +149,7 @@ class Run:
     train_set: Dataset
     val_set: Dataset
     batches: GlobalBatches
-    strategy: Strategy
+    layout: Layout
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
     scale: LossScale | None
@@ -180,10 +180,10 @@ def build(config: TrainConfig, accelerator: Accelerator) -> Run:
     if batches.steps_per_epoch < 1:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training images")
     config = replace(config, num_classes=config.num_classes or train_set.num_classes)
-    strategy = build_layout(config, accelerator.device)
-    strategy.train()
-    optimizer = make_optimizer(strategy.parameters(), config, strategy.learning_rates())
-    run = Run(config, accelerator.device, train_set, val_set, batches, strategy, optimizer,
+    layout = build_layout(config, accelerator.device)
+    layout.train()
+    optimizer = make_optimizer(layout.parameters(), config, layout.learning_rates())
+    run = Run(config, accelerator.device, train_set, val_set, batches, layout, optimizer,
               make_scheduler(optimizer, config), LossScale() if config.mixed_precision == "fp16" else None,
               mixed_precision_autocast(accelerator, config.mixed_precision),
               checkpoint.resume_point(config.resume, config.checkpoints))
@@ -198,7 +198,7 @@ def resume(run: Run, found: checkpoint.Checkpoint) -> None:
     if saved_config.get("lr_schedule", run.config.lr_schedule) != run.config.lr_schedule:
         raise UsageError(f"{found.path} was written under --lr-schedule {saved_config['lr_schedule']}, not "
                          f"{run.config.lr_schedule}: pass --lr-schedule {saved_config['lr_schedule']}")
-    checkpoint.load(found, run.strategy, run.optimizer)
+    checkpoint.load(found, run.layout, run.optimizer)
     run.scheduler.load_state_dict(schedule)
     if run.scale and found.meta.get("loss_scale"):
         run.scale.load_state_dict(found.meta["loss_scale"])
@@ -216,13 +216,13 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         accelerator.print(f"the run is already at step {run.start} of {run.total}: nothing to train; raise --steps "
                           "or --epochs to go on")
         return
-    config, strategy = run.config, run.strategy
+    config, layout = run.config, run.layout
     tracker = Tracker(accelerator, run_description(run, accelerator), config, run.total, resumed_at=run.start)
     stop, stuck = StopRequest(), StuckLoss(config.num_classes)
     progress = tqdm(total=run.total, initial=run.start, disable=not (current().is_main and sys.stderr.isatty()),
                     unit="step", dynamic_ncols=True)
-    steps = rank_batches(run.train_set, run.batches, strategy.image_rows(config.batch_size),
-                         strategy.label_rows(config.batch_size), run.start, run.total, config.workers, run.device)
+    steps = rank_batches(run.train_set, run.batches, layout.image_rows(config.batch_size),
+                         layout.label_rows(config.batch_size), run.start, run.total, config.workers, run.device)
     clock = StepClock(run.device)
     batch, data_wait_s = next_batch(steps)
     while batch is not None:
@@ -281,9 +281,9 @@ def unreadable_on_any_rank(run: Run) -> int:
 def run_step(run: Run, images: Tensor, labels: Tensor, step: int, stop: StopRequest) -> tuple[Tensor, Tensor]:
     """One training step, queued: this rank's loss, and the flags every rank agrees on (`agreed_flags`). A stop
     is read once the step is queued, so one that arrives during it ends the run after it, not after the next."""
-    run.strategy.ledger.reset()
+    run.layout.ledger.reset()
     with run.autocast(), warmed_up(run.optimizer, warmup_factor(step, run.config.warmup_steps)):
-        loss = train_step(run.strategy, run.optimizer, images, labels, step, run.config.batch_size, run.scale)
+        loss = train_step(run.layout, run.optimizer, images, labels, step, run.config.batch_size, run.scale)
     return loss, agreed_flags(stop.requested, loss, int(run.train_set.unreadable.sum()))
 
 
@@ -331,13 +331,13 @@ def log_step(run: Run, tracker: Tracker, step: int, loss: Tensor, step_time_s: f
              ) -> dict[str, Any]:
     """A training step's row of the record: the global batch's loss, speed, the time waited on each link, the
     bytes each rank sent and each rank's peak memory. Returns it."""
-    strategy, batch = run.strategy, run.config.batch_size
-    memory, sent = per_rank([peak_memory_mb(run.device), strategy.ledger.total_bytes()], run.device)
+    layout, batch = run.layout, run.config.batch_size
+    memory, sent = per_rank([peak_memory_mb(run.device), layout.ledger.total_bytes()], run.device)
     lr = run.optimizer.param_groups[0]["lr"] * warmup_factor(step, run.config.warmup_steps)
-    figures = {"loss": float(strategy.global_loss(loss)), "lr": lr,
+    figures = {"loss": float(layout.global_loss(loss)), "lr": lr,
                "epoch": run.batches.epoch(step), "step_time_s": step_time_s, "data_wait_s": data_wait_s,
-               "images_per_s": batch / step_time_s, "comm_bytes": sent, "comm_wait_s": strategy.ledger.wait_s,
-               **{f"comm_wait_s/{link}": seconds for link, seconds in strategy.ledger.waits.items()},
+               "images_per_s": batch / step_time_s, "comm_bytes": sent, "comm_wait_s": layout.ledger.wait_s,
+               **{f"comm_wait_s/{link}": seconds for link, seconds in layout.ledger.waits.items()},
                "peak_memory_mb": memory, **({"loss_scale": run.scale.value} if run.scale else {})}
     tracker.log(figures, step)
     return figures
@@ -351,7 +351,7 @@ def after_step(run: Run, tracker: Tracker, next_step: int, stopping: bool, unrea
     config = run.config
     epoch_end = next_step % run.batches.steps_per_epoch == 0
     if epoch_end or (config.eval_every and next_step % config.eval_every == 0):
-        result = evaluate(run.strategy, run.val_set, config.batch_size, config.workers, run.device, run.autocast)
+        result = evaluate(run.layout, run.val_set, config.batch_size, config.workers, run.device, run.autocast)
         tracker.log({"val_loss": result.loss, "val_top1_error": result.top1_error,
                      "val_top5_error": result.top5_error, "unreadable_images": unreadable}, next_step - 1)
         if config.lr_schedule == "plateau":
@@ -367,7 +367,7 @@ def save(run: Run, next_step: int) -> None:
     meta = {"step": next_step, "epoch": next_step // run.batches.steps_per_epoch,
             "scheduler": run.scheduler.state_dict(), "config": run.config.to_dict(),
             "loss_scale": run.scale.state_dict() if run.scale else None}
-    checkpoint.save(run.config.checkpoints, run.strategy, run.optimizer, meta, run.config.keep_checkpoints)
+    checkpoint.save(run.config.checkpoints, run.layout, run.optimizer, meta, run.config.keep_checkpoints)
 
 
 def mixed_precision_autocast(accelerator: Accelerator, mixed_precision: str) -> Callable[[], AbstractContextManager]:
@@ -381,7 +381,7 @@ def run_description(run: Run, accelerator: Accelerator) -> dict:
     """Every flag and what it resolved to where it runs, for config.json and the trackers."""
     import torchvision
 
-    rows = run.strategy.image_rows(run.config.batch_size)
+    rows = run.layout.image_rows(run.config.batch_size)
     return {**run.config.to_dict(), "world_size": current().size, "per_rank_batch": rows.stop - rows.start,
             "device": str(accelerator.device), "scaled_lr": run.config.scaled_lr, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,

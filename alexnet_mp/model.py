@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alexnet_mp.blocks import WHOLE, Block, rows
 from alexnet_mp.rng import seeded_generator
 
 IMAGE_SIZE = 224
@@ -227,8 +228,8 @@ class SeededDropout(nn.Module):
     layer, global sample, unit): it is drawn for the whole global batch and the whole layer from a generator
     seeded by (seed, step, layer), and the rows and units this module's input holds are sliced out, so every
     layout drops exactly the activations the one-device net drops. A layout that shards the layer sets
-    `units`; the training step sets `draw`. Without a draw (a module used outside this project's training
-    step) it is torch's dropout."""
+    `units`; the training step sets `draw`. A training forward without a draw is refused: torch's own random
+    numbers would drop different activations in every layout."""
 
     def __init__(self, layer: int, units: int, p: float = DROPOUT) -> None:
         super().__init__()
@@ -246,7 +247,8 @@ class SeededDropout(nn.Module):
         if not self.training:
             return x
         if self.draw is None:
-            return F.dropout(x, self.p, training=True)
+            raise RuntimeError("SeededDropout in training mode needs its draw (seed, step, rows): set `draw` before "
+                               "the forward, as Layout.draw_masks does")
         return x * self.keep(x.device).to(x.dtype) * (1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
@@ -347,3 +349,11 @@ def full_shapes(arch: str, num_classes: int) -> dict[str, torch.Size]:
     """The whole net's state_dict shapes, from a net built on meta (no memory, no init)."""
     with torch.device("meta"):
         return {key: value.shape for key, value in build_model(arch, num_classes).state_dict().items()}
+
+
+def tower_block(key: str, shape: torch.Size, tower: int, towers: int = PAPER.towers) -> Block | None:
+    """The block of the whole 2012 net's tensor `key` (of `shape`) that tower `tower` holds: its half of every
+    layer's output channels and units, and fc8 whole on tower 0, as the paper's figure 2 draws it."""
+    if key.startswith("fc8."):
+        return WHOLE if tower == 0 else None
+    return (rows(shape[0], tower, towers),)

@@ -15,25 +15,26 @@ scaling), or with `per_gpu` the batch per GPU, as the 2014 paper scales (weak sc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from alexnet_mp.config import TrainConfig, layout_label
+from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, memory_bytes, training_flops
 from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.report import markdown_table
-from alexnet_mp.strategies import STRATEGIES
+from alexnet_mp.strategies import LAYOUTS, REFERENCE, layout_label
 from alexnet_mp.strategies.base import CONV_FEATURES
 
 GRADIENT_LINKS = ("gradients", "conv-gradients")  # gradient reductions that overlap the backward pass
-MICROBATCHES = 4  # a pipeline's, unless told
 BACKWARD_SHARE = 2 / 3  # of a step's FLOPs (see cost.training_flops)
 
 
 @dataclass(frozen=True)
 class Prediction:
-    layout: str  # the mode, with the options it was planned with: pipeline (M=4)
+    layout: str  # the mode, with the options it was planned with: pipeline (gpipe, M=4)
     gpus: int
     batch: int  # the global batch
     bytes_per_rank: list[float]
@@ -76,25 +77,24 @@ class Prediction:
         return self.batch / self.step_s(link_gbps, overlap)
 
 
-def layout_config(mode: str, arch: str, batch: int, microbatches: int = MICROBATCHES, exchange: str | None = None,
-                  ) -> TrainConfig:
-    """The run a layout is planned as: the options given that it reads (a pipeline's micro-batches, the weird
-    trick's exchange)."""
-    given = {"microbatches": microbatches, "exchange": exchange}
-    options = {name: value for name, value in given.items() if name in STRATEGIES[mode].options and value is not None}
-    return TrainConfig(mode=mode, arch=arch, batch_size=batch, **options)
+def layout_config(mode: str, arch: str, batch: int, options: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The run a layout is planned as: its own options as `options` gives them, the rest as each option plans
+    (a pipeline's micro-batches); those at the layout's default are left unsaid, as in a run's label."""
+    given = options or {}
+    planned = {option: given.get(option.name, option.planned_value()) for option in LAYOUTS[mode].options}
+    return TrainConfig(mode=mode, arch=arch, batch_size=batch,
+                       options={option.name: value for option, value in planned.items() if value != option.default})
 
 
-def layouts(gpus: int, arch: str, batch: int = 128, microbatches: int = MICROBATCHES, exchange: str | None = None,
-            ) -> list[str]:
+def layouts(gpus: int, arch: str, batch: int = 128, options: Mapping[str, Any] | None = None) -> list[str]:
     """The modes that run a global batch of `batch` on `gpus` GPUs, one part of the net on each, by the layouts'
     own checks (with the options given); on one GPU, only the layout made for one (single)."""
     names = []
-    for mode, cls in STRATEGIES.items():
+    for mode, cls in LAYOUTS.items():
         if (cls.fixed_world_size == 1) != (gpus == 1) or cls.parts(gpus) != gpus:
             continue
         try:
-            cls.check(gpus, layout_config(mode, arch, batch, microbatches, exchange))
+            cls.check(gpus, layout_config(mode, arch, batch, options))
         except UsageError:
             continue
         names.append(mode)
@@ -102,9 +102,9 @@ def layouts(gpus: int, arch: str, batch: int = 128, microbatches: int = MICROBAT
 
 
 def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, num_classes: int = 1000,
-            bytes_per_element: int = 4, microbatches: int = MICROBATCHES, exchange: str | None = None) -> Prediction:
-    layout = STRATEGIES[mode]
-    config = layout_config(mode, arch, batch, microbatches, exchange)
+            bytes_per_element: int = 4, options: Mapping[str, Any] | None = None) -> Prediction:
+    layout = LAYOUTS[mode]
+    config = layout_config(mode, arch, batch, options)
     traffic = layout.expected_traffic(arch, gpus, batch, num_classes)
     sent = [sum(rank.values()) * bytes_per_element for rank in traffic]
     parts = layout.parts(gpus)
@@ -124,20 +124,19 @@ def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, n
 
 
 def plan(gpu_counts: list[int], arch: str, batch: int, device_tflops: float, num_classes: int = 1000,
-         microbatches: int = MICROBATCHES, exchange: str | None = None, per_gpu: bool = False) -> list[Prediction]:
+         options: Mapping[str, Any] | None = None, per_gpu: bool = False) -> list[Prediction]:
     """Every layout that runs on each GPU count: at the global batch `batch`, or with `per_gpu` at `batch` per GPU."""
     predictions = []
     for gpus in gpu_counts:
         global_batch = batch * gpus if per_gpu else batch
-        predictions += [predict(mode, arch, gpus, global_batch, device_tflops, num_classes, microbatches=microbatches,
-                                exchange=exchange)
-                        for mode in layouts(gpus, arch, global_batch, microbatches, exchange)]
+        predictions += [predict(mode, arch, gpus, global_batch, device_tflops, num_classes, options=options)
+                        for mode in layouts(gpus, arch, global_batch, options)]
     return predictions
 
 
 def one_gpu(arch: str, batch: int, device_tflops: float, num_classes: int = 1000) -> Prediction:
-    """What speed-ups are measured against: `single` on one GPU at one GPU's batch."""
-    return predict("single", arch, 1, batch, device_tflops, num_classes)
+    """What speed-ups are measured against: the reference on one GPU at one GPU's batch."""
+    return predict(REFERENCE, arch, 1, batch, device_tflops, num_classes)
 
 
 def shares(arch: str, num_classes: int = 1000) -> str:

@@ -7,8 +7,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alexnet_mp.cost import LayerCost, layer_costs
-from alexnet_mp.model import ARCHITECTURES
+from alexnet_mp.cost import LayerCost, held_shares, layer_costs
+from alexnet_mp.model import ARCHITECTURES, tower_block
 from alexnet_mp.tracking import CorruptRecord, read_metrics, run_label
 
 
@@ -27,11 +27,9 @@ def _shape(cost: LayerCost) -> str:
 def summary_table(arch: str, num_classes: int = 1000, tower: bool = False) -> str:
     """Per layer: output shape, parameters (whole net, or per tower of the paper split), forward GFLOPs per
     image."""
-    from alexnet_mp.strategies.paper_split import TOWERS, PaperSplit
-
     architecture = ARCHITECTURES[arch]
-    towers = TOWERS if tower else 1
-    shares = [PaperSplit.work(arch, t, TOWERS, 1, num_classes).shares for t in range(TOWERS)] if tower else [None]
+    towers = architecture.towers if tower else 1
+    shares = [held_shares(tower_block, arch, t, towers, num_classes) for t in range(towers)] if tower else [None]
     per_part = [layer_costs(architecture, num_classes, share) for share in shares]
     names = [cost.name for cost in per_part[0]]
     header = ["layer"] + [f"tower {t} {col}" for t in range(towers) for col in ("output", "params", "GFLOPs")] \

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.strategies import Strategy
+from alexnet_mp.strategies import Layout
 from alexnet_mp.world import current
 
 
@@ -49,24 +49,24 @@ class LossScale:
         self.value, self.clean_steps = state["value"], int(state["clean_steps"])
 
 
-def compute_gradients(strategy: Strategy, images: Tensor, labels: Tensor, step: int, global_batch: int,
+def compute_gradients(layout: Layout, images: Tensor, labels: Tensor, step: int, global_batch: int,
                       loss_scale: float = 1.0, optimizer: torch.optim.Optimizer | None = None,
                       ) -> tuple[Tensor, Tensor]:
     """Forward and backward of global batch `step`, gradient communication finished. `images` and
-    `labels` are this rank's rows of the batch (`strategy.image_rows`, `strategy.label_rows`); `optimizer`
+    `labels` are this rank's rows of the batch (`layout.image_rows`, `layout.label_rows`); `optimizer`
     the step's, for a layout that updates some layers within the step. Returns this rank's logits and
     (unscaled) loss."""
-    if strategy.config.speed.cuda_graphs:
+    if layout.config.speed.cuda_graphs:
         torch.compiler.cudagraph_mark_step_begin()  # a new step: the CUDA graphs may reuse their buffers
-    return strategy.forward_backward(images, labels, step, global_batch, loss_scale, optimizer)
+    return layout.forward_backward(images, labels, step, global_batch, loss_scale, optimizer)
 
 
-def train_step(strategy: Strategy, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor,
+def train_step(layout: Layout, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor,
                step: int, global_batch: int, scale: LossScale | None = None) -> Tensor:
     """One SGD step (skipped on every rank if fp16 gradients overflowed); returns this rank's loss."""
-    _, loss = compute_gradients(strategy, images, labels, step, global_batch, scale.value if scale else 1.0,
+    _, loss = compute_gradients(layout, images, labels, step, global_batch, scale.value if scale else 1.0,
                                 optimizer)
-    if scale is None or scale.unscale_and_check(list(strategy.parameters())):
+    if scale is None or scale.unscale_and_check(list(layout.parameters())):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
@@ -76,7 +76,7 @@ def make_optimizer(parameters: Iterable[Tensor], config: TrainConfig,
                    rates: Mapping[Tensor, float] | None = None) -> torch.optim.SGD:
     """The paper's SGD (section 5): momentum 0.9, weight decay 5e-4 (see docs/reproduction.md for
     how torch's update relates to the paper's), at the run's rate but for the parameters `rates` gives
-    another (`Strategy.learning_rates`). Fused: one kernel over all parameters, the same update as the
+    another (`Layout.learning_rates`). Fused: one kernel over all parameters, the same update as the
     per-parameter loop and several times faster (docs/experiments.md)."""
     rates = rates or {}
     groups: dict[tuple[bool, bool], list[Tensor]] = {}

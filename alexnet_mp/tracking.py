@@ -18,8 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from alexnet_mp.config import TrainConfig, layout_label
+from alexnet_mp.config import TrainConfig
 from alexnet_mp.errors import UsageError, WriteFailed
+from alexnet_mp.strategies import layout_label
 from alexnet_mp.world import current
 
 if TYPE_CHECKING:  # commands that only check arguments need not import accelerate

@@ -40,9 +40,9 @@ def main() -> None:
     args = parser.parse_args()
     folder = args.dir or Path(tempfile.mkdtemp(prefix="checksum-cost-"))
     config = TrainConfig(mode="single", num_classes=args.num_classes)
-    strategy = build(config, torch.device("cpu"))
-    optimizer = make_optimizer(strategy.parameters(), config, strategy.learning_rates())
-    for param in strategy.parameters():  # momentum buffers, as a trained net's checkpoint holds them
+    layout = build(config, torch.device("cpu"))
+    optimizer = make_optimizer(layout.parameters(), config, layout.learning_rates())
+    for param in layout.parameters():  # momentum buffers, as a trained net's checkpoint holds them
         optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
 
     class Unhashed(checkpoint._HashingWriter):
@@ -51,13 +51,13 @@ def main() -> None:
 
     def save(hashed: bool) -> float:
         with mock.patch.object(checkpoint, "_HashingWriter", checkpoint._HashingWriter if hashed else Unhashed):
-            return timed(lambda: checkpoint.save(folder, strategy, optimizer, {"step": 1}, keep=1))
+            return timed(lambda: checkpoint.save(folder, layout, optimizer, {"step": 1}, keep=1))
 
     def load(verified: bool) -> float:
         found = checkpoint.find("latest", folder)
         recorded = found.meta["sha256"]["shard-00000.pt"]
         with mock.patch.object(checkpoint, "_sha256", checkpoint._sha256 if verified else lambda path: recorded):
-            return timed(lambda: checkpoint.load(found, strategy, optimizer))
+            return timed(lambda: checkpoint.load(found, layout, optimizer))
 
     times: dict[str, list[float]] = {name: [] for name in ("save", "save hashed", "load", "load verified")}
     for _ in range(args.repeats):

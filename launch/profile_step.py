@@ -50,15 +50,15 @@ def main() -> None:
     variant = Variant(args.precision, Speed(args.channels_last, args.compile, args.cuda_graphs, args.triton_lrn))
     config = TrainConfig(mode=args.mode, arch=args.arch, num_classes=1000, batch_size=args.batch,
                          **variant.speed.flags())
-    strategy = build(config, device)
-    strategy.train()
-    optimizer = make_optimizer(strategy.parameters(), config)
+    layout = build(config, device)
+    layout.train()
+    optimizer = make_optimizer(layout.parameters(), config)
     batches = feed(args.fed_by, args.batch, args.workers, args.warmup + args.steps, device)
 
     def step(index: int) -> None:
         images, labels = next(batches)
         with variant.autocast(device):
-            train_step(strategy, optimizer, images, labels, index, args.batch)
+            train_step(layout, optimizer, images, labels, index, args.batch)
 
     for index in range(args.warmup):
         step(index)

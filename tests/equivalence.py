@@ -21,11 +21,11 @@ from torch import Tensor
 
 from alexnet_mp.blocks import WHOLE, Block, local, merge
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.links import Ledger
+from alexnet_mp.ledger import Ledger
 from alexnet_mp.model import MaskDraw, build_model, full_shapes
 from alexnet_mp.speed import EAGER, Variant
 from alexnet_mp.step import compute_gradients, make_optimizer
-from alexnet_mp.strategies import Strategy, build, check_layout
+from alexnet_mp.strategies import Layout, build, check_layout
 from alexnet_mp.world import current
 
 CLASSES, SEED, LR, STEPS = 10, 0, 0.01, 2  # two steps: the second one uses momentum
@@ -41,7 +41,8 @@ Blocks = list[tuple[str, Block, Tensor]]  # (whole-net key, block, values)
 class Run:
     """What one rank (or the reference) saw: per step the logits of `label_rows` and the global
     loss; after step 0 the gradients; at the end the weights; the ledger of step 0. Only the blocks
-    no lower rank holds are shipped; every rank ships a checksum of its final weights."""
+    no lower rank holds are shipped; every rank ships a checksum of its final weights, and one of each block it
+    holds (`held`), by which replicas are compared."""
 
     label_rows: slice
     logits: list[Tensor] = field(default_factory=list)
@@ -52,6 +53,7 @@ class Run:
     traffic_bytes: dict = field(default_factory=dict)
     sent_bytes: float = 0.0
     checksum: float = 0.0
+    held: dict[str, float] = field(default_factory=dict)  # "key rows" -> sum of the block's final values
 
 
 def global_batch(size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -65,11 +67,11 @@ def sgd(params) -> torch.optim.SGD:
     return make_optimizer(params, TrainConfig(lr=LR))
 
 
-def distinct_blocks(strategy: Strategy, values: str) -> Blocks:
+def distinct_blocks(layout: Layout, values: str) -> Blocks:
     """Of every block this rank holds and no lower rank holds: the parameter's `values` ("grad" or "data"), on
     the CPU."""
     return [(key, block, local(getattr(param, values)).detach().cpu().clone())
-            for key, block, param, writes in strategy.blocks() if writes]
+            for key, block, param, writes in layout.blocks() if writes]
 
 
 def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, variant: Variant = EAGER,
@@ -78,28 +80,30 @@ def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, 
     back on the CPU."""
     config = TrainConfig(mode=mode, arch=arch, num_classes=CLASSES, seed=SEED, batch_size=size, lr=LR, timeout_s=60,
                          mixed_precision="bf16" if variant.precision == "bf16" else "no", **variant.speed.flags(),
-                         **options)
+                         options=options)
     check_layout(config, current().size)
-    strategy = build(config, torch.device(device), dtype)
-    strategy.train()
-    optimizer = make_optimizer(strategy.parameters(), config, strategy.learning_rates())
+    layout = build(config, torch.device(device), dtype)
+    layout.train()
+    optimizer = make_optimizer(layout.parameters(), config, layout.learning_rates())
     images, labels = global_batch(size, dtype)
-    run = Run(strategy.label_rows(size))
+    run = Run(layout.label_rows(size))
     for step in range(steps):
-        strategy.ledger.reset()
+        layout.ledger.reset()
         with variant.autocast(torch.device(device)):
-            logits, loss = compute_gradients(strategy, images[strategy.image_rows(size)].to(device),
+            logits, loss = compute_gradients(layout, images[layout.image_rows(size)].to(device),
                                              labels[run.label_rows].to(device), step, size, optimizer=optimizer)
         run.logits.append(logits.float().cpu() if variant.precision == "bf16" else logits.cpu())
-        run.losses.append(float(strategy.global_loss(loss)))
+        run.losses.append(float(layout.global_loss(loss)))
         if step == 0:
-            run.gradients = distinct_blocks(strategy, "grad")
-            run.traffic, run.traffic_bytes = dict(strategy.ledger.elements), dict(strategy.ledger.bytes)
-            run.sent_bytes = strategy.ledger.total_bytes()
+            run.gradients = distinct_blocks(layout, "grad")
+            run.traffic, run.traffic_bytes = dict(layout.ledger.elements), dict(layout.ledger.bytes)
+            run.sent_bytes = layout.ledger.total_bytes()
         optimizer.step()
         optimizer.zero_grad()
-    run.weights = distinct_blocks(strategy, "data")
-    run.checksum = sum(float(local(p).detach().double().sum()) for p in strategy.parameters())
+    run.weights = distinct_blocks(layout, "data")
+    run.checksum = sum(float(local(p).detach().double().sum()) for p in layout.parameters())
+    run.held = {f"{key} {[(s.start, s.stop) for s in block]}": float(local(param).detach().double().sum())
+                for key, block, param, _ in layout.blocks()}
     return run
 
 

@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -44,8 +44,8 @@ def launch(*args: str, processes: int = 1, config_file: Path | None = None,
 
 
 def start_ranks(*args: str, processes: int = 1, own_process_groups: bool = False,
-                env: dict[str, str] = ENV) -> list[subprocess.Popen]:
-    """train.py ARGS once per rank, each with the environment a launcher sets (one plain process
+                env: dict[str, str] = ENV, program: Sequence[str] = ("train.py",)) -> list[subprocess.Popen]:
+    """train.py ARGS (or `program` ARGS) once per rank, each with the environment a launcher sets (one plain process
     when `processes` is 1) over `env`; with `own_process_groups`, each rank leads a process group of its own,
     which its loader's workers join, as torchrun starts them (`os.killpg(rank.pid, ...)` signals all of them)."""
     port = free_port() if processes > 1 else None
@@ -56,16 +56,16 @@ def start_ranks(*args: str, processes: int = 1, own_process_groups: bool = False
         return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
                 "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
-    return [subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    return [subprocess.Popen([sys.executable, *program, *args], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env={**os.environ, **env, **launcher(rank)},
                              start_new_session=own_process_groups)
             for rank in range(processes)]
 
 
 def run_ranks(*args: str, processes: int = 1, timeout: float = 300, env: dict[str, str] = ENV,
-              ) -> subprocess.CompletedProcess:
+              program: Sequence[str] = ("train.py",)) -> subprocess.CompletedProcess:
     """`start_ranks`, waited for: the first failing exit code (else 0), rank 0's output, every rank's errors."""
-    ranks = start_ranks(*args, processes=processes, env=env)
+    ranks = start_ranks(*args, processes=processes, env=env, program=program)
     outputs = [rank.communicate(timeout=timeout) for rank in ranks]
     code = next((rank.returncode for rank in ranks if rank.returncode), 0)
     return subprocess.CompletedProcess(ranks[0].args, code, outputs[0][0], "".join(err for _, err in outputs))

@@ -102,7 +102,7 @@ def test_config_json_records_what_defines_the_run(runs):
     (["--mode", "data-parallel", "--microbatches", "2"], 2, "--microbatches applies to --mode pipeline only"),
     (["--mode", "paper-split", "--exchange", "all"], 2, "weird-trick"),
     (["--mode", "weird-trick", "--fc-update", "per-round"], 2, "add --exchange one-at-a-time or slice"),
-    (["--mode", "weird-trick", "--fc-update", "often"], 2, "--fc-update often is not one of: per-step, per-round"),
+    (["--mode", "weird-trick", "--fc-update", "often"], 2, "argument --fc-update: invalid choice: 'often'"),
     (["--mode", "weird-trick", "--exchange", "slice", "--fc-update", "per-round", "--mixed-precision", "fp16"], 2,
      "fp32 or bf16"),
     (["--mode", "data-parallel", "--fc-update", "per-step"], 2, "--fc-update applies to --mode weird-trick only"),
@@ -262,7 +262,24 @@ def train_arguments(*flags: str):
     return parser.parse_args(list(flags))
 
 
-def test_speed_flags_become_the_strategys_speed_ups():
+def test_a_layouts_flags_become_its_options_and_only_those_given():
+    from alexnet_mp.arguments import train_config
+
+    config = train_config(train_arguments("--mode", "pipeline", "--microbatches", "4"))
+    assert config.options == {"microbatches": 4}
+    assert config.to_dict()["microbatches"] == 4 and "options" not in config.to_dict()
+
+
+def test_an_option_value_given_in_code_outside_its_choices_is_refused_in_one_line():
+    from alexnet_mp.config import TrainConfig
+    from alexnet_mp.errors import UsageError
+    from alexnet_mp.strategies import check_layout
+
+    with pytest.raises(UsageError, match="--exchange diagonal is not one of: all, one-at-a-time, slice"):
+        check_layout(TrainConfig(mode="weird-trick", options={"exchange": "diagonal"}), 2)
+
+
+def test_speed_flags_become_the_layouts_speed_ups():
     from alexnet_mp.arguments import train_config
     from alexnet_mp.speed import Speed
 

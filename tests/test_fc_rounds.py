@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.links import round_rows
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer
 from alexnet_mp.strategies import build
+from alexnet_mp.strategies.weird_trick import round_rows
 from tests.conftest import REFERENCE_BATCH as BATCH
 from tests.equivalence import (
     CLASSES,
@@ -64,12 +64,13 @@ def test_per_round_updates_are_not_the_one_device_nets(runs, references):
 
 
 def learning_rates_by_layer() -> dict[str, float]:
-    config = TrainConfig(mode="weird-trick", exchange="one-at-a-time", fc_update="per-round", num_classes=CLASSES,
+    config = TrainConfig(mode="weird-trick", options={"exchange": "one-at-a-time", "fc_update": "per-round"},
+                         num_classes=CLASSES,
                          batch_size=512, lr=0.01, lr_scaling="linear", timeout_s=60)
-    strategy = build(config, torch.device("cpu"))
-    optimizer = make_optimizer(strategy.parameters(), config, strategy.learning_rates())
+    layout = build(config, torch.device("cpu"))
+    optimizer = make_optimizer(layout.parameters(), config, layout.learning_rates())
     rate = {param: group["lr"] for group in optimizer.param_groups for param in group["params"]}
-    return {key.split(".")[0]: rate[param] for key, _, param, _ in strategy.blocks()}
+    return {key.split(".")[0]: rate[param] for key, _, param, _ in layout.blocks()}
 
 
 def test_per_round_fc_layers_learn_at_the_rate_scaled_for_a_rounds_batch(tmp_path):

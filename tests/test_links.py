@@ -13,20 +13,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from alexnet_mp.links import (
-    BACKWARD,
-    FORWARD,
-    Ledger,
-    Meter,
-    MeteredAllReduce,
-    RoundExchange,
-    all_gather,
-    all_reduce_hook,
-    gather_to_first,
-    metered,
-    round_rows,
-)
+from alexnet_mp.ledger import BACKWARD, FORWARD, Ledger, Meter, metered
+from alexnet_mp.links import all_gather, gather_to_first
 from alexnet_mp.processes import run_distributed
+from alexnet_mp.strategies.replicas import MeteredAllReduce, all_reduce_hook
+from alexnet_mp.strategies.weird_trick import RoundExchange, round_rows
 
 WORLD = 2
 CONV_SHAPE = (2, 3, 2, 2)

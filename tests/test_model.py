@@ -129,11 +129,13 @@ def test_seeded_dropout_drops_a_samples_units_alike_whatever_rows_and_units_its_
     assert 0 < int((whole(x) == 0).sum()) < 32
 
 
-def test_seeded_dropout_without_a_draw_is_torchs_dropout():
-    dropout = SeededDropout(0, 1000)
-    kept = dropout(torch.ones(4, 1000))
-    assert set(kept.unique().tolist()) == {0.0, 2.0}
-    assert torch.equal(dropout.eval()(torch.ones(4, 1000)), torch.ones(4, 1000))
+def test_seeded_dropout_refuses_a_training_forward_without_a_draw():
+    with pytest.raises(RuntimeError, match="needs its draw"):
+        SeededDropout(0, 1000)(torch.ones(4, 1000))
+
+
+def test_seeded_dropout_without_a_draw_passes_its_input_in_evaluation():
+    assert torch.equal(SeededDropout(0, 1000).eval()(torch.ones(4, 1000)), torch.ones(4, 1000))
 
 
 def test_owt_loads_a_torchvision_alexnet_and_computes_the_same():

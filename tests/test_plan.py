@@ -32,7 +32,8 @@ def test_overlap_never_lengthens_a_step_and_hides_only_gradients():
 def test_rounds_hide_the_feature_exchange_behind_the_fc_layers_work_and_nothing_else():
     """R rounds, each round's transfer beside the FC layers' work on the round before: (R - 1) / R of the
     shorter of the two is hidden. Scheme (a) waits for the whole exchange."""
-    at_once, rounds = (predict("weird-trick", "paper", 4, 512, 5.0, exchange=scheme) for scheme in ("all", "slice"))
+    at_once, rounds = (predict("weird-trick", "paper", 4, 512, 5.0, options={"exchange": scheme})
+                       for scheme in ("all", "slice"))
     assert (at_once.rounds, rounds.rounds) == (0, 4) and rounds.layout == "weird-trick (slice)"
     for gbps in (8.0, 450.0):
         transfer = rounds.round_bytes / (gbps * 1e9)
@@ -64,7 +65,7 @@ def test_only_layouts_that_can_run_are_planned():
 
 def test_a_pipeline_step_is_predicted_with_its_bubble():
     """M micro-batches on N stages take M + N - 1 slots for M of work: compute stretched by (M + N - 1) / M."""
-    pipelined = predict("pipeline", "paper", 4, 128, 100.0, microbatches=4)
+    pipelined = predict("pipeline", "paper", 4, 128, 100.0, options={"microbatches": 4})
     assert pipelined.layout == "pipeline (M=4)" and pipelined.slots == 7 / 4
     assert pipelined.busy_s == pytest.approx(pipelined.compute_s * 7 / 4)
     assert pipelined.step_s(450.0, overlap=False) > pipelined.busy_s

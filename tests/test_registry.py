@@ -1,6 +1,6 @@
-"""Adding a layout is one new module and one line in the registry: a toy layout, registered here, is
-checked, planned, run by the experiment runner, trained, checkpointed and held to the one-device
-reference like the project's own."""
+"""Adding a layout is one new module and one line in the registry: a toy layout (tests/toy_layout.py), with an
+option of its own and a real link, registered (tests/toy_train.py), is checked, planned, benchmarked, run by the
+experiment runner, trained, checkpointed and held to the one-device reference like the project's own."""
 
 from __future__ import annotations
 
@@ -8,93 +8,104 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from alexnet_mp.blocks import WHOLE, Block
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import Traffic
-from alexnet_mp.model import AlexNet, Architecture
+from alexnet_mp.errors import UsageError
 from alexnet_mp.processes import run_distributed
-from alexnet_mp.strategies import STRATEGIES, Strategy
-from alexnet_mp.strategies.base import new_traffic
+from alexnet_mp.strategies import LAYOUTS, check_layout
 from tests.conftest import REFERENCE_BATCH as BATCH
-from tests.equivalence import FLOAT64_TOLERANCE, assert_same, layout_logits, merged, relative_error, run_layout
-from tests.launching import in_process, metrics, process_state_restored
+from tests.equivalence import (
+    FLOAT64_TOLERANCE,
+    assert_same,
+    layout_logits,
+    ledger_of,
+    merged,
+    relative_error,
+    run_layout,
+)
+from tests.launching import in_process, metrics, process_state_restored, run_ranks
+from tests.toy_layout import ConvsApart
 
 pytestmark = pytest.mark.slow  # a toy layout trained under train, plan, bench and experiment
 
-
-class EveryRankWhole(Strategy):
-    """A toy layout: every rank runs the whole net on the whole global batch, and nothing is exchanged."""
-
-    name = "toy-every-rank-whole"
-
-    @classmethod
-    def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
-        return WHOLE
-
-    @classmethod
-    def samples(cls, part: int, parts: int, batch: int) -> tuple[int, int]:
-        return batch, batch
-
-    @classmethod
-    def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
-        return new_traffic()
-
-    def parallelize(self, model: AlexNet) -> nn.Module:
-        model = self.place(model)
-        self.parts_held = [(self.rank, model)]
-        return model
-
-    def image_rows(self, global_batch: int) -> slice:
-        return slice(0, global_batch)
-
-    def label_rows(self, global_batch: int) -> slice:
-        return slice(0, global_batch)
+TOY = ConvsApart.name
+TOY_TRAIN = ("-m", "tests.toy_train")
 
 
 @pytest.fixture
 def registered(monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setitem(STRATEGIES, EveryRankWhole.name, EveryRankWhole)
-    return EveryRankWhole.name
+    monkeypatch.setitem(LAYOUTS, TOY, ConvsApart)
+    return TOY
 
 
-def test_a_registered_layout_is_checked_and_planned_like_the_others(registered):
+def test_a_registered_layouts_option_is_a_flag_of_train_and_plan(registered, capsys):
+    for command in ("train", "plan"):
+        assert "--toy-slices" in in_process(capsys, command, "--help").stdout
+
+
+def test_a_registered_layouts_option_is_checked_with_it(registered):
+    check_layout(TrainConfig(mode=TOY, batch_size=8, options={"toy_slices": 2}), 2)
+    with pytest.raises(UsageError, match="use a multiple of 4"):
+        check_layout(TrainConfig(mode=TOY, batch_size=6, options={"toy_slices": 2}), 2)
+    with pytest.raises(UsageError, match=f"--toy-slices applies to --mode {TOY} only"):
+        check_layout(TrainConfig(mode="data-parallel", batch_size=8, options={"toy_slices": 2}), 2)
+
+
+def test_a_registered_layout_is_planned_with_its_option(registered, capsys):
+    result = in_process(capsys, "plan", "--gpus", "2", "--batch", "128", "--toy-slices", "2")
+    assert result.returncode == 0 and f"| {TOY} (2 slices) | 2 | 128 |" in result.stdout
+
+
+def test_a_registered_layout_is_benchmarked_at_each_value_its_option_compares(registered):
+    from alexnet_mp.bench.matrix import QUICK, layout_runs
+
+    skipped: list[str] = []
+    names = [name for name, _, mode, _ in layout_runs(QUICK, "cpu", skipped) if mode == TOY]
+    assert names == [f"{TOY} (1 slices) x2", f"{TOY} (2 slices) x2", f"{TOY} (1 slices) x4"]
+    assert any(line.startswith(f"{TOY} (2 slices) x4: ") for line in skipped)  # quick's batch of 4 is too small
+
+
+def test_a_registered_layout_is_run_by_the_experiment_runner(registered):
     from alexnet_mp.experiment import planned_runs
-    from alexnet_mp.plan import layouts, predict
-    from alexnet_mp.strategies import check_layout
+    from alexnet_mp.preflight import check_run
 
-    check_layout(TrainConfig(mode=registered, batch_size=6), 3)
-    assert registered in layouts(2, "paper")
-    single, toy = predict("single", "paper", 1, 128, 1.0), predict(registered, "paper", 2, 128, 1.0)
-    assert toy.bytes_per_rank == [0.0, 0.0] and toy.compute_s == pytest.approx(single.compute_s)
-    assert [(mode, processes) for mode, processes, _ in planned_runs([registered], [2, 4], Path("runs"))] == [
-        (registered, 2), (registered, 4)]
+    runs = planned_runs([TOY], [2, 4], Path("runs"))
+    assert [(mode, processes) for mode, processes, _ in runs] == [(TOY, 2), (TOY, 4)]
+    for mode, processes, directory in runs:
+        check_run(TrainConfig(mode=mode, batch_size=8, output_dir=str(directory)), processes)
 
 
-def test_a_registered_layout_trains_from_the_command_line_and_its_checkpoint_loads_in_another(registered, tmp_path,
-                                                                                              capsys):
-    with process_state_restored():
-        result = in_process(capsys, "train", "--mode", registered, "--batch-size", "2", "--num-classes", "10",
-                            "--steps", "2", "--workers", "0", "--output-dir", str(tmp_path / "toy"))
+def test_a_registered_layout_trains_under_train_and_its_checkpoint_resumes_in_another(tmp_path, capsys):
+    common = ("--batch-size", "4", "--num-classes", "10", "--workers", "0")
+    result = run_ranks("--mode", TOY, "--toy-slices", "2", *common, "--steps", "2",
+                       "--output-dir", str(tmp_path / "toy"), processes=2, program=TOY_TRAIN)
     assert result.returncode == 0, result.stderr[-3000:]
     with process_state_restored():
-        result = in_process(capsys, "train", "--mode", "single", "--batch-size", "2", "--num-classes", "10",
-                            "--steps", "3", "--workers", "0", "--resume", str(tmp_path / "toy"),
-                            "--output-dir", str(tmp_path / "single"))
+        result = in_process(capsys, "train", "--mode", "single", *common, "--steps", "3",
+                            "--resume", str(tmp_path / "toy"), "--output-dir", str(tmp_path / "single"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert [row["step"] for row in metrics(tmp_path / "single")] == [2]
 
 
 def run_registered(*args: object) -> object:
     """In a rank process, which imports the registry afresh: the line a new layout adds, then its run."""
-    STRATEGIES[EveryRankWhole.name] = EveryRankWhole
+    LAYOUTS[TOY] = ConvsApart
     return run_layout(*args)
 
 
-def test_a_registered_layout_on_two_processes_is_held_to_the_one_device_reference(references, tmp_path):
-    ranks = run_distributed(run_registered, 2, tmp_path, EveryRankWhole.name, "paper", BATCH, 2, torch.float64)
+@pytest.fixture(scope="module")
+def toy_ranks(tmp_path_factory: pytest.TempPathFactory) -> list:
+    return run_distributed(run_registered, 2, tmp_path_factory.mktemp("toy"), TOY, "paper", BATCH, 2, torch.float64)
+
+
+def test_a_registered_layout_on_two_processes_is_held_to_the_one_device_reference(toy_ranks, references):
     reference = references("paper")["float64"]
-    assert relative_error(layout_logits(ranks[:1], 0, BATCH), reference.logits[0]) <= FLOAT64_TOLERANCE
-    assert_same(merged(ranks[0].weights, "paper"), merged(reference.weights, "paper"), FLOAT64_TOLERANCE)
-    assert ranks[1].weights == [] and ranks[1].checksum == pytest.approx(ranks[0].checksum, rel=1e-12)
+    assert relative_error(layout_logits(toy_ranks[:1], 0, BATCH), reference.logits[0]) <= FLOAT64_TOLERANCE
+    assert_same(merged(toy_ranks[0].weights, "paper"), merged(reference.weights, "paper"), FLOAT64_TOLERANCE)
+
+
+def test_a_registered_layouts_ledger_counts_what_its_traffic_formula_says(toy_ranks):
+    expected = ConvsApart.expected_traffic("paper", 2, BATCH, num_classes=10)
+    assert expected[1][("fc6-input", "forward")] == 9216 * BATCH // 2
+    for rank, run in enumerate(toy_ranks):
+        assert ledger_of(run).sent() == pytest.approx(expected[rank]), f"rank {rank}"

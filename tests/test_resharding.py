@@ -15,7 +15,7 @@ from alexnet_mp.blocks import local
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer, train_step
-from alexnet_mp.strategies import Strategy, build
+from alexnet_mp.strategies import Layout, build
 from tests.equivalence import CLASSES, global_batch
 
 pytestmark = pytest.mark.slow  # checkpoints saved and loaded across layouts on real processes
@@ -26,28 +26,28 @@ LAYOUTS = ("data-parallel", "paper-split", "weird-trick", "fsdp", "pipeline", "t
 NEW = ("fsdp", "pipeline", "tensor-parallel")
 
 
-def trained(mode: str, steps: int, folder: Path | None = None) -> tuple[Strategy, torch.optim.Optimizer]:
+def trained(mode: str, steps: int, folder: Path | None = None) -> tuple[Layout, torch.optim.Optimizer]:
     """`mode` on this rank, `steps` SGD steps taken (from the checkpoint in `folder`, if given)."""
     config = TrainConfig(mode=mode, num_classes=CLASSES, batch_size=BATCH, timeout_s=60)
-    strategy = build(config, torch.device("cpu"))
-    strategy.train()
-    optimizer = make_optimizer(strategy.parameters(), config)
+    layout = build(config, torch.device("cpu"))
+    layout.train()
+    optimizer = make_optimizer(layout.parameters(), config)
     start = 0
     if folder is not None:
         found = checkpoint.find("latest", folder)
-        checkpoint.load(found, strategy, optimizer)
+        checkpoint.load(found, layout, optimizer)
         start = found.step
     images, labels = global_batch(BATCH, torch.float32)
     for step in range(start, start + steps):
-        train_step(strategy, optimizer, images[strategy.image_rows(BATCH)], labels[strategy.label_rows(BATCH)], step,
+        train_step(layout, optimizer, images[layout.image_rows(BATCH)], labels[layout.label_rows(BATCH)], step,
                    BATCH)
-    return strategy, optimizer
+    return layout, optimizer
 
 
-def held(strategy: Strategy, optimizer: torch.optim.Optimizer) -> list[tuple[str, tuple, torch.Tensor, torch.Tensor]]:
+def held(layout: Layout, optimizer: torch.optim.Optimizer) -> list[tuple[str, tuple, torch.Tensor, torch.Tensor]]:
     """(key, block, weights, momentum) of every block this rank holds."""
     return [(key, block, local(param).detach().clone(), local(optimizer.state[param]["momentum_buffer"]).clone())
-            for key, block, param, _ in strategy.blocks()]
+            for key, block, param, _ in layout.blocks()]
 
 
 def moves() -> list[tuple[str, str]]:
@@ -67,8 +67,8 @@ def save_then_load(folder: str) -> dict[tuple[str, str], list[str]]:
     move, the keys of the loader's blocks that differ from the saved whole net's (compared here: shipping the
     blocks back would move gigabytes)."""
     for saver in LAYOUTS:
-        strategy, optimizer = trained(saver, 1)
-        checkpoint.save(Path(folder) / saver, strategy, optimizer, {"step": 1}, keep=1)
+        layout, optimizer = trained(saver, 1)
+        checkpoint.save(Path(folder) / saver, layout, optimizer, {"step": 1}, keep=1)
     found = {}
     for saver in LAYOUTS:  # one saved whole net in memory at a time, read once for all its loaders
         weights, momentum = checkpoint.full_state(checkpoint.find("latest", Path(folder) / saver))
@@ -96,8 +96,8 @@ def straight_and_resumed(folder: str) -> dict[str, list[str]]:
     runs = {}
     for mode in NEW:
         straight = held(*trained(mode, 2))
-        strategy, optimizer = trained(mode, 1)
-        checkpoint.save(Path(folder) / mode, strategy, optimizer, {"step": 1}, keep=1)
+        layout, optimizer = trained(mode, 1)
+        checkpoint.save(Path(folder) / mode, layout, optimizer, {"step": 1}, keep=1)
         runs[mode] = differing(held(*trained(mode, 1, Path(folder) / mode)), straight)
     return runs
 

@@ -122,18 +122,18 @@ def test_lrn_gives_the_same_maps_in_channels_last_and_keeps_that_layout():
 def test_resumed_momentum_takes_its_parameters_memory_format(tmp_path):
     def strategy_and_optimizer():
         config = TrainConfig(mode="single", num_classes=10, channels_last=True)
-        strategy = build(config, torch.device("cpu"))
-        return strategy, make_optimizer(strategy.parameters(), config)
+        layout = build(config, torch.device("cpu"))
+        return layout, make_optimizer(layout.parameters(), config)
 
-    strategy, optimizer = strategy_and_optimizer()
-    train_step(strategy, optimizer, torch.randn(2, 3, 224, 224), torch.tensor([1, 2]), 0, 2)
-    checkpoint.save(tmp_path, strategy, optimizer, {"step": 1}, keep=1)
+    layout, optimizer = strategy_and_optimizer()
+    train_step(layout, optimizer, torch.randn(2, 3, 224, 224), torch.tensor([1, 2]), 0, 2)
+    checkpoint.save(tmp_path, layout, optimizer, {"step": 1}, keep=1)
     resumed, resumed_optimizer = strategy_and_optimizer()
     checkpoint.load(checkpoint.find("latest", tmp_path), resumed, resumed_optimizer)
     conv1 = resumed.model.conv1.weight
     momentum = resumed_optimizer.state[conv1]["momentum_buffer"]
     assert momentum.stride() == conv1.stride()
-    torch.testing.assert_close(momentum, optimizer.state[strategy.model.conv1.weight]["momentum_buffer"])
+    torch.testing.assert_close(momentum, optimizer.state[layout.model.conv1.weight]["momentum_buffer"])
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,31 @@
 """Every layout computes what the one-device reference computes, on real gloo processes: logits,
 loss, every gradient, and the weights after 2 SGD steps (momentum, weight decay, dropout on);
-tolerances in tests/equivalence.py. Its ledger equals the analytic count from the layer shapes."""
+tolerances in tests/equivalence.py. Its ledger equals the analytic count from the layer shapes.
+
+The cases come from the registry: every layout at each world size it runs (2 and 4, or its one), on the
+paper net, with every value of each of its options that a comparison covers at least once; and on the owt
+net at its smallest world size."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import pytest
 
+from alexnet_mp.config import TrainConfig
+from alexnet_mp.errors import UsageError
 from alexnet_mp.plan import predict
 from alexnet_mp.processes import run_distributed
-from alexnet_mp.strategies import STRATEGIES
-from tests.conftest import REFERENCE_BATCH as BATCH
+from alexnet_mp.strategies import LAYOUTS
+from alexnet_mp.strategies.weird_trick import EXCHANGE
+from tests.conftest import REFERENCE_BATCH
 from tests.equivalence import (
     FLOAT32_TOLERANCE,
     FLOAT64_TOLERANCE,
+    Run,
     assert_same,
     layout_logits,
     ledger_of,
@@ -27,66 +38,77 @@ pytestmark = pytest.mark.slow  # every layout held to the one-device reference o
 
 
 @dataclass(frozen=True)
-class Layout:
+class Case:
     mode: str
     arch: str
     ranks: int
-    options: tuple[tuple[str, object], ...] = ()  # the layout's own: exchange, schedule, microbatches
-    batch: int = BATCH
+    options: tuple[tuple[str, object], ...] = ()  # the layout's own, as given
+    batch: int = REFERENCE_BATCH
 
     def __str__(self) -> str:
         return "-".join(map(str, (self.mode, self.arch, self.ranks, *(value for _, value in self.options))))
 
 
-def exchange(scheme: str) -> tuple[tuple[str, object], ...]:
-    return (("exchange", scheme),)
+def runnable(mode: str, arch: str, ranks: int, options: dict) -> Case | None:
+    """The case, at the smallest batch the layout takes that the reference batch divides; None if it refuses."""
+    cls = LAYOUTS[mode]
+    config = TrainConfig(mode=mode, arch=arch, batch_size=REFERENCE_BATCH, options=options)
+    try:
+        batch = math.lcm(REFERENCE_BATCH, cls.batch_multiple(ranks, config))
+        cls.check(ranks, TrainConfig(mode=mode, arch=arch, batch_size=batch, options=options))
+    except UsageError:
+        return None
+    return Case(mode, arch, ranks, tuple(options.items()), batch)
 
 
-def pipelined(schedule: str, microbatches: int) -> tuple[tuple[str, object], ...]:
-    return ("schedule", schedule), ("microbatches", microbatches)
+def layout_cases(mode: str) -> list[Case]:
+    """The layout's defaults at each world size; then, greedily, the settings that cover most of its options'
+    compared values not yet covered; then the owt net at the smallest world size."""
+    cls = LAYOUTS[mode]
+    counts = (cls.fixed_world_size,) if cls.fixed_world_size else (2, 4)
+    chosen = [case for ranks in counts if (case := runnable(mode, "paper", ranks, {}))]
+    defaults = {(option.name, option.default) for option in cls.options}
+    uncovered = {(option.name, value) for option in cls.options for value in option.compared} - defaults
+    candidates = [case for ranks in counts for options in cls.compared()
+                  if (case := runnable(mode, "paper", ranks, options))]
+    while uncovered and candidates:
+        best = max(candidates, key=lambda case: len(uncovered & set(case.options)))
+        if not uncovered & set(best.options):
+            break
+        chosen.append(best)
+        uncovered -= set(best.options)
+    owt = next((case for ranks in counts if (case := runnable(mode, "owt", ranks, {}))), None)
+    return chosen + ([owt] if owt else [])
 
 
-LAYOUTS = [
-    Layout("single", "paper", 1),
-    Layout("data-parallel", "paper", 2),
-    Layout("data-parallel", "paper", 4),
-    Layout("data-parallel", "owt", 2),
-    Layout("weird-trick", "paper", 2, exchange("all")),
-    Layout("weird-trick", "paper", 2, exchange("one-at-a-time")),
-    Layout("weird-trick", "paper", 2, exchange("slice")),
-    Layout("weird-trick", "paper", 4, exchange("all")),
-    Layout("weird-trick", "paper", 4, exchange("one-at-a-time")),
-    Layout("weird-trick", "paper", 4, exchange("slice"), batch=16),  # (c) sends 1/N of each rank's 1/N a round
-    Layout("weird-trick", "owt", 2, exchange("all")),
-    Layout("paper-split", "paper", 4),
-    Layout("fsdp", "paper", 2),
-    Layout("fsdp", "paper", 4),
-    # GPipe with one micro-batch, more than the stages, and fewer; 1F1B (M >= N) with more than the stages, and as many
-    *(Layout("pipeline", "paper", 2, pipelined("gpipe", microbatches)) for microbatches in (1, 4)),
-    Layout("pipeline", "paper", 4, pipelined("gpipe", 2)),
-    Layout("pipeline", "paper", 2, pipelined("1f1b", 4)),
-    Layout("pipeline", "paper", 4, pipelined("1f1b", 4)),
-    Layout("tensor-parallel", "paper", 2),
-    Layout("tensor-parallel", "paper", 4),
-]
+CASES = [case for mode in LAYOUTS for case in layout_cases(mode)]
 
 
-# Per weird-trick scheme on 2 ranks: float64 losses of every step and float32 logits, compared at the end.
-SCHEME_RESULTS: dict[str, tuple[list[float], object]] = {}
+@cache
+def run_case(case: Case, scratch: Path) -> list[dict[str, Run]]:
+    """Each rank's runs of `case` (float64 and float32), once per test process."""
+    args = (case.mode, case.arch, case.batch, dict(case.options))
+    if case.ranks == 1:
+        return [run_layout_both_precisions(*args)]
+    return run_distributed(run_layout_both_precisions, case.ranks, scratch / str(case), *args)
 
 
-@pytest.fixture(scope="module", params=LAYOUTS, ids=str)
-def layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, list[dict]]:
-    spec: Layout = request.param
-    args = (spec.mode, spec.arch, spec.batch, dict(spec.options))
-    if spec.ranks == 1:
-        ranks = [run_layout_both_precisions(*args)]
-    else:
-        ranks = run_distributed(run_layout_both_precisions, spec.ranks, tmp_path_factory.mktemp(str(spec)), *args)
-    if spec.mode == "weird-trick" and spec.ranks == 2 and spec.arch == "paper":
-        SCHEME_RESULTS[dict(spec.options)["exchange"]] = (ranks[0]["float64"].losses,
-                                         layout_logits([r["float32"] for r in ranks], 0, BATCH))
-    return spec, ranks
+@pytest.fixture(scope="session")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("layouts")
+
+
+@pytest.fixture(scope="module", params=CASES, ids=str)
+def layout(request: pytest.FixtureRequest, scratch: Path) -> tuple[Case, list[dict[str, Run]]]:
+    return request.param, run_case(request.param, scratch)
+
+
+def test_the_cases_cover_every_layout_and_every_compared_option_value():
+    assert {case.mode for case in CASES} == set(LAYOUTS)
+    for mode, cls in LAYOUTS.items():
+        for option in cls.options:
+            covered = {dict(case.options).get(option.name, option.default) for case in CASES if case.mode == mode}
+            assert set(option.compared) <= covered, f"{mode} {option.flag}"
 
 
 def test_logits_and_loss_equal_single_device(layout, references):
@@ -114,7 +136,7 @@ def test_weights_after_two_sgd_steps_equal_single_device(layout, references):
 
 def test_ledger_equals_the_analytic_count(layout):
     spec, ranks = layout
-    expected = STRATEGIES[spec.mode].expected_traffic(spec.arch, spec.ranks, spec.batch, num_classes=10)
+    expected = LAYOUTS[spec.mode].expected_traffic(spec.arch, spec.ranks, spec.batch, num_classes=10)
     for rank, r in enumerate(ranks):
         assert ledger_of(r["float32"]).sent() == pytest.approx(expected[rank]), f"rank {rank}"
 
@@ -122,22 +144,31 @@ def test_ledger_equals_the_analytic_count(layout):
 def test_plan_predicts_the_bytes_the_ledger_measured(layout):
     spec, ranks = layout
     predicted = predict(spec.mode, spec.arch, spec.ranks, spec.batch, device_tflops=1.0, num_classes=10,
-                        exchange=dict(spec.options).get("exchange"))
+                        options=dict(spec.options))
     assert predicted.bytes_per_rank == pytest.approx([r["float32"].sent_bytes for r in ranks])
 
 
-def test_replicas_of_a_piece_hold_the_same_weights_after_two_steps(layout):
-    """Only the first replica's weights are compared with the reference; the others must equal it."""
+def test_every_block_two_ranks_hold_has_the_same_weights_on_both_after_two_steps(layout):
+    """Only the first holder's blocks are compared with the reference; every other holder must equal it."""
     spec, ranks = layout
-    replica_groups = {"data-parallel": [list(range(spec.ranks))],
-                      "paper-split": [[0, 2], [1, 3]] if spec.ranks == 4 else []}
-    for group in replica_groups.get(spec.mode, []):
-        checksums = [ranks[rank]["float64"].checksum for rank in group]
-        assert checksums == pytest.approx([checksums[0]] * len(group), rel=1e-12)
+    holders: dict[str, list[float]] = {}
+    for r in ranks:
+        for block, checksum in r["float64"].held.items():
+            holders.setdefault(block, []).append(checksum)
+    replicated = {block: sums for block, sums in holders.items() if len(sums) > 1}
+    if not replicated:
+        pytest.skip(f"{spec}: no block is held by two ranks")
+    for block, sums in replicated.items():
+        assert sums == pytest.approx([sums[0]] * len(sums), rel=1e-12), block
 
 
-def test_weird_trick_exchange_schemes_give_the_same_results_as_each_other():
-    (losses_a, logits_a), *others = (SCHEME_RESULTS[s] for s in ("all", "one-at-a-time", "slice"))
+def test_weird_trick_exchange_schemes_give_the_same_results_as_each_other(scratch):
+    results = {}
+    for scheme in EXCHANGE.compared:
+        case = runnable("weird-trick", "paper", 2, {} if scheme == EXCHANGE.default else {EXCHANGE.name: scheme})
+        ranks = run_case(case, scratch)  # the cases' own runs, where this module's other tests ran them
+        results[scheme] = ranks[0]["float64"].losses, layout_logits([r["float32"] for r in ranks], 0, case.batch)
+    (losses_a, logits_a), *others = results.values()
     for losses, logits in others:
         assert losses == pytest.approx(losses_a, rel=FLOAT64_TOLERANCE)
         assert relative_error(logits, logits_a) <= FLOAT32_TOLERANCE

@@ -364,12 +364,12 @@ def test_evaluation_scores_every_validation_image_once_whatever_the_batch_size(b
     from alexnet_mp.strategies import build
 
     dataset = SyntheticImages(num_classes=10, size=10, seed=0, split=1)
-    strategy = build(TrainConfig(mode="single", num_classes=10, init="he"), torch.device("cpu"))
-    result = loop.evaluate(strategy, dataset, batch_size, workers=0, device=torch.device("cpu"))
-    strategy.train(False)
+    layout = build(TrainConfig(mode="single", num_classes=10, init="he"), torch.device("cpu"))
+    result = loop.evaluate(layout, dataset, batch_size, workers=0, device=torch.device("cpu"))
+    layout.train(False)
     with torch.no_grad():
         images = torch.stack([dataset[(i, 0)][0] for i in range(len(dataset))])
-        log_probabilities = strategy.forward(images, 0, len(dataset)).log_softmax(-1)
+        log_probabilities = layout.forward(images, 0, len(dataset)).log_softmax(-1)
     top5 = log_probabilities.topk(5, -1).indices
     labels = dataset.targets
     assert result.loss == pytest.approx(F.nll_loss(log_probabilities, labels).item(), rel=1e-5)

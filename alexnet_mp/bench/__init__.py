@@ -16,6 +16,7 @@ import torch
 from alexnet_mp.bench.matrix import FULL, FULL_GPU, QUICK, layout_variant, run_matrix
 from alexnet_mp.bench.measure import Measurement
 from alexnet_mp.bench.report import as_markdown, comparisons, environment, plot_layouts
+from alexnet_mp.strategies import REFERENCE_STEP
 
 
 def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
@@ -46,5 +47,5 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(write(measurements, skipped + failed))
-    plot_layouts(measurements, layout_variant(device_type).named("single, paper"), output / "layouts.png")
+    plot_layouts(measurements, layout_variant(device_type).named(REFERENCE_STEP), output / "layouts.png")
     return failed

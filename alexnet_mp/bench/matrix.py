@@ -23,11 +23,11 @@ from alexnet_mp.bench.measure import (
     plain_loop_steps,
     write_jpeg_tree,
 )
-from alexnet_mp.config import TrainConfig, layout_label
+from alexnet_mp.config import TrainConfig
 from alexnet_mp.data import require_device_decoder
 from alexnet_mp.errors import UsageError
 from alexnet_mp.speed import EAGER, Speed, Variant
-from alexnet_mp.strategies import STRATEGIES
+from alexnet_mp.strategies import LAYOUTS, REFERENCE, REFERENCE_STEP
 
 FULL = Sizes(batch=32, steps=6, warmup=2, ranks=(2, 4), pipeline_images=512, pipeline_steps=16, workers=2,
              num_classes=1000)
@@ -60,7 +60,7 @@ def layout_variant(device_type: str) -> Variant:
 
 
 PLAIN_LOOP = "plain loop, torchvision alexnet"
-FED = "single, paper, fed by the input pipeline"
+FED = f"{REFERENCE_STEP}, fed by the input pipeline"
 # what each of data.DECODE_PLACES adds to the pipeline's measurement names
 DECODED = {"workers": "", "device": ", JPEGs decoded on the device",
            "device-in-workers": ", JPEGs decoded on the device by the workers"}
@@ -98,14 +98,14 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str,
             precision=variant.precision, mode=mode, options=options or {})
 
     if modes is not None:
-        step("single, paper", 1, "single", "paper", layouts)
+        step(REFERENCE_STEP, 1, REFERENCE, "paper", layouts)
         for name, ranks, mode, options in layout_runs(sizes, device_type, skipped, modes):
             step(name, ranks, mode, "paper", layouts, options)
         return list(found.values()), skipped, failed
     run(PLAIN_LOOP, plain_loop_steps, 1, batch, sizes, arch="owt")
     for variant in single_variants(device_type):
-        step("single, paper", 1, "single", "paper", variant)
-    step("single, owt", 1, "single", "owt", layouts)
+        step(REFERENCE_STEP, 1, REFERENCE, "paper", variant)
+    step(f"{REFERENCE}, owt", 1, REFERENCE, "owt", layouts)
     for name, ranks, mode, options in layout_runs(sizes, device_type, skipped):
         step(name, ranks, mode, "paper", layouts, options)
     pictures = str(write_jpeg_tree(scratch / "jpeg", sizes.pipeline_images))
@@ -128,16 +128,14 @@ def layout_runs(sizes: Sizes, device_type: str, skipped: list[str], modes: Colle
     hold several parts in one process (the paper split's towers on the one GPU). Those whose own check refuses
     the world size or the batch are added to `skipped`, with its reason. `modes`: those layouts alone."""
     runs = []
-    for mode, cls in STRATEGIES.items():
+    for mode, cls in LAYOUTS.items():
         if cls.fixed_world_size == 1 or (modes is not None and mode not in modes):
             continue  # single: measured above, with each speed-up
         counts = ([1] if device_type == "cuda" and cls.parts(1) > 1 else []) + list(sizes.ranks)
-        combinations = [dict(zip(cls.compared, values, strict=True))
-                        for values in itertools.product(*cls.compared.values())]
-        for ranks, options in itertools.product(counts, combinations):
-            name = layout_label({"mode": mode, **options}) + (", 1 process" if ranks == 1 else f" x{ranks}")
+        for ranks, options in itertools.product(counts, cls.compared()):
+            name = cls.run_name(ranks, options)
             try:
-                cls.check(ranks, TrainConfig(mode=mode, batch_size=sizes.batch, **options))
+                cls.check(ranks, TrainConfig(mode=mode, batch_size=sizes.batch, options=options))
             except UsageError as refusal:
                 skipped.append(f"{name}: {refusal}")
                 continue

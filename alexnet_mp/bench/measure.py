@@ -19,13 +19,13 @@ import torch.nn.functional as F
 
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.data import Augmented, FolderSource, GlobalBatches, rank_batches
-from alexnet_mp.links import Ledger
+from alexnet_mp.ledger import Ledger
 from alexnet_mp.model import IMAGE_SIZE
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.rng import seeded_generator
 from alexnet_mp.speed import EAGER, Variant
 from alexnet_mp.step import make_optimizer, train_step
-from alexnet_mp.strategies import build, check_layout
+from alexnet_mp.strategies import REFERENCE, build, check_layout
 from alexnet_mp.timing import StepClock, peak_memory_mb
 from alexnet_mp.world import current
 
@@ -80,21 +80,21 @@ def layout_steps(mode: str, arch: str, options: dict[str, Any], batch: int, size
     """Our training step on this rank's part of an in-memory global batch, the layout given `options` (its own)."""
     device = _device()
     config = TrainConfig(mode=mode, arch=arch, num_classes=sizes.num_classes, seed=SEED, batch_size=batch,
-                         **variant.speed.flags(), **options)
+                         **variant.speed.flags(), options=options)
     check_layout(config, current().size)
-    strategy = build(config, device)
-    strategy.train()
-    optimizer = make_optimizer(strategy.parameters(), config, strategy.learning_rates())
+    layout = build(config, device)
+    layout.train()
+    optimizer = make_optimizer(layout.parameters(), config, layout.learning_rates())
     images, labels = _fixed_batch(batch, sizes.num_classes, device)
-    images, labels = images[strategy.image_rows(batch)], labels[strategy.label_rows(batch)]
+    images, labels = images[layout.image_rows(batch)], labels[layout.label_rows(batch)]
 
     def run_step(step: int) -> None:
-        strategy.ledger.reset()
+        layout.ledger.reset()
         with variant.autocast(device):
-            train_step(strategy, optimizer, images, labels, step, batch)
+            train_step(layout, optimizer, images, labels, step, batch)
 
-    result = _timed(run_step, device, sizes, strategy.ledger)
-    return {**result, "bytes": strategy.ledger.total_bytes()}
+    result = _timed(run_step, device, sizes, layout.ledger)
+    return {**result, "bytes": layout.ledger.total_bytes()}
 
 
 def plain_loop_steps(batch: int, sizes: Sizes) -> dict:
@@ -152,15 +152,15 @@ def fed_steps(root: str, batch: int, workers: int, sizes: Sizes, variant: Varian
     """Our single-device step fed by the input pipeline, data waits included; warmed up (compiled) on an
     in-memory batch first."""
     device = _device()
-    config = TrainConfig(mode="single", num_classes=sizes.num_classes, seed=SEED, batch_size=batch,
+    config = TrainConfig(mode=REFERENCE, num_classes=sizes.num_classes, seed=SEED, batch_size=batch,
                          **variant.speed.flags())
-    strategy = build(config, device)
-    strategy.train()
-    optimizer = make_optimizer(strategy.parameters(), config, strategy.learning_rates())
+    layout = build(config, device)
+    layout.train()
+    optimizer = make_optimizer(layout.parameters(), config, layout.learning_rates())
 
     def run_step(step: int, images: torch.Tensor, labels: torch.Tensor) -> None:
         with variant.autocast(device):
-            train_step(strategy, optimizer, images, labels, step, batch)
+            train_step(layout, optimizer, images, labels, step, batch)
 
     for step in range(sizes.warmup):
         run_step(step, *_fixed_batch(batch, sizes.num_classes, device))

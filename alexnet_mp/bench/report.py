@@ -17,17 +17,12 @@ from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.report import markdown_table
-from alexnet_mp.strategies import STRATEGIES
-from alexnet_mp.strategies.base import CONV_FEATURES
+from alexnet_mp.strategies import LAYOUTS, REFERENCE_STEP
 
 # Dense peak TFLOP/s by device name and precision, from NVIDIA's datasheets (SXM parts); model FLOPs
 # utilisation divides the training FLOPs actually done per second by these. fp32 steps are held to the
 # TF32 tensor-core peak: cuDNN runs float32 convs as TF32 by default (torch.backends.cudnn.allow_tf32).
 PEAK_TFLOPS = {"H100": {"fp32": 494.7, "bf16": 989.4}, "H200": {"fp32": 494.7, "bf16": 989.4}}
-
-
-EXCHANGE_LINK = CONV_FEATURES.name  # weird-trick's conv-feature exchange, which schemes (b), (c) overlap
-
 
 
 @dataclass
@@ -50,14 +45,14 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -
     """The ratios of this run, each with its target where the issue sets one; a ratio whose
     measurements this machine could not run is left out."""
     layouts = layout_variant(device_type)
-    single = layouts.named("single, paper")
+    single = layouts.named(REFERENCE_STEP)
     rows: list[Comparison] = []
 
     def ratio(what: str, ours: str, theirs: str, target: float | None = None, detail: str = "") -> None:
         if ours in found and theirs in found:
             rows.append(Comparison(what, ours, theirs, found[ours].median / found[theirs].median, target, detail))
 
-    ratio("our step vs the plain loop (different nets: paper has LRN and 2 towers)", "single, paper", PLAIN_LOOP)
+    ratio("our step vs the plain loop (different nets: paper has LRN and 2 towers)", REFERENCE_STEP, PLAIN_LOOP)
     ratio("our step vs the plain loop, same net (owt = torchvision's layout)", layouts.named("single, owt"),
           PLAIN_LOOP, 1.0)
     if device_type == "cuda":
@@ -68,31 +63,20 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -
                           "convolutions cost the difference (profile: docs/experiments.md)"
                           ) if owt and PLAIN_LOOP in found else ""
         for variant in single_variants(device_type)[1:]:
-            ratio(f"our step, {variant.label()}, vs the plain fp32 loop", variant.named("single, paper"), PLAIN_LOOP,
+            ratio(f"our step, {variant.label()}, vs the plain fp32 loop", variant.named(REFERENCE_STEP), PLAIN_LOOP,
                   2.0, same_speed_ups if variant == layouts else "")
-        steps = [variant.named("single, paper") for variant in single_variants(device_type)]
-        rows.extend(utilisation_rows([found[name] for name in steps + [layouts.named("paper-split, 1 process")]
-                                      if name in found], sizes.num_classes, owt))
-    split = layouts.named("paper-split x2")
-    if split in found:
-        ratio("paper-split on 2 ranks vs single on the same cores", split, single, 0.95,
-              f"links blocked {1000 * found[split].comm_wait_s:.1f} ms/step")
-    ratio("paper-split in 1 process (towers as separate convs) vs single (grouped convs)",
-          layouts.named("paper-split, 1 process"), single)
-    for ranks in sizes.ranks:
-        dp, a, b, c, sharded = (layouts.named(name) for name in (
-            f"data-parallel x{ranks}", f"weird-trick (all) x{ranks}", f"weird-trick (one-at-a-time) x{ranks}",
-            f"weird-trick (slice) x{ranks}", f"fsdp x{ranks}"))
-        if {dp, sharded} <= found.keys():
-            ratio(f"fsdp vs data-parallel at {ranks} ranks: speed (memory and bytes in the detail)", sharded, dp,
-                  detail=f"peak MiB per rank (largest) {max(found[sharded].peak_memory_mb):.0f} vs "
-                         f"{max(found[dp].peak_memory_mb):.0f}; {bytes_on_rank_0(found[sharded], found[dp])}")
-        if {dp, a} <= found.keys():
-            ratio(f"weird-trick (a) vs data-parallel at {ranks} ranks", a, dp,
-                  detail=bytes_on_rank_0(found[a], found[dp]))
-        for scheme, rounds, target in (("b", b, 0.5), ("c", c, None)):
-            if {a, rounds} <= found.keys():
-                rows.extend(hidden_exchange(scheme, found[rounds], found[a], ranks, target))
+        steps = [variant.named(REFERENCE_STEP) for variant in single_variants(device_type)]
+        steps += [layouts.named(cls.run_name(1)) for cls in LAYOUTS.values()]  # several parts in one process
+        rows.extend(utilisation_rows([found[name] for name in steps if name in found], sizes.num_classes, owt))
+    for ranks in (1, *sizes.ranks):
+        for cls in LAYOUTS.values():
+            for claim in cls.claims(ranks):
+                ours, theirs = layouts.named(claim.ours), layouts.named(claim.theirs)
+                if ours in found and theirs in found:
+                    pair = found[ours], found[theirs]
+                    rows.append(Comparison(claim.what, ours, theirs,
+                                           claim.ratio(*pair) if claim.ratio else pair[0].median / pair[1].median,
+                                           claim.target, claim.detail(*pair) if claim.detail else ""))
     rows.extend(bubbles(found.values()))
     pipeline = f"input pipeline, {sizes.workers} workers"
     ratio("input pipeline vs the training step it feeds (>= 1: the loader keeps up)", pipeline, single, 1.0,
@@ -107,12 +91,12 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -
 
 
 def bubbles(measurements: Iterable[Measurement]) -> list[Comparison]:
-    """For each layout that leaves ranks idle by design (a pipeline's bubble: `Strategy.slots`), the idle share
+    """For each layout that leaves ranks idle by design (a pipeline's bubble: `Layout.slots`), the idle share
     of the busiest rank's step (the one that waited least) against the prediction, 1 - 1 / slots: (N - 1) /
     (M + N - 1) for a pipeline of equal stages."""
     rows = []
     for m in measurements:
-        slots = STRATEGIES[m.mode].slots(m.ranks, TrainConfig(mode=m.mode, batch_size=m.batch, **m.options)) \
+        slots = LAYOUTS[m.mode].slots(m.ranks, TrainConfig(mode=m.mode, batch_size=m.batch, options=m.options)) \
             if m.mode else 1.0
         if slots > 1:
             predicted, measured = 1 - 1 / slots, min(m.wait_per_rank_s) / m.step_s
@@ -120,32 +104,6 @@ def bubbles(measurements: Iterable[Measurement]) -> list[Comparison]:
                                    measured / predicted, None, f"the busiest stage idle {measured:.0%} of its step; "
                                                                f"predicted {predicted:.0%}"))
     return rows
-
-
-def bytes_on_rank_0(ours: Measurement, theirs: Measurement) -> str:
-    return f"bytes/step on rank 0: {ours.bytes_per_rank[0]:,.0f} vs {theirs.bytes_per_rank[0]:,.0f}"
-
-
-def hidden_exchange(scheme: str, rounds: Measurement, a: Measurement, ranks: int,
-                    target: float | None) -> list[Comparison]:
-    """How much of the conv features' exchange a scheme in rounds (b or c) hides behind the FC layers' work
-    on the rounds before, against scheme (a), on that link alone (the FC layers' own gathers move the same in
-    every scheme): of the transfer, the target's measure, and of the whole wait, which also holds the time
-    spent waiting for a slower rank to finish its convs (imbalance, which shows up again at the next
-    collective)."""
-    def hidden(ours: float, theirs: float) -> float:
-        return 1 - ours / theirs if theirs else 0.0
-
-    moving_a, moving = (m.link_transfer_s.get(EXCHANGE_LINK, 0.0) for m in (a, rounds))
-    wait_a, wait = (m.link_wait_s.get(EXCHANGE_LINK, 0.0) for m in (a, rounds))
-    what = f"weird-trick ({scheme}) vs (a) at {ranks} ranks"
-    return [Comparison(f"{what}: exchange transfer hidden", rounds.name, a.name, hidden(moving, moving_a), target,
-                       f"{EXCHANGE_LINK} blocked after the last rank arrived {1000 * moving:.1f} vs "
-                       f"{1000 * moving_a:.1f} ms"),
-            Comparison(f"{what}: exchange wait hidden, slower ranks included", rounds.name, a.name,
-                       hidden(wait, wait_a), None,
-                       f"{EXCHANGE_LINK} blocked {1000 * wait:.1f} vs {1000 * wait_a:.1f} ms; all links "
-                       f"{1000 * rounds.comm_wait_s:.1f} vs {1000 * a.comm_wait_s:.1f} ms")]
 
 
 def training_tflops(measurement: Measurement, num_classes: int) -> float:
@@ -247,10 +205,10 @@ def as_markdown(measurements: list[Measurement], rows: list[Comparison], not_mea
                               c.detail] for c in rows])]
     if not_measured:
         lines += ["", "Not measured:", *(f"- {reason}" for reason in not_measured)]
-    single = next((m for m in measurements if m.name == "single, paper"), None)  # None in a partial report
+    single = next((m for m in measurements if m.name == REFERENCE_STEP), None)  # None in a partial report
     if single:
         tflops = training_tflops(single, sizes.num_classes)
-        lines += ["", f"`single, paper` sustains {tflops:.3f} TFLOP/s of training "
+        lines += ["", f"`{REFERENCE_STEP}` sustains {tflops:.3f} TFLOP/s of training "
                       f"(`plan --device-tflops {tflops:.3g}`)"]
     return "\n".join(lines) + "\n"
 

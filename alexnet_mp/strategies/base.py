@@ -11,12 +11,13 @@ the net, and the training loop enters the result through `forward`, never a laye
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
-from typing import ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -26,20 +27,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from alexnet_mp.blocks import Block, part_size
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import RankWork, Traffic, both_ways, parameters
+from alexnet_mp.cost import RankWork, Traffic, both_ways, held_shares, parameters
 from alexnet_mp.errors import UsageError
-from alexnet_mp.links import (
-    BACKWARD,
-    FORWARD,
-    Ledger,
-    Link,
-    MeteredAllReduce,
-    all_reduce_hook,
-    metered,
-    ring_all_reduce_elements,
-)
-from alexnet_mp.model import ARCHITECTURES, AlexNet, Architecture, MaskDraw, SeededDropout, full_shapes
+from alexnet_mp.ledger import BACKWARD, FORWARD, Ledger, metered, ring_all_reduce_elements
+from alexnet_mp.links import Link
+from alexnet_mp.model import ARCHITECTURES, AlexNet, Architecture, MaskDraw, SeededDropout
 from alexnet_mp.speed import apply_speed
+from alexnet_mp.strategies.options import Option, label
+from alexnet_mp.strategies.replicas import MeteredAllReduce, all_reduce_hook
 from alexnet_mp.world import current
 
 Shard = Callable[[str, torch.Size, int, int], Block | None]  # (key, whole shape, part, parts) -> block
@@ -52,7 +47,20 @@ FC_LINKS = (Link("fc7", 1), Link("fc8", 1, to_first=True))
 CONV_FEATURES = Link("fc6", 0)
 
 
-class Strategy(ABC):
+class Claim(NamedTuple):
+    """A ratio the benchmark holds a layout to: of two of its measurements, by name (`Layout.run_name`), their
+    images/s unless `ratio` says how; against `target` where one is set. `ratio` and `detail` are given the two
+    measurements (bench.measure.Measurement)."""
+
+    what: str
+    ours: str
+    theirs: str
+    target: float | None = None
+    detail: Callable[[Any, Any], str] | None = None
+    ratio: Callable[[Any, Any], float] | None = None
+
+
+class Layout(ABC):
     """A layout of the net on ranks. Each step the loop calls `forward_backward(images, labels, step,
     global_batch)` with the rows `image_rows` and `label_rows` of the global batch (by default `forward`,
     `loss`, its backward and `finish_backward`), then the optimizer on `parameters()`; evaluation calls
@@ -60,11 +68,28 @@ class Strategy(ABC):
     back over the links."""
 
     name: ClassVar[str]
-    options: ClassVar[tuple[str, ...]] = ()  # the TrainConfig fields of its own it reads (None when not given)
-    compared: ClassVar[dict[str, tuple]] = {}  # the values of those a comparison of layouts covers (the benchmark)
+    options: ClassVar[tuple[Option, ...]] = ()  # its own settings (TrainConfig.options), declared in its module
     fixed_world_size: ClassVar[int | None] = None  # the one world size it runs on, if only one
 
     # -- what every command asks, before any process group --
+
+    @classmethod
+    def compared(cls) -> list[dict[str, Any]]:
+        """The settings of its options a comparison of layouts runs: every combination of the values each
+        option's `compared` names (one run with none given, where it names none)."""
+        varied = [option for option in cls.options if option.compared]
+        return [dict(zip((option.name for option in varied), values, strict=True))
+                for values in itertools.product(*(option.compared for option in varied))]
+
+    @classmethod
+    def run_name(cls, ranks: int, options: Mapping[str, Any] | None = None) -> str:
+        """The name of its measurement on `ranks` ranks with `options` given: 'weird-trick (slice) x4'."""
+        return label(cls.name, cls.options, options or {}) + (", 1 process" if ranks == 1 else f" x{ranks}")
+
+    @classmethod
+    def claims(cls, ranks: int) -> list[Claim]:
+        """What the benchmark compares its measurements on `ranks` ranks with (1: parts held by one process)."""
+        return []
 
     @classmethod
     def check(cls, world_size: int, config: TrainConfig) -> None:
@@ -134,13 +159,7 @@ class Strategy(ABC):
     @classmethod
     def work(cls, arch: str, part: int, parts: int, batch: int, num_classes: int = 1000) -> RankWork:
         """What `part` computes in a step: its share of each layer, and the images its layers see."""
-        shares = {}
-        for key, shape in full_shapes(arch, num_classes).items():
-            if key.endswith(".weight"):
-                block = cls.shard(key, shape, part, parts)
-                held = 0 if block is None else torch.empty(shape, device="meta")[block].numel()
-                shares[key.split(".")[0]] = held / shape.numel()
-        return RankWork(shares, *cls.samples(part, parts, batch))
+        return RankWork(held_shares(cls.shard, arch, part, parts, num_classes), *cls.samples(part, parts, batch))
 
     # -- on a rank --
 
@@ -263,11 +282,11 @@ class Strategy(ABC):
                   local: Iterable[str] = ()) -> nn.Module:
         """`module` replicated over `group` by DistributedDataParallel (itself, for a group of one): its gradients,
         but those of the parameters named in `local` (held by this rank alone), all-reduced in buckets while
-        backward goes on (`links.MeteredAllReduce`: averaged, or summed), counted as `link`. No broadcast at
+        backward goes on (`replicas.MeteredAllReduce`: averaged, or summed), counted as `link`. No broadcast at
         construction (init_sync=False): every rank starts from the same seeded weights already."""
         if group is None or dist.get_world_size(group) == 1:
             return module
-        if local:
+        if local:  # private, and the only way DDP leaves some of a module's parameters out of its reduction
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, list(local))
         replicas = DistributedDataParallel(module, process_group=group, init_sync=False, gradient_as_bucket_view=True)
         self.sync = MeteredAllReduce(group, average, self.ledger, link)
@@ -334,7 +353,7 @@ def check_fc_units_split(mode: str, world_size: int, config: TrainConfig) -> Non
                          f"{world_size} ranks do not divide them; use one of {working}")
 
 
-def data_parallel_convs_traffic(layout: type[Strategy], arch: Architecture, part: int, parts: int, batch: int,
+def data_parallel_convs_traffic(layout: type[Layout], arch: Architecture, part: int, parts: int, batch: int,
                                 num_classes: int) -> Traffic:
     """What a layout whose convs are data parallel and whose FC layers read every rank's samples sends for its
     convs: its conv features all-gathered along the batch (their gradients reduce-scattered back), and the
@@ -359,3 +378,8 @@ def fc_traffic(traffic: Traffic, arch: Architecture, shard: int, shards: int, sa
 
 def new_traffic() -> Traffic:
     return defaultdict(float)
+
+
+def bytes_on_rank_0(ours: Any, theirs: Any) -> str:
+    """Two measurements' bytes sent per step by rank 0, for a claim's detail."""
+    return f"bytes/step on rank 0: {ours.bytes_per_rank[0]:,.0f} vs {theirs.bytes_per_rank[0]:,.0f}"

@@ -9,12 +9,12 @@ from torch import nn
 
 from alexnet_mp.blocks import WHOLE, Block, part_size, rows
 from alexnet_mp.cost import Traffic, parameters
-from alexnet_mp.links import BACKWARD, ring_all_reduce_elements
+from alexnet_mp.ledger import BACKWARD, ring_all_reduce_elements
 from alexnet_mp.model import AlexNet, Architecture
-from alexnet_mp.strategies.base import Strategy, new_traffic
+from alexnet_mp.strategies.base import Layout, new_traffic
 
 
-class DataParallel(Strategy):
+class DataParallel(Layout):
     name = "data-parallel"
 
     @classmethod

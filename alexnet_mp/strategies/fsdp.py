@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,9 +23,9 @@ from alexnet_mp.blocks import Block
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import RankWork, Traffic, both_ways
 from alexnet_mp.errors import UsageError
-from alexnet_mp.links import BACKWARD, FORWARD, Ledger
+from alexnet_mp.ledger import BACKWARD, FORWARD, Ledger
 from alexnet_mp.model import AlexNet, Architecture, full_shapes
-from alexnet_mp.strategies.base import new_traffic
+from alexnet_mp.strategies.base import Claim, bytes_on_rank_0, new_traffic
 from alexnet_mp.strategies.data_parallel import DataParallel
 
 PARAMETERS, GRADIENTS = "parameters", "gradients"  # the ledger's links: all-gathers, and reduce-scatters
@@ -37,6 +38,8 @@ class Phase:
     direction = FORWARD
 
 
+# Private bases: FSDP2's only hook on its collectives (set_custom_all_gather / set_custom_reduce_scatter take
+# them); CommDebugMode sees FSDP's collectives too, but counts calls, not what they move.
 class MeteredAllGather(DefaultAllGather):
     """FSDP2's all-gather of a unit's parameters, counted: each rank sends its shard to every other rank."""
 
@@ -72,6 +75,17 @@ class FSDP(DataParallel):
     """data-parallel's rows and loss, its state sharded."""
 
     name = "fsdp"
+
+    @classmethod
+    def claims(cls, ranks: int) -> list[Claim]:
+        def detail(ours: Any, theirs: Any) -> str:
+            return (f"peak MiB per rank (largest) {max(ours.peak_memory_mb):.0f} vs {max(theirs.peak_memory_mb):.0f}; "
+                    f"{bytes_on_rank_0(ours, theirs)}")
+
+        if ranks == 1:
+            return []
+        return [Claim(f"fsdp vs data-parallel at {ranks} ranks: speed (memory and bytes in the detail)",
+                      cls.run_name(ranks), DataParallel.run_name(ranks), detail=detail)]
 
     @classmethod
     def check_world(cls, world_size: int, config: TrainConfig) -> None:

@@ -13,14 +13,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from alexnet_mp.blocks import WHOLE, Block, part_size, rows
+from alexnet_mp.blocks import Block, part_size, rows
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import Traffic, both_ways, parameters
 from alexnet_mp.errors import UsageError
-from alexnet_mp.links import BACKWARD, Ledger, Link, metered, ring_all_reduce_elements
-from alexnet_mp.model import PAPER, AlexNet, Architecture, conv_output_sides
-from alexnet_mp.strategies.base import FC_LINKS, Strategy, fc_traffic, link_inputs, new_traffic, shard_layers
+from alexnet_mp.ledger import BACKWARD, Ledger, metered, ring_all_reduce_elements
+from alexnet_mp.links import Link
+from alexnet_mp.model import PAPER, AlexNet, Architecture, conv_output_sides, tower_block
+from alexnet_mp.strategies.base import FC_LINKS, Claim, Layout, fc_traffic, link_inputs, new_traffic, shard_layers
 from alexnet_mp.strategies.mesh import grid
+from alexnet_mp.strategies.single import REFERENCE_STEP
 
 TOWERS = PAPER.towers
 
@@ -59,7 +61,7 @@ class LockstepTowers(nn.Module):
         return maps[0]
 
 
-class PaperSplit(Strategy):
+class PaperSplit(Layout):
     name = "paper-split"
 
     @classmethod
@@ -76,15 +78,22 @@ class PaperSplit(Strategy):
         return cls.parts(world_size) // TOWERS  # the replicas
 
     @classmethod
+    def claims(cls, ranks: int) -> list[Claim]:
+        if ranks == 1:
+            return [Claim("paper-split in 1 process (towers as separate convs) vs single (grouped convs)",
+                          cls.run_name(1), REFERENCE_STEP)]
+        if ranks == TOWERS:
+            return [Claim("paper-split on 2 ranks vs single on the same cores", cls.run_name(ranks), REFERENCE_STEP,
+                          0.95, lambda ours, _: f"links blocked {1000 * ours.comm_wait_s:.1f} ms/step")]
+        return []
+
+    @classmethod
     def parts(cls, world_size: int) -> int:
         return max(world_size, TOWERS)
 
     @classmethod
     def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
-        tower = part % TOWERS
-        if key.startswith("fc8."):
-            return WHOLE if tower == 0 else None
-        return (rows(shape[0], tower, TOWERS),)
+        return tower_block(key, shape, part % TOWERS)  # replicas of a tower hold the same
 
     @classmethod
     def samples(cls, part: int, parts: int, batch: int) -> tuple[int, int]:

@@ -33,11 +33,17 @@ from alexnet_mp.blocks import WHOLE, Block, rows
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import Traffic, layer_costs
 from alexnet_mp.errors import UsageError
-from alexnet_mp.links import BACKWARD, FORWARD
+from alexnet_mp.flag_types import POSITIVE_INT
+from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.model import PAPER, AlexNet, Architecture, MaskDraw, build_model
-from alexnet_mp.strategies.base import Strategy, new_traffic
+from alexnet_mp.strategies.base import Layout, new_traffic
+from alexnet_mp.strategies.options import Option
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SCHEDULE = Option("schedule", "gpipe (every micro-batch's forward, then every backward) or 1f1b", "gpipe",
+                  choices=tuple(SCHEDULES), compared=tuple(SCHEDULES))
+MICROBATCHES = Option("microbatches", "micro-batches of the global batch, which it must divide", 1,
+                      parse=POSITIVE_INT, label="M={}", compared=(1, 2, 4, 8), planned=4)
 ACTIVATIONS = "activations"  # the ledger's link: a stage's outputs sent on, its inputs' gradients sent back
 
 
@@ -110,10 +116,9 @@ class MeteredStage(PipelineStage):
         self.ledger.blocked[ACTIVATIONS, direction] += time.perf_counter() - self.idle_since
 
 
-class Pipeline(Strategy):
+class Pipeline(Layout):
     name = "pipeline"
-    options = ("schedule", "microbatches")
-    compared = {"schedule": tuple(SCHEDULES), "microbatches": (1, 2, 4, 8)}
+    options = (SCHEDULE, MICROBATCHES)
 
     @classmethod
     def check_world(cls, world_size: int, config: TrainConfig) -> None:
@@ -121,20 +126,18 @@ class Pipeline(Strategy):
         if not 2 <= world_size <= layers:
             raise UsageError(f"--mode pipeline cuts the net into one stage per process, 2 to {layers} (its weight "
                              f"layers), not {world_size}")
-        if config.schedule not in (None, *SCHEDULES):
-            raise UsageError(f"--schedule {config.schedule} is not one of: {', '.join(SCHEDULES)}")
-        if config.schedule == "1f1b" and (config.microbatches or 1) < world_size:
+        if SCHEDULE.value(config.options) == "1f1b" and MICROBATCHES.value(config.options) < world_size:
             raise UsageError(f"--schedule 1f1b fills the pipeline before its first backward: it needs --microbatches "
                              f"{world_size} or more on {world_size} stages; or use --schedule gpipe")
 
     @classmethod
     def batch_multiple(cls, world_size: int, config: TrainConfig) -> int:
-        return config.microbatches or 1  # every stage sees the whole global batch, in M micro-batches
+        return MICROBATCHES.value(config.options)  # every stage sees the whole global batch, in M micro-batches
 
     @classmethod
     def slots(cls, world_size: int, config: TrainConfig) -> float:
         """A step's length in micro-batch slots over the M of work: (M + N - 1) / M (GPipe and 1F1B alike)."""
-        microbatches = config.microbatches or 1
+        microbatches = MICROBATCHES.value(config.options)
         return (microbatches + world_size - 1) / microbatches
 
     @classmethod
@@ -162,12 +165,12 @@ class Pipeline(Strategy):
         return traffic
 
     def parallelize(self, model: AlexNet) -> nn.Module:
-        self.microbatches = self.config.microbatches or 1
+        self.microbatches = MICROBATCHES.value(self.config.options)
         stage = self.place(nn.Sequential(OrderedDict((name, getattr(model, name))
                                                      for name in stage_layers(self.world_size)[self.rank])))
         self.parts_held = [(self.rank, stage)]
         self.stage = MeteredStage(stage, self)
-        self.schedule = SCHEDULES[self.config.schedule or "gpipe"](self.stage, n_microbatches=self.microbatches,
+        self.schedule = SCHEDULES[SCHEDULE.value(self.config.options)](self.stage, n_microbatches=self.microbatches,
                                                                      loss_fn=self.scaled_loss, scale_grads=True)
         self.step, self.global_batch, self.loss_scale = 0, 0, 1.0
         return stage

@@ -14,22 +14,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from alexnet_mp.blocks import WHOLE, Block, part_size, rows
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import Traffic
-from alexnet_mp.links import FORWARD, FunctionalCollectives, ring_all_reduce_elements
+from alexnet_mp.ledger import FORWARD, Ledger, ring_all_reduce_elements
 from alexnet_mp.model import AlexNet, Architecture
 from alexnet_mp.strategies.base import (
     CONV_FEATURES,
-    Strategy,
+    Layout,
     check_fc_units_split,
     data_parallel_convs_traffic,
     set_dropout_units,
@@ -39,7 +41,7 @@ from alexnet_mp.strategies.base import (
 LINKS = {"all-gather": CONV_FEATURES.name, "reduce-scatter": CONV_FEATURES.name, "all-reduce": "fc7-output"}
 
 
-class TensorParallel(Strategy):
+class TensorParallel(Layout):
     name = "tensor-parallel"
 
     @classmethod
@@ -90,3 +92,44 @@ class TensorParallel(Strategy):
 
     def dropout_rows(self, global_batch: int) -> slice:
         return slice(0, global_batch)  # the FC layers see every rank's samples
+
+
+# DTensor redistributes through these ops; CommDebugMode counts them by kind, but neither the elements they move nor
+# how long their wait blocks, which the ledger needs. TorchDispatchMode is torch's documented hook for ops.
+_FUNCTIONAL = torch.ops._c10d_functional
+_KINDS = {_FUNCTIONAL.all_gather_into_tensor: "all-gather", _FUNCTIONAL.reduce_scatter_tensor: "reduce-scatter",
+          _FUNCTIONAL.all_reduce: "all-reduce"}
+
+
+class FunctionalCollectives(TorchDispatchMode):
+    """While on, counts into a ledger the functional collectives issued (DTensor's redistributions go through
+    them), each under the link the layout names for its kind ("all-gather", "reduce-scatter", "all-reduce")
+    and in `direction`, over a group of `size` ranks: elements sent as the links count them. A functional
+    collective returns at once; the time its `wait_tensor` blocks is the time waited. Like torch's
+    CommDebugMode, which counts the same ops but not what they move."""
+
+    def __init__(self, ledger: Ledger, links: dict[str, str], size: int) -> None:
+        super().__init__()
+        self.ledger, self.links, self.size = ledger, links, size
+        self.direction = FORWARD
+        self.in_flight: list[str] = []
+
+    def sent(self, kind: str, tensor: Tensor) -> float:
+        """Elements this rank sends in a collective of `kind` whose input is `tensor`."""
+        if kind == "all-reduce":
+            return ring_all_reduce_elements(tensor.numel(), self.size)
+        shard = tensor.numel() if kind == "all-gather" else tensor.numel() // self.size
+        return shard * (self.size - 1)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        packet = func._overloadpacket
+        if packet is _FUNCTIONAL.wait_tensor:
+            with self.ledger.waiting(self.in_flight.pop(0) if self.in_flight else "unnamed", self.direction):
+                return func(*args, **(kwargs or {}))
+        if packet in _KINDS:
+            kind, tensor = _KINDS[packet], args[0]
+            link = self.links[kind]
+            self.ledger.arrive(link, self.direction)
+            self.ledger.record(0, link, self.direction, self.sent(kind, tensor), tensor.element_size())
+            self.in_flight.append(link)
+        return func(*args, **(kwargs or {}))
