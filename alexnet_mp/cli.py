@@ -248,7 +248,7 @@ def parser() -> argparse.ArgumentParser:
                        help="link bandwidths in gigabytes per second per direction (PCIe 3 x16, PCIe 5 x16, NVLink 4)")
     model.add_argument("--device-tflops", type=POSITIVE_FLOAT, default=70.0,
                        help="TFLOP/s one GPU sustains on these layers, not its datasheet peak (default: what the "
-                            "paper net's fastest step sustained on an H100, docs/experiments.md; `bench` prints it "
+                            "paper net's fastest step sustained on an H100, docs/results/; `bench` prints it "
                             "for your device and net)")
     add_layout_options(model, defaults=True)
     model.add_argument("--arch", default="paper", choices=["paper", "owt"])

@@ -11,7 +11,7 @@ from typing import Any
 from alexnet_mp.speed import Speed
 
 PAPER_BATCH = 128
-DECODE_PLACES = ("workers", "device", "device-in-workers")  # where JPEGs are decoded; docs/experiments.md
+DECODE_PLACES = ("workers", "device", "device-in-workers")  # where JPEGs are decoded; docs/running.md
 MIXED_PRECISIONS = ("no", "bf16", "fp16")  # "no": float32
 # What decides step N's samples, augmentation and dropout masks (docs/architecture.md): a resume that
 # changes one continues the run on other batches than the straight run would have drawn.

@@ -351,7 +351,7 @@ class FolderSource(ImageSource):
         folder = datasets.ImageFolder(str(root), allow_empty=False,
                                       is_valid_file=lambda path: _is_image(os.path.basename(path)))
         # Arrays, not lists of Python objects: a forked loader worker that reads a list's items writes their
-        # reference counts, which copies their pages into every worker (docs/experiments.md has the figures).
+        # reference counts, which copies their pages into every worker (docs/results/choices.md has the figures).
         self.root, self.classes = root, folder.classes
         prefix = len(os.path.join(str(root), ""))  # ImageFolder's paths are root/class/file
         self.files = np.array([os.fsencode(path[prefix:]) for path, _ in folder.samples])

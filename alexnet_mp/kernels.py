@@ -2,7 +2,7 @@
 whose channels are innermost in memory (channels_last maps seen as (b, h, w, c)).
 
 Why: compiled, LRN's fused kernels ran far from their memory-bound floor on an H100 (the profile is in
-docs/experiments.md). Here each program takes a block of pixels with all their
+docs/results/choices.md). Here each program takes a block of pixels with all their
 channels: forward reads the maps once and writes once; backward reads the maps and the gradient once
 and writes once. The channel windows are shifted loads of the same rows, served from the cache, and
 every sum is kept in float32, as `model._ChannelLRN` keeps it for bf16 and float32 maps (float64

@@ -176,7 +176,7 @@ class LRN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The window runs along channels. channels_last maps are worked on as (b, h, w, c), a view
         # in which channels are innermost, as they are in memory: every access stays contiguous
-        # (over NCHW indices a fused kernel strides through memory; docs/experiments.md).
+        # (over NCHW indices a fused kernel strides through memory; docs/results/choices.md).
         nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         if self.kernel is not None:  # it takes channels innermost only: NCHW maps are copied there and back
             out = self.kernel(x.movedim(1, -1).contiguous(), self.size, self.alpha, self.beta, self.k,

@@ -77,7 +77,7 @@ def make_optimizer(parameters: Iterable[Tensor], config: TrainConfig,
     """The paper's SGD (section 5): momentum 0.9, weight decay 5e-4 (see docs/reproduction.md for
     how torch's update relates to the paper's), at the run's rate but for the parameters `rates` gives
     another (`Layout.learning_rates`). Fused: one kernel over all parameters, the same update as the
-    per-parameter loop and several times faster (docs/experiments.md)."""
+    per-parameter loop and several times faster (docs/results/choices.md)."""
     rates = rates or {}
     groups: dict[tuple[bool, bool], list[Tensor]] = {}
     for param in parameters:

@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine is used for (its time is short): the speed-ups' equivalence tests on
-# the GPU, profiles of the fastest step (in memory, and fed by JPEGs decoded on the GPU), short
-# training runs through the whole loop (data, evaluation, checkpoint) on the fast path, one of them
-# on JPEGs decoded on the GPU, and the full benchmark. All of it takes more than one call's 10 minutes:
-# run it in parts.
+# What a one-GPU machine measures: the speed-ups' equivalence tests on the GPU, profiles of the fastest
+# step (in memory, and fed by JPEGs decoded on the GPU), short training runs through the whole loop (data,
+# evaluation, checkpoint) on the fast path, one of them on JPEGs decoded on the GPU, and the full benchmark.
+# Each part fits a 10-minute command; run them in parts, most wanted first:
 #   bash launch/gpu_session.sh OUT_DIR [PARTS]   (PARTS: any of tests,profile,train,jpeg,bench; default all)
-# The lent machine's torch 2.11 predates TorchCodec's JPEG decoder: --decode-on device uses torchvision's there.
-# A lease holds about 12 minutes of commands after the machine's start, and one call at most 10: run
-# `bench` first (every figure the issue asks for, device-in-workers and Triton LRN included; BENCH_TIMEOUT
-# below the call's limit), then `tests,jpeg` (the GPU equivalence and pixel tests, and the loop's wall-time
-# speed with each device decoding), then `profile` as time allows.
+# `bench` first (every GPU figure, device-in-workers and Triton LRN included; BENCH_TIMEOUT below a command's
+# limit), then `tests,jpeg` (the GPU equivalence and pixel tests, and the loop's speed with each device
+# decoding), then `profile`. With a torch that predates TorchCodec's JPEG decoder, --decode-on device uses
+# torchvision's.
 set -uo pipefail
 out=${1:-runs/gpu}
 parts=${2:-tests,profile,train,jpeg,bench}

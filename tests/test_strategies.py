@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import pytest
+from torch import Tensor
 
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.errors import UsageError
@@ -84,13 +84,22 @@ def layout_cases(mode: str) -> list[Case]:
 CASES = [case for mode in LAYOUTS for case in layout_cases(mode)]
 
 
-@cache
 def run_case(case: Case, scratch: Path) -> list[dict[str, Run]]:
-    """Each rank's runs of `case` (float64 and float32), once per test process."""
+    """Each rank's runs of `case` (float64 and float32)."""
     args = (case.mode, case.arch, case.batch, dict(case.options))
     if case.ranks == 1:
         return [run_layout_both_precisions(*args)]
     return run_distributed(run_layout_both_precisions, case.ranks, scratch / str(case), *args)
+
+
+def outcome(case: Case, ranks: list[dict[str, Run]]) -> tuple[list[float], Tensor]:
+    """What two cases that compute the same function must agree on: the float64 losses of every step and
+    the float32 logits."""
+    return ranks[0]["float64"].losses, layout_logits([r["float32"] for r in ranks], 0, case.batch)
+
+
+# Each case's outcome, a few numbers, kept as the module's fixture moves on (its runs, gigabytes, are not).
+OUTCOMES: dict[Case, tuple[list[float], Tensor]] = {}
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +109,9 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module", params=CASES, ids=str)
 def layout(request: pytest.FixtureRequest, scratch: Path) -> tuple[Case, list[dict[str, Run]]]:
-    return request.param, run_case(request.param, scratch)
+    ranks = run_case(request.param, scratch)
+    OUTCOMES[request.param] = outcome(request.param, ranks)
+    return request.param, ranks
 
 
 def test_the_cases_cover_every_layout_and_every_compared_option_value():
@@ -166,8 +177,9 @@ def test_weird_trick_exchange_schemes_give_the_same_results_as_each_other(scratc
     results = {}
     for scheme in EXCHANGE.compared:
         case = runnable("weird-trick", "paper", 2, {} if scheme == EXCHANGE.default else {EXCHANGE.name: scheme})
-        ranks = run_case(case, scratch)  # the cases' own runs, where this module's other tests ran them
-        results[scheme] = ranks[0]["float64"].losses, layout_logits([r["float32"] for r in ranks], 0, case.batch)
+        if case not in OUTCOMES:  # run alone, without the module's other tests
+            OUTCOMES[case] = outcome(case, run_case(case, scratch))
+        results[scheme] = OUTCOMES[case]
     (losses_a, logits_a), *others = results.values()
     for losses, logits in others:
         assert losses == pytest.approx(losses_a, rel=FLOAT64_TOLERANCE)

@@ -31,7 +31,7 @@ from alexnet_mp.strategies import LAYOUTS, REFERENCE, REFERENCE_STEP
 
 FULL = Sizes(batch=32, steps=6, warmup=2, ranks=(2, 4), pipeline_images=512, pipeline_steps=16, workers=2,
              num_classes=1000)
-# The issue's GPU sizes: batch 256; warm-up long enough for compilation and CUDA-graph recording.
+# The GPU sizes: batch 256; warm-up long enough for compilation and CUDA-graph recording.
 FULL_GPU = Sizes(batch=256, steps=20, warmup=5, ranks=(2, 4), pipeline_images=2048, pipeline_steps=40, workers=8,
                  num_classes=1000)
 QUICK = Sizes(batch=4, steps=1, warmup=1, ranks=(2, 4), pipeline_images=8, pipeline_steps=1, workers=2,
@@ -45,7 +45,7 @@ def single_variants(device_type: str) -> list[Variant]:
     """Our single-device step, one speed-up added at a time, on a GPU (the last: compiled with LRN's
     Triton kernels, against the compiled torch ops without CUDA graphs). A CPU runs the eager float32
     step alone: a CPU without bf16 units runs bf16 far slower than float32, and compiling costs more than
-    the few steps measured (docs/experiments.md)."""
+    the few steps measured (docs/results/choices.md)."""
     if device_type == "cpu":
         return [EAGER]
     return [EAGER, Variant("bf16"), Variant("bf16", Speed(channels_last=True)), FAST_GPU,

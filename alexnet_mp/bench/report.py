@@ -42,7 +42,7 @@ class Comparison:
 
 
 def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -> list[Comparison]:
-    """The ratios of this run, each with its target where the issue sets one; a ratio whose
+    """The ratios of this run, each with its target where one is set; a ratio whose
     measurements this machine could not run is left out."""
     layouts = layout_variant(device_type)
     single = layouts.named(REFERENCE_STEP)
@@ -60,7 +60,7 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -
         # the measured part of why: the same speed-ups on torchvision's layout, the same FLOPs to 1%
         same_speed_ups = ("torchvision's layout (owt) with these speed-ups: "
                           f"{owt.median / found[PLAIN_LOOP].median:.2f}x; the paper net's two LRNs and grouped "
-                          "convolutions cost the difference (profile: docs/experiments.md)"
+                          "convolutions cost the difference (profile: docs/results/)"
                           ) if owt and PLAIN_LOOP in found else ""
         for variant in single_variants(device_type)[1:]:
             ratio(f"our step, {variant.label()}, vs the plain fp32 loop", variant.named(REFERENCE_STEP), PLAIN_LOOP,
@@ -127,7 +127,7 @@ def model_flops_utilisation(measurement: Measurement, num_classes: int) -> float
 
 
 def utilisation_rows(steps: list[Measurement], num_classes: int, owt: Measurement | None = None) -> list[Comparison]:
-    """The issue's MFU target: the best bf16 one-device step of the paper net (of `steps`, from memory),
+    """The MFU target: the best bf16 one-device step of the paper net (of `steps`, from memory),
     beside torchvision's layout (`owt`) with the same speed-ups, where measured."""
     bf16 = [m for m in steps if m.precision == "bf16"]
     peak = peak_tflops("bf16")
