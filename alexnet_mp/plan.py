@@ -26,7 +26,7 @@ from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.report import markdown_table
 from alexnet_mp.strategies import LAYOUTS, REFERENCE, layout_label
-from alexnet_mp.strategies.base import CONV_FEATURES
+from alexnet_mp.strategies.costs import CONV_FEATURES
 
 GRADIENT_LINKS = ("gradients", "conv-gradients")  # gradient reductions that overlap the backward pass
 BACKWARD_SHARE = 2 / 3  # of a step's FLOPs (see cost.training_flops)
@@ -91,7 +91,7 @@ def layouts(gpus: int, arch: str, batch: int = 128, options: Mapping[str, Any] |
     own checks (with the options given); on one GPU, only the layout made for one (single)."""
     names = []
     for mode, cls in LAYOUTS.items():
-        if (cls.fixed_world_size == 1) != (gpus == 1) or cls.parts(gpus) != gpus:
+        if (cls.fixed_world_size == 1) != (gpus == 1) or cls.costs.parts(gpus) != gpus:
             continue
         try:
             cls.check(gpus, layout_config(mode, arch, batch, options))
@@ -105,20 +105,20 @@ def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, n
             bytes_per_element: int = 4, options: Mapping[str, Any] | None = None) -> Prediction:
     layout = LAYOUTS[mode]
     config = layout_config(mode, arch, batch, options)
-    traffic = layout.expected_traffic(arch, gpus, batch, num_classes)
+    traffic = layout.costs.expected_traffic(arch, gpus, batch, num_classes)
     sent = [sum(rank.values()) * bytes_per_element for rank in traffic]
-    parts = layout.parts(gpus)
-    works = [layout.work(arch, part, parts, batch, num_classes) for part in range(parts)]
+    parts = layout.costs.parts(gpus)
+    works = [layout.costs.work(arch, part, parts, batch, num_classes) for part in range(parts)]
     architecture, rate = ARCHITECTURES[arch], device_tflops * 1e12
     compute = [training_flops(work, architecture, num_classes) / rate for work in works]
     slowest = max(range(parts), key=lambda rank: (compute[rank], sent[rank]))
     gradient = sum(v for (link, _), v in traffic[slowest].items() if link in GRADIENT_LINKS) * bytes_per_element
     memory = max((memory_bytes(work, architecture, num_classes, bytes_per_element) for work in works),
                  key=lambda kinds: sum(kinds.values()))
-    rounds = layout.exchange_rounds(gpus, config)
+    rounds = layout.costs.exchange_rounds(gpus, config)
     in_rounds = sum(v for (link, _), v in traffic[slowest].items() if link == CONV_FEATURES.name) if rounds else 0.0
     return Prediction(layout_label(config.to_dict()), gpus, batch, sent, compute[slowest], sent[slowest] - gradient,
-                      gradient, memory, layout.slots(gpus, config),
+                      gradient, memory, layout.costs.slots(gpus, config),
                       fc_compute_s=training_flops(works[slowest], architecture, num_classes, "fc") / rate,
                       rounds=rounds, round_bytes=in_rounds * bytes_per_element)
 

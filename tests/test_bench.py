@@ -45,7 +45,7 @@ def test_bench_bytes_equal_the_analytic_minimum(quick):
     for name, mode in (("paper-split x2", "paper-split"), ("data-parallel x2", "data-parallel"),
                        ("weird-trick (all) x2", "weird-trick"), ("fsdp x2", "fsdp"),
                        ("pipeline (gpipe, M=2) x2", "pipeline"), ("tensor-parallel x2", "tensor-parallel")):
-        expected = [4 * sum(rank.values()) for rank in LAYOUTS[mode].expected_traffic("paper", 2, sizes["batch"],
+        expected = [4 * sum(rank.values()) for rank in LAYOUTS[mode].costs.expected_traffic("paper", 2, sizes["batch"],
                                                                        sizes["num_classes"])]
         assert by_name[name]["bytes_per_rank"] == pytest.approx(expected)
 

@@ -70,7 +70,7 @@ def test_paper_split_weights_after_two_sgd_steps_equal_single_device(split, refe
 
 
 def test_paper_split_ledger_equals_count_from_layer_shapes(two_processes):
-    expected = LAYOUTS["paper-split"].expected_traffic("paper", 2, BATCH, num_classes=10)
+    expected = LAYOUTS["paper-split"].costs.expected_traffic("paper", 2, BATCH, num_classes=10)
     for rank, ranks in enumerate(two_processes):
         assert ledger_of(ranks["float32"]).sent() == pytest.approx(expected[rank])
 
@@ -81,14 +81,14 @@ def test_plan_predicts_the_bytes_the_paper_split_ledger_measured(two_processes):
 
 
 def test_one_process_paper_split_ledger_counts_each_tower(one_process):
-    expected = LAYOUTS["paper-split"].expected_traffic("paper", 1, BATCH, num_classes=10)
+    expected = LAYOUTS["paper-split"].costs.expected_traffic("paper", 1, BATCH, num_classes=10)
     ledger = ledger_of(one_process[0]["float32"])
     for tower in range(2):
         assert ledger.sent(tower) == pytest.approx(expected[tower])
 
 
 def test_paper_split_traffic_per_sample_is_the_papers_links():
-    (tower0, tower1) = LAYOUTS["paper-split"].expected_traffic("paper", 2, 1)
+    (tower0, tower1) = LAYOUTS["paper-split"].costs.expected_traffic("paper", 2, 1)
     forward = {link: count for (link, direction), count in tower1.items() if direction == "forward"}
     assert forward == {"conv3-input": 128 * 13 * 13, "fc6-input": 128 * 6 * 6, "fc7-input": 2048, "fc8-input": 2048}
     assert sum(c for (_, d), c in tower0.items() if d == "forward") == 128 * 13 * 13 + 128 * 6 * 6 + 2048
@@ -112,7 +112,7 @@ def test_the_towers_blocks_make_up_the_one_device_net_exactly():
     whole = build_model("paper", 10, seed=0).state_dict()
     shapes = full_shapes("paper", 10)
     towers = [take_tower(build_model("paper", 10, seed=0), index).state_dict() for index in range(2)]
-    blocks = [(key, PaperSplit.shard(key, shapes[key], index, 2), value)
+    blocks = [(key, PaperSplit.costs.shard(key, shapes[key], index, 2), value)
               for index, tower in enumerate(towers) for key, value in tower.items()]
     merged_net = merge(blocks, shapes)
     assert list(merged_net) == list(whole)

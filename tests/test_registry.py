@@ -105,7 +105,7 @@ def test_a_registered_layout_on_two_processes_is_held_to_the_one_device_referenc
 
 
 def test_a_registered_layouts_ledger_counts_what_its_traffic_formula_says(toy_ranks):
-    expected = ConvsApart.expected_traffic("paper", 2, BATCH, num_classes=10)
+    expected = ConvsApart.costs.expected_traffic("paper", 2, BATCH, num_classes=10)
     assert expected[1][("fc6-input", "forward")] == 9216 * BATCH // 2
     for rank, run in enumerate(toy_ranks):
         assert ledger_of(run).sent() == pytest.approx(expected[rank]), f"rank {rank}"

@@ -147,7 +147,7 @@ def test_weights_after_two_sgd_steps_equal_single_device(layout, references):
 
 def test_ledger_equals_the_analytic_count(layout):
     spec, ranks = layout
-    expected = LAYOUTS[spec.mode].expected_traffic(spec.arch, spec.ranks, spec.batch, num_classes=10)
+    expected = LAYOUTS[spec.mode].costs.expected_traffic(spec.arch, spec.ranks, spec.batch, num_classes=10)
     for rank, r in enumerate(ranks):
         assert ledger_of(r["float32"]).sent() == pytest.approx(expected[rank]), f"rank {rank}"
 

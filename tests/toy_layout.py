@@ -20,7 +20,8 @@ from alexnet_mp.ledger import BACKWARD, FORWARD, metered, ring_all_reduce_elemen
 from alexnet_mp.links import Link
 from alexnet_mp.model import AlexNet, Architecture
 from alexnet_mp.strategies import Layout, Option
-from alexnet_mp.strategies.base import new_traffic, shard_layers
+from alexnet_mp.strategies.base import shard_layers
+from alexnet_mp.strategies.costs import Costs, new_traffic
 
 SLICES = Option("toy_slices", "equal parts each rank's share of the global batch must split into", 1,
                 parse=POSITIVE_INT, label="{} slices", compared=(1, 2))
@@ -37,19 +38,7 @@ class FeaturesToFirst(nn.Module):
             return FEATURES.over(features, dist.group.WORLD)
 
 
-class ConvsApart(Layout):
-    name = "toy-convs-apart"
-    options = (SLICES,)
-
-    @classmethod
-    def check_world(cls, world_size: int, config: TrainConfig) -> None:
-        if world_size < 2:
-            raise UsageError(f"--mode {cls.name} needs 2 or more processes")
-
-    @classmethod
-    def batch_multiple(cls, world_size: int, config: TrainConfig) -> int:
-        return world_size * SLICES.value(config.options)
-
+class ConvsApartCosts(Costs):
     @classmethod
     def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
         return WHOLE if key.startswith("conv") or part == 0 else None
@@ -70,8 +59,23 @@ class ConvsApart(Layout):
         traffic["conv-gradients", BACKWARD] += ring_all_reduce_elements(conv, parts)
         return traffic
 
+
+class ConvsApart(Layout):
+    name = "toy-convs-apart"
+    options = (SLICES,)
+    costs = ConvsApartCosts
+
+    @classmethod
+    def check_world(cls, world_size: int, config: TrainConfig) -> None:
+        if world_size < 2:
+            raise UsageError(f"--mode {cls.name} needs 2 or more processes")
+
+    @classmethod
+    def batch_multiple(cls, world_size: int, config: TrainConfig) -> int:
+        return world_size * SLICES.value(config.options)
+
     def parallelize(self, model: AlexNet) -> nn.Module:
-        column = self.place(shard_layers(model, self.shard, self.rank, self.world_size))
+        column = self.place(shard_layers(model, self.costs.shard, self.rank, self.world_size))
         self.parts_held = [(self.rank, column)]
         names = list(column._modules)
         convs, head = (nn.Sequential(OrderedDict((name, column.get_submodule(name)) for name in chosen))

@@ -131,7 +131,7 @@ def layout_runs(sizes: Sizes, device_type: str, skipped: list[str], modes: Colle
     for mode, cls in LAYOUTS.items():
         if cls.fixed_world_size == 1 or (modes is not None and mode not in modes):
             continue  # single: measured above, with each speed-up
-        counts = ([1] if device_type == "cuda" and cls.parts(1) > 1 else []) + list(sizes.ranks)
+        counts = ([1] if device_type == "cuda" and cls.costs.parts(1) > 1 else []) + list(sizes.ranks)
         for ranks, options in itertools.product(counts, cls.compared()):
             name = cls.run_name(ranks, options)
             try:

@@ -96,7 +96,7 @@ def bubbles(measurements: Iterable[Measurement]) -> list[Comparison]:
     (M + N - 1) for a pipeline of equal stages."""
     rows = []
     for m in measurements:
-        slots = LAYOUTS[m.mode].slots(m.ranks, TrainConfig(mode=m.mode, batch_size=m.batch, options=m.options)) \
+        slots = LAYOUTS[m.mode].costs.slots(m.ranks, TrainConfig(mode=m.mode, batch_size=m.batch, options=m.options)) \
             if m.mode else 1.0
         if slots > 1:
             predicted, measured = 1 - 1 / slots, min(m.wait_per_rank_s) / m.step_s

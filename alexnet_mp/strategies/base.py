@@ -1,9 +1,8 @@
-"""What a layout is, and what more than one layout does to the net.
+"""What a layout is and runs, and what more than one layout does to the net.
 
-A layout answers, as class methods that need no process group, what every command asks of it: which
-world sizes and batches it runs (`check`), which block of each of the whole net's tensors each of its
-parts holds (`shard`: how it shards state, and so how checkpoints merge), and what each part computes
-and sends in a step (`work`, `traffic`: what `plan` prints and the ledger is tested against).
+A layout answers, as class methods that need no process group, what every command asks of it: its
+options, which world sizes and batches it runs (`check`), and what the benchmark judges it by (`claims`);
+what it costs is its `costs` (strategies/costs.py).
 
 On a rank, a layout is built around the whole net: its `parallelize` places, shards, links and wraps
 the net, and the training loop enters the result through `forward`, never a layer of it.
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
@@ -25,26 +23,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from alexnet_mp.blocks import Block, part_size
+from alexnet_mp.blocks import Block
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import RankWork, Traffic, both_ways, held_shares, parameters
 from alexnet_mp.errors import UsageError
-from alexnet_mp.ledger import BACKWARD, FORWARD, Ledger, metered, ring_all_reduce_elements
+from alexnet_mp.ledger import BACKWARD, FORWARD, Ledger, metered
 from alexnet_mp.links import Link
-from alexnet_mp.model import ARCHITECTURES, AlexNet, Architecture, MaskDraw, SeededDropout
+from alexnet_mp.model import ARCHITECTURES, AlexNet, MaskDraw, SeededDropout
 from alexnet_mp.speed import apply_speed
+from alexnet_mp.strategies.costs import Costs
 from alexnet_mp.strategies.options import Option, label
 from alexnet_mp.strategies.replicas import MeteredAllReduce, all_reduce_hook
 from alexnet_mp.world import current
 
 Shard = Callable[[str, torch.Size, int, int], Block | None]  # (key, whole shape, part, parts) -> block
 
-# Wherever fc6 and fc7 are split by units: fc7 reads every part's fc6 units, and fc8 (whole, on the first
-# part, with the loss) every part's fc7 units.
-FC_LINKS = (Link("fc7", 1), Link("fc8", 1, to_first=True))
-# Where the convs are data parallel and the FC layers read every rank's samples: every rank's conv features,
-# along the batch.
-CONV_FEATURES = Link("fc6", 0)
 
 
 class Claim(NamedTuple):
@@ -70,6 +62,7 @@ class Layout(ABC):
     name: ClassVar[str]
     options: ClassVar[tuple[Option, ...]] = ()  # its own settings (TrainConfig.options), declared in its module
     fixed_world_size: ClassVar[int | None] = None  # the one world size it runs on, if only one
+    costs: ClassVar[type[Costs]]  # what it holds, sees, sends and computes per step: its module's Costs
 
     # -- what every command asks, before any process group --
 
@@ -108,58 +101,6 @@ class Layout(ABC):
     def batch_multiple(cls, world_size: int, config: TrainConfig) -> int:
         """The global batch must be a multiple of this (every rank takes an equal slice)."""
         return world_size
-
-    @classmethod
-    def slots(cls, world_size: int, config: TrainConfig) -> float:
-        """A step's length over its compute's, where the layout leaves ranks idle by design (a pipeline's
-        bubble); 1 where it does not."""
-        return 1.0
-
-    @classmethod
-    def exchange_rounds(cls, world_size: int, config: TrainConfig) -> int:
-        """In how many rounds the conv features' exchange (`CONV_FEATURES`) travels, each round behind the FC layers'
-        work on the round before; 0 where it is one exchange that the FC layers wait for."""
-        return 0
-
-    @classmethod
-    def parts(cls, world_size: int) -> int:
-        """How many parts the net is laid out in on `world_size` ranks: one per rank, unless a process holds
-        several."""
-        return world_size
-
-    @classmethod
-    @abstractmethod
-    def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
-        """The block of the whole net's tensor `key` (of `shape`) that `part` of `parts` holds; None if none."""
-
-    @classmethod
-    def writes(cls, key: str, shape: torch.Size, part: int, parts: int) -> bool:
-        """Whether `part` holds a block of `key` that no lower part holds: replicas' blocks are saved once."""
-        block = cls.shard(key, shape, part, parts)
-        return block is not None and all(cls.shard(key, shape, lower, parts) != block for lower in range(part))
-
-    @classmethod
-    @abstractmethod
-    def samples(cls, part: int, parts: int, batch: int) -> tuple[int, int]:
-        """How many images of a global batch of `batch` the part's conv layers and its FC layers each see."""
-
-    @classmethod
-    @abstractmethod
-    def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
-        """Elements `part` sends in one training step, per (link, direction), from the layer shapes alone."""
-
-    @classmethod
-    def expected_traffic(cls, arch: str, world_size: int, batch: int, num_classes: int = 1000) -> list[Traffic]:
-        """`traffic` of every part on `world_size` ranks: the count the links' ledger is tested against."""
-        parts = cls.parts(world_size)
-        return [{key: value for key, value in cls.traffic(ARCHITECTURES[arch], part, parts, batch,
-                                                          num_classes).items() if value}
-                for part in range(parts)]
-
-    @classmethod
-    def work(cls, arch: str, part: int, parts: int, batch: int, num_classes: int = 1000) -> RankWork:
-        """What `part` computes in a step: its share of each layer, and the images its layers see."""
-        return RankWork(held_shares(cls.shard, arch, part, parts, num_classes), *cls.samples(part, parts, batch))
 
     # -- on a rank --
 
@@ -266,11 +207,11 @@ class Layout(ABC):
     def blocks(self) -> Iterator[tuple[str, Block, nn.Parameter, bool]]:
         """(whole-net key, block, parameter, whether this process writes it to a checkpoint) for every
         parameter this process holds."""
-        parts = self.parts(self.world_size)
+        parts = self.costs.parts(self.world_size)
         for part, module in self.parts_held:
             for key, param in module.named_parameters():
                 shape = self.shapes[key]
-                yield key, self.shard(key, shape, part, parts), param, self.writes(key, shape, part, parts)
+                yield key, self.costs.shard(key, shape, part, parts), param, self.costs.writes(key, shape, part, parts)
 
     # -- what the layouts share --
 
@@ -351,33 +292,6 @@ def check_fc_units_split(mode: str, world_size: int, config: TrainConfig) -> Non
         working = [n for n in (1, 2, 4, 8, 16, 32) if all(w % n == 0 for w in widths)]
         raise UsageError(f"--mode {mode} splits fc6/fc7 ({widths[0]} units) into equal shards: "
                          f"{world_size} ranks do not divide them; use one of {working}")
-
-
-def data_parallel_convs_traffic(layout: type[Layout], arch: Architecture, part: int, parts: int, batch: int,
-                                num_classes: int) -> Traffic:
-    """What a layout whose convs are data parallel and whose FC layers read every rank's samples sends for its
-    convs: its conv features all-gathered along the batch (their gradients reduce-scattered back), and the
-    replicated convs' gradients all-reduced. The layout adds its FC layers' own links."""
-    traffic = new_traffic()
-    both_ways(traffic, CONV_FEATURES.name, arch.feature_size * part_size(batch, parts) * (parts - 1))
-    conv = parameters(layout.work(arch.name, part, parts, batch, num_classes), arch, num_classes, "conv")
-    traffic["conv-gradients", BACKWARD] += ring_all_reduce_elements(conv, parts)
-    return traffic
-
-
-def fc_traffic(traffic: Traffic, arch: Architecture, shard: int, shards: int, samples: int) -> None:
-    """What `FC_LINKS` send for `samples` images: fc7's input gathered from every shard, fc7's outputs
-    gathered to shard 0 for fc8 (and their gradients back)."""
-    fc6_part, fc7_part = (part_size(units, shards) for units in arch.fc_units)
-    both_ways(traffic, "fc7-input", fc6_part * samples * (shards - 1))
-    if shard == 0:
-        traffic["fc8-input", BACKWARD] += fc7_part * samples * (shards - 1)
-    else:
-        traffic["fc8-input", FORWARD] += fc7_part * samples
-
-
-def new_traffic() -> Traffic:
-    return defaultdict(float)
 
 
 def bytes_on_rank_0(ours: Any, theirs: Any) -> str:

@@ -11,12 +11,11 @@ from alexnet_mp.blocks import WHOLE, Block, part_size, rows
 from alexnet_mp.cost import Traffic, parameters
 from alexnet_mp.ledger import BACKWARD, ring_all_reduce_elements
 from alexnet_mp.model import AlexNet, Architecture
-from alexnet_mp.strategies.base import Layout, new_traffic
+from alexnet_mp.strategies.base import Layout
+from alexnet_mp.strategies.costs import Costs, new_traffic
 
 
-class DataParallel(Layout):
-    name = "data-parallel"
-
+class DataParallelCosts(Costs):
     @classmethod
     def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
         return WHOLE
@@ -32,6 +31,11 @@ class DataParallel(Layout):
             whole = parameters(cls.work(arch.name, part, parts, batch, num_classes), arch, num_classes)
             traffic["gradients", BACKWARD] += ring_all_reduce_elements(whole, parts)
         return traffic
+
+
+class DataParallel(Layout):
+    name = "data-parallel"
+    costs = DataParallelCosts
 
     def parallelize(self, model: AlexNet) -> nn.Module:
         model = self.place(model)

@@ -25,8 +25,9 @@ from alexnet_mp.cost import RankWork, Traffic, both_ways
 from alexnet_mp.errors import UsageError
 from alexnet_mp.ledger import BACKWARD, FORWARD, Ledger
 from alexnet_mp.model import AlexNet, Architecture, full_shapes
-from alexnet_mp.strategies.base import Claim, bytes_on_rank_0, new_traffic
-from alexnet_mp.strategies.data_parallel import DataParallel
+from alexnet_mp.strategies.base import Claim, bytes_on_rank_0
+from alexnet_mp.strategies.costs import new_traffic
+from alexnet_mp.strategies.data_parallel import DataParallel, DataParallelCosts
 
 PARAMETERS, GRADIENTS = "parameters", "gradients"  # the ledger's links: all-gathers, and reduce-scatters
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,26 +72,14 @@ class MeteredReduceScatter(DefaultReduceScatter):
             return super().__call__(output_tensor, input_tensor, group, op, async_op)
 
 
-class FSDP(DataParallel):
-    """data-parallel's rows and loss, its state sharded."""
-
-    name = "fsdp"
+class FSDPCosts(DataParallelCosts):
+    @classmethod
+    def collective(cls, link: str, direction: str) -> str:
+        return "all-gather" if link == PARAMETERS else "reduce-scatter"
 
     @classmethod
-    def claims(cls, ranks: int) -> list[Claim]:
-        def detail(ours: Any, theirs: Any) -> str:
-            return (f"peak MiB per rank (largest) {max(ours.peak_memory_mb):.0f} vs {max(theirs.peak_memory_mb):.0f}; "
-                    f"{bytes_on_rank_0(ours, theirs)}")
-
-        if ranks == 1:
-            return []
-        return [Claim(f"fsdp vs data-parallel at {ranks} ranks: speed (memory and bytes in the detail)",
-                      cls.run_name(ranks), DataParallel.run_name(ranks), detail=detail)]
-
-    @classmethod
-    def check_world(cls, world_size: int, config: TrainConfig) -> None:
-        if world_size < 2:
-            raise UsageError("--mode fsdp shards the net over 2 or more processes; use --mode single for one")
+    def calls(cls, link: str, elements: float, world_size: int, config: TrainConfig) -> int:
+        return len(full_shapes(config.arch, 1000)) // 2  # one per layer unit, each direction
 
     @classmethod
     def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
@@ -121,6 +110,29 @@ class FSDP(DataParallel):
         both_ways(traffic, PARAMETERS, shards * (parts - 1))
         traffic[GRADIENTS, BACKWARD] += shards * (parts - 1)
         return traffic
+
+
+class FSDP(DataParallel):
+    """data-parallel's rows and loss, its state sharded."""
+
+    name = "fsdp"
+    costs = FSDPCosts
+
+    @classmethod
+    def claims(cls, ranks: int) -> list[Claim]:
+        def detail(ours: Any, theirs: Any) -> str:
+            return (f"peak MiB per rank (largest) {max(ours.peak_memory_mb):.0f} vs {max(theirs.peak_memory_mb):.0f}; "
+                    f"{bytes_on_rank_0(ours, theirs)}")
+
+        if ranks == 1:
+            return []
+        return [Claim(f"fsdp vs data-parallel at {ranks} ranks: speed (memory and bytes in the detail)",
+                      cls.run_name(ranks), DataParallel.run_name(ranks), detail=detail)]
+
+    @classmethod
+    def check_world(cls, world_size: int, config: TrainConfig) -> None:
+        if world_size < 2:
+            raise UsageError("--mode fsdp shards the net over 2 or more processes; use --mode single for one")
 
     def parallelize(self, model: AlexNet) -> nn.Module:
         model = self.place(model)

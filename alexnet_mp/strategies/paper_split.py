@@ -20,7 +20,8 @@ from alexnet_mp.errors import UsageError
 from alexnet_mp.ledger import BACKWARD, Ledger, metered, ring_all_reduce_elements
 from alexnet_mp.links import Link
 from alexnet_mp.model import PAPER, AlexNet, Architecture, conv_output_sides, tower_block
-from alexnet_mp.strategies.base import FC_LINKS, Claim, Layout, fc_traffic, link_inputs, new_traffic, shard_layers
+from alexnet_mp.strategies.base import Claim, Layout, link_inputs, shard_layers
+from alexnet_mp.strategies.costs import FC_LINKS, Costs, fc_traffic, new_traffic
 from alexnet_mp.strategies.mesh import grid
 from alexnet_mp.strategies.single import REFERENCE_STEP
 
@@ -37,7 +38,7 @@ def tower_links(arch: Architecture) -> list[Link]:
 def take_tower(model: AlexNet, index: int) -> AlexNet:
     """Tower `index` of the 2012 net, cut from the whole net in place: its half of every conv layer's maps and of
     fc6's and fc7's units, and fc8 on tower 0. What a rank of the paper split holds; its links are the layout's."""
-    return shard_layers(model, PaperSplit.shard, index, TOWERS)
+    return shard_layers(model, PaperSplitCosts.shard, index, TOWERS)
 
 
 class LockstepTowers(nn.Module):
@@ -61,32 +62,7 @@ class LockstepTowers(nn.Module):
         return maps[0]
 
 
-class PaperSplit(Layout):
-    name = "paper-split"
-
-    @classmethod
-    def check_world(cls, world_size: int, config: TrainConfig) -> None:
-        if config.arch != "paper":
-            raise UsageError(f"--mode paper-split needs --arch paper (the owt net has one column); "
-                             f"use --mode data-parallel or weird-trick for --arch {config.arch}")
-        if world_size != 1 and world_size % TOWERS:
-            raise UsageError(f"--mode paper-split runs on 1 process or an even number (2 towers x replicas), "
-                             f"not {world_size}; try --num_processes 2 or 4")
-
-    @classmethod
-    def batch_multiple(cls, world_size: int, config: TrainConfig) -> int:
-        return cls.parts(world_size) // TOWERS  # the replicas
-
-    @classmethod
-    def claims(cls, ranks: int) -> list[Claim]:
-        if ranks == 1:
-            return [Claim("paper-split in 1 process (towers as separate convs) vs single (grouped convs)",
-                          cls.run_name(1), REFERENCE_STEP)]
-        if ranks == TOWERS:
-            return [Claim("paper-split on 2 ranks vs single on the same cores", cls.run_name(ranks), REFERENCE_STEP,
-                          0.95, lambda ours, _: f"links blocked {1000 * ours.comm_wait_s:.1f} ms/step")]
-        return []
-
+class PaperSplitCosts(Costs):
     @classmethod
     def parts(cls, world_size: int) -> int:
         return max(world_size, TOWERS)
@@ -117,9 +93,37 @@ class PaperSplit(Layout):
             traffic["gradients", BACKWARD] += ring_all_reduce_elements(held, replicas)
         return traffic
 
+
+class PaperSplit(Layout):
+    name = "paper-split"
+    costs = PaperSplitCosts
+
+    @classmethod
+    def check_world(cls, world_size: int, config: TrainConfig) -> None:
+        if config.arch != "paper":
+            raise UsageError(f"--mode paper-split needs --arch paper (the owt net has one column); "
+                             f"use --mode data-parallel or weird-trick for --arch {config.arch}")
+        if world_size != 1 and world_size % TOWERS:
+            raise UsageError(f"--mode paper-split runs on 1 process or an even number (2 towers x replicas), "
+                             f"not {world_size}; try --num_processes 2 or 4")
+
+    @classmethod
+    def batch_multiple(cls, world_size: int, config: TrainConfig) -> int:
+        return cls.costs.parts(world_size) // TOWERS  # the replicas
+
+    @classmethod
+    def claims(cls, ranks: int) -> list[Claim]:
+        if ranks == 1:
+            return [Claim("paper-split in 1 process (towers as separate convs) vs single (grouped convs)",
+                          cls.run_name(1), REFERENCE_STEP)]
+        if ranks == TOWERS:
+            return [Claim("paper-split on 2 ranks vs single on the same cores", cls.run_name(ranks), REFERENCE_STEP,
+                          0.95, lambda ours, _: f"links blocked {1000 * ours.comm_wait_s:.1f} ms/step")]
+        return []
+
     @property
     def replicas(self) -> int:
-        return self.parts(self.world_size) // TOWERS
+        return self.costs.parts(self.world_size) // TOWERS
 
     @property
     def replica(self) -> int:
@@ -135,7 +139,7 @@ class PaperSplit(Layout):
             self.parts_held = list(enumerate(towers))
             return LockstepTowers(towers, links, self.ledger)
         tower_group, self.data_group = grid(self.replicas, TOWERS, self.timeout)
-        tower = self.place(shard_layers(model, self.shard, self.rank, self.world_size))
+        tower = self.place(shard_layers(model, self.costs.shard, self.rank, self.world_size))
         link_inputs(tower, links, tower_group, self.ledger)
         self.parts_held = [(self.rank, tower)]
         # DDP over the replicas of this tower (a column of the grid), never over the world: there it would

@@ -36,7 +36,8 @@ from alexnet_mp.errors import UsageError
 from alexnet_mp.flag_types import POSITIVE_INT
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.model import PAPER, AlexNet, Architecture, MaskDraw, build_model
-from alexnet_mp.strategies.base import Layout, new_traffic
+from alexnet_mp.strategies.base import Layout
+from alexnet_mp.strategies.costs import Costs, new_traffic
 from alexnet_mp.strategies.options import Option
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -116,23 +117,70 @@ class MeteredStage(PipelineStage):
         self.ledger.blocked[ACTIVATIONS, direction] += time.perf_counter() - self.idle_since
 
 
-class Pipeline(Layout):
-    name = "pipeline"
-    options = (SCHEDULE, MICROBATCHES)
+def schedule_order(schedule: str, stage: int, stages: int, microbatches: int) -> list[tuple[str, int]]:
+    """The order in which a stage runs its micro-batches' forwards ("F", m) and backwards ("B", m): GPipe every
+    forward, then every backward; 1F1B as torch's Schedule1F1B, min(M, N - stage) forwards to fill the pipeline,
+    then a backward and a forward in turn, then the backwards left."""
+    if schedule == "gpipe":
+        return [("F", m) for m in range(microbatches)] + [("B", m) for m in range(microbatches)]
+    warmup = min(microbatches, stages - stage)
+    order = [("F", m) for m in range(warmup)]
+    for m in range(microbatches - warmup):
+        order += [("B", m), ("F", warmup + m)]
+    return order + [("B", m) for m in range(microbatches - warmup, microbatches)]
+
+
+def simulated_step_s(schedule: str, forward_s: list[float], backward_s: list[float], send_forward_s: list[float],
+                     send_backward_s: list[float], microbatches: int) -> float:
+    """The step's length, tick by tick: each stage runs its micro-batches in its schedule's order, a forward once
+    the stage before has sent it its input, a backward once the stage after has sent it its gradient (each
+    stage's figures are for the whole batch; a micro-batch takes 1/M of them)."""
+    stages = len(forward_s)
+    orders = [schedule_order(schedule, s, stages, microbatches) for s in range(stages)]
+    done: dict[tuple[str, int, int], float] = {}
+    free, position = [0.0] * stages, [0] * stages
+    while any(position[s] < len(orders[s]) for s in range(stages)):
+        progressed = False
+        for s in range(stages):
+            if position[s] == len(orders[s]):
+                continue
+            kind, m = orders[s][position[s]]
+            if kind == "F":
+                ready = 0.0 if s == 0 else done.get(("F", s - 1, m), None)
+                arrival = None if ready is None else ready + (send_forward_s[s - 1] / microbatches if s else 0.0)
+                length = forward_s[s] / microbatches
+            else:
+                ready = done[("F", s, m)] if s == stages - 1 else done.get(("B", s + 1, m), None)
+                arrival = None if ready is None else ready + (
+                    send_backward_s[s + 1] / microbatches if s < stages - 1 else 0.0)
+                length = backward_s[s] / microbatches
+            if arrival is None:
+                continue
+            free[s] = done[kind, s, m] = max(free[s], arrival) + length
+            position[s] += 1
+            progressed = True
+        if not progressed:
+            raise ValueError(f"the {schedule} schedule's order deadlocks")
+    return max(free)
+
+
+class PipelineCosts(Costs):
+    @classmethod
+    def collective(cls, link: str, direction: str) -> str:
+        return "send"
 
     @classmethod
-    def check_world(cls, world_size: int, config: TrainConfig) -> None:
-        layers = len(chain()[1])
-        if not 2 <= world_size <= layers:
-            raise UsageError(f"--mode pipeline cuts the net into one stage per process, 2 to {layers} (its weight "
-                             f"layers), not {world_size}")
-        if SCHEDULE.value(config.options) == "1f1b" and MICROBATCHES.value(config.options) < world_size:
-            raise UsageError(f"--schedule 1f1b fills the pipeline before its first backward: it needs --microbatches "
-                             f"{world_size} or more on {world_size} stages; or use --schedule gpipe")
+    def calls(cls, link: str, elements: float, world_size: int, config: TrainConfig) -> int:
+        return MICROBATCHES.value(config.options)
 
     @classmethod
-    def batch_multiple(cls, world_size: int, config: TrainConfig) -> int:
-        return MICROBATCHES.value(config.options)  # every stage sees the whole global batch, in M micro-batches
+    def step_s(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
+               world_size: int, config: TrainConfig, blocking: bool) -> float:
+        """The schedule simulated with each stage's own times (`simulated_step_s`), not (M + N - 1) / M."""
+        return simulated_step_s(SCHEDULE.value(config.options), forward_s, backward_s,
+                                [comm.get((ACTIVATIONS, FORWARD), 0.0) for comm in comm_s],
+                                [comm.get((ACTIVATIONS, BACKWARD), 0.0) for comm in comm_s],
+                                MICROBATCHES.value(config.options))
 
     @classmethod
     def slots(cls, world_size: int, config: TrainConfig) -> float:
@@ -163,6 +211,26 @@ class Pipeline(Layout):
         if part > 0:
             traffic[ACTIVATIONS, BACKWARD] += sent_at_cut(part - 1)
         return traffic
+
+
+class Pipeline(Layout):
+    name = "pipeline"
+    costs = PipelineCosts
+    options = (SCHEDULE, MICROBATCHES)
+
+    @classmethod
+    def check_world(cls, world_size: int, config: TrainConfig) -> None:
+        layers = len(chain()[1])
+        if not 2 <= world_size <= layers:
+            raise UsageError(f"--mode pipeline cuts the net into one stage per process, 2 to {layers} (its weight "
+                             f"layers), not {world_size}")
+        if SCHEDULE.value(config.options) == "1f1b" and MICROBATCHES.value(config.options) < world_size:
+            raise UsageError(f"--schedule 1f1b fills the pipeline before its first backward: it needs --microbatches "
+                             f"{world_size} or more on {world_size} stages; or use --schedule gpipe")
+
+    @classmethod
+    def batch_multiple(cls, world_size: int, config: TrainConfig) -> int:
+        return MICROBATCHES.value(config.options)  # every stage sees the whole global batch, in M micro-batches
 
     def parallelize(self, model: AlexNet) -> nn.Module:
         self.microbatches = MICROBATCHES.value(self.config.options)
@@ -210,6 +278,7 @@ class Pipeline(Layout):
                          loss_scale: float = 1.0, optimizer: torch.optim.Optimizer | None = None,
                          ) -> tuple[Tensor, Tensor]:
         self.step, self.global_batch, self.loss_scale = step, global_batch, loss_scale
+        self.draw_for(0)  # torch's first step infers the stages' shapes by a forward of its own, outside the chunks
         losses: list[Tensor] = []
         self.stage.idle_since = time.perf_counter()
         logits = self.schedule.step(*((images,) if self.first else ()), target=labels if self.last else None,

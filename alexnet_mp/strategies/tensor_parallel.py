@@ -29,24 +29,17 @@ from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import Traffic
 from alexnet_mp.ledger import FORWARD, Ledger, ring_all_reduce_elements
 from alexnet_mp.model import AlexNet, Architecture
-from alexnet_mp.strategies.base import (
-    CONV_FEATURES,
-    Layout,
-    check_fc_units_split,
-    data_parallel_convs_traffic,
-    set_dropout_units,
-)
+from alexnet_mp.strategies.base import Layout, check_fc_units_split, set_dropout_units
+from alexnet_mp.strategies.costs import CONV_FEATURES, Costs, data_parallel_convs_traffic
 
 # The collectives DTensor issues here, by kind: each happens at one place.
 LINKS = {"all-gather": CONV_FEATURES.name, "reduce-scatter": CONV_FEATURES.name, "all-reduce": "fc7-output"}
 
 
-class TensorParallel(Layout):
-    name = "tensor-parallel"
-
+class TensorParallelCosts(Costs):
     @classmethod
-    def check_world(cls, world_size: int, config: TrainConfig) -> None:
-        check_fc_units_split(cls.name, world_size, config)
+    def collective(cls, link: str, direction: str) -> str:
+        return "all-reduce" if link == LINKS["all-reduce"] else super().collective(link, direction)
 
     @classmethod
     def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
@@ -67,8 +60,17 @@ class TensorParallel(Layout):
         traffic["fc7-output", FORWARD] += ring_all_reduce_elements(arch.fc_units[1] * batch, parts)
         return traffic
 
+
+class TensorParallel(Layout):
+    name = "tensor-parallel"
+    costs = TensorParallelCosts
+
+    @classmethod
+    def check_world(cls, world_size: int, config: TrainConfig) -> None:
+        check_fc_units_split(cls.name, world_size, config)
+
     def parallelize(self, model: AlexNet) -> nn.Module:
-        set_dropout_units(model, self.shard, self.rank, self.world_size)
+        set_dropout_units(model, self.costs.shard, self.rank, self.world_size)
         model = self.place(model)
         mesh = DeviceMesh.from_group(dist.group.WORLD, self.device.type)
         parallelize_module(model, mesh, {"fc6": ColwiseParallel(input_layouts=Shard(0)), "fc7": RowwiseParallel()})

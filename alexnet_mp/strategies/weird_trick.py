@@ -32,18 +32,8 @@ from alexnet_mp.cost import Traffic
 from alexnet_mp.errors import UsageError
 from alexnet_mp.ledger import BACKWARD, FORWARD, Meter, metered
 from alexnet_mp.model import AlexNet, Architecture, MaskDraw
-from alexnet_mp.strategies.base import (
-    CONV_FEATURES,
-    FC_LINKS,
-    Claim,
-    Layout,
-    bytes_on_rank_0,
-    check_fc_units_split,
-    data_parallel_convs_traffic,
-    fc_traffic,
-    link_inputs,
-    shard_layers,
-)
+from alexnet_mp.strategies.base import Claim, Layout, bytes_on_rank_0, check_fc_units_split, link_inputs, shard_layers
+from alexnet_mp.strategies.costs import CONV_FEATURES, FC_LINKS, Costs, data_parallel_convs_traffic, fc_traffic
 from alexnet_mp.strategies.data_parallel import DataParallel
 from alexnet_mp.strategies.options import Option
 
@@ -191,9 +181,37 @@ class AllSamples(nn.Module):
             return CONV_FEATURES.over(features, self.group)
 
 
+class WeirdTrickCosts(Costs):
+    @classmethod
+    def exchange_rounds(cls, world_size: int, config: TrainConfig) -> int:
+        return world_size if in_rounds(config) else 0
+
+    @classmethod
+    def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
+        layer = key.split(".")[0]
+        if layer == "fc8":
+            return WHOLE if part == 0 else None
+        if layer in ("fc6", "fc7"):
+            return (rows(shape[0], part, parts),)
+        return WHOLE
+
+    @classmethod
+    def samples(cls, part: int, parts: int, batch: int) -> tuple[int, int]:
+        return part_size(batch, parts), batch
+
+    @classmethod
+    def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
+        """Every exchange scheme moves the same elements, only in a different order: the FC layers' links
+        carry the global batch's rows once a step, whether at once or round by round."""
+        traffic = data_parallel_convs_traffic(cls, arch, part, parts, batch, num_classes)
+        fc_traffic(traffic, arch, part, parts, batch)
+        return traffic
+
+
 class WeirdTrick(Layout):
     name = "weird-trick"
     options = (EXCHANGE, FC_UPDATE)
+    costs = WeirdTrickCosts
 
     @classmethod
     def check_world(cls, world_size: int, config: TrainConfig) -> None:
@@ -230,34 +248,9 @@ class WeirdTrick(Layout):
                              hidden("link_wait_s"))]
         return claims
 
-    @classmethod
-    def exchange_rounds(cls, world_size: int, config: TrainConfig) -> int:
-        return world_size if in_rounds(config) else 0
-
-    @classmethod
-    def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
-        layer = key.split(".")[0]
-        if layer == "fc8":
-            return WHOLE if part == 0 else None
-        if layer in ("fc6", "fc7"):
-            return (rows(shape[0], part, parts),)
-        return WHOLE
-
-    @classmethod
-    def samples(cls, part: int, parts: int, batch: int) -> tuple[int, int]:
-        return part_size(batch, parts), batch
-
-    @classmethod
-    def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
-        """Every exchange scheme moves the same elements, only in a different order: the FC layers' links
-        carry the global batch's rows once a step, whether at once or round by round."""
-        traffic = data_parallel_convs_traffic(cls, arch, part, parts, batch, num_classes)
-        fc_traffic(traffic, arch, part, parts, batch)
-        return traffic
-
     def parallelize(self, model: AlexNet) -> nn.Module:
         group = dist.group.WORLD
-        column = self.place(shard_layers(model, self.shard, self.rank, self.world_size))
+        column = self.place(shard_layers(model, self.costs.shard, self.rank, self.world_size))
         link_inputs(column, FC_LINKS, group, self.ledger)
         self.parts_held = [(self.rank, column)]
         names = list(column._modules)

@@ -1,0 +1,159 @@
+"""What a machine costs, apart from what a layout does: a hardware profile. `calibrate` measures one (each
+layer's forward and backward at the shares the layouts hold, the optimizer's step, each collective as latency
+plus bytes over bandwidth); presets hold the machines people name, each figure with its source. The cost
+model (predict.py) walks a layout's step over a profile.
+
+A profile is JSON, read as untrusted input: anything malformed, or missing what a prediction needs, is one
+line (UsageError) naming what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alexnet_mp.errors import UsageError
+
+FORMAT = 1
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "gather", "scatter", "broadcast", "send")
+DEFAULT_PATH = Path("runs/hardware.json")  # where `calibrate` writes and the comparisons look, unless told
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective's time, as the ledger counts what it moves: latency plus the bytes a rank sends over
+    bandwidth."""
+
+    latency_s: float
+    bytes_per_s: float
+
+    def seconds(self, sent_bytes: float, calls: int = 1) -> float:
+        return calls * self.latency_s + sent_bytes / self.bytes_per_s
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    source: str  # how its figures were obtained: a calibrate run (machine, date, versions) or the documents cited
+    backend: str  # gloo (collectives block the host) or nccl (they run beside the compute)
+    cores: int | None  # CPU cores the ranks share; None where each rank has a device of its own
+    # per threads a rank runs: "layer@share" -> seconds per image, forward and backward
+    layers: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    tflops: float | None = None  # where layers are not measured: the training rate a device sustains on them
+    optimizer_s_per_parameter: dict[str, float] = field(default_factory=dict)  # per threads a rank runs
+    collectives: dict[str, dict[str, Collective]] = field(default_factory=dict)  # per rank count, per kind
+
+    def threads(self, ranks: int) -> int:
+        """The threads each of `ranks` ranks runs: the cores split evenly, at least one."""
+        return 1 if self.cores is None else max(1, self.cores // ranks)
+
+    def sharing(self, ranks: int) -> float:
+        """How much slower each rank computes because ranks outnumber cores (1 where they do not)."""
+        return 1.0 if self.cores is None else max(1.0, ranks / self.cores)
+
+    def layer_s(self, layer: str, share: float, ranks: int, flops: float) -> tuple[float, float]:
+        """Seconds per image of `layer` at `share` of its outputs, forward and backward, on a rank of `ranks`;
+        from the layer measured at that share (the nearest measured share, scaled, otherwise), or from
+        `flops` (its forward's per image; the backward's twice that) at the sustained rate."""
+        measured = self.layers.get(str(self.threads(ranks)))
+        if measured:
+            shares = {float(key.split("@")[1]): value for key, value in measured.items() if key.split("@")[0] == layer}
+            if shares:
+                nearest = min(shares, key=lambda s: abs(math.log(s / share)))
+                scale = share / nearest * self.sharing(ranks)
+                return shares[nearest]["forward"] * scale, shares[nearest]["backward"] * scale
+        if self.tflops is None:
+            raise UsageError(f"the hardware profile {self.name!r} has no time for {layer} at {self.threads(ranks)} "
+                             f"thread(s) and no tflops: run `python -m alexnet_mp calibrate --ranks {ranks}`")
+        return flops / (self.tflops * 1e12), 2 * flops / (self.tflops * 1e12)
+
+    def optimizer_s(self, parameters: int, ranks: int) -> float:
+        rate = self.optimizer_s_per_parameter.get(str(self.threads(ranks)), 0.0)
+        return rate * parameters * self.sharing(ranks)
+
+    def collective(self, kind: str, ranks: int) -> Collective:
+        known = self.collectives.get(str(ranks)) or self.collectives.get("any")
+        if not known or kind not in known:
+            raise UsageError(f"the hardware profile {self.name!r} has no {kind} over {ranks} ranks: run `python -m "
+                             f"alexnet_mp calibrate --ranks {ranks}`, or give a profile that has it")
+        return known[kind]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, **asdict(self)}
+
+
+# Each figure with its source. NVLink 4 (H100 SXM): 900 GB/s per GPU both ways, 450 one way (NVIDIA's H100
+# datasheet); nccl-tests' measured bus bandwidth on 8 H100s is about 360-370 GB/s, used here, with NCCL's
+# small-message latency of about 15 us (nccl-tests, NVIDIA's DGX H100 reports). The compute rate: the paper
+# net's fastest one-GPU step measured here, 69.4 TFLOP/s of training (docs/results/2026-11-23-benchmark-gpu-h100.md).
+# A100 SXM: NVLink 3, 600 GB/s both ways; about 230 GB/s bus bandwidth in nccl-tests; compute at the H100's rate
+# scaled by the bf16 dense peaks (312 against 989 TFLOP/s, NVIDIA's datasheets). PCIe 4 x16: 32 GB/s one way,
+# about 22 GB/s reached by NCCL through the host.
+def _preset(name: str, source: str, tflops: float, bus_gb_s: float, latency_s: float) -> Hardware:
+    link = Collective(latency_s, bus_gb_s * 1e9)
+    return Hardware(name, source, "nccl", None, tflops=tflops, collectives={"any": dict.fromkeys(KINDS, link)})
+
+
+PRESETS = {
+    "h100-nvlink": _preset("h100-nvlink", "one H100 SXM node over NVLink 4: rate measured here (2026-11-23), links "
+                           "from nccl-tests' bus bandwidth", 69.4, 360.0, 15e-6),
+    "a100-nvlink": _preset("a100-nvlink", "one A100 SXM node over NVLink 3: the H100 rate x 312/989 (datasheet "
+                           "peaks), links from nccl-tests' bus bandwidth", 69.4 * 312 / 989, 230.0, 15e-6),
+    "h100-pcie": _preset("h100-pcie", "H100s on PCIe 4 x16 through the host: the H100 rate, 22 GB/s", 69.4, 22.0,
+                         30e-6),
+}
+
+
+def load(name_or_path: str | Path) -> Hardware:
+    """A preset by name, or a profile file (`calibrate`'s), checked."""
+    if str(name_or_path) in PRESETS:
+        return PRESETS[str(name_or_path)]
+    path = Path(name_or_path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"no hardware profile at {path}: run `python -m alexnet_mp calibrate --output {path}`, or "
+                         f"name a preset ({', '.join(PRESETS)})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{path} is not a hardware profile ({error}): run `python -m alexnet_mp calibrate` "
+                         "again") from None
+    try:
+        return _parsed(raw)
+    except (KeyError, TypeError, ValueError) as error:
+        raise UsageError(f"{path} is not a hardware profile this program reads ({error}): run `python -m "
+                         "alexnet_mp calibrate` again") from None
+
+
+def _positive(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a positive number, not {value!r}")
+    return float(value)
+
+
+def _parsed(raw: Any) -> Hardware:
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ValueError(f"format must be {FORMAT}")
+    if raw["backend"] not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be gloo or nccl, not {raw['backend']!r}")
+    cores = raw.get("cores")
+    layers = {str(threads): {str(key): {direction: _positive(times[direction], f"layers.{threads}.{key}.{direction}")
+                                        for direction in ("forward", "backward")}
+                             for key, times in table.items()}
+              for threads, table in raw.get("layers", {}).items()}
+    collectives = {str(ranks): {kind: Collective(_positive(link["latency_s"], f"{kind} latency_s"),
+                                                 _positive(link["bytes_per_s"], f"{kind} bytes_per_s"))
+                                for kind, link in kinds.items() if kind in KINDS}
+                   for ranks, kinds in raw.get("collectives", {}).items()}
+    tflops = raw.get("tflops")
+    if not layers and tflops is None:
+        raise ValueError("it has neither layer times nor tflops")
+    if not collectives:
+        raise ValueError("it has no collectives")
+    return Hardware(str(raw["name"]), str(raw["source"]), raw["backend"],
+                    None if cores is None else int(_positive(cores, "cores")), layers,
+                    None if tflops is None else _positive(tflops, "tflops"),
+                    {str(t): _positive(v, "optimizer_s_per_parameter") for t, v in
+                     raw.get("optimizer_s_per_parameter", {}).items()}, collectives)

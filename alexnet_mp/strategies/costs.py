@@ -1,0 +1,144 @@
+"""What a layout costs, apart from what it runs: which block of each of the whole net's tensors each of its
+parts holds (`shard`: how it shards state, and so how checkpoints merge), what each part sees, computes and
+sends in a step (`samples`, `work`, `traffic`: what `plan` predicts and the ledger is tested against), and
+how its schedule stretches a step (`slots`, `exchange_rounds`). All class methods from layer shapes alone,
+no process group: every layout's module has a `Costs` subclass, named by its `Layout.costs`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections import defaultdict
+
+import torch
+
+from alexnet_mp.blocks import Block, part_size
+from alexnet_mp.config import TrainConfig
+from alexnet_mp.cost import RankWork, Traffic, both_ways, held_shares, parameters
+from alexnet_mp.ledger import BACKWARD, FORWARD, ring_all_reduce_elements
+from alexnet_mp.links import Link
+from alexnet_mp.model import ARCHITECTURES, Architecture
+
+# Wherever fc6 and fc7 are split by units: fc7 reads every part's fc6 units, and fc8 (whole, on the first
+# part, with the loss) every part's fc7 units.
+FC_LINKS = (Link("fc7", 1), Link("fc8", 1, to_first=True))
+# Where the convs are data parallel and the FC layers read every rank's samples: every rank's conv features,
+# along the batch.
+CONV_FEATURES = Link("fc6", 0)
+
+
+class Costs(ABC):
+    @classmethod
+    def collective(cls, link: str, direction: str) -> str:
+        """Which collective carries `link` in `direction` (hardware.KINDS): replicated gradients are
+        all-reduced, fc8's input gathered to the first part (its gradient scattered back), any other layer's
+        input all-gathered (its gradient reduce-scattered)."""
+        if link.endswith("gradients"):
+            return "all-reduce"
+        if link == FC_LINKS[1].name:
+            return "gather" if direction == FORWARD else "scatter"
+        return "all-gather" if direction == FORWARD else "reduce-scatter"
+
+    @classmethod
+    def calls(cls, link: str, elements: float, world_size: int, config: TrainConfig) -> int:
+        """How many collectives carry `link`'s `elements` in a step, each paying the latency: one, but where
+        DDP's buckets split replicated gradients (25 MiB each, its default) or a layout sends in rounds."""
+        if link.endswith("gradients"):
+            return max(1, math.ceil(4 * elements / (25 * 2**20)))
+        if link == CONV_FEATURES.name and cls.exchange_rounds(world_size, config):
+            return cls.exchange_rounds(world_size, config)
+        return 1
+
+    @classmethod
+    def step_s(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
+               world_size: int, config: TrainConfig, blocking: bool) -> float:
+        """A step's seconds from each part's forward and backward compute (the optimizer's step in the latter)
+        and the seconds of each of its (link, direction): the slowest part's sum, since every part meets the
+        others at its collectives. Where collectives run beside the compute (`blocking` False: NCCL), the
+        replicated gradients' reduction hides behind the backward pass, up to its length."""
+        steps = []
+        for forward, backward, comm in zip(forward_s, backward_s, comm_s, strict=True):
+            gradients = sum(seconds for (link, _), seconds in comm.items() if link.endswith("gradients"))
+            hidden = 0.0 if blocking else min(gradients, backward)
+            steps.append(forward + backward + sum(comm.values()) - hidden)
+        return max(steps)
+
+    @classmethod
+    def slots(cls, world_size: int, config: TrainConfig) -> float:
+        """A step's length over its compute's, where the layout leaves ranks idle by design (a pipeline's
+        bubble); 1 where it does not."""
+        return 1.0
+
+    @classmethod
+    def exchange_rounds(cls, world_size: int, config: TrainConfig) -> int:
+        """In how many rounds the conv features' exchange (`CONV_FEATURES`) travels, each round behind the FC layers'
+        work on the round before; 0 where it is one exchange that the FC layers wait for."""
+        return 0
+
+    @classmethod
+    def parts(cls, world_size: int) -> int:
+        """How many parts the net is laid out in on `world_size` ranks: one per rank, unless a process holds
+        several."""
+        return world_size
+
+    @classmethod
+    @abstractmethod
+    def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
+        """The block of the whole net's tensor `key` (of `shape`) that `part` of `parts` holds; None if none."""
+
+    @classmethod
+    def writes(cls, key: str, shape: torch.Size, part: int, parts: int) -> bool:
+        """Whether `part` holds a block of `key` that no lower part holds: replicas' blocks are saved once."""
+        block = cls.shard(key, shape, part, parts)
+        return block is not None and all(cls.shard(key, shape, lower, parts) != block for lower in range(part))
+
+    @classmethod
+    @abstractmethod
+    def samples(cls, part: int, parts: int, batch: int) -> tuple[int, int]:
+        """How many images of a global batch of `batch` the part's conv layers and its FC layers each see."""
+
+    @classmethod
+    @abstractmethod
+    def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
+        """Elements `part` sends in one training step, per (link, direction), from the layer shapes alone."""
+
+    @classmethod
+    def expected_traffic(cls, arch: str, world_size: int, batch: int, num_classes: int = 1000) -> list[Traffic]:
+        """`traffic` of every part on `world_size` ranks: the count the links' ledger is tested against."""
+        parts = cls.parts(world_size)
+        return [{key: value for key, value in cls.traffic(ARCHITECTURES[arch], part, parts, batch,
+                                                          num_classes).items() if value}
+                for part in range(parts)]
+
+    @classmethod
+    def work(cls, arch: str, part: int, parts: int, batch: int, num_classes: int = 1000) -> RankWork:
+        """What `part` computes in a step: its share of each layer, and the images its layers see."""
+        return RankWork(held_shares(cls.shard, arch, part, parts, num_classes), *cls.samples(part, parts, batch))
+
+
+def data_parallel_convs_traffic(costs: type[Costs], arch: Architecture, part: int, parts: int, batch: int,
+                                num_classes: int) -> Traffic:
+    """What a layout whose convs are data parallel and whose FC layers read every rank's samples sends for its
+    convs: its conv features all-gathered along the batch (their gradients reduce-scattered back), and the
+    replicated convs' gradients all-reduced. The layout adds its FC layers' own links."""
+    traffic = new_traffic()
+    both_ways(traffic, CONV_FEATURES.name, arch.feature_size * part_size(batch, parts) * (parts - 1))
+    conv = parameters(costs.work(arch.name, part, parts, batch, num_classes), arch, num_classes, "conv")
+    traffic["conv-gradients", BACKWARD] += ring_all_reduce_elements(conv, parts)
+    return traffic
+
+
+def fc_traffic(traffic: Traffic, arch: Architecture, shard: int, shards: int, samples: int) -> None:
+    """What `FC_LINKS` send for `samples` images: fc7's input gathered from every shard, fc7's outputs
+    gathered to shard 0 for fc8 (and their gradients back)."""
+    fc6_part, fc7_part = (part_size(units, shards) for units in arch.fc_units)
+    both_ways(traffic, "fc7-input", fc6_part * samples * (shards - 1))
+    if shard == 0:
+        traffic["fc8-input", BACKWARD] += fc7_part * samples * (shards - 1)
+    else:
+        traffic["fc8-input", FORWARD] += fc7_part * samples
+
+
+def new_traffic() -> Traffic:
+    return defaultdict(float)
