@@ -89,6 +89,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triton-lrn", action="store_true",
                         help="LRN as hand-written Triton kernels instead of torch ops (GPU only; not float64)")
     parser.add_argument("--log-every", type=POSITIVE_INT, default=d.log_every)
+    parser.add_argument("--trace", action="store_true",
+                        help="record a timeline of a few steps after warm-up on every rank (each layer's forward and "
+                             "backward, each link's wait, the data wait, the optimizer step) as OUTPUT/trace.json, "
+                             "a Chrome trace (Perfetto, chrome://tracing)")
     parser.add_argument("--timeout", dest="timeout_s", type=POSITIVE_FLOAT, default=d.timeout_s,
                         help="seconds a rank waits for its peers before giving up")
     parser.add_argument("--output-dir", default=d.output_dir)

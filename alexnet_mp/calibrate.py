@@ -30,13 +30,14 @@ from alexnet_mp.step import make_optimizer
 from alexnet_mp.strategies.base import shard_layers
 
 SHARES = (1.0, 0.5, 0.25)  # of a layer's outputs: whole, a tower or a shard of 2, a shard of 4
-BATCH = 8  # images per timed pass: per-image figures scale with the samples a rank sees
+BATCHES = (2, 8)  # images per timed pass: a pass's time is fitted as a fixed part plus a part per image
 REPEATS = 3  # timed passes per figure, after one to warm up; the median is kept
 SIZES = (1024, 65536, 1 << 20, 1 << 22)  # float32 elements per rank in a timed collective: 4 KiB to 16 MiB
 
 
-def time_layers(arch: str, threads: int, batch: int = BATCH) -> dict[str, dict[str, float]]:
-    """Seconds per image, forward and backward, of each layer of `arch` at each of `SHARES`, on `threads`."""
+def time_layers(arch: str, threads: int) -> dict[str, dict[str, float]]:
+    """Each layer of `arch` at each of `SHARES`, on `threads`: forward and backward seconds per image, and per
+    pass (what a pass costs whatever its images: what makes micro-batches of few images slow)."""
     torch.set_num_threads(threads)
     net = build_model(arch, 1000, seed=0)
     sides = [IMAGE_SIZE] + [block for _, block in conv_sides(net.arch)]
@@ -46,15 +47,28 @@ def time_layers(arch: str, threads: int, batch: int = BATCH) -> dict[str, dict[s
         cut = shard_layers(build_model(arch, 1000, seed=0), lambda key, shape, part, n: (rows(shape[0], 0, n),), 0,
                            parts)
         for index, (name, layer) in enumerate(cut.layers().items()):
-            if isinstance(layer, torch.nn.Linear):
-                shape = (batch, layer.in_features)
-            else:
-                shape = (batch, layer.in_channels, sides[index], sides[index])
-            times[f"{arch}.{name}@{share:g}"] = _forward_backward(layer, shape, needs_input_grad=index > 0)
+            per_batch = {}
+            for batch in BATCHES:
+                shape = (batch, layer.in_features) if isinstance(layer, torch.nn.Linear) else \
+                    (batch, layer.in_channels, sides[index], sides[index])
+                per_batch[batch] = _forward_backward(layer, shape, needs_input_grad=index > 0)
+            times[f"{arch}.{name}@{share:g}"] = _per_image_and_pass(per_batch)
     return times
 
 
+def _per_image_and_pass(per_batch: dict[int, dict[str, float]]) -> dict[str, float]:
+    """From a pass's seconds at two batch sizes: seconds per image and per pass, each direction (none below 0)."""
+    (small, at_small), (large, at_large) = sorted(per_batch.items())
+    fitted = {}
+    for direction in ("forward", "backward"):
+        per_image = max((at_large[direction] - at_small[direction]) / (large - small), at_large[direction] / large / 10)
+        fitted[direction] = per_image
+        fitted[f"{direction}_per_pass"] = max(at_large[direction] - per_image * large, 0.0)
+    return fitted
+
+
 def _forward_backward(layer: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool) -> dict[str, float]:
+    """A pass's seconds, forward and backward: the median of `REPEATS` after one to warm up."""
     x = torch.randn(shape, requires_grad=needs_input_grad)
     forward, backward = [], []
     for _ in range(1 + REPEATS):
@@ -66,8 +80,7 @@ def _forward_backward(layer: torch.nn.Module, shape: tuple[int, ...], needs_inpu
         backward.append(time.perf_counter() - middle)
         layer.zero_grad(set_to_none=True)
         x.grad = None
-    return {"forward": statistics.median(forward[1:]) / shape[0],
-            "backward": statistics.median(backward[1:]) / shape[0]}
+    return {"forward": statistics.median(forward[1:]), "backward": statistics.median(backward[1:])}
 
 
 def time_optimizer(threads: int, parameters: int = 1 << 24) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -18,8 +19,9 @@ from alexnet_mp.arguments import Parser, add_layout_options, add_train_arguments
 from alexnet_mp.config import DECODE_PLACES, TrainConfig
 from alexnet_mp.errors import AlexNetMPError, GroupNotFormed, UsageError, first_line, from_torch
 from alexnet_mp.flag_types import COUNT, POSITIVE_FLOAT, POSITIVE_INT
+from alexnet_mp.hardware import DEFAULT_PATH, PRESETS, Hardware
 from alexnet_mp.preflight import check_run, check_writable
-from alexnet_mp.strategies import LAYOUTS, REFERENCE, all_options, layout_named
+from alexnet_mp.strategies import LAYOUTS, REFERENCE, all_options, layout_label, layout_named
 from alexnet_mp.tracking import hold_output
 from alexnet_mp.world import launched, stop_with_launcher
 
@@ -109,8 +111,9 @@ def experiment(args: argparse.Namespace) -> None:
         raise UsageError(f"--name {args.name!r}: give one folder name (no '/', not '.' or '..'); the runs go in "
                          f"{args.output_dir}/NAME")
     modes, ranks = args.modes.split(","), _numbers(args.ranks, int, "--ranks")
+    hardware = hardware_given(args.hardware)  # a bad profile is refused before the first run
     try:
-        failed, runs = run_experiment(args.name, modes, ranks, Path(args.output_dir), args.train_args)
+        failed, runs = run_experiment(args.name, modes, ranks, Path(args.output_dir), args.train_args, hardware)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM, once the run in hand has stopped
         fail("stopped by a signal: the run in hand stopped (with a checkpoint, if it had begun training), and "
              "the runs after it did not start; the same command with --resume auto goes on", 130)
@@ -124,7 +127,7 @@ def compare(args: argparse.Namespace) -> None:
     directories = [Path(d) for d in args.runs]
     out = Path(args.out or directories[0].parent)
     check_writable(out, "--out")
-    comparison = compare_runs(directories, out)
+    comparison = compare_runs(directories, out, hardware_given(args.hardware))
     for line in comparison.broken:
         print(f"cannot compare {line}", file=sys.stderr)
     if not comparison.rows:
@@ -143,6 +146,9 @@ def plan(args: argparse.Namespace) -> None:
     per_gpu = args.batch_per_gpu is not None
     batch = args.batch_per_gpu if per_gpu else args.batch
     options = {name: getattr(args, name) for name in all_options()}
+    if args.hardware:
+        print(hardware_plan(args, gpus, batch, per_gpu, options))
+        return
     predictions = predict(gpus, args.arch, batch, args.device_tflops, args.num_classes, options, per_gpu)
     if not predictions:
         raise UsageError(f"no layout runs a batch of {batch}{' per GPU' if per_gpu else ''} on {args.gpus} GPUs; "
@@ -159,6 +165,28 @@ def plan(args: argparse.Namespace) -> None:
         (out / "plan.md").write_text(text + "\n![plan](plan.png)\n")
         plot_plan(predictions, links, out / "plan.png")
         print(f"wrote {out / 'plan.md'} and {out / 'plan.png'}")
+
+
+def hardware_plan(args: argparse.Namespace, gpus: list[int], batch: int, per_gpu: bool, options: dict) -> str:
+    """`plan --hardware`: every layout's step on each rank count, walked over the profile."""
+    from alexnet_mp.hardware import load
+    from alexnet_mp.plan import layout_config, layouts
+    from alexnet_mp.predict import predict_step
+    from alexnet_mp.report import markdown_table
+
+    hardware, rows = load(args.hardware), []
+    for count in gpus:
+        global_batch = batch * count if per_gpu else batch
+        for mode in layouts(count, args.arch, global_batch, options):
+            given = layout_config(mode, args.arch, global_batch, options).options
+            p = predict_step(mode, args.arch, count, global_batch, hardware, args.num_classes, given)
+            rows.append([layout_label({"mode": mode, **given}), str(count), str(global_batch),
+                         f"{1000 * p.step_s:.2f}", f"{1000 * max(p.compute_s):.2f}", f"{1000 * max(p.comm_s):.2f}",
+                         f"{global_batch / p.step_s:,.0f}", f"{max(p.bytes_per_rank) / 2**20:.1f}",
+                         f"{max(p.memory_bytes) / 2**20:.0f}"])
+    header = ["mode", "ranks", "global batch", "step ms", "compute ms (slowest part)", "comm ms (slowest part)",
+              "images/s", "MiB sent/rank/step (max)", "memory MiB/rank (max)"]
+    return f"Predicted on {hardware.name} ({hardware.source}), {args.arch} net\n\n{markdown_table(header, rows)}"
 
 
 def _numbers(text: str, kind: type, flag: str) -> list:
@@ -179,9 +207,34 @@ def bench(args: argparse.Namespace) -> None:
     modes = tuple(args.modes.split(",")) if args.modes else None
     for mode in modes or ():
         layout_named(mode)  # an unknown one is refused before anything runs
-    failed = run_bench(Path(args.output_dir), args.quick, ranks, modes)
+    failed = run_bench(Path(args.output_dir), args.quick, ranks, modes, hardware_given(args.hardware))
     if failed:  # the others are measured and written
         fail(f"{'; '.join(failed)} (the others are in {Path(args.output_dir) / 'bench.md'})", 1)
+
+
+def hardware_given(name_or_path: str | None) -> Hardware | None:
+    """The profile --hardware names (a file or a preset); without it, this machine's if `calibrate` saved one."""
+    from alexnet_mp.hardware import DEFAULT_PATH, load
+
+    if name_or_path is None:
+        return load(DEFAULT_PATH) if DEFAULT_PATH.exists() else None
+    return load(name_or_path)
+
+
+def calibrate(args: argparse.Namespace) -> None:
+    import time
+
+    from alexnet_mp.calibrate import calibrate as measure
+
+    out = Path(args.output)
+    check_writable(out.parent, "--output")
+    started = time.perf_counter()
+    profile = measure(_numbers(args.ranks, int, "--ranks"), args.arch,
+                      log=lambda line: print(line, file=sys.stderr, flush=True))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(profile.to_json(), indent=2) + "\n")
+    print(f"wrote {out} in {time.perf_counter() - started:.0f} s: `plan --hardware {out}`, and `bench`, `experiment` "
+          "and `compare` read it")
 
 
 def summary(args: argparse.Namespace) -> None:
@@ -191,6 +244,10 @@ def summary(args: argparse.Namespace) -> None:
     if args.tower and ARCHITECTURES[args.arch].towers == 1:
         raise UsageError(f"--tower: the {args.arch} net has one column; use --arch paper")
     print(summary_table(args.arch, args.num_classes, tower=args.tower))
+
+
+HARDWARE_HELP = (f"predict each run's step on this hardware profile (a `calibrate` file, or a preset: "
+                 f"{', '.join(PRESETS)}) beside its measurement (default: {DEFAULT_PATH} where `calibrate` wrote it)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -233,10 +290,12 @@ def parser() -> argparse.ArgumentParser:
     runner.add_argument("--ranks", default="2", help="processes for every mode but the one-device reference; "
                                                        "several (2,4): each mode at each")
     runner.add_argument("--output-dir", default="runs")
+    runner.add_argument("--hardware", help=HARDWARE_HELP)
     runner.set_defaults(run=experiment)
     report = commands.add_parser("compare", help="a table and plots from run folders (config.json, metrics.jsonl)")
     report.add_argument("runs", nargs="+")
     report.add_argument("--out", help="where comparison.md and the plots go (default: the first run's parent)")
+    report.add_argument("--hardware", help=HARDWARE_HELP)
     report.set_defaults(run=compare)
     model = commands.add_parser("plan", help="predicted bytes, compute, step time and memory per layout and GPU count")
     model.add_argument("--gpus", default="1,2,4,8,16")
@@ -251,6 +310,8 @@ def parser() -> argparse.ArgumentParser:
                             "paper net's fastest step sustained on an H100, docs/results/; `bench` prints it "
                             "for your device and net)")
     add_layout_options(model, defaults=True)
+    model.add_argument("--hardware", help="a hardware profile (`calibrate --output FILE`) or a preset: "
+                                           f"{', '.join(PRESETS)}; instead of --device-tflops and --link-gbps")
     model.add_argument("--arch", default="paper", choices=["paper", "owt"])
     model.add_argument("--num-classes", type=POSITIVE_INT, default=1000)
     model.add_argument("--output-dir", help="write plan.md and plan.png there too (default: print only)")
@@ -262,7 +323,14 @@ def parser() -> argparse.ArgumentParser:
     timing.add_argument("--ranks", help="world sizes at which every layout is measured (default 2,4)")
     timing.add_argument("--modes", help="comma-separated layouts to measure alone, beside the one-device step "
                                         "(default: every layout, the plain loop and the input pipeline)")
+    timing.add_argument("--hardware", help=HARDWARE_HELP)
     timing.set_defaults(run=bench)
+    measuring = commands.add_parser("calibrate", help="measure this machine into a hardware profile: each layer's "
+                                                      "and each collective's time, for the cost model")
+    measuring.add_argument("--ranks", default="2,4", help="rank counts whose threads and collectives to measure")
+    measuring.add_argument("--arch", default="paper", choices=["paper", "owt"])
+    measuring.add_argument("--output", default=str(DEFAULT_PATH))
+    measuring.set_defaults(run=calibrate)
     return root
 
 

@@ -55,6 +55,7 @@ class TrainConfig:
     cuda_graphs: bool = False
     triton_lrn: bool = False
     log_every: int = 1
+    trace: bool = False  # a timeline of a few steps on every rank: OUTPUT/trace.json (trace.py)
     timeout_s: float = 600.0
     output_dir: str = "runs/latest"
     tracker: str = "none"

@@ -16,6 +16,7 @@ import torch
 
 from alexnet_mp.arguments import Parser, add_train_arguments, train_config
 from alexnet_mp.errors import UsageError
+from alexnet_mp.hardware import Hardware
 from alexnet_mp.preflight import check_run
 from alexnet_mp.report import compare
 from alexnet_mp.strategies import layout_named
@@ -48,8 +49,8 @@ def planned_runs(modes: Sequence[str], ranks: Sequence[int], folder: Path) -> li
     return runs
 
 
-def run_experiment(name: str, modes: Sequence[str], ranks: Sequence[int], output: Path, train_args: Sequence[str]
-                   ) -> tuple[list[str], int]:
+def run_experiment(name: str, modes: Sequence[str], ranks: Sequence[int], output: Path, train_args: Sequence[str],
+                   hardware: Hardware | None = None) -> tuple[list[str], int]:
     """Runs each mode (single on 1 process, the others on each of `ranks`) and writes the comparison; returns
     the runs that failed, each with its exit code, and how many ran. What no run could do (an unknown mode,
     a world size or flag a layout refuses, a missing tracker) is refused first."""
@@ -63,14 +64,14 @@ def run_experiment(name: str, modes: Sequence[str], ranks: Sequence[int], output
         # mixed precision as resolved here, for every run alike: a plain process would otherwise take it from
         # the runner's environment, a launched one from its launcher's --mixed_precision
         command += ["--mode", mode, "--output-dir", str(directory), "--group", name,
-                    "--mixed-precision", config.mixed_precision, *train_args]
+                    "--mixed-precision", config.mixed_precision, "--trace", *train_args]
         print(f"[{name}] {mode} on {processes} process(es) -> {directory}", flush=True)
         code = _run(command, {**os.environ, **env})
         if code:
             print(f"[{name}] {mode} failed (exit code {code}); the comparison leaves it out", file=sys.stderr)
             failed.append(f"{directory.name} (exit code {code})")
         directories.append(directory)
-    comparison = compare(directories, folder)
+    comparison = compare(directories, folder, hardware)
     for line in comparison.broken:
         print(f"cannot compare {line}", file=sys.stderr)
     print(comparison.table)

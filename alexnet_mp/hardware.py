@@ -40,7 +40,7 @@ class Hardware:
     source: str  # how its figures were obtained: a calibrate run (machine, date, versions) or the documents cited
     backend: str  # gloo (collectives block the host) or nccl (they run beside the compute)
     cores: int | None  # CPU cores the ranks share; None where each rank has a device of its own
-    # per threads a rank runs: "layer@share" -> seconds per image, forward and backward
+    # per threads a rank runs: "arch.layer@share" -> seconds per image and per pass, forward and backward
     layers: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     tflops: float | None = None  # where layers are not measured: the training rate a device sustains on them
     optimizer_s_per_parameter: dict[str, float] = field(default_factory=dict)  # per threads a rank runs
@@ -54,21 +54,25 @@ class Hardware:
         """How much slower each rank computes because ranks outnumber cores (1 where they do not)."""
         return 1.0 if self.cores is None else max(1.0, ranks / self.cores)
 
-    def layer_s(self, layer: str, share: float, ranks: int, flops: float) -> tuple[float, float]:
-        """Seconds per image of `layer` at `share` of its outputs, forward and backward, on a rank of `ranks`;
-        from the layer measured at that share (the nearest measured share, scaled, otherwise), or from
-        `flops` (its forward's per image; the backward's twice that) at the sustained rate."""
+    def layer_s(self, layer: str, share: float, ranks: int, flops: float, samples: int, passes: int = 1,
+                ) -> tuple[float, float]:
+        """Seconds of `layer` at `share` of its outputs on `samples` images in `passes` passes, forward and
+        backward, on a rank of `ranks`: from the layer measured at that share (the nearest measured share,
+        scaled, otherwise), a part per image and a part per pass; or, unmeasured, from `flops` (its forward's
+        per image; the backward's twice that) at the sustained rate."""
         measured = self.layers.get(str(self.threads(ranks)))
         if measured:
             shares = {float(key.split("@")[1]): value for key, value in measured.items() if key.split("@")[0] == layer}
             if shares:
                 nearest = min(shares, key=lambda s: abs(math.log(s / share)))
-                scale = share / nearest * self.sharing(ranks)
-                return shares[nearest]["forward"] * scale, shares[nearest]["backward"] * scale
+                times, scale = shares[nearest], share / nearest * self.sharing(ranks)
+                return tuple(scale * (times[d] * samples + times.get(f"{d}_per_pass", 0.0) * passes)
+                             for d in ("forward", "backward"))
         if self.tflops is None:
             raise UsageError(f"the hardware profile {self.name!r} has no time for {layer} at {self.threads(ranks)} "
                              f"thread(s) and no tflops: run `python -m alexnet_mp calibrate --ranks {ranks}`")
-        return flops / (self.tflops * 1e12), 2 * flops / (self.tflops * 1e12)
+        forward = flops * samples / (self.tflops * 1e12) * self.sharing(ranks)
+        return forward, 2 * forward
 
     def optimizer_s(self, parameters: int, ranks: int) -> float:
         rate = self.optimizer_s_per_parameter.get(str(self.threads(ranks)), 0.0)
@@ -133,15 +137,23 @@ def _positive(value: Any, what: str) -> float:
     return float(value)
 
 
+def _layer_times(times: Any, where: str) -> dict[str, float]:
+    found = {direction: _positive(times[direction], f"{where}.{direction}") for direction in ("forward", "backward")}
+    for direction in ("forward", "backward"):
+        per_pass = times.get(f"{direction}_per_pass", 0.0)
+        if isinstance(per_pass, bool) or not isinstance(per_pass, (int, float)) or not 0 <= per_pass < math.inf:
+            raise ValueError(f"{where}.{direction}_per_pass must be a number of seconds, not {per_pass!r}")
+        found[f"{direction}_per_pass"] = float(per_pass)
+    return found
+
+
 def _parsed(raw: Any) -> Hardware:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ValueError(f"format must be {FORMAT}")
     if raw["backend"] not in ("gloo", "nccl"):
         raise ValueError(f"backend must be gloo or nccl, not {raw['backend']!r}")
     cores = raw.get("cores")
-    layers = {str(threads): {str(key): {direction: _positive(times[direction], f"layers.{threads}.{key}.{direction}")
-                                        for direction in ("forward", "backward")}
-                             for key, times in table.items()}
+    layers = {str(threads): {str(key): _layer_times(times, f"layers.{threads}.{key}") for key, times in table.items()}
               for threads, table in raw.get("layers", {}).items()}
     collectives = {str(ranks): {kind: Collective(_positive(link["latency_s"], f"{kind} latency_s"),
                                                  _positive(link["bytes_per_s"], f"{kind} bytes_per_s"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -37,6 +37,8 @@ class Ledger:
     bytes: dict[tuple[int, str, str], float] = field(default_factory=lambda: defaultdict(float))
     blocked: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))  # seconds
     arrivals: dict[tuple[str, str], float] = field(default_factory=dict)  # time.time()
+    # told of every wait as it ends: (link, direction, start, end); the trace's (trace.py)
+    observer: Callable[[str, str, float, float], None] | None = None
 
     @property
     def waits(self) -> dict[str, float]:
@@ -65,7 +67,13 @@ class Ledger:
         try:
             yield
         finally:
-            self.blocked[link, direction] += time.perf_counter() - started
+            self.waited(link, direction, started, time.perf_counter())
+
+    def waited(self, link: str, direction: str, started: float, ended: float) -> None:
+        """Blocked on `link` from `started` to `ended` (perf_counter seconds), which `observer` also sees."""
+        self.blocked[link, direction] += ended - started
+        if self.observer is not None:
+            self.observer(link, direction, started, ended)
 
     def record(self, part: int, link: str, direction: str, count: float, element_size: int) -> None:
         self.elements[part, link, direction] += count

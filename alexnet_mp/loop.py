@@ -29,6 +29,7 @@ from alexnet_mp.step import LossScale, make_optimizer, train_step
 from alexnet_mp.strategies import Layout
 from alexnet_mp.strategies import build as build_layout
 from alexnet_mp.timing import StepClock, peak_memory_mb
+from alexnet_mp.trace import DATA, TRACED, WARM_UP, Tracer, write_trace
 from alexnet_mp.tracking import Tracker
 from alexnet_mp.world import current
 
@@ -224,15 +225,23 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
     steps = rank_batches(run.train_set, run.batches, layout.image_rows(config.batch_size),
                          layout.label_rows(config.batch_size), run.start, run.total, config.workers, run.device)
     clock = StepClock(run.device)
+    tracer = Tracer(current().rank) if config.trace else None
+    if tracer:
+        tracer.watch(layout, run.optimizer)
     batch, data_wait_s = next_batch(steps)
     while batch is not None:
         step, images, labels = batch
+        if tracer:
+            tracer.tracing(step, run.start)
         clock.start()
         loss, flags = run_step(run, images, labels, step, stop)
         clock.end()
         # Nothing above waits for a GPU (fp16's overflow check aside): the host decodes and queues the
         # next batch while the device runs this step, and only then waits for the step's flags, time, loss.
         upcoming, upcoming_wait_s = next_batch(steps)
+        if tracer:  # the next step's batch, fetched while this step's work is queued
+            fetched = time.perf_counter()
+            tracer.add("data wait (next batch)", DATA, fetched - upcoming_wait_s, fetched)
         stop_flag, diverged, unreadable_flag = flags.tolist()
         stopping, unreadable = bool(stop_flag), int(unreadable_flag)
         if diverged:
@@ -258,6 +267,12 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
             break
         batch, data_wait_s = upcoming, upcoming_wait_s
     progress.close()
+    if tracer:
+        tracer.active = False
+        written = write_trace(tracer, config.output, current().is_main)
+        if written:
+            accelerator.print(f"timeline of steps {run.start + WARM_UP} to {run.start + WARM_UP + TRACED - 1} on every "
+                              f"rank: {written} (Perfetto, chrome://tracing)")
     newest = checkpoint.complete_checkpoints(config.checkpoints)
     tracker.finish(step + 1 - run.start, newest[-1] if newest else None)
 

@@ -44,8 +44,8 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
     forward, backward, comm, memory = [], [], [], []
     for part in range(parts):
         work = costs.work(arch, part, parts, batch, num_classes)
-        layers = [tuple(seconds * work.samples(cost.name) for seconds in
-                        hardware.layer_s(f"{arch}.{cost.name}", work.shares[cost.name], ranks, cost.flops))
+        layers = [hardware.layer_s(f"{arch}.{cost.name}", work.shares[cost.name], ranks, cost.flops,
+                                   work.samples(cost.name), costs.passes(cost.name, ranks, config))
                   for cost in layer_costs(architecture, num_classes, work.shares)]
         forward.append(sum(f for f, _ in layers))
         backward.append(sum(b for _, b in layers) + hardware.optimizer_s(parameters(work, architecture, num_classes),
@@ -58,3 +58,38 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
     return StepPrediction(step, [f + b for f, b in zip(forward, backward, strict=True)],
                           [sum(c.values()) for c in comm],
                           [BYTES_PER_ELEMENT * sum(t.values()) for t in traffic], memory)
+
+
+@dataclass(frozen=True)
+class Held:
+    """A prediction held to its measurement: one run's step time, both ways, and the relative error."""
+
+    run: str
+    measured_s: float
+    predicted: StepPrediction
+
+    @property
+    def error(self) -> float:
+        return self.predicted.step_s / self.measured_s - 1
+
+
+def disordered(runs: list[tuple[str, float, float]], margin: float = 0.15) -> list[str]:
+    """Of (run, measured step, predicted step): the pairs whose measured order the prediction reverses, where
+    their measurements differ by more than `margin` (closer ones are within the noise of a short run)."""
+    wrong = []
+    for i, a in enumerate(runs):
+        for b in runs[i + 1:]:
+            (faster, fast_measured, fast_predicted), (slower, slow_measured, slow_predicted) = sorted(
+                (a, b), key=lambda run: run[1])
+            if slow_measured > (1 + margin) * fast_measured and fast_predicted > slow_predicted:
+                wrong.append(f"{faster} measured faster than {slower}, predicted slower")
+    return wrong
+
+
+def held_table(held: list[Held]) -> list[list[str]]:
+    return [[h.run, f"{1000 * h.measured_s:.1f}", f"{1000 * h.predicted.step_s:.1f}", f"{h.error:+.0%}",
+             f"{1000 * max(h.predicted.compute_s):.1f}", f"{1000 * max(h.predicted.comm_s):.1f}"] for h in held]
+
+
+HELD_HEADER = ["run", "measured step ms", "predicted step ms", "error", "predicted compute ms (slowest part)",
+               "predicted comm ms (slowest part)"]

@@ -6,10 +6,14 @@ import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from alexnet_mp.cost import LayerCost, held_shares, layer_costs
 from alexnet_mp.model import ARCHITECTURES, tower_block
 from alexnet_mp.tracking import CorruptRecord, read_metrics, run_label
+
+if TYPE_CHECKING:
+    from alexnet_mp.hardware import Hardware
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -218,9 +222,10 @@ class Comparison:
         return markdown_table(self.header, self.rows) if self.rows else ""
 
 
-def compare(directories: list[Path], out: Path) -> Comparison:
-    """The comparison of the readable runs (Markdown written to out/comparison.md, with PNG plots
-    beside it), and one line per run that could not be read."""
+def compare(directories: list[Path], out: Path, hardware: Hardware | None = None) -> Comparison:
+    """The comparison of the readable runs (Markdown written to out/comparison.md, with PNG plots beside it,
+    and out/comparison.json for tools), each run's step beside the cost model's on `hardware` where one is
+    given; and one line per run that could not be read."""
     runs, broken = [], []
     for directory in directories:
         try:
@@ -231,7 +236,114 @@ def compare(directories: list[Path], out: Path) -> Comparison:
         return Comparison([], [], broken)
     _tell_apart(runs)
     out.mkdir(parents=True, exist_ok=True)
-    comparison = Comparison(*comparison_rows(runs), broken, plot_comparison(runs, out))
-    (out / "comparison.md").write_text(comparison.table + "\n\n" +
+    header, rows = comparison_rows(runs)
+    held = [held_run(run, hardware) for run in runs] if hardware else []
+    if held:
+        header = [*header, "predicted step ms (error)"]
+        rows = [[*row, f"{1000 * h['predicted']['step_s']:.0f} ({h['error']['step_s']:+.0%})"]
+                for row, h in zip(rows, held, strict=True)]
+    plots = plot_comparison(runs, out)
+    timeline = plot_timelines(runs, held, out / "timeline.png")
+    comparison = Comparison(header, rows, broken, plots + ([timeline] if timeline else []))
+    said = (f"Predicted on {hardware.name} ({hardware.source}); order of the layouts "
+            f"{order_verdict(held)}." if hardware else
+            "No hardware profile given: no step predicted (`python -m alexnet_mp calibrate`, then `--hardware`).")
+    (out / "comparison.md").write_text(comparison.table + "\n\n" + said + "\n\n" +
                                        "\n".join(f"![{p.stem}]({p.name})" for p in comparison.plots) + "\n")
+    record = {"hardware": None if hardware is None else {"name": hardware.name, "source": hardware.source},
+              "runs": held or [{"run": run.label, "measured": measured(run)} for run in runs]}
+    (out / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")
     return comparison
+
+
+def measured(run: RunSummary) -> dict[str, Any]:
+    """A run's step as measured (medians after warm-up), in the terms the cost model predicts."""
+    return {"step_s": _median(run.steady(run.step_s)), "compute_s": _median(run.steady(run.compute_s)),
+            "comm_s": _median(run.steady(run.comm_wait_s)), "bytes_per_rank": run.bytes_per_rank,
+            "peak_memory_mb": run.peak_memory_mb}
+
+
+def held_run(run: RunSummary, hardware: Hardware) -> dict[str, Any]:
+    """A run's measurement beside the cost model's prediction of it on `hardware`, with each relative error."""
+    from alexnet_mp.predict import predict_step
+    from alexnet_mp.strategies import LAYOUTS
+
+    config = run.config
+    options = {option.name: config[option.name] for option in LAYOUTS[config["mode"]].options
+               if config.get(option.name) is not None}
+    p = predict_step(config["mode"], config["arch"], config["world_size"], config["batch_size"], hardware,
+                     config["num_classes"], options)
+    predicted = {"step_s": p.step_s, "compute_s": max(p.compute_s), "comm_s": max(p.comm_s),
+                 "bytes_per_rank": p.bytes_per_rank, "peak_memory_mb": [m / 2**20 for m in p.memory_bytes]}
+    actual = measured(run)
+    error = {key: predicted[key] / actual[key] - 1 if actual[key] else None
+             for key in ("step_s", "compute_s", "comm_s")}
+    error["bytes_per_rank"] = max(predicted["bytes_per_rank"]) / max(actual["bytes_per_rank"]) - 1 \
+        if max(actual["bytes_per_rank"], default=0) else None
+    return {"run": run.label, "measured": actual, "predicted": predicted, "error": error}
+
+
+def order_verdict(held: list[dict[str, Any]]) -> str:
+    """Whether the predicted order of the runs' steps is the measured one."""
+    from alexnet_mp.predict import disordered
+
+    wrong = disordered([(h["run"], h["measured"]["step_s"], h["predicted"]["step_s"]) for h in held])
+    return "as measured" if not wrong else "reversed: " + "; ".join(wrong)
+
+
+COLOURS = {"compute": "tab:blue", "communication": "tab:orange", "data": "tab:green", "optimizer": "tab:purple"}
+
+
+def traced_step(trace: Path) -> dict[int, list[tuple[str, float, float]]]:
+    """Per rank, the spans of the first step `train --trace` recorded (category, start and end in seconds since
+    the step's first span on any rank), up to rank 0's optimizer step."""
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
+    ends = sorted(e["ts"] + e["dur"] for e in events if e["cat"] == "optimizer" and e["pid"] == 0)
+    if not ends:
+        return {}
+    step = [e for e in events if e["ts"] < ends[0]]
+    begin = min(e["ts"] for e in step)
+    spans: dict[int, list[tuple[str, float, float]]] = {}
+    for e in step:
+        start = (e["ts"] - begin) / 1e6
+        spans.setdefault(e["pid"], []).append((e["cat"], start, start + e["dur"] / 1e6))
+    return spans
+
+
+def plot_timelines(runs: list[RunSummary], held: list[dict[str, Any]], out: Path) -> Path | None:
+    """For each run that `train --trace` recorded: its ranks as rows over one step, compute, communication, data
+    and the optimizer coloured, idle time blank; beside it, where a prediction was made, the cost model's step
+    of its slowest part (compute, then communication). None if no run was traced."""
+    traced = [(run, traced_step(run.path / "trace.json")) for run in runs if (run.path / "trace.json").is_file()]
+    traced = [(run, spans) for run, spans in traced if spans]
+    if not traced:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    predicted = {h["run"]: h["predicted"] for h in held}
+    figure, axes = plt.subplots(len(traced), 1, figsize=(10, 1.2 + 0.6 * sum(len(s) + 1 for _, s in traced)),
+                                squeeze=False)
+    for axis, (run, spans) in zip(axes[:, 0], traced, strict=True):
+        labels = []
+        for row, rank in enumerate(sorted(spans)):
+            for category, start, end in spans[rank]:
+                axis.barh(row, 1000 * (end - start), left=1000 * start, color=COLOURS.get(category, "grey"))
+            labels.append(f"rank {rank}")
+        if run.label in predicted:
+            p = predicted[run.label]
+            row = len(labels)
+            axis.barh(row, 1000 * p["compute_s"], color=COLOURS["compute"], alpha=0.5)
+            axis.barh(row, 1000 * p["comm_s"], left=1000 * p["compute_s"], color=COLOURS["communication"], alpha=0.5)
+            labels.append("predicted")
+        axis.set_yticks(range(len(labels)), labels=labels)
+        axis.invert_yaxis()
+        axis.set(title=run.label, xlabel="ms since the step began")
+    handles = [matplotlib.patches.Patch(color=colour, label=name) for name, colour in COLOURS.items()]
+    axes[0, 0].legend(handles=handles, fontsize="small", loc="lower right")
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out

@@ -1,5 +1,6 @@
 """The benchmark in its tiny configuration: it runs every part of the matrix and its output parses.
-No timing is asserted here; the figures are for people (docs/experiments.md)."""
+No timing is asserted here; the figures are for people (docs/results/). That each layout's bytes are its
+analytic count is tests/test_strategies.py's, on the same ledger."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 
+from alexnet_mp.hardware import KINDS
 from tests.launching import ENV, ROOT, in_process, one_line_error
 
 pytestmark = pytest.mark.slow  # the benchmark matrix, run on real processes
@@ -18,9 +20,13 @@ pytestmark = pytest.mark.slow  # the benchmark matrix, run on real processes
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench")
+    link = {"latency_s": 1e-3, "bytes_per_s": 1e9}
+    (out / "profile.json").write_text(json.dumps({
+        "format": 1, "name": "by hand", "source": "a test", "backend": "gloo", "cores": 2, "tflops": 0.05,
+        "collectives": {"2": dict.fromkeys(KINDS, link)}}))
     result = subprocess.run([sys.executable, "-m", "alexnet_mp", "bench", "--quick", "--ranks", "2",
-                             "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=400,
-                            env={**os.environ, **ENV})
+                             "--output-dir", str(out), "--hardware", str(out / "profile.json")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=400, env={**os.environ, **ENV})
     assert result.returncode == 0, result.stderr[-3000:]
     assert not list(out.glob("bench-*")), "the scratch folder (JPEGs, rank results) is left behind"
     return {"json": json.loads((out / "bench.json").read_text()), "md": (out / "bench.md").read_text(),
@@ -32,22 +38,20 @@ def test_bench_measures_every_layout_the_plain_loop_and_the_input_pipeline_decod
     assert {"plain loop, torchvision alexnet", "single, paper", "single, owt", "paper-split x2", "data-parallel x2",
             "weird-trick (all) x2", "weird-trick (one-at-a-time) x2", "input pipeline, 2 workers",
             "single, paper, fed by the input pipeline", "input pipeline, 2 workers, JPEGs decoded on the device",
-            "single, paper, fed by the input pipeline, JPEGs decoded on the device"} <= names
+            "single, paper, fed by the input pipeline, JPEGs decoded on the device",
+            "single, paper, traced (train --trace)"} <= names
+    assert "the traced step vs the step" in quick["md"]
     for m in quick["json"]["measurements"]:
         assert m["median_images_per_s"] > 0 and len(m["peak_memory_mb"]) == m["ranks"]
 
 
-def test_bench_bytes_equal_the_analytic_minimum(quick):
-    from alexnet_mp.strategies import LAYOUTS
-
-    by_name = {m["name"]: m for m in quick["json"]["measurements"]}
-    sizes = quick["json"]["sizes"]
-    for name, mode in (("paper-split x2", "paper-split"), ("data-parallel x2", "data-parallel"),
-                       ("weird-trick (all) x2", "weird-trick"), ("fsdp x2", "fsdp"),
-                       ("pipeline (gpipe, M=2) x2", "pipeline"), ("tensor-parallel x2", "tensor-parallel")):
-        expected = [4 * sum(rank.values()) for rank in LAYOUTS[mode].costs.expected_traffic("paper", 2, sizes["batch"],
-                                                                       sizes["num_classes"])]
-        assert by_name[name]["bytes_per_rank"] == pytest.approx(expected)
+def test_bench_sets_each_layouts_predicted_step_beside_its_measured_one(quick):
+    predicted = {row["run"]: row for row in quick["json"]["predicted"]}
+    measured = {m["name"] for m in quick["json"]["measurements"] if m["mode"] and m["ranks"] == 2}
+    assert measured <= predicted.keys() and "single, paper" in predicted
+    for row in predicted.values():
+        assert row["error"] == pytest.approx(row["step_s"] / row["measured_step_s"] - 1)
+    assert "## Predicted beside measured: by hand (a test)" in quick["md"] and "order of the layouts" in quick["md"]
 
 
 def test_bench_measures_every_registered_layout_with_each_option_value_it_compares(quick):

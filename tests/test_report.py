@@ -17,7 +17,7 @@ from tests.launching import ENV, ROOT, in_process, metrics, one_line_error
 
 pytestmark = pytest.mark.slow  # experiments of launched runs
 
-PLOTS = ("images_per_s.png", "step_time_breakdown.png", "loss.png", "bytes_per_step.png")
+PLOTS = ("images_per_s.png", "step_time_breakdown.png", "loss.png", "bytes_per_step.png", "timeline.png")
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +196,35 @@ def test_runs_of_one_layout_are_told_apart_by_their_folders(trial, tmp_path, cap
                         "--out", str(tmp_path / "report"))
     labels = [line.split("|")[1].strip() for line in result.stdout.splitlines() if line.startswith("| ")][1:]
     assert labels == [f"single x1 [{trial / 'single-1'}]", f"single x1 [{again}]", "paper-split x2"]
+
+
+def by_hand_profile(folder: Path) -> Path:
+    """A gloo profile written by hand: every layer at 0.05 TFLOP/s of training, every collective 1 ms plus 1 GB/s."""
+    link = {"latency_s": 1e-3, "bytes_per_s": 1e9}
+    profile = {"format": 1, "name": "by hand", "source": "a test", "backend": "gloo", "cores": 2, "tflops": 0.05,
+               "collectives": {"2": dict.fromkeys(("all-reduce", "all-gather", "reduce-scatter", "gather", "scatter"),
+                                                  link)}}
+    (folder / "profile.json").write_text(json.dumps(profile))
+    return folder / "profile.json"
+
+
+def test_compare_with_a_profile_sets_each_runs_predicted_step_beside_its_measured_one(trial, tmp_path, capsys):
+    result = in_process(capsys, "compare", str(trial / "single-1"), str(trial / "paper-split-2"),
+                        "--out", str(tmp_path / "report"), "--hardware", str(by_hand_profile(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert "predicted step ms (error)" in result.stdout.splitlines()[0]
+    record = json.loads((tmp_path / "report" / "comparison.json").read_text())
+    assert [run["run"] for run in record["runs"]] == ["single x1", "paper-split x2"]
+    for run in record["runs"]:
+        assert run["predicted"]["step_s"] > 0 and run["measured"]["step_s"] > 0
+        assert run["error"]["step_s"] == pytest.approx(run["predicted"]["step_s"] / run["measured"]["step_s"] - 1)
+        assert run["predicted"]["bytes_per_rank"] == pytest.approx(run["measured"]["bytes_per_rank"])
+    assert "order of the layouts" in (tmp_path / "report" / "comparison.md").read_text()
+
+
+def test_compare_without_a_profile_says_none_was_given(trial, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/hardware.json here
+    result = in_process(capsys, "compare", str(trial / "single-1"), "--out", str(tmp_path / "report"))
+    assert result.returncode == 0
+    assert "No hardware profile given" in (tmp_path / "report" / "comparison.md").read_text()
+    assert "predicted" not in json.loads((tmp_path / "report" / "comparison.json").read_text())["runs"][0]

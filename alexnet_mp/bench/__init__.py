@@ -14,15 +14,19 @@ from pathlib import Path
 import torch
 
 from alexnet_mp.bench.matrix import FULL, FULL_GPU, QUICK, layout_variant, run_matrix
-from alexnet_mp.bench.measure import Measurement
+from alexnet_mp.bench.measure import Measurement, Sizes
 from alexnet_mp.bench.report import as_markdown, comparisons, environment, plot_layouts
-from alexnet_mp.strategies import REFERENCE_STEP
+from alexnet_mp.hardware import Hardware
+from alexnet_mp.predict import HELD_HEADER, Held, disordered, held_table, predict_step
+from alexnet_mp.report import markdown_table
+from alexnet_mp.strategies import LAYOUTS, REFERENCE_STEP
 
 
 def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
-          modes: tuple[str, ...] | None = None) -> list[str]:
+          modes: tuple[str, ...] | None = None, hardware: Hardware | None = None) -> list[str]:
     """Runs the matrix (with `modes`, those layouts alone, beside the one-device step), writing OUTPUT/bench.json
-    and bench.md after each measurement; returns the measurements that failed, each with its error's last line."""
+    and bench.md after each measurement, each layout's step beside the cost model's prediction on `hardware`
+    where one is given; returns the measurements that failed, each with its error's last line."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = QUICK if quick else FULL_GPU if device_type == "cuda" else FULL
     if ranks:
@@ -33,10 +37,14 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
     def write(measurements: list[Measurement], not_measured: list[str]) -> str:
         """bench.json and bench.md of the measurements so far: a run cut short keeps what it measured."""
         rows = comparisons({m.name: m for m in measurements}, sizes, device_type)
-        text = as_markdown(measurements, rows, not_measured, sizes, quick, env)
+        held = predictions(measurements, sizes, hardware) if hardware else []
+        text = as_markdown(measurements, rows, not_measured, sizes, quick, env) + held_markdown(held, hardware)
         record = {"environment": env, "sizes": asdict(sizes), "quick": quick, "skipped": not_measured,
                   "measurements": [{**asdict(m), "median_images_per_s": m.median} for m in measurements],
-                  "comparisons": [{**asdict(c), "verdict": c.verdict} for c in rows]}
+                  "comparisons": [{**asdict(c), "verdict": c.verdict} for c in rows],
+                  "predicted": [{"run": h.run, "measured_step_s": h.measured_s, "error": h.error,
+                                 **asdict(h.predicted)} for h in held],
+                  "hardware": None if hardware is None else {"name": hardware.name, "source": hardware.source}}
         (output / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
         (output / "bench.md").write_text(text)
         return text
@@ -49,3 +57,21 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
     print(write(measurements, skipped + failed))
     plot_layouts(measurements, layout_variant(device_type).named(REFERENCE_STEP), output / "layouts.png")
     return failed
+
+
+def predictions(measurements: list[Measurement], sizes: Sizes, hardware: Hardware) -> list[Held]:
+    """Each layout's measured step (one part per rank) beside the cost model's on `hardware`."""
+    return [Held(m.name, m.step_s, predict_step(m.mode, m.arch or "paper", m.ranks, m.batch, hardware,
+                                                sizes.num_classes, m.options))
+            for m in measurements if m.mode and m.step_s and LAYOUTS[m.mode].costs.parts(m.ranks) == m.ranks]
+
+
+def held_markdown(held: list[Held], hardware: Hardware | None) -> str:
+    if not held:
+        return "" if hardware else "\nNo hardware profile given: no step predicted (`calibrate`, then `--hardware`).\n"
+    errors = sorted(abs(h.error) for h in held)
+    wrong = disordered([(h.run, h.measured_s, h.predicted.step_s) for h in held])
+    return "\n".join(["", f"## Predicted beside measured: {hardware.name} ({hardware.source})", "",
+                      markdown_table(HELD_HEADER, held_table(held)), "",
+                      f"median |error| {errors[len(errors) // 2]:.0%}, largest {errors[-1]:.0%}; order of the layouts "
+                      + ("as measured" if not wrong else "reversed: " + "; ".join(wrong))]) + "\n"

@@ -61,6 +61,7 @@ def layout_variant(device_type: str) -> Variant:
 
 PLAIN_LOOP = "plain loop, torchvision alexnet"
 FED = f"{REFERENCE_STEP}, fed by the input pipeline"
+TRACED = f"{REFERENCE_STEP}, traced (train --trace)"
 # what each of data.DECODE_PLACES adds to the pipeline's measurement names
 DECODED = {"workers": "", "device": ", JPEGs decoded on the device",
            "device-in-workers": ", JPEGs decoded on the device by the workers"}
@@ -105,6 +106,8 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str,
     run(PLAIN_LOOP, plain_loop_steps, 1, batch, sizes, arch="owt")
     for variant in single_variants(device_type):
         step(REFERENCE_STEP, 1, REFERENCE, "paper", variant)
+    run(layouts.named(TRACED), layout_steps, 1, REFERENCE, "paper", {}, batch, sizes, layouts, True, arch="paper",
+        precision=layouts.precision)
     step(f"{REFERENCE}, owt", 1, REFERENCE, "owt", layouts)
     for name, ranks, mode, options in layout_runs(sizes, device_type, skipped):
         step(name, ranks, mode, "paper", layouts, options)

@@ -27,6 +27,7 @@ from alexnet_mp.speed import EAGER, Variant
 from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import REFERENCE, build, check_layout
 from alexnet_mp.timing import StepClock, peak_memory_mb
+from alexnet_mp.trace import Tracer
 from alexnet_mp.world import current
 
 SEED = 0
@@ -76,8 +77,9 @@ def _timed(run_step: Callable[[int], None], device: torch.device, sizes: Sizes, 
 
 
 def layout_steps(mode: str, arch: str, options: dict[str, Any], batch: int, sizes: Sizes,
-                 variant: Variant = EAGER) -> dict:
-    """Our training step on this rank's part of an in-memory global batch, the layout given `options` (its own)."""
+                 variant: Variant = EAGER, traced: bool = False) -> dict:
+    """Our training step on this rank's part of an in-memory global batch, the layout given `options` (its own);
+    `traced`, with `train --trace`'s hooks recording every step."""
     device = _device()
     config = TrainConfig(mode=mode, arch=arch, num_classes=sizes.num_classes, seed=SEED, batch_size=batch,
                          **variant.speed.flags(), options=options)
@@ -87,6 +89,9 @@ def layout_steps(mode: str, arch: str, options: dict[str, Any], batch: int, size
     optimizer = make_optimizer(layout.parameters(), config, layout.learning_rates())
     images, labels = _fixed_batch(batch, sizes.num_classes, device)
     images, labels = images[layout.image_rows(batch)], labels[layout.label_rows(batch)]
+    if traced:
+        tracer = Tracer(current().rank, active=True)
+        tracer.watch(layout, optimizer)
 
     def run_step(step: int) -> None:
         layout.ledger.reset()

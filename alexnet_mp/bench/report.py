@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from alexnet_mp.bench.matrix import DECODED, FED, PLAIN_LOOP, layout_variant, single_variants
+from alexnet_mp.bench.matrix import DECODED, FED, PLAIN_LOOP, TRACED, layout_variant, single_variants
 from alexnet_mp.bench.measure import Measurement, Sizes
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs
@@ -53,6 +53,8 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -
             rows.append(Comparison(what, ours, theirs, found[ours].median / found[theirs].median, target, detail))
 
     ratio("our step vs the plain loop (different nets: paper has LRN and 2 towers)", REFERENCE_STEP, PLAIN_LOOP)
+    ratio("the traced step vs the step (train --trace's hooks: at most 5% slower)", layouts.named(TRACED), single,
+          0.95)
     ratio("our step vs the plain loop, same net (owt = torchvision's layout)", layouts.named("single, owt"),
           PLAIN_LOOP, 1.0)
     if device_type == "cuda":

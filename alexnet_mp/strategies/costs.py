@@ -51,6 +51,12 @@ class Costs(ABC):
         return 1
 
     @classmethod
+    def passes(cls, layer: str, world_size: int, config: TrainConfig) -> int:
+        """In how many passes `layer` runs over a part's samples in a step, each paying what a pass costs
+        whatever its images: one, but for a layout that runs it micro-batch by micro-batch or round by round."""
+        return 1
+
+    @classmethod
     def step_s(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
                world_size: int, config: TrainConfig, blocking: bool) -> float:
         """A step's seconds from each part's forward and backward compute (the optimizer's step in the latter)

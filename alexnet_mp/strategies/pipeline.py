@@ -114,7 +114,7 @@ class MeteredStage(PipelineStage):
 
     def waited(self, direction: str) -> None:
         self.ledger.arrive(ACTIVATIONS, direction)
-        self.ledger.blocked[ACTIVATIONS, direction] += time.perf_counter() - self.idle_since
+        self.ledger.waited(ACTIVATIONS, direction, self.idle_since, time.perf_counter())
 
 
 def schedule_order(schedule: str, stage: int, stages: int, microbatches: int) -> list[tuple[str, int]]:
@@ -171,6 +171,10 @@ class PipelineCosts(Costs):
 
     @classmethod
     def calls(cls, link: str, elements: float, world_size: int, config: TrainConfig) -> int:
+        return MICROBATCHES.value(config.options)
+
+    @classmethod
+    def passes(cls, layer: str, world_size: int, config: TrainConfig) -> int:
         return MICROBATCHES.value(config.options)
 
     @classmethod

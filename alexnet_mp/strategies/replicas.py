@@ -41,7 +41,7 @@ class MeteredAllReduce:
 
     def settle(self) -> None:
         """After a backward pass: the time it was blocked on its last reduction, into the ledger."""
-        self.ledger.blocked[self.link, BACKWARD] += max(0.0, self.last_done - self.last_ready)
+        self.ledger.waited(self.link, BACKWARD, self.last_ready, max(self.last_ready, self.last_done))
         self.last_ready = self.last_done = 0.0
 
 

@@ -183,6 +183,11 @@ class AllSamples(nn.Module):
 
 class WeirdTrickCosts(Costs):
     @classmethod
+    def passes(cls, layer: str, world_size: int, config: TrainConfig) -> int:
+        """In schemes (b) and (c) the FC layers run round by round."""
+        return cls.exchange_rounds(world_size, config) or 1 if layer.startswith("fc") else 1
+
+    @classmethod
     def exchange_rounds(cls, world_size: int, config: TrainConfig) -> int:
         return world_size if in_rounds(config) else 0
 

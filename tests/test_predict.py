@@ -1,0 +1,132 @@
+"""The cost model fed by a hardware profile: its pieces on known inputs (a profile written by hand), a profile
+read back, bad profiles refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alexnet_mp.cost import layer_costs, parameters
+from alexnet_mp.errors import UsageError
+from alexnet_mp.hardware import KINDS, Collective, Hardware, load
+from alexnet_mp.model import PAPER
+from alexnet_mp.predict import disordered, predict_step
+from alexnet_mp.strategies import LAYOUTS
+from alexnet_mp.strategies.pipeline import simulated_step_s
+from tests.launching import in_process, one_line_error
+
+LINK = Collective(latency_s=1e-3, bytes_per_s=1e9)
+
+
+def by_hand(cores: int | None = None, tflops: float = 1.0) -> Hardware:
+    """Every layer at `tflops` of training, every collective 1 ms plus 1 GB/s."""
+    return Hardware("by hand", "a test", "gloo", cores, tflops=tflops, collectives={"any": dict.fromkeys(KINDS, LINK)})
+
+
+def test_a_collective_costs_its_latency_per_call_and_its_bytes_over_its_bandwidth():
+    assert LINK.seconds(2e9, calls=3) == pytest.approx(3e-3 + 2.0)
+
+
+def test_one_device_costs_its_training_flops_at_the_profiles_rate():
+    flops = 3 * sum(cost.flops for cost in layer_costs(PAPER, 10)) * 8
+    assert predict_step("single", "paper", 1, 8, by_hand(), 10).step_s == pytest.approx(flops / 1e12)
+
+
+def test_data_parallel_costs_half_the_compute_and_its_all_reduce_in_buckets():
+    whole = predict_step("single", "paper", 1, 8, by_hand(), 10)
+    replicas = predict_step("data-parallel", "paper", 2, 8, by_hand(), 10)
+    params = parameters(LAYOUTS["data-parallel"].costs.work("paper", 0, 2, 8, 10), PAPER, 10)
+    sent = 4 * params  # a ring all-reduce over 2 ranks sends each rank's whole gradient once
+    buckets = -(-sent // (25 * 2**20))
+    assert replicas.step_s == pytest.approx(whole.step_s / 2 + buckets * 1e-3 + sent / 1e9)
+
+
+def test_ranks_that_outnumber_the_cores_share_them():
+    alone = predict_step("data-parallel", "paper", 2, 8, by_hand(cores=2), 10).compute_s[0]
+    sharing = predict_step("data-parallel", "paper", 4, 16, by_hand(cores=2), 10).compute_s[0]
+    assert sharing == pytest.approx(2 * alone)
+
+
+def test_a_measured_layer_costs_its_time_per_image_and_per_pass_at_its_share_or_scaled_to_one_between():
+    fc6 = {"forward": 1.0, "backward": 2.0, "forward_per_pass": 0.5, "backward_per_pass": 0.25}
+    profile = Hardware("measured", "a test", "gloo", 2, layers={"2": {"paper.fc6@1": fc6}})
+    assert profile.layer_s("paper.fc6", 1.0, 1, 0.0, samples=4, passes=2) == (4 * 1.0 + 2 * 0.5, 4 * 2.0 + 2 * 0.25)
+    assert profile.layer_s("paper.fc6", 0.5, 1, 0.0, samples=4, passes=2) == pytest.approx((2.5, 4.25))
+
+
+def test_equal_pipeline_stages_leave_the_bubble_of_m_plus_n_minus_1_slots():
+    for schedule in ("gpipe", "1f1b"):
+        step = simulated_step_s(schedule, [1.0] * 4, [2.0] * 4, [0.0] * 4, [0.0] * 4, 8)
+        assert step == pytest.approx((8 + 4 - 1) / 8 * 3.0)
+
+
+def test_the_slowest_pipeline_stage_sets_the_pace_and_transfers_delay_the_others():
+    step = simulated_step_s("gpipe", [1.0, 3.0], [2.0, 6.0], [0.4, 0.0], [0.0, 0.4], 4)
+    # stage 1's work, 9, after the first micro-batch reached it (stage 0's first forward, 0.25, and its
+    # transfer, 0.1), then the last backward's gradient back to stage 0 (0.1) and that backward (0.5)
+    assert step == pytest.approx(0.25 + 0.1 + 9.0 + 0.1 + 0.5)
+
+
+def test_a_prediction_that_reverses_two_clearly_different_measurements_is_named():
+    runs = [("fast", 1.0, 2.0), ("slow", 2.0, 1.0), ("close", 1.1, 3.0), ("near", 1.05, 0.5)]
+    assert disordered(runs) == ["fast measured faster than slow, predicted slower",
+                                "close measured faster than slow, predicted slower"]
+
+
+def test_a_profile_reads_back_as_written(tmp_path):
+    conv1 = {"forward": 0.1, "backward": 0.2, "forward_per_pass": 0.01, "backward_per_pass": 0.0}
+    profile = Hardware("written", "a test", "gloo", 2, layers={"1": {"paper.conv1@1": conv1}},
+                       optimizer_s_per_parameter={"1": 1e-9}, collectives={"2": {"all-reduce": LINK}})
+    (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
+    assert load(tmp_path / "profile.json") == profile
+
+
+def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
+    result = in_process(capsys, "plan", "--gpus", "1,2,4", "--batch", "256", "--hardware", "h100-nvlink")
+    assert result.returncode == 0
+    assert {"| single | 1 | 256 |", "| paper-split | 2 | 256 |", "| pipeline (M=4) | 4 | 256 |"} <= {
+        line[:line.index(" | 256 |") + 8] for line in result.stdout.splitlines() if " | 256 |" in line}
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("not json", "is not a hardware profile"),
+    ('{"format": 2}', "format must be 1"),
+    ('{"format": 1, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
+    ('{"format": 1, "name": "x", "source": "y", "backend": "gloo", "tflops": 1}', "it has no collectives"),
+    ('{"format": 1, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
+     "neither layer times nor tflops"),
+    ('{"format": 1, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
+     '"collectives": {"2": {"send": {"latency_s": -1, "bytes_per_s": 1}}}}', "send latency_s must be a positive"),
+])
+def test_a_malformed_profile_is_refused_in_one_line(text, says, tmp_path, capsys):
+    (tmp_path / "profile.json").write_text(text)
+    result = in_process(capsys, "plan", "--hardware", str(tmp_path / "profile.json"))
+    assert result.returncode == 2 and says in one_line_error(result)
+
+
+def test_a_profile_without_what_a_prediction_needs_names_what_to_measure():
+    profile = Hardware("partial", "a test", "gloo", 2, tflops=1.0, collectives={"2": {"all-reduce": LINK}})
+    with pytest.raises(UsageError, match="no all-reduce over 4 ranks: run `python -m alexnet_mp calibrate --ranks 4`"):
+        predict_step("data-parallel", "paper", 4, 8, profile, 10)
+
+
+def test_a_missing_profile_file_names_calibrate_and_the_presets(capsys):
+    result = in_process(capsys, "plan", "--hardware", str(Path("nowhere") / "profile.json"))
+    assert result.returncode == 2 and "calibrate --output" in one_line_error(result)
+
+
+@pytest.mark.slow  # measures this machine: layers on each thread count, collectives over 2 gloo processes
+def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tmp_path, capsys, monkeypatch):
+    from alexnet_mp import calibrate
+
+    monkeypatch.setattr(calibrate, "SHARES", (1.0, 0.5))  # halves: every layout at 2 ranks
+    monkeypatch.setattr(calibrate, "REPEATS", 1)
+    result = in_process(capsys, "calibrate", "--ranks", "2", "--output", str(tmp_path / "hardware.json"))
+    assert result.returncode == 0, result.stderr
+    profile = load(tmp_path / "hardware.json")
+    assert profile.backend == "gloo" and set(profile.collectives["2"]) == set(KINDS)
+    for mode in LAYOUTS:
+        ranks = 1 if mode == "single" else 2
+        assert predict_step(mode, "paper", ranks, 8, profile, 10).step_s > 0, mode

@@ -1,0 +1,47 @@
+"""`train --trace`: a Chrome trace of a few steps on every rank, whose spans nest and cover the step."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from alexnet_mp.report import traced_step
+from alexnet_mp.trace import TRACED
+from tests.launching import process_state_restored
+
+pytestmark = pytest.mark.slow  # trains a few steps in this process
+
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("traced")
+    with process_state_restored():
+        from alexnet_mp.cli import main
+
+        main(["train", "--mode", "single", "--batch-size", "4", "--num-classes", "10", "--steps", "6", "--workers",
+              "0", "--no-checkpoints", "--trace", "--output-dir", str(out)])
+    return {"events": json.loads((out / "trace.json").read_text())["traceEvents"], "path": out / "trace.json"}
+
+
+def test_a_traced_run_records_each_layers_forward_and_backward_and_the_optimizer_in_each_traced_step(trace):
+    names = [event["name"] for event in trace["events"] if event["ph"] == "X"]
+    for layer in LAYERS:
+        assert names.count(f"{layer} forward") == TRACED and names.count(f"{layer} backward") == TRACED, layer
+    assert names.count("optimizer step") == TRACED
+
+
+def test_a_traced_steps_compute_spans_follow_one_another_and_cover_most_of_it(trace):
+    spans = traced_step(trace["path"])[0]
+    compute = sorted((start, end) for category, start, end in spans if category in ("compute", "optimizer"))
+    assert all(later >= earlier_end - 1e-6 for (_, earlier_end), (later, _) in itertools.pairwise(compute))
+    step = compute[-1][1] - compute[0][0]
+    assert sum(end - start for start, end in compute) >= 0.8 * step
+
+
+def test_a_trace_names_each_rank_as_a_process(trace):
+    meta = [event for event in trace["events"] if event["ph"] == "M"]
+    assert meta == [{"ph": "M", "name": "process_name", "pid": 0, "args": {"name": "rank 0"}}]
