@@ -54,7 +54,8 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
                          elements * BYTES_PER_ELEMENT, costs.calls(link, elements, ranks, config))
                      for (link, direction), elements in traffic[part].items()})
         memory.append(sum(memory_bytes(work, architecture, num_classes, BYTES_PER_ELEMENT).values()))
-    step = costs.step_s(forward, backward, comm, ranks, config, blocking=hardware.backend == "gloo")
+    step = costs.step_s(forward, backward, comm, ranks, config, blocking=hardware.backend == "gloo",
+                        sharing=hardware.sharing(ranks))
     return StepPrediction(step, [f + b for f, b in zip(forward, backward, strict=True)],
                           [sum(c.values()) for c in comm],
                           [BYTES_PER_ELEMENT * sum(t.values()) for t in traffic], memory)

@@ -342,7 +342,7 @@ def plot_timelines(runs: list[RunSummary], held: list[dict[str, Any]], out: Path
         axis.invert_yaxis()
         axis.set(title=run.label, xlabel="ms since the step began")
     handles = [matplotlib.patches.Patch(color=colour, label=name) for name, colour in COLOURS.items()]
-    axes[0, 0].legend(handles=handles, fontsize="small", loc="lower right")
+    axes[0, 0].legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
     figure.savefig(out, dpi=100)
     plt.close(figure)

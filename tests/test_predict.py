@@ -130,3 +130,16 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     for mode in LAYOUTS:
         ranks = 1 if mode == "single" else 2
         assert predict_step(mode, "paper", ranks, 8, profile, 10).step_s > 0, mode
+
+
+@pytest.mark.parametrize(("microbatches", "step"), [(1, 6.0), (4, 3.0)])
+def test_pipeline_stages_sharing_cores_run_at_their_own_speed_but_no_faster_than_their_work_over_the_cores(
+        microbatches, step):
+    """4 stages on 2 cores, each stage's times stretched 2x by the sharing: unstretched, one micro-batch takes the
+    stages in turn, 4 x 1.5; four of them would overlap into (4 + 3) / 4 x 1.5, less than the 12 of work over
+    2 cores."""
+    from alexnet_mp.config import TrainConfig
+
+    config = TrainConfig(mode="pipeline", options={"microbatches": microbatches})
+    costs = LAYOUTS["pipeline"].costs
+    assert costs.step_s([1.0] * 4, [2.0] * 4, [{}] * 4, 4, config, blocking=True, sharing=2.0) == pytest.approx(step)

@@ -16,6 +16,7 @@ import torch
 from alexnet_mp.bench.matrix import FULL, FULL_GPU, QUICK, layout_variant, run_matrix
 from alexnet_mp.bench.measure import Measurement, Sizes
 from alexnet_mp.bench.report import as_markdown, comparisons, environment, plot_layouts
+from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import Hardware
 from alexnet_mp.predict import HELD_HEADER, Held, disordered, held_table, predict_step
 from alexnet_mp.report import markdown_table
@@ -60,10 +61,17 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
 
 
 def predictions(measurements: list[Measurement], sizes: Sizes, hardware: Hardware) -> list[Held]:
-    """Each layout's measured step (one part per rank) beside the cost model's on `hardware`."""
-    return [Held(m.name, m.step_s, predict_step(m.mode, m.arch or "paper", m.ranks, m.batch, hardware,
-                                                sizes.num_classes, m.options))
-            for m in measurements if m.mode and m.step_s and LAYOUTS[m.mode].costs.parts(m.ranks) == m.ranks]
+    """Each layout's measured step (one part per rank) beside the cost model's on `hardware`; a step the profile
+    cannot predict (a net it did not calibrate) is left out."""
+    held = []
+    for m in measurements:
+        if m.mode and m.step_s and LAYOUTS[m.mode].costs.parts(m.ranks) == m.ranks:
+            try:
+                held.append(Held(m.name, m.step_s, predict_step(m.mode, m.arch or "paper", m.ranks, m.batch,
+                                                                hardware, sizes.num_classes, m.options)))
+            except UsageError:
+                continue
+    return held
 
 
 def held_markdown(held: list[Held], hardware: Hardware | None) -> str:

@@ -58,11 +58,12 @@ class Costs(ABC):
 
     @classmethod
     def step_s(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
-               world_size: int, config: TrainConfig, blocking: bool) -> float:
+               world_size: int, config: TrainConfig, blocking: bool, sharing: float = 1.0) -> float:
         """A step's seconds from each part's forward and backward compute (the optimizer's step in the latter)
         and the seconds of each of its (link, direction): the slowest part's sum, since every part meets the
         others at its collectives. Where collectives run beside the compute (`blocking` False: NCCL), the
-        replicated gradients' reduction hides behind the backward pass, up to its length."""
+        replicated gradients' reduction hides behind the backward pass, up to its length. `sharing`: how much
+        the compute was stretched because the parts share cores, all of them busy at once."""
         steps = []
         for forward, backward, comm in zip(forward_s, backward_s, comm_s, strict=True):
             gradients = sum(seconds for (link, _), seconds in comm.items() if link.endswith("gradients"))

@@ -179,12 +179,16 @@ class PipelineCosts(Costs):
 
     @classmethod
     def step_s(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
-               world_size: int, config: TrainConfig, blocking: bool) -> float:
-        """The schedule simulated with each stage's own times (`simulated_step_s`), not (M + N - 1) / M."""
-        return simulated_step_s(SCHEDULE.value(config.options), forward_s, backward_s,
-                                [comm.get((ACTIVATIONS, FORWARD), 0.0) for comm in comm_s],
-                                [comm.get((ACTIVATIONS, BACKWARD), 0.0) for comm in comm_s],
-                                MICROBATCHES.value(config.options))
+               world_size: int, config: TrainConfig, blocking: bool, sharing: float = 1.0) -> float:
+        """The schedule simulated with each stage's own times (`simulated_step_s`), not (M + N - 1) / M. Stages
+        that share cores are mostly not busy at once (the bubble): simulated at their own speed, and no shorter
+        than all their work spread over the cores."""
+        simulated = simulated_step_s(SCHEDULE.value(config.options), [f / sharing for f in forward_s],
+                                     [b / sharing for b in backward_s],
+                                     [comm.get((ACTIVATIONS, FORWARD), 0.0) for comm in comm_s],
+                                     [comm.get((ACTIVATIONS, BACKWARD), 0.0) for comm in comm_s],
+                                     MICROBATCHES.value(config.options))
+        return max(simulated, (sum(forward_s) + sum(backward_s)) / world_size)
 
     @classmethod
     def slots(cls, world_size: int, config: TrainConfig) -> float:
