@@ -24,7 +24,7 @@ import torch.distributed as dist
 from alexnet_mp.blocks import rows
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.hardware import Collective, Hardware
-from alexnet_mp.model import IMAGE_SIZE, build_model, conv_sides
+from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, build_model, conv_sides
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer
 from alexnet_mp.strategies.base import shard_layers
@@ -39,8 +39,7 @@ def time_layers(arch: str, threads: int) -> dict[str, dict[str, float]]:
     """Each layer of `arch` at each of `SHARES`, on `threads`: forward and backward seconds per image, and per
     pass (what a pass costs whatever its images: what makes micro-batches of few images slow)."""
     torch.set_num_threads(threads)
-    net = build_model(arch, 1000, seed=0)
-    sides = [IMAGE_SIZE] + [block for _, block in conv_sides(net.arch)]
+    sides = [IMAGE_SIZE] + [block for _, block in conv_sides(ARCHITECTURES[arch])]
     times = {}
     for share in SHARES:
         parts = round(1 / share)

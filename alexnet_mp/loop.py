@@ -268,7 +268,6 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         batch, data_wait_s = upcoming, upcoming_wait_s
     progress.close()
     if tracer:
-        tracer.active = False
         written = write_trace(tracer, config.output, current().is_main)
         if written:
             accelerator.print(f"timeline of steps {run.start + WARM_UP} to {run.start + WARM_UP + TRACED - 1} on every "

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, memory_bytes, parameters
 from alexnet_mp.hardware import Hardware
 from alexnet_mp.model import ARCHITECTURES
@@ -35,8 +36,6 @@ class StepPrediction:
 def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardware, num_classes: int = 1000,
                  options: Mapping[str, Any] | None = None) -> StepPrediction:
     """The step of `mode` (with its `options`) on `ranks` ranks at global batch `batch`, on `hardware`."""
-    from alexnet_mp.config import TrainConfig
-
     config = TrainConfig(mode=mode, arch=arch, batch_size=batch, num_classes=num_classes, options=dict(options or {}))
     costs: type[Costs] = LAYOUTS[mode].costs
     architecture, parts = ARCHITECTURES[arch], costs.parts(ranks)
@@ -85,6 +84,12 @@ def disordered(runs: list[tuple[str, float, float]], margin: float = 0.15) -> li
             if slow_measured > (1 + margin) * fast_measured and fast_predicted > slow_predicted:
                 wrong.append(f"{faster} measured faster than {slower}, predicted slower")
     return wrong
+
+
+def order_said(runs: list[tuple[str, float, float]]) -> str:
+    """Whether the predicted order of (run, measured step, predicted step) is the measured one, in words."""
+    wrong = disordered(runs)
+    return "as measured" if not wrong else "reversed: " + "; ".join(wrong)
 
 
 def held_table(held: list[Held]) -> list[list[str]]:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from alexnet_mp.cost import LayerCost, held_shares, layer_costs
 from alexnet_mp.model import ARCHITECTURES, tower_block
+from alexnet_mp.predict import order_said, predict_step
+from alexnet_mp.strategies import LAYOUTS
 from alexnet_mp.tracking import CorruptRecord, read_metrics, run_label
 
 if TYPE_CHECKING:
@@ -246,7 +248,8 @@ def compare(directories: list[Path], out: Path, hardware: Hardware | None = None
     timeline = plot_timelines(runs, held, out / "timeline.png")
     comparison = Comparison(header, rows, broken, plots + ([timeline] if timeline else []))
     said = (f"Predicted on {hardware.name} ({hardware.source}); order of the layouts "
-            f"{order_verdict(held)}." if hardware else
+            f"{order_said([(h['run'], h['measured']['step_s'], h['predicted']['step_s']) for h in held])}."
+            if hardware else
             "No hardware profile given: no step predicted (`python -m alexnet_mp calibrate`, then `--hardware`).")
     (out / "comparison.md").write_text(comparison.table + "\n\n" + said + "\n\n" +
                                        "\n".join(f"![{p.stem}]({p.name})" for p in comparison.plots) + "\n")
@@ -265,9 +268,6 @@ def measured(run: RunSummary) -> dict[str, Any]:
 
 def held_run(run: RunSummary, hardware: Hardware) -> dict[str, Any]:
     """A run's measurement beside the cost model's prediction of it on `hardware`, with each relative error."""
-    from alexnet_mp.predict import predict_step
-    from alexnet_mp.strategies import LAYOUTS
-
     config = run.config
     options = {option.name: config[option.name] for option in LAYOUTS[config["mode"]].options
                if config.get(option.name) is not None}
@@ -281,14 +281,6 @@ def held_run(run: RunSummary, hardware: Hardware) -> dict[str, Any]:
     error["bytes_per_rank"] = max(predicted["bytes_per_rank"]) / max(actual["bytes_per_rank"]) - 1 \
         if max(actual["bytes_per_rank"], default=0) else None
     return {"run": run.label, "measured": actual, "predicted": predicted, "error": error}
-
-
-def order_verdict(held: list[dict[str, Any]]) -> str:
-    """Whether the predicted order of the runs' steps is the measured one."""
-    from alexnet_mp.predict import disordered
-
-    wrong = disordered([(h["run"], h["measured"]["step_s"], h["predicted"]["step_s"]) for h in held])
-    return "as measured" if not wrong else "reversed: " + "; ".join(wrong)
 
 
 COLOURS = {"compute": "tab:blue", "communication": "tab:orange", "data": "tab:green", "optimizer": "tab:purple"}

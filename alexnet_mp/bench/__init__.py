@@ -18,7 +18,7 @@ from alexnet_mp.bench.measure import Measurement, Sizes
 from alexnet_mp.bench.report import as_markdown, comparisons, environment, plot_layouts
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import Hardware
-from alexnet_mp.predict import HELD_HEADER, Held, disordered, held_table, predict_step
+from alexnet_mp.predict import HELD_HEADER, Held, held_table, order_said, predict_step
 from alexnet_mp.report import markdown_table
 from alexnet_mp.strategies import LAYOUTS, REFERENCE_STEP
 
@@ -78,8 +78,7 @@ def held_markdown(held: list[Held], hardware: Hardware | None) -> str:
     if not held:
         return "" if hardware else "\nNo hardware profile given: no step predicted (`calibrate`, then `--hardware`).\n"
     errors = sorted(abs(h.error) for h in held)
-    wrong = disordered([(h.run, h.measured_s, h.predicted.step_s) for h in held])
     return "\n".join(["", f"## Predicted beside measured: {hardware.name} ({hardware.source})", "",
                       markdown_table(HELD_HEADER, held_table(held)), "",
                       f"median |error| {errors[len(errors) // 2]:.0%}, largest {errors[-1]:.0%}; order of the layouts "
-                      + ("as measured" if not wrong else "reversed: " + "; ".join(wrong))]) + "\n"
+                      + order_said([(h.run, h.measured_s, h.predicted.step_s) for h in held])]) + "\n"

@@ -24,7 +24,7 @@ from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import RankWork, Traffic, both_ways
 from alexnet_mp.errors import UsageError
 from alexnet_mp.ledger import BACKWARD, FORWARD, Ledger
-from alexnet_mp.model import AlexNet, Architecture, full_shapes
+from alexnet_mp.model import ARCHITECTURES, FC_NAMES, AlexNet, Architecture, full_shapes
 from alexnet_mp.strategies.base import Claim, bytes_on_rank_0
 from alexnet_mp.strategies.costs import new_traffic
 from alexnet_mp.strategies.data_parallel import DataParallel, DataParallelCosts
@@ -79,7 +79,7 @@ class FSDPCosts(DataParallelCosts):
 
     @classmethod
     def calls(cls, link: str, elements: float, world_size: int, config: TrainConfig) -> int:
-        return len(full_shapes(config.arch, 1000)) // 2  # one per layer unit, each direction
+        return len(ARCHITECTURES[config.arch].convs) + len(FC_NAMES)  # one per layer unit, each direction
 
     @classmethod
     def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
