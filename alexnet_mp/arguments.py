@@ -10,7 +10,7 @@ from typing import NoReturn
 from alexnet_mp.config import DECODE_PLACES, MIXED_PRECISIONS, TrainConfig
 from alexnet_mp.errors import UsageError
 from alexnet_mp.flag_types import COUNT, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
-from alexnet_mp.model import ARCHITECTURES, INITS
+from alexnet_mp.model import ARCH_HELP, ARCHITECTURES, INITS
 from alexnet_mp.strategies import LAYOUTS, all_options
 
 
@@ -25,8 +25,7 @@ class Parser(argparse.ArgumentParser):
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     parser.add_argument("--mode", default=d.mode, help=f"layout: {', '.join(LAYOUTS)}")
-    parser.add_argument("--arch", default=d.arch, choices=sorted(ARCHITECTURES),
-                        help="paper: the 2012 two-tower net; owt: the one-column net of 'One weird trick'")
+    parser.add_argument("--arch", default=d.arch, choices=sorted(ARCHITECTURES), help=ARCH_HELP)
     parser.add_argument("--init", default=d.init, choices=INITS,
                         help="paper: N(0, 0.01), biases 1 (the 2012 recipe); he: N(0, 2/fan_in), biases 0, "
                              "which leaves chance within tens of SGD steps (docs/reproduction.md)")

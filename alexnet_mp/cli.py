@@ -20,6 +20,7 @@ from alexnet_mp.config import DECODE_PLACES, TrainConfig
 from alexnet_mp.errors import AlexNetMPError, GroupNotFormed, UsageError, first_line, from_torch
 from alexnet_mp.flag_types import COUNT, POSITIVE_FLOAT, POSITIVE_INT
 from alexnet_mp.hardware import DEFAULT_PATH, PRESETS, Hardware
+from alexnet_mp.model import ARCH_HELP, ARCHITECTURES
 from alexnet_mp.preflight import check_run, check_writable
 from alexnet_mp.strategies import LAYOUTS, REFERENCE, all_options, layout_label, layout_named
 from alexnet_mp.tracking import hold_output
@@ -238,7 +239,6 @@ def calibrate(args: argparse.Namespace) -> None:
 
 
 def summary(args: argparse.Namespace) -> None:
-    from alexnet_mp.model import ARCHITECTURES
     from alexnet_mp.report import summary_table
 
     if args.tower and ARCHITECTURES[args.arch].towers == 1:
@@ -257,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
     add_train_arguments(train)
     train.set_defaults(run=lambda args: run_train(train_config(args)))
     table = commands.add_parser("summary", help="per-layer output shapes, parameters and FLOPs")
-    table.add_argument("--arch", default="paper", choices=["paper", "owt"])
+    table.add_argument("--arch", default="paper", choices=sorted(ARCHITECTURES), help=ARCH_HELP)
     table.add_argument("--num-classes", type=POSITIVE_INT, default=1000)
     table.add_argument("--tower", action="store_true", help="per tower (paper net)")
     table.set_defaults(run=summary)
@@ -312,7 +312,7 @@ def parser() -> argparse.ArgumentParser:
     add_layout_options(model, defaults=True)
     model.add_argument("--hardware", help="a hardware profile (`calibrate --output FILE`) or a preset: "
                                            f"{', '.join(PRESETS)}; instead of --device-tflops and --link-gbps")
-    model.add_argument("--arch", default="paper", choices=["paper", "owt"])
+    model.add_argument("--arch", default="paper", choices=sorted(ARCHITECTURES), help=ARCH_HELP)
     model.add_argument("--num-classes", type=POSITIVE_INT, default=1000)
     model.add_argument("--output-dir", help="write plan.md and plan.png there too (default: print only)")
     model.set_defaults(run=plan)
@@ -328,7 +328,7 @@ def parser() -> argparse.ArgumentParser:
     measuring = commands.add_parser("calibrate", help="measure this machine into a hardware profile: each layer's "
                                                       "and each collective's time, for the cost model")
     measuring.add_argument("--ranks", default="2,4", help="rank counts whose threads and collectives to measure")
-    measuring.add_argument("--arch", default="paper", choices=["paper", "owt"])
+    measuring.add_argument("--arch", default="paper", choices=sorted(ARCHITECTURES), help=ARCH_HELP)
     measuring.add_argument("--output", default=str(DEFAULT_PATH))
     measuring.set_defaults(run=calibrate)
     return root

@@ -76,7 +76,7 @@ def run_experiment(name: str, modes: Sequence[str], ranks: Sequence[int], output
         print(f"cannot compare {line}", file=sys.stderr)
     print(comparison.table)
     if config.tracker == "wandb" and comparison.rows:
-        publish_comparison(comparison.header, comparison.rows, comparison.plots, config.project, name, folder)
+        publish_comparison(comparison.tables(), comparison.plots, config.project, name, folder)
     return failed, len(runs)
 
 

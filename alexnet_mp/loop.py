@@ -28,7 +28,7 @@ from alexnet_mp.errors import UsageError
 from alexnet_mp.step import LossScale, make_optimizer, train_step
 from alexnet_mp.strategies import Layout
 from alexnet_mp.strategies import build as build_layout
-from alexnet_mp.timing import StepClock, peak_memory_mb
+from alexnet_mp.timing import StepClock, memory_in_use_mb, peak_memory_mb
 from alexnet_mp.trace import DATA, TRACED, WARM_UP, Tracer, write_trace
 from alexnet_mp.tracking import Tracker
 from alexnet_mp.world import current
@@ -156,6 +156,7 @@ class Run:
     scale: LossScale | None
     autocast: Callable[[], AbstractContextManager]
     resumed_from: checkpoint.Checkpoint | None
+    before_net_mb: float  # the memory in use before the net was built
 
     @property
     def start(self) -> int:
@@ -181,13 +182,14 @@ def build(config: TrainConfig, accelerator: Accelerator) -> Run:
     if batches.steps_per_epoch < 1:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training images")
     config = replace(config, num_classes=config.num_classes or train_set.num_classes)
+    before_net_mb = memory_in_use_mb(accelerator.device)
     layout = build_layout(config, accelerator.device)
     layout.train()
     optimizer = make_optimizer(layout.parameters(), config, layout.learning_rates())
     run = Run(config, accelerator.device, train_set, val_set, batches, layout, optimizer,
               make_scheduler(optimizer, config), LossScale() if config.mixed_precision == "fp16" else None,
               mixed_precision_autocast(accelerator, config.mixed_precision),
-              checkpoint.resume_point(config.resume, config.checkpoints))
+              checkpoint.resume_point(config.resume, config.checkpoints), before_net_mb)
     if run.resumed_from:
         resume(run, run.resumed_from)
     return run
@@ -344,15 +346,18 @@ class StuckLoss:
 def log_step(run: Run, tracker: Tracker, step: int, loss: Tensor, step_time_s: float, data_wait_s: float,
              ) -> dict[str, Any]:
     """A training step's row of the record: the global batch's loss, speed, the time waited on each link, the
-    bytes each rank sent and each rank's peak memory. Returns it."""
+    bytes each rank sent, and each rank's peak memory, whole and less what was in use before the net was built
+    (what training adds, which the cost model predicts). Returns it."""
     layout, batch = run.layout, run.config.batch_size
-    memory, sent = per_rank([peak_memory_mb(run.device), layout.ledger.total_bytes()], run.device)
+    peak = peak_memory_mb(run.device)
+    memory, sent, training = per_rank([peak, layout.ledger.total_bytes(), peak - run.before_net_mb], run.device)
     lr = run.optimizer.param_groups[0]["lr"] * warmup_factor(step, run.config.warmup_steps)
     figures = {"loss": float(layout.global_loss(loss)), "lr": lr,
                "epoch": run.batches.epoch(step), "step_time_s": step_time_s, "data_wait_s": data_wait_s,
                "images_per_s": batch / step_time_s, "comm_bytes": sent, "comm_wait_s": layout.ledger.wait_s,
                **{f"comm_wait_s/{link}": seconds for link, seconds in layout.ledger.waits.items()},
-               "peak_memory_mb": memory, **({"loss_scale": run.scale.value} if run.scale else {})}
+               "peak_memory_mb": memory, "training_memory_mb": training,
+               **({"loss_scale": run.scale.value} if run.scale else {})}
     tracker.log(figures, step)
     return figures
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +82,18 @@ OWT = Architecture(
     ),
 )
 
-ARCHITECTURES = {arch.name: arch for arch in (PAPER, OWT)}
+DEBUG_FC_UNITS = 256
+
+
+def debug_flavor(arch: Architecture) -> Architecture:
+    """`arch` with fc6 and fc7 of 256 units: the same convs and towers, a twelfth of the parameters, for quick
+    checks and the tests (as torchtitan's debugmodel); every layout runs it as it runs `arch`."""
+    return replace(arch, name=f"{arch.name}-debug", fc_units=(DEBUG_FC_UNITS, DEBUG_FC_UNITS))
+
+
+ARCHITECTURES = {arch.name: arch for base in (PAPER, OWT) for arch in (base, debug_flavor(base))}
+ARCH_HELP = ("paper: the 2012 two-tower net; owt: the one-column net of 'One weird trick'; "
+             "X-debug: X with fc6 and fc7 of 256 units, for quick checks")
 FC_NAMES = ("fc6", "fc7", "fc8")
 
 # torchvision.models.alexnet's parameter prefixes for the owt net's layers.
@@ -306,16 +317,17 @@ class AlexNet(nn.Sequential):
 class AlexNet2012(AlexNet):
     """The 2012 paper's network on one device: conv2/4/5 as groups=2 convs, LRN per tower."""
 
-    def __init__(self, num_classes: int = 1000, lrn_alpha: float = 1e-4, init: str = "paper") -> None:
-        super().__init__(PAPER, num_classes, lrn_alpha, init)
+    def __init__(self, num_classes: int = 1000, lrn_alpha: float = 1e-4, init: str = "paper",
+                 arch: Architecture = PAPER) -> None:
+        super().__init__(arch, num_classes, lrn_alpha, init)
 
 
 class AlexNetOWT(AlexNet):
     """The one-column net of "One weird trick" (torchvision's AlexNet): loads torchvision's
     state_dict directly (its keys are renamed on load) and exports it with `torchvision_state_dict`."""
 
-    def __init__(self, num_classes: int = 1000, init: str = "paper") -> None:
-        super().__init__(OWT, num_classes, init=init)
+    def __init__(self, num_classes: int = 1000, init: str = "paper", arch: Architecture = OWT) -> None:
+        super().__init__(arch, num_classes, init=init)
         self._register_load_state_dict_pre_hook(_rename_torchvision_keys)
 
     def torchvision_state_dict(self) -> dict[str, Tensor]:
@@ -337,12 +349,13 @@ def build_model(arch: str = "paper", num_classes: int = 1000, seed: int | None =
                 ) -> AlexNet:
     """The whole net of an architecture. With a seed, its initial weights are that seed's, whatever the global
     random state: every layout starts from them, sliced to its parts."""
-    cls = AlexNet2012 if arch == "paper" else AlexNetOWT
+    architecture = ARCHITECTURES[arch]
+    cls = AlexNet2012 if architecture.towers == PAPER.towers else AlexNetOWT
     if seed is None:
-        return cls(num_classes, init=init)
+        return cls(num_classes, init=init, arch=architecture)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return cls(num_classes, init=init)
+        return cls(num_classes, init=init, arch=architecture)
 
 
 def full_shapes(arch: str, num_classes: int) -> dict[str, torch.Size]:

@@ -11,7 +11,7 @@ ranks share cores. A prediction is the first walked over the second.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from alexnet_mp.config import TrainConfig
@@ -25,12 +25,28 @@ BYTES_PER_ELEMENT = 4  # float32 on every link
 
 
 @dataclass(frozen=True)
+class StepFigures:
+    """A step in the terms the cost model predicts: its time, the slowest part's compute and communication, the
+    bytes each rank sends, and the memory each rank's training takes (None where a record lacks it)."""
+
+    step_s: float
+    compute_s: float
+    comm_s: float
+    bytes_per_rank: list[float]
+    memory_mb: list[float] | None
+
+
+@dataclass(frozen=True)
 class StepPrediction:
     step_s: float
     compute_s: list[float]  # per part: forward, backward and the optimizer's step
     comm_s: list[float]  # per part: its collectives, latency and transfer
     bytes_per_rank: list[float]
     memory_bytes: list[float]  # per part: weights, gradients, momentum, gathered, activations
+
+    def figures(self) -> StepFigures:
+        return StepFigures(self.step_s, max(self.compute_s), max(self.comm_s), self.bytes_per_rank,
+                           [memory / 2**20 for memory in self.memory_bytes])
 
 
 def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardware, num_classes: int = 1000,
@@ -60,17 +76,32 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
                           [BYTES_PER_ELEMENT * sum(t.values()) for t in traffic], memory)
 
 
+def relative_error(predicted: float, measured: float) -> float | None:
+    return predicted / measured - 1 if measured else None
+
+
 @dataclass(frozen=True)
 class Held:
-    """A prediction held to its measurement: one run's step time, both ways, and the relative error."""
+    """A prediction held to its measurement: one run's step, both ways, and each figure's relative error (bytes
+    and memory: of the rank with the most)."""
 
     run: str
-    measured_s: float
-    predicted: StepPrediction
+    measured: StepFigures
+    predicted: StepFigures
 
     @property
-    def error(self) -> float:
-        return self.predicted.step_s / self.measured_s - 1
+    def error(self) -> dict[str, float | None]:
+        measured, predicted = self.measured, self.predicted
+        return {"step_s": relative_error(predicted.step_s, measured.step_s),
+                "compute_s": relative_error(predicted.compute_s, measured.compute_s),
+                "comm_s": relative_error(predicted.comm_s, measured.comm_s),
+                "bytes_per_rank": relative_error(max(predicted.bytes_per_rank), max(measured.bytes_per_rank)),
+                "memory_mb": relative_error(max(predicted.memory_mb), max(measured.memory_mb))
+                if predicted.memory_mb and measured.memory_mb else None}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run": self.run, "measured": asdict(self.measured), "predicted": asdict(self.predicted),
+                "error": self.error}
 
 
 def disordered(runs: list[tuple[str, float, float]], margin: float = 0.15) -> list[str]:
@@ -93,9 +124,31 @@ def order_said(runs: list[tuple[str, float, float]]) -> str:
 
 
 def held_table(held: list[Held]) -> list[list[str]]:
-    return [[h.run, f"{1000 * h.measured_s:.1f}", f"{1000 * h.predicted.step_s:.1f}", f"{h.error:+.0%}",
-             f"{1000 * max(h.predicted.compute_s):.1f}", f"{1000 * max(h.predicted.comm_s):.1f}"] for h in held]
+    """A row per run: each figure measured, predicted, and the error (`HELD_HEADER`)."""
+    def cell(measured: float, predicted: float, error: float | None, scale: float, digits: int = 0) -> str:
+        said = f"{scale * measured:,.{digits}f} / {scale * predicted:,.{digits}f}"
+        return said if error is None else f"{said} ({error:+.0%})"
+
+    rows = []
+    for h in held:
+        m, p, e = h.measured, h.predicted, h.error
+        memory = cell(max(m.memory_mb), max(p.memory_mb), e["memory_mb"], 1) if m.memory_mb and p.memory_mb else "-"
+        rows.append([h.run, cell(m.step_s, p.step_s, e["step_s"], 1000, 1),
+                     cell(m.compute_s, p.compute_s, e["compute_s"], 1000, 1),
+                     cell(m.comm_s, p.comm_s, e["comm_s"], 1000, 1),
+                     cell(max(m.bytes_per_rank), max(p.bytes_per_rank), e["bytes_per_rank"], 1e-6, 1), memory])
+    return rows
 
 
-HELD_HEADER = ["run", "measured step ms", "predicted step ms", "error", "predicted compute ms (slowest part)",
-               "predicted comm ms (slowest part)"]
+# compute: the step less the time blocked on links as measured, the slowest part's forward, backward and optimizer
+# as predicted; comm: time blocked on links as measured, the slowest part's collectives as predicted (which the
+# backward can hide)
+HELD_HEADER = ["run (measured / predicted (error))", "step ms", "compute ms", "comm ms", "MB sent by the busiest rank",
+               "training MiB, the largest rank"]
+
+
+def held_said(held: list[Held]) -> str:
+    """The median and largest step error, and whether the predicted order of the layouts is the measured one."""
+    errors = sorted(abs(h.error["step_s"]) for h in held)
+    return (f"median |step error| {errors[len(errors) // 2]:.0%}, largest {errors[-1]:.0%}; order of the layouts "
+            + order_said([(h.run, h.measured.step_s, h.predicted.step_s) for h in held]))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from alexnet_mp.cost import LayerCost, held_shares, layer_costs
 from alexnet_mp.model import ARCHITECTURES, tower_block
-from alexnet_mp.predict import order_said, predict_step
+from alexnet_mp.predict import HELD_HEADER, Held, StepFigures, held_said, held_table, predict_step
 from alexnet_mp.strategies import LAYOUTS
 from alexnet_mp.tracking import CorruptRecord, read_metrics, run_label
 
@@ -79,6 +79,7 @@ class RunSummary:
     wall_s: list[float]
     comm_bytes: list[list[float]]  # per step, per rank
     peak_memory_mb: list[float]
+    training_memory_mb: list[float] | None  # per rank: the peak less what was in use before the net was built
     label: str = ""  # `run_label`, and the folder where another run of the comparison has the same
 
     def __post_init__(self) -> None:
@@ -118,7 +119,8 @@ def read_run(directory: Path) -> RunSummary:
                           [r["images_per_s"] for r in steps], [r["step_time_s"] for r in steps],
                           [r["comm_wait_s"] for r in steps], [r["data_wait_s"] for r in steps],
                           [r["wall_s"] for r in steps],
-                          [r["comm_bytes"] for r in steps], steps[-1]["peak_memory_mb"])
+                          [r["comm_bytes"] for r in steps], steps[-1]["peak_memory_mb"],
+                          steps[-1].get("training_memory_mb"))
     except KeyError as error:
         raise BrokenRun(f"{directory}: metrics.jsonl lacks {error.args[0]!r}") from None
 
@@ -218,10 +220,16 @@ class Comparison:
     rows: list[list[str]]
     broken: list[str]  # one line per run that could not be read
     plots: list[Path] = field(default_factory=list)
+    held: list[Held] = field(default_factory=list)  # each run's step beside the cost model's, given a profile
 
     @property
     def table(self) -> str:
         return markdown_table(self.header, self.rows) if self.rows else ""
+
+    def tables(self) -> dict[str, tuple[list[str], list[list[str]]]]:
+        """Its tables by name (header, rows): the runs side by side, and each beside its prediction if made."""
+        return {"comparison": (self.header, self.rows),
+                **({"predicted": (HELD_HEADER, held_table(self.held))} if self.held else {})}
 
 
 def compare(directories: list[Path], out: Path, hardware: Hardware | None = None) -> Comparison:
@@ -242,45 +250,37 @@ def compare(directories: list[Path], out: Path, hardware: Hardware | None = None
     held = [held_run(run, hardware) for run in runs] if hardware else []
     if held:
         header = [*header, "predicted step ms (error)"]
-        rows = [[*row, f"{1000 * h['predicted']['step_s']:.0f} ({h['error']['step_s']:+.0%})"]
+        rows = [[*row, f"{1000 * h.predicted.step_s:.0f} ({h.error['step_s']:+.0%})"]
                 for row, h in zip(rows, held, strict=True)]
     plots = plot_comparison(runs, out)
     timeline = plot_timelines(runs, held, out / "timeline.png")
-    comparison = Comparison(header, rows, broken, plots + ([timeline] if timeline else []))
-    said = (f"Predicted on {hardware.name} ({hardware.source}); order of the layouts "
-            f"{order_said([(h['run'], h['measured']['step_s'], h['predicted']['step_s']) for h in held])}."
-            if hardware else
+    comparison = Comparison(header, rows, broken, plots + ([timeline] if timeline else []), held)
+    said = (f"## Predicted beside measured: {hardware.name} ({hardware.source})\n\n"
+            f"{markdown_table(HELD_HEADER, held_table(held))}\n\n{held_said(held)}." if hardware else
             "No hardware profile given: no step predicted (`python -m alexnet_mp calibrate`, then `--hardware`).")
     (out / "comparison.md").write_text(comparison.table + "\n\n" + said + "\n\n" +
                                        "\n".join(f"![{p.stem}]({p.name})" for p in comparison.plots) + "\n")
     record = {"hardware": None if hardware is None else {"name": hardware.name, "source": hardware.source},
-              "runs": held or [{"run": run.label, "measured": measured(run)} for run in runs]}
+              "runs": [h.to_json() for h in held] or [{"run": run.label, "measured": asdict(measured(run))}
+                                                      for run in runs]}
     (out / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")
     return comparison
 
 
-def measured(run: RunSummary) -> dict[str, Any]:
+def measured(run: RunSummary) -> StepFigures:
     """A run's step as measured (medians after warm-up), in the terms the cost model predicts."""
-    return {"step_s": _median(run.steady(run.step_s)), "compute_s": _median(run.steady(run.compute_s)),
-            "comm_s": _median(run.steady(run.comm_wait_s)), "bytes_per_rank": run.bytes_per_rank,
-            "peak_memory_mb": run.peak_memory_mb}
+    return StepFigures(_median(run.steady(run.step_s)), _median(run.steady(run.compute_s)),
+                       _median(run.steady(run.comm_wait_s)), run.bytes_per_rank, run.training_memory_mb)
 
 
-def held_run(run: RunSummary, hardware: Hardware) -> dict[str, Any]:
-    """A run's measurement beside the cost model's prediction of it on `hardware`, with each relative error."""
+def held_run(run: RunSummary, hardware: Hardware) -> Held:
+    """A run's measurement beside the cost model's prediction of it on `hardware`."""
     config = run.config
     options = {option.name: config[option.name] for option in LAYOUTS[config["mode"]].options
                if config.get(option.name) is not None}
-    p = predict_step(config["mode"], config["arch"], config["world_size"], config["batch_size"], hardware,
-                     config["num_classes"], options)
-    predicted = {"step_s": p.step_s, "compute_s": max(p.compute_s), "comm_s": max(p.comm_s),
-                 "bytes_per_rank": p.bytes_per_rank, "peak_memory_mb": [m / 2**20 for m in p.memory_bytes]}
-    actual = measured(run)
-    error = {key: predicted[key] / actual[key] - 1 if actual[key] else None
-             for key in ("step_s", "compute_s", "comm_s")}
-    error["bytes_per_rank"] = max(predicted["bytes_per_rank"]) / max(actual["bytes_per_rank"]) - 1 \
-        if max(actual["bytes_per_rank"], default=0) else None
-    return {"run": run.label, "measured": actual, "predicted": predicted, "error": error}
+    predicted = predict_step(config["mode"], config["arch"], config["world_size"], config["batch_size"], hardware,
+                             config["num_classes"], options)
+    return Held(run.label, measured(run), predicted.figures())
 
 
 COLOURS = {"compute": "tab:blue", "communication": "tab:orange", "data": "tab:green", "optimizer": "tab:purple"}
@@ -302,7 +302,7 @@ def traced_step(trace: Path) -> dict[int, list[tuple[str, float, float]]]:
     return spans
 
 
-def plot_timelines(runs: list[RunSummary], held: list[dict[str, Any]], out: Path) -> Path | None:
+def plot_timelines(runs: list[RunSummary], held: list[Held], out: Path) -> Path | None:
     """For each run that `train --trace` recorded: its ranks as rows over one step, compute, communication, data
     and the optimizer coloured, idle time blank; beside it, where a prediction was made, the cost model's step
     of its slowest part (compute, then communication). None if no run was traced."""
@@ -315,7 +315,7 @@ def plot_timelines(runs: list[RunSummary], held: list[dict[str, Any]], out: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    predicted = {h["run"]: h["predicted"] for h in held}
+    predicted = {h.run: h.predicted for h in held}
     figure, axes = plt.subplots(len(traced), 1, figsize=(10, 1.2 + 0.6 * sum(len(s) + 1 for _, s in traced)),
                                 squeeze=False)
     for axis, (run, spans) in zip(axes[:, 0], traced, strict=True):
@@ -327,8 +327,8 @@ def plot_timelines(runs: list[RunSummary], held: list[dict[str, Any]], out: Path
         if run.label in predicted:
             p = predicted[run.label]
             row = len(labels)
-            axis.barh(row, 1000 * p["compute_s"], color=COLOURS["compute"], alpha=0.5)
-            axis.barh(row, 1000 * p["comm_s"], left=1000 * p["compute_s"], color=COLOURS["communication"], alpha=0.5)
+            axis.barh(row, 1000 * p.compute_s, color=COLOURS["compute"], alpha=0.5)
+            axis.barh(row, 1000 * p.comm_s, left=1000 * p.compute_s, color=COLOURS["communication"], alpha=0.5)
             labels.append("predicted")
         axis.set_yticks(range(len(labels)), labels=labels)
         axis.invert_yaxis()

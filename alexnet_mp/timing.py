@@ -4,6 +4,7 @@ on a CPU."""
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 
@@ -47,3 +48,13 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def memory_in_use_mb(device: torch.device) -> float:
+    """The GPU memory allocated now, or on a CPU the process's resident set now: what a later peak is taken
+    less of, for the memory training adds (the net, its gradients and momentum, the activations)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    with open("/proc/self/statm") as statm:
+        resident_pages = int(statm.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -298,13 +298,14 @@ def wandb_identity(output: Path, resumed: bool) -> dict[str, str]:
     return {"id": run_id}
 
 
-def publish_comparison(header: list[str], rows: list[list[str]], plots: list[Path], project: str, group: str,
-                       directory: Path) -> None:
-    """The comparison table as a wandb Table, and its plots (the step's time split, bytes per step: figures a
-    W&B panel cannot draw from the runs' curves), in a summary run of the experiment's group."""
+def publish_comparison(tables: dict[str, tuple[list[str], list[list[str]]]], plots: list[Path], project: str,
+                       group: str, directory: Path) -> None:
+    """The comparison's tables (by name: header, rows) as wandb Tables, and its plots (the step's time split,
+    bytes per step, the timeline: figures a W&B panel cannot draw from the runs' curves), in a summary run of the
+    experiment's group."""
     import wandb
 
     run = wandb.init(project=project, group=group, job_type="summary", name=f"{group}-summary", dir=str(directory))
-    run.log({"comparison": wandb.Table(columns=header, data=rows),
+    run.log({**{name: wandb.Table(columns=header, data=rows) for name, (header, rows) in tables.items()},
              **{f"comparison/{plot.stem}": wandb.Image(str(plot)) for plot in plots}})
     run.finish()

@@ -1,4 +1,4 @@
-"""Fixtures shared by the equivalence tests."""
+"""The order the tests run in, and fixtures shared by the equivalence tests."""
 
 from __future__ import annotations
 
@@ -10,6 +10,19 @@ import torch
 from tests.equivalence import STEPS, Run, run_reference
 
 REFERENCE_BATCH = 4
+# The modules that take longest, longest first: pytest-xdist hands each worker a module at a time in the order
+# collected, so these start first and the two workers end close together.
+LONGEST_FIRST = ("test_faults.py", "test_training.py", "test_strategies.py", "test_cli.py", "test_everyday.py",
+                 "test_bench.py", "test_paper_split.py", "test_report.py", "test_speed.py", "test_predict.py",
+                 "test_data.py", "test_resharding.py", "test_registry.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,10 @@ from alexnet_mp.strategies import Layout, build, check_layout
 from alexnet_mp.world import current
 
 CLASSES, SEED, LR, STEPS = 10, 0, 0.01, 2  # two steps: the second one uses momentum
+# The nets the layouts are held to the reference on: the debug flavors (the paper's convs and towers, fc6 and fc7 of
+# 256 units), a twelfth of the full nets' parameters. A layout's code is the same at any width;
+# tests/test_paper_split.py holds the full 2012 net.
+PAPER_NET, OWT_NET = "paper-debug", "owt-debug"
 FLOAT64_TOLERANCE, FLOAT32_TOLERANCE = 1e-10, 1e-5
 BF16_LOGITS_TOLERANCE, BF16_GRADIENT_TOLERANCE = 1e-2, 1e-1
 BF16_GRADIENT_LAYERS = ("conv5", "fc6", "fc7", "fc8")

@@ -20,7 +20,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
-ENV = {"ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+# One thread a process: the two pytest workers each start ranks on 2 cores, and a rank with a thread per core
+# oversubscribes them (its threads spin while they wait for each other).
+ENV = {"ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
 
 
 CPU_CONFIG = ROOT / "launch" / "cpu-2proc.yaml"

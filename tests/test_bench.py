@@ -50,7 +50,9 @@ def test_bench_sets_each_layouts_predicted_step_beside_its_measured_one(quick):
     measured = {m["name"] for m in quick["json"]["measurements"] if m["mode"] and m["ranks"] == 2}
     assert measured <= predicted.keys() and "single, paper" in predicted
     for row in predicted.values():
-        assert row["error"] == pytest.approx(row["step_s"] / row["measured_step_s"] - 1)
+        assert row["error"]["step_s"] == pytest.approx(row["predicted"]["step_s"] / row["measured"]["step_s"] - 1)
+        assert row["error"]["memory_mb"] == pytest.approx(max(row["predicted"]["memory_mb"]) /
+                                                          max(row["measured"]["memory_mb"]) - 1)
     assert "## Predicted beside measured: by hand (a test)" in quick["md"] and "order of the layouts" in quick["md"]
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from alexnet_mp import loop
+from tests.equivalence import PAPER_NET
 from tests.launching import ENV, ROOT, in_process, metrics, process_state_restored
 
 pytestmark = pytest.mark.slow  # whole training runs
 
-TOY = ["--mode", "single", "--batch-size", "4", "--num-classes", "10", "--workers", "0", "--synthetic-size", "8"]
+TOY = ["--mode", "single", "--arch", PAPER_NET, "--batch-size", "4", "--num-classes", "10", "--workers", "0",
+       "--synthetic-size", "8"]
 
 
 @pytest.fixture

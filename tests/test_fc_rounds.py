@@ -16,6 +16,7 @@ from tests.conftest import REFERENCE_BATCH as BATCH
 from tests.equivalence import (
     CLASSES,
     FLOAT64_TOLERANCE,
+    PAPER_NET,
     STEPS,
     assert_same,
     layout_logits,
@@ -31,7 +32,7 @@ RANKS = 2
 
 
 def per_round(scheme: str) -> list:
-    return [run_layout("weird-trick", "paper", BATCH, STEPS, torch.float64, exchange=scheme, fc_update="per-round")]
+    return [run_layout("weird-trick", PAPER_NET, BATCH, STEPS, torch.float64, exchange=scheme, fc_update="per-round")]
 
 
 @pytest.fixture(scope="module", params=["one-at-a-time", "slice"])
@@ -39,7 +40,7 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     scheme = request.param
     ranks = [result[0] for result in run_distributed(per_round, RANKS, tmp_path_factory.mktemp(scheme), scheme)]
     rounds = [round_rows(scheme, j, RANKS, BATCH) for j in range(RANKS)]
-    return ranks, run_per_round_reference("paper", BATCH, rounds, STEPS, torch.float64)
+    return ranks, run_per_round_reference(PAPER_NET, BATCH, rounds, STEPS, torch.float64)
 
 
 def test_per_round_logits_and_losses_equal_their_reference(runs):
@@ -52,20 +53,20 @@ def test_per_round_logits_and_losses_equal_their_reference(runs):
 def test_per_round_gradients_and_weights_after_two_steps_equal_their_reference(runs):
     ranks, reference = runs
     for kind in ("gradients", "weights"):
-        found = merged([block for run in ranks for block in getattr(run, kind)], "paper")
-        assert_same(found, merged(getattr(reference, kind), "paper"), FLOAT64_TOLERANCE)
+        found = merged([block for run in ranks for block in getattr(run, kind)], PAPER_NET)
+        assert_same(found, merged(getattr(reference, kind), PAPER_NET), FLOAT64_TOLERANCE)
 
 
 def test_per_round_updates_are_not_the_one_device_nets(runs, references):
     ranks, _ = runs
-    weights = merged([block for run in ranks for block in run.weights], "paper")
-    single = merged(references("paper")["float64"].weights, "paper")
+    weights = merged([block for run in ranks for block in run.weights], PAPER_NET)
+    single = merged(references(PAPER_NET)["float64"].weights, PAPER_NET)
     assert relative_error(weights["fc8.weight"], single["fc8.weight"]) > 1e-6
 
 
 def learning_rates_by_layer() -> dict[str, float]:
-    config = TrainConfig(mode="weird-trick", options={"exchange": "one-at-a-time", "fc_update": "per-round"},
-                         num_classes=CLASSES,
+    config = TrainConfig(mode="weird-trick", arch=PAPER_NET,
+                         options={"exchange": "one-at-a-time", "fc_update": "per-round"}, num_classes=CLASSES,
                          batch_size=512, lr=0.01, lr_scaling="linear", timeout_s=60)
     layout = build(config, torch.device("cpu"))
     optimizer = make_optimizer(layout.parameters(), config, layout.learning_rates())

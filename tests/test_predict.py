@@ -12,7 +12,7 @@ from alexnet_mp.cost import layer_costs, parameters
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import KINDS, Collective, Hardware, load
 from alexnet_mp.model import PAPER
-from alexnet_mp.predict import disordered, predict_step
+from alexnet_mp.predict import Held, StepFigures, disordered, held_table, predict_step
 from alexnet_mp.strategies import LAYOUTS
 from alexnet_mp.strategies.pipeline import simulated_step_s
 from tests.launching import in_process, one_line_error
@@ -73,6 +73,24 @@ def test_a_prediction_that_reverses_two_clearly_different_measurements_is_named(
     runs = [("fast", 1.0, 2.0), ("slow", 2.0, 1.0), ("close", 1.1, 3.0), ("near", 1.05, 0.5)]
     assert disordered(runs) == ["fast measured faster than slow, predicted slower",
                                 "close measured faster than slow, predicted slower"]
+
+
+def test_a_held_prediction_gives_each_figures_relative_error_bytes_and_memory_of_the_busiest_rank():
+    measured = StepFigures(0.2, 0.15, 0.05, [100e6, 300e6], [50.0, 80.0])
+    predicted = StepFigures(0.25, 0.1, 0.1, [100e6, 330e6], [40.0, 100.0])
+    assert Held("run", measured, predicted).error == pytest.approx(
+        {"step_s": 0.25, "compute_s": -1 / 3, "comm_s": 1.0, "bytes_per_rank": 0.1, "memory_mb": 0.25})
+    assert held_table([Held("run", measured, predicted)])[0] == [
+        "run", "200.0 / 250.0 (+25%)", "150.0 / 100.0 (-33%)", "50.0 / 100.0 (+100%)", "300.0 / 330.0 (+10%)",
+        "80 / 100 (+25%)"]
+
+
+def test_a_measurement_without_its_memory_or_communication_leaves_those_errors_out():
+    measured = StepFigures(0.2, 0.2, 0.0, [0.0], None)
+    held = Held("single", measured, StepFigures(0.25, 0.25, 0.0, [0.0], [40.0]))
+    assert held.error == {"step_s": pytest.approx(0.25), "compute_s": pytest.approx(0.25), "comm_s": None,
+                          "bytes_per_rank": None, "memory_mb": None}
+    assert held_table([held])[0][-2:] == ["0.0 / 0.0", "-"]
 
 
 def test_a_profile_reads_back_as_written(tmp_path):

@@ -16,6 +16,7 @@ from alexnet_mp.strategies import LAYOUTS, check_layout
 from tests.conftest import REFERENCE_BATCH as BATCH
 from tests.equivalence import (
     FLOAT64_TOLERANCE,
+    PAPER_NET,
     assert_same,
     layout_logits,
     ledger_of,
@@ -76,7 +77,7 @@ def test_a_registered_layout_is_run_by_the_experiment_runner(registered):
 
 
 def test_a_registered_layout_trains_under_train_and_its_checkpoint_resumes_in_another(tmp_path, capsys):
-    common = ("--batch-size", "4", "--num-classes", "10", "--workers", "0")
+    common = ("--arch", PAPER_NET, "--batch-size", "4", "--num-classes", "10", "--workers", "0")
     result = run_ranks("--mode", TOY, "--toy-slices", "2", *common, "--steps", "2",
                        "--output-dir", str(tmp_path / "toy"), processes=2, program=TOY_TRAIN)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -95,17 +96,17 @@ def run_registered(*args: object) -> object:
 
 @pytest.fixture(scope="module")
 def toy_ranks(tmp_path_factory: pytest.TempPathFactory) -> list:
-    return run_distributed(run_registered, 2, tmp_path_factory.mktemp("toy"), TOY, "paper", BATCH, 2, torch.float64)
+    return run_distributed(run_registered, 2, tmp_path_factory.mktemp("toy"), TOY, PAPER_NET, BATCH, 2, torch.float64)
 
 
 def test_a_registered_layout_on_two_processes_is_held_to_the_one_device_reference(toy_ranks, references):
-    reference = references("paper")["float64"]
+    reference = references(PAPER_NET)["float64"]
     assert relative_error(layout_logits(toy_ranks[:1], 0, BATCH), reference.logits[0]) <= FLOAT64_TOLERANCE
-    assert_same(merged(toy_ranks[0].weights, "paper"), merged(reference.weights, "paper"), FLOAT64_TOLERANCE)
+    assert_same(merged(toy_ranks[0].weights, PAPER_NET), merged(reference.weights, PAPER_NET), FLOAT64_TOLERANCE)
 
 
 def test_a_registered_layouts_ledger_counts_what_its_traffic_formula_says(toy_ranks):
-    expected = ConvsApart.costs.expected_traffic("paper", 2, BATCH, num_classes=10)
+    expected = ConvsApart.costs.expected_traffic(PAPER_NET, 2, BATCH, num_classes=10)
     assert expected[1][("fc6-input", "forward")] == 9216 * BATCH // 2
     for rank, run in enumerate(toy_ranks):
         assert ledger_of(run).sent() == pytest.approx(expected[rank]), f"rank {rank}"

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from alexnet_mp.predict import HELD_HEADER
+from tests.equivalence import PAPER_NET
 from tests.launching import ENV, ROOT, in_process, metrics, one_line_error
 
 pytestmark = pytest.mark.slow  # experiments of launched runs
@@ -20,12 +22,24 @@ pytestmark = pytest.mark.slow  # experiments of launched runs
 PLOTS = ("images_per_s.png", "step_time_breakdown.png", "loss.png", "bytes_per_step.png", "timeline.png")
 
 
+def by_hand_profile(folder: Path) -> Path:
+    """A gloo profile written by hand: every layer at 0.05 TFLOP/s of training, every collective 1 ms plus 1 GB/s."""
+    link = {"latency_s": 1e-3, "bytes_per_s": 1e9}
+    profile = {"format": 1, "name": "by hand", "source": "a test", "backend": "gloo", "cores": 2, "tflops": 0.05,
+               "collectives": {"2": dict.fromkeys(("all-reduce", "all-gather", "reduce-scatter", "gather", "scatter"),
+                                                  link)}}
+    (folder / "profile.json").write_text(json.dumps(profile))
+    return folder / "profile.json"
+
+
 @pytest.fixture(scope="module")
 def trial(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """single and paper-split (2 processes), 3 steps each, on the same batches, tracked in offline wandb."""
+    """single and paper-split (2 processes), 3 steps each, on the same batches, tracked in offline wandb, predicted
+    on a profile written by hand."""
     out = tmp_path_factory.mktemp("experiments")
     result = subprocess.run([sys.executable, "-m", "alexnet_mp", "experiment", "--name", "trial",
-                             "--modes", "single,paper-split", "--ranks", "2", "--output-dir", str(out),
+                             "--modes", "single,paper-split", "--ranks", "2", "--arch", PAPER_NET,
+                             "--output-dir", str(out), "--hardware", str(by_hand_profile(out)),
                              "--steps", "3", "--batch-size", "4", "--num-classes", "10", "--workers", "0",
                              "--tracker", "wandb"],
                             cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, **ENV})
@@ -53,6 +67,15 @@ def test_experiment_puts_its_runs_in_one_wandb_group_with_a_summary_table_and_pl
     assert all(any(image.startswith(Path(plot).stem + "_") for image in images) for plot in PLOTS)
 
 
+def test_experiments_wandb_summary_sets_each_runs_predicted_figures_beside_its_measured_ones(trial):
+    (summary,) = (trial / "wandb").glob("offline-run-*")
+    (table,) = summary.glob("files/media/table/predicted_*.table.json")
+    data = json.loads(table.read_text())
+    assert data["columns"] == HELD_HEADER
+    assert [row[0] for row in data["data"]] == ["single x1", "paper-split x2"]
+    assert all(" / " in cell for row in data["data"] for cell in row[1:])
+
+
 def test_each_run_keeps_its_config_job_type_and_layout_name_in_its_offline_wandb_record(trial):
     (record,) = (trial / "paper-split-2" / "wandb").glob("offline-run-*/run-*.wandb")
     # An offline run keeps its config in the binary record stream, with no public reader: look for it.
@@ -68,6 +91,13 @@ def test_a_one_device_run_logs_one_rank_and_no_communication(trial):
                for row in rows)
 
 
+def test_each_rank_logs_the_memory_training_added_to_what_was_in_use_before_the_net(trial):
+    for row in metrics(trial / "paper-split-2"):
+        assert len(row["training_memory_mb"]) == 2
+        assert all(0 < added < peak for added, peak in zip(row["training_memory_mb"], row["peak_memory_mb"],
+                                                             strict=True))
+
+
 def test_the_report_plots_open_as_images(trial):
     for name in PLOTS:
         with Image.open(trial / name) as image:
@@ -75,9 +105,11 @@ def test_the_report_plots_open_as_images(trial):
 
 
 def test_loss_difference_from_single_is_below_float_tolerance(trial):
-    rows = [line for line in (trial / "comparison.md").read_text().splitlines() if line.startswith("| paper-split")]
-    (row,) = rows
-    assert float(row.strip("| ").split("|")[-1]) <= 1e-3
+    header, _, *rows = (trial / "comparison.md").read_text().split("\n\n")[0].splitlines()
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in (header, *rows)]
+    column = cells[0].index("max loss diff vs single")
+    (row,) = [row for row in cells[1:] if row[0] == "paper-split x2"]
+    assert float(row[column]) <= 1e-3
 
 
 def test_an_experiment_with_a_failed_run_compares_the_others_then_exits_1_naming_it(trial, tmp_path, capsys,
@@ -198,16 +230,6 @@ def test_runs_of_one_layout_are_told_apart_by_their_folders(trial, tmp_path, cap
     assert labels == [f"single x1 [{trial / 'single-1'}]", f"single x1 [{again}]", "paper-split x2"]
 
 
-def by_hand_profile(folder: Path) -> Path:
-    """A gloo profile written by hand: every layer at 0.05 TFLOP/s of training, every collective 1 ms plus 1 GB/s."""
-    link = {"latency_s": 1e-3, "bytes_per_s": 1e9}
-    profile = {"format": 1, "name": "by hand", "source": "a test", "backend": "gloo", "cores": 2, "tflops": 0.05,
-               "collectives": {"2": dict.fromkeys(("all-reduce", "all-gather", "reduce-scatter", "gather", "scatter"),
-                                                  link)}}
-    (folder / "profile.json").write_text(json.dumps(profile))
-    return folder / "profile.json"
-
-
 def test_compare_with_a_profile_sets_each_runs_predicted_step_beside_its_measured_one(trial, tmp_path, capsys):
     result = in_process(capsys, "compare", str(trial / "single-1"), str(trial / "paper-split-2"),
                         "--out", str(tmp_path / "report"), "--hardware", str(by_hand_profile(tmp_path)))
@@ -216,10 +238,15 @@ def test_compare_with_a_profile_sets_each_runs_predicted_step_beside_its_measure
     record = json.loads((tmp_path / "report" / "comparison.json").read_text())
     assert [run["run"] for run in record["runs"]] == ["single x1", "paper-split x2"]
     for run in record["runs"]:
-        assert run["predicted"]["step_s"] > 0 and run["measured"]["step_s"] > 0
-        assert run["error"]["step_s"] == pytest.approx(run["predicted"]["step_s"] / run["measured"]["step_s"] - 1)
-        assert run["predicted"]["bytes_per_rank"] == pytest.approx(run["measured"]["bytes_per_rank"])
-    assert "order of the layouts" in (tmp_path / "report" / "comparison.md").read_text()
+        measured, predicted, error = run["measured"], run["predicted"], run["error"]
+        assert predicted.keys() == measured.keys() == error.keys() == {"step_s", "compute_s", "comm_s",
+                                                                       "bytes_per_rank", "memory_mb"}
+        assert predicted["step_s"] > 0 and measured["step_s"] > 0
+        assert error["step_s"] == pytest.approx(predicted["step_s"] / measured["step_s"] - 1)
+        assert predicted["bytes_per_rank"] == pytest.approx(measured["bytes_per_rank"])
+        assert error["memory_mb"] == pytest.approx(max(predicted["memory_mb"]) / max(measured["memory_mb"]) - 1)
+    report = (tmp_path / "report" / "comparison.md").read_text()
+    assert "## Predicted beside measured: by hand (a test)" in report and "order of the layouts" in report
 
 
 def test_compare_without_a_profile_says_none_was_given(trial, tmp_path, capsys, monkeypatch):

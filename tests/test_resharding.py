@@ -16,7 +16,7 @@ from alexnet_mp.config import TrainConfig
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import Layout, build
-from tests.equivalence import CLASSES, global_batch
+from tests.equivalence import CLASSES, PAPER_NET, global_batch
 
 pytestmark = pytest.mark.slow  # checkpoints saved and loaded across layouts on real processes
 
@@ -28,7 +28,7 @@ NEW = ("fsdp", "pipeline", "tensor-parallel")
 
 def trained(mode: str, steps: int, folder: Path | None = None) -> tuple[Layout, torch.optim.Optimizer]:
     """`mode` on this rank, `steps` SGD steps taken (from the checkpoint in `folder`, if given)."""
-    config = TrainConfig(mode=mode, num_classes=CLASSES, batch_size=BATCH, timeout_s=60)
+    config = TrainConfig(mode=mode, arch=PAPER_NET, num_classes=CLASSES, batch_size=BATCH, timeout_s=60)
     layout = build(config, torch.device("cpu"))
     layout.train()
     optimizer = make_optimizer(layout.parameters(), config)

@@ -22,6 +22,7 @@ from tests.equivalence import (
     BF16_GRADIENT_TOLERANCE,
     BF16_LOGITS_TOLERANCE,
     FLOAT64_TOLERANCE,
+    PAPER_NET,
     STEPS,
     Run,
     assert_within,
@@ -43,8 +44,8 @@ GPU_VARIANTS = [CHANNELS_LAST, COMPILED, Variant(speed=Speed(channels_last=True,
 def run_variant(variant: Variant, device: str = "cpu") -> Run:
     """paper-split with `variant`: two float64 SGD steps, or one float32 step under bf16 autocast."""
     if variant.precision == "bf16":
-        return run_layout("paper-split", "paper", BATCH, 1, torch.float32, variant=variant, device=device)
-    return run_layout("paper-split", "paper", BATCH, STEPS, torch.float64, variant=variant, device=device)
+        return run_layout("paper-split", PAPER_NET, BATCH, 1, torch.float32, variant=variant, device=device)
+    return run_layout("paper-split", PAPER_NET, BATCH, STEPS, torch.float64, variant=variant, device=device)
 
 
 def run_variants(variants: list[Variant]) -> dict[Variant, Run]:
@@ -54,20 +55,20 @@ def run_variants(variants: list[Variant]) -> dict[Variant, Run]:
 def errors(ranks: list[Run], reference: Run) -> dict[str, float]:
     """Relative errors against the reference: step 0's logits, every gradient, and (after float64
     runs) every weight after the last step."""
-    gradients = merged([block for run in ranks for block in run.gradients], "paper")
+    gradients = merged([block for run in ranks for block in run.gradients], PAPER_NET)
     found = {"logits": relative_error(layout_logits(ranks, 0, BATCH), reference.logits[0])}
-    expected = merged(reference.gradients, "paper")
+    expected = merged(reference.gradients, PAPER_NET)
     found.update({key: relative_error(gradients[key], value) for key, value in expected.items()})
     if len(ranks[0].logits) == STEPS:
-        weights = merged([block for run in ranks for block in run.weights], "paper")
+        weights = merged([block for run in ranks for block in run.weights], PAPER_NET)
         found.update({f"{key} after {STEPS} steps": relative_error(weights[key], value)
-                      for key, value in merged(reference.weights, "paper").items()})
+                      for key, value in merged(reference.weights, PAPER_NET).items()})
     return found
 
 
 @pytest.fixture(scope="module")
 def reference(references) -> dict[str, Run]:
-    return references("paper")
+    return references(PAPER_NET)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_bf16_paper_split_late_layer_gradients_are_within_bf16_tolerance(two_pro
 
 
 def fsdp_in_bf16() -> Run:
-    return run_layout("fsdp", "paper", BATCH, 1, torch.float32, variant=Variant("bf16"))
+    return run_layout("fsdp", PAPER_NET, BATCH, 1, torch.float32, variant=Variant("bf16"))
 
 
 def test_fsdp_under_bf16_gathers_bf16_parameters_and_is_within_bf16_tolerance(reference, tmp_path):
@@ -121,7 +122,7 @@ def test_lrn_gives_the_same_maps_in_channels_last_and_keeps_that_layout():
 
 def test_resumed_momentum_takes_its_parameters_memory_format(tmp_path):
     def strategy_and_optimizer():
-        config = TrainConfig(mode="single", num_classes=10, channels_last=True)
+        config = TrainConfig(mode="single", arch=PAPER_NET, num_classes=10, channels_last=True)
         layout = build(config, torch.device("cpu"))
         return layout, make_optimizer(layout.parameters(), config)
 
@@ -142,8 +143,8 @@ def gpu_reference() -> dict[str, Run]:
     generator), so the GPU's speed-ups are held to the GPU's reference. TF32 off for float32."""
     tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
     try:
-        return {"float64": run_layout("single", "paper", BATCH, STEPS, torch.float64, device="cuda"),
-                "float32": run_layout("single", "paper", BATCH, 1, torch.float32, device="cuda")}
+        return {"float64": run_layout("single", PAPER_NET, BATCH, STEPS, torch.float64, device="cuda"),
+                "float32": run_layout("single", PAPER_NET, BATCH, 1, torch.float32, device="cuda")}
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
 

@@ -4,7 +4,7 @@ tolerances in tests/equivalence.py. Its ledger equals the analytic count from th
 
 The cases come from the registry: every layout at each world size it runs (2 and 4, or its one), on the
 paper net, with every value of each of its options that a comparison covers at least once; and on the owt
-net at its smallest world size."""
+net at its smallest world size. Both nets are their debug flavors (tests/equivalence.py says why)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from tests.conftest import REFERENCE_BATCH
 from tests.equivalence import (
     FLOAT32_TOLERANCE,
     FLOAT64_TOLERANCE,
+    OWT_NET,
+    PAPER_NET,
     Run,
     assert_same,
     layout_logits,
@@ -66,18 +68,18 @@ def layout_cases(mode: str) -> list[Case]:
     compared values not yet covered; then the owt net at the smallest world size."""
     cls = LAYOUTS[mode]
     counts = (cls.fixed_world_size,) if cls.fixed_world_size else (2, 4)
-    chosen = [case for ranks in counts if (case := runnable(mode, "paper", ranks, {}))]
+    chosen = [case for ranks in counts if (case := runnable(mode, PAPER_NET, ranks, {}))]
     defaults = {(option.name, option.default) for option in cls.options}
     uncovered = {(option.name, value) for option in cls.options for value in option.compared} - defaults
     candidates = [case for ranks in counts for options in cls.compared()
-                  if (case := runnable(mode, "paper", ranks, options))]
+                  if (case := runnable(mode, PAPER_NET, ranks, options))]
     while uncovered and candidates:
         best = max(candidates, key=lambda case: len(uncovered & set(case.options)))
         if not uncovered & set(best.options):
             break
         chosen.append(best)
         uncovered -= set(best.options)
-    owt = next((case for ranks in counts if (case := runnable(mode, "owt", ranks, {}))), None)
+    owt = next((case for ranks in counts if (case := runnable(mode, OWT_NET, ranks, {}))), None)
     return chosen + ([owt] if owt else [])
 
 
@@ -176,7 +178,7 @@ def test_every_block_two_ranks_hold_has_the_same_weights_on_both_after_two_steps
 def test_weird_trick_exchange_schemes_give_the_same_results_as_each_other(scratch):
     results = {}
     for scheme in EXCHANGE.compared:
-        case = runnable("weird-trick", "paper", 2, {} if scheme == EXCHANGE.default else {EXCHANGE.name: scheme})
+        case = runnable("weird-trick", PAPER_NET, 2, {} if scheme == EXCHANGE.default else {EXCHANGE.name: scheme})
         if case not in OUTCOMES:  # run alone, without the module's other tests
             OUTCOMES[case] = outcome(case, run_case(case, scratch))
         results[scheme] = OUTCOMES[case]

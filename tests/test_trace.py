@@ -9,6 +9,7 @@ import pytest
 
 from alexnet_mp.report import traced_step
 from alexnet_mp.trace import TRACED
+from tests.equivalence import PAPER_NET
 from tests.launching import process_state_restored
 
 pytestmark = pytest.mark.slow  # trains a few steps in this process
@@ -22,8 +23,8 @@ def trace(tmp_path_factory: pytest.TempPathFactory) -> dict:
     with process_state_restored():
         from alexnet_mp.cli import main
 
-        main(["train", "--mode", "single", "--batch-size", "4", "--num-classes", "10", "--steps", "6", "--workers",
-              "0", "--no-checkpoints", "--trace", "--output-dir", str(out)])
+        main(["train", "--mode", "single", "--arch", PAPER_NET, "--batch-size", "4", "--num-classes", "10", "--steps",
+              "6", "--workers", "0", "--no-checkpoints", "--trace", "--output-dir", str(out)])
     return {"events": json.loads((out / "trace.json").read_text())["traceEvents"], "path": out / "trace.json"}
 
 

@@ -8,7 +8,6 @@ import math
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -18,8 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alexnet_mp import AlexNet2012, checkpoint, loop
+from alexnet_mp import checkpoint, loop
+from alexnet_mp.model import build_model
 from alexnet_mp.tracking import WANDB_RUN_ID
+from tests.equivalence import PAPER_NET
 from tests.launching import (
     ROOT,
     in_process,
@@ -34,7 +35,7 @@ from tests.launching import (
 
 pytestmark = pytest.mark.slow  # whole training runs, launched and in this process
 
-CLASSES = ["--num-classes", "10"]
+NET = ["--arch", PAPER_NET, "--num-classes", "10"]  # the debug net (tests/equivalence.py)
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def training_in_this_process(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.mark.usefixtures("training_in_this_process")
 def test_tensorboard_tracker_writes_event_files(tmp_path, capsys):
-    result = in_process(capsys, "train", "--mode", "single", "--steps", "1", "--batch-size", "2", *CLASSES,
+    result = in_process(capsys, "train", "--mode", "single", "--steps", "1", "--batch-size", "2", *NET,
                         "--workers", "0", "--tracker", "tensorboard", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(tmp_path.rglob("events.out.tfevents.*"))
@@ -60,7 +61,7 @@ def test_a_wandb_that_refuses_to_start_is_one_line_that_says_what_to_do(training
         raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
 
     training_in_this_process.setattr(Accelerator, "init_trackers", refuse)
-    result = in_process(capsys, "train", "--mode", "single", "--steps", "1", "--batch-size", "2", *CLASSES,
+    result = in_process(capsys, "train", "--mode", "single", "--steps", "1", "--batch-size", "2", *NET,
                         "--workers", "0", "--tracker", "wandb", "--output-dir", str(tmp_path))
     assert result.returncode == 2
     assert one_line_error(result) == ("error: --tracker wandb: No API key configured. Use `wandb login` to log in; "
@@ -89,7 +90,7 @@ def test_the_loop_asks_for_the_next_batch_before_it_waits_for_the_step(training_
 
     training_in_this_process.setattr(loop, "rank_batches", recorded_batches)
     training_in_this_process.setattr(loop, "agreed_flags", lambda *args: RecordedFlags(flags(*args)))
-    result = in_process(capsys, "train", "--mode", "single", "--steps", "3", "--batch-size", "2", *CLASSES,
+    result = in_process(capsys, "train", "--mode", "single", "--steps", "3", "--batch-size", "2", *NET,
                         "--workers", "0", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert order == ["batch 0", "batch 1", "wait", "batch 2", "wait", "wait"]
@@ -120,41 +121,31 @@ def test_the_readmes_main_job_lowers_the_loss_well_below_its_start_and_chance(tm
 
 
 @pytest.fixture(scope="module")
-def image_folder_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """paper-split for one epoch (3 steps of 4) on an image folder of JPEGs and PNGs, with the JPEGs
-    decoded by the loader's workers and on the device."""
+def image_folder_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """paper-split for one epoch (3 steps of 4) on an image folder of JPEGs and PNGs. (That the JPEGs decoded on
+    the device are the pixels the loader's workers decode, for training and validation: tests/test_data.py.)"""
     from tests.test_data import write_image_tree
 
     data = write_image_tree(tmp_path_factory.mktemp("data"), per_class=4)
-    runs = {}
-    for place in ("workers", "device"):
-        runs[place] = tmp_path_factory.mktemp(place)
-        result = run_ranks("--mode", "paper-split", "--data", str(data), "--batch-size", "4", "--steps", "3",
-                           "--workers", "1", "--decode-on", place, "--output-dir", str(runs[place]))
-        assert result.returncode == 0, result.stderr[-3000:]
-    return runs
+    run = tmp_path_factory.mktemp("run")
+    result = run_ranks("--mode", "paper-split", "--arch", PAPER_NET, "--data", str(data), "--batch-size", "4",
+                       "--steps", "3", "--workers", "1", "--output-dir", str(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
 
 
-def test_training_on_an_image_folder_validates_and_checkpoints_at_the_epochs_end(image_folder_runs):
-    run = image_folder_runs["workers"]
-    assert [row["step"] for row in metrics(run)] == [0, 1, 2]
-    (evaluation,) = [row for row in records(run) if "val_loss" in row]
+def test_training_on_an_image_folder_validates_and_checkpoints_at_the_epochs_end(image_folder_run):
+    assert [row["step"] for row in metrics(image_folder_run)] == [0, 1, 2]
+    (evaluation,) = [row for row in records(image_folder_run) if "val_loss" in row]
     assert 0 <= evaluation["val_top5_error"] <= evaluation["val_top1_error"] <= 1
-    assert checkpoint.find("latest", run / "checkpoints").step == 3
-
-
-def test_jpegs_decoded_on_the_device_train_and_validate_on_the_same_pixels(image_folder_runs):
-    def results(run: Path) -> list[tuple]:
-        return [(row.get("loss"), row.get("val_loss"), row.get("val_top1_error")) for row in records(run)]
-
-    assert results(image_folder_runs["device"]) == results(image_folder_runs["workers"])
+    assert checkpoint.find("latest", image_folder_run / "checkpoints").step == 3
 
 
 @pytest.fixture(scope="module")
 def straight_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """paper-split on 2 ranks: 6 steps straight, and 3 steps + resume + 3 steps (a run's last step is
     checkpointed, mid-epoch too), tracked in offline wandb."""
-    common = ["--mode", "paper-split", "--batch-size", "4", *CLASSES, "--workers", "0"]
+    common = ["--mode", "paper-split", "--batch-size", "4", *NET, "--workers", "0"]
     straight, resumed = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
     for args in (["--steps", "6", "--output-dir", str(straight)],
                  ["--steps", "3", "--output-dir", str(resumed), "--tracker", "wandb"],
@@ -190,7 +181,7 @@ def test_a_resumed_run_continues_its_wandb_run(straight_and_resumed):
 def test_resuming_a_finished_run_says_so_and_leaves_its_record_alone(straight_and_resumed, capsys):
     _, resumed = straight_and_resumed
     before = (resumed / "metrics.jsonl").read_text()
-    result = in_process(capsys, "train", "--mode", "single", "--batch-size", "4", *CLASSES, "--workers", "0",
+    result = in_process(capsys, "train", "--mode", "single", "--batch-size", "4", *NET, "--workers", "0",
                         "--steps", "5", "--resume", "latest", "--output-dir", str(resumed))
     assert result.returncode == 0 and "already at step 6 of 5" in result.stdout
     assert (resumed / "metrics.jsonl").read_text() == before
@@ -213,7 +204,7 @@ def test_a_paper_split_checkpoint_exports_and_evaluates_on_one_device(straight_a
     _, resumed = straight_and_resumed
     out = tmp_path / "alexnet.safetensors"
     assert in_process(capsys, "export", str(resumed / "checkpoints"), str(out)).returncode == 0
-    net = AlexNet2012(num_classes=10)
+    net = build_model(PAPER_NET, num_classes=10)
     net.load_state_dict(load_file(str(out)))
     weights, _ = checkpoint.full_state(checkpoint.find("latest", resumed / "checkpoints"))
     assert all(torch.equal(net.state_dict()[key], weights[key]) for key in weights)
@@ -226,7 +217,7 @@ def test_a_paper_split_checkpoint_exports_and_evaluates_on_one_device(straight_a
 @pytest.mark.usefixtures("training_in_this_process")
 def test_a_paper_split_checkpoint_resumes_under_data_parallel(straight_and_resumed, tmp_path, capsys):
     _, resumed = straight_and_resumed
-    result = in_process(capsys, "train", "--mode", "data-parallel", "--batch-size", "4", *CLASSES, "--workers", "0",
+    result = in_process(capsys, "train", "--mode", "data-parallel", "--batch-size", "4", *NET, "--workers", "0",
                         "--steps", "7", "--resume", str(resumed / "checkpoints"), "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert [row["step"] for row in metrics(tmp_path)] == [6]
@@ -234,7 +225,7 @@ def test_a_paper_split_checkpoint_resumes_under_data_parallel(straight_and_resum
 
 def single_run_in_process(capsys: pytest.CaptureFixture, output: Path, steps: int) -> subprocess.CompletedProcess:
     with process_state_restored():
-        return in_process(capsys, "train", "--mode", "single", "--batch-size", "2", *CLASSES, "--workers", "0",
+        return in_process(capsys, "train", "--mode", "single", "--batch-size", "2", *NET, "--workers", "0",
                           "--steps", str(steps), "--resume", "auto", "--output-dir", str(output))
 
 
@@ -295,7 +286,7 @@ def test_a_metrics_row_that_cannot_be_written_is_one_error_that_says_what_to_do(
 def test_a_resume_with_another_seed_or_batch_size_warns_that_its_batches_are_not_the_straight_runs(
         straight_and_resumed, tmp_path, capsys):
     _, resumed = straight_and_resumed
-    result = in_process(capsys, "train", "--mode", "single", "--batch-size", "8", "--seed", "1", *CLASSES,
+    result = in_process(capsys, "train", "--mode", "single", "--batch-size", "8", "--seed", "1", *NET,
                         "--workers", "0", "--steps", "7", "--resume", str(resumed), "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: resumed with --seed 1 (was 0), --batch-size 8 (was 4): from step 6 on" in result.stderr
@@ -304,7 +295,7 @@ def test_a_resume_with_another_seed_or_batch_size_warns_that_its_batches_are_not
 @pytest.mark.usefixtures("training_in_this_process")
 def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(straight_and_resumed, capsys):
     _, resumed = straight_and_resumed
-    result = in_process(capsys, "train", "--mode", "single", "--arch", "owt", *CLASSES, "--workers", "0",
+    result = in_process(capsys, "train", "--mode", "single", *NET, "--arch", "owt", "--workers", "0",
                         "--steps", "8", "--resume", str(resumed / "checkpoints"), "--output-dir", str(resumed / "owt"))
     assert result.returncode == 2
     assert "--arch paper" in one_line_error(result)
@@ -381,7 +372,7 @@ def test_a_new_run_refuses_an_output_folder_that_holds_checkpoints_before_buildi
                                                                                            capsys):
     _, resumed = straight_and_resumed
     before = (resumed / "metrics.jsonl").read_text()
-    result = in_process(capsys, "train", "--mode", "paper-split", *CLASSES, "--output-dir", str(resumed))
+    result = in_process(capsys, "train", "--mode", "paper-split", *NET, "--output-dir", str(resumed))
     assert result.returncode == 2 and "--resume latest" in one_line_error(result)
     assert (resumed / "metrics.jsonl").read_text() == before
 
@@ -393,7 +384,7 @@ def test_a_run_into_a_folder_that_a_live_run_holds_is_refused_in_one_line_naming
     _, resumed = straight_and_resumed
     before = {path: path.read_bytes() for path in resumed.rglob("*") if path.is_file() and path.name != "run.lock"}
     with hold_output(resumed):  # as the live run's main process holds it
-        result = in_process(capsys, "train", "--mode", "paper-split", *CLASSES, "--output-dir", str(resumed),
+        result = in_process(capsys, "train", "--mode", "paper-split", *NET, "--output-dir", str(resumed),
                             "--resume", "latest", "--steps", "12")
     assert result.returncode == 2
     assert f"in use by a live run (pid {os.getpid()} on " in one_line_error(result)
@@ -402,13 +393,13 @@ def test_a_run_into_a_folder_that_a_live_run_holds_is_refused_in_one_line_naming
 
 @pytest.mark.usefixtures("training_in_this_process")
 def test_a_loss_that_becomes_infinite_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, capsys):
-    result = in_process(capsys, "train", "--mode", "single", "--lr", "1e6", "--batch-size", "4", *CLASSES,
+    result = in_process(capsys, "train", "--mode", "single", "--lr", "1e6", "--batch-size", "4", *NET,
                         "--steps", "20", "--workers", "0", "--checkpoint-every", "1", "--output-dir", str(tmp_path))
     assert result.returncode == 1
     message = one_line_error(result)
     assert "not finite at step" in message
     found = checkpoint.find("latest", tmp_path / "checkpoints")
-    assert f"step {found.step}" in message
+    assert f"the newest checkpoint, {found.path}, is finite" in message
     weights, _ = checkpoint.full_state(found)
     assert all(torch.isfinite(w).all() for w in weights.values())
 
@@ -430,7 +421,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_naming_the_newest
 
     torch_save = torch.save
     training_in_this_process.setattr(torch, "save", save_until_the_disk_is_full)
-    result = in_process(capsys, "train", "--mode", "single", "--batch-size", "2", *CLASSES, "--steps", "3",
+    result = in_process(capsys, "train", "--mode", "single", "--batch-size", "2", *NET, "--steps", "3",
                         "--workers", "0", "--checkpoint-every", "1", "--output-dir", str(tmp_path))
     assert result.returncode == 1
     first = tmp_path / "checkpoints" / "step-00000001"
@@ -445,7 +436,7 @@ def test_a_checkpoint_whose_shards_rank_0_does_not_see_stops_in_one_line_saying_
     """As when the nodes of a multi-node run each write into a folder of their own: here a second rank that
     wrote into one."""
     training_in_this_process.setattr(checkpoint, "_shard_writers", lambda *args: ([0, 1], True))
-    result = in_process(capsys, "train", "--mode", "single", "--batch-size", "2", *CLASSES, "--steps", "1",
+    result = in_process(capsys, "train", "--mode", "single", "--batch-size", "2", *NET, "--steps", "1",
                         "--workers", "0", "--output-dir", str(tmp_path))
     assert result.returncode == 1
     assert one_line_error(result).endswith("(rank 0 does not see shard-00001.pt, written by other ranks); the run "
@@ -454,25 +445,10 @@ def test_a_checkpoint_whose_shards_rank_0_does_not_see_stops_in_one_line_saying_
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
-def test_a_stop_signal_finishes_the_step_saves_a_checkpoint_and_exits_cleanly(signal_number, tmp_path):
-    """Sent to the run's whole process group, its loader's workers included, as a terminal sends Ctrl-C,
-    torchrun (under `accelerate launch`) passes on a stop to each rank, and a scheduler stops a job."""
-    (process,) = start_ranks("--mode", "paper-split", "--batch-size", "4", *CLASSES, "--steps", "1000",
-                             "--workers", "1", "--output-dir", str(tmp_path), own_process_groups=True)
-    wait_for_steps(tmp_path, 1)
-    os.killpg(process.pid, signal_number)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-3000:]
-    assert "checkpoint saved" in stdout
-    found = checkpoint.find("latest", tmp_path / "checkpoints")
-    assert found.step == len(metrics(tmp_path))
-
-
 def test_a_rank_that_dies_stops_the_others_with_a_clear_message(tmp_path):
     """The ranks started as a launcher without an agent of its own (srun, say) starts them; under
     `accelerate launch`, torchrun's agent also ends the survivors and names the rank that died."""
-    ranks = start_ranks("--mode", "paper-split", "--batch-size", "4", *CLASSES, "--steps", "1000", "--workers", "0",
+    ranks = start_ranks("--mode", "paper-split", "--batch-size", "4", *NET, "--steps", "1000", "--workers", "0",
                         "--timeout", "30", "--output-dir", str(tmp_path), processes=2)
     wait_for_steps(tmp_path, 1)
     ranks[1].kill()

@@ -18,7 +18,7 @@ from alexnet_mp.bench.measure import Measurement, Sizes
 from alexnet_mp.bench.report import as_markdown, comparisons, environment, plot_layouts
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import Hardware
-from alexnet_mp.predict import HELD_HEADER, Held, held_table, order_said, predict_step
+from alexnet_mp.predict import HELD_HEADER, Held, StepFigures, held_said, held_table, predict_step
 from alexnet_mp.report import markdown_table
 from alexnet_mp.strategies import LAYOUTS, REFERENCE_STEP
 
@@ -43,8 +43,7 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
         record = {"environment": env, "sizes": asdict(sizes), "quick": quick, "skipped": not_measured,
                   "measurements": [{**asdict(m), "median_images_per_s": m.median} for m in measurements],
                   "comparisons": [{**asdict(c), "verdict": c.verdict} for c in rows],
-                  "predicted": [{"run": h.run, "measured_step_s": h.measured_s, "error": h.error,
-                                 **asdict(h.predicted)} for h in held],
+                  "predicted": [h.to_json() for h in held],
                   "hardware": None if hardware is None else {"name": hardware.name, "source": hardware.source}}
         (output / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
         (output / "bench.md").write_text(text)
@@ -67,18 +66,18 @@ def predictions(measurements: list[Measurement], sizes: Sizes, hardware: Hardwar
     for m in measurements:
         if m.mode and m.step_s and LAYOUTS[m.mode].costs.parts(m.ranks) == m.ranks:
             try:
-                held.append(Held(m.name, m.step_s, predict_step(m.mode, m.arch or "paper", m.ranks, m.batch,
-                                                                hardware, sizes.num_classes, m.options)))
+                predicted = predict_step(m.mode, m.arch or "paper", m.ranks, m.batch, hardware, sizes.num_classes,
+                                         m.options)
             except UsageError:
                 continue
+            measured = StepFigures(m.step_s, m.step_s - m.comm_wait_s, m.comm_wait_s, m.bytes_per_rank,
+                                   m.training_memory_mb or None)
+            held.append(Held(m.name, measured, predicted.figures()))
     return held
 
 
 def held_markdown(held: list[Held], hardware: Hardware | None) -> str:
     if not held:
         return "" if hardware else "\nNo hardware profile given: no step predicted (`calibrate`, then `--hardware`).\n"
-    errors = sorted(abs(h.error) for h in held)
     return "\n".join(["", f"## Predicted beside measured: {hardware.name} ({hardware.source})", "",
-                      markdown_table(HELD_HEADER, held_table(held)), "",
-                      f"median |error| {errors[len(errors) // 2]:.0%}, largest {errors[-1]:.0%}; order of the layouts "
-                      + order_said([(h.run, h.measured_s, h.predicted.step_s) for h in held])]) + "\n"
+                      markdown_table(HELD_HEADER, held_table(held)), "", held_said(held)]) + "\n"

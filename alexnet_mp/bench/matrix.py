@@ -34,8 +34,9 @@ FULL = Sizes(batch=32, steps=6, warmup=2, ranks=(2, 4), pipeline_images=512, pip
 # The GPU sizes: batch 256; warm-up long enough for compilation and CUDA-graph recording.
 FULL_GPU = Sizes(batch=256, steps=20, warmup=5, ranks=(2, 4), pipeline_images=2048, pipeline_steps=40, workers=8,
                  num_classes=1000)
+# Every part of the matrix once, as fast as it runs: its figures say nothing of the nets' speed.
 QUICK = Sizes(batch=4, steps=1, warmup=1, ranks=(2, 4), pipeline_images=8, pipeline_steps=1, workers=2,
-              num_classes=10)
+              num_classes=10, paper_net="paper-debug", owt_net="owt-debug")
 
 
 
@@ -98,19 +99,20 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str,
         run(variant.named(name), layout_steps, ranks, mode, arch, options or {}, batch, sizes, variant, arch=arch,
             precision=variant.precision, mode=mode, options=options or {})
 
+    paper, owt = sizes.paper_net, sizes.owt_net
     if modes is not None:
-        step(REFERENCE_STEP, 1, REFERENCE, "paper", layouts)
+        step(REFERENCE_STEP, 1, REFERENCE, paper, layouts)
         for name, ranks, mode, options in layout_runs(sizes, device_type, skipped, modes):
-            step(name, ranks, mode, "paper", layouts, options)
+            step(name, ranks, mode, paper, layouts, options)
         return list(found.values()), skipped, failed
     run(PLAIN_LOOP, plain_loop_steps, 1, batch, sizes, arch="owt")
     for variant in single_variants(device_type):
-        step(REFERENCE_STEP, 1, REFERENCE, "paper", variant)
-    run(layouts.named(TRACED), layout_steps, 1, REFERENCE, "paper", {}, batch, sizes, layouts, True, arch="paper",
+        step(REFERENCE_STEP, 1, REFERENCE, paper, variant)
+    run(layouts.named(TRACED), layout_steps, 1, REFERENCE, paper, {}, batch, sizes, layouts, True, arch=paper,
         precision=layouts.precision)
-    step(f"{REFERENCE}, owt", 1, REFERENCE, "owt", layouts)
+    step(f"{REFERENCE}, owt", 1, REFERENCE, owt, layouts)
     for name, ranks, mode, options in layout_runs(sizes, device_type, skipped):
-        step(name, ranks, mode, "paper", layouts, options)
+        step(name, ranks, mode, paper, layouts, options)
     pictures = str(write_jpeg_tree(scratch / "jpeg", sizes.pipeline_images))
     run("input pipeline, 1 worker (in process)", pipeline_pass, 1, pictures, batch, 0, sizes.pipeline_steps,
         threads=1)
@@ -119,7 +121,7 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str,
         run(f"input pipeline, {sizes.workers} workers{suffix}", pipeline_pass, 1, pictures, batch, sizes.workers,
             sizes.pipeline_steps, place, threads=1)
         run(layouts.named(FED + suffix), fed_steps, 1, pictures, batch, sizes.workers, sizes, layouts, place,
-            arch="paper", precision=layouts.precision)
+            arch=paper, precision=layouts.precision)
     return list(found.values()), skipped, failed
 
 
@@ -138,7 +140,7 @@ def layout_runs(sizes: Sizes, device_type: str, skipped: list[str], modes: Colle
         for ranks, options in itertools.product(counts, cls.compared()):
             name = cls.run_name(ranks, options)
             try:
-                cls.check(ranks, TrainConfig(mode=mode, batch_size=sizes.batch, options=options))
+                cls.check(ranks, TrainConfig(mode=mode, arch=sizes.paper_net, batch_size=sizes.batch, options=options))
             except UsageError as refusal:
                 skipped.append(f"{name}: {refusal}")
                 continue

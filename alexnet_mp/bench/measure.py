@@ -26,7 +26,7 @@ from alexnet_mp.rng import seeded_generator
 from alexnet_mp.speed import EAGER, Variant
 from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import REFERENCE, build, check_layout
-from alexnet_mp.timing import StepClock, peak_memory_mb
+from alexnet_mp.timing import StepClock, memory_in_use_mb, peak_memory_mb
 from alexnet_mp.trace import Tracer
 from alexnet_mp.world import current
 
@@ -44,6 +44,8 @@ class Sizes:
     pipeline_steps: int  # batches the input pipeline alone is timed on, after its warm-up
     workers: int  # loader processes of the pipeline measurement
     num_classes: int
+    paper_net: str = "paper"  # the nets our steps run (quick: the debug flavors)
+    owt_net: str = "owt"
 
 
 def _device() -> torch.device:
@@ -84,6 +86,7 @@ def layout_steps(mode: str, arch: str, options: dict[str, Any], batch: int, size
     config = TrainConfig(mode=mode, arch=arch, num_classes=sizes.num_classes, seed=SEED, batch_size=batch,
                          **variant.speed.flags(), options=options)
     check_layout(config, current().size)
+    before_net_mb = memory_in_use_mb(device)
     layout = build(config, device)
     layout.train()
     optimizer = make_optimizer(layout.parameters(), config, layout.learning_rates())
@@ -99,7 +102,8 @@ def layout_steps(mode: str, arch: str, options: dict[str, Any], batch: int, size
             train_step(layout, optimizer, images, labels, step, batch)
 
     result = _timed(run_step, device, sizes, layout.ledger)
-    return {**result, "bytes": layout.ledger.total_bytes()}
+    return {**result, "bytes": layout.ledger.total_bytes(),
+            "training_memory_mb": result["peak_memory_mb"] - before_net_mb}
 
 
 def plain_loop_steps(batch: int, sizes: Sizes) -> dict:
@@ -157,8 +161,8 @@ def fed_steps(root: str, batch: int, workers: int, sizes: Sizes, variant: Varian
     """Our single-device step fed by the input pipeline, data waits included; warmed up (compiled) on an
     in-memory batch first."""
     device = _device()
-    config = TrainConfig(mode=REFERENCE, num_classes=sizes.num_classes, seed=SEED, batch_size=batch,
-                         **variant.speed.flags())
+    config = TrainConfig(mode=REFERENCE, arch=sizes.paper_net, num_classes=sizes.num_classes, seed=SEED,
+                         batch_size=batch, **variant.speed.flags())
     layout = build(config, device)
     layout.train()
     optimizer = make_optimizer(layout.parameters(), config, layout.learning_rates())
@@ -193,6 +197,7 @@ class Measurement:
     step_s: float = 0.0  # median, slowest rank
     mode: str | None = None  # of a layout's step, with its own options
     options: dict[str, Any] = field(default_factory=dict)
+    training_memory_mb: list[float] = field(default_factory=list)  # peak less the memory in use before the net
 
     @property
     def median(self) -> float:
@@ -221,7 +226,8 @@ def measure(name: str, fn: Callable[..., dict], ranks: int, threads: int, batch:
                        {link: slowest_wait({link}, True) for link in sorted(links)},
                        [statistics.median(waits) for waits in zip(*(blocked_per_rank(step, links, False)
                                                                     for step in steps), strict=True)],
-                       statistics.median(slowest), mode, options or {})
+                       statistics.median(slowest), mode, options or {},
+                       [r["training_memory_mb"] for r in results if "training_memory_mb" in r])
 
 
 def blocked_per_rank(step: tuple[dict, ...], links: set[str], after_last_arrival: bool) -> list[float]:

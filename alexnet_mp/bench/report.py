@@ -191,7 +191,8 @@ def as_markdown(measurements: list[Measurement], rows: list[Comparison], not_mea
     lines = [f"# Benchmark ({'quick' if quick else 'full'} sizes)", "",
              ", ".join(f"{key}: {value}" for key, value in env.items()),
              f"global batch {sizes.batch}, {sizes.steps} timed steps after {sizes.warmup} warm-up, "
-             f"{sizes.num_classes} classes, data in memory unless named; bf16: autocast, float32 weights", "",
+             f"{sizes.num_classes} classes, the {sizes.paper_net} and {sizes.owt_net} nets, data in memory unless "
+             "named; bf16: autocast, float32 weights", "",
              markdown_table(["measurement", "ranks x threads", "images/s median (min-max)",
                              "comm wait ms/step (after the last rank arrived)", "bytes sent/step per rank",
                              "peak MiB per rank", "TFLOP/s", "MFU"],

@@ -19,7 +19,7 @@ from alexnet_mp.cost import Traffic, both_ways, parameters
 from alexnet_mp.errors import UsageError
 from alexnet_mp.ledger import BACKWARD, Ledger, metered, ring_all_reduce_elements
 from alexnet_mp.links import Link
-from alexnet_mp.model import PAPER, AlexNet, Architecture, conv_output_sides, tower_block
+from alexnet_mp.model import ARCHITECTURES, PAPER, AlexNet, Architecture, conv_output_sides, tower_block
 from alexnet_mp.strategies.base import Claim, Layout, link_inputs, shard_layers
 from alexnet_mp.strategies.costs import FC_LINKS, Costs, fc_traffic, new_traffic
 from alexnet_mp.strategies.mesh import grid
@@ -100,9 +100,9 @@ class PaperSplit(Layout):
 
     @classmethod
     def check_world(cls, world_size: int, config: TrainConfig) -> None:
-        if config.arch != "paper":
-            raise UsageError(f"--mode paper-split needs --arch paper (the owt net has one column); "
-                             f"use --mode data-parallel or weird-trick for --arch {config.arch}")
+        if ARCHITECTURES[config.arch].towers != TOWERS:
+            raise UsageError(f"--mode paper-split needs --arch paper or paper-debug (two towers); the {config.arch} "
+                             f"net has one column: use --mode data-parallel or weird-trick for it")
         if world_size != 1 and world_size % TOWERS:
             raise UsageError(f"--mode paper-split runs on 1 process or an even number (2 towers x replicas), "
                              f"not {world_size}; try --num_processes 2 or 4")
