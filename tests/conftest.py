@@ -11,7 +11,7 @@ from tests.equivalence import STEPS, Run, run_reference
 
 REFERENCE_BATCH = 4
 # The modules that take longest, longest first: pytest-xdist hands each worker a module at a time in the order
-# collected, so these start first and the two workers end close together.
+# collected, so these start first and the workers end close together.
 LONGEST_FIRST = ("test_faults.py", "test_training.py", "test_strategies.py", "test_cli.py", "test_everyday.py",
                  "test_bench.py", "test_paper_split.py", "test_report.py", "test_speed.py", "test_predict.py",
                  "test_data.py", "test_resharding.py", "test_registry.py")

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
-# One thread a process: the two pytest workers each start ranks on 2 cores, and a rank with a thread per core
+# One thread a process: the pytest workers each start ranks on 2 cores, and a rank with a thread per core
 # oversubscribes them (its threads spin while they wait for each other).
 ENV = {"ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
 
