@@ -93,7 +93,7 @@ def debug_flavor(arch: Architecture) -> Architecture:
 
 ARCHITECTURES = {arch.name: arch for base in (PAPER, OWT) for arch in (base, debug_flavor(base))}
 ARCH_HELP = ("paper: the 2012 two-tower net; owt: the one-column net of 'One weird trick'; "
-             "X-debug: X with fc6 and fc7 of 256 units, for quick checks")
+             f"X-debug: X with fc6 and fc7 of {DEBUG_FC_UNITS} units, for quick checks")
 FC_NAMES = ("fc6", "fc7", "fc8")
 
 # torchvision.models.alexnet's parameter prefixes for the owt net's layers.

@@ -255,16 +255,22 @@ def compare(directories: list[Path], out: Path, hardware: Hardware | None = None
     plots = plot_comparison(runs, out)
     timeline = plot_timelines(runs, held, out / "timeline.png")
     comparison = Comparison(header, rows, broken, plots + ([timeline] if timeline else []), held)
-    said = (f"## Predicted beside measured: {hardware.name} ({hardware.source})\n\n"
-            f"{markdown_table(HELD_HEADER, held_table(held))}\n\n{held_said(held)}." if hardware else
-            "No hardware profile given: no step predicted (`python -m alexnet_mp calibrate`, then `--hardware`).")
-    (out / "comparison.md").write_text(comparison.table + "\n\n" + said + "\n\n" +
+    (out / "comparison.md").write_text(comparison.table + "\n\n" + held_section(held, hardware) + "\n\n" +
                                        "\n".join(f"![{p.stem}]({p.name})" for p in comparison.plots) + "\n")
     record = {"hardware": None if hardware is None else {"name": hardware.name, "source": hardware.source},
               "runs": [h.to_json() for h in held] or [{"run": run.label, "measured": asdict(measured(run))}
                                                       for run in runs]}
     (out / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")
     return comparison
+
+
+def held_section(held: list[Held], hardware: Hardware | None) -> str:
+    """The Markdown section of each run's figures beside the cost model's on `hardware` (comparison.md's, bench.md's),
+    or the line saying no profile was given."""
+    if hardware is None:
+        return "No hardware profile given: no step predicted (`python -m alexnet_mp calibrate`, then `--hardware`)."
+    return (f"## Predicted beside measured: {hardware.name} ({hardware.source})\n\n"
+            f"{markdown_table(HELD_HEADER, held_table(held))}\n\n{held_said(held)}")
 
 
 def measured(run: RunSummary) -> StepFigures:

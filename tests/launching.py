@@ -21,7 +21,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 # One thread a process: the pytest workers each start ranks on 2 cores, and a rank with a thread per core
-# oversubscribes them (its threads spin while they wait for each other).
+# oversubscribes them (its threads spin while they wait for each other); and under every launcher alike (torchrun's
+# default; a one-process accelerate launch sets none), so that a stopped run and its resume compute what the straight
+# run computes, bit for bit.
 ENV = {"ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
 
 

@@ -628,9 +628,6 @@ def test_a_rank_that_cannot_join_its_group_says_so_in_one_line_within_its_timeou
 STOPPABLE = ["--mode", "paper-split", "--arch", NET, "--batch-size", "4", "--num-classes", "10", "--workers", "1",
              "--timeout", "30"]
 STEPS = 12  # the straight run's; a stopped run is signalled after its second step, long before its last
-# one thread a rank under every launcher (torchrun's default; a one-process accelerate launch sets none), so that a
-# stopped run and its resume compute what the straight run computes, bit for bit
-ONE_THREAD = {**ENV, "OMP_NUM_THREADS": "1"}
 
 
 def launchers(form: str, folder: Path) -> list[list[str]]:
@@ -683,7 +680,7 @@ class TestStops:
         for processes in (1, 2):
             folder = tmp_path_factory.mktemp(f"straight-{processes}")
             result = run_ranks(*STOPPABLE, "--workers", "0", "--steps", str(STEPS), "--no-checkpoints",
-                               "--output-dir", str(folder), processes=processes, env=ONE_THREAD)
+                               "--output-dir", str(folder), processes=processes, env=ENV)
             assert result.returncode == 0, result.stderr[-3000:]
             losses[processes] = [row["loss"] for row in metrics(folder)]
         return losses
@@ -692,7 +689,7 @@ class TestStops:
     def test_a_stop_finishes_the_step_checkpoints_and_resumes_to_the_straight_runs_losses(
             self, straight_losses, form, how, tmp_path):
         launched = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **ONE_THREAD}, start_new_session=True)
+                                     env={**os.environ, **ENV}, start_new_session=True)
                     for command in launchers(form, tmp_path)]
         try:
             wait_for(lambda: logged_steps(tmp_path) >= 2)
@@ -710,7 +707,7 @@ class TestStops:
         assert checkpoint.find("latest", tmp_path / "checkpoints").step == stopped_at
         processes = 1 if form == "accelerate, 1 process" else 2
         resumed = run_ranks(*STOPPABLE, "--workers", "0", "--steps", str(stopped_at + 1), "--resume", "latest",
-                            "--output-dir", str(tmp_path), processes=processes, env=ONE_THREAD)
+                            "--output-dir", str(tmp_path), processes=processes, env=ENV)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert f"resumed from {tmp_path / 'checkpoints'}" in resumed.stderr
         assert [row["loss"] for row in metrics(tmp_path)] == straight_losses[processes][:stopped_at + 1]

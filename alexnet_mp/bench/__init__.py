@@ -18,8 +18,8 @@ from alexnet_mp.bench.measure import Measurement, Sizes
 from alexnet_mp.bench.report import as_markdown, comparisons, environment, plot_layouts
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import Hardware
-from alexnet_mp.predict import HELD_HEADER, Held, StepFigures, held_said, held_table, predict_step
-from alexnet_mp.report import markdown_table
+from alexnet_mp.predict import Held, StepFigures, predict_step
+from alexnet_mp.report import held_section
 from alexnet_mp.strategies import LAYOUTS, REFERENCE_STEP
 
 
@@ -77,7 +77,5 @@ def predictions(measurements: list[Measurement], sizes: Sizes, hardware: Hardwar
 
 
 def held_markdown(held: list[Held], hardware: Hardware | None) -> str:
-    if not held:
-        return "" if hardware else "\nNo hardware profile given: no step predicted (`calibrate`, then `--hardware`).\n"
-    return "\n".join(["", f"## Predicted beside measured: {hardware.name} ({hardware.source})", "",
-                      markdown_table(HELD_HEADER, held_table(held)), "", held_said(held)]) + "\n"
+    """bench.md's section of each layout's step beside its prediction: none where a profile predicted nothing."""
+    return "" if hardware and not held else "\n" + held_section(held, hardware) + "\n"
