@@ -85,14 +85,9 @@ def kill_every_rank_into_a_save(ranks: list[subprocess.Popen], folder: Path) -> 
         os.killpg(rank.pid, signal.SIGKILL)
 
 
-def stop_every_rank(ranks: list[subprocess.Popen], folder: Path) -> None:
-    wait_for(lambda: logged_steps(folder) >= 2)
-    for rank in ranks:
-        os.killpg(rank.pid, signal.SIGTERM)
-
-
-@pytest.mark.parametrize("fault", [kill_rank_1_mid_step, kill_every_rank_into_a_save, stop_every_rank],
-                         ids=["kill -9 rank 1 mid-step", "kill -9 all mid-save", "SIGTERM"])
+# A SIGTERM to every rank: TestStops, under each launch form.
+@pytest.mark.parametrize("fault", [kill_rank_1_mid_step, kill_every_rank_into_a_save],
+                         ids=["kill -9 rank 1 mid-step", "kill -9 all mid-save"])
 @pytest.mark.slow
 def test_a_run_stopped_by_a_fault_resumes_to_the_straight_runs_losses_exactly(straight, fault, tmp_path):
     ranks = start_ranks(*PAPER_SPLIT, "--timeout", "20", "--output-dir", str(tmp_path), processes=2,
