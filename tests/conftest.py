@@ -1,7 +1,8 @@
-"""The order the tests run in, and fixtures shared by the equivalence tests."""
+"""Fixtures shared by the equivalence tests."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -10,21 +11,15 @@ import torch
 from tests.equivalence import STEPS, Run, run_reference
 
 REFERENCE_BATCH = 4
-# The modules that take longest, longest first: pytest-xdist hands each worker a module at a time in the order
-# collected, so these start first and the workers end close together.
-LONGEST_FIRST = ("test_faults.py", "test_training.py", "test_strategies.py", "test_cli.py", "test_everyday.py",
-                 "test_bench.py", "test_paper_split.py", "test_report.py", "test_speed.py", "test_predict.py",
-                 "test_data.py", "test_resharding.py", "test_registry.py")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)
-
-
+def pytest_configure() -> None:
+    """A thread per pytest-xdist worker, and per process it spawns (the equivalence runs' ranks): two workers on two
+    cores each running torch on a thread per core keep their threads spinning on each other, as the launched runs
+    did before tests/launching.ENV."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
 @pytest.fixture(scope="session")
 def references() -> Callable[[str, int], dict[str, Run]]:
     """The one-device reference runs per architecture and batch (4 unless a layout needs more): float64 for 2

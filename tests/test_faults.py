@@ -85,7 +85,7 @@ def kill_every_rank_into_a_save(ranks: list[subprocess.Popen], folder: Path) -> 
         os.killpg(rank.pid, signal.SIGKILL)
 
 
-# A SIGTERM to every rank: TestStops, under each launch form.
+# A SIGTERM to every rank: the stops under each launch form, below.
 @pytest.mark.parametrize("fault", [kill_rank_1_mid_step, kill_every_rank_into_a_save],
                          ids=["kill -9 rank 1 mid-step", "kill -9 all mid-save"])
 @pytest.mark.slow
@@ -618,7 +618,7 @@ def test_a_rank_that_cannot_join_its_group_says_so_in_one_line_within_its_timeou
 
 
 # A stop, however it arrives, under each launch form: the step in hand finishes, a checkpoint is written, and a
-# resume goes on as the straight run. A class of its own: pytest-xdist runs it beside the module's other tests.
+# resume goes on as the straight run.
 
 STOPPABLE = ["--mode", "paper-split", "--arch", NET, "--batch-size", "4", "--num-classes", "10", "--workers", "1",
              "--timeout", "30"]
@@ -666,46 +666,46 @@ STOPS = ["SIGTERM to the launcher", "SIGTERM to its process group", "SIGTERM to 
 FORM_STOPS = list(zip(FORMS, STOPS, strict=True))
 
 
-@pytest.mark.slow
-class TestStops:
-    @pytest.fixture(scope="class")
-    def straight_losses(self, tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[float]]:
-        """The losses of uninterrupted runs on 1 and on 2 ranks, by rank count."""
-        losses = {}
-        for processes in (1, 2):
-            folder = tmp_path_factory.mktemp(f"straight-{processes}")
-            result = run_ranks(*STOPPABLE, "--workers", "0", "--steps", str(STEPS), "--no-checkpoints",
-                               "--output-dir", str(folder), processes=processes, env=ENV)
-            assert result.returncode == 0, result.stderr[-3000:]
-            losses[processes] = [row["loss"] for row in metrics(folder)]
-        return losses
+@pytest.fixture(scope="module")
+def straight_losses(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[float]]:
+    """The losses of uninterrupted runs on 1 and on 2 ranks, by rank count."""
+    losses = {}
+    for processes in (1, 2):
+        folder = tmp_path_factory.mktemp(f"straight-{processes}")
+        result = run_ranks(*STOPPABLE, "--workers", "0", "--steps", str(STEPS), "--no-checkpoints",
+                           "--output-dir", str(folder), processes=processes, env=ENV)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[processes] = [row["loss"] for row in metrics(folder)]
+    return losses
 
-    @pytest.mark.parametrize(("form", "how"), FORM_STOPS)
-    def test_a_stop_finishes_the_step_checkpoints_and_resumes_to_the_straight_runs_losses(
-            self, straight_losses, form, how, tmp_path):
-        launched = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **ENV}, start_new_session=True)
-                    for command in launchers(form, tmp_path)]
-        try:
-            wait_for(lambda: logged_steps(tmp_path) >= 2)
-            stop(how, launched)
-            output = "".join(launcher.communicate(timeout=120)[0] for launcher in launched)
-        finally:
-            for launcher in launched:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(launcher.pid, signal.SIGKILL)
-        stopped_at = len(metrics(tmp_path))
-        # torchrun's own launcher prints a traceback when signalled (torch's SignalException); the ranks print none
-        assert "stopped by a signal" in output, output[-3000:]
-        assert output.count("Traceback") == output.count("SignalException: Process"), output[-3000:]
-        assert stopped_at < STEPS
-        assert checkpoint.find("latest", tmp_path / "checkpoints").step == stopped_at
-        processes = 1 if form == "accelerate, 1 process" else 2
-        resumed = run_ranks(*STOPPABLE, "--workers", "0", "--steps", str(stopped_at + 1), "--resume", "latest",
-                            "--output-dir", str(tmp_path), processes=processes, env=ENV)
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert f"resumed from {tmp_path / 'checkpoints'}" in resumed.stderr
-        assert [row["loss"] for row in metrics(tmp_path)] == straight_losses[processes][:stopped_at + 1]
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("form", "how"), FORM_STOPS)
+def test_a_stop_finishes_the_step_checkpoints_and_resumes_to_the_straight_runs_losses(
+        straight_losses, form, how, tmp_path):
+    launched = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env={**os.environ, **ENV}, start_new_session=True)
+                for command in launchers(form, tmp_path)]
+    try:
+        wait_for(lambda: logged_steps(tmp_path) >= 2)
+        stop(how, launched)
+        output = "".join(launcher.communicate(timeout=120)[0] for launcher in launched)
+    finally:
+        for launcher in launched:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(launcher.pid, signal.SIGKILL)
+    stopped_at = len(metrics(tmp_path))
+    # torchrun's own launcher prints a traceback when signalled (torch's SignalException); the ranks print none
+    assert "stopped by a signal" in output, output[-3000:]
+    assert output.count("Traceback") == output.count("SignalException: Process"), output[-3000:]
+    assert stopped_at < STEPS
+    assert checkpoint.find("latest", tmp_path / "checkpoints").step == stopped_at
+    processes = 1 if form == "accelerate, 1 process" else 2
+    resumed = run_ranks(*STOPPABLE, "--workers", "0", "--steps", str(stopped_at + 1), "--resume", "latest",
+                        "--output-dir", str(tmp_path), processes=processes, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'checkpoints'}" in resumed.stderr
+    assert [row["loss"] for row in metrics(tmp_path)] == straight_losses[processes][:stopped_at + 1]
 
 
 @pytest.mark.slow
