@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from alexnet_mp.ledger import BACKWARD, FORWARD
-from alexnet_mp.model import FC_NAMES, IMAGE_SIZE, Architecture, build_model, conv_sides, full_shapes
+from alexnet_mp.model import FC_NAMES, IMAGE_SIZE, Architecture, ConvSpec, build_model, conv_sides, full_shapes
 
 Traffic = dict[tuple[str, str], float]  # (link, direction) -> elements sent
 
@@ -94,16 +94,48 @@ def training_flops(work: RankWork, arch: Architecture, num_classes: int = 1000, 
                if cost.name.startswith(layers))
 
 
+# Live in a layer's backward besides what the forward kept, in elements of its output per image: the gradients of
+# its output and input, and for a layer with LRN its backward's own (the denominator, the scale, a window sum
+# padded and summed: `model._ChannelLRN.backward`), at their most.
+BACKWARD_TEMPORARIES = 2
+LRN_BACKWARD_TEMPORARIES = 4
+
+
+def kept_for_backward(cost: LayerCost, spec: ConvSpec | None) -> int:
+    """Elements per image that autograd keeps of a layer from its forward to its backward. A conv layer: its
+    ReLU'd output (the ReLU works in place, and the LRN keeps the same maps), the LRN's output (the pool's input),
+    the pool's output and its int64 indices (two elements each). fc6 and fc7: the ReLU'd output, the dropout's mask
+    (in the activations' dtype) and its output. fc8: its logits and their log-softmax."""
+    out, block = math.prod(cost.output_shape), math.prod(cost.block_shape)
+    if spec is not None:
+        return out + (out if spec.lrn else 0) + (3 * block if spec.pool else 0)
+    return 2 * out if cost.name == FC_NAMES[-1] else 3 * out
+
+
 def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, bytes_per_element: int = 4,
                  ) -> dict[str, float]:
-    """A rank's memory for training, by kind: weights, their gradients and the momentum (one copy
-    each of the parameters the rank holds), what it gathers beyond them, and the activations autograd keeps
-    at this batch (roughly: each layer's output and its block's output, plus the input images)."""
-    activations = 3 * IMAGE_SIZE ** 2 * work.conv_samples
-    for cost in layer_costs(arch, num_classes, work.shares):
-        activations += (math.prod(cost.output_shape) + math.prod(cost.block_shape)) * work.samples(cost.name)
+    """A rank's memory at its peak, in the backward, by kind: its weights and momentum (a copy each of the parameters
+    it holds), what it gathers beyond them, and at the layer whose backward holds the most: the gradients of the
+    layers from the last down to it, and the activations (the images, what autograd still keeps of the forward
+    from the first layer up to it, and its backward's temporaries)."""
+    specs = {spec.name: spec for spec in arch.convs}
+    costs = layer_costs(arch, num_classes, work.shares)
+    held = {cost.name: cost.parameters for cost in layer_costs(arch, num_classes, work.holds)}
+    images = 3 * IMAGE_SIZE ** 2 * work.conv_samples
+    first = arch.convs[0]
+    if "conv1" in held and isinstance(first.padding, tuple):  # the padded copy the first conv reads and keeps
+        images += 3 * (IMAGE_SIZE + sum(first.padding[:2])) * (IMAGE_SIZE + sum(first.padding[2:])) * work.conv_samples
+    kept, temporaries = [], []
+    for cost in costs:
+        spec, samples = specs.get(cost.name), work.samples(cost.name)
+        kept.append(kept_for_backward(cost, spec) * samples)
+        factor = LRN_BACKWARD_TEMPORARIES if spec is not None and spec.lrn else BACKWARD_TEMPORARIES
+        temporaries.append(factor * math.prod(cost.output_shape) * samples)
+    gradients, activations = max(
+        ((sum(held.get(cost.name, 0) for cost in costs[at:]), images + sum(kept[:at + 1]) + temporaries[at])
+         for at in range(len(costs))), key=sum, default=(0, 0))
     weights = parameters(work, arch, num_classes) * bytes_per_element
-    return {"weights": weights, "gradients": weights, "momentum": weights,
+    return {"weights": weights, "gradients": gradients * bytes_per_element, "momentum": weights,
             "gathered": work.gathered * bytes_per_element, "activations": activations * bytes_per_element}
 
 

@@ -4,17 +4,24 @@ read back, bad profiles refused in one line."""
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
+from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, parameters
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import KINDS, Collective, Hardware, load
 from alexnet_mp.model import PAPER
 from alexnet_mp.predict import Held, StepFigures, disordered, held_table, predict_step
-from alexnet_mp.strategies import LAYOUTS
+from alexnet_mp.step import make_optimizer, train_step
+from alexnet_mp.strategies import LAYOUTS, build
 from alexnet_mp.strategies.pipeline import simulated_step_s
+from tests.equivalence import PAPER_NET
 from tests.launching import in_process, one_line_error
 
 LINK = Collective(latency_s=1e-3, bytes_per_s=1e9)
@@ -161,3 +168,43 @@ def test_pipeline_stages_sharing_cores_run_at_their_own_speed_but_no_faster_than
     config = TrainConfig(mode="pipeline", options={"microbatches": microbatches})
     costs = LAYOUTS["pipeline"].costs
     assert costs.step_s([1.0] * 4, [2.0] * 4, [{}] * 4, 4, config, blocking=True, sharing=2.0) == pytest.approx(step)
+
+
+class LiveTensors(TorchDispatchMode):
+    """The bytes of the tensors ops create and that are still alive (each storage once), and their peak."""
+
+    def __init__(self, existing: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {tensor.untyped_storage().data_ptr(): 0 for tensor in existing}
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in self.live:
+                storage = tensor.untyped_storage()
+                self.live[storage.data_ptr()] = storage.nbytes()
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self.freed, storage.data_ptr())
+        return out
+
+    def freed(self, address: int) -> None:
+        self.now -= self.live.pop(address, 0)
+
+
+def test_the_predicted_memory_of_a_step_is_its_peak_of_live_tensors():
+    """The reference's second step (its momentum made by the first): weights and momentum, and the peak of
+    the tensors the step makes (gradients, what autograd keeps, the backward's temporaries), with its images."""
+    config = TrainConfig(mode="single", arch=PAPER_NET, num_classes=10, seed=0, batch_size=8)
+    layout = build(config, torch.device("cpu"))
+    optimizer = make_optimizer(layout.parameters(), config)
+    images, labels = torch.randn(8, 3, 224, 224), torch.randint(0, 10, (8,))
+    train_step(layout, optimizer, images, labels, 0, 8)
+    kept = [*layout.parameters(), *(value for state in optimizer.state.values() for value in state.values()),
+            images, labels]
+    with LiveTensors(kept) as step:
+        train_step(layout, optimizer, images, labels, 1, 8)
+    state = sum(tensor.nbytes for tensor in kept)
+    predicted = predict_step("single", PAPER_NET, 1, 8, by_hand(), 10).memory_bytes[0]
+    assert predicted == pytest.approx(state + step.peak, rel=0.05)
