@@ -16,6 +16,7 @@ from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, parameters
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import KINDS, Collective, Hardware, load
+from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.model import PAPER
 from alexnet_mp.predict import Held, StepFigures, disordered, held_table, predict_step
 from alexnet_mp.step import make_optimizer, train_step
@@ -163,8 +164,6 @@ def test_pipeline_stages_sharing_cores_run_at_their_own_speed_but_no_faster_than
     """4 stages on 2 cores, each stage's times stretched 2x by the sharing: unstretched, one micro-batch takes the
     stages in turn, 4 x 1.5; four of them would overlap into (4 + 3) / 4 x 1.5, less than the 12 of work over
     2 cores."""
-    from alexnet_mp.config import TrainConfig
-
     config = TrainConfig(mode="pipeline", options={"microbatches": microbatches})
     costs = LAYOUTS["pipeline"].costs
     assert costs.step_s([1.0] * 4, [2.0] * 4, [{}] * 4, 4, config, blocking=True, sharing=2.0) == pytest.approx(step)
@@ -208,3 +207,13 @@ def test_the_predicted_memory_of_a_step_is_its_peak_of_live_tensors():
     state = sum(tensor.nbytes for tensor in kept)
     predicted = predict_step("single", PAPER_NET, 1, 8, by_hand(), 10).memory_bytes[0]
     assert predicted == pytest.approx(state + step.peak, rel=0.05)
+
+
+@pytest.mark.parametrize(("blocking", "step"), [(True, 7.5), (False, 1.0 + 2.0 + 0.5 / 8 + 2.0)])
+def test_fsdp_on_nccl_waits_for_its_first_gather_and_what_the_compute_cannot_cover(blocking, step):
+    """A forward of 1 s, a backward of 2 s, 8 units gathering 0.5 s in the forward, 3 s in the backward, reducing
+    1 s: on gloo each collective blocks; on NCCL the forward covers its gathers but the first unit's share, and the
+    backward 2 of its 4 s."""
+    comm = {("parameters", FORWARD): 0.5, ("parameters", BACKWARD): 3.0, ("gradients", BACKWARD): 1.0}
+    config = TrainConfig(mode="fsdp", arch="paper")
+    assert LAYOUTS["fsdp"].costs.step_s([1.0], [2.0], [comm], 2, config, blocking) == pytest.approx(step)

@@ -82,6 +82,23 @@ class FSDPCosts(DataParallelCosts):
         return len(ARCHITECTURES[config.arch].convs) + len(FC_NAMES)  # one per layer unit, each direction
 
     @classmethod
+    def step_s(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
+               world_size: int, config: TrainConfig, blocking: bool, sharing: float = 1.0) -> float:
+        """Where collectives run beside the compute (NCCL), FSDP prefetches: each unit's all-gather runs during the
+        unit before's compute, so a pass waits for its first unit's gather (a unit's share, on average) and for
+        whatever of its gathers the pass's compute cannot cover; the backward's reduce-scatters share that cover."""
+        if blocking:
+            return super().step_s(forward_s, backward_s, comm_s, world_size, config, blocking, sharing)
+        units = cls.calls(PARAMETERS, 0, world_size, config)
+        steps = []
+        for forward, backward, comm in zip(forward_s, backward_s, comm_s, strict=True):
+            gathers, in_backward = comm.get((PARAMETERS, FORWARD), 0.0), comm.get((PARAMETERS, BACKWARD), 0.0)
+            reduces = comm.get((GRADIENTS, BACKWARD), 0.0)
+            waits = max(gathers / units, gathers - forward) + max(in_backward / units, in_backward + reduces - backward)
+            steps.append(forward + backward + waits)
+        return max(steps)
+
+    @classmethod
     def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
         """The rows `torch.chunk` gives a part, as fully_shard splits dim 0: ceil(rows / parts) each, the last
         part fewer (or none)."""
