@@ -39,10 +39,10 @@ class StepFigures:
 @dataclass(frozen=True)
 class StepPrediction:
     step_s: float
-    compute_s: list[float]  # per part: forward, backward and the optimizer's step
-    comm_s: list[float]  # per part: its collectives, latency and transfer
+    compute_s: list[float]  # per process: forward, backward and the optimizer's step
+    comm_s: list[float]  # per process: its collectives, latency and transfer
     bytes_per_rank: list[float]
-    memory_bytes: list[float]  # per part: weights, gradients, momentum, gathered, activations
+    memory_bytes: list[float]  # per process: weights, gradients, momentum, gathered, activations
 
     def figures(self) -> StepFigures:
         return StepFigures(self.step_s, max(self.compute_s), max(self.comm_s), self.bytes_per_rank,
@@ -51,10 +51,13 @@ class StepPrediction:
 
 def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardware, num_classes: int = 1000,
                  options: Mapping[str, Any] | None = None) -> StepPrediction:
-    """The step of `mode` (with its `options`) on `ranks` ranks at global batch `batch`, on `hardware`."""
+    """The step of `mode` (with its `options`) on `ranks` ranks at global batch `batch`, on `hardware`. A process
+    that holds several parts (the paper split's towers on one device) runs them in turn, and their links are copies
+    within it, not collectives."""
     config = TrainConfig(mode=mode, arch=arch, batch_size=batch, num_classes=num_classes, options=dict(options or {}))
     costs: type[Costs] = LAYOUTS[mode].costs
     architecture, parts = ARCHITECTURES[arch], costs.parts(ranks)
+    together = parts // ranks
     traffic = costs.expected_traffic(arch, ranks, batch, num_classes)
     forward, backward, comm, memory = [], [], [], []
     for part in range(parts):
@@ -65,15 +68,20 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
         forward.append(sum(f for f, _ in layers))
         backward.append(sum(b for _, b in layers) + hardware.optimizer_s(parameters(work, architecture, num_classes),
                                                                           ranks))
-        comm.append({(link, direction): hardware.collective(costs.collective(link, direction), ranks).seconds(
-                         elements * BYTES_PER_ELEMENT, costs.calls(link, elements, ranks, config))
-                     for (link, direction), elements in traffic[part].items()})
+        comm.append({} if together > 1 else {
+            (link, direction): hardware.collective(costs.collective(link, direction), ranks).seconds(
+                elements * BYTES_PER_ELEMENT, costs.calls(link, elements, ranks, config))
+            for (link, direction), elements in traffic[part].items()})
         memory.append(sum(memory_bytes(work, architecture, num_classes, BYTES_PER_ELEMENT).values()))
+    sent = [BYTES_PER_ELEMENT * sum(t.values()) for t in traffic]
+    if together > 1:
+        forward, backward, memory, sent = ([sum(values[first:first + together]) for first in range(0, parts, together)]
+                                           for values in (forward, backward, memory, sent))
+        comm = comm[:ranks]
     step = costs.step_s(forward, backward, comm, ranks, config, blocking=hardware.backend == "gloo",
                         sharing=hardware.sharing(ranks))
     return StepPrediction(step, [f + b for f, b in zip(forward, backward, strict=True)],
-                          [sum(c.values()) for c in comm],
-                          [BYTES_PER_ELEMENT * sum(t.values()) for t in traffic], memory)
+                          [sum(c.values()) for c in comm], sent, memory)
 
 
 def relative_error(predicted: float, measured: float) -> float | None:

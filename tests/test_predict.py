@@ -217,3 +217,11 @@ def test_fsdp_on_nccl_waits_for_its_first_gather_and_what_the_compute_cannot_cov
     comm = {("parameters", FORWARD): 0.5, ("parameters", BACKWARD): 3.0, ("gradients", BACKWARD): 1.0}
     config = TrainConfig(mode="fsdp", arch="paper")
     assert LAYOUTS["fsdp"].costs.step_s([1.0], [2.0], [comm], 2, config, blocking) == pytest.approx(step)
+
+
+def test_both_towers_in_one_process_run_in_turn_with_no_collective_between_them():
+    two = predict_step("paper-split", "paper", 2, 8, by_hand(), 10)
+    one = predict_step("paper-split", "paper", 1, 8, by_hand(), 10)
+    assert one.step_s == pytest.approx(sum(two.compute_s)) and one.comm_s == [0]
+    assert one.bytes_per_rank == pytest.approx([sum(two.bytes_per_rank)])
+    assert one.memory_bytes == pytest.approx([sum(two.memory_bytes)])

@@ -20,7 +20,7 @@ from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import Hardware
 from alexnet_mp.predict import Held, StepFigures, predict_step
 from alexnet_mp.report import held_section
-from alexnet_mp.strategies import LAYOUTS, REFERENCE_STEP
+from alexnet_mp.strategies import REFERENCE_STEP
 
 
 def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
@@ -60,11 +60,11 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
 
 
 def predictions(measurements: list[Measurement], sizes: Sizes, hardware: Hardware) -> list[Held]:
-    """Each layout's measured step (one part per rank) beside the cost model's on `hardware`; a step the profile
+    """Each layout's measured step beside the cost model's on `hardware`; a step the profile
     cannot predict (a net it did not calibrate) is left out."""
     held = []
     for m in measurements:
-        if m.mode and m.step_s and LAYOUTS[m.mode].costs.parts(m.ranks) == m.ranks:
+        if m.mode and m.step_s:
             try:
                 predicted = predict_step(m.mode, m.arch or "paper", m.ranks, m.batch, hardware, sizes.num_classes,
                                          m.options)
