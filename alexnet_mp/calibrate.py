@@ -2,8 +2,9 @@
 
 Each layer (convolution with its ReLU, LRN and pooling; each fully connected layer) forward and backward, at
 the shares of its outputs the layouts hold (whole, halves, quarters), at the threads a rank runs for each rank
-count asked for; the optimizer's fused step; and each collective the layouts use over gloo processes, at
-sizes from a few KiB to tens of MiB, fitted as latency plus bytes over bandwidth.
+count asked for; the optimizer's fused step; what a byte of a freshly mapped block costs; and each collective
+the layouts use over gloo processes, at sizes from a few KiB to tens of MiB, fitted as latency plus bytes over
+bandwidth.
 """
 
 from __future__ import annotations
@@ -96,6 +97,21 @@ def time_optimizer(threads: int, parameters: int = 1 << 24) -> float:
     return statistics.median(seconds[1:]) / parameters
 
 
+def time_fresh_pages(elements: int = 1 << 24) -> float:
+    """Seconds per byte that filling a block the allocator maps afresh costs beyond filling one already mapped:
+    a block of 64 MiB, above the threshold where glibc's malloc maps each block on its own."""
+    held = torch.empty(elements)
+    extra = []
+    for _ in range(1 + REPEATS):
+        started = time.perf_counter()
+        torch.empty(elements).fill_(1.0)
+        fresh = time.perf_counter() - started
+        started = time.perf_counter()
+        held.fill_(1.0)
+        extra.append(fresh - (time.perf_counter() - started))
+    return max(statistics.median(extra[1:]), 0.0) / held.nbytes
+
+
 def _sent(kind: str, elements: int, size: int) -> float:
     """Elements the busiest rank sends in a collective of `kind` whose per-rank tensor has `elements`, as the
     ledger counts them (ledger.py)."""
@@ -160,6 +176,7 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", log: Callable[[str], No
         log(f"layers of the {arch} net on {threads} thread(s) ...")
         layers[str(threads)] = time_layers(arch, threads)
         optimizer[str(threads)] = time_optimizer(threads)
+    fresh = time_fresh_pages()
     collectives = {}
     with tempfile.TemporaryDirectory(prefix="calibrate-") as scratch:
         for count in ranks:
@@ -170,4 +187,4 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", log: Callable[[str], No
     source = (f"calibrate on {platform.processor() or platform.machine()}, {cores} cores, "
               f"{datetime.date.today().isoformat()}, torch {torch.__version__}, "
               f"in {time.perf_counter() - started:.0f} s")
-    return Hardware(profile.name, source, "gloo", cores, layers, None, optimizer, collectives)
+    return Hardware(profile.name, source, "gloo", cores, layers, None, optimizer, collectives, fresh)

@@ -94,22 +94,44 @@ def training_flops(work: RankWork, arch: Architecture, num_classes: int = 1000, 
                if cost.name.startswith(layers))
 
 
-# Live in a layer's backward besides what the forward kept, in elements of its output per image: the gradients of
-# its output and input, and for a layer with LRN its backward's own (the denominator, the scale, a window sum
-# padded and summed: `model._ChannelLRN.backward`), at their most.
+# Live in a layer's backward besides what the forward kept, in tensors of its output's size: the gradients of its
+# output and input, and for a layer with LRN its backward's own (the denominator, the scale, a window sum padded
+# and summed: `model._ChannelLRN.backward`), at their most.
 BACKWARD_TEMPORARIES = 2
 LRN_BACKWARD_TEMPORARIES = 4
+# glibc's malloc maps a block above its mmap threshold afresh at each allocation and unmaps it when it is freed;
+# the threshold rises with the blocks freed, up to 32 MiB. Larger tensors made each step are fresh pages each step.
+FRESH_BLOCK_BYTES = 32 * 2**20
 
 
-def kept_for_backward(cost: LayerCost, spec: ConvSpec | None) -> int:
-    """Elements per image that autograd keeps of a layer from its forward to its backward. A conv layer: its
-    ReLU'd output (the ReLU works in place, and the LRN keeps the same maps), the LRN's output (the pool's input),
-    the pool's output and its int64 indices (two elements each). fc6 and fc7: the ReLU'd output, the dropout's mask
-    (in the activations' dtype) and its output. fc8: its logits and their log-softmax."""
+def kept_for_backward(cost: LayerCost, spec: ConvSpec | None) -> list[int]:
+    """The tensors, in elements per image, that autograd keeps of a layer from its forward to its backward. A conv
+    layer: its ReLU'd output (the ReLU works in place, and the LRN keeps the same maps), the LRN's output (the
+    pool's input), the pool's output and its int64 indices (two elements each). fc6 and fc7: the ReLU'd output,
+    the dropout's mask (in the activations' dtype) and its output. fc8: its logits and their log-softmax."""
     out, block = math.prod(cost.output_shape), math.prod(cost.block_shape)
     if spec is not None:
-        return out + (out if spec.lrn else 0) + (3 * block if spec.pool else 0)
-    return 2 * out if cost.name == FC_NAMES[-1] else 3 * out
+        return [out] + ([out] if spec.lrn else []) + ([block, 2 * block] if spec.pool else [])
+    return [out] * (2 if cost.name == FC_NAMES[-1] else 3)
+
+
+def backward_temporaries(cost: LayerCost, spec: ConvSpec | None) -> list[int]:
+    """The tensors, in elements per image, a layer's backward makes beyond what its forward kept."""
+    return [math.prod(cost.output_shape)] * (LRN_BACKWARD_TEMPORARIES if spec is not None and spec.lrn
+                                             else BACKWARD_TEMPORARIES)
+
+
+def _step_tensors(work: RankWork, arch: Architecture, num_classes: int,
+                  ) -> tuple[list[LayerCost], list[list[int]], list[list[int]], dict[str, int]]:
+    """A rank's layers, and per layer the tensors (elements) its forward keeps and its backward makes, at its
+    samples; and the parameters it holds of each layer."""
+    specs = {spec.name: spec for spec in arch.convs}
+    costs = layer_costs(arch, num_classes, work.shares)
+    kept = [[size * work.samples(cost.name) for size in kept_for_backward(cost, specs.get(cost.name))]
+            for cost in costs]
+    temporaries = [[size * work.samples(cost.name) for size in backward_temporaries(cost, specs.get(cost.name))]
+                   for cost in costs]
+    return costs, kept, temporaries, {cost.name: cost.parameters for cost in layer_costs(arch, num_classes, work.holds)}
 
 
 def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, bytes_per_element: int = 4,
@@ -118,25 +140,30 @@ def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, by
     it holds), what it gathers beyond them, and at the layer whose backward holds the most: the gradients of the
     layers from the last down to it, and the activations (the images, what autograd still keeps of the forward
     from the first layer up to it, and its backward's temporaries)."""
-    specs = {spec.name: spec for spec in arch.convs}
-    costs = layer_costs(arch, num_classes, work.shares)
-    held = {cost.name: cost.parameters for cost in layer_costs(arch, num_classes, work.holds)}
+    costs, kept, temporaries, held = _step_tensors(work, arch, num_classes)
     images = 3 * IMAGE_SIZE ** 2 * work.conv_samples
     first = arch.convs[0]
     if "conv1" in held and isinstance(first.padding, tuple):  # the padded copy the first conv reads and keeps
         images += 3 * (IMAGE_SIZE + sum(first.padding[:2])) * (IMAGE_SIZE + sum(first.padding[2:])) * work.conv_samples
-    kept, temporaries = [], []
-    for cost in costs:
-        spec, samples = specs.get(cost.name), work.samples(cost.name)
-        kept.append(kept_for_backward(cost, spec) * samples)
-        factor = LRN_BACKWARD_TEMPORARIES if spec is not None and spec.lrn else BACKWARD_TEMPORARIES
-        temporaries.append(factor * math.prod(cost.output_shape) * samples)
     gradients, activations = max(
-        ((sum(held.get(cost.name, 0) for cost in costs[at:]), images + sum(kept[:at + 1]) + temporaries[at])
-         for at in range(len(costs))), key=sum, default=(0, 0))
+        ((sum(held.get(cost.name, 0) for cost in costs[at:]),
+          images + sum(sum(layer) for layer in kept[:at + 1]) + sum(temporaries[at])) for at in range(len(costs))),
+        key=sum, default=(0, 0))
     weights = parameters(work, arch, num_classes) * bytes_per_element
     return {"weights": weights, "gradients": gradients * bytes_per_element, "momentum": weights,
             "gathered": work.gathered * bytes_per_element, "activations": activations * bytes_per_element}
+
+
+def fresh_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, bytes_per_element: int = 4,
+                gradients: bool = True) -> float:
+    """The bytes of the tensors a rank's step makes that are larger than `FRESH_BLOCK_BYTES`, so mapped afresh each
+    step on a CPU: activations kept and backward temporaries, and (unless a layout keeps them in buffers of its
+    own) each layer's gradients."""
+    costs, kept, temporaries, held = _step_tensors(work, arch, num_classes)
+    sizes = [size for layer in kept + temporaries for size in layer]
+    if gradients:
+        sizes += list(held.values())
+    return sum(size * bytes_per_element for size in sizes if size * bytes_per_element > FRESH_BLOCK_BYTES)
 
 
 def held_shares(shard: Callable[[str, torch.Size, int, int], tuple | None], arch: str, part: int, parts: int,

@@ -45,6 +45,9 @@ class Hardware:
     tflops: float | None = None  # where layers are not measured: the training rate a device sustains on them
     optimizer_s_per_parameter: dict[str, float] = field(default_factory=dict)  # per threads a rank runs
     collectives: dict[str, dict[str, Collective]] = field(default_factory=dict)  # per rank count, per kind
+    # What a byte costs beyond its writing where the allocator maps its block afresh (a CPU's page faults and
+    # zero-filling); 0 where blocks are reused (CUDA's caching allocator).
+    fresh_page_s_per_byte: float = 0.0
 
     def threads(self, ranks: int) -> int:
         """The threads each of `ranks` ranks runs: the cores split evenly, at least one."""
@@ -77,6 +80,10 @@ class Hardware:
     def optimizer_s(self, parameters: int, ranks: int) -> float:
         rate = self.optimizer_s_per_parameter.get(str(self.threads(ranks)), 0.0)
         return rate * parameters * self.sharing(ranks)
+
+    def fresh_s(self, fresh_bytes: float, ranks: int) -> float:
+        """Seconds a rank of `ranks` spends on the pages of `fresh_bytes` allocated afresh."""
+        return fresh_bytes * self.fresh_page_s_per_byte * self.sharing(ranks)
 
     def collective(self, kind: str, ranks: int) -> Collective:
         known = self.collectives.get(str(ranks)) or self.collectives.get("any")
@@ -159,7 +166,9 @@ def _parsed(raw: Any) -> Hardware:
                                                  _positive(link["bytes_per_s"], f"{kind} bytes_per_s"))
                                 for kind, link in kinds.items() if kind in KINDS}
                    for ranks, kinds in raw.get("collectives", {}).items()}
-    tflops = raw.get("tflops")
+    tflops, fresh = raw.get("tflops"), raw.get("fresh_page_s_per_byte", 0.0)
+    if isinstance(fresh, bool) or not isinstance(fresh, (int, float)) or not 0 <= fresh < math.inf:
+        raise ValueError(f"fresh_page_s_per_byte must be a number of seconds, not {fresh!r}")
     if not layers and tflops is None:
         raise ValueError("it has neither layer times nor tflops")
     if not collectives:
@@ -168,4 +177,4 @@ def _parsed(raw: Any) -> Hardware:
                     None if cores is None else int(_positive(cores, "cores")), layers,
                     None if tflops is None else _positive(tflops, "tflops"),
                     {str(t): _positive(v, "optimizer_s_per_parameter") for t, v in
-                     raw.get("optimizer_s_per_parameter", {}).items()}, collectives)
+                     raw.get("optimizer_s_per_parameter", {}).items()}, collectives, float(fresh))

@@ -3,6 +3,7 @@ read back, bad profiles refused in one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import weakref
 from pathlib import Path
@@ -104,7 +105,8 @@ def test_a_measurement_without_its_memory_or_communication_leaves_those_errors_o
 def test_a_profile_reads_back_as_written(tmp_path):
     conv1 = {"forward": 0.1, "backward": 0.2, "forward_per_pass": 0.01, "backward_per_pass": 0.0}
     profile = Hardware("written", "a test", "gloo", 2, layers={"1": {"paper.conv1@1": conv1}},
-                       optimizer_s_per_parameter={"1": 1e-9}, collectives={"2": {"all-reduce": LINK}})
+                       optimizer_s_per_parameter={"1": 1e-9}, collectives={"2": {"all-reduce": LINK}},
+                       fresh_page_s_per_byte=5e-10)
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
     assert load(tmp_path / "profile.json") == profile
 
@@ -125,6 +127,8 @@ def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
      "neither layer times nor tflops"),
     ('{"format": 1, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
      '"collectives": {"2": {"send": {"latency_s": -1, "bytes_per_s": 1}}}}', "send latency_s must be a positive"),
+    ('{"format": 1, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_page_s_per_byte": -1, '
+     '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "fresh_page_s_per_byte must be"),
 ])
 def test_a_malformed_profile_is_refused_in_one_line(text, says, tmp_path, capsys):
     (tmp_path / "profile.json").write_text(text)
@@ -153,6 +157,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     assert result.returncode == 0, result.stderr
     profile = load(tmp_path / "hardware.json")
     assert profile.backend == "gloo" and set(profile.collectives["2"]) == set(KINDS)
+    assert profile.fresh_page_s_per_byte > 0  # glibc maps a 64 MiB block afresh: its pages fault in
     for mode in LAYOUTS:
         ranks = 1 if mode == "single" else 2
         assert predict_step(mode, "paper", ranks, 8, profile, 10).step_s > 0, mode
@@ -225,3 +230,18 @@ def test_both_towers_in_one_process_run_in_turn_with_no_collective_between_them(
     assert one.step_s == pytest.approx(sum(two.compute_s)) and one.comm_s == [0]
     assert one.bytes_per_rank == pytest.approx([sum(two.bytes_per_rank)])
     assert one.memory_bytes == pytest.approx([sum(two.memory_bytes)])
+
+
+def test_a_step_maps_its_gradients_above_a_fresh_block_afresh_unless_ddps_buckets_hold_them():
+    """At one image a step, fc6's and fc7's gradients (weights and biases) are the tensors above 32 MiB."""
+    single, replicas = (LAYOUTS[mode].costs for mode in ("single", "data-parallel"))
+    assert single.fresh_bytes(single.work("paper", 0, 1, 1), PAPER, 1, 1000) == 4 * (37_752_832 + 16_781_312)
+    assert replicas.fresh_bytes(replicas.work("paper", 0, 2, 2), PAPER, 2, 1000) == 0
+
+
+def test_a_step_pays_the_profiles_fresh_page_cost_on_what_it_maps_afresh():
+    fresh = dataclasses.replace(by_hand(), fresh_page_s_per_byte=1e-9)
+    mapped = LAYOUTS["single"].costs.fresh_bytes(LAYOUTS["single"].costs.work("paper", 0, 1, 8, 10), PAPER, 1, 10)
+    assert mapped > 0
+    assert predict_step("single", "paper", 1, 8, fresh, 10).step_s == pytest.approx(
+        predict_step("single", "paper", 1, 8, by_hand(), 10).step_s + 1e-9 * mapped)

@@ -15,7 +15,7 @@ import torch
 
 from alexnet_mp.blocks import Block, part_size
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import RankWork, Traffic, both_ways, held_shares, parameters
+from alexnet_mp.cost import RankWork, Traffic, both_ways, fresh_bytes, held_shares, parameters
 from alexnet_mp.ledger import BACKWARD, FORWARD, ring_all_reduce_elements
 from alexnet_mp.links import Link
 from alexnet_mp.model import ARCHITECTURES, Architecture
@@ -70,6 +70,17 @@ class Costs(ABC):
             hidden = 0.0 if blocking else min(gradients, backward)
             steps.append(forward + backward + sum(comm.values()) - hidden)
         return max(steps)
+
+    @classmethod
+    def fresh_bytes(cls, work: RankWork, arch: Architecture, parts: int, num_classes: int) -> float:
+        """The bytes of the tensors a part's step maps afresh each step on a CPU (`cost.fresh_bytes`): its
+        activations, and its gradients unless DistributedDataParallel keeps them in its buckets (`bucketed`)."""
+        return fresh_bytes(work, arch, num_classes, gradients=not cls.bucketed(parts))
+
+    @classmethod
+    def bucketed(cls, parts: int) -> bool:
+        """Whether DistributedDataParallel holds a part's gradients in its buckets, the same memory every step."""
+        return False
 
     @classmethod
     def slots(cls, world_size: int, config: TrainConfig) -> float:

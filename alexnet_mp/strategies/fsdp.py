@@ -21,7 +21,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGath
 
 from alexnet_mp.blocks import Block
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import RankWork, Traffic, both_ways
+from alexnet_mp.cost import FRESH_BLOCK_BYTES, RankWork, Traffic, both_ways
 from alexnet_mp.errors import UsageError
 from alexnet_mp.ledger import BACKWARD, FORWARD, Ledger
 from alexnet_mp.model import ARCHITECTURES, FC_NAMES, AlexNet, Architecture, full_shapes
@@ -115,6 +115,20 @@ class FSDPCosts(DataParallelCosts):
                    if key.endswith(".weight")}
         return RankWork(dict.fromkeys(held.shares, 1.0), held.conv_samples, held.fc_samples, held=held.shares,
                         gathered=2 * max(weights.values()))
+
+    @classmethod
+    def bucketed(cls, parts: int) -> bool:
+        return False
+
+    @classmethod
+    def fresh_bytes(cls, work: RankWork, arch: Architecture, parts: int, num_classes: int) -> float:
+        """Beyond its activations and its shards' gradients: each unit larger than a fresh block, six times a step
+        (gathered in the forward and again in the backward, each time into the all-gather's buffer and into the
+        unsharded parameters it is copied to; its whole gradient, and the reduce-scatter's input)."""
+        units = [4 * shape.numel() for key, shape in full_shapes(arch.name, num_classes).items()
+                 if key.endswith(".weight")]
+        return super().fresh_bytes(work, arch, parts, num_classes) + 6 * sum(
+            unit for unit in units if unit > FRESH_BLOCK_BYTES)
 
     @classmethod
     def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
