@@ -159,7 +159,7 @@ def fresh_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, byt
     """The bytes of the tensors a rank's step makes that are larger than `FRESH_BLOCK_BYTES`, so mapped afresh each
     step on a CPU: activations kept and backward temporaries, and (unless a layout keeps them in buffers of its
     own) each layer's gradients."""
-    costs, kept, temporaries, held = _step_tensors(work, arch, num_classes)
+    _, kept, temporaries, held = _step_tensors(work, arch, num_classes)
     sizes = [size for layer in kept + temporaries for size in layer]
     if gradients:
         sizes += list(held.values())

@@ -125,7 +125,7 @@ class FSDPCosts(DataParallelCosts):
         """Beyond its activations and its shards' gradients: each unit larger than a fresh block, six times a step
         (gathered in the forward and again in the backward, each time into the all-gather's buffer and into the
         unsharded parameters it is copied to; its whole gradient, and the reduce-scatter's input)."""
-        units = [4 * shape.numel() for key, shape in full_shapes(arch.name, num_classes).items()
+        units = [shape.numel() * torch.float32.itemsize for key, shape in full_shapes(arch.name, num_classes).items()
                  if key.endswith(".weight")]
         return super().fresh_bytes(work, arch, parts, num_classes) + 6 * sum(
             unit for unit in units if unit > FRESH_BLOCK_BYTES)
