@@ -144,13 +144,18 @@ def _positive(value: Any, what: str) -> float:
     return float(value)
 
 
+def _seconds(value: Any, what: str) -> float:
+    """A figure that may be 0: a number of seconds, finite and not negative."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{what} must be a number of seconds, not {value!r}")
+    return float(value)
+
+
 def _layer_times(times: Any, where: str) -> dict[str, float]:
     found = {direction: _positive(times[direction], f"{where}.{direction}") for direction in ("forward", "backward")}
     for direction in ("forward", "backward"):
-        per_pass = times.get(f"{direction}_per_pass", 0.0)
-        if isinstance(per_pass, bool) or not isinstance(per_pass, (int, float)) or not 0 <= per_pass < math.inf:
-            raise ValueError(f"{where}.{direction}_per_pass must be a number of seconds, not {per_pass!r}")
-        found[f"{direction}_per_pass"] = float(per_pass)
+        found[f"{direction}_per_pass"] = _seconds(times.get(f"{direction}_per_pass", 0.0),
+                                                  f"{where}.{direction}_per_pass")
     return found
 
 
@@ -166,9 +171,8 @@ def _parsed(raw: Any) -> Hardware:
                                                  _positive(link["bytes_per_s"], f"{kind} bytes_per_s"))
                                 for kind, link in kinds.items() if kind in KINDS}
                    for ranks, kinds in raw.get("collectives", {}).items()}
-    tflops, fresh = raw.get("tflops"), raw.get("fresh_page_s_per_byte", 0.0)
-    if isinstance(fresh, bool) or not isinstance(fresh, (int, float)) or not 0 <= fresh < math.inf:
-        raise ValueError(f"fresh_page_s_per_byte must be a number of seconds, not {fresh!r}")
+    tflops = raw.get("tflops")
+    fresh = _seconds(raw.get("fresh_page_s_per_byte", 0.0), "fresh_page_s_per_byte")
     if not layers and tflops is None:
         raise ValueError("it has neither layer times nor tflops")
     if not collectives:
@@ -177,4 +181,4 @@ def _parsed(raw: Any) -> Hardware:
                     None if cores is None else int(_positive(cores, "cores")), layers,
                     None if tflops is None else _positive(tflops, "tflops"),
                     {str(t): _positive(v, "optimizer_s_per_parameter") for t, v in
-                     raw.get("optimizer_s_per_parameter", {}).items()}, collectives, float(fresh))
+                     raw.get("optimizer_s_per_parameter", {}).items()}, collectives, fresh)

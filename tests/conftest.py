@@ -14,12 +14,14 @@ REFERENCE_BATCH = 4
 
 
 def pytest_configure() -> None:
-    """A thread per pytest-xdist worker, and per process it spawns (the equivalence runs' ranks): two workers on two
-    cores each running torch on a thread per core keep their threads spinning on each other, as the launched runs
-    did before tests/launching.ENV."""
+    """A thread per pytest-xdist worker, and per process it spawns (the equivalence runs' ranks), as
+    tests/launching.ENV gives the launched runs: two workers on two cores each running torch on a thread per core
+    keep their threads spinning on each other."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
+
+
 @pytest.fixture(scope="session")
 def references() -> Callable[[str, int], dict[str, Run]]:
     """The one-device reference runs per architecture and batch (4 unless a layout needs more): float64 for 2

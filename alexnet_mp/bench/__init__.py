@@ -60,8 +60,8 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
 
 
 def predictions(measurements: list[Measurement], sizes: Sizes, hardware: Hardware) -> list[Held]:
-    """Each layout's measured step beside the cost model's on `hardware`; a step the profile
-    cannot predict (a net it did not calibrate) is left out."""
+    """Each layout's measured step beside the cost model's on `hardware`; a step the profile cannot predict (a net
+    it did not calibrate) is left out."""
     held = []
     for m in measurements:
         if m.mode and m.step_s:

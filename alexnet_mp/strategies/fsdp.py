@@ -72,6 +72,11 @@ class MeteredReduceScatter(DefaultReduceScatter):
             return super().__call__(output_tensor, input_tensor, group, op, async_op)
 
 
+def unit_weights(arch: str, num_classes: int) -> list[int]:
+    """The elements of each unit's (each layer's) weight, the bulk of what a unit gathers."""
+    return [shape.numel() for key, shape in full_shapes(arch, num_classes).items() if key.endswith(".weight")]
+
+
 class FSDPCosts(DataParallelCosts):
     @classmethod
     def collective(cls, link: str, direction: str) -> str:
@@ -111,10 +116,8 @@ class FSDPCosts(DataParallelCosts):
         """Every layer computed whole (on this rank's samples), 1/N of it held; and, held for a while, one
         layer's whole parameters and gradients (the largest's, at worst), gathered."""
         held = super().work(arch, part, parts, batch, num_classes)
-        weights = {key.split(".")[0]: shape.numel() for key, shape in full_shapes(arch, num_classes).items()
-                   if key.endswith(".weight")}
         return RankWork(dict.fromkeys(held.shares, 1.0), held.conv_samples, held.fc_samples, held=held.shares,
-                        gathered=2 * max(weights.values()))
+                        gathered=2 * max(unit_weights(arch, num_classes)))
 
     @classmethod
     def bucketed(cls, parts: int) -> bool:
@@ -125,8 +128,7 @@ class FSDPCosts(DataParallelCosts):
         """Beyond its activations and its shards' gradients: each unit larger than a fresh block, six times a step
         (gathered in the forward and again in the backward, each time into the all-gather's buffer and into the
         unsharded parameters it is copied to; its whole gradient, and the reduce-scatter's input)."""
-        units = [shape.numel() * torch.float32.itemsize for key, shape in full_shapes(arch.name, num_classes).items()
-                 if key.endswith(".weight")]
+        units = [weights * torch.float32.itemsize for weights in unit_weights(arch.name, num_classes)]
         return super().fresh_bytes(work, arch, parts, num_classes) + 6 * sum(
             unit for unit in units if unit > FRESH_BLOCK_BYTES)
 
