@@ -1,10 +1,10 @@
 """`python -m alexnet_mp calibrate`: measures the machine at hand into a hardware profile (hardware.py).
 
-Each layer (convolution with its ReLU, LRN and pooling; each fully connected layer) forward and backward, at
-the shares of its outputs the layouts hold (whole, halves, quarters), at the threads a rank runs for each rank
-count asked for; the optimizer's fused step; what a byte of a freshly mapped block costs; and each collective
-the layouts use over gloo processes, at sizes from a few KiB to tens of MiB, fitted as latency plus bytes over
-bandwidth.
+Each layer as it runs in the net (a convolution with its ReLU, LRN and pooling; fc6 and fc7 with their ReLU and
+dropout) forward and backward, at the shares of its outputs the layouts hold (whole, halves, quarters), at passes
+of a few images up to the global batch, at the threads a rank runs for each rank count asked for; the optimizer's
+fused step; what a byte of a freshly mapped block costs; and each collective the layouts use over gloo processes,
+at sizes from a few KiB to tens of MiB, fitted as latency plus bytes over bandwidth.
 """
 
 from __future__ import annotations
@@ -22,63 +22,82 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from alexnet_mp.bench.matrix import FULL
 from alexnet_mp.blocks import rows
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.hardware import Collective, Hardware
-from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, build_model, conv_sides
+from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, MaskDraw, SeededDropout, build_model, conv_sides
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer
 from alexnet_mp.strategies.base import shard_layers
 
 SHARES = (1.0, 0.5, 0.25)  # of a layer's outputs: whole, a tower or a shard of 2, a shard of 4
-BATCHES = (2, 8)  # images per timed pass: a pass's time is fitted as a fixed part plus a part per image
 REPEATS = 3  # timed passes per figure, after one to warm up; the median is kept
 SIZES = (1024, 65536, 1 << 20, 1 << 22)  # float32 elements per rank in a timed collective: 4 KiB to 16 MiB
 
 
-def time_layers(arch: str, threads: int) -> dict[str, dict[str, float]]:
-    """Each layer of `arch` at each of `SHARES`, on `threads`: forward and backward seconds per image, and per
-    pass (what a pass costs whatever its images: what makes micro-batches of few images slow)."""
+def pass_images(batch: int) -> list[int]:
+    """The images per timed pass, up to `batch`: 2, 8, 32, ... (each four times the last) and `batch` itself, at
+    least two sizes. A pass's time at sizes between is interpolated, so a layer is timed at about the sizes it runs
+    (what a large pass costs beyond a small one's rate: the caches it overflows, the blocks mapped afresh)."""
+    sizes = [2 * 4**k for k in range(batch.bit_length()) if 2 * 4**k < batch] + [batch]
+    return sizes if len(sizes) > 1 else [1, 2]
+
+
+def time_layers(arch: str, threads: int, batch: int = FULL.batch) -> dict[str, dict[str, list[float]]]:
+    """Each layer of `arch` as it runs in the net (with what follows it up to the next layer: a conv's ReLU, LRN
+    and pool; fc6's and fc7's ReLU and dropout), at each of `SHARES`, on `threads`: a pass's seconds forward and
+    backward at each of `pass_images(batch)`."""
     torch.set_num_threads(threads)
-    sides = [IMAGE_SIZE] + [block for _, block in conv_sides(ARCHITECTURES[arch])]
+    images = pass_images(batch)
     times = {}
     for share in SHARES:
         parts = round(1 / share)
         cut = shard_layers(build_model(arch, 1000, seed=0), lambda key, shape, part, n: (rows(shape[0], 0, n),), 0,
                            parts)
-        for index, (name, layer) in enumerate(cut.layers().items()):
-            per_batch = {}
-            for batch in BATCHES:
-                shape = (batch, layer.in_features) if isinstance(layer, torch.nn.Linear) else \
-                    (batch, layer.in_channels, sides[index], sides[index])
-                per_batch[batch] = _forward_backward(layer, shape, needs_input_grad=index > 0)
-            times[f"{arch}.{name}@{share:g}"] = _per_image_and_pass(per_batch)
+        for index, (name, segment, first) in enumerate(_segments(cut)):
+            per_pass = [_forward_backward(segment, _input_shape(first, n, index, arch), index > 0, n)
+                        for n in images]
+            times[f"{arch}.{name}@{share:g}"] = {"images": images,
+                                                 "forward": [seconds["forward"] for seconds in per_pass],
+                                                 "backward": [seconds["backward"] for seconds in per_pass]}
     return times
 
 
-def _per_image_and_pass(per_batch: dict[int, dict[str, float]]) -> dict[str, float]:
-    """From a pass's seconds at two batch sizes: seconds per image and per pass, each direction (none below 0)."""
-    (small, at_small), (large, at_large) = sorted(per_batch.items())
-    fitted = {}
-    for direction in ("forward", "backward"):
-        per_image = max((at_large[direction] - at_small[direction]) / (large - small), at_large[direction] / large / 10)
-        fitted[direction] = per_image
-        fitted[f"{direction}_per_pass"] = max(at_large[direction] - per_image * large, 0.0)
-    return fitted
+def _segments(net: torch.nn.Sequential) -> list[tuple[str, torch.nn.Sequential, torch.nn.Module]]:
+    """Each weight layer of `net` with the modules after it up to the next: (its name, them in order, the layer)."""
+    segments: list[tuple[str, list[torch.nn.Module], torch.nn.Module]] = []
+    for name, module in net.named_children():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+            segments.append((name, [module], module))
+        else:
+            segments[-1][1].append(module)
+    return [(name, torch.nn.Sequential(*modules), layer) for name, modules, layer in segments]
 
 
-def _forward_backward(layer: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool) -> dict[str, float]:
+def _input_shape(layer: torch.nn.Module, images: int, index: int, arch: str) -> tuple[int, ...]:
+    if isinstance(layer, torch.nn.Linear):
+        return images, layer.in_features
+    side = ([IMAGE_SIZE] + [block for _, block in conv_sides(ARCHITECTURES[arch])])[index]
+    return images, layer.in_channels, side, side
+
+
+def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool, images: int,
+                      ) -> dict[str, float]:
     """A pass's seconds, forward and backward: the median of `REPEATS` after one to warm up."""
+    for dropout in segment.modules():
+        if isinstance(dropout, SeededDropout):
+            dropout.draw = MaskDraw(seed=0, step=0, global_batch=images, rows=slice(0, images))
     x = torch.randn(shape, requires_grad=needs_input_grad)
     forward, backward = [], []
     for _ in range(1 + REPEATS):
         started = time.perf_counter()
-        out = layer(x)
+        out = segment(x)
         middle = time.perf_counter()
         out.backward(torch.ones_like(out))
         forward.append(middle - started)
         backward.append(time.perf_counter() - middle)
-        layer.zero_grad(set_to_none=True)
+        segment.zero_grad(set_to_none=True)
         x.grad = None
     return {"forward": statistics.median(forward[1:]), "backward": statistics.median(backward[1:])}
 
@@ -166,15 +185,19 @@ def fit(points: Sequence[tuple[float, float]]) -> Collective:
     return Collective(max(float(intercept), float(seconds.min()) / 10), float(bandwidth))
 
 
-def calibrate(ranks: Sequence[int], arch: str = "paper", log: Callable[[str], None] = print) -> Hardware:
+def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = None, log: Callable[[str], None] = print,
+              ) -> Hardware:
+    """This machine's profile for runs on each of `ranks` ranks, at a global batch of `batch` (bench's on a CPU
+    by default)."""
+    batch = batch or FULL.batch
     cores = os.cpu_count() or 1
     started = time.perf_counter()
     profile = Hardware(f"{platform.node() or 'this machine'}", "", "gloo", cores)
     thread_counts = sorted({profile.threads(count) for count in (1, *ranks)})
     layers, optimizer = {}, {}
     for threads in thread_counts:
-        log(f"layers of the {arch} net on {threads} thread(s) ...")
-        layers[str(threads)] = time_layers(arch, threads)
+        log(f"layers of the {arch} net on {threads} thread(s), passes of {pass_images(batch)} images ...")
+        layers[str(threads)] = time_layers(arch, threads, batch)
         optimizer[str(threads)] = time_optimizer(threads)
     fresh = time_fresh_pages()
     collectives = {}
@@ -184,7 +207,7 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", log: Callable[[str], No
             per_rank = run_distributed(time_collectives, count, Path(scratch) / str(count),
                                        threads=profile.threads(count))
             collectives[str(count)] = {kind: fit(points) for kind, points in per_rank[0].items()}
-    source = (f"calibrate on {platform.processor() or platform.machine()}, {cores} cores, "
+    source = (f"calibrate on {platform.processor() or platform.machine()}, {cores} cores, batch {batch}, "
               f"{datetime.date.today().isoformat()}, torch {torch.__version__}, "
               f"in {time.perf_counter() - started:.0f} s")
     return Hardware(profile.name, source, "gloo", cores, layers, None, optimizer, collectives, fresh)

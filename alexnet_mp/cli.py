@@ -230,7 +230,7 @@ def calibrate(args: argparse.Namespace) -> None:
     out = Path(args.output)
     check_writable(out.parent, "--output")
     started = time.perf_counter()
-    profile = measure(_numbers(args.ranks, int, "--ranks"), args.arch,
+    profile = measure(_numbers(args.ranks, int, "--ranks"), args.arch, args.batch,
                       log=lambda line: print(line, file=sys.stderr, flush=True))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(profile.to_json(), indent=2) + "\n")
@@ -329,6 +329,9 @@ def parser() -> argparse.ArgumentParser:
                                                       "and each collective's time, for the cost model")
     measuring.add_argument("--ranks", default="2,4", help="rank counts whose threads and collectives to measure")
     measuring.add_argument("--arch", default="paper", choices=sorted(ARCHITECTURES), help=ARCH_HELP)
+    measuring.add_argument("--batch", type=POSITIVE_INT,
+                           help="the global batch the runs use: each layer is timed at passes of up to so many images "
+                                "(default: bench's on a CPU)")
     measuring.add_argument("--output", default=str(DEFAULT_PATH))
     measuring.set_defaults(run=calibrate)
     return root

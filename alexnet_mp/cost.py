@@ -154,18 +154,6 @@ def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, by
             "gathered": work.gathered * bytes_per_element, "activations": activations * bytes_per_element}
 
 
-def fresh_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, bytes_per_element: int = 4,
-                gradients: bool = True) -> float:
-    """The bytes of the tensors a rank's step makes that are larger than `FRESH_BLOCK_BYTES`, so mapped afresh each
-    step on a CPU: activations kept and backward temporaries, and (unless a layout keeps them in buffers of its
-    own) each layer's gradients."""
-    _, kept, temporaries, held = _step_tensors(work, arch, num_classes)
-    sizes = [size for layer in kept + temporaries for size in layer]
-    if gradients:
-        sizes += list(held.values())
-    return sum(size * bytes_per_element for size in sizes if size * bytes_per_element > FRESH_BLOCK_BYTES)
-
-
 def held_shares(shard: Callable[[str, torch.Size, int, int], tuple | None], arch: str, part: int, parts: int,
                 num_classes: int = 1000) -> dict[str, float]:
     """The share of each layer's weight that `part` of `parts` holds, by `shard` (a layout's, or a tower's)."""

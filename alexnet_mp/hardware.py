@@ -9,6 +9,7 @@ line (UsageError) naming what to do.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 from alexnet_mp.errors import UsageError
 
-FORMAT = 1
+FORMAT = 2
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "gather", "scatter", "broadcast", "send")
 DEFAULT_PATH = Path("runs/hardware.json")  # where `calibrate` writes and the comparisons look, unless told
 
@@ -40,8 +41,9 @@ class Hardware:
     source: str  # how its figures were obtained: a calibrate run (machine, date, versions) or the documents cited
     backend: str  # gloo (collectives block the host) or nccl (they run beside the compute)
     cores: int | None  # CPU cores the ranks share; None where each rank has a device of its own
-    # per threads a rank runs: "arch.layer@share" -> seconds per image and per pass, forward and backward
-    layers: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # per threads a rank runs: "arch.layer@share" -> "images" per timed pass, and a pass's seconds at each,
+    # "forward" and "backward"
+    layers: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     tflops: float | None = None  # where layers are not measured: the training rate a device sustains on them
     optimizer_s_per_parameter: dict[str, float] = field(default_factory=dict)  # per threads a rank runs
     collectives: dict[str, dict[str, Collective]] = field(default_factory=dict)  # per rank count, per kind
@@ -61,16 +63,16 @@ class Hardware:
                 ) -> tuple[float, float]:
         """Seconds of `layer` at `share` of its outputs on `samples` images in `passes` passes, forward and
         backward, on a rank of `ranks`: from the layer measured at that share (the nearest measured share,
-        scaled, otherwise), a part per image and a part per pass; or, unmeasured, from `flops` (its forward's
-        per image; the backward's twice that) at the sustained rate."""
+        scaled, otherwise), a pass's time at its images interpolated between the sizes measured; or, unmeasured,
+        from `flops` (its forward's per image; the backward's twice that) at the sustained rate."""
         measured = self.layers.get(str(self.threads(ranks)))
         if measured:
             shares = {float(key.split("@")[1]): value for key, value in measured.items() if key.split("@")[0] == layer}
             if shares:
                 nearest = min(shares, key=lambda s: abs(math.log(s / share)))
-                times, scale = shares[nearest], share / nearest * self.sharing(ranks)
-                return tuple(scale * (times[d] * samples + times.get(f"{d}_per_pass", 0.0) * passes)
-                             for d in ("forward", "backward"))
+                times, scale = shares[nearest], share / nearest * self.sharing(ranks) * passes
+                return tuple(scale * pass_s(times["images"], times[direction], samples / passes)
+                             for direction in ("forward", "backward"))
         if self.tflops is None:
             raise UsageError(f"the hardware profile {self.name!r} has no time for {layer} at {self.threads(ranks)} "
                              f"thread(s) and no tflops: run `python -m alexnet_mp calibrate --ranks {ranks}`")
@@ -94,6 +96,15 @@ class Hardware:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **asdict(self)}
+
+
+def pass_s(images: list[float], seconds: list[float], at: float) -> float:
+    """A pass's seconds at `at` images, from its seconds at each of `images` (ascending): on the line through the
+    two measured sizes nearest it (beyond either end, the end's two), and no less than the smallest size's time
+    scaled down by images."""
+    right = min(max(bisect.bisect_left(images, at), 1), len(images) - 1)
+    (x0, x1), (y0, y1) = images[right - 1:right + 1], seconds[right - 1:right + 1]
+    return max(y0 + (y1 - y0) * (at - x0) / (x1 - x0), seconds[0] * min(at / images[0], 1.0))
 
 
 # Each figure with its source. NVLink 4 (H100 SXM): 900 GB/s per GPU both ways, 450 one way (NVIDIA's H100
@@ -151,11 +162,16 @@ def _seconds(value: Any, what: str) -> float:
     return float(value)
 
 
-def _layer_times(times: Any, where: str) -> dict[str, float]:
-    found = {direction: _positive(times[direction], f"{where}.{direction}") for direction in ("forward", "backward")}
+def _layer_times(times: Any, where: str) -> dict[str, list[float]]:
+    """A layer's measured passes: sizes that rise, at least two, and a time for each, forward and backward."""
+    images = [_positive(n, f"{where}.images") for n in times["images"]]
+    if len(images) < 2 or images != sorted(set(images)):
+        raise ValueError(f"{where}.images must be two or more sizes that rise, not {times['images']!r}")
+    found = {"images": images}
     for direction in ("forward", "backward"):
-        found[f"{direction}_per_pass"] = _seconds(times.get(f"{direction}_per_pass", 0.0),
-                                                  f"{where}.{direction}_per_pass")
+        found[direction] = [_positive(value, f"{where}.{direction}") for value in times[direction]]
+        if len(found[direction]) != len(images):
+            raise ValueError(f"{where}.{direction} must have a time for each of its images")
     return found
 
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from alexnet_mp.hardware import KINDS
+from alexnet_mp.hardware import FORMAT, KINDS
 from tests.launching import ENV, ROOT, in_process, one_line_error
 
 pytestmark = pytest.mark.slow  # the benchmark matrix, run on real processes
@@ -22,7 +22,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench")
     link = {"latency_s": 1e-3, "bytes_per_s": 1e9}
     (out / "profile.json").write_text(json.dumps({
-        "format": 1, "name": "by hand", "source": "a test", "backend": "gloo", "cores": 2, "tflops": 0.05,
+        "format": FORMAT, "name": "by hand", "source": "a test", "backend": "gloo", "cores": 2, "tflops": 0.05,
         "collectives": {"2": dict.fromkeys(KINDS, link)}}))
     result = subprocess.run([sys.executable, "-m", "alexnet_mp", "bench", "--quick", "--ranks", "2",
                              "--output-dir", str(out), "--hardware", str(out / "profile.json")], cwd=ROOT,

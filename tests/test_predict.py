@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, parameters
 from alexnet_mp.errors import UsageError
-from alexnet_mp.hardware import KINDS, Collective, Hardware, load
+from alexnet_mp.hardware import KINDS, Collective, Hardware, load, pass_s
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.model import PAPER
 from alexnet_mp.predict import Held, StepFigures, disordered, held_table, predict_step
@@ -58,11 +58,23 @@ def test_ranks_that_outnumber_the_cores_share_them():
     assert sharing == pytest.approx(2 * alone)
 
 
-def test_a_measured_layer_costs_its_time_per_image_and_per_pass_at_its_share_or_scaled_to_one_between():
-    fc6 = {"forward": 1.0, "backward": 2.0, "forward_per_pass": 0.5, "backward_per_pass": 0.25}
-    profile = Hardware("measured", "a test", "gloo", 2, layers={"2": {"paper.fc6@1": fc6}})
-    assert profile.layer_s("paper.fc6", 1.0, 1, 0.0, samples=4, passes=2) == (4 * 1.0 + 2 * 0.5, 4 * 2.0 + 2 * 0.25)
-    assert profile.layer_s("paper.fc6", 0.5, 1, 0.0, samples=4, passes=2) == pytest.approx((2.5, 4.25))
+FC6 = {"images": [2, 8], "forward": [1.0, 2.5], "backward": [2.0, 5.0]}  # a pass's seconds at 2 and 8 images
+
+
+def test_a_measured_layer_costs_each_pass_at_its_images_interpolated_between_the_sizes_measured():
+    profile = Hardware("measured", "a test", "gloo", 2, layers={"2": {"paper.fc6@1": FC6}})
+    assert profile.layer_s("paper.fc6", 1.0, 1, 0.0, samples=8, passes=2) == pytest.approx((2 * 1.5, 2 * 3.0))
+
+
+def test_a_layer_measured_at_another_share_of_its_outputs_costs_in_proportion_to_its_share():
+    profile = Hardware("measured", "a test", "gloo", 2, layers={"2": {"paper.fc6@1": FC6}})
+    assert profile.layer_s("paper.fc6", 0.5, 1, 0.0, samples=8, passes=2) == pytest.approx((1.5, 3.0))
+
+
+def test_a_pass_beyond_the_sizes_measured_follows_the_nearest_two_but_costs_no_less_than_the_smallest_scaled_down():
+    assert pass_s([2, 8, 32], [1.0, 2.5, 14.5], 64) == pytest.approx(14.5 + 12.0 / 24 * 32)
+    assert pass_s([2, 8, 32], [1.0, 2.5, 14.5], 1) == pytest.approx(0.75)
+    assert pass_s([2, 8], [0.1, 4.0], 1) == pytest.approx(0.05)
 
 
 def test_equal_pipeline_stages_leave_the_bubble_of_m_plus_n_minus_1_slots():
@@ -103,7 +115,7 @@ def test_a_measurement_without_its_memory_or_communication_leaves_those_errors_o
 
 
 def test_a_profile_reads_back_as_written(tmp_path):
-    conv1 = {"forward": 0.1, "backward": 0.2, "forward_per_pass": 0.01, "backward_per_pass": 0.0}
+    conv1 = {"images": [2.0, 8.0], "forward": [0.1, 0.3], "backward": [0.2, 0.7]}
     profile = Hardware("written", "a test", "gloo", 2, layers={"1": {"paper.conv1@1": conv1}},
                        optimizer_s_per_parameter={"1": 1e-9}, collectives={"2": {"all-reduce": LINK}},
                        fresh_page_s_per_byte=5e-10)
@@ -120,15 +132,19 @@ def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
 
 @pytest.mark.parametrize(("text", "says"), [
     ("not json", "is not a hardware profile"),
-    ('{"format": 2}', "format must be 1"),
-    ('{"format": 1, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
-    ('{"format": 1, "name": "x", "source": "y", "backend": "gloo", "tflops": 1}', "it has no collectives"),
-    ('{"format": 1, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
+    ('{"format": 1}', "format must be 2"),
+    ('{"format": 2, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
+    ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "tflops": 1}', "it has no collectives"),
+    ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
      "neither layer times nor tflops"),
-    ('{"format": 1, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
+    ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
      '"collectives": {"2": {"send": {"latency_s": -1, "bytes_per_s": 1}}}}', "send latency_s must be a positive"),
-    ('{"format": 1, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_page_s_per_byte": -1, '
+    ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_page_s_per_byte": -1, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "fresh_page_s_per_byte must be"),
+    ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+     '{"images": [8, 2], "forward": [1, 1], "backward": [1, 1]}}}}', "images must be two or more sizes that rise"),
+    ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+     '{"images": [2, 8], "forward": [1], "backward": [1, 1]}}}}', "must have a time for each of its images"),
 ])
 def test_a_malformed_profile_is_refused_in_one_line(text, says, tmp_path, capsys):
     (tmp_path / "profile.json").write_text(text)
@@ -153,7 +169,8 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
 
     monkeypatch.setattr(calibrate, "SHARES", (1.0, 0.5))  # halves: every layout at 2 ranks
     monkeypatch.setattr(calibrate, "REPEATS", 1)
-    result = in_process(capsys, "calibrate", "--ranks", "2", "--output", str(tmp_path / "hardware.json"))
+    result = in_process(capsys, "calibrate", "--ranks", "2", "--batch", "8", "--output",
+                        str(tmp_path / "hardware.json"))
     assert result.returncode == 0, result.stderr
     profile = load(tmp_path / "hardware.json")
     assert profile.backend == "gloo" and set(profile.collectives["2"]) == set(KINDS)
@@ -231,16 +248,16 @@ def test_both_towers_in_one_process_run_in_turn_with_no_collective_between_them(
     assert one.memory_bytes == pytest.approx([sum(two.memory_bytes)])
 
 
-def test_a_step_maps_its_gradients_above_a_fresh_block_afresh_unless_ddps_buckets_hold_them():
-    """At one image a step, fc6's and fc7's gradients (weights and biases) are the tensors above 32 MiB."""
-    single, replicas = (LAYOUTS[mode].costs for mode in ("single", "data-parallel"))
-    assert single.fresh_bytes(single.work("paper", 0, 1, 1), PAPER, 1, 1000) == 4 * (37_752_832 + 16_781_312)
-    assert replicas.fresh_bytes(replicas.work("paper", 0, 2, 2), PAPER, 2, 1000) == 0
+def test_only_fsdp_maps_tensors_afresh_beyond_its_layers_own_each_unit_above_a_fresh_block_six_times_a_step():
+    """A layer's own tensors are mapped inside its measured time; fc6's and fc7's weights are the units above 32 MiB."""
+    single, fsdp = (LAYOUTS[mode].costs for mode in ("single", "fsdp"))
+    assert single.fresh_bytes(single.work("paper", 0, 1, 8), PAPER, 1, 1000) == 0
+    assert fsdp.fresh_bytes(fsdp.work("paper", 0, 2, 8), PAPER, 2, 1000) == 6 * 4 * (37_748_736 + 16_777_216)
 
 
 def test_a_step_pays_the_profiles_fresh_page_cost_on_what_it_maps_afresh():
     fresh = dataclasses.replace(by_hand(), fresh_page_s_per_byte=1e-9)
-    mapped = LAYOUTS["single"].costs.fresh_bytes(LAYOUTS["single"].costs.work("paper", 0, 1, 8, 10), PAPER, 1, 10)
+    mapped = LAYOUTS["fsdp"].costs.fresh_bytes(LAYOUTS["fsdp"].costs.work("paper", 0, 2, 8, 10), PAPER, 2, 10)
     assert mapped > 0
-    assert predict_step("single", "paper", 1, 8, fresh, 10).step_s == pytest.approx(
-        predict_step("single", "paper", 1, 8, by_hand(), 10).step_s + 1e-9 * mapped)
+    assert predict_step("fsdp", "paper", 2, 8, fresh, 10).compute_s[0] == pytest.approx(
+        predict_step("fsdp", "paper", 2, 8, by_hand(), 10).compute_s[0] + 1e-9 * mapped)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from alexnet_mp.hardware import FORMAT
 from alexnet_mp.predict import HELD_HEADER
 from tests.equivalence import PAPER_NET
 from tests.launching import ENV, ROOT, in_process, metrics, one_line_error
@@ -25,7 +26,7 @@ PLOTS = ("images_per_s.png", "step_time_breakdown.png", "loss.png", "bytes_per_s
 def by_hand_profile(folder: Path) -> Path:
     """A gloo profile written by hand: every layer at 0.05 TFLOP/s of training, every collective 1 ms plus 1 GB/s."""
     link = {"latency_s": 1e-3, "bytes_per_s": 1e9}
-    profile = {"format": 1, "name": "by hand", "source": "a test", "backend": "gloo", "cores": 2, "tflops": 0.05,
+    profile = {"format": FORMAT, "name": "by hand", "source": "a test", "backend": "gloo", "cores": 2, "tflops": 0.05,
                "collectives": {"2": dict.fromkeys(("all-reduce", "all-gather", "reduce-scatter", "gather", "scatter"),
                                                   link)}}
     (folder / "profile.json").write_text(json.dumps(profile))

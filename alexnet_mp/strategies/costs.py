@@ -15,7 +15,7 @@ import torch
 
 from alexnet_mp.blocks import Block, part_size
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import RankWork, Traffic, both_ways, fresh_bytes, held_shares, parameters
+from alexnet_mp.cost import RankWork, Traffic, both_ways, held_shares, parameters
 from alexnet_mp.ledger import BACKWARD, FORWARD, ring_all_reduce_elements
 from alexnet_mp.links import Link
 from alexnet_mp.model import ARCHITECTURES, Architecture
@@ -73,14 +73,10 @@ class Costs(ABC):
 
     @classmethod
     def fresh_bytes(cls, work: RankWork, arch: Architecture, parts: int, num_classes: int) -> float:
-        """The bytes of the tensors a part's step maps afresh each step on a CPU (`cost.fresh_bytes`): its
-        activations, and its gradients unless DistributedDataParallel keeps them in its buckets (`bucketed`)."""
-        return fresh_bytes(work, arch, num_classes, gradients=not cls.bucketed(parts))
-
-    @classmethod
-    def bucketed(cls, parts: int) -> bool:
-        """Whether DistributedDataParallel holds a part's gradients in its buckets, the same memory every step."""
-        return False
+        """The bytes a part's step maps afresh on a CPU (blocks above `cost.FRESH_BLOCK_BYTES`) beyond its layers'
+        own tensors, whose fresh pages the layers' times, measured at the sizes they run, already hold: none, but
+        for a layout that makes large tensors of its own."""
+        return 0.0
 
     @classmethod
     def slots(cls, world_size: int, config: TrainConfig) -> float:

@@ -25,10 +25,6 @@ class DataParallelCosts(Costs):
         return part_size(batch, parts), part_size(batch, parts)
 
     @classmethod
-    def bucketed(cls, parts: int) -> bool:
-        return parts > 1
-
-    @classmethod
     def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
         traffic = new_traffic()
         if parts > 1:

@@ -120,17 +120,12 @@ class FSDPCosts(DataParallelCosts):
                         gathered=2 * max(unit_weights(arch, num_classes)))
 
     @classmethod
-    def bucketed(cls, parts: int) -> bool:
-        return False
-
-    @classmethod
     def fresh_bytes(cls, work: RankWork, arch: Architecture, parts: int, num_classes: int) -> float:
-        """Beyond its activations and its shards' gradients: each unit larger than a fresh block, six times a step
-        (gathered in the forward and again in the backward, each time into the all-gather's buffer and into the
-        unsharded parameters it is copied to; its whole gradient, and the reduce-scatter's input)."""
+        """Each unit larger than a fresh block, six times a step: gathered in the forward and again in the backward,
+        each time into the all-gather's buffer and into the unsharded parameters it is copied to; its whole gradient,
+        and the reduce-scatter's input."""
         units = [weights * torch.float32.itemsize for weights in unit_weights(arch.name, num_classes)]
-        return super().fresh_bytes(work, arch, parts, num_classes) + 6 * sum(
-            unit for unit in units if unit > FRESH_BLOCK_BYTES)
+        return 6 * sum(unit for unit in units if unit > FRESH_BLOCK_BYTES)
 
     @classmethod
     def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:

@@ -72,10 +72,6 @@ class PaperSplitCosts(Costs):
         return tower_block(key, shape, part % TOWERS)  # replicas of a tower hold the same
 
     @classmethod
-    def bucketed(cls, parts: int) -> bool:
-        return parts > TOWERS  # each tower's replicas
-
-    @classmethod
     def samples(cls, part: int, parts: int, batch: int) -> tuple[int, int]:
         replica_batch = part_size(batch, parts // TOWERS)
         return replica_batch, replica_batch
