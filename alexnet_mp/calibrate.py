@@ -3,12 +3,14 @@
 Each layer as it runs in the net (a convolution with its ReLU, LRN and pooling; fc6 and fc7 with their ReLU and
 dropout) forward and backward, at the shares of its outputs the layouts hold (whole, halves, quarters), at passes
 of a few images up to the global batch, at the threads a rank runs for each rank count asked for; the optimizer's
-fused step; what a byte of a freshly mapped block costs; and each collective the layouts use over gloo processes,
-at sizes from a few KiB to tens of MiB, fitted as latency plus bytes over bandwidth.
+fused step; what a byte of a freshly mapped block costs; what a process training the one-device reference keeps
+resident beyond its tensors; and each collective the layouts use over gloo processes, at sizes from a few KiB to
+tens of MiB, fitted as latency plus bytes over bandwidth.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -23,12 +25,15 @@ import torch
 import torch.distributed as dist
 
 from alexnet_mp.bench.matrix import FULL
+from alexnet_mp.bench.measure import layout_steps
 from alexnet_mp.blocks import rows
 from alexnet_mp.config import TrainConfig
+from alexnet_mp.cost import memory_bytes
 from alexnet_mp.hardware import Collective, Hardware
 from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, MaskDraw, SeededDropout, build_model, conv_sides
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer
+from alexnet_mp.strategies import LAYOUTS, REFERENCE
 from alexnet_mp.strategies.base import shard_layers
 
 SHARES = (1.0, 0.5, 0.25)  # of a layer's outputs: whole, a tower or a shard of 2, a shard of 4
@@ -185,6 +190,16 @@ def fit(points: Sequence[tuple[float, float]]) -> Collective:
     return Collective(max(float(intercept), float(seconds.min()) / 10), float(bandwidth))
 
 
+def resident_overhead_bytes(arch: str, batch: int, threads: int, scratch: Path) -> float:
+    """What a fresh process on `threads` keeps resident beyond its tensors while it trains the one-device reference
+    at `batch`: its training memory (bench's measure) less the tensors' peak the cost model predicts for it."""
+    sizes = dataclasses.replace(FULL, steps=1, warmup=1)
+    measured = run_distributed(layout_steps, 1, scratch, REFERENCE, arch, {}, batch, sizes, threads=threads)[0]
+    costs = LAYOUTS[REFERENCE].costs
+    tensors = memory_bytes(costs.work(arch, 0, 1, batch, sizes.num_classes), ARCHITECTURES[arch], sizes.num_classes)
+    return max(measured["training_memory_mb"] * 2**20 - sum(tensors.values()), 0.0)
+
+
 def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = None, log: Callable[[str], None] = print,
               ) -> Hardware:
     """This machine's profile for runs on each of `ranks` ranks, at a global batch of `batch` (bench's on a CPU
@@ -200,8 +215,11 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
         layers[str(threads)] = time_layers(arch, threads, batch)
         optimizer[str(threads)] = time_optimizer(threads)
     fresh = time_fresh_pages()
-    collectives = {}
+    collectives, resident = {}, {}
     with tempfile.TemporaryDirectory(prefix="calibrate-") as scratch:
+        for threads in thread_counts:
+            log(f"what a process keeps resident beyond its tensors, on {threads} thread(s) ...")
+            resident[str(threads)] = resident_overhead_bytes(arch, batch, threads, Path(scratch) / f"memory{threads}")
         for count in ranks:
             log(f"collectives over {count} gloo processes ...")
             per_rank = run_distributed(time_collectives, count, Path(scratch) / str(count),
@@ -210,4 +228,4 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
     source = (f"calibrate on {platform.processor() or platform.machine()}, {cores} cores, batch {batch}, "
               f"{datetime.date.today().isoformat()}, torch {torch.__version__}, "
               f"in {time.perf_counter() - started:.0f} s")
-    return Hardware(profile.name, source, "gloo", cores, layers, None, optimizer, collectives, fresh)
+    return Hardware(profile.name, source, "gloo", cores, layers, None, optimizer, collectives, fresh, resident)

@@ -50,6 +50,9 @@ class Hardware:
     # What a byte costs beyond its writing where the allocator maps its block afresh (a CPU's page faults and
     # zero-filling); 0 where blocks are reused (CUDA's caching allocator).
     fresh_page_s_per_byte: float = 0.0
+    # per threads a rank runs: what a CPU process keeps resident beyond its tensors' peak (the allocator's freed
+    # blocks, the libraries' code and workspaces); none where memory is a device's allocated tensors
+    resident_overhead_bytes: dict[str, float] = field(default_factory=dict)
 
     def threads(self, ranks: int) -> int:
         """The threads each of `ranks` ranks runs: the cores split evenly, at least one."""
@@ -86,6 +89,10 @@ class Hardware:
     def fresh_s(self, fresh_bytes: float, ranks: int) -> float:
         """Seconds a rank of `ranks` spends on the pages of `fresh_bytes` allocated afresh."""
         return fresh_bytes * self.fresh_page_s_per_byte * self.sharing(ranks)
+
+    def resident_bytes(self, tensor_bytes: float, ranks: int) -> float:
+        """The memory a process of `ranks` takes to train whose tensors peak at `tensor_bytes`."""
+        return tensor_bytes + self.resident_overhead_bytes.get(str(self.threads(ranks)), 0.0)
 
     def collective(self, kind: str, ranks: int) -> Collective:
         known = self.collectives.get(str(ranks)) or self.collectives.get("any")
@@ -155,10 +162,10 @@ def _positive(value: Any, what: str) -> float:
     return float(value)
 
 
-def _seconds(value: Any, what: str) -> float:
-    """A figure that may be 0: a number of seconds, finite and not negative."""
+def _not_negative(value: Any, what: str, unit: str) -> float:
+    """A figure that may be 0: a number of `unit`, finite and not negative."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise ValueError(f"{what} must be a number of seconds, not {value!r}")
+        raise ValueError(f"{what} must be a number of {unit}, not {value!r}")
     return float(value)
 
 
@@ -188,7 +195,9 @@ def _parsed(raw: Any) -> Hardware:
                                 for kind, link in kinds.items() if kind in KINDS}
                    for ranks, kinds in raw.get("collectives", {}).items()}
     tflops = raw.get("tflops")
-    fresh = _seconds(raw.get("fresh_page_s_per_byte", 0.0), "fresh_page_s_per_byte")
+    fresh = _not_negative(raw.get("fresh_page_s_per_byte", 0.0), "fresh_page_s_per_byte", "seconds")
+    resident = {str(threads): _not_negative(value, "resident_overhead_bytes", "bytes")
+                for threads, value in raw.get("resident_overhead_bytes", {}).items()}
     if not layers and tflops is None:
         raise ValueError("it has neither layer times nor tflops")
     if not collectives:
@@ -197,4 +206,4 @@ def _parsed(raw: Any) -> Hardware:
                     None if cores is None else int(_positive(cores, "cores")), layers,
                     None if tflops is None else _positive(tflops, "tflops"),
                     {str(t): _positive(v, "optimizer_s_per_parameter") for t, v in
-                     raw.get("optimizer_s_per_parameter", {}).items()}, collectives, fresh)
+                     raw.get("optimizer_s_per_parameter", {}).items()}, collectives, fresh, resident)

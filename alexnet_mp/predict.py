@@ -42,7 +42,7 @@ class StepPrediction:
     compute_s: list[float]  # per process: forward, backward and the optimizer's step
     comm_s: list[float]  # per process: its collectives, latency and transfer
     bytes_per_rank: list[float]
-    memory_bytes: list[float]  # per process: weights, gradients, momentum, gathered, activations
+    memory_bytes: list[float]  # per process: its tensors at their peak, and what the profile says it keeps beyond
 
     def figures(self) -> StepFigures:
         return StepFigures(self.step_s, max(self.compute_s), max(self.comm_s), self.bytes_per_rank,
@@ -79,6 +79,7 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
         forward, backward, memory, sent = ([sum(values[first:first + together]) for first in range(0, parts, together)]
                                            for values in (forward, backward, memory, sent))
         comm = comm[:ranks]
+    memory = [hardware.resident_bytes(tensors, ranks) for tensors in memory]
     step = costs.step_s(forward, backward, comm, ranks, config, blocking=hardware.backend == "gloo",
                         sharing=hardware.sharing(ranks))
     return StepPrediction(step, [f + b for f, b in zip(forward, backward, strict=True)],

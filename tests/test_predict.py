@@ -118,7 +118,7 @@ def test_a_profile_reads_back_as_written(tmp_path):
     conv1 = {"images": [2.0, 8.0], "forward": [0.1, 0.3], "backward": [0.2, 0.7]}
     profile = Hardware("written", "a test", "gloo", 2, layers={"1": {"paper.conv1@1": conv1}},
                        optimizer_s_per_parameter={"1": 1e-9}, collectives={"2": {"all-reduce": LINK}},
-                       fresh_page_s_per_byte=5e-10)
+                       fresh_page_s_per_byte=5e-10, resident_overhead_bytes={"1": 2.5e8})
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
     assert load(tmp_path / "profile.json") == profile
 
@@ -141,6 +141,8 @@ def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
      '"collectives": {"2": {"send": {"latency_s": -1, "bytes_per_s": 1}}}}', "send latency_s must be a positive"),
     ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_page_s_per_byte": -1, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "fresh_page_s_per_byte must be"),
+    ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead_bytes": {"1": -1}, '
+     '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "resident_overhead_bytes must be a number"),
     ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [8, 2], "forward": [1, 1], "backward": [1, 1]}}}}', "images must be two or more sizes that rise"),
     ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
@@ -175,6 +177,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     profile = load(tmp_path / "hardware.json")
     assert profile.backend == "gloo" and set(profile.collectives["2"]) == set(KINDS)
     assert profile.fresh_page_s_per_byte > 0  # glibc maps a 64 MiB block afresh: its pages fault in
+    assert set(profile.resident_overhead_bytes) == set(profile.layers)  # each thread count a rank runs
     for mode in LAYOUTS:
         ranks = 1 if mode == "single" else 2
         assert predict_step(mode, "paper", ranks, 8, profile, 10).step_s > 0, mode
@@ -261,3 +264,12 @@ def test_a_step_pays_the_profiles_fresh_page_cost_on_what_it_maps_afresh():
     assert mapped > 0
     assert predict_step("fsdp", "paper", 2, 8, fresh, 10).compute_s[0] == pytest.approx(
         predict_step("fsdp", "paper", 2, 8, by_hand(), 10).compute_s[0] + 1e-9 * mapped)
+
+
+def test_a_process_takes_its_tensors_peak_and_once_what_the_profile_says_a_process_keeps_beyond_them():
+    """On 2 cores one process runs 2 threads, each of 2 ranks one; the paper split's two towers share a process."""
+    kept = dataclasses.replace(by_hand(cores=2), resident_overhead_bytes={"1": 1e8, "2": 3e8})
+    for mode, ranks, overhead in (("paper-split", 1, 3e8), ("data-parallel", 2, 1e8)):
+        tensors = predict_step(mode, "paper", ranks, 8, by_hand(cores=2), 10).memory_bytes
+        assert predict_step(mode, "paper", ranks, 8, kept, 10).memory_bytes == pytest.approx(
+            [peak + overhead for peak in tensors]), mode
