@@ -192,8 +192,9 @@ def fit(points: Sequence[tuple[float, float]]) -> Collective:
 
 def resident_overhead_bytes(arch: str, batch: int, threads: int, scratch: Path) -> float:
     """What a fresh process on `threads` keeps resident beyond its tensors while it trains the one-device reference
-    at `batch`: its training memory (bench's measure) less the tensors' peak the cost model predicts for it."""
-    sizes = dataclasses.replace(FULL, steps=1, warmup=1)
+    at `batch`: its training memory (bench's measure, after bench's warm-up: the allocator's kept blocks grow over
+    the first steps) less the tensors' peak the cost model predicts for it."""
+    sizes = dataclasses.replace(FULL, steps=2)
     measured = run_distributed(layout_steps, 1, scratch, REFERENCE, arch, {}, batch, sizes, threads=threads)[0]
     costs = LAYOUTS[REFERENCE].costs
     tensors = memory_bytes(costs.work(arch, 0, 1, batch, sizes.num_classes), ARCHITECTURES[arch], sizes.num_classes)
