@@ -61,8 +61,7 @@ def time_layers(arch: str, threads: int, batch: int = FULL.batch) -> dict[str, d
         cut = shard_layers(build_model(arch, 1000, seed=0), lambda key, shape, part, n: (rows(shape[0], 0, n),), 0,
                            parts)
         for index, (name, segment, first) in enumerate(_segments(cut)):
-            per_pass = [_forward_backward(segment, _input_shape(first, n, index, arch), index > 0, n)
-                        for n in images]
+            per_pass = [_forward_backward(segment, _input_shape(first, n, index, arch), index > 0) for n in images]
             times[f"{arch}.{name}@{share:g}"] = {"images": images,
                                                  "forward": [seconds["forward"] for seconds in per_pass],
                                                  "backward": [seconds["backward"] for seconds in per_pass]}
@@ -87,12 +86,11 @@ def _input_shape(layer: torch.nn.Module, images: int, index: int, arch: str) -> 
     return images, layer.in_channels, side, side
 
 
-def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool, images: int,
-                      ) -> dict[str, float]:
+def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool) -> dict[str, float]:
     """A pass's seconds, forward and backward: the median of `REPEATS` after one to warm up."""
     for dropout in segment.modules():
         if isinstance(dropout, SeededDropout):
-            dropout.draw = MaskDraw(seed=0, step=0, global_batch=images, rows=slice(0, images))
+            dropout.draw = MaskDraw(seed=0, step=0, global_batch=shape[0], rows=slice(0, shape[0]))
     x = torch.randn(shape, requires_grad=needs_input_grad)
     forward, backward = [], []
     for _ in range(1 + REPEATS):
