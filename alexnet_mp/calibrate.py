@@ -49,19 +49,20 @@ def pass_images(batch: int) -> list[int]:
     return sizes if len(sizes) > 1 else [1, 2]
 
 
-def time_layers(arch: str, threads: int, batch: int = FULL.batch) -> dict[str, dict[str, list[float]]]:
+def time_layers(arch: str, threads: int, batch: int) -> dict[str, dict[str, list[float]]]:
     """Each layer of `arch` as it runs in the net (with what follows it up to the next layer: a conv's ReLU, LRN
     and pool; fc6's and fc7's ReLU and dropout), at each of `SHARES`, on `threads`: a pass's seconds forward and
     backward at each of `pass_images(batch)`."""
     torch.set_num_threads(threads)
     images = pass_images(batch)
+    sides = [IMAGE_SIZE] + [block for _, block in conv_sides(ARCHITECTURES[arch])]
     times = {}
     for share in SHARES:
         parts = round(1 / share)
         cut = shard_layers(build_model(arch, 1000, seed=0), lambda key, shape, part, n: (rows(shape[0], 0, n),), 0,
                            parts)
-        for index, (name, segment, first) in enumerate(_segments(cut)):
-            per_pass = [_forward_backward(segment, _input_shape(first, n, index, arch), index > 0) for n in images]
+        for index, (name, segment, layer) in enumerate(_segments(cut)):
+            per_pass = [_forward_backward(segment, _input_shape(layer, n, sides, index), index > 0) for n in images]
             times[f"{arch}.{name}@{share:g}"] = {"images": images,
                                                  "forward": [seconds["forward"] for seconds in per_pass],
                                                  "backward": [seconds["backward"] for seconds in per_pass]}
@@ -79,11 +80,12 @@ def _segments(net: torch.nn.Sequential) -> list[tuple[str, torch.nn.Sequential, 
     return [(name, torch.nn.Sequential(*modules), layer) for name, modules, layer in segments]
 
 
-def _input_shape(layer: torch.nn.Module, images: int, index: int, arch: str) -> tuple[int, ...]:
+def _input_shape(layer: torch.nn.Module, images: int, sides: list[int], index: int) -> tuple[int, ...]:
+    """The input of the `index`th layer for a pass of `images`: features, or a convolution's square maps of
+    `sides[index]`."""
     if isinstance(layer, torch.nn.Linear):
         return images, layer.in_features
-    side = ([IMAGE_SIZE] + [block for _, block in conv_sides(ARCHITECTURES[arch])])[index]
-    return images, layer.in_channels, side, side
+    return images, layer.in_channels, sides[index], sides[index]
 
 
 def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool) -> dict[str, float]:

@@ -121,33 +121,24 @@ def backward_temporaries(cost: LayerCost, spec: ConvSpec | None) -> list[int]:
                                              else BACKWARD_TEMPORARIES)
 
 
-def _step_tensors(work: RankWork, arch: Architecture, num_classes: int,
-                  ) -> tuple[list[LayerCost], list[list[int]], list[list[int]], dict[str, int]]:
-    """A rank's layers, and per layer the tensors (elements) its forward keeps and its backward makes, at its
-    samples; and the parameters it holds of each layer."""
-    specs = {spec.name: spec for spec in arch.convs}
-    costs = layer_costs(arch, num_classes, work.shares)
-    kept = [[size * work.samples(cost.name) for size in kept_for_backward(cost, specs.get(cost.name))]
-            for cost in costs]
-    temporaries = [[size * work.samples(cost.name) for size in backward_temporaries(cost, specs.get(cost.name))]
-                   for cost in costs]
-    return costs, kept, temporaries, {cost.name: cost.parameters for cost in layer_costs(arch, num_classes, work.holds)}
-
-
 def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, bytes_per_element: int = 4,
                  ) -> dict[str, float]:
     """A rank's memory at its peak, in the backward, by kind: its weights and momentum (a copy each of the parameters
     it holds), what it gathers beyond them, and at the layer whose backward holds the most: the gradients of the
     layers from the last down to it, and the activations (the images, what autograd still keeps of the forward
     from the first layer up to it, and its backward's temporaries)."""
-    costs, kept, temporaries, held = _step_tensors(work, arch, num_classes)
+    specs = {spec.name: spec for spec in arch.convs}
+    costs = layer_costs(arch, num_classes, work.shares)
+    held = {cost.name: cost.parameters for cost in layer_costs(arch, num_classes, work.holds)}
+    kept = [sum(kept_for_backward(cost, specs.get(cost.name))) * work.samples(cost.name) for cost in costs]
+    temporaries = [sum(backward_temporaries(cost, specs.get(cost.name))) * work.samples(cost.name) for cost in costs]
     images = 3 * IMAGE_SIZE ** 2 * work.conv_samples
     first = arch.convs[0]
     if "conv1" in held and isinstance(first.padding, tuple):  # the padded copy the first conv reads and keeps
         images += 3 * (IMAGE_SIZE + sum(first.padding[:2])) * (IMAGE_SIZE + sum(first.padding[2:])) * work.conv_samples
     gradients, activations = max(
         ((sum(held.get(cost.name, 0) for cost in costs[at:]),
-          images + sum(sum(layer) for layer in kept[:at + 1]) + sum(temporaries[at])) for at in range(len(costs))),
+          images + sum(kept[:at + 1]) + temporaries[at]) for at in range(len(costs))),
         key=sum, default=(0, 0))
     weights = parameters(work, arch, num_classes) * bytes_per_element
     return {"weights": weights, "gradients": gradients * bytes_per_element, "momentum": weights,

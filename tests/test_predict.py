@@ -254,13 +254,13 @@ def test_both_towers_in_one_process_run_in_turn_with_no_collective_between_them(
 def test_only_fsdp_maps_tensors_afresh_beyond_its_layers_own_each_unit_above_a_fresh_block_six_times_a_step():
     """A layer's own tensors are mapped inside its measured time; fc6's and fc7's weights are the units above 32 MiB."""
     single, fsdp = (LAYOUTS[mode].costs for mode in ("single", "fsdp"))
-    assert single.fresh_bytes(single.work("paper", 0, 1, 8), PAPER, 1, 1000) == 0
-    assert fsdp.fresh_bytes(fsdp.work("paper", 0, 2, 8), PAPER, 2, 1000) == 6 * 4 * (37_748_736 + 16_777_216)
+    assert single.fresh_bytes(PAPER, 1000) == 0
+    assert fsdp.fresh_bytes(PAPER, 1000) == 6 * 4 * (37_748_736 + 16_777_216)
 
 
 def test_a_step_pays_the_profiles_fresh_page_cost_on_what_it_maps_afresh():
     fresh = dataclasses.replace(by_hand(), fresh_page_s_per_byte=1e-9)
-    mapped = LAYOUTS["fsdp"].costs.fresh_bytes(LAYOUTS["fsdp"].costs.work("paper", 0, 2, 8, 10), PAPER, 2, 10)
+    mapped = LAYOUTS["fsdp"].costs.fresh_bytes(PAPER, 10)
     assert mapped > 0
     assert predict_step("fsdp", "paper", 2, 8, fresh, 10).compute_s[0] == pytest.approx(
         predict_step("fsdp", "paper", 2, 8, by_hand(), 10).compute_s[0] + 1e-9 * mapped)

@@ -72,7 +72,7 @@ class Costs(ABC):
         return max(steps)
 
     @classmethod
-    def fresh_bytes(cls, work: RankWork, arch: Architecture, parts: int, num_classes: int) -> float:
+    def fresh_bytes(cls, arch: Architecture, num_classes: int) -> float:
         """The bytes a part's step maps afresh on a CPU (blocks above `cost.FRESH_BLOCK_BYTES`) beyond its layers'
         own tensors, whose fresh pages the layers' times, measured at the sizes they run, already hold: none, but
         for a layout that makes large tensors of its own."""

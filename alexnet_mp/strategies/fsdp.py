@@ -120,7 +120,7 @@ class FSDPCosts(DataParallelCosts):
                         gathered=2 * max(unit_weights(arch, num_classes)))
 
     @classmethod
-    def fresh_bytes(cls, work: RankWork, arch: Architecture, parts: int, num_classes: int) -> float:
+    def fresh_bytes(cls, arch: Architecture, num_classes: int) -> float:
         """Each unit larger than a fresh block, six times a step: gathered in the forward and again in the backward,
         each time into the all-gather's buffer and into the unsharded parameters it is copied to; its whole gradient,
         and the reduce-scatter's input."""
