@@ -3,9 +3,9 @@
 Each layer as it runs in the net (a convolution with its ReLU, LRN and pooling; fc6 and fc7 with their ReLU and
 dropout) forward and backward, at the shares of its outputs the layouts hold (whole, halves, quarters), at passes
 of a few images up to the global batch, at the threads a rank runs for each rank count asked for; the optimizer's
-fused step; what a byte of a freshly mapped block costs; what a process training the one-device reference keeps
-resident beyond its tensors; and each collective the layouts use over gloo processes, at sizes from a few KiB to
-tens of MiB, fitted as latency plus bytes over bandwidth.
+step with each of its kernels; what a byte of a freshly mapped block costs; what a process training the one-device
+reference keeps resident beyond its tensors; and each collective the layouts use over gloo processes, at sizes from
+a few KiB to tens of MiB, fitted as latency plus bytes over bandwidth.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from alexnet_mp.bench.measure import layout_steps
 from alexnet_mp.blocks import rows
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import memory_bytes
-from alexnet_mp.hardware import Collective, Hardware
+from alexnet_mp.hardware import KERNELS, Collective, Hardware
 from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, MaskDraw, SeededDropout, build_model, conv_sides
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer
@@ -107,18 +107,23 @@ def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_in
     return {"forward": statistics.median(forward[1:]), "backward": statistics.median(backward[1:])}
 
 
-def time_optimizer(threads: int, parameters: int = 1 << 24) -> float:
-    """Seconds per parameter of the training loop's fused SGD step (momentum, weight decay)."""
+def time_optimizer(threads: int, parameters: int = 1 << 24) -> dict[str, float]:
+    """Seconds per parameter of the training loop's SGD step (momentum, weight decay) with each of its kernels:
+    fused (plain tensors) and foreach (DTensors, which no fused kernel takes), here on a plain tensor."""
     torch.set_num_threads(threads)
     weight = torch.nn.Parameter(torch.randn(parameters))
     weight.grad = torch.randn(parameters)
-    optimizer = make_optimizer([weight], TrainConfig())
-    seconds = []
-    for _ in range(1 + REPEATS):
-        started = time.perf_counter()
-        optimizer.step()
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds[1:]) / parameters
+    fused = make_optimizer([weight], TrainConfig())
+    foreach = torch.optim.SGD([weight], **{**fused.defaults, "fused": False, "foreach": True})
+    rates = {}
+    for kernel, optimizer in zip(KERNELS, (fused, foreach), strict=True):
+        seconds = []
+        for _ in range(1 + REPEATS):
+            started = time.perf_counter()
+            optimizer.step()
+            seconds.append(time.perf_counter() - started)
+        rates[kernel] = statistics.median(seconds[1:]) / parameters
+    return rates
 
 
 def time_fresh_pages(elements: int = 1 << 24) -> float:

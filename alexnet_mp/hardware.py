@@ -18,8 +18,9 @@ from typing import Any
 
 from alexnet_mp.errors import UsageError
 
-FORMAT = 2
+FORMAT = 3
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "gather", "scatter", "broadcast", "send")
+KERNELS = ("fused", "foreach")  # the optimizer's: one kernel over every parameter, or one op per parameter list
 DEFAULT_PATH = Path("runs/hardware.json")  # where `calibrate` writes and the comparisons look, unless told
 
 
@@ -45,7 +46,8 @@ class Hardware:
     # "forward" and "backward"
     layers: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     tflops: float | None = None  # where layers are not measured: the training rate a device sustains on them
-    optimizer_s_per_parameter: dict[str, float] = field(default_factory=dict)  # per threads a rank runs
+    # per threads a rank runs, per optimizer kernel (`KERNELS`): a parameter's share of the SGD step
+    optimizer_s_per_parameter: dict[str, dict[str, float]] = field(default_factory=dict)
     collectives: dict[str, dict[str, Collective]] = field(default_factory=dict)  # per rank count, per kind
     # What a byte costs beyond its writing where the allocator maps its block afresh (a CPU's page faults and
     # zero-filling); 0 where blocks are reused (CUDA's caching allocator).
@@ -82,9 +84,11 @@ class Hardware:
         forward = flops * samples / (self.tflops * 1e12) * self.sharing(ranks)
         return forward, 2 * forward
 
-    def optimizer_s(self, parameters: int, ranks: int) -> float:
-        rate = self.optimizer_s_per_parameter.get(str(self.threads(ranks)), 0.0)
-        return rate * parameters * self.sharing(ranks)
+    def optimizer_s(self, fused: int, foreach: int, ranks: int) -> float:
+        """Seconds of the SGD step of a rank of `ranks` that steps `fused` parameters with the fused kernel and
+        `foreach` with the foreach one."""
+        rates = self.optimizer_s_per_parameter.get(str(self.threads(ranks)), dict.fromkeys(KERNELS, 0.0))
+        return (rates["fused"] * fused + rates["foreach"] * foreach) * self.sharing(ranks)
 
     def fresh_s(self, fresh_bytes: float, ranks: int) -> float:
         """Seconds a rank of `ranks` spends on the pages of `fresh_bytes` allocated afresh."""
@@ -205,5 +209,6 @@ def _parsed(raw: Any) -> Hardware:
     return Hardware(str(raw["name"]), str(raw["source"]), raw["backend"],
                     None if cores is None else int(_positive(cores, "cores")), layers,
                     None if tflops is None else _positive(tflops, "tflops"),
-                    {str(t): _positive(v, "optimizer_s_per_parameter") for t, v in
-                     raw.get("optimizer_s_per_parameter", {}).items()}, collectives, fresh, resident)
+                    {str(t): {kernel: _positive(rates[kernel], f"optimizer_s_per_parameter.{t}.{kernel}")
+                              for kernel in KERNELS} for t, rates in raw.get("optimizer_s_per_parameter", {}).items()},
+                    collectives, fresh, resident)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from alexnet_mp.blocks import WHOLE, Block, local, merge
 from alexnet_mp.config import TrainConfig
@@ -58,6 +59,7 @@ class Run:
     sent_bytes: float = 0.0
     checksum: float = 0.0
     held: dict[str, float] = field(default_factory=dict)  # "key rows" -> sum of the block's final values
+    dtensors: dict[str, bool] = field(default_factory=dict)  # whole-net key -> whether the rank holds it as a DTensor
 
 
 def global_batch(size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -108,6 +110,7 @@ def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, 
     run.checksum = sum(float(local(p).detach().double().sum()) for p in layout.parameters())
     run.held = {f"{key} {[(s.start, s.stop) for s in block]}": float(local(param).detach().double().sum())
                 for key, block, param, _ in layout.blocks()}
+    run.dtensors = {key: isinstance(param, DTensor) for key, _, param, _ in layout.blocks()}
     return run
 
 

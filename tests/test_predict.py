@@ -77,6 +77,18 @@ def test_a_pass_beyond_the_sizes_measured_follows_the_nearest_two_but_costs_no_l
     assert pass_s([2, 8], [0.1, 4.0], 1) == pytest.approx(0.05)
 
 
+def test_a_layouts_dtensor_parameters_step_at_the_foreach_kernels_rate_the_rest_at_the_fused_one():
+    rates = {"fused": 1e-9, "foreach": 6e-9}
+    profile = dataclasses.replace(by_hand(), optimizer_s_per_parameter={"1": rates})
+    costs = LAYOUTS["tensor-parallel"].costs
+    held = layer_costs(PAPER, 10, costs.work("paper", 0, 2, 8, 10).holds)
+    dtensors = sum(cost.parameters for cost in held if cost.name in ("fc6", "fc7"))
+    without = predict_step("tensor-parallel", "paper", 2, 8, by_hand(), 10).compute_s[0]
+    with_optimizer = predict_step("tensor-parallel", "paper", 2, 8, profile, 10).compute_s[0]
+    assert with_optimizer - without == pytest.approx(
+        1e-9 * (sum(cost.parameters for cost in held) - dtensors) + 6e-9 * dtensors)
+
+
 def test_equal_pipeline_stages_leave_the_bubble_of_m_plus_n_minus_1_slots():
     for schedule in ("gpipe", "1f1b"):
         step = simulated_step_s(schedule, [1.0] * 4, [2.0] * 4, [0.0] * 4, [0.0] * 4, 8)
@@ -117,7 +129,8 @@ def test_a_measurement_without_its_memory_or_communication_leaves_those_errors_o
 def test_a_profile_reads_back_as_written(tmp_path):
     conv1 = {"images": [2.0, 8.0], "forward": [0.1, 0.3], "backward": [0.2, 0.7]}
     profile = Hardware("written", "a test", "gloo", 2, layers={"1": {"paper.conv1@1": conv1}},
-                       optimizer_s_per_parameter={"1": 1e-9}, collectives={"2": {"all-reduce": LINK}},
+                       optimizer_s_per_parameter={"1": {"fused": 1e-9, "foreach": 6e-9}},
+                       collectives={"2": {"all-reduce": LINK}},
                        fresh_page_s_per_byte=5e-10, resident_overhead_bytes={"1": 2.5e8})
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
     assert load(tmp_path / "profile.json") == profile
@@ -132,20 +145,22 @@ def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
 
 @pytest.mark.parametrize(("text", "says"), [
     ("not json", "is not a hardware profile"),
-    ('{"format": 1}', "format must be 2"),
-    ('{"format": 2, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
-    ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "tflops": 1}', "it has no collectives"),
-    ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
+    ('{"format": 2}', "format must be 3"),
+    ('{"format": 3, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
+    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "tflops": 1}', "it has no collectives"),
+    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
      "neither layer times nor tflops"),
-    ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
+    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
      '"collectives": {"2": {"send": {"latency_s": -1, "bytes_per_s": 1}}}}', "send latency_s must be a positive"),
-    ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_page_s_per_byte": -1, '
+    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_page_s_per_byte": -1, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "fresh_page_s_per_byte must be"),
-    ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead_bytes": {"1": -1}, '
+    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead_bytes": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "resident_overhead_bytes must be a number"),
-    ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "optimizer_s_per_parameter": '
+     '{"1": {"fused": 1e-9}}, "collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "'foreach'"),
+    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [8, 2], "forward": [1, 1], "backward": [1, 1]}}}}', "images must be two or more sizes that rise"),
-    ('{"format": 2, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [2, 8], "forward": [1], "backward": [1, 1]}}}}', "must have a time for each of its images"),
 ])
 def test_a_malformed_profile_is_refused_in_one_line(text, says, tmp_path, capsys):

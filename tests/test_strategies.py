@@ -161,6 +161,14 @@ def test_plan_predicts_the_bytes_the_ledger_measured(layout):
     assert predicted.bytes_per_rank == pytest.approx([r["float32"].sent_bytes for r in ranks])
 
 
+def test_the_parameters_the_cost_model_steps_with_the_foreach_kernel_are_the_dtensors_the_layout_holds(layout):
+    spec, ranks = layout
+    costs = LAYOUTS[spec.mode].costs
+    for rank, r in enumerate(ranks):
+        dtensors = r["float32"].dtensors
+        assert dtensors == {key: costs.holds_dtensors(key.split(".")[0]) for key in dtensors}, f"rank {rank}"
+
+
 def test_every_block_two_ranks_hold_has_the_same_weights_on_both_after_two_steps(layout):
     """Only the first holder's blocks are compared with the reference; every other holder must equal it."""
     spec, ranks = layout

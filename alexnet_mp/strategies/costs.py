@@ -79,6 +79,12 @@ class Costs(ABC):
         return 0.0
 
     @classmethod
+    def holds_dtensors(cls, layer: str) -> bool:
+        """Whether a part's parameters of `layer` are DTensors, which the optimizer steps with its foreach kernel
+        (no fused one takes them, step.make_optimizer): no, but for a layout that distributes them with DTensor."""
+        return False
+
+    @classmethod
     def slots(cls, world_size: int, config: TrainConfig) -> float:
         """A step's length over its compute's, where the layout leaves ranks idle by design (a pipeline's
         bubble); 1 where it does not."""

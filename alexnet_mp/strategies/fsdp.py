@@ -104,6 +104,10 @@ class FSDPCosts(DataParallelCosts):
         return max(steps)
 
     @classmethod
+    def holds_dtensors(cls, layer: str) -> bool:
+        return True  # fully_shard makes every parameter a DTensor sharded along dim 0
+
+    @classmethod
     def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
         """The rows `torch.chunk` gives a part, as fully_shard splits dim 0: ceil(rows / parts) each, the last
         part fewer (or none)."""

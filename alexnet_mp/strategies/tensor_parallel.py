@@ -34,6 +34,8 @@ from alexnet_mp.strategies.costs import CONV_FEATURES, Costs, data_parallel_conv
 
 # The collectives DTensor issues here, by kind: each happens at one place.
 LINKS = {"all-gather": CONV_FEATURES.name, "reduce-scatter": CONV_FEATURES.name, "all-reduce": "fc7-output"}
+# The layers DTensor splits (their parameters DTensors, fc7's bias a replicated one); the rest stay plain tensors.
+PLAN = {"fc6": ColwiseParallel(input_layouts=Shard(0)), "fc7": RowwiseParallel()}
 
 
 class TensorParallelCosts(Costs):
@@ -49,6 +51,10 @@ class TensorParallelCosts(Costs):
         if (layer, kind) == ("fc7", "weight"):  # row-parallel: its input units, the columns of its weight
             return slice(0, shape[0]), rows(shape[1], part, parts)
         return WHOLE
+
+    @classmethod
+    def holds_dtensors(cls, layer: str) -> bool:
+        return layer in PLAN
 
     @classmethod
     def samples(cls, part: int, parts: int, batch: int) -> tuple[int, int]:
@@ -73,7 +79,7 @@ class TensorParallel(Layout):
         set_dropout_units(model, self.costs.shard, self.rank, self.world_size)
         model = self.place(model)
         mesh = DeviceMesh.from_group(dist.group.WORLD, self.device.type)
-        parallelize_module(model, mesh, {"fc6": ColwiseParallel(input_layouts=Shard(0)), "fc7": RowwiseParallel()})
+        parallelize_module(model, mesh, PLAN)
         model.relu6.inplace = model.relu7.inplace = False  # DTensor's local outputs are views autograd keeps whole
         self.collectives = FunctionalCollectives(self.ledger, LINKS, self.world_size)
         self.parts_held = [(self.rank, model)]
