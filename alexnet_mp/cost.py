@@ -122,11 +122,13 @@ def backward_temporaries(cost: LayerCost, spec: ConvSpec | None) -> list[int]:
 
 
 def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, bytes_per_element: int = 4,
-                 ) -> dict[str, float]:
-    """A rank's memory at its peak, in the backward, by kind: its weights and momentum (a copy each of the parameters
-    it holds), what it gathers beyond them, and at the layer whose backward holds the most: the gradients of the
-    layers from the last down to it, and the activations (the images, what autograd still keeps of the forward
-    from the first layer up to it, and its backward's temporaries)."""
+                 foreach: int = 0) -> dict[str, float]:
+    """A rank's memory at its peak, by kind: its weights and momentum (a copy each of the parameters it holds), what
+    it gathers beyond them, and at its peak moment: in the backward, at the layer whose backward holds the most, the
+    gradients of the layers from the last down to it, and the activations (the images, what autograd still keeps of
+    the forward from the first layer up to it, and its backward's temporaries); or in the optimizer's step, every
+    gradient, the images, and the copy of the gradients of the `foreach` parameters the foreach kernel makes to add
+    their weight decay (the fused kernel makes none)."""
     specs = {spec.name: spec for spec in arch.convs}
     costs = layer_costs(arch, num_classes, work.shares)
     held = {cost.name: cost.parameters for cost in layer_costs(arch, num_classes, work.holds)}
@@ -136,13 +138,13 @@ def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, by
     first = arch.convs[0]
     if "conv1" in held and isinstance(first.padding, tuple):  # the padded copy the first conv reads and keeps
         images += 3 * (IMAGE_SIZE + sum(first.padding[:2])) * (IMAGE_SIZE + sum(first.padding[2:])) * work.conv_samples
-    gradients, activations = max(
-        ((sum(held.get(cost.name, 0) for cost in costs[at:]),
-          images + sum(kept[:at + 1]) + temporaries[at]) for at in range(len(costs))),
-        key=sum, default=(0, 0))
+    backward = [(sum(held.get(cost.name, 0) for cost in costs[at:]), images + sum(kept[:at + 1]) + temporaries[at], 0)
+                for at in range(len(costs))]
+    gradients, activations, copied = max([*backward, (sum(held.values()), images, foreach)], key=sum)
     weights = parameters(work, arch, num_classes) * bytes_per_element
     return {"weights": weights, "gradients": gradients * bytes_per_element, "momentum": weights,
-            "gathered": work.gathered * bytes_per_element, "activations": activations * bytes_per_element}
+            "gathered": work.gathered * bytes_per_element, "activations": activations * bytes_per_element,
+            "optimizer": copied * bytes_per_element}
 
 
 def held_shares(shard: Callable[[str, torch.Size, int, int], tuple | None], arch: str, part: int, parts: int,

@@ -75,7 +75,7 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
             (link, direction): hardware.collective(costs.collective(link, direction), ranks).seconds(
                 elements * BYTES_PER_ELEMENT, costs.calls(link, elements, ranks, config))
             for (link, direction), elements in traffic[part].items()})
-        memory.append(sum(memory_bytes(work, architecture, num_classes, BYTES_PER_ELEMENT).values()))
+        memory.append(sum(memory_bytes(work, architecture, num_classes, BYTES_PER_ELEMENT, foreach).values()))
     sent = [BYTES_PER_ELEMENT * sum(t.values()) for t in traffic]
     if together > 1:
         forward, backward, memory, sent = ([sum(values[first:first + together]) for first in range(0, parts, together)]

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import layer_costs, parameters
+from alexnet_mp.cost import layer_costs, memory_bytes, parameters
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import KINDS, Collective, Hardware, load, pass_s
 from alexnet_mp.ledger import BACKWARD, FORWARD
@@ -246,6 +246,23 @@ def test_the_predicted_memory_of_a_step_is_its_peak_of_live_tensors():
     state = sum(tensor.nbytes for tensor in kept)
     predicted = predict_step("single", PAPER_NET, 1, 8, by_hand(), 10).memory_bytes[0]
     assert predicted == pytest.approx(state + step.peak, rel=0.05)
+
+
+def test_a_foreach_optimizers_step_peaks_with_every_gradient_and_a_copy_of_them_with_weight_decay_added():
+    """The paper net on 2 images: its 61M parameters outweigh the activations, so the step's peak is the optimizer's."""
+    config = TrainConfig(mode="single", arch="paper", num_classes=10, seed=0, batch_size=2)
+    layout = build(config, torch.device("cpu"))
+    optimizer = torch.optim.SGD(layout.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
+    images, labels = torch.randn(2, 3, 224, 224), torch.randint(0, 10, (2,))
+    train_step(layout, optimizer, images, labels, 0, 2)
+    kept = [*layout.parameters(), *(value for state in optimizer.state.values() for value in state.values()),
+            images, labels]
+    with LiveTensors(kept) as step:
+        train_step(layout, optimizer, images, labels, 1, 2)
+    work = LAYOUTS["single"].costs.work("paper", 0, 1, 2, 10)
+    predicted = memory_bytes(work, PAPER, 10, foreach=parameters(work, PAPER, 10))
+    assert predicted["optimizer"] > 0
+    assert sum(predicted.values()) == pytest.approx(sum(tensor.nbytes for tensor in kept) + step.peak, rel=0.05)
 
 
 @pytest.mark.parametrize(("blocking", "step"), [(True, 7.5), (False, 1.0 + 2.0 + 0.5 / 8 + 2.0)])
