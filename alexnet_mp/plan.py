@@ -26,7 +26,7 @@ from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.report import markdown_table
 from alexnet_mp.strategies import LAYOUTS, REFERENCE, layout_label
-from alexnet_mp.strategies.costs import CONV_FEATURES
+from alexnet_mp.strategies.costs import CONV_FEATURES, hidden_by_rounds
 
 GRADIENT_LINKS = ("gradients", "conv-gradients")  # gradient reductions that overlap the backward pass
 BACKWARD_SHARE = 2 / 3  # of a step's FLOPs (see cost.training_flops)
@@ -58,13 +58,8 @@ class Prediction:
         return self.activation_bytes / rate, self.gradient_bytes / rate
 
     def hidden_by_rounds_s(self, link_gbps: float) -> float:
-        """The rounds' transfer hidden behind the FC layers' work. R rounds of transfer T/R and work F/R, each
-        round's work after its transfer and the next transfer beside it, take T/R + (R - 1) max(T, F) / R + F/R
-        instead of T + F: (R - 1) / R of the shorter is hidden (a round a rank need not receive is ignored)."""
-        if not self.rounds:
-            return 0.0
-        transfer = self.round_bytes / (link_gbps * 1e9)
-        return (self.rounds - 1) / self.rounds * min(transfer, self.fc_compute_s)
+        """The rounds' transfer hidden behind the FC layers' work (a round a rank need not receive is ignored)."""
+        return hidden_by_rounds(self.rounds, self.round_bytes / (link_gbps * 1e9), self.fc_compute_s)
 
     def step_s(self, link_gbps: float, overlap: bool) -> float:
         activations, gradients = self.comm_s(link_gbps)

@@ -17,7 +17,7 @@ from typing import Any
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, memory_bytes
 from alexnet_mp.hardware import Hardware
-from alexnet_mp.model import ARCHITECTURES
+from alexnet_mp.model import ARCHITECTURES, FC_NAMES
 from alexnet_mp.strategies import LAYOUTS
 from alexnet_mp.strategies.costs import Costs
 
@@ -59,16 +59,17 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
     architecture, parts = ARCHITECTURES[arch], costs.parts(ranks)
     together = parts // ranks
     traffic = costs.expected_traffic(arch, ranks, batch, num_classes)
-    forward, backward, comm, memory = [], [], [], []
+    forward, backward, fc, comm, memory = [], [], [], [], []
     for part in range(parts):
         work = costs.work(arch, part, parts, batch, num_classes)
-        layers = [hardware.layer_s(f"{arch}.{cost.name}", work.shares[cost.name], ranks, cost.flops,
-                                   work.samples(cost.name), costs.passes(cost.name, ranks, config))
-                  for cost in layer_costs(architecture, num_classes, work.shares)]
-        forward.append(sum(f for f, _ in layers))
+        layers = {cost.name: hardware.layer_s(f"{arch}.{cost.name}", work.shares[cost.name], ranks, cost.flops,
+                                              work.samples(cost.name), costs.passes(cost.name, ranks, config))
+                  for cost in layer_costs(architecture, num_classes, work.shares)}
+        forward.append(sum(f for f, _ in layers.values()))
+        fc.append(sum(f + b for name, (f, b) in layers.items() if name in FC_NAMES))
         held = layer_costs(architecture, num_classes, work.holds)
         foreach = sum(cost.parameters for cost in held if costs.holds_dtensors(cost.name))
-        backward.append(sum(b for _, b in layers)
+        backward.append(sum(b for _, b in layers.values())
                         + hardware.optimizer_s(sum(cost.parameters for cost in held) - foreach, foreach, ranks)
                         + hardware.fresh_s(costs.fresh_bytes(architecture, num_classes), ranks))
         comm.append({} if together > 1 else {
@@ -78,12 +79,13 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
         memory.append(sum(memory_bytes(work, architecture, num_classes, BYTES_PER_ELEMENT, foreach).values()))
     sent = [BYTES_PER_ELEMENT * sum(t.values()) for t in traffic]
     if together > 1:
-        forward, backward, memory, sent = ([sum(values[first:first + together]) for first in range(0, parts, together)]
-                                           for values in (forward, backward, memory, sent))
+        forward, backward, fc, memory, sent = ([sum(values[first:first + together])
+                                                for first in range(0, parts, together)]
+                                               for values in (forward, backward, fc, memory, sent))
         comm = comm[:ranks]
     memory = [hardware.resident_bytes(tensors, ranks) for tensors in memory]
     step = costs.step_s(forward, backward, comm, ranks, config, blocking=hardware.backend == "gloo",
-                        sharing=hardware.sharing(ranks))
+                        sharing=hardware.sharing(ranks), fc_s=fc)
     return StepPrediction(step, [f + b for f, b in zip(forward, backward, strict=True)],
                           [sum(c.values()) for c in comm], sent, memory)
 

@@ -22,6 +22,7 @@ from alexnet_mp.model import PAPER
 from alexnet_mp.predict import Held, StepFigures, disordered, held_table, predict_step
 from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import LAYOUTS, build
+from alexnet_mp.strategies.costs import CONV_FEATURES
 from alexnet_mp.strategies.pipeline import simulated_step_s
 from tests.equivalence import PAPER_NET
 from tests.launching import in_process, one_line_error
@@ -206,7 +207,8 @@ def test_pipeline_stages_sharing_cores_run_at_their_own_speed_but_no_faster_than
     2 cores."""
     config = TrainConfig(mode="pipeline", options={"microbatches": microbatches})
     costs = LAYOUTS["pipeline"].costs
-    assert costs.step_s([1.0] * 4, [2.0] * 4, [{}] * 4, 4, config, blocking=True, sharing=2.0) == pytest.approx(step)
+    assert costs.step_s([1.0] * 4, [2.0] * 4, [{}] * 4, 4, config, blocking=True, sharing=2.0,
+                        fc_s=[0.0] * 4) == pytest.approx(step)
 
 
 class LiveTensors(TorchDispatchMode):
@@ -265,6 +267,17 @@ def test_a_foreach_optimizers_step_peaks_with_every_gradient_and_a_copy_of_them_
     assert sum(predicted.values()) == pytest.approx(sum(tensor.nbytes for tensor in kept) + step.peak, rel=0.05)
 
 
+@pytest.mark.parametrize(("blocking", "step"), [(True, 1.0 + 2.0 + 0.8), (False, 1.0 + 2.0 + 0.8 - 3 / 4 * 0.4)])
+def test_the_weird_tricks_rounds_hide_their_exchange_behind_the_fc_layers_work_where_collectives_run_beside_it(
+        blocking, step):
+    """4 rounds of the conv features, 0.8 s of exchange in all, behind 0.4 s of FC work: on NCCL 3/4 of the shorter
+    is hidden; on gloo each round blocks."""
+    comm = {(CONV_FEATURES.name, FORWARD): 0.5, (CONV_FEATURES.name, BACKWARD): 0.3}
+    config = TrainConfig(mode="weird-trick", arch="paper", options={"exchange": "one-at-a-time"})
+    costs = LAYOUTS["weird-trick"].costs
+    assert costs.step_s([1.0], [2.0], [comm], 4, config, blocking, fc_s=[0.4]) == pytest.approx(step)
+
+
 @pytest.mark.parametrize(("blocking", "step"), [(True, 7.5), (False, 1.0 + 2.0 + 0.5 / 8 + 2.0)])
 def test_fsdp_on_nccl_waits_for_its_first_gather_and_what_the_compute_cannot_cover(blocking, step):
     """A forward of 1 s, a backward of 2 s, 8 units gathering 0.5 s in the forward, 3 s in the backward, reducing
@@ -272,7 +285,7 @@ def test_fsdp_on_nccl_waits_for_its_first_gather_and_what_the_compute_cannot_cov
     backward 2 of its 4 s."""
     comm = {("parameters", FORWARD): 0.5, ("parameters", BACKWARD): 3.0, ("gradients", BACKWARD): 1.0}
     config = TrainConfig(mode="fsdp", arch="paper")
-    assert LAYOUTS["fsdp"].costs.step_s([1.0], [2.0], [comm], 2, config, blocking) == pytest.approx(step)
+    assert LAYOUTS["fsdp"].costs.step_s([1.0], [2.0], [comm], 2, config, blocking, fc_s=[0.0]) == pytest.approx(step)
 
 
 def test_both_towers_in_one_process_run_in_turn_with_no_collective_between_them():

@@ -58,16 +58,21 @@ class Costs(ABC):
 
     @classmethod
     def step_s(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
-               world_size: int, config: TrainConfig, blocking: bool, sharing: float = 1.0) -> float:
-        """A step's seconds from each part's forward and backward compute (the optimizer's step in the latter)
-        and the seconds of each of its (link, direction): the slowest part's sum, since every part meets the
-        others at its collectives. Where collectives run beside the compute (`blocking` False: NCCL), the
-        replicated gradients' reduction hides behind the backward pass, up to its length. `sharing`: how much
-        the compute was stretched because the parts share cores, all of them busy at once."""
+               world_size: int, config: TrainConfig, blocking: bool, sharing: float = 1.0, *,
+               fc_s: list[float]) -> float:
+        """A step's seconds from each part's forward and backward compute (the optimizer's step in the latter; of
+        which `fc_s`, its FC layers' forward and backward) and the seconds of each of its (link, direction): the
+        slowest part's sum, since every part meets the others at its collectives. Where collectives run beside
+        the compute (`blocking` False: NCCL), the replicated gradients' reduction hides behind the backward pass,
+        up to its length, and the conv features' exchange in rounds behind the FC layers' work
+        (`hidden_by_rounds`). `sharing`: how much the compute was stretched because the parts share cores, all
+        of them busy at once."""
+        rounds = cls.exchange_rounds(world_size, config)
         steps = []
-        for forward, backward, comm in zip(forward_s, backward_s, comm_s, strict=True):
+        for forward, backward, fc, comm in zip(forward_s, backward_s, fc_s, comm_s, strict=True):
             gradients = sum(seconds for (link, _), seconds in comm.items() if link.endswith("gradients"))
-            hidden = 0.0 if blocking else min(gradients, backward)
+            exchange = sum(seconds for (link, _), seconds in comm.items() if link == CONV_FEATURES.name)
+            hidden = 0.0 if blocking else min(gradients, backward) + hidden_by_rounds(rounds, exchange, fc)
             steps.append(forward + backward + sum(comm.values()) - hidden)
         return max(steps)
 
@@ -135,6 +140,14 @@ class Costs(ABC):
     def work(cls, arch: str, part: int, parts: int, batch: int, num_classes: int = 1000) -> RankWork:
         """What `part` computes in a step: its share of each layer, and the images its layers see."""
         return RankWork(held_shares(cls.shard, arch, part, parts, num_classes), *cls.samples(part, parts, batch))
+
+
+def hidden_by_rounds(rounds: int, transfer_s: float, work_s: float) -> float:
+    """The seconds of an exchange in `rounds` rounds (of `transfer_s` in all) hidden behind the work each round
+    feeds (`work_s` in all): each round's work runs after its transfer and beside the next one, so the rounds take
+    T/R + (R - 1) max(T, F) / R + F/R instead of T + F, hiding (R - 1) / R of the shorter; none where the exchange
+    is one (`rounds` 0)."""
+    return (rounds - 1) / rounds * min(transfer_s, work_s) if rounds else 0.0
 
 
 def data_parallel_convs_traffic(costs: type[Costs], arch: Architecture, part: int, parts: int, batch: int,

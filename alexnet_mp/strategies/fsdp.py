@@ -88,12 +88,13 @@ class FSDPCosts(DataParallelCosts):
 
     @classmethod
     def step_s(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
-               world_size: int, config: TrainConfig, blocking: bool, sharing: float = 1.0) -> float:
+               world_size: int, config: TrainConfig, blocking: bool, sharing: float = 1.0, *,
+               fc_s: list[float]) -> float:
         """Where collectives run beside the compute (NCCL), FSDP prefetches: each unit's all-gather runs during the
         unit before's compute, so a pass waits for its first unit's gather (a unit's share, on average) and for
         whatever of its gathers the pass's compute cannot cover; the backward's reduce-scatters share that cover."""
         if blocking:
-            return super().step_s(forward_s, backward_s, comm_s, world_size, config, blocking, sharing)
+            return super().step_s(forward_s, backward_s, comm_s, world_size, config, blocking, sharing, fc_s=fc_s)
         units = cls.calls(PARAMETERS, 0, world_size, config)
         steps = []
         for forward, backward, comm in zip(forward_s, backward_s, comm_s, strict=True):

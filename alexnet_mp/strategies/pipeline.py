@@ -179,7 +179,8 @@ class PipelineCosts(Costs):
 
     @classmethod
     def step_s(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
-               world_size: int, config: TrainConfig, blocking: bool, sharing: float = 1.0) -> float:
+               world_size: int, config: TrainConfig, blocking: bool, sharing: float = 1.0, *,
+               fc_s: list[float]) -> float:
         """The schedule simulated with each stage's own times (`simulated_step_s`), not (M + N - 1) / M. Stages
         that share cores are mostly not busy at once (the bubble): simulated at their own speed, and no shorter
         than all their work spread over the cores."""
