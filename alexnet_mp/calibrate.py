@@ -4,8 +4,9 @@ Each layer as it runs in the net (a convolution with its ReLU, LRN and pooling; 
 dropout) forward and backward, at the shares of its outputs the layouts hold (whole, halves, quarters), at passes
 of a few images up to the global batch, at the threads a rank runs for each rank count asked for; the optimizer's
 step with each of its kernels; what a byte of a freshly mapped block costs; what a process training the one-device
-reference keeps resident beyond its tensors; and each collective the layouts use over gloo processes, at sizes from
-a few KiB to tens of MiB, fitted as latency plus bytes over bandwidth.
+reference keeps resident beyond its tensors; each collective the layouts use over gloo processes, at sizes from
+a few KiB to tens of MiB, fitted as latency plus bytes over bandwidth; and how much slower a rank computes with every
+rank of each count computing at once than alone.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from alexnet_mp.strategies.base import shard_layers
 
 SHARES = (1.0, 0.5, 0.25)  # of a layer's outputs: whole, a tower or a shard of 2, a shard of 4
 REPEATS = 3  # timed passes per figure, after one to warm up; the median is kept
+AT_ONCE_IMAGES = 4  # per pass of the whole net timed on every rank at once
 SIZES = (1024, 65536, 1 << 20, 1 << 22)  # float32 elements per rank in a timed collective: 4 KiB to 16 MiB
 
 
@@ -206,6 +208,30 @@ def resident_overhead_bytes(arch: str, batch: int, threads: int, scratch: Path) 
     return max(measured["training_memory_mb"] * 2**20 - sum(tensors.values()), 0.0)
 
 
+def time_net_at_once(arch: str, images: int = AT_ONCE_IMAGES) -> float:
+    """On a rank of a gloo group: seconds of the net's forward and backward (dropout off) on `images` images, every
+    rank starting together; the slowest rank's, the median of a few passes."""
+    net = build_model(arch).eval()
+    x = torch.randn(images, 3, IMAGE_SIZE, IMAGE_SIZE)
+    seconds = []
+    for _ in range(1 + REPEATS):
+        dist.barrier()
+        started = time.perf_counter()
+        net(x).sum().backward()
+        took = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
+        net.zero_grad(set_to_none=True)
+        dist.all_reduce(took, op=dist.ReduceOp.MAX)
+        seconds.append(float(took))
+    return statistics.median(seconds[1:])
+
+
+def shared_slowdown(arch: str, ranks: int, threads: int, alone: float, scratch: Path) -> float:
+    """How much slower each of `ranks` processes of `threads` computes with all of them computing at once than one
+    does alone (`alone`: `time_net_at_once` on one process): the cores they share, and their caches and memory
+    bandwidth; no less than 1."""
+    return max(run_distributed(time_net_at_once, ranks, scratch, arch, threads=threads)[0] / alone, 1.0)
+
+
 def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = None, log: Callable[[str], None] = print,
               ) -> Hardware:
     """This machine's profile for runs on each of `ranks` ranks, at a global batch of `batch` (bench's on a CPU
@@ -221,17 +247,22 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
         layers[str(threads)] = time_layers(arch, threads, batch)
         optimizer[str(threads)] = time_optimizer(threads)
     fresh = time_fresh_pages()
-    collectives, resident = {}, {}
+    collectives, resident, slowdown = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="calibrate-") as scratch:
         for threads in thread_counts:
             log(f"what a process keeps resident beyond its tensors, on {threads} thread(s) ...")
             resident[str(threads)] = resident_overhead_bytes(arch, batch, threads, Path(scratch) / f"memory{threads}")
+        alone = {threads: run_distributed(time_net_at_once, 1, Path(scratch) / f"alone{threads}", arch,
+                                          threads=threads)[0] for threads in thread_counts}
         for count in ranks:
-            log(f"collectives over {count} gloo processes ...")
+            log(f"collectives over {count} gloo processes, and the net on all of them at once ...")
             per_rank = run_distributed(time_collectives, count, Path(scratch) / str(count),
                                        threads=profile.threads(count))
             collectives[str(count)] = {kind: fit(points) for kind, points in per_rank[0].items()}
+            slowdown[str(count)] = shared_slowdown(arch, count, profile.threads(count), alone[profile.threads(count)],
+                                                   Path(scratch) / f"at-once{count}")
     source = (f"calibrate on {platform.processor() or platform.machine()}, {cores} cores, batch {batch}, "
               f"{datetime.date.today().isoformat()}, torch {torch.__version__}, "
               f"in {time.perf_counter() - started:.0f} s")
-    return Hardware(profile.name, source, "gloo", cores, layers, None, optimizer, collectives, fresh, resident)
+    return Hardware(profile.name, source, "gloo", cores, layers, None, optimizer, collectives, fresh, resident,
+                    slowdown)

@@ -55,13 +55,19 @@ class Hardware:
     # per threads a rank runs: what a CPU process keeps resident beyond its tensors' peak (the allocator's freed
     # blocks, the libraries' code and workspaces); none where memory is a device's allocated tensors
     resident_overhead_bytes: dict[str, float] = field(default_factory=dict)
+    # per rank count: how much slower each rank computes with every rank computing at once than alone on its threads
+    # (the cores, caches and memory bandwidth they share); where unmeasured, ranks over cores
+    shared_slowdown: dict[str, float] = field(default_factory=dict)
 
     def threads(self, ranks: int) -> int:
         """The threads each of `ranks` ranks runs: the cores split evenly, at least one."""
         return 1 if self.cores is None else max(1, self.cores // ranks)
 
     def sharing(self, ranks: int) -> float:
-        """How much slower each rank computes because ranks outnumber cores (1 where they do not)."""
+        """How much slower each of `ranks` ranks computes than alone because they share the machine: as calibrated,
+        or else by as many times as they outnumber the cores (1 where they do not, or each has a device)."""
+        if str(ranks) in self.shared_slowdown:
+            return self.shared_slowdown[str(ranks)]
         return 1.0 if self.cores is None else max(1.0, ranks / self.cores)
 
     def layer_s(self, layer: str, share: float, ranks: int, flops: float, samples: int, passes: int = 1,
@@ -202,6 +208,8 @@ def _parsed(raw: Any) -> Hardware:
     fresh = _not_negative(raw.get("fresh_page_s_per_byte", 0.0), "fresh_page_s_per_byte", "seconds")
     resident = {str(threads): _not_negative(value, "resident_overhead_bytes", "bytes")
                 for threads, value in raw.get("resident_overhead_bytes", {}).items()}
+    slowdown = {str(ranks): _positive(value, "shared_slowdown")
+                for ranks, value in raw.get("shared_slowdown", {}).items()}
     if not layers and tflops is None:
         raise ValueError("it has neither layer times nor tflops")
     if not collectives:
@@ -211,4 +219,4 @@ def _parsed(raw: Any) -> Hardware:
                     None if tflops is None else _positive(tflops, "tflops"),
                     {str(t): {kernel: _positive(rates[kernel], f"optimizer_s_per_parameter.{t}.{kernel}")
                               for kernel in KERNELS} for t, rates in raw.get("optimizer_s_per_parameter", {}).items()},
-                    collectives, fresh, resident)
+                    collectives, fresh, resident, slowdown)

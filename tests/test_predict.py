@@ -59,6 +59,13 @@ def test_ranks_that_outnumber_the_cores_share_them():
     assert sharing == pytest.approx(2 * alone)
 
 
+def test_a_calibrated_slowdown_of_ranks_computing_at_once_replaces_ranks_over_cores():
+    alone = predict_step("data-parallel", "paper", 2, 8, by_hand(cores=2), 10).compute_s[0]
+    measured = dataclasses.replace(by_hand(cores=2), shared_slowdown={"2": 1.1, "4": 2.3})
+    assert predict_step("data-parallel", "paper", 2, 8, measured, 10).compute_s[0] == pytest.approx(1.1 * alone)
+    assert predict_step("data-parallel", "paper", 4, 16, measured, 10).compute_s[0] == pytest.approx(2.3 * alone)
+
+
 FC6 = {"images": [2, 8], "forward": [1.0, 2.5], "backward": [2.0, 5.0]}  # a pass's seconds at 2 and 8 images
 
 
@@ -132,7 +139,7 @@ def test_a_profile_reads_back_as_written(tmp_path):
     profile = Hardware("written", "a test", "gloo", 2, layers={"1": {"paper.conv1@1": conv1}},
                        optimizer_s_per_parameter={"1": {"fused": 1e-9, "foreach": 6e-9}},
                        collectives={"2": {"all-reduce": LINK}},
-                       fresh_page_s_per_byte=5e-10, resident_overhead_bytes={"1": 2.5e8})
+                       fresh_page_s_per_byte=5e-10, resident_overhead_bytes={"1": 2.5e8}, shared_slowdown={"2": 1.05})
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
     assert load(tmp_path / "profile.json") == profile
 
@@ -157,6 +164,8 @@ def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "fresh_page_s_per_byte must be"),
     ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead_bytes": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "resident_overhead_bytes must be a number"),
+    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "shared_slowdown": {"2": 0}, '
+     '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "shared_slowdown must be a positive"),
     ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "optimizer_s_per_parameter": '
      '{"1": {"fused": 1e-9}}, "collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "'foreach'"),
     ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
@@ -194,6 +203,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     assert profile.backend == "gloo" and set(profile.collectives["2"]) == set(KINDS)
     assert profile.fresh_page_s_per_byte > 0  # glibc maps a 64 MiB block afresh: its pages fault in
     assert set(profile.resident_overhead_bytes) == set(profile.layers)  # each thread count a rank runs
+    assert set(profile.shared_slowdown) == {"2"} and profile.shared_slowdown["2"] >= 1
     for mode in LAYOUTS:
         ranks = 1 if mode == "single" else 2
         assert predict_step(mode, "paper", ranks, 8, profile, 10).step_s > 0, mode
