@@ -44,10 +44,11 @@ SIZES = (1024, 65536, 1 << 20, 1 << 22)  # float32 elements per rank in a timed 
 
 
 def pass_images(batch: int) -> list[int]:
-    """The images per timed pass, up to `batch`: 2, 8, 32, ... (each four times the last) and `batch` itself, at
-    least two sizes. A pass's time at sizes between is interpolated, so a layer is timed at about the sizes it runs
-    (what a large pass costs beyond a small one's rate: the caches it overflows, the blocks mapped afresh)."""
-    sizes = [2 * 4**k for k in range(batch.bit_length()) if 2 * 4**k < batch] + [batch]
+    """The images per timed pass, up to `batch`: 2, 4, 8, ... (each twice the last: the slices of a global batch
+    the layouts run, by ranks, micro-batches or rounds) and `batch` itself, at least two sizes. A pass's time at
+    sizes between is interpolated, so a layer is timed at about the sizes it runs (what a large pass costs beyond a
+    small one's rate: the caches it overflows, the blocks mapped afresh; not in proportion to its images)."""
+    sizes = [2 * 2**k for k in range(batch.bit_length()) if 2 * 2**k < batch] + [batch]
     return sizes if len(sizes) > 1 else [1, 2]
 
 

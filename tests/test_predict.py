@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from alexnet_mp.calibrate import pass_images
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, memory_bytes, parameters
 from alexnet_mp.errors import UsageError
@@ -67,6 +68,12 @@ def test_a_calibrated_slowdown_of_ranks_computing_at_once_replaces_ranks_over_co
 
 
 FC6 = {"images": [2, 8], "forward": [1.0, 2.5], "backward": [2.0, 5.0]}  # a pass's seconds at 2 and 8 images
+
+
+def test_calibrate_times_passes_of_each_slice_of_the_global_batch_the_layouts_run():
+    assert pass_images(32) == [2, 4, 8, 16, 32]
+    assert pass_images(24) == [2, 4, 8, 16, 24]
+    assert pass_images(2) == [1, 2]
 
 
 def test_a_measured_layer_costs_each_pass_at_its_images_interpolated_between_the_sizes_measured():
