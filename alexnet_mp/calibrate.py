@@ -38,7 +38,7 @@ from alexnet_mp.strategies import LAYOUTS, REFERENCE
 from alexnet_mp.strategies.base import shard_layers
 
 SHARES = (1.0, 0.5, 0.25)  # of a layer's outputs: whole, a tower or a shard of 2, a shard of 4
-REPEATS = 3  # timed passes per figure, after one to warm up; the median is kept
+REPEATS = 3  # timed passes (or sweeps of passes) per figure, after one to warm up; the median is kept
 AT_ONCE_IMAGES = 4  # per pass of the whole net timed on every rank at once
 SIZES = (1024, 65536, 1 << 20, 1 << 22)  # float32 elements per rank in a timed collective: 4 KiB to 16 MiB
 
@@ -55,20 +55,26 @@ def pass_images(batch: int) -> list[int]:
 def time_layers(arch: str, threads: int, batch: int) -> dict[str, dict[str, list[float]]]:
     """Each layer of `arch` as it runs in the net (with what follows it up to the next layer: a conv's ReLU, LRN
     and pool; fc6's and fc7's ReLU and dropout), at each of `SHARES`, on `threads`: a pass's seconds forward and
-    backward at each of `pass_images(batch)`."""
+    backward at each of `pass_images(batch)`. Every pass runs once per sweep and the sweeps one after another, so
+    that a burst of the machine's other work slows one sweep's passes rather than every repeat of a few, and each
+    pass follows another layer's, as in the net: the first sweep warms up, the median of the rest is kept."""
     torch.set_num_threads(threads)
     images = pass_images(batch)
     sides = [IMAGE_SIZE] + [block for _, block in conv_sides(ARCHITECTURES[arch])]
-    times = {}
+    passes = []  # (key, segment, input shape, whether the input needs its gradient), sizes in order
     for share in SHARES:
-        parts = round(1 / share)
         cut = shard_layers(build_model(arch, 1000, seed=0), lambda key, shape, part, n: (rows(shape[0], 0, n),), 0,
-                           parts)
+                           round(1 / share))
         for index, (name, segment, layer) in enumerate(_segments(cut)):
-            per_pass = [_forward_backward(segment, _input_shape(layer, n, sides, index), index > 0) for n in images]
-            times[f"{arch}.{name}@{share:g}"] = {"images": images,
-                                                 "forward": [seconds["forward"] for seconds in per_pass],
-                                                 "backward": [seconds["backward"] for seconds in per_pass]}
+            passes += [(f"{arch}.{name}@{share:g}", segment, _input_shape(layer, n, sides, index), index > 0)
+                       for n in images]
+    sweeps = [[_forward_backward(segment, shape, needs) for _, segment, shape, needs in passes]
+              for _ in range(1 + REPEATS)]
+    times: dict[str, dict[str, list[float]]] = {}
+    for at, (key, *_) in enumerate(passes):
+        timed = times.setdefault(key, {"images": images, "forward": [], "backward": []})
+        timed["forward"].append(statistics.median(sweep[at][0] for sweep in sweeps[1:]))
+        timed["backward"].append(statistics.median(sweep[at][1] for sweep in sweeps[1:]))
     return times
 
 
@@ -91,23 +97,19 @@ def _input_shape(layer: torch.nn.Module, images: int, sides: list[int], index: i
     return images, layer.in_channels, sides[index], sides[index]
 
 
-def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool) -> dict[str, float]:
-    """A pass's seconds, forward and backward: the median of `REPEATS` after one to warm up."""
+def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool) -> tuple[float, float]:
+    """One pass's seconds, forward and backward."""
     for dropout in segment.modules():
         if isinstance(dropout, SeededDropout):
             dropout.draw = MaskDraw(seed=0, step=0, global_batch=shape[0], rows=slice(0, shape[0]))
     x = torch.randn(shape, requires_grad=needs_input_grad)
-    forward, backward = [], []
-    for _ in range(1 + REPEATS):
-        started = time.perf_counter()
-        out = segment(x)
-        middle = time.perf_counter()
-        out.backward(torch.ones_like(out))
-        forward.append(middle - started)
-        backward.append(time.perf_counter() - middle)
-        segment.zero_grad(set_to_none=True)
-        x.grad = None
-    return {"forward": statistics.median(forward[1:]), "backward": statistics.median(backward[1:])}
+    started = time.perf_counter()
+    out = segment(x)
+    middle = time.perf_counter()
+    out.backward(torch.ones_like(out))
+    ended = time.perf_counter()
+    segment.zero_grad(set_to_none=True)
+    return middle - started, ended - middle
 
 
 def time_optimizer(threads: int, parameters: int = 1 << 24) -> dict[str, float]:
@@ -209,28 +211,26 @@ def resident_overhead_bytes(arch: str, batch: int, threads: int, scratch: Path) 
     return max(measured["training_memory_mb"] * 2**20 - sum(tensors.values()), 0.0)
 
 
-def time_net_at_once(arch: str, images: int = AT_ONCE_IMAGES) -> float:
-    """On a rank of a gloo group: seconds of the net's forward and backward (dropout off) on `images` images, every
-    rank starting together; the slowest rank's, the median of a few passes."""
+def time_shared_slowdown(arch: str, images: int = AT_ONCE_IMAGES) -> float:
+    """On a rank of a gloo group: how much slower the net's forward and backward (dropout off) on `images` images
+    runs on every rank at once than on rank 0 alone, the others waiting: the cores they share, and their caches and
+    memory bandwidth. Alone and at once alternate, so that the machine's other work weighs on both; the slowest
+    rank's time of each pass, the median of a few, no less than alone."""
     net = build_model(arch).eval()
     x = torch.randn(images, 3, IMAGE_SIZE, IMAGE_SIZE)
-    seconds = []
+    alone: list[float] = []
+    together: list[float] = []
     for _ in range(1 + REPEATS):
-        dist.barrier()
-        started = time.perf_counter()
-        net(x).sum().backward()
-        took = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
-        net.zero_grad(set_to_none=True)
-        dist.all_reduce(took, op=dist.ReduceOp.MAX)
-        seconds.append(float(took))
-    return statistics.median(seconds[1:])
-
-
-def shared_slowdown(arch: str, ranks: int, threads: int, alone: float, scratch: Path) -> float:
-    """How much slower each of `ranks` processes of `threads` computes with all of them computing at once than one
-    does alone (`alone`: `time_net_at_once` on one process): the cores they share, and their caches and memory
-    bandwidth; no less than 1."""
-    return max(run_distributed(time_net_at_once, ranks, scratch, arch, threads=threads)[0] / alone, 1.0)
+        for at_once, seconds in ((False, alone), (True, together)):
+            dist.barrier()
+            started = time.perf_counter()
+            if at_once or dist.get_rank() == 0:
+                net(x).sum().backward()
+                net.zero_grad(set_to_none=True)
+            took = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
+            dist.all_reduce(took, op=dist.ReduceOp.MAX)
+            seconds.append(float(took))
+    return max(statistics.median(together[1:]) / statistics.median(alone[1:]), 1.0)
 
 
 def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = None, log: Callable[[str], None] = print,
@@ -253,15 +253,13 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
         for threads in thread_counts:
             log(f"what a process keeps resident beyond its tensors, on {threads} thread(s) ...")
             resident[str(threads)] = resident_overhead_bytes(arch, batch, threads, Path(scratch) / f"memory{threads}")
-        alone = {threads: run_distributed(time_net_at_once, 1, Path(scratch) / f"alone{threads}", arch,
-                                          threads=threads)[0] for threads in thread_counts}
         for count in ranks:
             log(f"collectives over {count} gloo processes, and the net on all of them at once ...")
             per_rank = run_distributed(time_collectives, count, Path(scratch) / str(count),
                                        threads=profile.threads(count))
             collectives[str(count)] = {kind: fit(points) for kind, points in per_rank[0].items()}
-            slowdown[str(count)] = shared_slowdown(arch, count, profile.threads(count), alone[profile.threads(count)],
-                                                   Path(scratch) / f"at-once{count}")
+            slowdown[str(count)] = run_distributed(time_shared_slowdown, count, Path(scratch) / f"at-once{count}",
+                                                   arch, threads=profile.threads(count))[0]
     source = (f"calibrate on {platform.processor() or platform.machine()}, {cores} cores, batch {batch}, "
               f"{datetime.date.today().isoformat()}, torch {torch.__version__}, "
               f"in {time.perf_counter() - started:.0f} s")
