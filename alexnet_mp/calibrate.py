@@ -40,6 +40,7 @@ from alexnet_mp.strategies.base import shard_layers
 SHARES = (1.0, 0.5, 0.25)  # of a layer's outputs: whole, a tower or a shard of 2, a shard of 4
 REPEATS = 3  # timed passes (or sweeps of passes) per figure, after one to warm up; the median is kept
 AT_ONCE_IMAGES = 4  # per pass of the whole net timed on every rank at once
+STEADY = 0.1  # layer sweeps further apart than this: the machine was busy with other work while it was measured
 SIZES = (1024, 65536, 1 << 20, 1 << 22)  # float32 elements per rank in a timed collective: 4 KiB to 16 MiB
 
 
@@ -52,12 +53,13 @@ def pass_images(batch: int) -> list[int]:
     return sizes if len(sizes) > 1 else [1, 2]
 
 
-def time_layers(arch: str, threads: int, batch: int) -> dict[str, dict[str, list[float]]]:
+def time_layers(arch: str, threads: int, batch: int) -> tuple[dict[str, dict[str, list[float]]], float]:
     """Each layer of `arch` as it runs in the net (with what follows it up to the next layer: a conv's ReLU, LRN
     and pool; fc6's and fc7's ReLU and dropout), at each of `SHARES`, on `threads`: a pass's seconds forward and
     backward at each of `pass_images(batch)`. Every pass runs once per sweep and the sweeps one after another, so
     that a burst of the machine's other work slows one sweep's passes rather than every repeat of a few, and each
-    pass follows another layer's, as in the net: the first sweep warms up, the median of the rest is kept."""
+    pass follows another layer's, as in the net: the first sweep warms up, the median of the rest is kept. Also
+    how far apart the timed sweeps' sums are (the slowest over the fastest, less 1): how steady the machine was."""
     torch.set_num_threads(threads)
     images = pass_images(batch)
     sides = [IMAGE_SIZE] + [block for _, block in conv_sides(ARCHITECTURES[arch])]
@@ -75,7 +77,8 @@ def time_layers(arch: str, threads: int, batch: int) -> dict[str, dict[str, list
         timed = times.setdefault(key, {"images": images, "forward": [], "backward": []})
         timed["forward"].append(statistics.median(sweep[at][0] for sweep in sweeps[1:]))
         timed["backward"].append(statistics.median(sweep[at][1] for sweep in sweeps[1:]))
-    return times
+    sums = [sum(f + b for f, b in sweep) for sweep in sweeps[1:]]
+    return times, max(sums) / min(sums) - 1
 
 
 def _segments(net: torch.nn.Sequential) -> list[tuple[str, torch.nn.Sequential, torch.nn.Module]]:
@@ -242,10 +245,13 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
     started = time.perf_counter()
     profile = Hardware(f"{platform.node() or 'this machine'}", "", "gloo", cores)
     thread_counts = sorted({profile.threads(count) for count in (1, *ranks)})
-    layers, optimizer = {}, {}
+    layers, optimizer, spreads = {}, {}, []
     for threads in thread_counts:
         log(f"layers of the {arch} net on {threads} thread(s), passes of {pass_images(batch)} images ...")
-        layers[str(threads)] = time_layers(arch, threads, batch)
+        layers[str(threads)], spread = time_layers(arch, threads, batch)
+        log(f"  its sweeps {spread:.0%} apart" + ("" if spread <= STEADY else ": the machine's other work moved the "
+                                                  "figures; calibrate again when it is quieter"))
+        spreads.append(spread)
         optimizer[str(threads)] = time_optimizer(threads)
     fresh = time_fresh_pages()
     collectives, resident, slowdown = {}, {}, {}
@@ -262,6 +268,6 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
                                                    arch, threads=profile.threads(count))[0]
     source = (f"calibrate on {platform.processor() or platform.machine()}, {cores} cores, batch {batch}, "
               f"{datetime.date.today().isoformat()}, torch {torch.__version__}, "
-              f"in {time.perf_counter() - started:.0f} s")
+              f"in {time.perf_counter() - started:.0f} s, layer sweeps within {max(spreads):.0%}")
     return Hardware(profile.name, source, "gloo", cores, layers, None, optimizer, collectives, fresh, resident,
                     slowdown)

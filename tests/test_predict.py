@@ -211,6 +211,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     assert profile.fresh_page_s_per_byte > 0  # glibc maps a 64 MiB block afresh: its pages fault in
     assert set(profile.resident_overhead_bytes) == set(profile.layers)  # each thread count a rank runs
     assert set(profile.shared_slowdown) == {"2"} and profile.shared_slowdown["2"] >= 1
+    assert "layer sweeps within" in profile.source  # how steady the machine was, beside the figures
     for mode in LAYOUTS:
         ranks = 1 if mode == "single" else 2
         assert predict_step(mode, "paper", ranks, 8, profile, 10).step_s > 0, mode
