@@ -30,7 +30,7 @@ from alexnet_mp.bench.measure import layout_steps
 from alexnet_mp.blocks import rows
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import memory_bytes
-from alexnet_mp.hardware import KERNELS, Collective, Hardware
+from alexnet_mp.hardware import KERNELS, KINDS, Collective, Hardware
 from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, MaskDraw, SeededDropout, build_model, conv_sides
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer
@@ -161,6 +161,12 @@ def _collective(kind: str, x: torch.Tensor, size: int, rank: int) -> Callable[[]
     if kind == "all-gather":
         out = [torch.empty_like(x) for _ in range(size)]
         return lambda: dist.all_gather(out, x)
+    if kind == "all-gather-single":
+        flat = torch.empty(size * x.numel())
+        return lambda: dist.all_gather_single(flat, x)
+    if kind == "reduce-scatter-single":
+        flat = torch.ones(size * x.numel())
+        return lambda: dist.reduce_scatter_single(x, flat)
     if kind == "reduce-scatter":
         chunks = [torch.empty_like(x) for _ in range(size)]
         return lambda: dist.reduce_scatter(x, chunks)
@@ -180,7 +186,7 @@ def time_collectives(sizes: Sequence[int] = SIZES) -> dict[str, list[tuple[float
     enters each collective together (a barrier first), and the slowest rank's time counts."""
     size, rank = dist.get_world_size(), dist.get_rank()
     found: dict[str, list[tuple[float, float]]] = {}
-    for kind in ("all-reduce", "all-gather", "reduce-scatter", "gather", "scatter", "broadcast", "send"):
+    for kind in KINDS:
         for elements in sizes:
             run = _collective(kind, torch.ones(elements), size, rank)
             seconds = []

@@ -19,7 +19,10 @@ from typing import Any
 from alexnet_mp.errors import UsageError
 
 FORMAT = 3
-KINDS = ("all-reduce", "all-gather", "reduce-scatter", "gather", "scatter", "broadcast", "send")
+# The collectives the layouts call; the `-single` forms gather into or scatter from one flat tensor (FSDP's and
+# DTensor's), which gloo runs apart from the forms on lists of tensors, at a speed of their own.
+KINDS = ("all-reduce", "all-gather", "all-gather-single", "reduce-scatter", "reduce-scatter-single", "gather",
+         "scatter", "broadcast", "send")
 KERNELS = ("fused", "foreach")  # the optimizer's: one kernel over every parameter, or one op per parameter list
 DEFAULT_PATH = Path("runs/hardware.json")  # where `calibrate` writes and the comparisons look, unless told
 

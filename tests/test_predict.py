@@ -92,6 +92,14 @@ def test_a_pass_beyond_the_sizes_measured_follows_the_nearest_two_but_costs_no_l
     assert pass_s([2, 8], [0.1, 4.0], 1) == pytest.approx(0.05)
 
 
+def test_fsdp_and_tensor_parallelism_are_costed_at_the_flat_tensor_collectives_their_engines_call():
+    fsdp, tensor_parallel = (LAYOUTS[mode].costs for mode in ("fsdp", "tensor-parallel"))
+    assert {fsdp.collective("parameters", direction) for direction in (FORWARD, BACKWARD)} == {"all-gather-single"}
+    assert fsdp.collective("gradients", BACKWARD) == "reduce-scatter-single"
+    assert [tensor_parallel.collective(CONV_FEATURES.name, direction) for direction in (FORWARD, BACKWARD)] == [
+        "all-gather-single", "reduce-scatter-single"]
+
+
 def test_a_layouts_dtensor_parameters_step_at_the_foreach_kernels_rate_the_rest_at_the_fused_one():
     rates = {"fused": 1e-9, "foreach": 6e-9}
     profile = dataclasses.replace(by_hand(), optimizer_s_per_parameter={"1": rates})

@@ -80,7 +80,7 @@ def unit_weights(arch: str, num_classes: int) -> list[int]:
 class FSDPCosts(DataParallelCosts):
     @classmethod
     def collective(cls, link: str, direction: str) -> str:
-        return "all-gather" if link == PARAMETERS else "reduce-scatter"
+        return "all-gather-single" if link == PARAMETERS else "reduce-scatter-single"  # FSDP2's flat buffers
 
     @classmethod
     def calls(cls, link: str, elements: float, world_size: int, config: TrainConfig) -> int:

@@ -41,7 +41,9 @@ PLAN = {"fc6": ColwiseParallel(input_layouts=Shard(0)), "fc7": RowwiseParallel()
 class TensorParallelCosts(Costs):
     @classmethod
     def collective(cls, link: str, direction: str) -> str:
-        return "all-reduce" if link == LINKS["all-reduce"] else super().collective(link, direction)
+        if link == LINKS["all-reduce"]:
+            return "all-reduce"
+        return "all-gather-single" if direction == FORWARD else "reduce-scatter-single"  # DTensor's, flat
 
     @classmethod
     def shard(cls, key: str, shape: torch.Size, part: int, parts: int) -> Block | None:
