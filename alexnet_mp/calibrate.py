@@ -63,13 +63,14 @@ def time_layers(arch: str, threads: int, batch: int) -> tuple[dict[str, dict[str
     torch.set_num_threads(threads)
     images = pass_images(batch)
     sides = [IMAGE_SIZE] + [block for _, block in conv_sides(ARCHITECTURES[arch])]
-    passes = []  # (key, segment, input shape, whether the input needs its gradient), sizes in order
+    passes = []  # (key, segment, input shape, whether the input needs its gradient)
     for share in SHARES:
         cut = shard_layers(build_model(arch, 1000, seed=0), lambda key, shape, part, n: (rows(shape[0], 0, n),), 0,
                            round(1 / share))
         for index, (name, segment, layer) in enumerate(_segments(cut)):
             passes += [(f"{arch}.{name}@{share:g}", segment, _input_shape(layer, n, sides, index), index > 0)
                        for n in images]
+    passes.sort(key=lambda timed: timed[2][0])  # by images, each size's layers in the net's order (a stable sort)
     sweeps = [[_forward_backward(segment, shape, needs) for _, segment, shape, needs in passes]
               for _ in range(1 + REPEATS)]
     times: dict[str, dict[str, list[float]]] = {}
