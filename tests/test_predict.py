@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import weakref
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -259,38 +260,37 @@ class LiveTensors(TorchDispatchMode):
         self.now -= self.live.pop(address, 0)
 
 
-def test_the_predicted_memory_of_a_step_is_its_peak_of_live_tensors():
-    """The reference's second step (its momentum made by the first): weights and momentum, and the peak of
-    the tensors the step makes (gradients, what autograd keeps, the backward's temporaries), with its images."""
-    config = TrainConfig(mode="single", arch=PAPER_NET, num_classes=10, seed=0, batch_size=8)
+def second_step_bytes(arch: str, batch: int, optimizer_of: Callable[[TrainConfig, Iterable[torch.Tensor]],
+                                                                   torch.optim.Optimizer]) -> float:
+    """The reference's second step (its momentum made by the first) on `batch` images: what it keeps (weights,
+    momentum, the batch) and the peak of the tensors the step makes."""
+    config = TrainConfig(mode="single", arch=arch, num_classes=10, seed=0, batch_size=batch)
     layout = build(config, torch.device("cpu"))
-    optimizer = make_optimizer(layout.parameters(), config)
-    images, labels = torch.randn(8, 3, 224, 224), torch.randint(0, 10, (8,))
-    train_step(layout, optimizer, images, labels, 0, 8)
+    optimizer = optimizer_of(config, layout.parameters())
+    images, labels = torch.randn(batch, 3, 224, 224), torch.randint(0, 10, (batch,))
+    train_step(layout, optimizer, images, labels, 0, batch)
     kept = [*layout.parameters(), *(value for state in optimizer.state.values() for value in state.values()),
             images, labels]
     with LiveTensors(kept) as step:
-        train_step(layout, optimizer, images, labels, 1, 8)
-    state = sum(tensor.nbytes for tensor in kept)
-    predicted = predict_step("single", PAPER_NET, 1, 8, by_hand(), 10).memory_bytes[0]
-    assert predicted == pytest.approx(state + step.peak, rel=0.05)
+        train_step(layout, optimizer, images, labels, 1, batch)
+    return sum(tensor.nbytes for tensor in kept) + step.peak
+
+
+def test_the_predicted_memory_of_a_step_is_its_peak_of_live_tensors():
+    """Weights and momentum, and the peak of the tensors the step makes (gradients, what autograd keeps, the
+    backward's temporaries), with its images."""
+    measured = second_step_bytes(PAPER_NET, 8, lambda config, params: make_optimizer(params, config))
+    assert predict_step("single", PAPER_NET, 1, 8, by_hand(), 10).memory_bytes[0] == pytest.approx(measured, rel=0.05)
 
 
 def test_a_foreach_optimizers_step_peaks_with_every_gradient_and_a_copy_of_them_with_weight_decay_added():
     """The paper net on 2 images: its 61M parameters outweigh the activations, so the step's peak is the optimizer's."""
-    config = TrainConfig(mode="single", arch="paper", num_classes=10, seed=0, batch_size=2)
-    layout = build(config, torch.device("cpu"))
-    optimizer = torch.optim.SGD(layout.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
-    images, labels = torch.randn(2, 3, 224, 224), torch.randint(0, 10, (2,))
-    train_step(layout, optimizer, images, labels, 0, 2)
-    kept = [*layout.parameters(), *(value for state in optimizer.state.values() for value in state.values()),
-            images, labels]
-    with LiveTensors(kept) as step:
-        train_step(layout, optimizer, images, labels, 1, 2)
+    measured = second_step_bytes("paper", 2, lambda config, params: torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, foreach=True))
     work = LAYOUTS["single"].costs.work("paper", 0, 1, 2, 10)
     predicted = memory_bytes(work, PAPER, 10, foreach=parameters(work, PAPER, 10))
     assert predicted["optimizer"] > 0
-    assert sum(predicted.values()) == pytest.approx(sum(tensor.nbytes for tensor in kept) + step.peak, rel=0.05)
+    assert sum(predicted.values()) == pytest.approx(measured, rel=0.05)
 
 
 @pytest.mark.parametrize(("blocking", "step"), [(True, 1.0 + 2.0 + 0.8), (False, 1.0 + 2.0 + 0.8 - 3 / 4 * 0.4)])
