@@ -212,7 +212,8 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
 
     monkeypatch.setattr(calibrate, "SHARES", (1.0, 0.5))  # halves: every layout at 2 ranks
     monkeypatch.setattr(calibrate, "REPEATS", 1)
-    result = in_process(capsys, "calibrate", "--ranks", "2", "--batch", "4", "--output",
+    monkeypatch.setattr(calibrate, "SIZES", calibrate.SIZES[:2])  # two points a line: each collective's fit
+    result = in_process(capsys, "calibrate", "--ranks", "2", "--batch", "2", "--output",
                         str(tmp_path / "hardware.json"))
     assert result.returncode == 0, result.stderr
     profile = load(tmp_path / "hardware.json")
@@ -223,7 +224,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     assert "layer sweeps within" in profile.source  # how steady the machine was, beside the figures
     for mode in LAYOUTS:
         ranks = 1 if mode == "single" else 2
-        assert predict_step(mode, "paper", ranks, 4, profile, 10).step_s > 0, mode
+        assert predict_step(mode, "paper", ranks, 2, profile, 10).step_s > 0, mode
 
 
 @pytest.mark.parametrize(("microbatches", "step"), [(1, 6.0), (4, 3.0)])
