@@ -141,7 +141,7 @@ def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, by
     backward = [(sum(held.get(cost.name, 0) for cost in costs[at:]), images + sum(kept[:at + 1]) + temporaries[at], 0)
                 for at in range(len(costs))]
     gradients, activations, copied = max([*backward, (sum(held.values()), images, foreach)], key=sum)
-    weights = parameters(work, arch, num_classes) * bytes_per_element
+    weights = sum(held.values()) * bytes_per_element
     return {"weights": weights, "gradients": gradients * bytes_per_element, "momentum": weights,
             "gathered": work.gathered * bytes_per_element, "activations": activations * bytes_per_element,
             "optimizer": copied * bytes_per_element}

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import layer_costs, memory_bytes
+from alexnet_mp.cost import layer_costs, memory_bytes, parameters
 from alexnet_mp.hardware import Hardware
 from alexnet_mp.model import ARCHITECTURES, FC_NAMES
 from alexnet_mp.strategies import LAYOUTS
@@ -67,10 +67,10 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
                   for cost in layer_costs(architecture, num_classes, work.shares)}
         forward.append(sum(f for f, _ in layers.values()))
         fc.append(sum(f + b for name, (f, b) in layers.items() if name in FC_NAMES))
-        held = layer_costs(architecture, num_classes, work.holds)
-        foreach = sum(cost.parameters for cost in held if costs.holds_dtensors(cost.name))
+        foreach = sum(cost.parameters for cost in layer_costs(architecture, num_classes, work.holds)
+                      if costs.holds_dtensors(cost.name))
         backward.append(sum(b for _, b in layers.values())
-                        + hardware.optimizer_s(sum(cost.parameters for cost in held) - foreach, foreach, ranks)
+                        + hardware.optimizer_s(parameters(work, architecture, num_classes) - foreach, foreach, ranks)
                         + hardware.fresh_s(costs.fresh_bytes(architecture, num_classes), ranks))
         comm.append({} if together > 1 else {
             (link, direction): hardware.collective(costs.collective(link, direction), ranks).seconds(
