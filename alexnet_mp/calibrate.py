@@ -41,7 +41,9 @@ SHARES = (1.0, 0.5, 0.25)  # of a layer's outputs: whole, a tower or a shard of 
 REPEATS = 3  # timed passes (or sweeps of passes) per figure, after one to warm up; the median is kept
 AT_ONCE_IMAGES = 4  # per pass of the whole net timed on every rank at once
 STEADY = 0.1  # layer sweeps further apart than this: the machine was busy with other work while it was measured
-SIZES = (1024, 65536, 1 << 20, 1 << 22)  # float32 elements per rank in a timed collective: 4 KiB to 16 MiB
+# float32 elements per rank in a timed collective: 4 KiB to 64 MiB, about the largest a layout sends in one call
+# (FSDP's fc6 unit at 2 ranks): gloo's rate falls as its buffers outgrow the caches
+SIZES = (1024, 65536, 1 << 20, 1 << 22, 1 << 24)
 
 
 def pass_images(batch: int) -> list[int]:
@@ -162,12 +164,11 @@ def _collective(kind: str, x: torch.Tensor, size: int, rank: int) -> Callable[[]
     if kind == "all-gather":
         out = [torch.empty_like(x) for _ in range(size)]
         return lambda: dist.all_gather(out, x)
-    if kind == "all-gather-single":
-        flat = torch.empty(size * x.numel())
-        return lambda: dist.all_gather_single(flat, x)
+    if kind == "all-gather-single":  # into a fresh tensor each call, as FSDP and DTensor call it
+        return lambda: dist.all_gather_single(torch.empty(size * x.numel()), x)
     if kind == "reduce-scatter-single":
         flat = torch.ones(size * x.numel())
-        return lambda: dist.reduce_scatter_single(x, flat)
+        return lambda: dist.reduce_scatter_single(torch.empty_like(x), flat)
     if kind == "reduce-scatter":
         chunks = [torch.empty_like(x) for _ in range(size)]
         return lambda: dist.reduce_scatter(x, chunks)

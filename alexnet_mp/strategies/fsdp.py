@@ -126,11 +126,12 @@ class FSDPCosts(DataParallelCosts):
 
     @classmethod
     def fresh_bytes(cls, arch: Architecture, num_classes: int) -> float:
-        """Each unit larger than a fresh block, six times a step: gathered in the forward and again in the backward,
-        each time into the all-gather's buffer and into the unsharded parameters it is copied to; its whole gradient,
-        and the reduce-scatter's input."""
+        """Each unit larger than a fresh block, three times a step: the unsharded parameters its gathers are copied
+        into, in the forward and again in the backward, and the reduce-scatter's input its gradient is copied into.
+        The all-gather's and reduce-scatter's outputs are fresh inside the collectives' calibrated time (calibrate
+        times the flat forms into fresh tensors), the whole gradient inside the layer's."""
         units = [weights * torch.float32.itemsize for weights in unit_weights(arch.name, num_classes)]
-        return 6 * sum(unit for unit in units if unit > FRESH_BLOCK_BYTES)
+        return 3 * sum(unit for unit in units if unit > FRESH_BLOCK_BYTES)
 
     @classmethod
     def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
