@@ -16,6 +16,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
+
+from alexnet_mp.timing import Clock, HostClock
 
 FORWARD, BACKWARD = "forward", "backward"
 
@@ -25,7 +28,8 @@ class Ledger:
     """Elements and bytes sent, per (part, link, direction), and seconds spent blocked waiting for
     communication, per (link, direction), since the last `reset`. The wait is measured without barriers:
     a synchronous collective counts whole, an asynchronous one only for the time `wait()` blocks, so an
-    exchange hidden behind computation shows as less wait.
+    exchange hidden behind computation shows as less wait. On a GPU the clock is the device's (`DeviceClock`):
+    a wait is how long the stream that waits stalled, which is what blocking means there.
 
     A wait includes the time until the slowest peer reaches the collective, which is imbalance, not
     communication. To tell them apart, `arrivals` holds the wall-clock time (`time.time`, one clock for
@@ -35,10 +39,22 @@ class Ledger:
 
     elements: dict[tuple[int, str, str], float] = field(default_factory=lambda: defaultdict(float))
     bytes: dict[tuple[int, str, str], float] = field(default_factory=lambda: defaultdict(float))
-    blocked: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))  # seconds
     arrivals: dict[tuple[str, str], float] = field(default_factory=dict)  # time.time()
-    # told of every wait as it ends: (link, direction, start, end); the trace's (trace.py)
-    observer: Callable[[str, str, float, float], None] | None = None
+    # what times the waits: the host's perf counter, or on a GPU CUDA events on the stream that waits
+    clock: Clock = field(default_factory=HostClock)
+    # told of every wait as it ends: (link, direction, start, end) in the clock's stamps; the trace's (trace.py)
+    observer: Callable[[str, str, Any, Any], None] | None = None
+    _blocked: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))  # seconds
+    _unread: list[tuple[str, str, Any, Any]] = field(default_factory=list)  # waits stamped, not yet read
+
+    @property
+    def blocked(self) -> dict[tuple[str, str], float]:
+        """Seconds blocked per (link, direction). The waits are read here, not as they end: on a GPU, reading one
+        waits for the device to reach it."""
+        for link, direction, started, ended in self._unread:
+            self._blocked[link, direction] += self.clock.seconds(started, ended)
+        self._unread.clear()
+        return self._blocked
 
     @property
     def waits(self) -> dict[str, float]:
@@ -63,15 +79,15 @@ class Ledger:
     @contextmanager
     def waiting(self, link: str, direction: str) -> Iterator[None]:
         self.arrive(link, direction)
-        started = time.perf_counter()
+        started = self.clock.stamp()
         try:
             yield
         finally:
-            self.waited(link, direction, started, time.perf_counter())
+            self.waited(link, direction, started, self.clock.stamp())
 
-    def waited(self, link: str, direction: str, started: float, ended: float) -> None:
-        """Blocked on `link` from `started` to `ended` (perf_counter seconds), which `observer` also sees."""
-        self.blocked[link, direction] += ended - started
+    def waited(self, link: str, direction: str, started: Any, ended: Any) -> None:
+        """Blocked on `link` from `started` to `ended` (the clock's stamps), which `observer` also sees."""
+        self._unread.append((link, direction, started, ended))
         if self.observer is not None:
             self.observer(link, direction, started, ended)
 
@@ -93,7 +109,8 @@ class Ledger:
     def reset(self) -> None:
         self.elements.clear()
         self.bytes.clear()
-        self.blocked.clear()
+        self._blocked.clear()
+        self._unread.clear()
         self.arrivals.clear()
 
 

@@ -242,8 +242,8 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         # next batch while the device runs this step, and only then waits for the step's flags, time, loss.
         upcoming, upcoming_wait_s = next_batch(steps)
         if tracer:  # the next step's batch, fetched while this step's work is queued
-            fetched = time.perf_counter()
-            tracer.add("data wait (next batch)", DATA, fetched - upcoming_wait_s, fetched)
+            fetched = time.time()
+            tracer.add_host("data wait (next batch)", DATA, fetched - upcoming_wait_s, fetched)
         stop_flag, diverged, unreadable_flag = flags.tolist()
         stopping, unreadable = bool(stop_flag), int(unreadable_flag)
         if diverged:

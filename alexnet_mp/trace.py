@@ -1,17 +1,17 @@
 """`train --trace`: a timeline of a few steps after warm-up on every rank, as a Chrome trace (OUTPUT/trace.json,
 one process per rank; Perfetto and chrome://tracing open it).
 
-Spans, by the host's clock (`time.perf_counter`, placed on the wall clock so that the ranks of one host line
-up): each weight layer's forward (its module's forward hooks) and backward (from the moment its output's
-gradient is wanted, a hook on that output's autograd node, to the moment its weight's gradient is accumulated);
-each link's wait, as the ledger times it; the data wait; the optimizer's step. On a GPU the host's clock reads
-when the host queued the work, not when the device ran it.
+Spans, by the clock of the device the rank computes on (timing.py: CUDA events on the stream that runs the work
+on a GPU, the host's perf counter on a CPU), placed on the wall clock so that the ranks of one host line up: each
+weight layer's forward (its module's forward hooks) and backward (from the moment its output's gradient is wanted,
+a hook on that output's autograd node, to the moment its weight's gradient is accumulated); each link's wait, as
+the ledger times it (on a GPU, how long the stream stalled on it); the data wait (the host's); the optimizer's step.
+A process that drives two GPUs (the one-process split) is timed on its first device's stream.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from alexnet_mp.strategies import Layout
+from alexnet_mp.timing import Clock, HostClock
 
 WARM_UP, TRACED = 2, 3  # steps after the run's first left out, then the steps traced
 COMPUTE, COMMUNICATION, DATA, OPTIMIZER = "compute", "communication", "data", "optimizer"
@@ -32,21 +33,28 @@ TRACE = "trace.json"
 @dataclass
 class Tracer:
     rank: int
-    spans: list[tuple[str, str, float, float]] = field(default_factory=list)  # name, category, start, end
+    clock: Clock = field(default_factory=HostClock)  # the ledger's, whose waits it is told of
+    spans: list[tuple[str, str, Any, Any]] = field(default_factory=list)  # name, category, start, end: the clock's
+    host_spans: list[tuple[str, str, float, float]] = field(default_factory=list)  # the same on the wall clock
     active: bool = False
-    offset: float = field(default_factory=lambda: time.time() - time.perf_counter())  # perf_counter to wall clock
 
-    def add(self, name: str, category: str, start: float, end: float) -> None:
-        if self.active and end > start:
-            self.spans.append((name, category, start + self.offset, end + self.offset))
+    def add(self, name: str, category: str, start: Any, end: Any) -> None:
+        """A span between two of the clock's stamps, read when the trace is written (on a GPU, reading waits)."""
+        if self.active:
+            self.spans.append((name, category, start, end))
+
+    def add_host(self, name: str, category: str, start: float, end: float) -> None:
+        """A span of the host's own, such as its wait for data, between two wall-clock times."""
+        if self.active:
+            self.host_spans.append((name, category, start, end))
 
     @contextmanager
     def region(self, name: str, category: str) -> Iterator[None]:
-        started = time.perf_counter()
+        started = self.clock.stamp()
         try:
             yield
         finally:
-            self.add(name, category, started, time.perf_counter())
+            self.add(name, category, started, self.clock.stamp())
 
     def tracing(self, step: int, first: int) -> bool:
         """Whether `step` (of a run that started at `first`) is one of those traced; turns tracing on or off."""
@@ -54,33 +62,34 @@ class Tracer:
         return self.active
 
     def watch(self, layout: Layout, optimizer: torch.optim.Optimizer) -> None:
-        """Hooks on this rank's weight layers, its ledger and its optimizer."""
+        """Hooks on this rank's weight layers, its ledger and its optimizer; the ledger's clock times them all."""
+        self.clock = layout.ledger.clock
         for _, part in layout.parts_held:
             for name, module in part.named_children():
                 if isinstance(module, nn.Conv2d | nn.Linear):
                     self._watch_layer(name, module)
         layout.ledger.observer = lambda link, direction, start, end: self.add(
             f"{link} {direction}", COMMUNICATION, start, end)
-        started: list[float] = []
-        optimizer.register_step_pre_hook(lambda *_: started.append(time.perf_counter()))
+        started: list[Any] = []
+        optimizer.register_step_pre_hook(lambda *_: started.append(self.clock.stamp()))
         optimizer.register_step_post_hook(lambda *_: self.add("optimizer step", OPTIMIZER, started.pop(),
-                                                               time.perf_counter()))
+                                                               self.clock.stamp()))
 
     def _watch_layer(self, name: str, layer: nn.Module) -> None:
-        forward_started: list[float] = []
-        backward_started: list[float] = []
+        forward_started: list[Any] = []
+        backward_started: list[Any] = []
 
         def before(module: nn.Module, args: Any) -> None:
-            forward_started.append(time.perf_counter())
+            forward_started.append(self.clock.stamp())
 
         def after(module: nn.Module, args: Any, output: Any) -> None:
-            self.add(f"{name} forward", COMPUTE, forward_started.pop(), time.perf_counter())
+            self.add(f"{name} forward", COMPUTE, forward_started.pop(), self.clock.stamp())
             if self.active and isinstance(output, torch.Tensor) and output.grad_fn is not None:
-                output.grad_fn.register_prehook(lambda grads: backward_started.append(time.perf_counter()))
+                output.grad_fn.register_prehook(lambda grads: backward_started.append(self.clock.stamp()))
 
         def accumulated(param: torch.Tensor) -> None:
             if backward_started:
-                self.add(f"{name} backward", COMPUTE, backward_started.pop(), time.perf_counter())
+                self.add(f"{name} backward", COMPUTE, backward_started.pop(), self.clock.stamp())
 
         layer.register_forward_pre_hook(before)
         layer.register_forward_hook(after)
@@ -92,9 +101,11 @@ class Tracer:
         """This rank's spans as Chrome trace events: compute, data and the optimizer on one row, communication on
         another."""
         meta = [{"ph": "M", "name": "process_name", "pid": self.rank, "args": {"name": f"rank {self.rank}"}}]
+        spans = [(name, category, self.clock.wall(start), self.clock.wall(end))
+                 for name, category, start, end in self.spans] + self.host_spans
         return meta + [{"name": name, "cat": category, "ph": "X", "pid": self.rank,
                         "tid": 1 if category == COMMUNICATION else 0, "ts": start * 1e6, "dur": (end - start) * 1e6}
-                       for name, category, start, end in self.spans]
+                       for name, category, start, end in spans if end > start]
 
 
 def write_trace(tracer: Tracer, output: Path, main: bool) -> Path | None:

@@ -20,6 +20,8 @@ if [[ $parts == *tests* ]]; then
     timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:logging -k "gpu or nvjpeg or cuda" tests/test_speed.py \
         tests/test_data.py 2>&1 \
         | tee "$out/tests.txt" | tail -40
+    # the trace read off CUDA events: its spans nest and cover the step, as on a CPU
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_trace.py 2>&1 | tee "$out/trace_tests.txt" | tail -5
 fi
 profile() {  # profile NAME [profile_step.py flags]: the fastest step, at batch 256
     local name=$1; shift

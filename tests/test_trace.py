@@ -8,11 +8,10 @@ import json
 import pytest
 
 from alexnet_mp.report import traced_step
-from alexnet_mp.trace import TRACED
+from alexnet_mp.trace import COMPUTE, DATA, TRACED, Tracer
+from tests.clocks import DeferredClock
 from tests.equivalence import PAPER_NET
 from tests.launching import process_state_restored
-
-pytestmark = pytest.mark.slow  # trains a few steps in this process
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
@@ -28,6 +27,7 @@ def trace(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"events": json.loads((out / "trace.json").read_text())["traceEvents"], "path": out / "trace.json"}
 
 
+@pytest.mark.slow  # trains a few steps in this process
 def test_a_traced_run_records_each_layers_forward_and_backward_and_the_optimizer_in_each_traced_step(trace):
     names = [event["name"] for event in trace["events"] if event["ph"] == "X"]
     for layer in LAYERS:
@@ -35,6 +35,7 @@ def test_a_traced_run_records_each_layers_forward_and_backward_and_the_optimizer
     assert names.count("optimizer step") == TRACED
 
 
+@pytest.mark.slow  # trains a few steps in this process
 def test_a_traced_steps_compute_spans_follow_one_another_and_cover_most_of_it(trace):
     spans = traced_step(trace["path"])[0]
     compute = sorted((start, end) for category, start, end in spans if category in ("compute", "optimizer"))
@@ -43,6 +44,20 @@ def test_a_traced_steps_compute_spans_follow_one_another_and_cover_most_of_it(tr
     assert sum(end - start for start, end in compute) >= 0.8 * step
 
 
+@pytest.mark.slow  # trains a few steps in this process
 def test_a_trace_names_each_rank_as_a_process(trace):
     meta = [event for event in trace["events"] if event["ph"] == "M"]
     assert meta == [{"ph": "M", "name": "process_name", "pid": 0, "args": {"name": "rank 0"}}]
+
+
+def test_a_tracer_reads_its_clocks_spans_when_it_writes_them_and_places_them_on_the_wall_clock():
+    """On a GPU the spans are CUDA events, readable once the device has run the work before them."""
+    clock = DeferredClock()
+    tracer = Tracer(0, clock=clock, active=True)
+    with tracer.region("conv1 forward", COMPUTE):
+        clock.stamp()
+    tracer.add_host("data wait (next batch)", DATA, 1010.0, 1010.5)
+    clock.done = True
+    spans = {event["name"]: (event["ts"], event["dur"]) for event in tracer.events() if event["ph"] == "X"}
+    assert spans == {"conv1 forward": pytest.approx((1001e6, 2e6)),
+                     "data wait (next batch)": pytest.approx((1010e6, 0.5e6))}

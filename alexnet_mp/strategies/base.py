@@ -33,6 +33,7 @@ from alexnet_mp.speed import apply_speed
 from alexnet_mp.strategies.costs import Costs
 from alexnet_mp.strategies.options import Option, label
 from alexnet_mp.strategies.replicas import MeteredAllReduce, all_reduce_hook
+from alexnet_mp.timing import clock_for
 from alexnet_mp.world import current
 
 Shard = Callable[[str, torch.Size, int, int], Block | None]  # (key, whole shape, part, parts) -> block
@@ -108,7 +109,7 @@ class Layout(ABC):
         """Lays `model` (the whole net, with its initial weights) out on this rank: `parallelize`."""
         here = current()
         self.config, self.device, self.rank, self.world_size = config, device, here.rank, here.size
-        self.ledger = Ledger()
+        self.ledger = Ledger(clock=clock_for(device))
         self.shapes = {key: value.shape for key, value in model.state_dict().items()}
         self.parts_held: list[tuple[int, nn.Module]] = []  # (part, its layers under the whole net's names)
         self.sync: MeteredAllReduce | None = None

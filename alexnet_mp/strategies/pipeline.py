@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from collections import OrderedDict
 from functools import cache
 from typing import Any
@@ -84,7 +83,7 @@ class MeteredStage(PipelineStage):
     def __init__(self, module: nn.Module, pipeline: Pipeline) -> None:
         super().__init__(module, pipeline.rank, pipeline.world_size, pipeline.device, group=dist.group.WORLD)
         self.pipeline, self.ledger = pipeline, pipeline.ledger
-        self.idle_since = time.perf_counter()
+        self.idle_since = self.ledger.clock.stamp()
 
     def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
         self.pipeline.draw_for(fwd_chunk_id)
@@ -92,14 +91,14 @@ class MeteredStage(PipelineStage):
         try:
             return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
         finally:
-            self.idle_since = time.perf_counter()
+            self.idle_since = self.ledger.clock.stamp()
 
     def backward_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
         self.waited(BACKWARD)
         try:
             return super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
         finally:
-            self.idle_since = time.perf_counter()
+            self.idle_since = self.ledger.clock.stamp()
 
     def get_fwd_send_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
         return self.counted(super().get_fwd_send_ops(fwd_chunk_id), FORWARD)
@@ -114,7 +113,7 @@ class MeteredStage(PipelineStage):
 
     def waited(self, direction: str) -> None:
         self.ledger.arrive(ACTIVATIONS, direction)
-        self.ledger.waited(ACTIVATIONS, direction, self.idle_since, time.perf_counter())
+        self.ledger.waited(ACTIVATIONS, direction, self.idle_since, self.ledger.clock.stamp())
 
 
 def schedule_order(schedule: str, stage: int, stages: int, microbatches: int) -> list[tuple[str, int]]:
@@ -289,7 +288,7 @@ class Pipeline(Layout):
         self.step, self.global_batch, self.loss_scale = step, global_batch, loss_scale
         self.draw_for(0)  # torch's first step infers the stages' shapes by a forward of its own, outside the chunks
         losses: list[Tensor] = []
-        self.stage.idle_since = time.perf_counter()
+        self.stage.idle_since = self.ledger.clock.stamp()
         logits = self.schedule.step(*((images,) if self.first else ()), target=labels if self.last else None,
                                     losses=losses)
         self.stage.waited(BACKWARD)  # the drain: sends still travelling after the last chunk

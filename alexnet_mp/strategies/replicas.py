@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,8 @@ class MeteredAllReduce:
     def __init__(self, group: dist.ProcessGroup, average: bool, ledger: Ledger, link: str) -> None:
         self.group, self.average, self.ledger, self.link = group, average, ledger, link
         self.size = dist.get_world_size(group)
-        self.last_ready = self.last_done = 0.0
+        self.last_ready: Any = None  # the ledger clock's stamp where the last bucket left
+        self.done: list[Any] = []  # its stamps where each bucket's reduction was done
 
     def reduce(self, buffer: Tensor) -> torch.futures.Future[Tensor]:
         if self.average:
@@ -32,17 +33,18 @@ class MeteredAllReduce:
         self.ledger.arrive(self.link, BACKWARD)
         self.ledger.record(0, self.link, BACKWARD, ring_all_reduce_elements(buffer.numel(), self.size),
                            buffer.element_size())
-        self.last_ready = time.perf_counter()
+        self.last_ready = self.ledger.clock.stamp()
         return dist.all_reduce(buffer, group=self.group, async_op=True).get_future().then(self._done)
 
     def _done(self, future: torch.futures.Future[list[Tensor]]) -> Tensor:
-        self.last_done = max(self.last_done, time.perf_counter())
+        self.done.append(self.ledger.clock.stamp())  # on a GPU, a callback's stream waits for the reduction
         return future.value()[0]
 
     def settle(self) -> None:
         """After a backward pass: the time it was blocked on its last reduction, into the ledger."""
-        self.ledger.waited(self.link, BACKWARD, self.last_ready, max(self.last_ready, self.last_done))
-        self.last_ready = self.last_done = 0.0
+        if self.last_ready is not None and self.done:
+            self.ledger.waited(self.link, BACKWARD, self.last_ready, self.ledger.clock.latest(self.done))
+        self.last_ready, self.done = None, []
 
 
 def all_reduce_hook(state, bucket):  # unannotated: DDP compares annotations it finds with its own types
