@@ -3,10 +3,10 @@
 Each layer as it runs in the net (a convolution with its ReLU, LRN and pooling; fc6 and fc7 with their ReLU and
 dropout) forward and backward, at the shares of its outputs the layouts hold (whole, halves, quarters), at passes
 of a few images up to the global batch, at the threads a rank runs for each rank count asked for; the optimizer's
-step with each of its kernels; what a byte of a freshly mapped block costs; what a process training the one-device
-reference keeps resident beyond its tensors; each collective the layouts use over gloo processes, at sizes from
-a few KiB to tens of MiB, fitted as latency plus bytes over bandwidth; and how much slower a rank computes with every
-rank of each count computing at once than alone.
+step with each of its kernels; what a byte copied into a freshly mapped block costs; what a process training the
+one-device reference keeps resident beyond its tensors; each collective the layouts use over gloo processes, at
+sizes from a few KiB to tens of MiB, fitted as latency plus bytes over bandwidth; and how much slower a rank
+computes with every rank of each count computing at once than alone.
 """
 
 from __future__ import annotations
@@ -137,19 +137,16 @@ def time_optimizer(threads: int, parameters: int = 1 << 24) -> dict[str, float]:
     return rates
 
 
-def time_fresh_pages(elements: int = 1 << 24) -> float:
-    """Seconds per byte that filling a block the allocator maps afresh costs beyond filling one already mapped:
-    a block of 64 MiB, above the threshold where glibc's malloc maps each block on its own."""
-    held = torch.empty(elements)
-    extra = []
+def time_fresh_copy(elements: int = 1 << 24) -> float:
+    """Seconds per byte of copying a tensor into one the allocator maps afresh (the copy, and the pages faulted in
+    and zero-filled): a block of 64 MiB, above the threshold where glibc's malloc maps each block on its own."""
+    source = torch.ones(elements)
+    seconds = []
     for _ in range(1 + REPEATS):
         started = time.perf_counter()
-        torch.empty(elements).fill_(1.0)
-        fresh = time.perf_counter() - started
-        started = time.perf_counter()
-        held.fill_(1.0)
-        extra.append(fresh - (time.perf_counter() - started))
-    return max(statistics.median(extra[1:]), 0.0) / held.nbytes
+        torch.empty(elements).copy_(source)
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds[1:]) / source.nbytes
 
 
 def _sent(kind: str, elements: int, size: int) -> float:
@@ -261,7 +258,7 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
                                                   "figures; calibrate again when it is quieter"))
         spreads.append(spread)
         optimizer[str(threads)] = time_optimizer(threads)
-    fresh = time_fresh_pages()
+    fresh = time_fresh_copy()
     collectives, resident, slowdown = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="calibrate-") as scratch:
         for threads in thread_counts:

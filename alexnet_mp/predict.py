@@ -71,7 +71,7 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
                       if costs.holds_dtensors(cost.name))
         backward.append(sum(b for _, b in layers.values())
                         + hardware.optimizer_s(parameters(work, architecture, num_classes) - foreach, foreach, ranks)
-                        + hardware.fresh_s(costs.fresh_bytes(architecture, num_classes), ranks))
+                        + hardware.fresh_copy_s(costs.fresh_bytes(architecture, num_classes), ranks))
         comm.append({} if together > 1 else {
             (link, direction): hardware.collective(costs.collective(link, direction), ranks).seconds(
                 elements * BYTES_PER_ELEMENT, costs.calls(link, elements, ranks, config))

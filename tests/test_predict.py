@@ -155,7 +155,7 @@ def test_a_profile_reads_back_as_written(tmp_path):
     profile = Hardware("written", "a test", "gloo", 2, layers={"1": {"paper.conv1@1": conv1}},
                        optimizer_s_per_parameter={"1": {"fused": 1e-9, "foreach": 6e-9}},
                        collectives={"2": {"all-reduce": LINK}},
-                       fresh_page_s_per_byte=5e-10, resident_overhead_bytes={"1": 2.5e8}, shared_slowdown={"2": 1.05})
+                       fresh_copy_s_per_byte=5e-10, resident_overhead_bytes={"1": 2.5e8}, shared_slowdown={"2": 1.05})
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
     assert load(tmp_path / "profile.json") == profile
 
@@ -169,24 +169,24 @@ def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
 
 @pytest.mark.parametrize(("text", "says"), [
     ("not json", "is not a hardware profile"),
-    ('{"format": 2}', "format must be 3"),
-    ('{"format": 3, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
-    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "tflops": 1}', "it has no collectives"),
-    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
+    ('{"format": 3}', "format must be 4"),
+    ('{"format": 4, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
+    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1}', "it has no collectives"),
+    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
      "neither layer times nor tflops"),
-    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
+    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
      '"collectives": {"2": {"send": {"latency_s": -1, "bytes_per_s": 1}}}}', "send latency_s must be a positive"),
-    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_page_s_per_byte": -1, '
-     '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "fresh_page_s_per_byte must be"),
-    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead_bytes": {"1": -1}, '
+    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_copy_s_per_byte": -1, '
+     '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "fresh_copy_s_per_byte must be"),
+    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead_bytes": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "resident_overhead_bytes must be a number"),
-    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "shared_slowdown": {"2": 0}, '
+    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "shared_slowdown": {"2": 0}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "shared_slowdown must be a positive"),
-    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "optimizer_s_per_parameter": '
+    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "optimizer_s_per_parameter": '
      '{"1": {"fused": 1e-9}}, "collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "'foreach'"),
-    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [8, 2], "forward": [1, 1], "backward": [1, 1]}}}}', "images must be two or more sizes that rise"),
-    ('{"format": 3, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [2, 8], "forward": [1], "backward": [1, 1]}}}}', "must have a time for each of its images"),
 ])
 def test_a_malformed_profile_is_refused_in_one_line(text, says, tmp_path, capsys):
@@ -218,7 +218,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     assert result.returncode == 0, result.stderr
     profile = load(tmp_path / "hardware.json")
     assert profile.backend == "gloo" and set(profile.collectives["2"]) == set(KINDS)
-    assert profile.fresh_page_s_per_byte > 0  # glibc maps a 64 MiB block afresh: its pages fault in
+    assert profile.fresh_copy_s_per_byte > 0
     assert set(profile.resident_overhead_bytes) == set(profile.layers)  # each thread count a rank runs
     assert set(profile.shared_slowdown) == {"2"} and profile.shared_slowdown["2"] >= 1
     assert "layer sweeps within" in profile.source  # how steady the machine was, beside the figures
@@ -331,8 +331,8 @@ def test_only_fsdp_maps_tensors_afresh_beyond_its_layers_own_each_unit_above_a_f
     assert fsdp.fresh_bytes(PAPER, 1000) == 3 * 4 * (37_748_736 + 16_777_216)
 
 
-def test_a_step_pays_the_profiles_fresh_page_cost_on_what_it_maps_afresh():
-    fresh = dataclasses.replace(by_hand(), fresh_page_s_per_byte=1e-9)
+def test_a_step_pays_the_profiles_fresh_copy_cost_on_what_it_copies_into_fresh_blocks():
+    fresh = dataclasses.replace(by_hand(), fresh_copy_s_per_byte=1e-9)
     mapped = LAYOUTS["fsdp"].costs.fresh_bytes(PAPER, 10)
     assert mapped > 0
     assert predict_step("fsdp", "paper", 2, 8, fresh, 10).compute_s[0] == pytest.approx(

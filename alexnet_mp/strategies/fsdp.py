@@ -126,8 +126,8 @@ class FSDPCosts(DataParallelCosts):
 
     @classmethod
     def fresh_bytes(cls, arch: Architecture, num_classes: int) -> float:
-        """Each unit larger than a fresh block, three times a step: the unsharded parameters its gathers are copied
-        into, in the forward and again in the backward, and the reduce-scatter's input its gradient is copied into.
+        """Each unit larger than a fresh block, three times a step: copied into its unsharded parameters from its
+        gathers, in the forward and again in the backward, and its gradient into the reduce-scatter's input.
         The all-gather's and reduce-scatter's outputs are fresh inside the collectives' calibrated time (calibrate
         times the flat forms into fresh tensors), the whole gradient inside the layer's."""
         units = [weights * torch.float32.itemsize for weights in unit_weights(arch.name, num_classes)]
