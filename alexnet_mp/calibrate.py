@@ -30,7 +30,7 @@ from alexnet_mp.bench.measure import layout_steps
 from alexnet_mp.blocks import rows
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import memory_bytes
-from alexnet_mp.hardware import KERNELS, KINDS, Collective, Hardware
+from alexnet_mp.hardware import KERNELS, KINDS, Collective, Hardware, pass_s
 from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, MaskDraw, SeededDropout, build_model, conv_sides
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer
@@ -44,6 +44,7 @@ STEADY = 0.1  # layer sweeps further apart than this: the machine was busy with 
 # float32 elements per rank in a timed collective: 4 KiB to 64 MiB, about the largest a layout sends in one call
 # (FSDP's fc6 unit at 2 ranks): gloo's rate falls as its buffers outgrow the caches
 SIZES = (1024, 65536, 1 << 20, 1 << 22, 1 << 24)
+PROBE_LAYERS, PROBE_IMAGES = ("conv2", "fc6"), 8  # what `drift` times: a compute-bound layer and a memory-bound one
 
 
 def pass_images(batch: int) -> list[int]:
@@ -82,6 +83,28 @@ def time_layers(arch: str, threads: int, batch: int) -> tuple[dict[str, dict[str
         timed["backward"].append(statistics.median(sweep[at][1] for sweep in sweeps[1:]))
     sums = [sum(f + b for f, b in sweep) for sweep in sweeps[1:]]
     return times, max(sums) / min(sums) - 1
+
+
+def drift(hardware: Hardware, arch: str = "paper") -> dict[str, float]:
+    """How much slower this machine runs now than `hardware` says, per thread count the profile measured: the passes
+    of `PROBE_LAYERS` whole on `PROBE_IMAGES` images, timed as `time_layers` times them, over the profile's figures
+    for them, less 1 (negative: faster). Empty for a profile without this net's layer times (a preset). A
+    prediction's error within this is the machine's, not the cost model's."""
+    net = _segments(build_model(arch, 1000, seed=0))
+    sides = [IMAGE_SIZE] + [block for _, block in conv_sides(ARCHITECTURES[arch])]
+    probes = [(f"{arch}.{name}@1", segment, _input_shape(layer, PROBE_IMAGES, sides, index), index > 0)
+              for index, (name, segment, layer) in enumerate(net) if name in PROBE_LAYERS]
+    found = {}
+    for threads, table in hardware.layers.items():
+        if not all(key in table for key, *_ in probes):
+            continue
+        torch.set_num_threads(int(threads))
+        sweeps = [sum(sum(_forward_backward(segment, shape, needs)) for _, segment, shape, needs in probes)
+                  for _ in range(1 + REPEATS)]
+        expected = sum(pass_s(table[key]["images"], table[key][direction], PROBE_IMAGES)
+                       for key, *_ in probes for direction in ("forward", "backward"))
+        found[threads] = statistics.median(sweeps[1:]) / expected - 1
+    return found
 
 
 def _segments(net: torch.nn.Sequential) -> list[tuple[str, torch.nn.Sequential, torch.nn.Module]]:

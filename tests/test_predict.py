@@ -14,11 +14,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from alexnet_mp.calibrate import pass_images
+from alexnet_mp.bench import held_markdown, machine_drift
+from alexnet_mp.calibrate import PROBE_LAYERS, pass_images
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, memory_bytes, parameters
 from alexnet_mp.errors import UsageError
-from alexnet_mp.hardware import KINDS, Collective, Hardware, load, pass_s
+from alexnet_mp.hardware import KINDS, PRESETS, Collective, Hardware, load, pass_s
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.model import PAPER
 from alexnet_mp.predict import Held, StepFigures, disordered, held_table, predict_step
@@ -204,6 +205,33 @@ def test_a_profile_without_what_a_prediction_needs_names_what_to_measure():
 def test_a_missing_profile_file_names_calibrate_and_the_presets(capsys):
     result = in_process(capsys, "plan", "--hardware", str(Path("nowhere") / "profile.json"))
     assert result.returncode == 2 and "calibrate --output" in one_line_error(result)
+
+
+def probed(seconds: float) -> Hardware:
+    """A profile whose probe layers took `seconds` a pass at any size, on 1 thread."""
+    times = {"images": [2.0, 32.0], "forward": [seconds] * 2, "backward": [seconds] * 2}
+    return dataclasses.replace(by_hand(), layers={"1": {f"paper.{layer}@1": times for layer in PROBE_LAYERS}})
+
+
+def test_the_machine_reads_slower_than_a_profile_whose_probe_took_no_time_and_faster_than_one_whose_took_an_hour(
+        monkeypatch):
+    from alexnet_mp import calibrate
+
+    monkeypatch.setattr(calibrate, "REPEATS", 1)
+    threads = torch.get_num_threads()
+    assert machine_drift(probed(1e-6))["1"] > 1
+    assert machine_drift(probed(3600.0))["1"] == pytest.approx(-1, abs=1e-3)
+    assert torch.get_num_threads() == threads  # the bench's process keeps its threads
+
+
+def test_a_preset_has_no_layer_times_to_hold_the_machine_to():
+    assert machine_drift(PRESETS["h100-nvlink"]) == {}
+
+
+def test_bench_says_how_far_the_machine_was_from_its_calibration_at_its_start_and_its_end():
+    held = [Held("single, paper", StepFigures(1.0, 1.0, 0.0, [0.0], None), StepFigures(1.1, 1.1, 0.0, [0.0], None))]
+    text = held_markdown(held, probed(0.1), {"start": {"1": 0.12}, "end": {"1": -0.03}})
+    assert "1 thread(s): +12% at the start, -3% at the end" in text
 
 
 @pytest.mark.slow  # measures this machine: layers on each thread count, collectives over 2 gloo processes

@@ -34,17 +34,20 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
         sizes = replace(sizes, ranks=ranks)
     output.mkdir(parents=True, exist_ok=True)
     env = environment()
+    drifts = {"start": machine_drift(hardware)} if hardware else {}
 
     def write(measurements: list[Measurement], not_measured: list[str]) -> str:
         """bench.json and bench.md of the measurements so far: a run cut short keeps what it measured."""
         rows = comparisons({m.name: m for m in measurements}, sizes, device_type)
         held = predictions(measurements, sizes, hardware) if hardware else []
-        text = as_markdown(measurements, rows, not_measured, sizes, quick, env) + held_markdown(held, hardware)
+        text = (as_markdown(measurements, rows, not_measured, sizes, quick, env)
+                + held_markdown(held, hardware, drifts))
         record = {"environment": env, "sizes": asdict(sizes), "quick": quick, "skipped": not_measured,
                   "measurements": [{**asdict(m), "median_images_per_s": m.median} for m in measurements],
                   "comparisons": [{**asdict(c), "verdict": c.verdict} for c in rows],
                   "predicted": [h.to_json() for h in held],
-                  "hardware": None if hardware is None else {"name": hardware.name, "source": hardware.source}}
+                  "hardware": None if hardware is None else {"name": hardware.name, "source": hardware.source,
+                                                             "drift": drifts}}
         (output / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
         (output / "bench.md").write_text(text)
         return text
@@ -54,6 +57,8 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
         measurements, skipped, failed = run_matrix(sizes, scratch, device_type, write, modes)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if hardware:
+        drifts["end"] = machine_drift(hardware)
     print(write(measurements, skipped + failed))
     plot_layouts(measurements, layout_variant(device_type).named(REFERENCE_STEP), output / "layouts.png")
     return failed
@@ -76,6 +81,25 @@ def predictions(measurements: list[Measurement], sizes: Sizes, hardware: Hardwar
     return held
 
 
-def held_markdown(held: list[Held], hardware: Hardware | None) -> str:
-    """bench.md's section of each layout's step beside its prediction: none where a profile predicted nothing."""
-    return "" if hardware and not held else "\n" + held_section(held, hardware) + "\n"
+def machine_drift(hardware: Hardware) -> dict[str, float]:
+    """`calibrate.drift` of this machine against `hardware`, in this process, its threads as they were."""
+    from alexnet_mp.calibrate import drift  # calibrate measures with bench's own steps
+
+    threads = torch.get_num_threads()
+    try:
+        return drift(hardware)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def held_markdown(held: list[Held], hardware: Hardware | None, drifts: dict[str, dict[str, float]]) -> str:
+    """bench.md's section of each layout's step beside its prediction, and how far the machine had drifted from its
+    calibration at the bench's start and end: none where a profile predicted nothing."""
+    if hardware and not held:
+        return ""
+    moved = "; ".join(f"{threads} thread(s): " + ", ".join(f"{drifts[when][threads]:+.0%} at the {when}"
+                                                              for when in drifts)
+                      for threads in drifts.get("start", {}))
+    said = (f"\n\nThe machine against its calibration, slower (+) or faster (-) than the profile says (conv2 and fc6 "
+            f"timed as calibrate times them): {moved}. A step's error within this is the machine's.") if moved else ""
+    return "\n" + held_section(held, hardware) + said + "\n"
