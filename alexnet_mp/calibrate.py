@@ -160,9 +160,11 @@ def time_optimizer(threads: int, parameters: int = 1 << 24) -> dict[str, float]:
     return rates
 
 
-def time_fresh_copy(elements: int = 1 << 24) -> float:
+def time_fresh_copy(threads: int, elements: int = 1 << 24) -> float:
     """Seconds per byte of copying a tensor into one the allocator maps afresh (the copy, and the pages faulted in
-    and zero-filled): a block of 64 MiB, above the threshold where glibc's malloc maps each block on its own."""
+    and zero-filled), on `threads` (a copy this large runs on all of them): a block of 64 MiB, above the threshold
+    where glibc's malloc maps each block on its own."""
+    torch.set_num_threads(threads)
     source = torch.ones(elements)
     seconds = []
     for _ in range(1 + REPEATS):
@@ -273,7 +275,7 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
     started = time.perf_counter()
     profile = Hardware(f"{platform.node() or 'this machine'}", "", "gloo", cores)
     thread_counts = sorted({profile.threads(count) for count in (1, *ranks)})
-    layers, optimizer, spreads = {}, {}, []
+    layers, optimizer, fresh, spreads = {}, {}, {}, []
     for threads in thread_counts:
         log(f"layers of the {arch} net on {threads} thread(s), passes of {pass_images(batch)} images ...")
         layers[str(threads)], spread = time_layers(arch, threads, batch)
@@ -281,7 +283,7 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
                                                   "figures; calibrate again when it is quieter"))
         spreads.append(spread)
         optimizer[str(threads)] = time_optimizer(threads)
-    fresh = time_fresh_copy()
+        fresh[str(threads)] = time_fresh_copy(threads)
     collectives, resident, slowdown = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="calibrate-") as scratch:
         for threads in thread_counts:

@@ -52,9 +52,9 @@ class Hardware:
     # per threads a rank runs, per optimizer kernel (`KERNELS`): a parameter's share of the SGD step
     optimizer_s_per_parameter: dict[str, dict[str, float]] = field(default_factory=dict)
     collectives: dict[str, dict[str, Collective]] = field(default_factory=dict)  # per rank count, per kind
-    # What a byte costs copied into a block the allocator maps afresh (the copy, and a CPU's page faults and
-    # zero-filling); 0 where blocks are reused and copies are part of the layers measured (CUDA's caching allocator).
-    fresh_copy_s_per_byte: float = 0.0
+    # per threads a rank runs: what a byte costs copied into a block the allocator maps afresh (the copy, and a CPU's
+    # page faults and zero-filling); none where blocks are reused (CUDA's caching allocator)
+    fresh_copy_s_per_byte: dict[str, float] = field(default_factory=dict)
     # per threads a rank runs: what a CPU process keeps resident beyond its tensors' peak (the allocator's freed
     # blocks, the libraries' code and workspaces); none where memory is a device's allocated tensors
     resident_overhead_bytes: dict[str, float] = field(default_factory=dict)
@@ -101,7 +101,7 @@ class Hardware:
 
     def fresh_copy_s(self, copied_bytes: float, ranks: int) -> float:
         """Seconds a rank of `ranks` spends copying `copied_bytes` into blocks allocated afresh."""
-        return copied_bytes * self.fresh_copy_s_per_byte * self.sharing(ranks)
+        return copied_bytes * self.fresh_copy_s_per_byte.get(str(self.threads(ranks)), 0.0) * self.sharing(ranks)
 
     def resident_bytes(self, tensor_bytes: float, ranks: int) -> float:
         """The memory a process of `ranks` takes to train whose tensors peak at `tensor_bytes`."""
@@ -208,7 +208,8 @@ def _parsed(raw: Any) -> Hardware:
                                 for kind, link in kinds.items() if kind in KINDS}
                    for ranks, kinds in raw.get("collectives", {}).items()}
     tflops = raw.get("tflops")
-    fresh = _not_negative(raw.get("fresh_copy_s_per_byte", 0.0), "fresh_copy_s_per_byte", "seconds")
+    fresh = {str(threads): _not_negative(value, "fresh_copy_s_per_byte", "seconds")
+             for threads, value in raw.get("fresh_copy_s_per_byte", {}).items()}
     resident = {str(threads): _not_negative(value, "resident_overhead_bytes", "bytes")
                 for threads, value in raw.get("resident_overhead_bytes", {}).items()}
     slowdown = {str(ranks): _positive(value, "shared_slowdown")

@@ -155,8 +155,8 @@ def test_a_profile_reads_back_as_written(tmp_path):
     conv1 = {"images": [2.0, 8.0], "forward": [0.1, 0.3], "backward": [0.2, 0.7]}
     profile = Hardware("written", "a test", "gloo", 2, layers={"1": {"paper.conv1@1": conv1}},
                        optimizer_s_per_parameter={"1": {"fused": 1e-9, "foreach": 6e-9}},
-                       collectives={"2": {"all-reduce": LINK}},
-                       fresh_copy_s_per_byte=5e-10, resident_overhead_bytes={"1": 2.5e8}, shared_slowdown={"2": 1.05})
+                       collectives={"2": {"all-reduce": LINK}}, fresh_copy_s_per_byte={"1": 5e-10},
+                       resident_overhead_bytes={"1": 2.5e8}, shared_slowdown={"2": 1.05})
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
     assert load(tmp_path / "profile.json") == profile
 
@@ -177,7 +177,7 @@ def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
      "neither layer times nor tflops"),
     ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
      '"collectives": {"2": {"send": {"latency_s": -1, "bytes_per_s": 1}}}}', "send latency_s must be a positive"),
-    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_copy_s_per_byte": -1, '
+    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_copy_s_per_byte": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "fresh_copy_s_per_byte must be"),
     ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead_bytes": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "resident_overhead_bytes must be a number"),
@@ -246,7 +246,8 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     assert result.returncode == 0, result.stderr
     profile = load(tmp_path / "hardware.json")
     assert profile.backend == "gloo" and set(profile.collectives["2"]) == set(KINDS)
-    assert profile.fresh_copy_s_per_byte > 0
+    assert set(profile.fresh_copy_s_per_byte) == set(profile.layers)  # each thread count a rank runs
+    assert min(profile.fresh_copy_s_per_byte.values()) > 0
     assert set(profile.resident_overhead_bytes) == set(profile.layers)  # each thread count a rank runs
     assert set(profile.shared_slowdown) == {"2"} and profile.shared_slowdown["2"] >= 1
     assert "layer sweeps within" in profile.source  # how steady the machine was, beside the figures
@@ -360,7 +361,7 @@ def test_only_fsdp_maps_tensors_afresh_beyond_its_layers_own_each_unit_above_a_f
 
 
 def test_a_step_pays_the_profiles_fresh_copy_cost_on_what_it_copies_into_fresh_blocks():
-    fresh = dataclasses.replace(by_hand(), fresh_copy_s_per_byte=1e-9)
+    fresh = dataclasses.replace(by_hand(), fresh_copy_s_per_byte={"1": 1e-9})
     mapped = LAYOUTS["fsdp"].costs.fresh_bytes(PAPER, 10)
     assert mapped > 0
     assert predict_step("fsdp", "paper", 2, 8, fresh, 10).compute_s[0] == pytest.approx(
