@@ -36,19 +36,20 @@ class HostClock:
 
 
 class DeviceClock:
-    """A GPU's clock: a stamp is a CUDA event recorded on the current stream, so a span is the device's time for
+    """A GPU's clock: a stamp is a CUDA event recorded on the device's current stream, so a span is its time for
     the work queued between its stamps; a wait, how long that stream stalled on the collective it waited for
     (which, on NCCL, ran on a stream of its own). Reading a span waits for the device to pass its end, so the
     ledger and the trace read theirs once a step's work is queued, not as they stamp."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.origin = self.stamp()
         self.origin.synchronize()
         self.origin_wall = time.time()
 
     def stamp(self) -> torch.cuda.Event:
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
     def seconds(self, start: torch.cuda.Event, end: torch.cuda.Event) -> float:
@@ -66,7 +67,7 @@ Clock = HostClock | DeviceClock
 
 
 def clock_for(device: torch.device) -> Clock:
-    return DeviceClock() if device.type == "cuda" else HostClock()
+    return DeviceClock(device) if device.type == "cuda" else HostClock()
 
 
 class StepClock:

@@ -1,13 +1,17 @@
-"""`train --trace`: a Chrome trace of a few steps on every rank, whose spans nest and cover the step."""
+"""`train --trace`: a Chrome trace of a few steps on every rank, whose spans nest and cover the step, read off the
+device's clock."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import time
 
 import pytest
+import torch
 
 from alexnet_mp.report import traced_step
+from alexnet_mp.timing import DeviceClock
 from alexnet_mp.trace import COMPUTE, DATA, TRACED, Tracer
 from tests.clocks import DeferredClock
 from tests.equivalence import PAPER_NET
@@ -61,3 +65,14 @@ def test_a_tracer_reads_its_clocks_spans_when_it_writes_them_and_places_them_on_
     spans = {event["name"]: (event["ts"], event["dur"]) for event in tracer.events() if event["ph"] == "X"}
     assert spans == {"conv1 forward": pytest.approx((1001e6, 2e6)),
                      "data wait (next batch)": pytest.approx((1010e6, 0.5e6))}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="reads a GPU's clock")
+def test_a_device_clock_reads_the_devices_time_for_the_work_not_the_hosts_time_to_queue_it():
+    clock = DeviceClock(torch.device("cuda"))
+    queued = time.perf_counter()
+    start = clock.stamp()
+    torch.cuda._sleep(100_000_000)  # tens of milliseconds of the device's time, queued at once
+    end = clock.stamp()
+    queued = time.perf_counter() - queued
+    assert clock.seconds(start, end) > 10 * queued
