@@ -30,12 +30,14 @@ from alexnet_mp.bench.measure import layout_steps
 from alexnet_mp.blocks import rows
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import memory_bytes
+from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import KERNELS, KINDS, Collective, Hardware, pass_s
 from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, MaskDraw, SeededDropout, build_model, conv_sides
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer
 from alexnet_mp.strategies import LAYOUTS, REFERENCE
 from alexnet_mp.strategies.base import shard_layers
+from alexnet_mp.timing import clock_for
 
 SHARES = (1.0, 0.5, 0.25)  # of a layer's outputs: whole, a tower or a shard of 2, a shard of 4
 REPEATS = 3  # timed passes (or sweeps of passes) per figure, after one to warm up; the median is kept
@@ -44,6 +46,7 @@ STEADY = 0.1  # layer sweeps further apart than this: the machine was busy with 
 # float32 elements per rank in a timed collective: 4 KiB to 64 MiB, about the largest a layout sends in one call
 # (FSDP's fc6 unit at 2 ranks): gloo's rate falls as its buffers outgrow the caches
 SIZES = (1024, 65536, 1 << 20, 1 << 22, 1 << 24)
+CPU = torch.device("cpu")
 PROBE_LAYERS, PROBE_IMAGES = ("conv2", "fc6"), 8  # what `drift` times: a compute-bound layer and a memory-bound one
 
 
@@ -56,25 +59,27 @@ def pass_images(batch: int) -> list[int]:
     return sizes if len(sizes) > 1 else [1, 2]
 
 
-def time_layers(arch: str, threads: int, batch: int) -> tuple[dict[str, dict[str, list[float]]], float]:
+def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU,
+                ) -> tuple[dict[str, dict[str, list[float]]], float]:
     """Each layer of `arch` as it runs in the net (with what follows it up to the next layer: a conv's ReLU, LRN
     and pool; fc6's and fc7's ReLU and dropout), at each of `SHARES`, on `threads`: a pass's seconds forward and
     backward at each of `pass_images(batch)`. Every pass runs once per sweep and the sweeps one after another, so
     that a burst of the machine's other work slows one sweep's passes rather than every repeat of a few, and each
     pass follows another layer's, as in the net: the first sweep warms up, the median of the rest is kept. Also
-    how far apart the timed sweeps' sums are (the slowest over the fastest, less 1): how steady the machine was."""
+    how far apart the timed sweeps' sums are (the slowest over the fastest, less 1): how steady the machine was.
+    On `device` (a GPU: its own clock, `timing.DeviceClock`)."""
     torch.set_num_threads(threads)
     images = pass_images(batch)
     sides = [IMAGE_SIZE] + [block for _, block in conv_sides(ARCHITECTURES[arch])]
     passes = []  # (key, segment, input shape, whether the input needs its gradient)
     for share in SHARES:
         cut = shard_layers(build_model(arch, 1000, seed=0), lambda key, shape, part, n: (rows(shape[0], 0, n),), 0,
-                           round(1 / share))
+                           round(1 / share)).to(device)
         for index, (name, segment, layer) in enumerate(_segments(cut)):
             passes += [(f"{arch}.{name}@{share:g}", segment, _input_shape(layer, n, sides, index), index > 0)
                        for n in images]
     passes.sort(key=lambda timed: timed[2][0])  # by images, each size's layers in the net's order (a stable sort)
-    sweeps = [[_forward_backward(segment, shape, needs) for _, segment, shape, needs in passes]
+    sweeps = [[_forward_backward(segment, shape, needs, device) for _, segment, shape, needs in passes]
               for _ in range(1 + REPEATS)]
     times: dict[str, dict[str, list[float]]] = {}
     for at, (key, *_) in enumerate(passes):
@@ -90,16 +95,19 @@ def drift(hardware: Hardware, arch: str = "paper") -> dict[str, float]:
     of `PROBE_LAYERS` whole on `PROBE_IMAGES` images, timed as `time_layers` times them, over the profile's figures
     for them, less 1 (negative: faster). Empty for a profile without this net's layer times (a preset). A
     prediction's error within this is the machine's, not the cost model's."""
-    net = _segments(build_model(arch, 1000, seed=0))
+    tables = {threads: table for threads, table in hardware.layers.items()
+              if all(f"{arch}.{name}@1" in table for name in PROBE_LAYERS)}
+    if not tables:
+        return {}
+    device = torch.device("cuda") if hardware.backend == "nccl" else CPU
+    net = _segments(build_model(arch, 1000, seed=0).to(device))
     sides = [IMAGE_SIZE] + [block for _, block in conv_sides(ARCHITECTURES[arch])]
     probes = [(f"{arch}.{name}@1", segment, _input_shape(layer, PROBE_IMAGES, sides, index), index > 0)
               for index, (name, segment, layer) in enumerate(net) if name in PROBE_LAYERS]
     found = {}
-    for threads, table in hardware.layers.items():
-        if not all(key in table for key, *_ in probes):
-            continue
+    for threads, table in tables.items():
         torch.set_num_threads(int(threads))
-        sweeps = [sum(sum(_forward_backward(segment, shape, needs)) for _, segment, shape, needs in probes)
+        sweeps = [sum(sum(_forward_backward(segment, shape, needs, device)) for _, segment, shape, needs in probes)
                   for _ in range(1 + REPEATS)]
         expected = sum(pass_s(table[key]["images"], table[key][direction], PROBE_IMAGES)
                        for key, *_ in probes for direction in ("forward", "backward"))
@@ -126,36 +134,39 @@ def _input_shape(layer: torch.nn.Module, images: int, sides: list[int], index: i
     return images, layer.in_channels, sides[index], sides[index]
 
 
-def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool) -> tuple[float, float]:
-    """One pass's seconds, forward and backward."""
+def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool,
+                      device: torch.device) -> tuple[float, float]:
+    """One pass's seconds on `device`, forward and backward."""
     for dropout in segment.modules():
         if isinstance(dropout, SeededDropout):
             dropout.draw = MaskDraw(seed=0, step=0, global_batch=shape[0], rows=slice(0, shape[0]))
-    x = torch.randn(shape, requires_grad=needs_input_grad)
-    started = time.perf_counter()
+    x = torch.randn(shape, requires_grad=needs_input_grad, device=device)
+    clock = clock_for(device)
+    started = clock.stamp()
     out = segment(x)
-    middle = time.perf_counter()
+    middle = clock.stamp()
     out.backward(torch.ones_like(out))
-    ended = time.perf_counter()
+    ended = clock.stamp()
     segment.zero_grad(set_to_none=True)
-    return middle - started, ended - middle
+    return clock.seconds(started, middle), clock.seconds(middle, ended)
 
 
-def time_optimizer(threads: int, parameters: int = 1 << 24) -> dict[str, float]:
+def time_optimizer(threads: int, device: torch.device = CPU, parameters: int = 1 << 24) -> dict[str, float]:
     """Seconds per parameter of the training loop's SGD step (momentum, weight decay) with each of its kernels:
     fused (plain tensors) and foreach (DTensors, which no fused kernel takes), here on a plain tensor."""
     torch.set_num_threads(threads)
-    weight = torch.nn.Parameter(torch.randn(parameters))
-    weight.grad = torch.randn(parameters)
+    weight = torch.nn.Parameter(torch.randn(parameters, device=device))
+    weight.grad = torch.randn(parameters, device=device)
+    clock = clock_for(device)
     fused = make_optimizer([weight], TrainConfig())
     foreach = torch.optim.SGD([weight], **{**fused.defaults, "fused": False, "foreach": True})
     rates = {}
     for kernel, optimizer in zip(KERNELS, (fused, foreach), strict=True):
         seconds = []
         for _ in range(1 + REPEATS):
-            started = time.perf_counter()
+            started = clock.stamp()
             optimizer.step()
-            seconds.append(time.perf_counter() - started)
+            seconds.append(clock.seconds(started, clock.stamp()))
         rates[kernel] = statistics.median(seconds[1:]) / parameters
     return rates
 
@@ -187,9 +198,9 @@ def _collective(kind: str, x: torch.Tensor, size: int, rank: int) -> Callable[[]
         out = [torch.empty_like(x) for _ in range(size)]
         return lambda: dist.all_gather(out, x)
     if kind == "all-gather-single":  # into a fresh tensor each call, as FSDP and DTensor call it
-        return lambda: dist.all_gather_single(torch.empty(size * x.numel()), x)
+        return lambda: dist.all_gather_single(torch.empty(size * x.numel(), device=x.device), x)
     if kind == "reduce-scatter-single":
-        flat = torch.ones(size * x.numel())
+        flat = torch.ones(size * x.numel(), device=x.device)
         return lambda: dist.reduce_scatter_single(torch.empty_like(x), flat)
     if kind == "reduce-scatter":
         chunks = [torch.empty_like(x) for _ in range(size)]
@@ -205,20 +216,24 @@ def _collective(kind: str, x: torch.Tensor, size: int, rank: int) -> Callable[[]
     return lambda: (dist.send(x, 1) if rank == 0 else dist.recv(x, 0)) if rank < 2 else None
 
 
-def time_collectives(sizes: Sequence[int] = SIZES) -> dict[str, list[tuple[float, float]]]:
-    """On a rank of a gloo group: per kind, (bytes the busiest rank sends, seconds) at each size; every rank
-    enters each collective together (a barrier first), and the slowest rank's time counts."""
+def time_collectives(sizes: Sequence[int], device_type: str) -> dict[str, list[tuple[float, float]]]:
+    """On a rank of a group (gloo on CPUs, NCCL on `device_type` cuda): per kind, (bytes the busiest rank sends,
+    seconds) at each size; every rank enters each collective together (a barrier first), and the slowest rank's time
+    counts: on a GPU, until its device has run it."""
     size, rank = dist.get_world_size(), dist.get_rank()
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else CPU
     found: dict[str, list[tuple[float, float]]] = {}
     for kind in KINDS:
         for elements in sizes:
-            run = _collective(kind, torch.ones(elements), size, rank)
+            run = _collective(kind, torch.ones(elements, device=device), size, rank)
             seconds = []
             for _ in range(1 + REPEATS):
                 dist.barrier()
                 started = time.perf_counter()
                 run()
-                took = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                took = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=device)
                 dist.all_reduce(took, op=dist.ReduceOp.MAX)
                 seconds.append(float(took))
             found.setdefault(kind, []).append((4 * _sent(kind, elements, size), statistics.median(seconds[1:])))
@@ -269,35 +284,44 @@ def time_shared_slowdown(arch: str, images: int = AT_ONCE_IMAGES) -> float:
 def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = None, log: Callable[[str], None] = print,
               ) -> Hardware:
     """This machine's profile for runs on each of `ranks` ranks, at a global batch of `batch` (bench's on a CPU
-    by default)."""
+    by default): on its CPU cores over gloo, or where it has GPUs, on them over NCCL, one rank a GPU."""
     batch = batch or FULL.batch
-    cores = os.cpu_count() or 1
+    on_gpu = torch.cuda.is_available()
+    if on_gpu and max(ranks) > torch.cuda.device_count():
+        raise UsageError(f"calibrate runs one rank a GPU, and this machine has {torch.cuda.device_count()}: --ranks "
+                         f"up to {torch.cuda.device_count()}")
+    device = torch.device("cuda") if on_gpu else CPU
+    cores = None if on_gpu else os.cpu_count() or 1
     started = time.perf_counter()
-    profile = Hardware(f"{platform.node() or 'this machine'}", "", "gloo", cores)
+    profile = Hardware(f"{platform.node() or 'this machine'}", "", "nccl" if on_gpu else "gloo", cores)
     thread_counts = sorted({profile.threads(count) for count in (1, *ranks)})
     layers, optimizer, fresh, spreads = {}, {}, {}, []
     for threads in thread_counts:
-        log(f"layers of the {arch} net on {threads} thread(s), passes of {pass_images(batch)} images ...")
-        layers[str(threads)], spread = time_layers(arch, threads, batch)
+        log(f"layers of the {arch} net on {threads} thread(s) of {device.type}, passes of {pass_images(batch)} "
+            "images ...")
+        layers[str(threads)], spread = time_layers(arch, threads, batch, device)
         log(f"  its sweeps {spread:.0%} apart" + ("" if spread <= STEADY else ": the machine's other work moved the "
                                                   "figures; calibrate again when it is quieter"))
         spreads.append(spread)
-        optimizer[str(threads)] = time_optimizer(threads)
-        fresh[str(threads)] = time_fresh_copy(threads)
+        optimizer[str(threads)] = time_optimizer(threads, device)
+        if not on_gpu:  # a GPU's caching allocator reuses its blocks
+            fresh[str(threads)] = time_fresh_copy(threads)
     collectives, resident, slowdown = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="calibrate-") as scratch:
-        for threads in thread_counts:
+        for threads in [] if on_gpu else thread_counts:  # a GPU's memory is its tensors
             log(f"what a process keeps resident beyond its tensors, on {threads} thread(s) ...")
             resident[str(threads)] = resident_overhead_bytes(arch, batch, threads, Path(scratch) / f"memory{threads}")
-        for count in ranks:
-            log(f"collectives over {count} gloo processes, and the net on all of them at once ...")
-            per_rank = run_distributed(time_collectives, count, Path(scratch) / str(count),
-                                       threads=profile.threads(count))
+        for count in (count for count in ranks if count > 1):
+            log(f"collectives over {count} {profile.backend} processes" + ("" if on_gpu else ", and the net on all "
+                                                                            "of them at once") + " ...")
+            per_rank = run_distributed(time_collectives, count, Path(scratch) / str(count), SIZES, device.type,
+                                       threads=profile.threads(count), backend=profile.backend)
             collectives[str(count)] = {kind: fit(points) for kind, points in per_rank[0].items()}
-            slowdown[str(count)] = run_distributed(time_shared_slowdown, count, Path(scratch) / f"at-once{count}",
-                                                   arch, threads=profile.threads(count))[0]
-    source = (f"calibrate on {platform.processor() or platform.machine()}, {cores} cores, batch {batch}, "
-              f"{datetime.date.today().isoformat()}, torch {torch.__version__}, "
+            if not on_gpu:  # GPUs share no cores
+                slowdown[str(count)] = run_distributed(time_shared_slowdown, count, Path(scratch) / f"at-once{count}",
+                                                       arch, threads=profile.threads(count))[0]
+    where = torch.cuda.get_device_name() if on_gpu else f"{platform.processor() or platform.machine()}, {cores} cores"
+    source = (f"calibrate on {where}, batch {batch}, {datetime.date.today().isoformat()}, torch {torch.__version__}, "
               f"in {time.perf_counter() - started:.0f} s, layer sweeps within {max(spreads):.0%}")
-    return Hardware(profile.name, source, "gloo", cores, layers, None, optimizer, collectives, fresh, resident,
-                    slowdown)
+    return Hardware(profile.name, source, profile.backend, cores, layers, None, optimizer, collectives, fresh,
+                    resident, slowdown)

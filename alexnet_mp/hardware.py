@@ -216,8 +216,6 @@ def _parsed(raw: Any) -> Hardware:
                 for ranks, value in raw.get("shared_slowdown", {}).items()}
     if not layers and tflops is None:
         raise ValueError("it has neither layer times nor tflops")
-    if not collectives:
-        raise ValueError("it has no collectives")
     return Hardware(str(raw["name"]), str(raw["source"]), raw["backend"],
                     None if cores is None else int(_positive(cores, "cores")), layers,
                     None if tflops is None else _positive(tflops, "tflops"),

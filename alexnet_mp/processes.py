@@ -1,5 +1,5 @@
-"""Runs a function on N real processes talking over gloo, with no launcher and no ports: what the
-equivalence tests and the benchmark use."""
+"""Runs a function on N real processes talking over gloo (or NCCL, one GPU each), with no launcher and no ports:
+what the equivalence tests, the benchmark and calibrate use."""
 
 from __future__ import annotations
 
@@ -22,15 +22,18 @@ JOIN_TIMEOUT_S = 240
 PRELOAD = ["torch._dynamo", "alexnet_mp.bench.measure"]
 
 
-def _worker(fn: Callable[..., Any], rank: int, world_size: int, directory: str, threads: int, args: tuple) -> None:
+def _worker(fn: Callable[..., Any], rank: int, world_size: int, directory: str, threads: int, backend: str,
+            args: tuple) -> None:
     torch.set_num_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)  # one GPU per rank
     # A forkserver child inherits "forkserver" as its start method; a launched rank has the platform's
     # default (fork on Linux), which its data loader workers then use: restore it.
     multiprocessing.set_start_method(None, force=True)
     out = Path(directory) / f"rank{rank}.pt"
     try:
         store = dist.FileStore(str(Path(directory) / "store"), world_size)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=GROUP_TIMEOUT)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=GROUP_TIMEOUT)
         # The group is never destroyed: the rank ends in multiprocessing's os._exit. Destroyed here, it could
         # be freed on a gloo thread still releasing a finished collective's callback (DDP's hook state holds
         # the group), whose destructor then joins that thread from itself: "Resource deadlock avoided", SIGABRT.
@@ -41,15 +44,15 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, directory: str, 
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, directory: Path, *args: Any, threads: int = 1,
-                    ) -> list[Any]:
-    """fn(*args) on `world_size` fresh processes of `threads` CPU threads each, in a gloo group
-    (FileStore under `directory`) with a timeout; returns each rank's result, in rank order. The
-    processes are forked from a server started at the first call: they see os.environ as it was then."""
+                    backend: str = "gloo") -> list[Any]:
+    """fn(*args) on `world_size` fresh processes of `threads` CPU threads each, in a group of `backend` (gloo; or
+    nccl, rank r on GPU r) (FileStore under `directory`) with a timeout; returns each rank's result, in rank order.
+    The processes are forked from a server started at the first call: they see os.environ as it was then."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "store").unlink(missing_ok=True)  # a store left by an earlier group would join this one to it
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
-    processes = [context.Process(target=_worker, args=(fn, rank, world_size, str(directory), threads, args))
+    processes = [context.Process(target=_worker, args=(fn, rank, world_size, str(directory), threads, backend, args))
                  for rank in range(world_size)]
     for process in processes:
         process.start()

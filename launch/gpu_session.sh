@@ -3,14 +3,15 @@
 # step (in memory, and fed by JPEGs decoded on the GPU), short training runs through the whole loop (data,
 # evaluation, checkpoint) on the fast path, one of them on JPEGs decoded on the GPU, and the full benchmark.
 # Each part fits a 10-minute command; run them in parts, most wanted first:
-#   bash launch/gpu_session.sh OUT_DIR [PARTS]   (PARTS: any of tests,profile,train,jpeg,bench; default all)
-# `bench` first (every GPU figure, device-in-workers and Triton LRN included; BENCH_TIMEOUT below a command's
-# limit), then `tests,jpeg` (the GPU equivalence and pixel tests, and the loop's speed with each device
+#   bash launch/gpu_session.sh OUT_DIR [PARTS]   (PARTS: any of tests,calibrate,profile,train,jpeg,bench; default
+#   all)
+# `calibrate,bench` first (every GPU figure, device-in-workers and Triton LRN included, the one-GPU step beside the
+# cost model's on the GPU's own profile; BENCH_TIMEOUT below a command's limit), then `tests,jpeg` (the GPU equivalence and pixel tests, and the loop's speed with each device
 # decoding), then `profile`. With a torch that predates TorchCodec's JPEG decoder, --decode-on device uses
 # torchvision's.
 set -uo pipefail
 out=${1:-runs/gpu}
-parts=${2:-tests,profile,train,jpeg,bench}
+parts=${2:-tests,calibrate,profile,train,jpeg,bench}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/device.txt"
@@ -20,8 +21,13 @@ if [[ $parts == *tests* ]]; then
     timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:logging -k "gpu or nvjpeg or cuda" tests/test_speed.py \
         tests/test_data.py 2>&1 \
         | tee "$out/tests.txt" | tail -40
-    # the trace read off CUDA events: its spans nest and cover the step, as on a CPU
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_trace.py 2>&1 | tee "$out/trace_tests.txt" | tail -5
+    # the trace read off CUDA events: its spans nest and cover the step, as on a CPU; calibrate on the GPU
+    timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_trace.py tests/test_predict.py -k "trace or gpu" \
+        2>&1 | tee "$out/trace_tests.txt" | tail -5
+fi
+if [[ $parts == *calibrate* ]]; then  # the GPU's own profile, which bench then holds its one-GPU step to
+    timeout 240 python3 -m alexnet_mp calibrate --ranks "$(nvidia-smi -L | wc -l)" --batch 256 \
+        --output "$out/hardware.json" 2>&1 | tail -5
 fi
 profile() {  # profile NAME [profile_step.py flags]: the fastest step, at batch 256
     local name=$1; shift
@@ -68,6 +74,8 @@ for split in ('train', 'val'): write_jpeg_tree(Path(sys.argv[1]) / split, 2048, 
     rm -rf "$out/jpegs"
 fi
 if [[ $parts == *bench* ]]; then
-    timeout "${BENCH_TIMEOUT:-540}" python3 -m alexnet_mp bench --output-dir "$out"  # bench.md: what it measured
+    profile=()
+    [[ -f "$out/hardware.json" ]] && profile=(--hardware "$out/hardware.json")
+    timeout "${BENCH_TIMEOUT:-540}" python3 -m alexnet_mp bench --output-dir "$out" "${profile[@]}"  # bench.md
     rm -rf "$out"/bench-*  # the scratch folder (JPEGs) a bench cut short leaves behind
 fi

@@ -172,7 +172,6 @@ def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
     ("not json", "is not a hardware profile"),
     ('{"format": 3}', "format must be 4"),
     ('{"format": 4, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
-    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1}', "it has no collectives"),
     ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
      "neither layer times nor tflops"),
     ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
@@ -200,6 +199,23 @@ def test_a_profile_without_what_a_prediction_needs_names_what_to_measure():
     profile = Hardware("partial", "a test", "gloo", 2, tflops=1.0, collectives={"2": {"all-reduce": LINK}})
     with pytest.raises(UsageError, match="no all-reduce over 4 ranks: run `python -m alexnet_mp calibrate --ranks 4`"):
         predict_step("data-parallel", "paper", 4, 8, profile, 10)
+
+
+def test_a_profile_of_one_device_predicts_its_step_and_names_calibrate_for_ranks_it_has_not_measured():
+    one = Hardware("one device", "a test", "gloo", None, tflops=1.0)
+    assert predict_step("single", "paper", 1, 8, one, 10).step_s > 0
+    with pytest.raises(UsageError, match="no all-reduce over 2 ranks: run `python -m alexnet_mp calibrate --ranks 2`"):
+        predict_step("data-parallel", "paper", 2, 8, one, 10)
+
+
+def test_calibrate_on_gpus_refuses_more_ranks_than_gpus_before_it_measures(monkeypatch):
+    from alexnet_mp import calibrate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(calibrate, "time_layers", lambda *args: pytest.fail("measured before refusing"))
+    with pytest.raises(UsageError, match="one rank a GPU, and this machine has 1: --ranks up to 1"):
+        calibrate.calibrate([2])
 
 
 def test_a_missing_profile_file_names_calibrate_and_the_presets(capsys):
@@ -254,6 +270,18 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     for mode in LAYOUTS:
         ranks = 1 if mode == "single" else 2
         assert predict_step(mode, "paper", ranks, 2, profile, 10).step_s > 0, mode
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures a GPU")
+def test_calibrate_on_a_gpu_times_its_layers_there_for_nccl(monkeypatch):
+    from alexnet_mp import calibrate
+
+    monkeypatch.setattr(calibrate, "REPEATS", 1)
+    profile = calibrate.calibrate([1], batch=4, log=lambda line: None)
+    assert profile.backend == "nccl" and profile.cores is None and set(profile.layers) == {"1"}
+    assert not profile.fresh_copy_s_per_byte and not profile.resident_overhead_bytes
+    assert predict_step("single", "paper", 1, 4, profile, 1000).step_s > 0
 
 
 @pytest.mark.parametrize(("microbatches", "step"), [(1, 6.0), (4, 3.0)])
