@@ -6,7 +6,8 @@ of a few images up to the global batch, at the threads a rank runs for each rank
 step with each of its kernels; what a byte copied into a freshly mapped block costs; what a process training the
 one-device reference keeps resident beyond its tensors; each collective the layouts use over gloo processes, at
 sizes from a few KiB to tens of MiB, fitted as latency plus bytes over bandwidth; and how much slower a rank
-computes with every rank of each count computing at once than alone.
+computes with every rank of each count computing at once than alone. Where the machine has GPUs: the layers and the
+optimizer on a GPU, by its own clock, and the collectives over NCCL, one rank a GPU.
 """
 
 from __future__ import annotations
@@ -297,8 +298,8 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
     thread_counts = sorted({profile.threads(count) for count in (1, *ranks)})
     layers, optimizer, fresh, spreads = {}, {}, {}, []
     for threads in thread_counts:
-        log(f"layers of the {arch} net on {threads} thread(s) of {device.type}, passes of {pass_images(batch)} "
-            "images ...")
+        log(f"layers of the {arch} net on {'the GPU' if on_gpu else f'{threads} thread(s)'}, passes of "
+            f"{pass_images(batch)} images ...")
         layers[str(threads)], spread = time_layers(arch, threads, batch, device)
         log(f"  its sweeps {spread:.0%} apart" + ("" if spread <= STEADY else ": the machine's other work moved the "
                                                   "figures; calibrate again when it is quieter"))

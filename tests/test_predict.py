@@ -380,7 +380,7 @@ def test_both_towers_in_one_process_run_in_turn_with_no_collective_between_them(
     assert one.memory_bytes == pytest.approx([sum(two.memory_bytes)])
 
 
-def test_only_fsdp_maps_tensors_afresh_beyond_its_layers_own_each_unit_above_a_fresh_block_three_times_a_step():
+def test_only_fsdp_copies_into_fresh_blocks_beyond_its_layers_own_tensors_each_large_unit_three_times_a_step():
     """A layer's own tensors are mapped inside its measured time, a collective's output inside the collective's;
     fc6's and fc7's weights are the units above 32 MiB."""
     single, fsdp = (LAYOUTS[mode].costs for mode in ("single", "fsdp"))
