@@ -85,7 +85,7 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
         comm = comm[:ranks]
     memory = [hardware.resident_bytes(tensors, ranks) for tensors in memory]
     step = costs.step_s(forward, backward, comm, ranks, config, blocking=hardware.backend == "gloo",
-                        sharing=hardware.sharing(ranks), fc_s=fc)
+                        sharing=hardware.sharing, fc_s=fc)
     return StepPrediction(step, [f + b for f, b in zip(forward, backward, strict=True)],
                           [sum(c.values()) for c in comm], sent, memory)
 

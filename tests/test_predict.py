@@ -284,16 +284,20 @@ def test_calibrate_on_a_gpu_times_its_layers_there_for_nccl(monkeypatch):
     assert predict_step("single", "paper", 1, 4, profile, 1000).step_s > 0
 
 
-@pytest.mark.parametrize(("microbatches", "step"), [(1, 6.0), (4, 3.0)])
-def test_pipeline_stages_sharing_cores_run_at_their_own_speed_but_no_faster_than_their_work_over_the_cores(
-        microbatches, step):
-    """4 stages on 2 cores, each stage's times stretched 2x by the sharing: unstretched, one micro-batch takes the
-    stages in turn, 4 x 1.5; four of them would overlap into (4 + 3) / 4 x 1.5, less than the 12 of work over
-    2 cores."""
-    config = TrainConfig(mode="pipeline", options={"microbatches": microbatches})
+def test_pipeline_stages_that_share_cores_each_run_slower_while_others_compute_beside_them():
+    """2 stages, each twice as slow while both compute: stage 0's first forward alone (1), its second beside
+    stage 1's first (each 1 of work at half speed: 2), stage 1's second alone (1); no backward."""
+    step = simulated_step_s("gpipe", [2.0, 2.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], 2, slowdown=float)
+    assert step == pytest.approx(4.0)
+
+
+def test_one_micro_batch_runs_stages_that_share_cores_in_turn_at_their_own_speed():
+    """4 stages on 2 cores, each stage's times given as stretched 2x with all four at once: one micro-batch takes
+    the stages one at a time, unstretched, 4 x 1.5."""
+    config = TrainConfig(mode="pipeline", options={"microbatches": 1})
     costs = LAYOUTS["pipeline"].costs
-    assert costs.step_s([1.0] * 4, [2.0] * 4, [{}] * 4, 4, config, blocking=True, sharing=2.0,
-                        fc_s=[0.0] * 4) == pytest.approx(step)
+    assert costs.step_s([1.0] * 4, [2.0] * 4, [{}] * 4, 4, config, blocking=True,
+                        sharing=lambda busy: max(1.0, busy / 2), fc_s=[0.0] * 4) == pytest.approx(6.0)
 
 
 class LiveTensors(TorchDispatchMode):

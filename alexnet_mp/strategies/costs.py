@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
@@ -23,6 +24,11 @@ from alexnet_mp.model import ARCHITECTURES, Architecture
 # Wherever fc6 and fc7 are split by units: fc7 reads every part's fc6 units, and fc8 (whole, on the first
 # part, with the loss) every part's fc7 units.
 FC_LINKS = (Link("fc7", 1), Link("fc8", 1, to_first=True))
+def unshared(busy: int) -> float:
+    """Parts that share no cores: a part computes no slower for others computing beside it."""
+    return 1.0
+
+
 # Where the convs are data parallel and the FC layers read every rank's samples: every rank's conv features,
 # along the batch.
 CONV_FEATURES = Link("fc6", 0)
@@ -58,15 +64,16 @@ class Costs(ABC):
 
     @classmethod
     def step_s(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
-               world_size: int, config: TrainConfig, blocking: bool, sharing: float = 1.0, *,
+               world_size: int, config: TrainConfig, blocking: bool, sharing: Callable[[int], float] = unshared, *,
                fc_s: list[float]) -> float:
         """A step's seconds from each part's forward and backward compute (the optimizer's step in the latter; of
         which `fc_s`, its FC layers' forward and backward) and the seconds of each of its (link, direction): the
         slowest part's sum, since every part meets the others at its collectives. Where collectives run beside
         the compute (`blocking` False: NCCL), the replicated gradients' reduction hides behind the backward pass,
         up to its length, and the conv features' exchange in rounds behind the FC layers' work
-        (`hidden_by_rounds`). `sharing`: how much the compute was stretched because the parts share cores, all
-        of them busy at once."""
+        (`hidden_by_rounds`). The compute given is each part's with every part computing at once; `sharing(k)`:
+        how much slower a part computes while k compute at once (the cores they share), for a layout whose parts
+        are not all busy at once."""
         rounds = cls.exchange_rounds(world_size, config)
         steps = []
         for forward, backward, fc, comm in zip(forward_s, backward_s, fc_s, comm_s, strict=True):

@@ -8,7 +8,7 @@ float32 (MixedPrecisionPolicy)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,7 +26,7 @@ from alexnet_mp.errors import UsageError
 from alexnet_mp.ledger import BACKWARD, FORWARD, Ledger
 from alexnet_mp.model import ARCHITECTURES, FC_NAMES, AlexNet, Architecture, full_shapes
 from alexnet_mp.strategies.base import Claim, bytes_on_rank_0
-from alexnet_mp.strategies.costs import new_traffic
+from alexnet_mp.strategies.costs import new_traffic, unshared
 from alexnet_mp.strategies.data_parallel import DataParallel, DataParallelCosts
 
 PARAMETERS, GRADIENTS = "parameters", "gradients"  # the ledger's links: all-gathers, and reduce-scatters
@@ -88,7 +88,7 @@ class FSDPCosts(DataParallelCosts):
 
     @classmethod
     def step_s(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
-               world_size: int, config: TrainConfig, blocking: bool, sharing: float = 1.0, *,
+               world_size: int, config: TrainConfig, blocking: bool, sharing: Callable[[int], float] = unshared, *,
                fc_s: list[float]) -> float:
         """Where collectives run beside the compute (NCCL), FSDP prefetches: each unit's all-gather runs during the
         unit before's compute, so a pass waits for its first unit's gather (a unit's share, on average) and for

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -36,7 +37,7 @@ from alexnet_mp.flag_types import POSITIVE_INT
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.model import PAPER, AlexNet, Architecture, MaskDraw, build_model
 from alexnet_mp.strategies.base import Layout
-from alexnet_mp.strategies.costs import Costs, new_traffic
+from alexnet_mp.strategies.costs import Costs, new_traffic, unshared
 from alexnet_mp.strategies.options import Option
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -130,37 +131,48 @@ def schedule_order(schedule: str, stage: int, stages: int, microbatches: int) ->
 
 
 def simulated_step_s(schedule: str, forward_s: list[float], backward_s: list[float], send_forward_s: list[float],
-                     send_backward_s: list[float], microbatches: int) -> float:
-    """The step's length, tick by tick: each stage runs its micro-batches in its schedule's order, a forward once
+                     send_backward_s: list[float], microbatches: int,
+                     slowdown: Callable[[int], float] = lambda busy: 1.0) -> float:
+    """The step's length, event by event: each stage runs its micro-batches in its schedule's order, a forward once
     the stage before has sent it its input, a backward once the stage after has sent it its gradient (each
-    stage's figures are for the whole batch; a micro-batch takes 1/M of them)."""
+    stage's figures are for the whole batch, at its own speed; a micro-batch takes 1/M of them). Stages that
+    share cores each run `slowdown(k)` times slower while k of them compute at once."""
     stages = len(forward_s)
     orders = [schedule_order(schedule, s, stages, microbatches) for s in range(stages)]
     done: dict[tuple[str, int, int], float] = {}
-    free, position = [0.0] * stages, [0] * stages
+    position = [0] * stages
+    left: list[float | None] = [None] * stages  # the running task's work left, at the stage's own speed
+
+    def arrival(s: int) -> float | None:
+        """When stage `s`'s next task has its input; None while the stage it waits for has not made it."""
+        kind, m = orders[s][position[s]]
+        if kind == "F":
+            ready = 0.0 if s == 0 else done.get(("F", s - 1, m))
+            return None if ready is None else ready + (send_forward_s[s - 1] / microbatches if s else 0.0)
+        ready = done.get(("F", s, m)) if s == stages - 1 else done.get(("B", s + 1, m))
+        return None if ready is None else ready + (send_backward_s[s + 1] / microbatches if s < stages - 1 else 0.0)
+
+    now = 0.0
     while any(position[s] < len(orders[s]) for s in range(stages)):
-        progressed = False
-        for s in range(stages):
-            if position[s] == len(orders[s]):
-                continue
-            kind, m = orders[s][position[s]]
-            if kind == "F":
-                ready = 0.0 if s == 0 else done.get(("F", s - 1, m), None)
-                arrival = None if ready is None else ready + (send_forward_s[s - 1] / microbatches if s else 0.0)
-                length = forward_s[s] / microbatches
-            else:
-                ready = done[("F", s, m)] if s == stages - 1 else done.get(("B", s + 1, m), None)
-                arrival = None if ready is None else ready + (
-                    send_backward_s[s + 1] / microbatches if s < stages - 1 else 0.0)
-                length = backward_s[s] / microbatches
-            if arrival is None:
-                continue
-            free[s] = done[kind, s, m] = max(free[s], arrival) + length
-            position[s] += 1
-            progressed = True
-        if not progressed:
+        waiting = {s: arrival(s) for s in range(stages) if position[s] < len(orders[s]) and left[s] is None}
+        for s, at in waiting.items():
+            if at is not None and at <= now:
+                left[s] = (forward_s if orders[s][position[s]][0] == "F" else backward_s)[s] / microbatches
+        busy = [s for s in range(stages) if left[s] is not None]
+        pace = slowdown(len(busy)) if busy else 1.0
+        finish = min((left[s] * pace for s in busy), default=math.inf)
+        start = min((at - now for s, at in waiting.items() if at is not None and left[s] is None), default=math.inf)
+        if math.isinf(finish) and math.isinf(start):
             raise ValueError(f"the {schedule} schedule's order deadlocks")
-    return max(free)
+        elapsed = min(finish, start)
+        now += elapsed
+        for s in busy:
+            left[s] -= elapsed / pace
+            if elapsed == finish and left[s] * pace <= 1e-12 * max(1.0, now):
+                kind, m = orders[s][position[s]]
+                done[kind, s, m], left[s] = now, None
+                position[s] += 1
+    return now
 
 
 class PipelineCosts(Costs):
@@ -178,17 +190,17 @@ class PipelineCosts(Costs):
 
     @classmethod
     def step_s(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
-               world_size: int, config: TrainConfig, blocking: bool, sharing: float = 1.0, *,
+               world_size: int, config: TrainConfig, blocking: bool, sharing: Callable[[int], float] = unshared, *,
                fc_s: list[float]) -> float:
         """The schedule simulated with each stage's own times (`simulated_step_s`), not (M + N - 1) / M. Stages
-        that share cores are mostly not busy at once (the bubble): simulated at their own speed, and no shorter
-        than all their work spread over the cores."""
-        simulated = simulated_step_s(SCHEDULE.value(config.options), [f / sharing for f in forward_s],
-                                     [b / sharing for b in backward_s],
-                                     [comm.get((ACTIVATIONS, FORWARD), 0.0) for comm in comm_s],
-                                     [comm.get((ACTIVATIONS, BACKWARD), 0.0) for comm in comm_s],
-                                     MICROBATCHES.value(config.options))
-        return max(simulated, (sum(forward_s) + sum(backward_s)) / world_size)
+        that share cores are not all busy at once (the bubble): each runs at its own speed, slowed by how many
+        compute beside it."""
+        own = sharing(world_size)  # the times given are each stage's with every stage computing at once
+        return simulated_step_s(SCHEDULE.value(config.options), [f / own for f in forward_s],
+                                [b / own for b in backward_s],
+                                [comm.get((ACTIVATIONS, FORWARD), 0.0) for comm in comm_s],
+                                [comm.get((ACTIVATIONS, BACKWARD), 0.0) for comm in comm_s],
+                                MICROBATCHES.value(config.options), sharing)
 
     @classmethod
     def slots(cls, world_size: int, config: TrainConfig) -> float:
