@@ -71,14 +71,7 @@ def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU,
     On `device` (a GPU: its own clock, `timing.DeviceClock`)."""
     torch.set_num_threads(threads)
     images = pass_images(batch)
-    sides = [IMAGE_SIZE] + [block for _, block in conv_sides(ARCHITECTURES[arch])]
-    passes = []  # (key, segment, input shape, whether the input needs its gradient)
-    for share in SHARES:
-        cut = shard_layers(build_model(arch, 1000, seed=0), lambda key, shape, part, n: (rows(shape[0], 0, n),), 0,
-                           round(1 / share)).to(device)
-        for index, (name, segment, layer) in enumerate(_segments(cut)):
-            passes += [(f"{arch}.{name}@{share:g}", segment, _input_shape(layer, n, sides, index), index > 0)
-                       for n in images]
+    passes = [timed for share in SHARES for timed in _layer_passes(arch, share, images, device)]
     passes.sort(key=lambda timed: timed[2][0])  # by images, each size's layers in the net's order (a stable sort)
     sweeps = [[_forward_backward(segment, shape, needs, device) for _, segment, shape, needs in passes]
               for _ in range(1 + REPEATS)]
@@ -96,15 +89,12 @@ def drift(hardware: Hardware, arch: str = "paper") -> dict[str, float]:
     of `PROBE_LAYERS` whole on `PROBE_IMAGES` images, timed as `time_layers` times them, over the profile's figures
     for them, less 1 (negative: faster). Empty for a profile without this net's layer times (a preset). A
     prediction's error within this is the machine's, not the cost model's."""
-    tables = {threads: table for threads, table in hardware.layers.items()
-              if all(f"{arch}.{name}@1" in table for name in PROBE_LAYERS)}
+    keys = {f"{arch}.{name}@1" for name in PROBE_LAYERS}
+    tables = {threads: table for threads, table in hardware.layers.items() if keys <= table.keys()}
     if not tables:
         return {}
     device = torch.device("cuda") if hardware.backend == "nccl" else CPU
-    net = _segments(build_model(arch, 1000, seed=0).to(device))
-    sides = [IMAGE_SIZE] + [block for _, block in conv_sides(ARCHITECTURES[arch])]
-    probes = [(f"{arch}.{name}@1", segment, _input_shape(layer, PROBE_IMAGES, sides, index), index > 0)
-              for index, (name, segment, layer) in enumerate(net) if name in PROBE_LAYERS]
+    probes = [timed for timed in _layer_passes(arch, 1.0, [PROBE_IMAGES], device) if timed[0] in keys]
     found = {}
     for threads, table in tables.items():
         torch.set_num_threads(int(threads))
@@ -114,6 +104,18 @@ def drift(hardware: Hardware, arch: str = "paper") -> dict[str, float]:
                        for key, *_ in probes for direction in ("forward", "backward"))
         found[threads] = statistics.median(sweeps[1:]) / expected - 1
     return found
+
+
+def _layer_passes(arch: str, share: float, images: Sequence[int], device: torch.device,
+                  ) -> list[tuple[str, torch.nn.Module, tuple[int, ...], bool]]:
+    """The passes that time each layer of `arch` at `share` of its outputs on each of `images`, on `device`: its
+    key in a profile (`arch.layer@share`), the layer with what follows it, its input's shape, and whether that
+    input needs its gradient (all but the first layer's)."""
+    sides = [IMAGE_SIZE] + [block for _, block in conv_sides(ARCHITECTURES[arch])]
+    cut = shard_layers(build_model(arch, 1000, seed=0), lambda key, shape, part, n: (rows(shape[0], 0, n),), 0,
+                       round(1 / share)).to(device)
+    return [(f"{arch}.{name}@{share:g}", segment, _input_shape(layer, n, sides, index), index > 0)
+            for index, (name, segment, layer) in enumerate(_segments(cut)) for n in images]
 
 
 def _segments(net: torch.nn.Sequential) -> list[tuple[str, torch.nn.Sequential, torch.nn.Module]]:

@@ -24,14 +24,14 @@ from alexnet_mp.model import ARCHITECTURES, Architecture
 # Wherever fc6 and fc7 are split by units: fc7 reads every part's fc6 units, and fc8 (whole, on the first
 # part, with the loss) every part's fc7 units.
 FC_LINKS = (Link("fc7", 1), Link("fc8", 1, to_first=True))
-def unshared(busy: int) -> float:
-    """Parts that share no cores: a part computes no slower for others computing beside it."""
-    return 1.0
-
-
 # Where the convs are data parallel and the FC layers read every rank's samples: every rank's conv features,
 # along the batch.
 CONV_FEATURES = Link("fc6", 0)
+
+
+def unshared(busy: int) -> float:
+    """Parts that share no cores: a part computes no slower for others computing beside it."""
+    return 1.0
 
 
 class Costs(ABC):
