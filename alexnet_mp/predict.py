@@ -2,10 +2,11 @@
 
 What a layout does per step comes from its `Costs` (strategies/costs.py): the share of each layer each part
 computes and on how many images, the elements it sends on each link, which collective carries each and in
-how many calls, and how its parts' times make up the step (the slowest part's sum; a pipeline's schedule
-simulated tick by tick). What the machine costs comes from a `Hardware` profile (hardware.py): each layer's
-time at the share a part holds, the optimizer's step, each collective's latency and bandwidth, and whether
-ranks share cores. A prediction is the first walked over the second.
+how many calls, and how its parts' times make up the step (its timeline: each part's compute and exposed
+communication, the slowest part's ending it; a pipeline's schedule simulated event by event). What the
+machine costs comes from a `Hardware` profile (hardware.py): each layer's time at the share a part holds, the
+optimizer's step, each collective's latency and bandwidth, and whether ranks share cores. A prediction is the
+first walked over the second.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from alexnet_mp.cost import layer_costs, memory_bytes, parameters
 from alexnet_mp.hardware import Hardware
 from alexnet_mp.model import ARCHITECTURES, FC_NAMES
 from alexnet_mp.strategies import LAYOUTS
-from alexnet_mp.strategies.costs import Costs
+from alexnet_mp.strategies.costs import Costs, Span, busy_s, step_end
 
 BYTES_PER_ELEMENT = 4  # float32 on every link
 
 
 @dataclass(frozen=True)
 class StepFigures:
-    """A step in the terms the cost model predicts: its time, the slowest part's compute and communication, the
+    """A step in the terms the cost model predicts: its time, rank 0's compute and communication wait, the
     bytes each rank sends, and the memory each rank's training takes (None where a record lacks it)."""
 
     step_s: float
@@ -39,13 +40,16 @@ class StepFigures:
 @dataclass(frozen=True)
 class StepPrediction:
     step_s: float
-    compute_s: list[float]  # per process: forward, backward and the optimizer's step
+    compute_s: list[float]  # per process: forward, backward and the optimizer's step, as its schedule runs them
     comm_s: list[float]  # per process: its collectives, latency and transfer
     bytes_per_rank: list[float]
     memory_bytes: list[float]  # per process: its tensors at their peak, and what the profile says it keeps beyond
+    timeline: list[list[Span]]  # per process: what it does when in the step
 
     def figures(self) -> StepFigures:
-        return StepFigures(self.step_s, max(self.compute_s), max(self.comm_s), self.bytes_per_rank,
+        """In the record's terms, which times rank 0's step: its compute, and the rest of the step, which it spends
+        blocked on its links or waiting for another rank."""
+        return StepFigures(self.step_s, self.compute_s[0], self.step_s - self.compute_s[0], self.bytes_per_rank,
                            [memory / 2**20 for memory in self.memory_bytes])
 
 
@@ -84,10 +88,10 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
                                                for values in (forward, backward, fc, memory, sent))
         comm = comm[:ranks]
     memory = [hardware.resident_bytes(tensors, ranks) for tensors in memory]
-    step = costs.step_s(forward, backward, comm, ranks, config, blocking=hardware.backend == "gloo",
-                        sharing=hardware.sharing, fc_s=fc)
-    return StepPrediction(step, [f + b for f, b in zip(forward, backward, strict=True)],
-                          [sum(c.values()) for c in comm], sent, memory)
+    timeline = costs.timeline(forward, backward, comm, ranks, config, blocking=hardware.backend == "gloo",
+                              sharing=hardware.sharing, fc_s=fc)
+    return StepPrediction(step_end(timeline), [busy_s(spans) for spans in timeline], [sum(c.values()) for c in comm],
+                          sent, memory, timeline)
 
 
 def relative_error(predicted: float, measured: float) -> float | None:
@@ -97,11 +101,12 @@ def relative_error(predicted: float, measured: float) -> float | None:
 @dataclass(frozen=True)
 class Held:
     """A prediction held to its measurement: one run's step, both ways, and each figure's relative error (bytes
-    and memory: of the rank with the most)."""
+    and memory: of the rank with the most); and the predicted step's timeline, each process's spans."""
 
     run: str
     measured: StepFigures
     predicted: StepFigures
+    timeline: list[list[Span]]
 
     @property
     def error(self) -> dict[str, float | None]:
@@ -115,7 +120,8 @@ class Held:
 
     def to_json(self) -> dict[str, Any]:
         return {"run": self.run, "measured": asdict(self.measured), "predicted": asdict(self.predicted),
-                "error": self.error}
+                "error": self.error,
+                "predicted_timeline": [[asdict(span) for span in spans] for spans in self.timeline]}
 
 
 def disordered(runs: list[tuple[str, float, float]], margin: float = 0.15) -> list[str]:
@@ -154,11 +160,10 @@ def held_table(held: list[Held]) -> list[list[str]]:
     return rows
 
 
-# compute: the step less the time blocked on links as measured, the slowest part's forward, backward and optimizer
-# as predicted; comm: time blocked on links as measured, the slowest part's collectives as predicted (which the
-# backward can hide)
-HELD_HEADER = ["run (measured / predicted (error))", "step ms", "compute ms", "comm ms", "MB sent by the busiest rank",
-               "training MiB, the largest rank"]
+# Rank 0's, as the record times it: compute, its step less the time it waited on its links; comm, that wait (its
+# collectives, and any wait for another rank or stage, as the predicted timeline places them)
+HELD_HEADER = ["run (measured / predicted (error))", "step ms", "rank 0: compute ms", "rank 0: comm wait ms",
+               "MB sent by the busiest rank", "training MiB, the largest rank"]
 
 
 def held_said(held: list[Held]) -> str:

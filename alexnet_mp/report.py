@@ -286,7 +286,7 @@ def held_run(run: RunSummary, hardware: Hardware) -> Held:
                if config.get(option.name) is not None}
     predicted = predict_step(config["mode"], config["arch"], config["world_size"], config["batch_size"], hardware,
                              config["num_classes"], options)
-    return Held(run.label, measured(run), predicted.figures())
+    return Held(run.label, measured(run), predicted.figures(), predicted.timeline)
 
 
 COLOURS = {"compute": "tab:blue", "communication": "tab:orange", "data": "tab:green", "optimizer": "tab:purple"}
@@ -310,8 +310,8 @@ def traced_step(trace: Path) -> dict[int, list[tuple[str, float, float]]]:
 
 def plot_timelines(runs: list[RunSummary], held: list[Held], out: Path) -> Path | None:
     """For each run that `train --trace` recorded: its ranks as rows over one step, compute, communication, data
-    and the optimizer coloured, idle time blank; beside it, where a prediction was made, the cost model's step
-    of its slowest part (compute, then communication). None if no run was traced."""
+    and the optimizer coloured, idle time blank; below them, where a prediction was made, the cost model's
+    timeline of each rank's step, paler. None if no run was traced."""
     traced = [(run, traced_step(run.path / "trace.json")) for run in runs if (run.path / "trace.json").is_file()]
     traced = [(run, spans) for run, spans in traced if spans]
     if not traced:
@@ -321,21 +321,20 @@ def plot_timelines(runs: list[RunSummary], held: list[Held], out: Path) -> Path 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    predicted = {h.run: h.predicted for h in held}
-    figure, axes = plt.subplots(len(traced), 1, figsize=(10, 1.2 + 0.6 * sum(len(s) + 1 for _, s in traced)),
-                                squeeze=False)
+    predicted = {h.run: h.timeline for h in held}
+    rows = [len(spans) + len(predicted.get(run.label, [])) for run, spans in traced]
+    figure, axes = plt.subplots(len(traced), 1, figsize=(10, 1.2 + 0.6 * sum(n + 1 for n in rows)), squeeze=False)
     for axis, (run, spans) in zip(axes[:, 0], traced, strict=True):
         labels = []
         for row, rank in enumerate(sorted(spans)):
             for category, start, end in spans[rank]:
                 axis.barh(row, 1000 * (end - start), left=1000 * start, color=COLOURS.get(category, "grey"))
             labels.append(f"rank {rank}")
-        if run.label in predicted:
-            p = predicted[run.label]
-            row = len(labels)
-            axis.barh(row, 1000 * p.compute_s, color=COLOURS["compute"], alpha=0.5)
-            axis.barh(row, 1000 * p.comm_s, left=1000 * p.compute_s, color=COLOURS["communication"], alpha=0.5)
-            labels.append("predicted")
+        for rank, predicted_spans in enumerate(predicted.get(run.label, [])):
+            for span in predicted_spans:
+                axis.barh(len(labels), 1000 * (span.end_s - span.start_s), left=1000 * span.start_s,
+                          color=COLOURS[span.category], alpha=0.5)
+            labels.append(f"rank {rank}, predicted")
         axis.set_yticks(range(len(labels)), labels=labels)
         axis.invert_yaxis()
         axis.set(title=run.label, xlabel="ms since the step began")

@@ -25,8 +25,8 @@ from alexnet_mp.model import PAPER
 from alexnet_mp.predict import Held, StepFigures, disordered, held_table, predict_step
 from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import LAYOUTS, build
-from alexnet_mp.strategies.costs import CONV_FEATURES
-from alexnet_mp.strategies.pipeline import simulated_step_s
+from alexnet_mp.strategies.costs import CONV_FEATURES, Span, step_end
+from alexnet_mp.strategies.pipeline import simulated_schedule
 from tests.equivalence import PAPER_NET
 from tests.launching import in_process, one_line_error
 
@@ -116,15 +116,37 @@ def test_a_layouts_dtensor_parameters_step_at_the_foreach_kernels_rate_the_rest_
 
 def test_equal_pipeline_stages_leave_the_bubble_of_m_plus_n_minus_1_slots():
     for schedule in ("gpipe", "1f1b"):
-        step = simulated_step_s(schedule, [1.0] * 4, [2.0] * 4, [0.0] * 4, [0.0] * 4, 8)
+        step = step_end(simulated_schedule(schedule, [1.0] * 4, [2.0] * 4, [0.0] * 4, [0.0] * 4, 8))
         assert step == pytest.approx((8 + 4 - 1) / 8 * 3.0)
 
 
 def test_the_slowest_pipeline_stage_sets_the_pace_and_transfers_delay_the_others():
-    step = simulated_step_s("gpipe", [1.0, 3.0], [2.0, 6.0], [0.4, 0.0], [0.0, 0.4], 4)
+    step = step_end(simulated_schedule("gpipe", [1.0, 3.0], [2.0, 6.0], [0.4, 0.0], [0.0, 0.4], 4))
     # stage 1's work, 9, after the first micro-batch reached it (stage 0's first forward, 0.25, and its
     # transfer, 0.1), then the last backward's gradient back to stage 0 (0.1) and that backward (0.5)
     assert step == pytest.approx(0.25 + 0.1 + 9.0 + 0.1 + 0.5)
+
+
+def test_a_pipeline_stage_idles_in_the_bubble_between_its_micro_batches_compute():
+    """One micro-batch on 2 stages: stage 1 computes while stage 0 waits for its gradient, and the other way."""
+    timeline = simulated_schedule("gpipe", [1.0, 1.0], [2.0, 2.0], [0.0, 0.0], [0.0, 0.0], 1)
+    assert timeline == [[Span("compute", 0.0, 1.0), Span("compute", 4.0, 6.0)],
+                        [Span("compute", 1.0, 2.0), Span("compute", 2.0, 4.0)]]
+
+
+def test_a_part_computes_then_waits_on_the_communication_its_compute_does_not_hide():
+    comm = {("conv-gradients", BACKWARD): 0.5, ("fc6", FORWARD): 0.25}
+    config = TrainConfig(mode="data-parallel", arch="paper")
+    timeline = LAYOUTS["data-parallel"].costs.timeline([1.0], [2.0], [comm], 2, config, blocking=True, fc_s=[0.0])
+    assert timeline == [[Span("compute", 0.0, 3.0), Span("communication", 3.0, 3.75)]]
+
+
+def test_a_predicted_steps_communication_is_rank_0s_wait_as_the_record_times_it():
+    """At one micro-batch the first stage waits out the second stage's whole pass: its wait, as the ledger counts
+    it, is the bubble, not only its transfers."""
+    predicted = predict_step("pipeline", "paper", 2, 8, by_hand(), 10, {"microbatches": 1})
+    assert predicted.figures().compute_s == pytest.approx(predicted.compute_s[0])
+    assert predicted.figures().comm_s >= predicted.compute_s[1] > 0
 
 
 def test_a_prediction_that_reverses_two_clearly_different_measurements_is_named():
@@ -136,16 +158,16 @@ def test_a_prediction_that_reverses_two_clearly_different_measurements_is_named(
 def test_a_held_prediction_gives_each_figures_relative_error_bytes_and_memory_of_the_busiest_rank():
     measured = StepFigures(0.2, 0.15, 0.05, [100e6, 300e6], [50.0, 80.0])
     predicted = StepFigures(0.25, 0.1, 0.1, [100e6, 330e6], [40.0, 100.0])
-    assert Held("run", measured, predicted).error == pytest.approx(
+    assert Held("run", measured, predicted, []).error == pytest.approx(
         {"step_s": 0.25, "compute_s": -1 / 3, "comm_s": 1.0, "bytes_per_rank": 0.1, "memory_mb": 0.25})
-    assert held_table([Held("run", measured, predicted)])[0] == [
+    assert held_table([Held("run", measured, predicted, [])])[0] == [
         "run", "200.0 / 250.0 (+25%)", "150.0 / 100.0 (-33%)", "50.0 / 100.0 (+100%)", "300.0 / 330.0 (+10%)",
         "80 / 100 (+25%)"]
 
 
 def test_a_measurement_without_its_memory_or_communication_leaves_those_errors_out():
     measured = StepFigures(0.2, 0.2, 0.0, [0.0], None)
-    held = Held("single", measured, StepFigures(0.25, 0.25, 0.0, [0.0], [40.0]))
+    held = Held("single", measured, StepFigures(0.25, 0.25, 0.0, [0.0], [40.0]), [])
     assert held.error == {"step_s": pytest.approx(0.25), "compute_s": pytest.approx(0.25), "comm_s": None,
                           "bytes_per_rank": None, "memory_mb": None}
     assert held_table([held])[0][-2:] == ["0.0 / 0.0", "-"]
@@ -245,7 +267,7 @@ def test_a_preset_has_no_layer_times_to_hold_the_machine_to():
 
 
 def test_bench_says_how_far_the_machine_was_from_its_calibration_at_its_start_and_its_end():
-    held = [Held("single, paper", StepFigures(1.0, 1.0, 0.0, [0.0], None), StepFigures(1.1, 1.1, 0.0, [0.0], None))]
+    held = [Held("single, paper", StepFigures(1.0, 1.0, 0.0, [0.0], None), StepFigures(1.1, 1.1, 0.0, [0.0], None), [])]
     text = held_markdown(held, probed(0.1), {"start": {"1": 0.12}, "end": {"1": -0.03}})
     assert "1 thread(s): +12% at the start, -3% at the end" in text
 
@@ -287,7 +309,7 @@ def test_calibrate_on_a_gpu_times_its_layers_there_for_nccl(monkeypatch):
 def test_pipeline_stages_that_share_cores_each_run_slower_while_others_compute_beside_them():
     """2 stages, each twice as slow while both compute: stage 0's first forward alone (1), its second beside
     stage 1's first (each 1 of work at half speed: 2), stage 1's second alone (1); no backward."""
-    step = simulated_step_s("gpipe", [2.0, 2.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], 2, slowdown=float)
+    step = step_end(simulated_schedule("gpipe", [2.0, 2.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], 2, slowdown=float))
     assert step == pytest.approx(4.0)
 
 
@@ -296,8 +318,9 @@ def test_one_micro_batch_runs_stages_that_share_cores_in_turn_at_their_own_speed
     the stages one at a time, unstretched, 4 x 1.5."""
     config = TrainConfig(mode="pipeline", options={"microbatches": 1})
     costs = LAYOUTS["pipeline"].costs
-    assert costs.step_s([1.0] * 4, [2.0] * 4, [{}] * 4, 4, config, blocking=True,
-                        sharing=lambda busy: max(1.0, busy / 2), fc_s=[0.0] * 4) == pytest.approx(6.0)
+    timeline = costs.timeline([1.0] * 4, [2.0] * 4, [{}] * 4, 4, config, blocking=True,
+                              sharing=lambda busy: max(1.0, busy / 2), fc_s=[0.0] * 4)
+    assert step_end(timeline) == pytest.approx(6.0)
 
 
 class LiveTensors(TorchDispatchMode):
@@ -363,7 +386,7 @@ def test_the_weird_tricks_rounds_hide_their_exchange_behind_the_fc_layers_work_w
     comm = {(CONV_FEATURES.name, FORWARD): 0.5, (CONV_FEATURES.name, BACKWARD): 0.3}
     config = TrainConfig(mode="weird-trick", arch="paper", options={"exchange": "one-at-a-time"})
     costs = LAYOUTS["weird-trick"].costs
-    assert costs.step_s([1.0], [2.0], [comm], 4, config, blocking, fc_s=[0.4]) == pytest.approx(step)
+    assert step_end(costs.timeline([1.0], [2.0], [comm], 4, config, blocking, fc_s=[0.4])) == pytest.approx(step)
 
 
 @pytest.mark.parametrize(("blocking", "step"), [(True, 7.5), (False, 1.0 + 2.0 + 0.5 / 8 + 2.0)])
@@ -373,7 +396,8 @@ def test_fsdp_on_nccl_waits_for_its_first_gather_and_what_the_compute_cannot_cov
     backward 2 of its 4 s."""
     comm = {("parameters", FORWARD): 0.5, ("parameters", BACKWARD): 3.0, ("gradients", BACKWARD): 1.0}
     config = TrainConfig(mode="fsdp", arch="paper")
-    assert LAYOUTS["fsdp"].costs.step_s([1.0], [2.0], [comm], 2, config, blocking, fc_s=[0.0]) == pytest.approx(step)
+    timeline = LAYOUTS["fsdp"].costs.timeline([1.0], [2.0], [comm], 2, config, blocking, fc_s=[0.0])
+    assert step_end(timeline) == pytest.approx(step)
 
 
 def test_both_towers_in_one_process_run_in_turn_with_no_collective_between_them():

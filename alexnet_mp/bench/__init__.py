@@ -75,9 +75,9 @@ def predictions(measurements: list[Measurement], sizes: Sizes, hardware: Hardwar
                                          m.options)
             except UsageError:
                 continue
-            measured = StepFigures(m.step_s, m.step_s - m.comm_wait_s, m.comm_wait_s, m.bytes_per_rank,
-                                   m.training_memory_mb or None)
-            held.append(Held(m.name, measured, predicted.figures()))
+            waited = m.wait_per_rank_s[0]  # rank 0's, as the prediction's figures are
+            measured = StepFigures(m.step_s, m.step_s - waited, waited, m.bytes_per_rank, m.training_memory_mb or None)
+            held.append(Held(m.name, measured, predicted.figures(), predicted.timeline))
     return held
 
 

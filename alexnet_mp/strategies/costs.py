@@ -11,6 +11,7 @@ import math
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +28,26 @@ FC_LINKS = (Link("fc7", 1), Link("fc8", 1, to_first=True))
 # Where the convs are data parallel and the FC layers read every rank's samples: every rank's conv features,
 # along the batch.
 CONV_FEATURES = Link("fc6", 0)
+
+
+@dataclass(frozen=True)
+class Span:
+    """A stretch of a part's predicted step: what it does ("compute" or "communication", as a trace's categories
+    name them) from `start_s` to `end_s` after the step began. What no span covers, the part idles."""
+
+    category: str
+    start_s: float
+    end_s: float
+
+
+def step_end(timeline: list[list[Span]]) -> float:
+    """Where a timeline of each part's spans ends: the step's length."""
+    return max((span.end_s for spans in timeline for span in spans), default=0.0)
+
+
+def busy_s(spans: list[Span]) -> float:
+    """A part's seconds of compute in its spans."""
+    return sum(span.end_s - span.start_s for span in spans if span.category == "compute")
 
 
 def unshared(busy: int) -> float:
@@ -63,25 +84,36 @@ class Costs(ABC):
         return 1
 
     @classmethod
-    def step_s(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
-               world_size: int, config: TrainConfig, blocking: bool, sharing: Callable[[int], float] = unshared, *,
-               fc_s: list[float]) -> float:
-        """A step's seconds from each part's forward and backward compute (the optimizer's step in the latter; of
-        which `fc_s`, its FC layers' forward and backward) and the seconds of each of its (link, direction): the
-        slowest part's sum, since every part meets the others at its collectives. Where collectives run beside
-        the compute (`blocking` False: NCCL), the replicated gradients' reduction hides behind the backward pass,
-        up to its length, and the conv features' exchange in rounds behind the FC layers' work
-        (`hidden_by_rounds`). The compute given is each part's with every part computing at once; `sharing(k)`:
-        how much slower a part computes while k compute at once (the cores they share), for a layout whose parts
-        are not all busy at once."""
-        rounds = cls.exchange_rounds(world_size, config)
-        steps = []
+    def timeline(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
+                 world_size: int, config: TrainConfig, blocking: bool, sharing: Callable[[int], float] = unshared, *,
+                 fc_s: list[float]) -> list[list[Span]]:
+        """Each part's step from its forward and backward compute (the optimizer's step in the latter; of which
+        `fc_s`, its FC layers' forward and backward) and the seconds of each of its (link, direction): its compute,
+        then whatever of its communication the compute does not hide (`exposed_s`); every part meets the others at
+        its collectives, so the step is the slowest part's. The compute given is each part's with every part
+        computing at once; `sharing(k)`: how much slower a part computes while k compute at once (the cores they
+        share), for a layout whose parts are not all busy at once."""
+        timeline = []
         for forward, backward, fc, comm in zip(forward_s, backward_s, fc_s, comm_s, strict=True):
-            gradients = sum(seconds for (link, _), seconds in comm.items() if link.endswith("gradients"))
-            exchange = sum(seconds for (link, _), seconds in comm.items() if link == CONV_FEATURES.name)
-            hidden = 0.0 if blocking else min(gradients, backward) + hidden_by_rounds(rounds, exchange, fc)
-            steps.append(forward + backward + sum(comm.values()) - hidden)
-        return max(steps)
+            computed = forward + backward
+            exposed = cls.exposed_s(forward, backward, fc, comm, world_size, config, blocking)
+            timeline.append([Span("compute", 0.0, computed)]
+                            + ([Span("communication", computed, computed + exposed)] if exposed > 0 else []))
+        return timeline
+
+    @classmethod
+    def exposed_s(cls, forward_s: float, backward_s: float, fc_s: float, comm_s: dict[tuple[str, str], float],
+                  world_size: int, config: TrainConfig, blocking: bool) -> float:
+        """The seconds of a part's communication (per (link, direction)) that its compute does not hide: all of it
+        where collectives block the host (`blocking`: gloo). Where they run beside the compute (NCCL), the
+        replicated gradients' reduction hides behind the backward pass, up to its length, and the conv features'
+        exchange in rounds behind the FC layers' work (`hidden_by_rounds`)."""
+        if blocking:
+            return sum(comm_s.values())
+        gradients = sum(seconds for (link, _), seconds in comm_s.items() if link.endswith("gradients"))
+        exchange = sum(seconds for (link, _), seconds in comm_s.items() if link == CONV_FEATURES.name)
+        hidden = min(gradients, backward_s) + hidden_by_rounds(cls.exchange_rounds(world_size, config), exchange, fc_s)
+        return sum(comm_s.values()) - hidden
 
     @classmethod
     def fresh_bytes(cls, arch: Architecture, num_classes: int) -> float:

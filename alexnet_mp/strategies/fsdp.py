@@ -8,7 +8,7 @@ float32 (MixedPrecisionPolicy)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,7 +26,7 @@ from alexnet_mp.errors import UsageError
 from alexnet_mp.ledger import BACKWARD, FORWARD, Ledger
 from alexnet_mp.model import ARCHITECTURES, FC_NAMES, AlexNet, Architecture, full_shapes
 from alexnet_mp.strategies.base import Claim, bytes_on_rank_0
-from alexnet_mp.strategies.costs import new_traffic, unshared
+from alexnet_mp.strategies.costs import new_traffic
 from alexnet_mp.strategies.data_parallel import DataParallel, DataParallelCosts
 
 PARAMETERS, GRADIENTS = "parameters", "gradients"  # the ledger's links: all-gathers, and reduce-scatters
@@ -87,22 +87,17 @@ class FSDPCosts(DataParallelCosts):
         return len(ARCHITECTURES[config.arch].convs) + len(FC_NAMES)  # one per layer unit, each direction
 
     @classmethod
-    def step_s(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
-               world_size: int, config: TrainConfig, blocking: bool, sharing: Callable[[int], float] = unshared, *,
-               fc_s: list[float]) -> float:
+    def exposed_s(cls, forward_s: float, backward_s: float, fc_s: float, comm_s: dict[tuple[str, str], float],
+                  world_size: int, config: TrainConfig, blocking: bool) -> float:
         """Where collectives run beside the compute (NCCL), FSDP prefetches: each unit's all-gather runs during the
         unit before's compute, so a pass waits for its first unit's gather (a unit's share, on average) and for
         whatever of its gathers the pass's compute cannot cover; the backward's reduce-scatters share that cover."""
         if blocking:
-            return super().step_s(forward_s, backward_s, comm_s, world_size, config, blocking, sharing, fc_s=fc_s)
+            return super().exposed_s(forward_s, backward_s, fc_s, comm_s, world_size, config, blocking)
         units = cls.calls(PARAMETERS, 0, world_size, config)
-        steps = []
-        for forward, backward, comm in zip(forward_s, backward_s, comm_s, strict=True):
-            gathers, in_backward = comm.get((PARAMETERS, FORWARD), 0.0), comm.get((PARAMETERS, BACKWARD), 0.0)
-            reduces = comm.get((GRADIENTS, BACKWARD), 0.0)
-            waits = max(gathers / units, gathers - forward) + max(in_backward / units, in_backward + reduces - backward)
-            steps.append(forward + backward + waits)
-        return max(steps)
+        gathers, in_backward = comm_s.get((PARAMETERS, FORWARD), 0.0), comm_s.get((PARAMETERS, BACKWARD), 0.0)
+        reduces = comm_s.get((GRADIENTS, BACKWARD), 0.0)
+        return max(gathers / units, gathers - forward_s) + max(in_backward / units, in_backward + reduces - backward_s)
 
     @classmethod
     def holds_dtensors(cls, layer: str) -> bool:

@@ -37,7 +37,7 @@ from alexnet_mp.flag_types import POSITIVE_INT
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.model import PAPER, AlexNet, Architecture, MaskDraw, build_model
 from alexnet_mp.strategies.base import Layout
-from alexnet_mp.strategies.costs import Costs, new_traffic, unshared
+from alexnet_mp.strategies.costs import Costs, Span, new_traffic, unshared
 from alexnet_mp.strategies.options import Option
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -130,18 +130,21 @@ def schedule_order(schedule: str, stage: int, stages: int, microbatches: int) ->
     return order + [("B", m) for m in range(microbatches - warmup, microbatches)]
 
 
-def simulated_step_s(schedule: str, forward_s: list[float], backward_s: list[float], send_forward_s: list[float],
-                     send_backward_s: list[float], microbatches: int,
-                     slowdown: Callable[[int], float] = lambda busy: 1.0) -> float:
-    """The step's length, event by event: each stage runs its micro-batches in its schedule's order, a forward once
+def simulated_schedule(schedule: str, forward_s: list[float], backward_s: list[float], send_forward_s: list[float],
+                       send_backward_s: list[float], microbatches: int,
+                       slowdown: Callable[[int], float] = lambda busy: 1.0) -> list[list[Span]]:
+    """Each stage's step, event by event: each stage runs its micro-batches in its schedule's order, a forward once
     the stage before has sent it its input, a backward once the stage after has sent it its gradient (each
     stage's figures are for the whole batch, at its own speed; a micro-batch takes 1/M of them). Stages that
-    share cores each run `slowdown(k)` times slower while k of them compute at once."""
+    share cores each run `slowdown(k)` times slower while k of them compute at once. A stage's spans are its
+    micro-batches' compute; between them it waits (the bubble, and its transfers)."""
     stages = len(forward_s)
     orders = [schedule_order(schedule, s, stages, microbatches) for s in range(stages)]
     done: dict[tuple[str, int, int], float] = {}
     position = [0] * stages
     left: list[float | None] = [None] * stages  # the running task's work left, at the stage's own speed
+    started = [0.0] * stages
+    timeline: list[list[Span]] = [[] for _ in range(stages)]
 
     def arrival(s: int) -> float | None:
         """When stage `s`'s next task has its input; None while the stage it waits for has not made it."""
@@ -158,6 +161,7 @@ def simulated_step_s(schedule: str, forward_s: list[float], backward_s: list[flo
         for s, at in waiting.items():
             if at is not None and at <= now:
                 left[s] = (forward_s if orders[s][position[s]][0] == "F" else backward_s)[s] / microbatches
+                started[s] = now
         busy = [s for s in range(stages) if left[s] is not None]
         pace = slowdown(len(busy)) if busy else 1.0
         finish = min((left[s] * pace for s in busy), default=math.inf)
@@ -171,8 +175,9 @@ def simulated_step_s(schedule: str, forward_s: list[float], backward_s: list[flo
             if elapsed == finish and left[s] * pace <= 1e-12 * max(1.0, now):
                 kind, m = orders[s][position[s]]
                 done[kind, s, m], left[s] = now, None
+                timeline[s].append(Span("compute", started[s], now))
                 position[s] += 1
-    return now
+    return timeline
 
 
 class PipelineCosts(Costs):
@@ -189,18 +194,18 @@ class PipelineCosts(Costs):
         return MICROBATCHES.value(config.options)
 
     @classmethod
-    def step_s(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
-               world_size: int, config: TrainConfig, blocking: bool, sharing: Callable[[int], float] = unshared, *,
-               fc_s: list[float]) -> float:
-        """The schedule simulated with each stage's own times (`simulated_step_s`), not (M + N - 1) / M. Stages
+    def timeline(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
+                 world_size: int, config: TrainConfig, blocking: bool, sharing: Callable[[int], float] = unshared, *,
+                 fc_s: list[float]) -> list[list[Span]]:
+        """The schedule simulated with each stage's own times (`simulated_schedule`), not (M + N - 1) / M. Stages
         that share cores are not all busy at once (the bubble): each runs at its own speed, slowed by how many
         compute beside it."""
         own = sharing(world_size)  # the times given are each stage's with every stage computing at once
-        return simulated_step_s(SCHEDULE.value(config.options), [f / own for f in forward_s],
-                                [b / own for b in backward_s],
-                                [comm.get((ACTIVATIONS, FORWARD), 0.0) for comm in comm_s],
-                                [comm.get((ACTIVATIONS, BACKWARD), 0.0) for comm in comm_s],
-                                MICROBATCHES.value(config.options), sharing)
+        return simulated_schedule(SCHEDULE.value(config.options), [f / own for f in forward_s],
+                                  [b / own for b in backward_s],
+                                  [comm.get((ACTIVATIONS, FORWARD), 0.0) for comm in comm_s],
+                                  [comm.get((ACTIVATIONS, BACKWARD), 0.0) for comm in comm_s],
+                                  MICROBATCHES.value(config.options), sharing)
 
     @classmethod
     def slots(cls, world_size: int, config: TrainConfig) -> float:
