@@ -1,8 +1,9 @@
 """What a layout costs, apart from what it runs: which block of each of the whole net's tensors each of its
 parts holds (`shard`: how it shards state, and so how checkpoints merge), what each part sees, computes and
-sends in a step (`samples`, `work`, `traffic`: what `plan` predicts and the ledger is tested against), and
-how its schedule stretches a step (`slots`, `exchange_rounds`). All class methods from layer shapes alone,
-no process group: every layout's module has a `Costs` subclass, named by its `Layout.costs`.
+sends in a step (`samples`, `work`, `traffic`: what `plan` predicts and the ledger is tested against), how
+its parts' times make up a step (`timeline`) and how its schedule stretches one (`slots`, `exchange_rounds`).
+All class methods from layer shapes alone, no process group: every layout's module has a `Costs` subclass,
+named by its `Layout.costs`.
 """
 
 from __future__ import annotations
