@@ -208,7 +208,7 @@ def bench(args: argparse.Namespace) -> None:
     modes = tuple(args.modes.split(",")) if args.modes else None
     for mode in modes or ():
         layout_named(mode)  # an unknown one is refused before anything runs
-    failed = run_bench(Path(args.output_dir), args.quick, ranks, modes, hardware_given(args.hardware))
+    failed = run_bench(Path(args.output_dir), args.quick, ranks, modes, hardware_given(args.hardware), args.launches)
     if failed:  # the others are measured and written
         fail(f"{'; '.join(failed)} (the others are in {Path(args.output_dir) / 'bench.md'})", 1)
 
@@ -324,6 +324,9 @@ def parser() -> argparse.ArgumentParser:
     timing.add_argument("--modes", help="comma-separated layouts to measure alone, beside the one-device step "
                                         "(default: every layout, the plain loop and the input pipeline)")
     timing.add_argument("--hardware", help=HARDWARE_HELP)
+    timing.add_argument("--launches", type=POSITIVE_INT, default=1,
+                        help="launch the matrix this many times over and show each measurement's median launch, "
+                             "with every launch's step: for a machine whose speed moves between launches")
     timing.set_defaults(run=bench)
     measuring = commands.add_parser("calibrate", help="measure this machine into a hardware profile: each layer's "
                                                       "and each collective's time, for the cost model")

@@ -193,6 +193,25 @@ def test_a_failed_measurement_exits_1_in_one_line_after_writing_the_others(tmp_p
     assert PLAIN_LOOP in (tmp_path / "bench.md").read_text()
 
 
+def test_bench_launched_several_times_shows_each_measurements_median_launch_beside_every_launchs_step(
+        tmp_path, monkeypatch, capsys):
+    from alexnet_mp import bench
+    from alexnet_mp.bench.matrix import PLAIN_LOOP
+    from alexnet_mp.bench.measure import Measurement
+
+    steps = iter([0.3, 0.1, 0.2])
+
+    def launch(sizes, scratch, device_type, measured, modes):
+        step = next(steps)
+        return [Measurement(PLAIN_LOOP, 1, 2, 4, [4 / step], 0.0, [0.0], [100.0], "owt", step_s=step)], [], []
+
+    monkeypatch.setattr(bench, "run_matrix", launch)
+    assert in_process(capsys, "bench", "--quick", "--launches", "3", "--output-dir", str(tmp_path)).returncode == 0
+    (measured,) = json.loads((tmp_path / "bench.json").read_text())["measurements"]
+    assert measured["step_s"] == 0.2 and measured["launch_steps_s"] == [0.3, 0.1, 0.2]
+    assert "| 300 / 100 / 200 |" in (tmp_path / "bench.md").read_text()
+
+
 def test_bench_refuses_an_unknown_layout_before_measuring_anything(tmp_path, capsys):
     result = in_process(capsys, "bench", "--modes", "weird-trick,ddp", "--output-dir", str(tmp_path))
     assert result.returncode == 2 and "unknown --mode 'ddp'" in one_line_error(result)

@@ -24,10 +24,11 @@ from alexnet_mp.strategies import REFERENCE_STEP
 
 
 def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
-          modes: tuple[str, ...] | None = None, hardware: Hardware | None = None) -> list[str]:
-    """Runs the matrix (with `modes`, those layouts alone, beside the one-device step), writing OUTPUT/bench.json
-    and bench.md after each measurement, each layout's step beside the cost model's prediction on `hardware`
-    where one is given; returns the measurements that failed, each with its error's last line."""
+          modes: tuple[str, ...] | None = None, hardware: Hardware | None = None, launches: int = 1) -> list[str]:
+    """Runs the matrix (with `modes`, those layouts alone, beside the one-device step) `launches` times over,
+    writing OUTPUT/bench.json and bench.md after each measurement: each measurement's median launch
+    (`median_launches`), each layout's step beside the cost model's prediction on `hardware` where one is given.
+    Returns the measurements that failed, each with its error's last line."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = QUICK if quick else FULL_GPU if device_type == "cuda" else FULL
     if ranks:
@@ -52,16 +53,43 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
         (output / "bench.md").write_text(text)
         return text
 
+    launched: list[list[Measurement]] = []
+    skipped: list[str] = []
+    failures: list[str] = []  # of every launch
+
+    def measured(so_far: list[Measurement], missing: list[str]) -> None:
+        write(median_launches([*launched, so_far]), unique(failures + missing))
+
     scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=output))
     try:
-        measurements, skipped, failed = run_matrix(sizes, scratch, device_type, write, modes)
+        for _ in range(launches):
+            found, skipped, failed = run_matrix(sizes, scratch, device_type, measured, modes)
+            launched.append(found)
+            failures = unique(failures + failed)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    measurements = median_launches(launched)
     if hardware:
         drifts["end"] = machine_drift(hardware)
-    print(write(measurements, skipped + failed))
+    print(write(measurements, skipped + failures))
     plot_layouts(measurements, layout_variant(device_type).named(REFERENCE_STEP), output / "layouts.png")
-    return failed
+    return failures
+
+
+def median_launches(launched: list[list[Measurement]]) -> list[Measurement]:
+    """Of each measurement in every launch of the matrix, the launch whose step is the median (the faster of the
+    middle two), with every launch's step beside it: a machine whose speed moves between launches (a shared
+    virtual machine) moves the median less than any one launch."""
+    by_name: dict[str, list[Measurement]] = {}
+    for found in launched:
+        for m in found:
+            by_name.setdefault(m.name, []).append(m)
+    return [replace(sorted(runs, key=lambda m: m.step_s)[(len(runs) - 1) // 2], launch_steps_s=[m.step_s for m in runs])
+            for runs in by_name.values()]
+
+
+def unique(reasons: list[str]) -> list[str]:
+    return list(dict.fromkeys(reasons))
 
 
 def predictions(measurements: list[Measurement], sizes: Sizes, hardware: Hardware) -> list[Held]:

@@ -198,6 +198,7 @@ class Measurement:
     mode: str | None = None  # of a layout's step, with its own options
     options: dict[str, Any] = field(default_factory=dict)
     training_memory_mb: list[float] = field(default_factory=list)  # peak less the memory in use before the net
+    launch_steps_s: list[float] = field(default_factory=list)  # step_s of each launch, where measured in several
 
     @property
     def median(self) -> float:

@@ -188,19 +188,24 @@ def as_markdown(measurements: list[Measurement], rows: list[Comparison], not_mea
         value = model_flops_utilisation(m, sizes.num_classes)
         return "-" if value is None else f"{value:.1%}"
 
+    launches = max((len(m.launch_steps_s) for m in measurements), default=1)
+    each_launch = ["step ms of each launch"] if launches > 1 else []
     lines = [f"# Benchmark ({'quick' if quick else 'full'} sizes)", "",
              ", ".join(f"{key}: {value}" for key, value in env.items()),
              f"global batch {sizes.batch}, {sizes.steps} timed steps after {sizes.warmup} warm-up, "
              f"{sizes.num_classes} classes, the {sizes.paper_net} and {sizes.owt_net} nets, data in memory unless "
-             "named; bf16: autocast, float32 weights", "",
+             "named; bf16: autocast, float32 weights"
+             + (f"; the matrix launched {launches} times, each measurement's median launch shown" if each_launch
+                else ""), "",
              markdown_table(["measurement", "ranks x threads", "images/s median (min-max)",
                              "comm wait ms/step (after the last rank arrived)", "bytes sent/step per rank",
-                             "peak MiB per rank", "TFLOP/s", "MFU"],
+                             "peak MiB per rank", "TFLOP/s", "MFU", *each_launch],
                             [[m.name, f"{m.ranks} x {m.threads}", m.speed(),
                               f"{1000 * m.comm_wait_s:.1f} ({1000 * m.comm_transfer_s:.1f})",
                               " / ".join(f"{b:,.0f}" for b in m.bytes_per_rank),
                               " / ".join(f"{p:.0f}" for p in m.peak_memory_mb),
-                              f"{training_tflops(m, sizes.num_classes):.3g}" if m.arch else "-", utilisation(m)]
+                              f"{training_tflops(m, sizes.num_classes):.3g}" if m.arch else "-", utilisation(m),
+                              *([" / ".join(f"{1000 * s:,.0f}" for s in m.launch_steps_s)] if each_launch else [])]
                              for m in measurements]),
              "",
              markdown_table(["comparison", "ratio", "target", "verdict", "detail"],
