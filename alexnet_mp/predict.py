@@ -118,6 +118,11 @@ class Held:
                 "memory_mb": relative_error(max(predicted.memory_mb), max(measured.memory_mb))
                 if predicted.memory_mb and measured.memory_mb else None}
 
+    @property
+    def busiest_idle_share(self) -> float:
+        """The share of the predicted step that the rank computing most of it spends not computing."""
+        return min(1 - busy_s(spans) / self.predicted.step_s for spans in self.timeline)
+
     def to_json(self) -> dict[str, Any]:
         return {"run": self.run, "measured": asdict(self.measured), "predicted": asdict(self.predicted),
                 "error": self.error,

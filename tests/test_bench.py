@@ -11,7 +11,11 @@ import sys
 
 import pytest
 
+from alexnet_mp.bench.measure import Measurement
+from alexnet_mp.bench.report import bubbles
 from alexnet_mp.hardware import FORMAT, KINDS
+from alexnet_mp.predict import Held, StepFigures
+from alexnet_mp.strategies.costs import Span
 from tests.launching import ENV, ROOT, in_process, one_line_error
 
 pytestmark = pytest.mark.slow  # the benchmark matrix, run on real processes
@@ -68,7 +72,27 @@ def test_bench_sets_each_pipelines_measured_bubble_beside_the_predicted_one(quic
     rows = {c["ours"]: c for c in quick["json"]["comparisons"] if c["what"].endswith("bubble, measured over predicted")}
     assert rows.keys() == {"pipeline (gpipe, M=1) x2", "pipeline (gpipe, M=2) x2", "pipeline (gpipe, M=4) x2",
                            "pipeline (1f1b, M=2) x2", "pipeline (1f1b, M=4) x2"}
-    assert rows["pipeline (gpipe, M=4) x2"]["detail"].endswith("predicted 20%")  # (N - 1) / (M + N - 1)
+    assert {row["theirs"] for row in rows.values()} == {"the cost model's timeline"}
+
+
+def pipeline_measured(waits: list[float]) -> Measurement:
+    return Measurement("pipeline (gpipe, M=4) x2", 2, 1, 8, [8.0], 0.0, [0.0, 0.0], [100.0, 100.0], "paper",
+                       wait_per_rank_s=waits, step_s=1.0, mode="pipeline",
+                       options={"schedule": "gpipe", "microbatches": 4})
+
+
+def test_a_pipelines_bubble_without_a_profile_is_held_to_that_of_equal_stages():
+    (bubble,) = bubbles([pipeline_measured([0.5, 0.25])], {})
+    assert bubble.detail.endswith("predicted 20%")  # (N - 1) / (M + N - 1)
+
+
+def test_a_pipelines_bubble_is_held_to_the_busiest_ranks_idle_share_in_the_predicted_timeline():
+    measured = pipeline_measured([0.5, 0.25])  # the busiest rank idle a quarter of its step
+    timeline = [[Span("compute", 0.0, 0.5)], [Span("compute", 0.0, 0.5), Span("compute", 0.625, 1.0)]]
+    held = Held(measured.name, StepFigures(1.0, 0.5, 0.5, [0.0], None), StepFigures(1.0, 0.5, 0.5, [0.0], None),
+                timeline)
+    (bubble,) = bubbles([measured], {measured.name: held})
+    assert bubble.ratio == pytest.approx(0.25 / 0.125)
 
 
 def test_bench_draws_every_layout_ranked_beside_the_one_device_step(quick):
@@ -118,7 +142,6 @@ def test_bench_reports_ratios_with_targets_in_markdown_and_json(quick):
 
 def test_on_a_gpu_every_speed_up_is_held_to_twice_the_plain_loop():
     from alexnet_mp.bench.matrix import FULL_GPU, PLAIN_LOOP, single_variants
-    from alexnet_mp.bench.measure import Measurement
     from alexnet_mp.bench.report import comparisons
 
     names = [PLAIN_LOOP] + [variant.named("single, paper") for variant in single_variants("cuda")]
@@ -143,7 +166,6 @@ def test_on_a_gpu_the_paper_nets_missed_targets_are_shown_beside_torchvisions_la
         monkeypatch):
     from alexnet_mp.bench import report
     from alexnet_mp.bench.matrix import FAST_GPU, FULL_GPU, PLAIN_LOOP
-    from alexnet_mp.bench.measure import Measurement
     from alexnet_mp.bench.report import comparisons
 
     monkeypatch.setattr(report, "peak_tflops", lambda precision: report.PEAK_TFLOPS["H100"][precision])
@@ -164,7 +186,6 @@ def test_on_a_gpu_the_paper_nets_missed_targets_are_shown_beside_torchvisions_la
 def test_a_benchmark_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
     from alexnet_mp import bench
     from alexnet_mp.bench.matrix import PLAIN_LOOP
-    from alexnet_mp.bench.measure import Measurement
 
     plain_loop = Measurement(PLAIN_LOOP, 1, 2, 4, [10.0], 0.0, [0.0], [100.0], "owt")
 
@@ -182,7 +203,6 @@ def test_a_benchmark_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
 def test_a_failed_measurement_exits_1_in_one_line_after_writing_the_others(tmp_path, monkeypatch, capsys):
     from alexnet_mp import bench
     from alexnet_mp.bench.matrix import PLAIN_LOOP
-    from alexnet_mp.bench.measure import Measurement
 
     plain_loop = Measurement(PLAIN_LOOP, 1, 2, 4, [10.0], 0.0, [0.0], [100.0], "owt")
     monkeypatch.setattr(bench, "run_matrix", lambda *args: ([plain_loop], [], ["single, paper: FAILED: out of memory"]))
@@ -197,7 +217,6 @@ def test_bench_launched_several_times_shows_each_measurements_median_launch_besi
         tmp_path, monkeypatch, capsys):
     from alexnet_mp import bench
     from alexnet_mp.bench.matrix import PLAIN_LOOP
-    from alexnet_mp.bench.measure import Measurement
 
     steps = iter([0.3, 0.1, 0.2])
 

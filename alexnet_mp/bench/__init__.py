@@ -39,8 +39,8 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
 
     def write(measurements: list[Measurement], not_measured: list[str]) -> str:
         """bench.json and bench.md of the measurements so far: a run cut short keeps what it measured."""
-        rows = comparisons({m.name: m for m in measurements}, sizes, device_type)
         held = predictions(measurements, sizes, hardware) if hardware else []
+        rows = comparisons({m.name: m for m in measurements}, sizes, device_type, held)
         text = (as_markdown(measurements, rows, not_measured, sizes, quick, env)
                 + held_markdown(held, hardware, drifts))
         record = {"environment": env, "sizes": asdict(sizes), "quick": quick, "skipped": not_measured,

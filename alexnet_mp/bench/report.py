@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from alexnet_mp.bench.measure import Measurement, Sizes
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs
 from alexnet_mp.model import ARCHITECTURES
+from alexnet_mp.predict import Held
 from alexnet_mp.report import markdown_table
 from alexnet_mp.strategies import LAYOUTS, REFERENCE_STEP
 
@@ -41,9 +42,10 @@ class Comparison:
         return "met" if self.ratio >= self.target else f"missed by {self.target - self.ratio:.2f}"
 
 
-def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -> list[Comparison]:
-    """The ratios of this run, each with its target where one is set; a ratio whose
-    measurements this machine could not run is left out."""
+def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str, held: Iterable[Held] = ()
+                ) -> list[Comparison]:
+    """The ratios of this run, each with its target where one is set; a ratio whose measurements this machine
+    could not run is left out. `held`: the cost model's predictions of the runs, where a profile was given."""
     layouts = layout_variant(device_type)
     single = layouts.named(REFERENCE_STEP)
     rows: list[Comparison] = []
@@ -79,7 +81,7 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -
                     rows.append(Comparison(claim.what, ours, theirs,
                                            claim.ratio(*pair) if claim.ratio else pair[0].median / pair[1].median,
                                            claim.target, claim.detail(*pair) if claim.detail else ""))
-    rows.extend(bubbles(found.values()))
+    rows.extend(bubbles(found.values(), {h.run: h for h in held}))
     pipeline = f"input pipeline, {sizes.workers} workers"
     ratio("input pipeline vs the training step it feeds (>= 1: the loader keeps up)", pipeline, single, 1.0,
           f"{found['input pipeline, 1 worker (in process)'].median:.1f} images/s per worker"
@@ -92,19 +94,22 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str) -
     return rows
 
 
-def bubbles(measurements: Iterable[Measurement]) -> list[Comparison]:
+def bubbles(measurements: Iterable[Measurement], held: Mapping[str, Held]) -> list[Comparison]:
     """For each layout that leaves ranks idle by design (a pipeline's bubble: `Layout.slots`), the idle share
-    of the busiest rank's step (the one that waited least) against the prediction, 1 - 1 / slots: (N - 1) /
-    (M + N - 1) for a pipeline of equal stages."""
+    of the busiest rank's step (the one that waited least) against the prediction: the cost model's timeline
+    where `held` has one for it (each stage at its own speed), else 1 - 1 / slots, which is (N - 1) / (M + N - 1)
+    for a pipeline of equal stages."""
     rows = []
     for m in measurements:
         slots = LAYOUTS[m.mode].costs.slots(m.ranks, TrainConfig(mode=m.mode, batch_size=m.batch, options=m.options)) \
             if m.mode else 1.0
         if slots > 1:
-            predicted, measured = 1 - 1 / slots, min(m.wait_per_rank_s) / m.step_s
-            rows.append(Comparison(f"{m.name}: bubble, measured over predicted", m.name, "(N - 1) / (M + N - 1)",
-                                   measured / predicted, None, f"the busiest stage idle {measured:.0%} of its step; "
-                                                               f"predicted {predicted:.0%}"))
+            predicted, by = ((held[m.name].busiest_idle_share, "the cost model's timeline") if m.name in held
+                             else (1 - 1 / slots, "(N - 1) / (M + N - 1)"))
+            measured = min(m.wait_per_rank_s) / m.step_s
+            rows.append(Comparison(f"{m.name}: bubble, measured over predicted", m.name, by, measured / predicted,
+                                   None, f"the busiest stage idle {measured:.0%} of its step; "
+                                         f"predicted {predicted:.0%}"))
     return rows
 
 
