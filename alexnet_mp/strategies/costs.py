@@ -90,31 +90,34 @@ class Costs(ABC):
                  fc_s: list[float]) -> list[list[Span]]:
         """Each part's step from its forward and backward compute (the optimizer's step in the latter; of which
         `fc_s`, its FC layers' forward and backward) and the seconds of each of its (link, direction): its compute,
-        then whatever of its communication the compute does not hide (`exposed_s`); every part meets the others at
-        its collectives, so the step is the slowest part's. The compute given is each part's with every part
-        computing at once; `sharing(k)`: how much slower a part computes while k compute at once (the cores they
-        share), for a layout whose parts are not all busy at once."""
+        then whatever of its communication does not run beside the compute (`beside_compute_s`); every part meets
+        the others at its collectives, so the step is the slowest part's. Where the backend's collectives run on
+        the host (`blocking`: gloo), what runs beside the compute runs on its cores and stretches it. The compute
+        given is each part's with every part computing at once; `sharing(k)`: how much slower a part computes
+        while k compute at once (the cores they share), for a layout whose parts are not all busy at once."""
         timeline = []
         for forward, backward, fc, comm in zip(forward_s, backward_s, fc_s, comm_s, strict=True):
-            computed = forward + backward
-            exposed = cls.exposed_s(forward, backward, fc, comm, world_size, config, blocking)
+            beside = cls.beside_compute_s(forward, backward, fc, comm, world_size, config, blocking)
+            computed = forward + backward + (beside if blocking else 0.0)
+            exposed = sum(comm.values()) - beside
             timeline.append([Span("compute", 0.0, computed)]
                             + ([Span("communication", computed, computed + exposed)] if exposed > 0 else []))
         return timeline
 
     @classmethod
-    def exposed_s(cls, forward_s: float, backward_s: float, fc_s: float, comm_s: dict[tuple[str, str], float],
-                  world_size: int, config: TrainConfig, blocking: bool) -> float:
-        """The seconds of a part's communication (per (link, direction)) that its compute does not hide: all of it
-        where collectives block the host (`blocking`: gloo). Where they run beside the compute (NCCL), the
-        replicated gradients' reduction hides behind the backward pass, up to its length, and the conv features'
-        exchange in rounds behind the FC layers' work (`hidden_by_rounds`)."""
-        if blocking:
-            return sum(comm_s.values())
+    def beside_compute_s(cls, forward_s: float, backward_s: float, fc_s: float, comm_s: dict[tuple[str, str], float],
+                         world_size: int, config: TrainConfig, blocking: bool) -> float:
+        """The seconds of a part's communication (per (link, direction)) that run beside its compute, not after it:
+        the replicated gradients' reduction behind the backward pass, up to its length (DDP reduces each bucket
+        as it fills, on NCCL's streams or on gloo's own threads); where collectives run beside the compute (NCCL),
+        also the conv features' exchange in rounds behind the FC layers' work (`hidden_by_rounds`); over gloo
+        the rounds' collectives block the host."""
         gradients = sum(seconds for (link, _), seconds in comm_s.items() if link.endswith("gradients"))
+        beside = min(gradients, backward_s)
+        if blocking:
+            return beside
         exchange = sum(seconds for (link, _), seconds in comm_s.items() if link == CONV_FEATURES.name)
-        hidden = min(gradients, backward_s) + hidden_by_rounds(cls.exchange_rounds(world_size, config), exchange, fc_s)
-        return sum(comm_s.values()) - hidden
+        return beside + hidden_by_rounds(cls.exchange_rounds(world_size, config), exchange, fc_s)
 
     @classmethod
     def fresh_bytes(cls, arch: Architecture, num_classes: int) -> float:

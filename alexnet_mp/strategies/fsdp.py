@@ -87,17 +87,19 @@ class FSDPCosts(DataParallelCosts):
         return len(ARCHITECTURES[config.arch].convs) + len(FC_NAMES)  # one per layer unit, each direction
 
     @classmethod
-    def exposed_s(cls, forward_s: float, backward_s: float, fc_s: float, comm_s: dict[tuple[str, str], float],
-                  world_size: int, config: TrainConfig, blocking: bool) -> float:
+    def beside_compute_s(cls, forward_s: float, backward_s: float, fc_s: float, comm_s: dict[tuple[str, str], float],
+                         world_size: int, config: TrainConfig, blocking: bool) -> float:
         """Where collectives run beside the compute (NCCL), FSDP prefetches: each unit's all-gather runs during the
         unit before's compute, so a pass waits for its first unit's gather (a unit's share, on average) and for
-        whatever of its gathers the pass's compute cannot cover; the backward's reduce-scatters share that cover."""
+        whatever of its gathers the pass's compute cannot cover; the backward's reduce-scatters share that cover.
+        Over gloo each collective blocks the host."""
         if blocking:
-            return super().exposed_s(forward_s, backward_s, fc_s, comm_s, world_size, config, blocking)
+            return 0.0
         units = cls.calls(PARAMETERS, 0, world_size, config)
         gathers, in_backward = comm_s.get((PARAMETERS, FORWARD), 0.0), comm_s.get((PARAMETERS, BACKWARD), 0.0)
         reduces = comm_s.get((GRADIENTS, BACKWARD), 0.0)
-        return max(gathers / units, gathers - forward_s) + max(in_backward / units, in_backward + reduces - backward_s)
+        waits = max(gathers / units, gathers - forward_s) + max(in_backward / units, in_backward + reduces - backward_s)
+        return gathers + in_backward + reduces - waits
 
     @classmethod
     def holds_dtensors(cls, layer: str) -> bool:
