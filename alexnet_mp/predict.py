@@ -2,11 +2,11 @@
 
 What a layout does per step comes from its `Costs` (strategies/costs.py): the share of each layer each part
 computes and on how many images, the elements it sends on each link, which collective carries each and in
-how many calls, and how its parts' times make up the step (its timeline: each part's compute and exposed
-communication, the slowest part's ending it; a pipeline's schedule simulated event by event). What the
-machine costs comes from a `Hardware` profile (hardware.py): each layer's time at the share a part holds, the
-optimizer's step, each collective's latency and bandwidth, and whether ranks share cores. A prediction is the
-first walked over the second.
+how many calls, and how its parts' times make up the step (its timeline: each part's compute, then what of its
+communication does not run beside it, the slowest part's ending the step; a pipeline's schedule simulated event
+by event). What the machine costs comes from a `Hardware` profile (hardware.py): each layer's time at the share
+a part holds, the optimizer's step, each collective's latency and bandwidth, and whether ranks share cores. A
+prediction is the first walked over the second.
 """
 
 from __future__ import annotations

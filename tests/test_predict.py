@@ -138,7 +138,7 @@ def test_a_pipeline_stage_idles_in_the_bubble_between_its_micro_batches_compute(
 def test_a_part_waits_after_its_compute_only_for_what_does_not_run_beside_it(blocking, computed):
     """DDP reduces its buckets beside the backward: on NCCL's streams, free; on gloo's threads, on the compute's
     cores, which it stretches. The conv features' exchange, in one piece, runs after the compute either way."""
-    comm = {("gradients", BACKWARD): 0.5, ("fc6", FORWARD): 0.25}
+    comm = {("gradients", BACKWARD): 0.5, (CONV_FEATURES.name, FORWARD): 0.25}
     config = TrainConfig(mode="data-parallel", arch="paper")
     timeline = LAYOUTS["data-parallel"].costs.timeline([1.0], [2.0], [comm], 2, config, blocking, fc_s=[0.0])
     assert timeline == [[Span("compute", 0.0, computed), Span("communication", computed, computed + 0.25)]]
