@@ -185,8 +185,8 @@ def hardware_plan(args: argparse.Namespace, gpus: list[int], batch: int, per_gpu
                          f"{1000 * p.step_s:.2f}", f"{1000 * max(p.compute_s):.2f}", f"{1000 * max(p.comm_s):.2f}",
                          f"{global_batch / p.step_s:,.0f}", f"{max(p.bytes_per_rank) / 2**20:.1f}",
                          f"{max(p.memory_bytes) / 2**20:.0f}"])
-    header = ["mode", "ranks", "global batch", "step ms", "compute ms (slowest part)", "comm ms (slowest part)",
-              "images/s", "MiB sent/rank/step (max)", "memory MiB/rank (max)"]
+    header = ["mode", "ranks", "global batch", "step ms", "compute ms (busiest rank)",
+              "collectives ms (most on a rank)", "images/s", "MiB sent/rank/step (max)", "memory MiB/rank (max)"]
     return f"Predicted on {hardware.name} ({hardware.source}), {args.arch} net\n\n{markdown_table(header, rows)}"
 
 
