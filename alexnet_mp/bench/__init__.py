@@ -58,14 +58,14 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
     failures: list[str] = []  # of every launch
 
     def measured(so_far: list[Measurement], missing: list[str]) -> None:
-        write(median_launches([*launched, so_far]), unique(failures + missing))
+        write(median_launches([*launched, so_far]), list(dict.fromkeys(failures + missing)))
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=output))
     try:
         for _ in range(launches):
             found, skipped, failed = run_matrix(sizes, scratch, device_type, measured, modes)
             launched.append(found)
-            failures = unique(failures + failed)
+            failures = list(dict.fromkeys(failures + failed))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     measurements = median_launches(launched)
@@ -86,10 +86,6 @@ def median_launches(launched: list[list[Measurement]]) -> list[Measurement]:
             by_name.setdefault(m.name, []).append(m)
     return [replace(sorted(runs, key=lambda m: m.step_s)[(len(runs) - 1) // 2], launch_steps_s=[m.step_s for m in runs])
             for runs in by_name.values()]
-
-
-def unique(reasons: list[str]) -> list[str]:
-    return list(dict.fromkeys(reasons))
 
 
 def predictions(measurements: list[Measurement], sizes: Sizes, hardware: Hardware) -> list[Held]:

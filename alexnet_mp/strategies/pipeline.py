@@ -132,7 +132,7 @@ def schedule_order(schedule: str, stage: int, stages: int, microbatches: int) ->
 
 def simulated_schedule(schedule: str, forward_s: list[float], backward_s: list[float], send_forward_s: list[float],
                        send_backward_s: list[float], microbatches: int,
-                       slowdown: Callable[[int], float] = lambda busy: 1.0) -> list[list[Span]]:
+                       slowdown: Callable[[int], float] = unshared) -> list[list[Span]]:
     """Each stage's step, event by event: each stage runs its micro-batches in its schedule's order, a forward once
     the stage before has sent it its input, a backward once the stage after has sent it its gradient (each
     stage's figures are for the whole batch, at its own speed; a micro-batch takes 1/M of them). Stages that
