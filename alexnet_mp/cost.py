@@ -41,7 +41,7 @@ def layer_costs(arch: Architecture, num_classes: int = 1000, shares: Mapping[str
     layers = net.layers()
     sides = dict(zip([spec.name for spec in arch.convs], conv_sides(arch), strict=True))
     costs = []
-    for name in [spec.name for spec in arch.convs] + list(FC_NAMES):
+    for name in arch.layer_names:
         share, layer = 1.0 if shares is None else shares[name], layers[name]
         if not share:
             continue

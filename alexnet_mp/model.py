@@ -49,6 +49,11 @@ class Architecture:
     fc_bias: tuple[float, float, float] = (1.0, 1.0, 0.0)  # fc6, fc7, fc8
 
     @property
+    def layer_names(self) -> tuple[str, ...]:
+        """Its weight layers, in the order the forward pass runs them."""
+        return tuple(spec.name for spec in self.convs) + FC_NAMES
+
+    @property
     def feature_size(self) -> int:
         """Inputs of fc6: the last conv's pooled maps, flattened."""
         side = conv_output_sides(self)[-1]

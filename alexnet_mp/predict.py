@@ -2,9 +2,9 @@
 
 What a layout does per step comes from its `Costs` (strategies/costs.py): the share of each layer each part
 computes and on how many images, the elements it sends on each link, which collective carries each and in
-how many calls, and how its parts' times make up the step (its timeline: each part's compute, then what of its
-communication does not run beside it, the slowest part's ending the step; a pipeline's schedule simulated event
-by event). What the machine costs comes from a `Hardware` profile (hardware.py): each layer's time at the share
+how many calls, and how its parts' times make up the step (its timeline: each part's layers in order, waiting at
+each collective for every part and for what of it does not run beside the compute; a pipeline's schedule
+simulated event by event). What the machine costs comes from a `Hardware` profile (hardware.py): each layer's time at the share
 a part holds, the optimizer's step, each collective's latency and bandwidth, and whether ranks share cores. A
 prediction is the first walked over the second.
 """
@@ -18,9 +18,9 @@ from typing import Any
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, memory_bytes, parameters
 from alexnet_mp.hardware import Hardware
-from alexnet_mp.model import ARCHITECTURES, FC_NAMES
+from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.strategies import LAYOUTS
-from alexnet_mp.strategies.costs import Costs, Span, busy_s, step_end
+from alexnet_mp.strategies.costs import Costs, PartTimes, Span, busy_s, step_end
 
 BYTES_PER_ELEMENT = 4  # float32 on every link
 
@@ -63,35 +63,32 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
     architecture, parts = ARCHITECTURES[arch], costs.parts(ranks)
     together = parts // ranks
     traffic = costs.expected_traffic(arch, ranks, batch, num_classes)
-    forward, backward, fc, comm, memory = [], [], [], [], []
+    times, memory = [], []
     for part in range(parts):
         work = costs.work(arch, part, parts, batch, num_classes)
         layers = {cost.name: hardware.layer_s(f"{arch}.{cost.name}", work.shares[cost.name], ranks, cost.flops,
                                               work.samples(cost.name), costs.passes(cost.name, ranks, config))
                   for cost in layer_costs(architecture, num_classes, work.shares)}
-        forward.append(sum(f for f, _ in layers.values()))
-        fc.append(sum(f + b for name, (f, b) in layers.items() if name in FC_NAMES))
         foreach = sum(cost.parameters for cost in layer_costs(architecture, num_classes, work.holds)
                       if costs.holds_dtensors(cost.name))
-        backward.append(sum(b for _, b in layers.values())
-                        + hardware.optimizer_s(parameters(work, architecture, num_classes) - foreach, foreach, ranks)
-                        + hardware.fresh_copy_s(costs.fresh_bytes(architecture, num_classes), ranks))
-        comm.append({} if together > 1 else {
+        update = (hardware.optimizer_s(parameters(work, architecture, num_classes) - foreach, foreach, ranks)
+                  + hardware.fresh_copy_s(costs.fresh_bytes(architecture, num_classes), ranks))
+        comm = {} if together > 1 else {
             (link, direction): hardware.collective(costs.collective(link, direction), ranks).seconds(
                 elements * BYTES_PER_ELEMENT, costs.calls(link, elements, ranks, config))
-            for (link, direction), elements in traffic[part].items()})
+            for (link, direction), elements in traffic[part].items()}
+        times.append(PartTimes({name: layers.get(name, (0.0, 0.0)) for name in architecture.layer_names}, update,
+                               comm))
         memory.append(sum(memory_bytes(work, architecture, num_classes, BYTES_PER_ELEMENT, foreach).values()))
     sent = [BYTES_PER_ELEMENT * sum(t.values()) for t in traffic]
     if together > 1:
-        forward, backward, fc, memory, sent = ([sum(values[first:first + together])
-                                                for first in range(0, parts, together)]
-                                               for values in (forward, backward, fc, memory, sent))
-        comm = comm[:ranks]
+        times = [PartTimes.together(times[first:first + together]) for first in range(0, parts, together)]
+        memory, sent = ([sum(values[first:first + together]) for first in range(0, parts, together)]
+                        for values in (memory, sent))
     memory = [hardware.resident_bytes(tensors, ranks) for tensors in memory]
-    timeline = costs.timeline(forward, backward, comm, ranks, config, blocking=hardware.backend == "gloo",
-                              sharing=hardware.sharing, fc_s=fc)
-    return StepPrediction(step_end(timeline), [busy_s(spans) for spans in timeline], [sum(c.values()) for c in comm],
-                          sent, memory, timeline)
+    timeline = costs.timeline(times, ranks, config, blocking=hardware.backend == "gloo", sharing=hardware.sharing)
+    return StepPrediction(step_end(timeline), [busy_s(spans) for spans in timeline],
+                          [sum(part.comm.values()) for part in times], sent, memory, timeline)
 
 
 def relative_error(predicted: float, measured: float) -> float | None:

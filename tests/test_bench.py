@@ -89,7 +89,7 @@ def test_a_pipelines_bubble_without_a_profile_is_held_to_that_of_equal_stages():
 
 def test_a_pipeline_whose_busiest_stage_is_predicted_never_to_idle_has_no_bubble_ratio():
     measured = pipeline_measured([0.5, 0.0])
-    timeline = [[Span("compute", 0.0, 0.5)], [Span("compute", 0.0, 1.0)]]
+    timeline = [[Span("work", "compute", 0.0, 0.5)], [Span("work", "compute", 0.0, 1.0)]]
     held = Held(measured.name, StepFigures(1.0, 0.5, 0.5, [0.0], None), StepFigures(1.0, 0.5, 0.5, [0.0], None),
                 timeline)
     assert bubbles([measured], {measured.name: held}) == []
@@ -97,7 +97,8 @@ def test_a_pipeline_whose_busiest_stage_is_predicted_never_to_idle_has_no_bubble
 
 def test_a_pipelines_bubble_is_held_to_the_busiest_ranks_idle_share_in_the_predicted_timeline():
     measured = pipeline_measured([0.5, 0.25])  # the busiest rank idle a quarter of its step
-    timeline = [[Span("compute", 0.0, 0.5)], [Span("compute", 0.0, 0.5), Span("compute", 0.625, 1.0)]]
+    timeline = [[Span("work", "compute", 0.0, 0.5)],
+                [Span("work", "compute", 0.0, 0.5), Span("work", "compute", 0.625, 1.0)]]
     held = Held(measured.name, StepFigures(1.0, 0.5, 0.5, [0.0], None), StepFigures(1.0, 0.5, 0.5, [0.0], None),
                 timeline)
     (bubble,) = bubbles([measured], {measured.name: held})

@@ -4,6 +4,7 @@ read back, bad profiles refused in one line."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import weakref
 from collections.abc import Callable, Iterable
@@ -25,7 +26,7 @@ from alexnet_mp.model import PAPER
 from alexnet_mp.predict import Held, StepFigures, disordered, held_table, predict_step
 from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import LAYOUTS, build
-from alexnet_mp.strategies.costs import CONV_FEATURES, Span, step_end
+from alexnet_mp.strategies.costs import CONV_FEATURES, PartTimes, Span, step_end
 from alexnet_mp.strategies.pipeline import simulated_schedule
 from tests.equivalence import PAPER_NET
 from tests.launching import in_process, one_line_error
@@ -130,18 +131,63 @@ def test_the_slowest_pipeline_stage_sets_the_pace_and_transfers_delay_the_others
 def test_a_pipeline_stage_idles_in_the_bubble_between_its_micro_batches_compute():
     """One micro-batch on 2 stages: stage 1 computes while stage 0 waits for its gradient, and the other way."""
     timeline = simulated_schedule("gpipe", [1.0, 1.0], [2.0, 2.0], [0.0, 0.0], [0.0, 0.0], 1)
-    assert timeline == [[Span("compute", 0.0, 1.0), Span("compute", 4.0, 6.0)],
-                        [Span("compute", 1.0, 2.0), Span("compute", 2.0, 4.0)]]
+    assert timeline == [[Span("micro-batch 0 forward", "compute", 0.0, 1.0),
+                         Span("micro-batch 0 backward", "compute", 4.0, 6.0)],
+                        [Span("micro-batch 0 forward", "compute", 1.0, 2.0),
+                         Span("micro-batch 0 backward", "compute", 2.0, 4.0)]]
 
 
-@pytest.mark.parametrize(("blocking", "computed"), [(True, 3.5), (False, 3.0)])
-def test_a_part_waits_after_its_compute_only_for_what_does_not_run_beside_it(blocking, computed):
+def part_times(forward_s: float, backward_s: float, comm: dict[tuple[str, str], float], fc_s: float = 0.0,
+               **layers: tuple[float, float]) -> PartTimes:
+    """A part of the paper net: its compute all conv1's but `fc_s` of fc6's backward, or the `layers` given."""
+    given = layers or {"conv1": (forward_s, backward_s - fc_s), "fc6": (0.0, fc_s)}
+    return PartTimes(dict.fromkeys(PAPER.layer_names, (0.0, 0.0)) | given, 0.0, comm)
+
+
+@pytest.mark.parametrize(("blocking", "backward"), [(True, 2.5), (False, 2.0)])
+def test_ddp_reduces_its_gradients_beside_the_backward_which_gloos_threads_stretch(blocking, backward):
     """DDP reduces its buckets beside the backward: on NCCL's streams, free; on gloo's threads, on the compute's
-    cores, which it stretches. The conv features' exchange, in one piece, runs after the compute either way."""
+    cores, which it stretches. The conv features' exchange, in one piece, waits before fc6 either way."""
     comm = {("gradients", BACKWARD): 0.5, (CONV_FEATURES.name, FORWARD): 0.25}
     config = TrainConfig(mode="data-parallel", arch="paper")
-    timeline = LAYOUTS["data-parallel"].costs.timeline([1.0], [2.0], [comm], 2, config, blocking, fc_s=[0.0])
-    assert timeline == [[Span("compute", 0.0, computed), Span("communication", computed, computed + 0.25)]]
+    part = part_times(1.0, 2.0, comm)
+    timeline = LAYOUTS["data-parallel"].costs.timeline([part], 2, config, blocking)
+    assert timeline == [[Span("conv1 forward", "compute", 0.0, 1.0),
+                         Span("fc6-input forward", "communication", 1.0, 1.25),
+                         Span("conv1 backward", "compute", 1.25, 1.25 + backward)]]
+
+
+def test_a_part_waits_for_a_layers_input_before_its_forward_and_for_its_gradient_after_its_backward():
+    comm = {("conv3-input", FORWARD): 0.5, ("conv3-input", BACKWARD): 0.25}
+    config = TrainConfig(mode="paper-split", arch="paper")
+    part = part_times(0, 0, comm, conv2=(1.0, 2.0), conv3=(1.0, 2.0))
+    spans, _ = LAYOUTS["paper-split"].costs.timeline([part, part], 2, config, blocking=True)
+    assert [(span.name, span.start_s) for span in spans] == [
+        ("conv2 forward", 0.0), ("conv3-input forward", 1.0), ("conv3 forward", 1.5), ("conv3 backward", 2.5),
+        ("conv3-input backward", 4.5), ("conv2 backward", 4.75)]
+
+
+def test_a_part_idles_while_another_computes_a_layer_it_does_not_hold_until_their_next_collective():
+    """fc8 on the first part alone: the second sends its fc7 outputs, then waits for their gradient, which the
+    first scatters once it has run fc8 forward and backward."""
+    config = TrainConfig(mode="weird-trick", arch="paper")
+    first = part_times(0, 0, {("fc8-input", BACKWARD): 0.5}, fc7=(1.0, 1.0), fc8=(1.0, 1.0))
+    second = part_times(0, 0, {("fc8-input", FORWARD): 0.5}, fc7=(1.0, 1.0))
+    _, spans = LAYOUTS["weird-trick"].costs.timeline([first, second], 2, config, blocking=True)
+    assert [(span.name, span.start_s, span.end_s) for span in spans] == [
+        ("fc7 forward", 0.0, 1.0), ("fc8-input forward", 1.0, 1.5), ("fc8-input backward", 3.5, 4.0),
+        ("fc7 backward", 4.0, 5.0)]
+
+
+@pytest.mark.parametrize("mode", sorted(set(LAYOUTS) - {"single", "pipeline"}))  # a pipeline's sends delay stages
+def test_every_layouts_predicted_ranks_wait_for_each_link_they_send_on_and_never_do_two_things_at_once(mode):
+    """On links far slower than the compute, nothing hides: every (link, direction) a rank sends on shows in its
+    timeline."""
+    predicted = predict_step(mode, "paper", 2, 8, by_hand(tflops=1e3), 10)
+    sent = {f"{link} {direction}" for link, direction in LAYOUTS[mode].costs.expected_traffic("paper", 2, 8, 10)[0]}
+    for spans in predicted.timeline:
+        assert all(span.end_s <= after.start_s for span, after in itertools.pairwise(spans))
+    assert sent <= {span.name for span in predicted.timeline[0] if span.category == "communication"}
 
 
 def test_a_predicted_steps_communication_is_rank_0s_wait_as_the_record_times_it():
@@ -321,8 +367,8 @@ def test_one_micro_batch_runs_stages_that_share_cores_in_turn_at_their_own_speed
     the stages one at a time, unstretched, 4 x 1.5."""
     config = TrainConfig(mode="pipeline", options={"microbatches": 1})
     costs = LAYOUTS["pipeline"].costs
-    timeline = costs.timeline([1.0] * 4, [2.0] * 4, [{}] * 4, 4, config, blocking=True,
-                              sharing=lambda busy: max(1.0, busy / 2), fc_s=[0.0] * 4)
+    timeline = costs.timeline([part_times(1.0, 2.0, {})] * 4, 4, config, blocking=True,
+                              sharing=lambda busy: max(1.0, busy / 2))
     assert step_end(timeline) == pytest.approx(6.0)
 
 
@@ -389,7 +435,7 @@ def test_the_weird_tricks_rounds_hide_their_exchange_behind_the_fc_layers_work_w
     comm = {(CONV_FEATURES.name, FORWARD): 0.5, (CONV_FEATURES.name, BACKWARD): 0.3}
     config = TrainConfig(mode="weird-trick", arch="paper", options={"exchange": "one-at-a-time"})
     costs = LAYOUTS["weird-trick"].costs
-    assert step_end(costs.timeline([1.0], [2.0], [comm], 4, config, blocking, fc_s=[0.4])) == pytest.approx(step)
+    assert step_end(costs.timeline([part_times(1.0, 2.0, comm, fc_s=0.4)], 4, config, blocking)) == pytest.approx(step)
 
 
 @pytest.mark.parametrize(("blocking", "step"), [(True, 7.5), (False, 1.0 + 2.0 + 0.5 / 8 + 2.0)])
@@ -398,8 +444,8 @@ def test_fsdp_on_nccl_waits_for_its_first_gather_and_what_the_compute_cannot_cov
     1 s: on gloo each collective blocks; on NCCL the forward covers its gathers but the first unit's share, and the
     backward 2 of its 4 s."""
     comm = {("parameters", FORWARD): 0.5, ("parameters", BACKWARD): 3.0, ("gradients", BACKWARD): 1.0}
-    config = TrainConfig(mode="fsdp", arch="paper")
-    timeline = LAYOUTS["fsdp"].costs.timeline([1.0], [2.0], [comm], 2, config, blocking, fc_s=[0.0])
+    config = TrainConfig(mode="fsdp", arch="paper", num_classes=10)
+    timeline = LAYOUTS["fsdp"].costs.timeline([part_times(1.0, 2.0, comm)], 2, config, blocking)
     assert step_end(timeline) == pytest.approx(step)
 
 

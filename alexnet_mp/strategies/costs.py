@@ -21,7 +21,7 @@ from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import RankWork, Traffic, both_ways, held_shares, parameters
 from alexnet_mp.ledger import BACKWARD, FORWARD, ring_all_reduce_elements
 from alexnet_mp.links import Link
-from alexnet_mp.model import ARCHITECTURES, Architecture
+from alexnet_mp.model import ARCHITECTURES, FC_NAMES, Architecture
 
 # Wherever fc6 and fc7 are split by units: fc7 reads every part's fc6 units, and fc8 (whole, on the first
 # part, with the loss) every part's fc7 units.
@@ -33,12 +33,52 @@ CONV_FEATURES = Link("fc6", 0)
 
 @dataclass(frozen=True)
 class Span:
-    """A stretch of a part's predicted step: what it does ("compute" or "communication", as a trace's categories
-    name them) from `start_s` to `end_s` after the step began. What no span covers, the part idles."""
+    """A stretch of a part's predicted step: what it does (`name`, as a trace names it: "conv3 forward", "fc6-input
+    forward") and of which kind (`category`: "compute", "optimizer" or "communication", a trace's categories) from
+    `start_s` to `end_s` after the step began. What no span covers, the part idles."""
 
+    name: str
     category: str
     start_s: float
     end_s: float
+
+
+COMPUTE, OPTIMIZER, COMMUNICATION = "compute", "optimizer", "communication"
+AT_THE_END = ""  # where `Costs.placed` puts what waits after the backward, before the optimizer's step
+Op = tuple[str, str, float]  # name, category, seconds: a span of a part's step before its start is known
+
+
+@dataclass(frozen=True)
+class PartTimes:
+    """What a part's step costs, in seconds: each of the net's layers forward and backward (in the order the forward
+    runs them; nought where the part holds none of it), the optimizer's step with any copies the step makes beyond
+    its layers', and the collectives of each of its (link, direction)."""
+
+    layers: dict[str, tuple[float, float]]
+    update_s: float
+    comm: dict[tuple[str, str], float]
+
+    @property
+    def forward_s(self) -> float:
+        return sum(forward for forward, _ in self.layers.values())
+
+    @property
+    def backward_s(self) -> float:
+        """Its backward pass and the optimizer's step after it."""
+        return sum(backward for _, backward in self.layers.values()) + self.update_s
+
+    @property
+    def fc_s(self) -> float:
+        """Its FC layers' forward and backward."""
+        return sum(sum(self.layers[name]) for name in FC_NAMES if name in self.layers)
+
+    @classmethod
+    def together(cls, parts: list[PartTimes]) -> PartTimes:
+        """Parts one process runs in turn: their layers' and steps' times added; their links are copies, no
+        collective."""
+        layers = {name: (sum(p.layers[name][0] for p in parts), sum(p.layers[name][1] for p in parts))
+                  for name in parts[0].layers}
+        return cls(layers, sum(p.update_s for p in parts), {})
 
 
 def step_end(timeline: list[list[Span]]) -> float:
@@ -47,8 +87,8 @@ def step_end(timeline: list[list[Span]]) -> float:
 
 
 def busy_s(spans: list[Span]) -> float:
-    """A part's seconds of compute in its spans."""
-    return sum(span.end_s - span.start_s for span in spans if span.category == "compute")
+    """A part's seconds of compute in its spans, the optimizer's step among them."""
+    return sum(span.end_s - span.start_s for span in spans if span.category != COMMUNICATION)
 
 
 def unshared(busy: int) -> float:
@@ -85,39 +125,74 @@ class Costs(ABC):
         return 1
 
     @classmethod
-    def timeline(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
-                 world_size: int, config: TrainConfig, blocking: bool, sharing: Callable[[int], float] = unshared, *,
-                 fc_s: list[float]) -> list[list[Span]]:
-        """Each part's step from its forward and backward compute (the optimizer's step in the latter; of which
-        `fc_s`, its FC layers' forward and backward) and the seconds of each of its (link, direction): its compute,
-        then whatever of its communication does not run beside the compute (`beside_compute_s`); every part meets
-        the others at its collectives, so the step is the slowest part's. Where the backend's collectives run on
-        the host (`blocking`: gloo), what runs beside the compute runs on its cores and stretches it. The compute
-        given is each part's with every part computing at once; `sharing(k)`: how much slower a part computes
-        while k compute at once (the cores they share), for a layout whose parts are not all busy at once."""
-        timeline = []
-        for forward, backward, fc, comm in zip(forward_s, backward_s, fc_s, comm_s, strict=True):
-            beside = cls.beside_compute_s(forward, backward, fc, comm, world_size, config, blocking)
-            computed = forward + backward + (beside if blocking else 0.0)
-            exposed = sum(comm.values()) - beside
-            timeline.append([Span("compute", 0.0, computed)]
-                            + ([Span("communication", computed, computed + exposed)] if exposed > 0 else []))
-        return timeline
+    def timeline(cls, parts: list[PartTimes], world_size: int, config: TrainConfig, blocking: bool,
+                 sharing: Callable[[int], float] = unshared) -> list[list[Span]]:
+        """Each part's step, op by op (`ops`): its layers' forwards, their backwards in reverse, the optimizer's step,
+        and each collective where the step waits for it. Every part meets the others at each collective: it starts
+        once the last part reaches it, and all leave once the longest part's share of it is done; a part that
+        arrives early idles. The times given are each part's with every part computing at once (`sharing` is for a
+        layout whose parts are not all busy at once)."""
+        links = list(dict.fromkeys(key for part in parts for key in part.comm))
+        return met_at_collectives([cls.ops(part, links, world_size, config, blocking) for part in parts])
 
     @classmethod
-    def beside_compute_s(cls, forward_s: float, backward_s: float, fc_s: float, comm_s: dict[tuple[str, str], float],
-                         world_size: int, config: TrainConfig, blocking: bool) -> float:
-        """The seconds of a part's communication (per (link, direction)) that run beside its compute, not after it:
-        the replicated gradients' reduction behind the backward pass, up to its length (DDP reduces each bucket
-        as it fills, on NCCL's streams or on gloo's own threads); where collectives run beside the compute (NCCL),
-        also the conv features' exchange in rounds behind the FC layers' work (`hidden_by_rounds`); over gloo
-        the rounds' collectives block the host."""
-        gradients = sum(seconds for (link, _), seconds in comm_s.items() if link.endswith("gradients"))
-        beside = min(gradients, backward_s)
-        if blocking:
+    def ops(cls, part: PartTimes, links: list[tuple[str, str]], world_size: int, config: TrainConfig,
+            blocking: bool) -> list[Op]:
+        """A part's step as (name, category, seconds) in order: each of `links` (every part's, so that all parts
+        list the same collectives) where `placed` puts it, for what of it does not run beside the compute
+        (`beside_compute_s`). Where the backend's collectives run on the host (`blocking`: gloo), what runs beside
+        the compute runs on its cores and stretches the backward."""
+        beside = cls.beside_compute_s(part, world_size, config, blocking)
+        at: dict[tuple[str, str, bool], list[Op]] = defaultdict(list)
+        for link, direction in links:
+            exposed = part.comm.get((link, direction), 0.0) - beside.get((link, direction), 0.0)
+            for layer, before, share in cls.placed(link, direction, config):
+                at[layer, direction, before].append((f"{link} {direction}", COMMUNICATION, share * exposed))
+        backward = sum(b for _, b in part.layers.values())
+        stretch = 1 + sum(beside.values()) / backward if blocking and backward else 1.0
+        ops = []
+        for layer, (forward_s, _) in part.layers.items():
+            ops += [*at.pop((layer, FORWARD, True), []), (f"{layer} forward", COMPUTE, forward_s),
+                    *at.pop((layer, FORWARD, False), [])]
+        for layer, (_, backward_s) in reversed(part.layers.items()):
+            ops += [*at.pop((layer, BACKWARD, True), []), (f"{layer} backward", COMPUTE, stretch * backward_s),
+                    *at.pop((layer, BACKWARD, False), [])]
+        ops += [*at.pop((AT_THE_END, BACKWARD, True), []), ("optimizer step", OPTIMIZER, part.update_s)]
+        if at:
+            raise ValueError(f"links placed at no layer of the net: {sorted(at)}")
+        return ops
+
+    @classmethod
+    def placed(cls, link: str, direction: str, config: TrainConfig) -> list[tuple[str, bool, float]]:
+        """Where the step waits for `link`'s collectives in `direction`, as (layer, before, share): before or after
+        that layer's forward (FORWARD) or backward (BACKWARD), for that share of them. A layer's input waits before
+        its forward and its gradient after its backward, a layer's output after its forward and its gradient before
+        its backward; replicated gradients wait at the backward's end, before the optimizer's step."""
+        layer, _, end = link.rpartition("-")
+        if end == "input":
+            return [(layer, direction == FORWARD, 1.0)]
+        if end == "output":
+            return [(layer, direction != FORWARD, 1.0)]
+        return [(AT_THE_END, True, 1.0)]
+
+    @classmethod
+    def beside_compute_s(cls, part: PartTimes, world_size: int, config: TrainConfig,
+                         blocking: bool) -> dict[tuple[str, str], float]:
+        """The seconds of each of a part's (link, direction) that run beside its compute, not in its way: the
+        replicated gradients' reduction behind the backward pass, up to its length (DDP reduces each bucket as it
+        fills, on NCCL's streams or on gloo's own threads); where collectives run beside the compute (NCCL), also
+        the conv features' exchange in rounds behind the FC layers' work (`hidden_by_rounds`); over gloo the
+        rounds' collectives block the host."""
+        beside, backward = {}, part.backward_s
+        for key, seconds in part.comm.items():
+            if key[0].endswith("gradients"):
+                beside[key] = min(seconds, backward)
+                backward -= beside[key]
+        exchange = {key: seconds for key, seconds in part.comm.items() if key[0] == CONV_FEATURES.name}
+        if blocking or not sum(exchange.values()):
             return beside
-        exchange = sum(seconds for (link, _), seconds in comm_s.items() if link == CONV_FEATURES.name)
-        return beside + hidden_by_rounds(cls.exchange_rounds(world_size, config), exchange, fc_s)
+        hidden = hidden_by_rounds(cls.exchange_rounds(world_size, config), sum(exchange.values()), part.fc_s)
+        return beside | {key: hidden * seconds / sum(exchange.values()) for key, seconds in exchange.items()}
 
     @classmethod
     def fresh_bytes(cls, arch: Architecture, num_classes: int) -> float:
@@ -183,6 +258,43 @@ class Costs(ABC):
     def work(cls, arch: str, part: int, parts: int, batch: int, num_classes: int = 1000) -> RankWork:
         """What `part` computes in a step: its share of each layer, and the images its layers see."""
         return RankWork(held_shares(cls.shard, arch, part, parts, num_classes), *cls.samples(part, parts, batch))
+
+
+def met_at_collectives(parts_ops: list[list[Op]]) -> list[list[Span]]:
+    """Each part's spans from its ops (`Costs.ops`), every part listing the same collectives in the same order: a
+    part computes its ops up to its next collective; the collective starts once every part has reached it and ends
+    when the longest part's share of it does. Ops of no time leave no span."""
+    clocks, timeline = [0.0] * len(parts_ops), [[] for _ in parts_ops]
+    for meeting in zip(*(up_to_each_collective(ops) for ops in parts_ops), strict=True):
+        for p, (local, _) in enumerate(meeting):
+            for name, category, seconds in local:
+                if seconds > 0:
+                    timeline[p].append(Span(name, category, clocks[p], clocks[p] + seconds))
+                clocks[p] += seconds
+        collective = [op for _, op in meeting]
+        if collective[0] is None:
+            continue
+        if len({op[0] for op in collective}) > 1:
+            raise ValueError(f"parts meet at different collectives: {[op[0] for op in collective]}")
+        start = max(clocks)
+        end = start + max(seconds for _, _, seconds in collective)
+        for p, (name, category, _) in enumerate(collective):
+            if end > start:
+                timeline[p].append(Span(name, category, start, end))
+            clocks[p] = end
+    return timeline
+
+
+def up_to_each_collective(ops: list[Op]) -> list[tuple[list[Op], Op | None]]:
+    """A part's ops cut after each collective: the ops before it, and it (None after the last)."""
+    cut, local = [], []
+    for op in ops:
+        if op[1] == COMMUNICATION:
+            cut.append((local, op))
+            local = []
+        else:
+            local.append(op)
+    return cut + [(local, None)]
 
 
 def hidden_by_rounds(rounds: int, transfer_s: float, work_s: float) -> float:

@@ -24,9 +24,9 @@ from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import FRESH_BLOCK_BYTES, RankWork, Traffic, both_ways
 from alexnet_mp.errors import UsageError
 from alexnet_mp.ledger import BACKWARD, FORWARD, Ledger
-from alexnet_mp.model import ARCHITECTURES, FC_NAMES, AlexNet, Architecture, full_shapes
+from alexnet_mp.model import ARCHITECTURES, AlexNet, Architecture, full_shapes
 from alexnet_mp.strategies.base import Claim, bytes_on_rank_0
-from alexnet_mp.strategies.costs import new_traffic
+from alexnet_mp.strategies.costs import PartTimes, new_traffic
 from alexnet_mp.strategies.data_parallel import DataParallel, DataParallelCosts
 
 PARAMETERS, GRADIENTS = "parameters", "gradients"  # the ledger's links: all-gathers, and reduce-scatters
@@ -72,9 +72,10 @@ class MeteredReduceScatter(DefaultReduceScatter):
             return super().__call__(output_tensor, input_tensor, group, op, async_op)
 
 
-def unit_weights(arch: str, num_classes: int) -> list[int]:
+def unit_weights(arch: str, num_classes: int) -> dict[str, int]:
     """The elements of each unit's (each layer's) weight, the bulk of what a unit gathers."""
-    return [shape.numel() for key, shape in full_shapes(arch, num_classes).items() if key.endswith(".weight")]
+    return {key.removesuffix(".weight"): shape.numel() for key, shape in full_shapes(arch, num_classes).items()
+            if key.endswith(".weight")}
 
 
 class FSDPCosts(DataParallelCosts):
@@ -84,22 +85,31 @@ class FSDPCosts(DataParallelCosts):
 
     @classmethod
     def calls(cls, link: str, elements: float, world_size: int, config: TrainConfig) -> int:
-        return len(ARCHITECTURES[config.arch].convs) + len(FC_NAMES)  # one per layer unit, each direction
+        return len(ARCHITECTURES[config.arch].layer_names)  # one per layer unit, each direction
 
     @classmethod
-    def beside_compute_s(cls, forward_s: float, backward_s: float, fc_s: float, comm_s: dict[tuple[str, str], float],
-                         world_size: int, config: TrainConfig, blocking: bool) -> float:
+    def beside_compute_s(cls, part: PartTimes, world_size: int, config: TrainConfig,
+                         blocking: bool) -> dict[tuple[str, str], float]:
         """Where collectives run beside the compute (NCCL), FSDP prefetches: each unit's all-gather runs during the
         unit before's compute, so a pass waits for its first unit's gather (a unit's share, on average) and for
         whatever of its gathers the pass's compute cannot cover; the backward's reduce-scatters share that cover.
         Over gloo each collective blocks the host."""
         if blocking:
-            return 0.0
+            return {}
         units = cls.calls(PARAMETERS, 0, world_size, config)
-        gathers, in_backward = comm_s.get((PARAMETERS, FORWARD), 0.0), comm_s.get((PARAMETERS, BACKWARD), 0.0)
-        reduces = comm_s.get((GRADIENTS, BACKWARD), 0.0)
-        waits = max(gathers / units, gathers - forward_s) + max(in_backward / units, in_backward + reduces - backward_s)
-        return gathers + in_backward + reduces - waits
+        gathers, in_backward = part.comm.get((PARAMETERS, FORWARD), 0.0), part.comm.get((PARAMETERS, BACKWARD), 0.0)
+        reduces = part.comm.get((GRADIENTS, BACKWARD), 0.0)
+        covered = in_backward + reduces - max(in_backward / units, in_backward + reduces - part.backward_s)
+        return {(PARAMETERS, FORWARD): gathers - max(gathers / units, gathers - part.forward_s),
+                **{key: covered * part.comm.get(key, 0.0) / (in_backward + reduces)
+                   for key in ((PARAMETERS, BACKWARD), (GRADIENTS, BACKWARD)) if in_backward + reduces}}
+
+    @classmethod
+    def placed(cls, link: str, direction: str, config: TrainConfig) -> list[tuple[str, bool, float]]:
+        """Unit by unit, each its weight's share: its parameters gathered before its forward and again before its
+        backward, its gradients reduce-scattered after its backward."""
+        weights = unit_weights(config.arch, config.num_classes)
+        return [(layer, link == PARAMETERS, weight / sum(weights.values())) for layer, weight in weights.items()]
 
     @classmethod
     def holds_dtensors(cls, layer: str) -> bool:
@@ -119,7 +129,7 @@ class FSDPCosts(DataParallelCosts):
         layer's whole parameters and gradients (the largest's, at worst), gathered."""
         held = super().work(arch, part, parts, batch, num_classes)
         return RankWork(dict.fromkeys(held.shares, 1.0), held.conv_samples, held.fc_samples, held=held.shares,
-                        gathered=2 * max(unit_weights(arch, num_classes)))
+                        gathered=2 * max(unit_weights(arch, num_classes).values()))
 
     @classmethod
     def fresh_bytes(cls, arch: Architecture, num_classes: int) -> float:
@@ -127,7 +137,7 @@ class FSDPCosts(DataParallelCosts):
         gathers, in the forward and again in the backward, and its gradient into the reduce-scatter's input.
         The all-gather's and reduce-scatter's outputs are fresh inside the collectives' calibrated time (calibrate
         times the flat forms into fresh tensors), the whole gradient inside the layer's."""
-        units = [weights * torch.float32.itemsize for weights in unit_weights(arch.name, num_classes)]
+        units = [weights * torch.float32.itemsize for weights in unit_weights(arch.name, num_classes).values()]
         return 3 * sum(unit for unit in units if unit > FRESH_BLOCK_BYTES)
 
     @classmethod

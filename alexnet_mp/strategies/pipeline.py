@@ -37,7 +37,7 @@ from alexnet_mp.flag_types import POSITIVE_INT
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.model import PAPER, AlexNet, Architecture, MaskDraw, build_model
 from alexnet_mp.strategies.base import Layout
-from alexnet_mp.strategies.costs import Costs, Span, new_traffic, unshared
+from alexnet_mp.strategies.costs import COMPUTE, Costs, PartTimes, Span, new_traffic, unshared
 from alexnet_mp.strategies.options import Option
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -175,7 +175,8 @@ def simulated_schedule(schedule: str, forward_s: list[float], backward_s: list[f
             if elapsed == finish and left[s] * pace <= 1e-12 * max(1.0, now):
                 kind, m = orders[s][position[s]]
                 done[kind, s, m], left[s] = now, None
-                timeline[s].append(Span("compute", started[s], now))
+                timeline[s].append(Span(f"micro-batch {m} {'forward' if kind == 'F' else 'backward'}", COMPUTE,
+                                          started[s], now))
                 position[s] += 1
     return timeline
 
@@ -194,17 +195,16 @@ class PipelineCosts(Costs):
         return MICROBATCHES.value(config.options)
 
     @classmethod
-    def timeline(cls, forward_s: list[float], backward_s: list[float], comm_s: list[dict[tuple[str, str], float]],
-                 world_size: int, config: TrainConfig, blocking: bool, sharing: Callable[[int], float] = unshared, *,
-                 fc_s: list[float]) -> list[list[Span]]:
+    def timeline(cls, parts: list[PartTimes], world_size: int, config: TrainConfig, blocking: bool,
+                 sharing: Callable[[int], float] = unshared) -> list[list[Span]]:
         """The schedule simulated with each stage's own times (`simulated_schedule`), not (M + N - 1) / M. Stages
         that share cores are not all busy at once (the bubble): each runs at its own speed, slowed by how many
         compute beside it."""
         own = sharing(world_size)  # the times given are each stage's with every stage computing at once
-        return simulated_schedule(SCHEDULE.value(config.options), [f / own for f in forward_s],
-                                  [b / own for b in backward_s],
-                                  [comm.get((ACTIVATIONS, FORWARD), 0.0) for comm in comm_s],
-                                  [comm.get((ACTIVATIONS, BACKWARD), 0.0) for comm in comm_s],
+        return simulated_schedule(SCHEDULE.value(config.options), [part.forward_s / own for part in parts],
+                                  [part.backward_s / own for part in parts],
+                                  [part.comm.get((ACTIVATIONS, FORWARD), 0.0) for part in parts],
+                                  [part.comm.get((ACTIVATIONS, BACKWARD), 0.0) for part in parts],
                                   MICROBATCHES.value(config.options), sharing)
 
     @classmethod
