@@ -4,9 +4,9 @@ What a layout does per step comes from its `Costs` (strategies/costs.py): the sh
 computes and on how many images, the elements it sends on each link, which collective carries each and in
 how many calls, and how its parts' times make up the step (its timeline: each part's layers in order, waiting at
 each collective for every part and for what of it does not run beside the compute; a pipeline's schedule
-simulated event by event). What the machine costs comes from a `Hardware` profile (hardware.py): each layer's time at the share
-a part holds, the optimizer's step, each collective's latency and bandwidth, and whether ranks share cores. A
-prediction is the first walked over the second.
+simulated event by event). What the machine costs comes from a `Hardware` profile (hardware.py): each layer's
+time at the share a part holds, the optimizer's step, each collective's latency and bandwidth, and whether ranks
+share cores. A prediction is the first walked over the second.
 """
 
 from __future__ import annotations
@@ -69,16 +69,16 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
         layers = {cost.name: hardware.layer_s(f"{arch}.{cost.name}", work.shares[cost.name], ranks, cost.flops,
                                               work.samples(cost.name), costs.passes(cost.name, ranks, config))
                   for cost in layer_costs(architecture, num_classes, work.shares)}
-        foreach = sum(cost.parameters for cost in layer_costs(architecture, num_classes, work.holds)
-                      if costs.holds_dtensors(cost.name))
+        held = {cost.name: cost.parameters for cost in layer_costs(architecture, num_classes, work.holds)}
+        foreach = sum(count for name, count in held.items() if costs.holds_dtensors(name))
         update = (hardware.optimizer_s(parameters(work, architecture, num_classes) - foreach, foreach, ranks)
                   + hardware.fresh_copy_s(costs.fresh_bytes(architecture, num_classes), ranks))
         comm = {} if together > 1 else {
             (link, direction): hardware.collective(costs.collective(link, direction), ranks).seconds(
-                elements * BYTES_PER_ELEMENT, costs.calls(link, elements, ranks, config))
+                elements * BYTES_PER_ELEMENT, costs.calls(link, elements, ranks, config, held))
             for (link, direction), elements in traffic[part].items()}
         times.append(PartTimes({name: layers.get(name, (0.0, 0.0)) for name in architecture.layer_names}, update,
-                               comm))
+                               comm, held))
         memory.append(sum(memory_bytes(work, architecture, num_classes, BYTES_PER_ELEMENT, foreach).values()))
     sent = [BYTES_PER_ELEMENT * sum(t.values()) for t in traffic]
     if together > 1:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -22,11 +23,19 @@ from alexnet_mp.cost import layer_costs, memory_bytes, parameters
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import KINDS, PRESETS, Collective, Hardware, load, pass_s
 from alexnet_mp.ledger import BACKWARD, FORWARD
-from alexnet_mp.model import PAPER
+from alexnet_mp.model import PAPER, build_model
 from alexnet_mp.predict import Held, StepFigures, disordered, held_table, predict_step
 from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import LAYOUTS, build
-from alexnet_mp.strategies.costs import CONV_FEATURES, PartTimes, Span, step_end
+from alexnet_mp.strategies.costs import (
+    CONV_FEATURES,
+    DDP_BUCKET_CAPS,
+    PartTimes,
+    Span,
+    ddp_buckets,
+    gradient_bytes,
+    step_end,
+)
 from alexnet_mp.strategies.pipeline import simulated_schedule
 from tests.equivalence import PAPER_NET
 from tests.launching import in_process, one_line_error
@@ -48,13 +57,14 @@ def test_one_device_costs_its_training_flops_at_the_profiles_rate():
     assert predict_step("single", "paper", 1, 8, by_hand(), 10).step_s == pytest.approx(flops / 1e12)
 
 
-def test_data_parallel_costs_half_the_compute_and_its_all_reduce_in_buckets():
+def test_data_parallel_costs_half_the_compute_and_its_all_reduce_in_ddps_buckets():
+    """Three buckets on 10 classes: fc8's gradients with fc7's (fc8's alone are under the first bucket's 1 MiB),
+    fc6's, the convs'. Over gloo what runs beside the backward stretches it: the step holds every second of it."""
     whole = predict_step("single", "paper", 1, 8, by_hand(), 10)
     replicas = predict_step("data-parallel", "paper", 2, 8, by_hand(), 10)
     params = parameters(LAYOUTS["data-parallel"].costs.work("paper", 0, 2, 8, 10), PAPER, 10)
     sent = 4 * params  # a ring all-reduce over 2 ranks sends each rank's whole gradient once
-    buckets = -(-sent // (25 * 2**20))
-    assert replicas.step_s == pytest.approx(whole.step_s / 2 + buckets * 1e-3 + sent / 1e9)
+    assert replicas.step_s == pytest.approx(whole.step_s / 2 + 3 * 1e-3 + sent / 1e9)
 
 
 def test_ranks_that_outnumber_the_cores_share_them():
@@ -138,23 +148,40 @@ def test_a_pipeline_stage_idles_in_the_bubble_between_its_micro_batches_compute(
 
 
 def part_times(forward_s: float, backward_s: float, comm: dict[tuple[str, str], float], fc_s: float = 0.0,
-               **layers: tuple[float, float]) -> PartTimes:
+               parameters: dict[str, int] | None = None, **layers: tuple[float, float]) -> PartTimes:
     """A part of the paper net: its compute all conv1's but `fc_s` of fc6's backward, or the `layers` given."""
     given = layers or {"conv1": (forward_s, backward_s - fc_s), "fc6": (0.0, fc_s)}
-    return PartTimes(dict.fromkeys(PAPER.layer_names, (0.0, 0.0)) | given, 0.0, comm)
+    return PartTimes(dict.fromkeys(PAPER.layer_names, (0.0, 0.0)) | given, 0.0, comm, parameters or {})
 
 
-@pytest.mark.parametrize(("blocking", "backward"), [(True, 2.5), (False, 2.0)])
-def test_ddp_reduces_its_gradients_beside_the_backward_which_gloos_threads_stretch(blocking, backward):
-    """DDP reduces its buckets beside the backward: on NCCL's streams, free; on gloo's threads, on the compute's
-    cores, which it stretches. The conv features' exchange, in one piece, waits before fc6 either way."""
-    comm = {("gradients", BACKWARD): 0.5, (CONV_FEATURES.name, FORWARD): 0.25}
+@pytest.mark.parametrize(("blocking", "backward"), [(True, 1.5), (False, 1.0)])
+def test_ddp_reduces_each_bucket_once_the_backward_fills_it_and_the_rank_waits_for_what_is_left(blocking, backward):
+    """fc7's 3 MiB of gradients close DDP's first bucket (1.2 s of the 1.6 s reduction) once fc7's backward is done;
+    conv1's 1 MiB, the last (0.4 s), once the backward is: 0.6 s of the reduction comes after it. On gloo the 1 s
+    beside the backward runs on its cores and stretches it."""
+    comm = {("gradients", BACKWARD): 1.6}
     config = TrainConfig(mode="data-parallel", arch="paper")
-    part = part_times(1.0, 2.0, comm)
-    timeline = LAYOUTS["data-parallel"].costs.timeline([part], 2, config, blocking)
-    assert timeline == [[Span("conv1 forward", "compute", 0.0, 1.0),
-                         Span("fc6-input forward", "communication", 1.0, 1.25),
-                         Span("conv1 backward", "compute", 1.25, 1.25 + backward)]]
+    part = part_times(0, 0, comm, parameters={"conv1": 2**18, "fc7": 3 * 2**18}, conv1=(0.5, 1.0), fc7=(0.5, 1.0))
+    (spans,) = LAYOUTS["data-parallel"].costs.timeline([part], 2, config, blocking)
+    assert [span.name for span in spans] == [
+        "conv1 forward", "fc7 forward", "fc7 backward", "conv1 backward", "gradients backward"]
+    assert [span.end_s for span in spans] == pytest.approx([0.5, 1.0, 1.0 + backward, 1.0 + 2 * backward,
+                                                            1.6 + 2 * backward])
+
+
+def test_ddp_buckets_gradients_as_torch_assigns_them():
+    """torch's own assignment (private: `_compute_bucket_assignment_by_size`, which DDP's rebuild after the first
+    step calls with its caps) of the paper net's parameters in the order the backward makes their gradients."""
+    net = build_model("paper", 1000)
+    for link in ("gradients", "conv-gradients"):
+        held = [(name, param) for name, param in reversed(list(net.named_parameters()))
+                if name.startswith(link.removesuffix("gradients").removesuffix("-"))]
+        buckets, _ = dist._compute_bucket_assignment_by_size([param for _, param in held], list(DDP_BUCKET_CAPS),
+                                                             [False] * len(held))
+        theirs = [list(dict.fromkeys(held[i][0].split(".")[0] for i in bucket)) for bucket in buckets]
+        counts = {name: sum(cost.parameters for cost in layer_costs(PAPER) if cost.name == name)
+                  for name in PAPER.layer_names}
+        assert ddp_buckets(gradient_bytes(link, counts)) == theirs
 
 
 def test_a_part_waits_for_a_layers_input_before_its_forward_and_for_its_gradient_after_its_backward():

@@ -8,10 +8,9 @@ named by its `Layout.costs`.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -52,11 +51,12 @@ Op = tuple[str, str, float]  # name, category, seconds: a span of a part's step 
 class PartTimes:
     """What a part's step costs, in seconds: each of the net's layers forward and backward (in the order the forward
     runs them; nought where the part holds none of it), the optimizer's step with any copies the step makes beyond
-    its layers', and the collectives of each of its (link, direction)."""
+    its layers', and the collectives of each of its (link, direction); and the parameters it holds of each layer."""
 
     layers: dict[str, tuple[float, float]]
     update_s: float
     comm: dict[tuple[str, str], float]
+    parameters: dict[str, int]
 
     @property
     def forward_s(self) -> float:
@@ -78,7 +78,8 @@ class PartTimes:
         collective."""
         layers = {name: (sum(p.layers[name][0] for p in parts), sum(p.layers[name][1] for p in parts))
                   for name in parts[0].layers}
-        return cls(layers, sum(p.update_s for p in parts), {})
+        return cls(layers, sum(p.update_s for p in parts), {},
+                   {name: sum(p.parameters.get(name, 0) for p in parts) for name in parts[0].layers})
 
 
 def step_end(timeline: list[list[Span]]) -> float:
@@ -109,11 +110,13 @@ class Costs(ABC):
         return "all-gather" if direction == FORWARD else "reduce-scatter"
 
     @classmethod
-    def calls(cls, link: str, elements: float, world_size: int, config: TrainConfig) -> int:
-        """How many collectives carry `link`'s `elements` in a step, each paying the latency: one, but where
-        DDP's buckets split replicated gradients (25 MiB each, its default) or a layout sends in rounds."""
+    def calls(cls, link: str, elements: float, world_size: int, config: TrainConfig,
+              parameters: Mapping[str, int]) -> int:
+        """How many collectives carry `link`'s `elements` in a step, each paying the latency: one, but where DDP's
+        buckets split replicated gradients (`ddp_buckets`, of the `parameters` a part holds of each layer) or a
+        layout sends in rounds."""
         if link.endswith("gradients"):
-            return max(1, math.ceil(4 * elements / (25 * 2**20)))
+            return max(1, len(ddp_buckets(gradient_bytes(link, parameters))))
         if link == CONV_FEATURES.name and cls.exchange_rounds(world_size, config):
             return cls.exchange_rounds(world_size, config)
         return 1
@@ -179,15 +182,12 @@ class Costs(ABC):
     def beside_compute_s(cls, part: PartTimes, world_size: int, config: TrainConfig,
                          blocking: bool) -> dict[tuple[str, str], float]:
         """The seconds of each of a part's (link, direction) that run beside its compute, not in its way: the
-        replicated gradients' reduction behind the backward pass, up to its length (DDP reduces each bucket as it
-        fills, on NCCL's streams or on gloo's own threads); where collectives run beside the compute (NCCL), also
-        the conv features' exchange in rounds behind the FC layers' work (`hidden_by_rounds`); over gloo the
-        rounds' collectives block the host."""
-        beside, backward = {}, part.backward_s
-        for key, seconds in part.comm.items():
-            if key[0].endswith("gradients"):
-                beside[key] = min(seconds, backward)
-                backward -= beside[key]
+        replicated gradients' reduction behind the backward pass (DDP reduces each bucket once the backward has
+        filled it, on NCCL's streams or on gloo's own threads: `reduced_after_backward_s`); where collectives run
+        beside the compute (NCCL), also the conv features' exchange in rounds behind the FC layers' work
+        (`hidden_by_rounds`); over gloo the rounds' collectives block the host."""
+        beside = {key: seconds - reduced_after_backward_s(key[0], seconds, part)
+                  for key, seconds in part.comm.items() if key[0].endswith("gradients")}
         exchange = {key: seconds for key, seconds in part.comm.items() if key[0] == CONV_FEATURES.name}
         if blocking or not sum(exchange.values()):
             return beside
@@ -295,6 +295,49 @@ def up_to_each_collective(ops: list[Op]) -> list[tuple[list[Op], Op | None]]:
         else:
             local.append(op)
     return cut + [(local, None)]
+
+
+# DDP's bucket caps, its defaults: the first bucket's, small so that the reduction starts early, and every other's.
+DDP_BUCKET_CAPS = (2**20, 25 * 2**20)
+
+
+def gradient_bytes(link: str, parameters: Mapping[str, int]) -> list[tuple[str, int]]:
+    """The bytes of each layer's float32 gradients that a replicated-gradients link reduces (`conv-gradients`: the
+    convs', `gradients`: every layer's), given the parameters a part holds of each layer in the net's order; in the
+    order the backward makes them."""
+    layers = link.removesuffix("gradients").removesuffix("-")
+    return [(name, count * torch.float32.itemsize) for name, count in reversed(parameters.items())
+            if name.startswith(layers) and count]
+
+
+def ddp_buckets(gradients: list[tuple[str, int]]) -> list[list[str]]:
+    """The layers whose gradients (bytes, in the order the backward makes them) DDP reduces together: as DDP
+    rebuilds its buckets after the first step, in that order, each closing once it holds at least its cap
+    (`DDP_BUCKET_CAPS`). A layer's weight and bias go in one bucket: no bias here tips a bucket over its cap."""
+    buckets, bucket, size = [], [], 0
+    for name, nbytes in gradients:
+        bucket, size = [*bucket, name], size + nbytes
+        if size >= DDP_BUCKET_CAPS[min(len(buckets), 1)]:
+            buckets, bucket, size = [*buckets, bucket], [], 0
+    return buckets + ([bucket] if bucket else [])
+
+
+def reduced_after_backward_s(link: str, seconds: float, part: PartTimes) -> float:
+    """How long DDP's reduction of a part's replicated gradients (`seconds` in all on `link`) goes on after its
+    backward: each bucket's share starts once the backward has made the bucket's last gradient and the bucket
+    before is reduced, one after another in the order they fill."""
+    gradients = gradient_bytes(link, part.parameters)
+    total = sum(nbytes for _, nbytes in gradients)
+    if not total:
+        return seconds
+    made, clock = {}, 0.0
+    for name, (_, backward_s) in reversed(part.layers.items()):
+        clock += backward_s
+        made[name] = clock
+    reduced, sizes = 0.0, dict(gradients)
+    for bucket in ddp_buckets(gradients):
+        reduced = max(reduced, made[bucket[-1]]) + seconds * sum(sizes[name] for name in bucket) / total
+    return max(0.0, reduced - clock)
 
 
 def hidden_by_rounds(rounds: int, transfer_s: float, work_s: float) -> float:

@@ -8,7 +8,7 @@ float32 (MixedPrecisionPolicy)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -84,7 +84,8 @@ class FSDPCosts(DataParallelCosts):
         return "all-gather-single" if link == PARAMETERS else "reduce-scatter-single"  # FSDP2's flat buffers
 
     @classmethod
-    def calls(cls, link: str, elements: float, world_size: int, config: TrainConfig) -> int:
+    def calls(cls, link: str, elements: float, world_size: int, config: TrainConfig,
+              parameters: Mapping[str, int]) -> int:
         return len(ARCHITECTURES[config.arch].layer_names)  # one per layer unit, each direction
 
     @classmethod
@@ -96,7 +97,7 @@ class FSDPCosts(DataParallelCosts):
         Over gloo each collective blocks the host."""
         if blocking:
             return {}
-        units = cls.calls(PARAMETERS, 0, world_size, config)
+        units = len(ARCHITECTURES[config.arch].layer_names)
         gathers, in_backward = part.comm.get((PARAMETERS, FORWARD), 0.0), part.comm.get((PARAMETERS, BACKWARD), 0.0)
         reduces = part.comm.get((GRADIENTS, BACKWARD), 0.0)
         covered = in_backward + reduces - max(in_backward / units, in_backward + reduces - part.backward_s)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cache
 from typing import Any
 
@@ -187,7 +187,8 @@ class PipelineCosts(Costs):
         return "send"
 
     @classmethod
-    def calls(cls, link: str, elements: float, world_size: int, config: TrainConfig) -> int:
+    def calls(cls, link: str, elements: float, world_size: int, config: TrainConfig,
+              parameters: Mapping[str, int]) -> int:
         return MICROBATCHES.value(config.options)
 
     @classmethod
