@@ -138,13 +138,26 @@ def test_the_slowest_pipeline_stage_sets_the_pace_and_transfers_delay_the_others
     assert step == pytest.approx(0.25 + 0.1 + 9.0 + 0.1 + 0.5)
 
 
-def test_a_pipeline_stage_idles_in_the_bubble_between_its_micro_batches_compute():
+def test_a_pipeline_stage_waits_for_its_input_in_the_bubble_between_its_micro_batches_compute():
     """One micro-batch on 2 stages: stage 1 computes while stage 0 waits for its gradient, and the other way."""
     timeline = simulated_schedule("gpipe", [1.0, 1.0], [2.0, 2.0], [0.0, 0.0], [0.0, 0.0], 1)
     assert timeline == [[Span("micro-batch 0 forward", "compute", 0.0, 1.0),
+                         Span("activations backward", "communication", 1.0, 4.0),
                          Span("micro-batch 0 backward", "compute", 4.0, 6.0)],
-                        [Span("micro-batch 0 forward", "compute", 1.0, 2.0),
+                        [Span("activations forward", "communication", 0.0, 1.0),
+                         Span("micro-batch 0 forward", "compute", 1.0, 2.0),
                          Span("micro-batch 0 backward", "compute", 2.0, 4.0)]]
+
+
+def test_a_pipeline_stage_runs_each_micro_batch_layer_by_layer_and_steps_its_optimizer_after_the_last():
+    config = TrainConfig(mode="pipeline", options={"schedule": "gpipe", "microbatches": 2})
+    stage = PartTimes(dict.fromkeys(PAPER.layer_names, (0.0, 0.0)) | {"conv1": (1.0, 2.0), "conv2": (3.0, 2.0)},
+                      0.5, {}, {})
+    (spans,) = LAYOUTS["pipeline"].costs.timeline([stage], 1, config, blocking=True)
+    assert [(span.name, span.end_s) for span in spans] == [
+        ("conv1 forward", 0.5), ("conv2 forward", 2.0), ("conv1 forward", 2.5), ("conv2 forward", 4.0),
+        ("conv2 backward", 5.0), ("conv1 backward", 6.0), ("conv2 backward", 7.0), ("conv1 backward", 8.0),
+        ("optimizer step", 8.5)]
 
 
 def part_times(forward_s: float, backward_s: float, comm: dict[tuple[str, str], float], fc_s: float = 0.0,

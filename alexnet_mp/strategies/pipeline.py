@@ -37,7 +37,17 @@ from alexnet_mp.flag_types import POSITIVE_INT
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.model import PAPER, AlexNet, Architecture, MaskDraw, build_model
 from alexnet_mp.strategies.base import Layout
-from alexnet_mp.strategies.costs import COMPUTE, Costs, PartTimes, Span, new_traffic, unshared
+from alexnet_mp.strategies.costs import (
+    COMMUNICATION,
+    COMPUTE,
+    OPTIMIZER,
+    Costs,
+    PartTimes,
+    Span,
+    new_traffic,
+    step_end,
+    unshared,
+)
 from alexnet_mp.strategies.options import Option
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -46,6 +56,7 @@ SCHEDULE = Option("schedule", "gpipe (every micro-batch's forward, then every ba
 MICROBATCHES = Option("microbatches", "micro-batches of the global batch, which it must divide", 1,
                       parse=POSITIVE_INT, label="M={}", compared=(1, 2, 4, 8), planned=4)
 ACTIVATIONS = "activations"  # the ledger's link: a stage's outputs sent on, its inputs' gradients sent back
+PASSES = {"F": FORWARD, "B": BACKWARD}  # a schedule's tasks, by the pass each runs
 
 
 @cache
@@ -137,13 +148,15 @@ def simulated_schedule(schedule: str, forward_s: list[float], backward_s: list[f
     the stage before has sent it its input, a backward once the stage after has sent it its gradient (each
     stage's figures are for the whole batch, at its own speed; a micro-batch takes 1/M of them). Stages that
     share cores each run `slowdown(k)` times slower while k of them compute at once. A stage's spans are its
-    micro-batches' compute; between them it waits (the bubble, and its transfers)."""
+    micro-batches' compute and, before any that had to wait, the wait for its input (the bubble, and the
+    transfers), which the stage spends blocked on receiving it."""
     stages = len(forward_s)
     orders = [schedule_order(schedule, s, stages, microbatches) for s in range(stages)]
     done: dict[tuple[str, int, int], float] = {}
     position = [0] * stages
     left: list[float | None] = [None] * stages  # the running task's work left, at the stage's own speed
     started = [0.0] * stages
+    free = [0.0] * stages  # since when each stage has had nothing to run
     timeline: list[list[Span]] = [[] for _ in range(stages)]
 
     def arrival(s: int) -> float | None:
@@ -160,8 +173,11 @@ def simulated_schedule(schedule: str, forward_s: list[float], backward_s: list[f
         waiting = {s: arrival(s) for s in range(stages) if position[s] < len(orders[s]) and left[s] is None}
         for s, at in waiting.items():
             if at is not None and at <= now:
-                left[s] = (forward_s if orders[s][position[s]][0] == "F" else backward_s)[s] / microbatches
+                kind = orders[s][position[s]][0]
+                left[s] = (forward_s if kind == "F" else backward_s)[s] / microbatches
                 started[s] = now
+                if now > free[s]:
+                    timeline[s].append(Span(f"{ACTIVATIONS} {PASSES[kind]}", COMMUNICATION, free[s], now))
         busy = [s for s in range(stages) if left[s] is not None]
         pace = slowdown(len(busy)) if busy else 1.0
         finish = min((left[s] * pace for s in busy), default=math.inf)
@@ -174,11 +190,28 @@ def simulated_schedule(schedule: str, forward_s: list[float], backward_s: list[f
             left[s] -= elapsed / pace
             if elapsed == finish and left[s] * pace <= 1e-12 * max(1.0, now):
                 kind, m = orders[s][position[s]]
-                done[kind, s, m], left[s] = now, None
-                timeline[s].append(Span(f"micro-batch {m} {'forward' if kind == 'F' else 'backward'}", COMPUTE,
-                                          started[s], now))
+                done[kind, s, m], left[s], free[s] = now, None, now
+                timeline[s].append(Span(f"micro-batch {m} {PASSES[kind]}", COMPUTE, started[s], now))
                 position[s] += 1
     return timeline
+
+
+def layer_by_layer(spans: list[Span], part: PartTimes) -> list[Span]:
+    """A stage's spans with each micro-batch's compute cut into its layers', in the order it runs them, each its
+    share of the pass: as a trace names them."""
+    cut = []
+    for span in spans:
+        if span.category != COMPUTE:
+            cut.append(span)
+            continue
+        backward = span.name.endswith(BACKWARD)
+        layers = [(name, times[backward]) for name, times in part.layers.items() if times[backward]]
+        total, start = sum(seconds for _, seconds in layers), span.start_s
+        for name, seconds in reversed(layers) if backward else layers:
+            end = start + (span.end_s - span.start_s) * seconds / total
+            cut.append(Span(f"{name} {BACKWARD if backward else FORWARD}", COMPUTE, start, end))
+            start = end
+    return cut
 
 
 class PipelineCosts(Costs):
@@ -202,11 +235,14 @@ class PipelineCosts(Costs):
         that share cores are not all busy at once (the bubble): each runs at its own speed, slowed by how many
         compute beside it."""
         own = sharing(world_size)  # the times given are each stage's with every stage computing at once
-        return simulated_schedule(SCHEDULE.value(config.options), [part.forward_s / own for part in parts],
-                                  [part.backward_s / own for part in parts],
-                                  [part.comm.get((ACTIVATIONS, FORWARD), 0.0) for part in parts],
-                                  [part.comm.get((ACTIVATIONS, BACKWARD), 0.0) for part in parts],
-                                  MICROBATCHES.value(config.options), sharing)
+        schedule = simulated_schedule(SCHEDULE.value(config.options), [part.forward_s / own for part in parts],
+                                      [(part.backward_s - part.update_s) / own for part in parts],
+                                      [part.comm.get((ACTIVATIONS, FORWARD), 0.0) for part in parts],
+                                      [part.comm.get((ACTIVATIONS, BACKWARD), 0.0) for part in parts],
+                                      MICROBATCHES.value(config.options), sharing)
+        return [[*layer_by_layer(spans, part), Span("optimizer step", OPTIMIZER, step_end([spans]),
+                                                    step_end([spans]) + part.update_s / own)]
+                for spans, part in zip(schedule, parts, strict=True)]
 
     @classmethod
     def slots(cls, world_size: int, config: TrainConfig) -> float:
