@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -221,15 +222,18 @@ class Comparison:
     broken: list[str]  # one line per run that could not be read
     plots: list[Path] = field(default_factory=list)
     held: list[Held] = field(default_factory=list)  # each run's step beside the cost model's, given a profile
+    spans: list[list[str]] = field(default_factory=list)  # `SPAN_HEADER`'s rows, for traced runs beside a prediction
 
     @property
     def table(self) -> str:
         return markdown_table(self.header, self.rows) if self.rows else ""
 
     def tables(self) -> dict[str, tuple[list[str], list[list[str]]]]:
-        """Its tables by name (header, rows): the runs side by side, and each beside its prediction if made."""
+        """Its tables by name (header, rows): the runs side by side, each beside its prediction if made, and the
+        spans where the prediction misses most if runs were traced."""
         return {"comparison": (self.header, self.rows),
-                **({"predicted": (HELD_HEADER, held_table(self.held))} if self.held else {})}
+                **({"predicted": (HELD_HEADER, held_table(self.held))} if self.held else {}),
+                **({"spans": (SPAN_HEADER, self.spans)} if self.spans else {})}
 
 
 def compare(directories: list[Path], out: Path, hardware: Hardware | None = None) -> Comparison:
@@ -254,12 +258,15 @@ def compare(directories: list[Path], out: Path, hardware: Hardware | None = None
                 for row, h in zip(rows, held, strict=True)]
     plots = plot_comparison(runs, out)
     timeline = plot_timelines(runs, held, out / "timeline.png")
-    comparison = Comparison(header, rows, broken, plots + ([timeline] if timeline else []), held)
+    spans = {h.run: rank_0_spans(run, h) for run, h in zip(runs, held, strict=True)} if held else {}
+    comparison = Comparison(header, rows, broken, plots + ([timeline] if timeline else []), held,
+                            span_rows({run: by_name for run, by_name in spans.items() if by_name}))
     (out / "comparison.md").write_text(comparison.table + "\n\n" + held_section(held, hardware) + "\n\n" +
+                                       span_section(comparison.spans) +
                                        "\n".join(f"![{p.stem}]({p.name})" for p in comparison.plots) + "\n")
     record = {"hardware": None if hardware is None else {"name": hardware.name, "source": hardware.source},
-              "runs": [h.to_json() for h in held] or [{"run": run.label, "measured": asdict(measured(run))}
-                                                      for run in runs]}
+              "runs": [{**h.to_json(), **({"rank_0_spans": spans[h.run]} if spans[h.run] else {})} for h in held]
+              or [{"run": run.label, "measured": asdict(measured(run))} for run in runs]}
     (out / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")
     return comparison
 
@@ -306,6 +313,48 @@ def traced_step(trace: Path) -> dict[int, list[tuple[str, float, float]]]:
         start = (e["ts"] - begin) / 1e6
         spans.setdefault(e["pid"], []).append((e["cat"], start, start + e["dur"] / 1e6))
     return spans
+
+
+def rank_0_spans(run: RunSummary, held: Held) -> dict[str, dict[str, float]]:
+    """Rank 0's seconds a step in each span `train --trace` recorded for `run` (the mean over its traced steps, the
+    spans of one name summed) beside the predicted timeline's spans of that name; none if the run was not traced."""
+    trace = run.path / "trace.json"
+    if not trace.is_file():
+        return {}
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X" and e["pid"] == 0]
+    steps = sum(e["name"] == "optimizer step" for e in events) or 1
+    measured_s: dict[str, float] = defaultdict(float)
+    for event in events:
+        measured_s[event["name"]] += event["dur"] / 1e6 / steps
+    predicted_s: dict[str, float] = defaultdict(float)
+    for span in held.timeline[0]:
+        predicted_s[span.name] += span.end_s - span.start_s
+    return {name: {"measured_s": measured_s[name], "predicted_s": predicted_s[name]}
+            for name in dict.fromkeys([*measured_s, *predicted_s])}
+
+
+# The spans of rank 0's step where a traced run and its prediction differ most, a row each
+SPAN_HEADER = ["run", "rank 0's span", "measured ms a step", "predicted ms a step", "measured - predicted ms"]
+MISSES_SHOWN = 5
+
+
+def span_rows(spans: dict[str, dict[str, dict[str, float]]]) -> list[list[str]]:
+    """Per run (its `rank_0_spans`), the `MISSES_SHOWN` spans whose measured and predicted time differ most."""
+    rows = []
+    for run, by_name in spans.items():
+        missed = sorted(by_name.items(), key=lambda item: -abs(item[1]["measured_s"] - item[1]["predicted_s"]))
+        rows += [[run, name, f"{1000 * s['measured_s']:.1f}", f"{1000 * s['predicted_s']:.1f}",
+                  f"{1000 * (s['measured_s'] - s['predicted_s']):+.1f}"] for name, s in missed[:MISSES_SHOWN]]
+    return rows
+
+
+def span_section(rows: list[list[str]]) -> str:
+    """comparison.md's section of `span_rows`, or nothing where no traced run was predicted."""
+    if not rows:
+        return ""
+    return ("## Where the prediction misses, span by span\n\nRank 0's traced step against the cost model's timeline "
+            "of it, the spans that differ most (ms a step; spans of one name summed).\n\n"
+            f"{markdown_table(SPAN_HEADER, rows)}\n\n")
 
 
 def plot_timelines(runs: list[RunSummary], held: list[Held], out: Path) -> Path | None:

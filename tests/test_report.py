@@ -256,3 +256,15 @@ def test_compare_without_a_profile_says_none_was_given(trial, tmp_path, capsys, 
     assert result.returncode == 0
     assert "No hardware profile given" in (tmp_path / "report" / "comparison.md").read_text()
     assert "predicted" not in json.loads((tmp_path / "report" / "comparison.json").read_text())["runs"][0]
+
+
+def test_compare_sets_rank_0s_traced_spans_beside_the_predicted_ones_where_they_differ_most(trial, tmp_path, capsys):
+    result = in_process(capsys, "compare", str(trial / "single-1"), str(trial / "paper-split-2"),
+                        "--out", str(tmp_path / "report"), "--hardware", str(by_hand_profile(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "report" / "comparison.json").read_text())
+    split = next(run for run in record["runs"] if run["run"] == "paper-split x2")["rank_0_spans"]
+    assert split["conv3 forward"]["measured_s"] > 0 and split["conv3 forward"]["predicted_s"] > 0
+    assert split["conv3-input forward"]["predicted_s"] > 0
+    report = (tmp_path / "report" / "comparison.md").read_text()
+    assert "## Where the prediction misses, span by span" in report
