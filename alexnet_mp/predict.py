@@ -126,22 +126,29 @@ class Held:
                 "predicted_timeline": [[asdict(span) for span in spans] for spans in self.timeline]}
 
 
-def disordered(runs: list[tuple[str, float, float]], margin: float = 0.15) -> list[str]:
+def disordered(runs: list[tuple[str, float, float]], margin: float = 0.15,
+               launches: Mapping[str, list[float]] | None = None) -> list[str]:
     """Of (run, measured step, predicted step): the pairs whose measured order the prediction reverses, where
-    their measurements differ by more than `margin` (closer ones are within the noise of a short run)."""
+    their measurements differ by more than `margin` (closer ones are within the noise of a short run). Where the
+    runs were measured in several launches (`launches`: each run's step in each, in launch order), a pair says
+    how many launches measured its two runs the other way round: a reversal they disagree on is the machine's."""
     wrong = []
     for i, a in enumerate(runs):
         for b in runs[i + 1:]:
             (faster, fast_measured, fast_predicted), (slower, slow_measured, slow_predicted) = sorted(
                 (a, b), key=lambda run: run[1])
             if slow_measured > (1 + margin) * fast_measured and fast_predicted > slow_predicted:
-                wrong.append(f"{faster} measured faster than {slower}, predicted slower")
+                each = [(launches or {}).get(run, []) for run in (faster, slower)]
+                paired = list(zip(*each, strict=True)) if len(each[0]) == len(each[1]) else []  # a launch failed
+                flipped = sum(fast >= slow for fast, slow in paired)
+                wrong.append(f"{faster} measured faster than {slower}, predicted slower"
+                             + (f" ({flipped} of {len(paired)} launches measured it slower)" if flipped else ""))
     return wrong
 
 
-def order_said(runs: list[tuple[str, float, float]]) -> str:
+def order_said(runs: list[tuple[str, float, float]], launches: Mapping[str, list[float]] | None = None) -> str:
     """Whether the predicted order of (run, measured step, predicted step) is the measured one, in words."""
-    wrong = disordered(runs)
+    wrong = disordered(runs, launches=launches)
     return "as measured" if not wrong else "reversed: " + "; ".join(wrong)
 
 
@@ -168,8 +175,9 @@ HELD_HEADER = ["run (measured / predicted (error))", "step ms", "rank 0: compute
                "MB sent by the busiest rank", "training MiB, the largest rank"]
 
 
-def held_said(held: list[Held]) -> str:
-    """The median and largest step error, and whether the predicted order of the layouts is the measured one."""
+def held_said(held: list[Held], launches: Mapping[str, list[float]] | None = None) -> str:
+    """The median and largest step error, and whether the predicted order of the layouts is the measured one (with
+    each run's step in each launch, where it was launched several times)."""
     errors = sorted(abs(h.error["step_s"]) for h in held)
     return (f"median |step error| {errors[len(errors) // 2]:.0%}, largest {errors[-1]:.0%}; order of the layouts "
-            + order_said([(h.run, h.measured.step_s, h.predicted.step_s) for h in held]))
+            + order_said([(h.run, h.measured.step_s, h.predicted.step_s) for h in held], launches))

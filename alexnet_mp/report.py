@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -271,13 +272,15 @@ def compare(directories: list[Path], out: Path, hardware: Hardware | None = None
     return comparison
 
 
-def held_section(held: list[Held], hardware: Hardware | None) -> str:
-    """The Markdown section of each run's figures beside the cost model's on `hardware` (comparison.md's, bench.md's),
-    or the line saying no profile was given."""
+def held_section(held: list[Held], hardware: Hardware | None,
+                 launches: Mapping[str, list[float]] | None = None) -> str:
+    """The Markdown section of each run's figures beside the cost model's on `hardware` (comparison.md's, bench.md's,
+    with each run's step in each launch where bench launched it several times), or the line saying no profile was
+    given."""
     if hardware is None:
         return "No hardware profile given: no step predicted (`python -m alexnet_mp calibrate`, then `--hardware`)."
     return (f"## Predicted beside measured: {hardware.name} ({hardware.source})\n\n"
-            f"{markdown_table(HELD_HEADER, held_table(held))}\n\n{held_said(held)}")
+            f"{markdown_table(HELD_HEADER, held_table(held))}\n\n{held_said(held, launches)}")
 
 
 def measured(run: RunSummary) -> StepFigures:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
         held = predictions(measurements, sizes, hardware) if hardware else []
         rows = comparisons({m.name: m for m in measurements}, sizes, device_type, held)
         text = (as_markdown(measurements, rows, not_measured, sizes, quick, env)
-                + held_markdown(held, hardware, drifts))
+                + held_markdown(held, hardware, drifts, {m.name: m.launch_steps_s for m in measurements}))
         record = {"environment": env, "sizes": asdict(sizes), "quick": quick, "skipped": not_measured,
                   "measurements": [{**asdict(m), "median_images_per_s": m.median} for m in measurements],
                   "comparisons": [{**asdict(c), "verdict": c.verdict} for c in rows],
@@ -116,9 +117,11 @@ def machine_drift(hardware: Hardware) -> dict[str, float]:
         torch.set_num_threads(threads)
 
 
-def held_markdown(held: list[Held], hardware: Hardware | None, drifts: dict[str, dict[str, float]]) -> str:
-    """bench.md's section of each layout's step beside its prediction, and how far the machine had drifted from its
-    calibration at the bench's start and end: none where a profile predicted nothing."""
+def held_markdown(held: list[Held], hardware: Hardware | None, drifts: dict[str, dict[str, float]],
+                  launches: Mapping[str, list[float]] | None = None) -> str:
+    """bench.md's section of each layout's step beside its prediction (with each run's step in each launch), and how
+    far the machine had drifted from its calibration at the bench's start and end: none where a profile predicted
+    nothing."""
     if hardware and not held:
         return ""
     moved = "; ".join(f"{threads} thread(s): " + ", ".join(f"{drifts[when][threads]:+.0%} at the {when}"
@@ -126,4 +129,4 @@ def held_markdown(held: list[Held], hardware: Hardware | None, drifts: dict[str,
                       for threads in drifts.get("start", {}))
     said = (f"\n\nThe machine against its calibration, slower (+) or faster (-) than the profile says (conv2 and fc6 "
             f"timed as calibrate times them): {moved}. A step's error within this is the machine's.") if moved else ""
-    return "\n" + held_section(held, hardware) + said + "\n"
+    return "\n" + held_section(held, hardware, launches) + said + "\n"
