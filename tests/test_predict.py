@@ -244,6 +244,12 @@ def test_a_prediction_that_reverses_two_clearly_different_measurements_is_named(
                                 "close measured faster than slow, predicted slower"]
 
 
+def test_a_reversed_pair_says_in_how_many_launches_the_measurement_itself_went_the_other_way():
+    runs = [("fast", 1.0, 2.0), ("slow", 2.0, 1.0)]
+    assert disordered(runs, launches={"fast": [1.0, 2.2, 0.9], "slow": [2.0, 2.1, 2.4]}) == [
+        "fast measured faster than slow, predicted slower (1 of 3 launches measured it slower)"]
+
+
 def test_a_held_prediction_gives_each_figures_relative_error_bytes_and_memory_of_the_busiest_rank():
     measured = StepFigures(0.2, 0.15, 0.05, [100e6, 300e6], [50.0, 80.0])
     predicted = StepFigures(0.25, 0.1, 0.1, [100e6, 330e6], [40.0, 100.0])
