@@ -302,10 +302,15 @@ def held_run(run: RunSummary, hardware: Hardware) -> Held:
 COLOURS = {"compute": "tab:blue", "communication": "tab:orange", "data": "tab:green", "optimizer": "tab:purple"}
 
 
+def trace_spans(trace: Path) -> list[dict]:
+    """The spans ("X" events) of a Chrome trace `train --trace` wrote."""
+    return [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
+
+
 def traced_step(trace: Path) -> dict[int, list[tuple[str, float, float]]]:
     """Per rank, the spans of the first step `train --trace` recorded (category, start and end in seconds since
     the step's first span on any rank), up to rank 0's optimizer step."""
-    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
+    events = trace_spans(trace)
     ends = sorted(e["ts"] + e["dur"] for e in events if e["cat"] == "optimizer" and e["pid"] == 0)
     if not ends:
         return {}
@@ -324,7 +329,7 @@ def rank_0_spans(run: RunSummary, held: Held) -> dict[str, dict[str, float]]:
     trace = run.path / "trace.json"
     if not trace.is_file():
         return {}
-    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X" and e["pid"] == 0]
+    events = [e for e in trace_spans(trace) if e["pid"] == 0]
     steps = sum(e["name"] == "optimizer step" for e in events) or 1
     measured_s: dict[str, float] = defaultdict(float)
     for event in events:

@@ -63,9 +63,13 @@ class PartTimes:
         return sum(forward for forward, _ in self.layers.values())
 
     @property
+    def layers_backward_s(self) -> float:
+        return sum(backward for _, backward in self.layers.values())
+
+    @property
     def backward_s(self) -> float:
         """Its backward pass and the optimizer's step after it."""
-        return sum(backward for _, backward in self.layers.values()) + self.update_s
+        return self.layers_backward_s + self.update_s
 
     @property
     def fc_s(self) -> float:
@@ -151,7 +155,7 @@ class Costs(ABC):
             exposed = part.comm.get((link, direction), 0.0) - beside.get((link, direction), 0.0)
             for layer, before, share in cls.placed(link, direction, config):
                 at[layer, direction, before].append((f"{link} {direction}", COMMUNICATION, share * exposed))
-        backward = sum(b for _, b in part.layers.values())
+        backward = part.layers_backward_s
         stretch = 1 + sum(beside.values()) / backward if blocking and backward else 1.0
         ops = []
         for layer, (forward_s, _) in part.layers.items():

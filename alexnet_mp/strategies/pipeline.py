@@ -236,13 +236,16 @@ class PipelineCosts(Costs):
         compute beside it."""
         own = sharing(world_size)  # the times given are each stage's with every stage computing at once
         schedule = simulated_schedule(SCHEDULE.value(config.options), [part.forward_s / own for part in parts],
-                                      [(part.backward_s - part.update_s) / own for part in parts],
+                                      [part.layers_backward_s / own for part in parts],
                                       [part.comm.get((ACTIVATIONS, FORWARD), 0.0) for part in parts],
                                       [part.comm.get((ACTIVATIONS, BACKWARD), 0.0) for part in parts],
                                       MICROBATCHES.value(config.options), sharing)
-        return [[*layer_by_layer(spans, part), Span("optimizer step", OPTIMIZER, step_end([spans]),
-                                                    step_end([spans]) + part.update_s / own)]
-                for spans, part in zip(schedule, parts, strict=True)]
+        timeline = []
+        for spans, part in zip(schedule, parts, strict=True):
+            done = step_end([spans])
+            timeline.append([*layer_by_layer(spans, part),
+                             Span("optimizer step", OPTIMIZER, done, done + part.update_s / own)])
+        return timeline
 
     @classmethod
     def slots(cls, world_size: int, config: TrainConfig) -> float:
