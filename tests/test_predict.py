@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from alexnet_mp.bench import held_markdown, machine_drift
+from alexnet_mp.bench import held_markdown, machine_drift, mean_drift
 from alexnet_mp.calibrate import PROBE_LAYERS, pass_images
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, memory_bytes, parameters
@@ -365,6 +365,23 @@ def test_bench_says_how_far_the_machine_was_from_its_calibration_at_its_start_an
     held = [Held("single, paper", StepFigures(1.0, 1.0, 0.0, [0.0], None), StepFigures(1.1, 1.1, 0.0, [0.0], None), [])]
     text = held_markdown(held, probed(0.1), {"start": {"1": 0.12}, "end": {"1": -0.03}})
     assert "1 thread(s): +12% at the start, -3% at the end" in text
+
+
+def test_bench_predicts_at_the_mean_of_the_drifts_it_has_measured_so_far():
+    assert mean_drift({"start": {"1": 0.12, "2": 0.0}}) == {"1": 0.12, "2": 0.0}
+    assert mean_drift({"start": {"1": 0.12}, "end": {"1": -0.04}}) == {"1": pytest.approx(0.04)}
+
+
+def test_a_drifted_profile_takes_each_layer_longer_by_its_thread_counts_drift_and_keeps_the_rest_as_measured():
+    times = {"images": [2.0, 32.0], "forward": [0.1, 0.4], "backward": [0.2, 0.8]}
+    layers = {"1": {"paper.conv1@1": times}, "2": {"paper.conv1@1": times}}
+    profile = dataclasses.replace(by_hand(cores=2), layers=layers,
+                                  optimizer_s_per_parameter={"1": {"fused": 1e-9, "foreach": 2e-9}})
+    drifted = profile.drifted({"1": 0.25})
+    assert drifted.layers["1"]["paper.conv1@1"] == {**times, "forward": [0.125, 0.5], "backward": [0.25, 1.0]}
+    assert drifted.layers["2"] == layers["2"]  # no drift measured on 2 threads
+    assert (drifted.collectives, drifted.optimizer_s_per_parameter) == (profile.collectives,
+                                                                        profile.optimizer_s_per_parameter)
 
 
 @pytest.mark.slow  # measures this machine: layers on each thread count, collectives over 2 gloo processes
