@@ -17,6 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from alexnet_mp.bench import held_markdown, machine_drift, mean_drift
+from alexnet_mp.bench.matrix import QUICK
+from alexnet_mp.bench.measure import Measurement
 from alexnet_mp.calibrate import PROBE_LAYERS, pass_images
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, memory_bytes, parameters
@@ -370,6 +372,22 @@ def test_bench_says_how_far_the_machine_was_from_its_calibration_at_its_start_an
 def test_bench_predicts_at_the_mean_of_the_drifts_it_has_measured_so_far():
     assert mean_drift({"start": {"1": 0.12, "2": 0.0}}) == {"1": 0.12, "2": 0.0}
     assert mean_drift({"start": {"1": 0.12}, "end": {"1": -0.04}}) == {"1": pytest.approx(0.04)}
+
+
+def test_bench_predicts_each_layout_at_the_mean_of_the_machines_drift_at_its_start_and_its_end(tmp_path, monkeypatch):
+    from alexnet_mp import bench
+
+    run = Measurement("single, paper", 1, 1, 8, [8.0], 0.0, [0.0], [0.0], arch="paper", step_s=1.0, mode="single",
+                      wait_per_rank_s=[0.0])
+    monkeypatch.setattr(bench, "run_matrix", lambda *args: ([run], [], []))
+    monkeypatch.setattr(bench, "plot_layouts", lambda *args: None)
+    probes = iter([{"1": 0.2}, {"1": 0.6}])
+    monkeypatch.setattr(bench, "machine_drift", lambda hardware: next(probes))
+    bench.bench(tmp_path, quick=True, hardware=probed(0.1))
+    (held,) = json.loads((tmp_path / "bench.json").read_text())["predicted"]
+    at_the_mean = probed(0.1).drifted({"1": 0.4})
+    assert held["predicted"]["step_s"] == pytest.approx(
+        predict_step("single", "paper", 1, 8, at_the_mean, QUICK.num_classes).step_s)
 
 
 def test_a_drifted_profile_takes_each_layer_longer_by_its_thread_counts_drift_and_keeps_the_rest_as_measured():

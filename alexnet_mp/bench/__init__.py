@@ -135,6 +135,6 @@ def held_markdown(held: list[Held], hardware: Hardware | None, drifts: dict[str,
                                                               for when in drifts)
                       for threads in drifts.get("start", {}))
     said = (f"\n\nThe machine against its calibration, slower (+) or faster (-) than the profile says (conv2 and fc6 "
-            f"timed as calibrate times them): {moved}. Each prediction above takes the layers at the mean of these: the "
-             f"machine's speed while the bench ran.") if moved else ""
+            f"timed as calibrate times them): {moved}. Each prediction above takes the layers at the mean of these: "
+            f"the machine's speed while the bench ran.") if moved else ""
     return "\n" + held_section(held, hardware, launches) + said + "\n"
