@@ -112,10 +112,11 @@ class Hardware:
         """This profile on its machine running slower (+) or faster (-) than when calibrated, by `drift` per thread
         count (`calibrate.drift`): each layer's times scaled by 1 + its thread count's drift, all else as measured
         (the drift is timed on layers)."""
-        return replace(self, layers={threads: {key: {"images": times["images"],
-                                                     **{direction: [seconds * (1 + drift.get(threads, 0.0))
-                                                                    for seconds in times[direction]]
-                                                        for direction in ("forward", "backward")}}
+        def scaled(times: dict[str, list[float]], by: float) -> dict[str, list[float]]:
+            return {"images": times["images"], "forward": [by * s for s in times["forward"]],
+                    "backward": [by * s for s in times["backward"]]}
+
+        return replace(self, layers={threads: {key: scaled(times, 1 + drift.get(threads, 0.0))
                                                for key, times in table.items()}
                                      for threads, table in self.layers.items()})
 
