@@ -12,15 +12,19 @@ optimizer on a GPU, by its own clock, and the collectives over NCCL, one rank a 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import datetime
+import json
 import os
 import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +34,7 @@ from alexnet_mp.bench.matrix import FULL
 from alexnet_mp.bench.measure import layout_steps
 from alexnet_mp.blocks import rows
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import memory_bytes
+from alexnet_mp.cost import FRESH_BLOCK_BYTES, memory_bytes
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import KERNELS, KINDS, Collective, Hardware, pass_s
 from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, MaskDraw, SeededDropout, build_model, conv_sides
@@ -49,6 +53,7 @@ STEADY = 0.1  # layer sweeps further apart than this: the machine was busy with 
 SIZES = (1024, 65536, 1 << 20, 1 << 22, 1 << 24)
 CPU = torch.device("cpu")
 PROBE_LAYERS, PROBE_IMAGES = ("conv2", "fc6"), 8  # what `drift` times: a compute-bound layer and a memory-bound one
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
 def pass_images(batch: int) -> list[int]:
@@ -60,49 +65,86 @@ def pass_images(batch: int) -> list[int]:
     return sizes if len(sizes) > 1 else [1, 2]
 
 
+def reuse_freed_memory() -> bool:
+    """Makes this process's glibc malloc keep what it frees and serve every block from it, never mapping one afresh
+    (no mmap, no trimming): a pass timed here finds its blocks' pages mapped already, so its time is the same from
+    one sweep to the next, where by default a large block is mapped afresh or found free depending on what the
+    process freed before. False where the C library is not glibc (its allocator is another's)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def in_reused_memory(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) once this process reuses the memory it frees (`reuse_freed_memory`): for a process of its own."""
+    reuse_freed_memory()
+    return fn(*args)
+
+
 def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU,
-                ) -> tuple[dict[str, dict[str, list[float]]], float]:
+                ) -> tuple[dict[str, dict[str, Any]], float]:
     """Each layer of `arch` as it runs in the net (with what follows it up to the next layer: a conv's ReLU, LRN
     and pool; fc6's and fc7's ReLU and dropout), at each of `SHARES`, on `threads`: a pass's seconds forward and
-    backward at each of `pass_images(batch)`. Every pass runs once per sweep and the sweeps one after another, so
-    that a burst of the machine's other work slows one sweep's passes rather than every repeat of a few, and each
-    pass follows another layer's, as in the net: the first sweep warms up, the median of the rest is kept. Also
-    how far apart the timed sweeps' sums are (the slowest over the fastest, less 1): how steady the machine was.
-    On `device` (a GPU: its own clock, `timing.DeviceClock`)."""
+    backward at each of `pass_images(batch)`, and on a CPU the bytes it allocates in blocks a training process maps
+    afresh (`fresh_bytes`), which a process reusing its memory (`in_reused_memory`) does not pay in its times. Every
+    pass runs once per sweep and the sweeps one after another, so that a burst of the machine's other work slows one
+    sweep's passes rather than every repeat of a few, and each pass follows another layer's, as in the net: the
+    first sweep warms up, the median of the rest is kept. Also how far apart the timed sweeps' sums are (the slowest
+    over the fastest, less 1): how steady the machine was. On `device` (a GPU: its own clock,
+    `timing.DeviceClock`)."""
     torch.set_num_threads(threads)
     images = pass_images(batch)
     passes = [timed for share in SHARES for timed in _layer_passes(arch, share, images, device)]
     passes.sort(key=lambda timed: timed[2][0])  # by images, each size's layers in the net's order (a stable sort)
     sweeps = [[_forward_backward(segment, shape, needs, device) for _, segment, shape, needs in passes]
               for _ in range(1 + REPEATS)]
-    times: dict[str, dict[str, list[float]]] = {}
-    for at, (key, *_) in enumerate(passes):
+    times: dict[str, dict[str, Any]] = {}
+    for at, (key, segment, shape, needs) in enumerate(passes):
         timed = times.setdefault(key, {"images": images, "forward": [], "backward": []})
         timed["forward"].append(statistics.median(sweep[at][0] for sweep in sweeps[1:]))
         timed["backward"].append(statistics.median(sweep[at][1] for sweep in sweeps[1:]))
+        if device.type == "cpu":  # a GPU's caching allocator reuses its blocks
+            fresh = timed.setdefault("fresh_bytes", {"forward": [], "backward": []})
+            for direction, mapped in zip(("forward", "backward"), fresh_bytes(segment, shape, needs), strict=True):
+                fresh[direction].append(mapped)
     sums = [sum(f + b for f, b in sweep) for sweep in sweeps[1:]]
     return times, max(sums) / min(sums) - 1
 
 
 def drift(hardware: Hardware, arch: str = "paper") -> dict[str, float]:
     """How much slower this machine runs now than `hardware` says, per thread count the profile measured: the passes
-    of `PROBE_LAYERS` whole on `PROBE_IMAGES` images, timed as `time_layers` times them, over the profile's figures
-    for them, less 1 (negative: faster). Empty for a profile without this net's layer times (a preset). A
-    prediction's error within this is the machine's, not the cost model's."""
+    of `PROBE_LAYERS` whole on `PROBE_IMAGES` images, timed as `time_layers` times them (in a process of their own
+    that reuses its memory), over the profile's figures for them, less 1 (negative: faster). Empty for a profile
+    without this net's layer times (a preset). A prediction's error within this is the machine's, not the cost
+    model's."""
     keys = {f"{arch}.{name}@1" for name in PROBE_LAYERS}
     tables = {threads: table for threads, table in hardware.layers.items() if keys <= table.keys()}
     if not tables:
         return {}
     device = torch.device("cuda") if hardware.backend == "nccl" else CPU
+    with tempfile.TemporaryDirectory(prefix="drift-") as scratch:
+        probed = run_distributed(in_reused_memory, 1, Path(scratch), _time_probes, arch, keys, list(tables), device)[0]
+    return {threads: probed[threads] / _expected_s(table, keys) - 1 for threads, table in tables.items()}
+
+
+def _expected_s(table: dict[str, dict[str, Any]], keys: set[str]) -> float:
+    """What the passes `keys` on `PROBE_IMAGES` images take by a profile's `table`, forward and backward together."""
+    return sum(pass_s(table[key]["images"], table[key][direction], PROBE_IMAGES)
+               for key in keys for direction in ("forward", "backward"))
+
+
+def _time_probes(arch: str, keys: set[str], thread_counts: list[str], device: torch.device) -> dict[str, float]:
+    """On each of `thread_counts`: the median seconds of the passes `keys` on `PROBE_IMAGES` images, forward and
+    backward together, over sweeps as `time_layers` runs them."""
     probes = [timed for timed in _layer_passes(arch, 1.0, [PROBE_IMAGES], device) if timed[0] in keys]
     found = {}
-    for threads, table in tables.items():
+    for threads in thread_counts:
         torch.set_num_threads(int(threads))
         sweeps = [sum(sum(_forward_backward(segment, shape, needs, device)) for _, segment, shape, needs in probes)
                   for _ in range(1 + REPEATS)]
-        expected = sum(pass_s(table[key]["images"], table[key][direction], PROBE_IMAGES)
-                       for key, *_ in probes for direction in ("forward", "backward"))
-        found[threads] = statistics.median(sweeps[1:]) / expected - 1
+        found[threads] = statistics.median(sweeps[1:])
     return found
 
 
@@ -137,13 +179,19 @@ def _input_shape(layer: torch.nn.Module, images: int, sides: list[int], index: i
     return images, layer.in_channels, sides[index], sides[index]
 
 
-def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool,
-                      device: torch.device) -> tuple[float, float]:
-    """One pass's seconds on `device`, forward and backward."""
+def _pass_input(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool,
+                device: torch.device) -> torch.Tensor:
+    """A pass's input of `shape`, its segment's dropout masks drawn for it."""
     for dropout in segment.modules():
         if isinstance(dropout, SeededDropout):
             dropout.draw = MaskDraw(seed=0, step=0, global_batch=shape[0], rows=slice(0, shape[0]))
-    x = torch.randn(shape, requires_grad=needs_input_grad, device=device)
+    return torch.randn(shape, requires_grad=needs_input_grad, device=device)
+
+
+def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool,
+                      device: torch.device) -> tuple[float, float]:
+    """One pass's seconds on `device`, forward and backward."""
+    x = _pass_input(segment, shape, needs_input_grad, device)
     clock = clock_for(device)
     started = clock.stamp()
     out = segment(x)
@@ -152,6 +200,55 @@ def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_in
     ended = clock.stamp()
     segment.zero_grad(set_to_none=True)
     return clock.seconds(started, middle), clock.seconds(middle, ended)
+
+
+def fresh_bytes(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool) -> tuple[float, float]:
+    """The bytes one pass on the CPU allocates in blocks of `cost.FRESH_BLOCK_BYTES` or more, forward and backward:
+    those glibc's malloc maps afresh in a training process, whose pages the kernel faults in and zero-fills. Read off
+    the profiler's record of each allocation, which sees the blocks that an op allocates for itself as well."""
+    x = _pass_input(segment, shape, needs_input_grad, CPU)
+    with _allocations() as forward:
+        out = segment(x)
+    gradient = torch.ones_like(out)
+    with _allocations() as backward:
+        out.backward(gradient)
+    segment.zero_grad(set_to_none=True)
+    return forward.fresh_bytes, backward.fresh_bytes
+
+
+class _allocations:  # noqa: N801 (used as a `with` statement, like the profiler it wraps)
+    """Within `with`, the profiler's record of every CPU allocation; after it, `fresh_bytes`: the bytes allocated in
+    blocks of `cost.FRESH_BLOCK_BYTES` or more."""
+
+    def __enter__(self) -> _allocations:
+        self.fresh_bytes = 0.0
+        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        with _quiet_stderr():  # the profiler logs its start and stop there, whatever its log level
+            self._profiler.__enter__()
+        return self
+
+    def __exit__(self, *raised: object) -> None:
+        with _quiet_stderr():
+            self._profiler.__exit__(*raised)
+        with tempfile.TemporaryDirectory(prefix="allocations-") as scratch:
+            path = Path(scratch) / "trace.json"
+            self._profiler.export_chrome_trace(str(path))
+            events = json.loads(path.read_text())["traceEvents"]
+        self.fresh_bytes = float(sum(event["args"]["Bytes"] for event in events if event.get("name") == "[memory]"
+                                     and event["args"]["Bytes"] >= FRESH_BLOCK_BYTES))
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """This process's standard error (its file descriptor, which C++ code writes to) sent nowhere, and restored."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as nowhere:
+            os.dup2(nowhere.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def time_optimizer(threads: int, device: torch.device = CPU, parameters: int = 1 << 24) -> dict[str, float]:
@@ -174,18 +271,23 @@ def time_optimizer(threads: int, device: torch.device = CPU, parameters: int = 1
     return rates
 
 
-def time_fresh_copy(threads: int, elements: int = 1 << 24) -> float:
+def time_fresh_copy(threads: int, elements: int = 1 << 24) -> tuple[float, float]:
     """Seconds per byte of copying a tensor into one the allocator maps afresh (the copy, and the pages faulted in
-    and zero-filled), on `threads` (a copy this large runs on all of them): a block of 64 MiB, above the threshold
-    where glibc's malloc maps each block on its own."""
+    and zero-filled), and of those pages alone (that copy's time less a copy into a block mapped already), on
+    `threads` (a copy this large runs on all of them): a block of 64 MiB, above the threshold where glibc's malloc
+    maps each block on its own (in a process that keeps its default allocator, as calibrate's is)."""
     torch.set_num_threads(threads)
-    source = torch.ones(elements)
-    seconds = []
+    source, mapped = torch.ones(elements), torch.zeros(elements)
+    fresh, again = [], []
     for _ in range(1 + REPEATS):
         started = time.perf_counter()
         torch.empty(elements).copy_(source)
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds[1:]) / source.nbytes
+        fresh.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        mapped.copy_(source)
+        again.append(time.perf_counter() - started)
+    copy_s, again_s = statistics.median(fresh[1:]), statistics.median(again[1:])
+    return copy_s / source.nbytes, max(copy_s - again_s, 0.0) / source.nbytes
 
 
 def _sent(kind: str, elements: int, size: int) -> float:
@@ -298,19 +400,21 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
     started = time.perf_counter()
     profile = Hardware(f"{platform.node() or 'this machine'}", "", "nccl" if on_gpu else "gloo", cores)
     thread_counts = sorted({profile.threads(count) for count in (1, *ranks)})
-    layers, optimizer, fresh, spreads = {}, {}, {}, []
-    for threads in thread_counts:
-        log(f"layers of the {arch} net on {'the GPU' if on_gpu else f'{threads} thread(s)'}, passes of "
-            f"{pass_images(batch)} images ...")
-        layers[str(threads)], spread = time_layers(arch, threads, batch, device)
-        log(f"  its sweeps {spread:.0%} apart" + ("" if spread <= STEADY else ": the machine's other work moved the "
-                                                  "figures; calibrate again when it is quieter"))
-        spreads.append(spread)
-        optimizer[str(threads)] = time_optimizer(threads, device)
-        if not on_gpu:  # a GPU's caching allocator reuses its blocks
-            fresh[str(threads)] = time_fresh_copy(threads)
+    layers, optimizer, fresh, pages, spreads = {}, {}, {}, {}, []
     collectives, resident, slowdown = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="calibrate-") as scratch:
+        for threads in thread_counts:
+            log(f"layers of the {arch} net on {'the GPU' if on_gpu else f'{threads} thread(s)'}, passes of "
+                f"{pass_images(batch)} images ...")
+            layers[str(threads)], spread = run_distributed(
+                in_reused_memory, 1, Path(scratch) / f"layers{threads}", time_layers, arch, threads, batch, device,
+                threads=threads)[0]
+            log(f"  its sweeps {spread:.0%} apart" + ("" if spread <= STEADY else ": the machine's other work moved "
+                                                      "the figures; calibrate again when it is quieter"))
+            spreads.append(spread)
+            optimizer[str(threads)] = time_optimizer(threads, device)
+            if not on_gpu:  # a GPU's caching allocator reuses its blocks
+                fresh[str(threads)], pages[str(threads)] = time_fresh_copy(threads)
         for threads in [] if on_gpu else thread_counts:  # a GPU's memory is its tensors
             log(f"what a process keeps resident beyond its tensors, on {threads} thread(s) ...")
             resident[str(threads)] = resident_overhead_bytes(arch, batch, threads, Path(scratch) / f"memory{threads}")
@@ -327,4 +431,4 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
     source = (f"calibrate on {where}, batch {batch}, {datetime.date.today().isoformat()}, torch {torch.__version__}, "
               f"in {time.perf_counter() - started:.0f} s, layer sweeps within {max(spreads):.0%}")
     return Hardware(profile.name, source, profile.backend, cores, layers, None, optimizer, collectives, fresh,
-                    resident, slowdown)
+                    pages, resident, slowdown)

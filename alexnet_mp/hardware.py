@@ -12,14 +12,14 @@ from __future__ import annotations
 import bisect
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from alexnet_mp.errors import UsageError
 
-FORMAT = 4
+FORMAT = 5
 # The collectives the layouts call; the `-single` forms gather into or scatter from one flat tensor (FSDP's and
 # DTensor's), which gloo runs apart from the forms on lists of tensors, at a speed of their own.
 KINDS = ("all-reduce", "all-gather", "all-gather-single", "reduce-scatter", "reduce-scatter-single", "gather",
@@ -47,8 +47,9 @@ class Hardware:
     backend: str  # gloo (collectives block the host) or nccl (they run beside the compute)
     cores: int | None  # CPU cores the ranks share; None where each rank has a device of its own
     # per threads a rank runs: "arch.layer@share" -> "images" per timed pass, and a pass's seconds at each,
-    # "forward" and "backward"
-    layers: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+    # "forward" and "backward", its blocks found mapped already; and, where measured, "fresh_bytes": what the pass
+    # allocates in blocks that a training process maps afresh ("forward" and "backward", at each of its images)
+    layers: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     tflops: float | None = None  # where layers are not measured: the training rate a device sustains on them
     # per threads a rank runs, per optimizer kernel (`KERNELS`): a parameter's share of the SGD step
     optimizer_s_per_parameter: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -56,6 +57,9 @@ class Hardware:
     # per threads a rank runs: what a byte costs copied into a block the allocator maps afresh (the copy, and a CPU's
     # page faults and zero-filling); none where blocks are reused (CUDA's caching allocator)
     fresh_copy_s_per_byte: dict[str, float] = field(default_factory=dict)
+    # per threads a rank runs: what a byte of a block mapped afresh costs beyond its writing (the page faults and
+    # zero-filling alone); none where blocks are reused
+    fresh_page_s_per_byte: dict[str, float] = field(default_factory=dict)
     # per threads a rank runs: what a CPU process keeps resident beyond its tensors' peak (the allocator's freed
     # blocks, the libraries' code and workspaces); none where memory is a device's allocated tensors
     resident_overhead_bytes: dict[str, float] = field(default_factory=dict)
@@ -86,13 +90,24 @@ class Hardware:
             if shares:
                 nearest = min(shares, key=lambda s: abs(math.log(s / share)))
                 times, scale = shares[nearest], share / nearest * self.sharing(ranks) * passes
-                return tuple(scale * pass_s(times["images"], times[direction], samples / passes)
+                fresh = times.get("fresh_bytes", {})
+                return tuple(scale * (pass_s(times["images"], times[direction], samples / passes)
+                                      + self._fresh_page_s(fresh, times["images"], direction, samples / passes, ranks))
                              for direction in ("forward", "backward"))
         if self.tflops is None:
             raise UsageError(f"the hardware profile {self.name!r} has no time for {layer} at {self.threads(ranks)} "
                              f"thread(s) and no tflops: run `python -m alexnet_mp calibrate --ranks {ranks}`")
         forward = flops * samples / (self.tflops * 1e12) * self.sharing(ranks)
         return forward, 2 * forward
+
+    def _fresh_page_s(self, fresh: Mapping[str, list[float]], images: list[float], direction: str, at: float,
+                      ranks: int) -> float:
+        """Seconds a pass of `at` images pays for the pages of the blocks it maps afresh (`fresh` bytes in
+        `direction` at each of `images`, interpolated as its time is)."""
+        if direction not in fresh:
+            return 0.0
+        rate = self.fresh_page_s_per_byte.get(str(self.threads(ranks)), 0.0)
+        return rate * pass_s(images, fresh[direction], at)
 
     def optimizer_s(self, fused: int, foreach: int, ranks: int) -> float:
         """Seconds of the SGD step of a rank of `ranks` that steps `fused` parameters with the fused kernel and
@@ -111,10 +126,9 @@ class Hardware:
     def drifted(self, drift: Mapping[str, float]) -> Hardware:
         """This profile on its machine running slower (+) or faster (-) than when calibrated, by `drift` per thread
         count (`calibrate.drift`): each layer's times scaled by 1 + its thread count's drift, all else as measured
-        (the drift is timed on layers)."""
-        def scaled(times: dict[str, list[float]], by: float) -> dict[str, list[float]]:
-            return {"images": times["images"], "forward": [by * s for s in times["forward"]],
-                    "backward": [by * s for s in times["backward"]]}
+        (the drift is timed on layers, their blocks mapped already)."""
+        def scaled(times: dict[str, Any], by: float) -> dict[str, Any]:
+            return {**times, **{direction: [by * s for s in times[direction]] for direction in ("forward", "backward")}}
 
         return replace(self, layers={threads: {key: scaled(times, 1 + drift.get(threads, 0.0))
                                                for key, times in table.items()}
@@ -195,16 +209,28 @@ def _not_negative(value: Any, what: str, unit: str) -> float:
     return float(value)
 
 
-def _layer_times(times: Any, where: str) -> dict[str, list[float]]:
-    """A layer's measured passes: sizes that rise, at least two, and a time for each, forward and backward."""
+def _layer_times(times: Any, where: str) -> dict[str, Any]:
+    """A layer's measured passes: sizes that rise, at least two, and a time for each, forward and backward; and,
+    where given, the bytes each maps afresh, forward and backward."""
     images = [_positive(n, f"{where}.images") for n in times["images"]]
     if len(images) < 2 or images != sorted(set(images)):
         raise ValueError(f"{where}.images must be two or more sizes that rise, not {times['images']!r}")
-    found = {"images": images}
+    found: dict[str, Any] = {"images": images}
     for direction in ("forward", "backward"):
-        found[direction] = [_positive(value, f"{where}.{direction}") for value in times[direction]]
-        if len(found[direction]) != len(images):
-            raise ValueError(f"{where}.{direction} must have a time for each of its images")
+        found[direction] = _per_pass(times[direction], len(images), f"{where}.{direction}", _positive)
+    if "fresh_bytes" in times:
+        found["fresh_bytes"] = {direction: _per_pass(times["fresh_bytes"][direction], len(images),
+                                                     f"{where}.fresh_bytes.{direction}",
+                                                     lambda value, what: _not_negative(value, what, "bytes"))
+                                for direction in ("forward", "backward")}
+    return found
+
+
+def _per_pass(values: Any, passes: int, where: str, check: Callable[[Any, str], float]) -> list[float]:
+    """A figure for each of a layer's `passes` measured sizes, each checked."""
+    found = [check(value, where) for value in values]
+    if len(found) != passes:
+        raise ValueError(f"{where} must have a figure for each of its images")
     return found
 
 
@@ -223,6 +249,8 @@ def _parsed(raw: Any) -> Hardware:
     tflops = raw.get("tflops")
     fresh = {str(threads): _not_negative(value, "fresh_copy_s_per_byte", "seconds")
              for threads, value in raw.get("fresh_copy_s_per_byte", {}).items()}
+    pages = {str(threads): _not_negative(value, "fresh_page_s_per_byte", "seconds")
+             for threads, value in raw.get("fresh_page_s_per_byte", {}).items()}
     resident = {str(threads): _not_negative(value, "resident_overhead_bytes", "bytes")
                 for threads, value in raw.get("resident_overhead_bytes", {}).items()}
     slowdown = {str(ranks): _positive(value, "shared_slowdown")
@@ -234,4 +262,4 @@ def _parsed(raw: Any) -> Hardware:
                     None if tflops is None else _positive(tflops, "tflops"),
                     {str(t): {kernel: _positive(rates[kernel], f"optimizer_s_per_parameter.{t}.{kernel}")
                               for kernel in KERNELS} for t, rates in raw.get("optimizer_s_per_parameter", {}).items()},
-                    collectives, fresh, resident, slowdown)
+                    collectives, fresh, pages, resident, slowdown)

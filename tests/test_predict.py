@@ -3,6 +3,7 @@ read back, bad profiles refused in one line."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 import json
@@ -19,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 from alexnet_mp.bench import held_markdown, machine_drift, mean_drift
 from alexnet_mp.bench.matrix import QUICK
 from alexnet_mp.bench.measure import Measurement
-from alexnet_mp.calibrate import PROBE_LAYERS, pass_images
+from alexnet_mp.calibrate import PROBE_LAYERS, _layer_passes, fresh_bytes, in_reused_memory, pass_images
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, memory_bytes, parameters
 from alexnet_mp.errors import UsageError
@@ -27,6 +28,7 @@ from alexnet_mp.hardware import KINDS, PRESETS, Collective, Hardware, load, pass
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.model import PAPER, build_model
 from alexnet_mp.predict import Held, StepFigures, disordered, held_table, predict_step
+from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import LAYOUTS, build
 from alexnet_mp.strategies.costs import (
@@ -94,6 +96,14 @@ def test_calibrate_times_passes_of_each_slice_of_the_global_batch_the_layouts_ru
 def test_a_measured_layer_costs_each_pass_at_its_images_interpolated_between_the_sizes_measured():
     profile = Hardware("measured", "a test", "gloo", 2, layers={"2": {"paper.fc6@1": FC6}})
     assert profile.layer_s("paper.fc6", 1.0, 1, 0.0, samples=8, passes=2) == pytest.approx((2 * 1.5, 2 * 3.0))
+
+
+def test_a_measured_layer_pays_the_profiles_fresh_page_cost_on_the_bytes_each_pass_maps_afresh():
+    """fc6's backward maps its weight's gradient afresh at every pass, whatever its images."""
+    fresh = {**FC6, "fresh_bytes": {"forward": [0.0, 0.0], "backward": [1e8, 1e8]}}
+    profile = Hardware("measured", "a test", "gloo", 2, layers={"2": {"paper.fc6@1": fresh}},
+                       fresh_page_s_per_byte={"2": 1e-9})
+    assert profile.layer_s("paper.fc6", 1.0, 1, 0.0, samples=8, passes=2) == pytest.approx((2 * 1.5, 2 * (3.0 + 0.1)))
 
 
 def test_a_layer_measured_at_another_share_of_its_outputs_costs_in_proportion_to_its_share():
@@ -271,11 +281,13 @@ def test_a_measurement_without_its_memory_or_communication_leaves_those_errors_o
 
 
 def test_a_profile_reads_back_as_written(tmp_path):
-    conv1 = {"images": [2.0, 8.0], "forward": [0.1, 0.3], "backward": [0.2, 0.7]}
+    conv1 = {"images": [2.0, 8.0], "forward": [0.1, 0.3], "backward": [0.2, 0.7],
+             "fresh_bytes": {"forward": [0.0, 4e7], "backward": [0.0, 8e7]}}
     profile = Hardware("written", "a test", "gloo", 2, layers={"1": {"paper.conv1@1": conv1}},
                        optimizer_s_per_parameter={"1": {"fused": 1e-9, "foreach": 6e-9}},
                        collectives={"2": {"all-reduce": LINK}}, fresh_copy_s_per_byte={"1": 5e-10},
-                       resident_overhead_bytes={"1": 2.5e8}, shared_slowdown={"2": 1.05})
+                       fresh_page_s_per_byte={"1": 4e-10}, resident_overhead_bytes={"1": 2.5e8},
+                       shared_slowdown={"2": 1.05})
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
     assert load(tmp_path / "profile.json") == profile
 
@@ -289,24 +301,27 @@ def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
 
 @pytest.mark.parametrize(("text", "says"), [
     ("not json", "is not a hardware profile"),
-    ('{"format": 3}', "format must be 4"),
-    ('{"format": 4, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
-    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
+    ('{"format": 4}', "format must be 5"),
+    ('{"format": 5, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
+    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
      "neither layer times nor tflops"),
-    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
+    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
      '"collectives": {"2": {"send": {"latency_s": -1, "bytes_per_s": 1}}}}', "send latency_s must be a positive"),
-    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_copy_s_per_byte": {"1": -1}, '
+    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_copy_s_per_byte": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "fresh_copy_s_per_byte must be"),
-    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead_bytes": {"1": -1}, '
+    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead_bytes": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "resident_overhead_bytes must be a number"),
-    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "shared_slowdown": {"2": 0}, '
+    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "shared_slowdown": {"2": 0}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "shared_slowdown must be a positive"),
-    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "optimizer_s_per_parameter": '
+    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "optimizer_s_per_parameter": '
      '{"1": {"fused": 1e-9}}, "collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "'foreach'"),
-    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [8, 2], "forward": [1, 1], "backward": [1, 1]}}}}', "images must be two or more sizes that rise"),
-    ('{"format": 4, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
-     '{"images": [2, 8], "forward": [1], "backward": [1, 1]}}}}', "must have a time for each of its images"),
+    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+     '{"images": [2, 8], "forward": [1], "backward": [1, 1]}}}}', "forward must have a figure for each of its images"),
+    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+     '{"images": [2, 8], "forward": [1, 1], "backward": [1, 1], "fresh_bytes": {"forward": [0, 0], '
+     '"backward": [0, -1]}}}}}', "fresh_bytes.backward must be a number of bytes"),
 ])
 def test_a_malformed_profile_is_refused_in_one_line(text, says, tmp_path, capsys):
     (tmp_path / "profile.json").write_text(text)
@@ -391,7 +406,8 @@ def test_bench_predicts_each_layout_at_the_mean_of_the_machines_drift_at_its_sta
 
 
 def test_a_drifted_profile_takes_each_layer_longer_by_its_thread_counts_drift_and_keeps_the_rest_as_measured():
-    times = {"images": [2.0, 32.0], "forward": [0.1, 0.4], "backward": [0.2, 0.8]}
+    times = {"images": [2.0, 32.0], "forward": [0.1, 0.4], "backward": [0.2, 0.8],
+             "fresh_bytes": {"forward": [0.0, 0.0], "backward": [0.0, 4e7]}}
     layers = {"1": {"paper.conv1@1": times}, "2": {"paper.conv1@1": times}}
     profile = dataclasses.replace(by_hand(cores=2), layers=layers,
                                   optimizer_s_per_parameter={"1": {"fused": 1e-9, "foreach": 2e-9}})
@@ -414,8 +430,9 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     assert result.returncode == 0, result.stderr
     profile = load(tmp_path / "hardware.json")
     assert profile.backend == "gloo" and set(profile.collectives["2"]) == set(KINDS)
-    assert set(profile.fresh_copy_s_per_byte) == set(profile.layers)  # each thread count a rank runs
+    assert set(profile.fresh_copy_s_per_byte) == set(profile.fresh_page_s_per_byte) == set(profile.layers)
     assert min(profile.fresh_copy_s_per_byte.values()) > 0
+    assert profile.layers["1"]["paper.fc6@1"]["fresh_bytes"]["backward"][0] >= 4 * 9216 * 4096  # its weight's gradient
     assert set(profile.resident_overhead_bytes) == set(profile.layers)  # each thread count a rank runs
     assert set(profile.shared_slowdown) == {"2"} and profile.shared_slowdown["2"] >= 1
     assert "layer sweeps within" in profile.source  # how steady the machine was, beside the figures
@@ -432,7 +449,8 @@ def test_calibrate_on_a_gpu_times_its_layers_there_for_nccl(monkeypatch):
     monkeypatch.setattr(calibrate, "REPEATS", 1)
     profile = calibrate.calibrate([1], batch=4, log=lambda line: None)
     assert profile.backend == "nccl" and profile.cores is None and set(profile.layers) == {"1"}
-    assert not profile.fresh_copy_s_per_byte and not profile.resident_overhead_bytes
+    assert not profile.fresh_copy_s_per_byte and not profile.fresh_page_s_per_byte
+    assert not profile.resident_overhead_bytes
     assert predict_step("single", "paper", 1, 4, profile, 1000).step_s > 0
 
 
@@ -536,6 +554,33 @@ def test_both_towers_in_one_process_run_in_turn_with_no_collective_between_them(
     assert one.step_s == pytest.approx(sum(two.compute_s)) and one.comm_s == [0]
     assert one.bytes_per_rank == pytest.approx([sum(two.bytes_per_rank)])
     assert one.memory_bytes == pytest.approx([sum(two.memory_bytes)])
+
+
+def test_calibrate_counts_the_blocks_a_pass_allocates_that_a_training_process_maps_afresh():
+    """A quarter of fc6: its weight's gradient (37.7 MB) is one; nothing else it makes on 2 images reaches 32 MiB."""
+    (fc6,) = [timed for timed in _layer_passes("paper", 0.25, [2], torch.device("cpu")) if timed[0] == "paper.fc6@0.25"]
+    _, segment, shape, needs = fc6
+    assert fresh_bytes(segment, shape, needs) == (0.0, 4 * 9216 * 1024)
+
+
+def bytes_mapped_for_a_large_block() -> int:
+    """How many more bytes glibc holds in blocks it mapped on their own (mallinfo2's hblkhd) while this process
+    holds a 64 MiB tensor than before it."""
+    fields = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = type("mallinfo2", (ctypes.Structure,), {"_fields_": fields})
+    before = mallinfo2().hblkhd
+    block = torch.ones(1 << 24)
+    during = mallinfo2().hblkhd
+    del block
+    return during - before
+
+
+def test_a_process_that_reuses_its_freed_memory_maps_no_block_afresh(tmp_path):
+    by_default = run_distributed(bytes_mapped_for_a_large_block, 1, tmp_path / "default")[0]
+    reused = run_distributed(in_reused_memory, 1, tmp_path / "reused", bytes_mapped_for_a_large_block)[0]
+    assert by_default >= 64 * 2**20 and reused == 0
 
 
 def test_only_fsdp_copies_into_fresh_blocks_beyond_its_layers_own_tensors_each_large_unit_three_times_a_step():

@@ -109,14 +109,10 @@ def predictions(measurements: list[Measurement], sizes: Sizes, hardware: Hardwar
 
 
 def machine_drift(hardware: Hardware) -> dict[str, float]:
-    """`calibrate.drift` of this machine against `hardware`, in this process, its threads as they were."""
+    """`calibrate.drift` of this machine against `hardware`."""
     from alexnet_mp.calibrate import drift  # calibrate measures with bench's own steps
 
-    threads = torch.get_num_threads()
-    try:
-        return drift(hardware)
-    finally:
-        torch.set_num_threads(threads)
+    return drift(hardware)
 
 
 def mean_drift(drifts: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
