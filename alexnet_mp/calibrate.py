@@ -36,7 +36,7 @@ from alexnet_mp.blocks import rows
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import FRESH_BLOCK_BYTES, memory_bytes
 from alexnet_mp.errors import UsageError
-from alexnet_mp.hardware import KERNELS, KINDS, Collective, Hardware, pass_s
+from alexnet_mp.hardware import KERNELS, KINDS, Collective, Hardware
 from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, MaskDraw, SeededDropout, build_model, conv_sides
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer
@@ -52,7 +52,8 @@ STEADY = 0.1  # layer sweeps further apart than this: the machine was busy with 
 # (FSDP's fc6 unit at 2 ranks): gloo's rate falls as its buffers outgrow the caches
 SIZES = (1024, 65536, 1 << 20, 1 << 22, 1 << 24)
 CPU = torch.device("cpu")
-PROBE_LAYERS, PROBE_IMAGES = ("conv2", "fc6"), 8  # what `drift` times: a compute-bound layer and a memory-bound one
+PROBE_IMAGES, PROBE_SWEEPS = 8, 8  # of `probe`: a few seconds on a CPU, long enough that a burst of other work moves
+# one sweep of eight
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
@@ -83,10 +84,10 @@ def in_reused_memory(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU,
-                ) -> tuple[dict[str, dict[str, Any]], float]:
+def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU, shares: Sequence[float] = SHARES,
+                repeats: int = REPEATS) -> tuple[dict[str, dict[str, Any]], float]:
     """Each layer of `arch` as it runs in the net (with what follows it up to the next layer: a conv's ReLU, LRN
-    and pool; fc6's and fc7's ReLU and dropout), at each of `SHARES`, on `threads`: a pass's seconds forward and
+    and pool; fc6's and fc7's ReLU and dropout), at each of `shares`, on `threads`: a pass's seconds forward and
     backward at each of `pass_images(batch)`, and on a CPU the bytes it allocates in blocks a training process maps
     afresh (`fresh_bytes`), which a process reusing its memory (`in_reused_memory`) does not pay in its times. Every
     pass runs once per sweep and the sweeps one after another, so that a burst of the machine's other work slows one
@@ -96,10 +97,10 @@ def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU,
     `timing.DeviceClock`)."""
     torch.set_num_threads(threads)
     images = pass_images(batch)
-    passes = [timed for share in SHARES for timed in _layer_passes(arch, share, images, device)]
+    passes = [timed for share in shares for timed in _layer_passes(arch, share, images, device)]
     passes.sort(key=lambda timed: timed[2][0])  # by images, each size's layers in the net's order (a stable sort)
     sweeps = [[_forward_backward(segment, shape, needs, device) for _, segment, shape, needs in passes]
-              for _ in range(1 + REPEATS)]
+              for _ in range(1 + repeats)]
     times: dict[str, dict[str, Any]] = {}
     for at, (key, segment, shape, needs) in enumerate(passes):
         timed = times.setdefault(key, {"images": images, "forward": [], "backward": []})
@@ -113,39 +114,36 @@ def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU,
     return times, max(sums) / min(sums) - 1
 
 
-def drift(hardware: Hardware, arch: str = "paper") -> dict[str, float]:
-    """How much slower this machine runs now than `hardware` says, per thread count the profile measured: the passes
-    of `PROBE_LAYERS` whole on `PROBE_IMAGES` images, timed as `time_layers` times them (in a process of their own
-    that reuses its memory), over the profile's figures for them, less 1 (negative: faster). Empty for a profile
-    without this net's layer times (a preset). A prediction's error within this is the machine's, not the cost
-    model's."""
-    keys = {f"{arch}.{name}@1" for name in PROBE_LAYERS}
-    tables = {threads: table for threads, table in hardware.layers.items() if keys <= table.keys()}
-    if not tables:
-        return {}
-    device = torch.device("cuda") if hardware.backend == "nccl" else CPU
-    with tempfile.TemporaryDirectory(prefix="drift-") as scratch:
-        probed = run_distributed(in_reused_memory, 1, Path(scratch), _time_probes, arch, keys, list(tables), device)[0]
-    return {threads: probed[threads] / _expected_s(table, keys) - 1 for threads, table in tables.items()}
+def probe(arch: str, thread_counts: Sequence[int], device: torch.device = CPU) -> dict[str, float]:
+    """The machine's speed now, on each of `thread_counts`: the median seconds of a sweep of every layer of `arch`
+    whole, forward and backward, on `PROBE_IMAGES` images, over `PROBE_SWEEPS` sweeps, timed as `time_layers` times
+    its passes (in a process of its own that reuses its memory). `calibrate` writes it into the profile, and `drift`
+    runs it again."""
+    with tempfile.TemporaryDirectory(prefix="probe-") as scratch:
+        return run_distributed(in_reused_memory, 1, Path(scratch), _time_probe, arch, list(thread_counts), device,
+                               PROBE_SWEEPS)[0]
 
 
-def _expected_s(table: dict[str, dict[str, Any]], keys: set[str]) -> float:
-    """What the passes `keys` on `PROBE_IMAGES` images take by a profile's `table`, forward and backward together."""
-    return sum(pass_s(table[key]["images"], table[key][direction], PROBE_IMAGES)
-               for key in keys for direction in ("forward", "backward"))
-
-
-def _time_probes(arch: str, keys: set[str], thread_counts: list[str], device: torch.device) -> dict[str, float]:
-    """On each of `thread_counts`: the median seconds of the passes `keys` on `PROBE_IMAGES` images, forward and
-    backward together, over sweeps as `time_layers` runs them."""
-    probes = [timed for timed in _layer_passes(arch, 1.0, [PROBE_IMAGES], device) if timed[0] in keys]
+def _time_probe(arch: str, thread_counts: list[int], device: torch.device, timed_sweeps: int) -> dict[str, float]:
+    passes = _layer_passes(arch, 1.0, [PROBE_IMAGES], device)
     found = {}
     for threads in thread_counts:
-        torch.set_num_threads(int(threads))
-        sweeps = [sum(sum(_forward_backward(segment, shape, needs, device)) for _, segment, shape, needs in probes)
-                  for _ in range(1 + REPEATS)]
-        found[threads] = statistics.median(sweeps[1:])
+        torch.set_num_threads(threads)
+        sweeps = [sum(sum(_forward_backward(segment, shape, needs, device)) for _, segment, shape, needs in passes)
+                  for _ in range(1 + timed_sweeps)]
+        found[str(threads)] = statistics.median(sweeps[1:])
     return found
+
+
+def drift(hardware: Hardware, arch: str = "paper") -> dict[str, float]:
+    """How much slower this machine runs now than when `hardware` was calibrated, per thread count it measured: the
+    probe (`probe`) run now over the probe calibrate ran beside its layers, less 1 (negative: faster). Empty for a
+    profile without a probe (a preset). A prediction's error within this is the machine's, not the cost model's."""
+    if not hardware.probe_s:
+        return {}
+    device = torch.device("cuda") if hardware.backend == "nccl" else CPU
+    now = probe(arch, [int(threads) for threads in hardware.probe_s], device)
+    return {threads: now[threads] / then - 1 for threads, then in hardware.probe_s.items()}
 
 
 def _layer_passes(arch: str, share: float, images: Sequence[int], device: torch.device,
@@ -408,13 +406,15 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
                 f"{pass_images(batch)} images ...")
             layers[str(threads)], spread = run_distributed(
                 in_reused_memory, 1, Path(scratch) / f"layers{threads}", time_layers, arch, threads, batch, device,
-                threads=threads)[0]
+                SHARES, REPEATS, threads=threads)[0]
             log(f"  its sweeps {spread:.0%} apart" + ("" if spread <= STEADY else ": the machine's other work moved "
                                                       "the figures; calibrate again when it is quieter"))
             spreads.append(spread)
             optimizer[str(threads)] = time_optimizer(threads, device)
             if not on_gpu:  # a GPU's caching allocator reuses its blocks
                 fresh[str(threads)], pages[str(threads)] = time_fresh_copy(threads)
+        log("the probe that `bench` runs again to see how far the machine has drifted from this profile ...")
+        probed = probe(arch, thread_counts, device)
         for threads in [] if on_gpu else thread_counts:  # a GPU's memory is its tensors
             log(f"what a process keeps resident beyond its tensors, on {threads} thread(s) ...")
             resident[str(threads)] = resident_overhead_bytes(arch, batch, threads, Path(scratch) / f"memory{threads}")
@@ -431,4 +431,4 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
     source = (f"calibrate on {where}, batch {batch}, {datetime.date.today().isoformat()}, torch {torch.__version__}, "
               f"in {time.perf_counter() - started:.0f} s, layer sweeps within {max(spreads):.0%}")
     return Hardware(profile.name, source, profile.backend, cores, layers, None, optimizer, collectives, fresh,
-                    pages, resident, slowdown)
+                    pages, resident, slowdown, probed)

@@ -66,6 +66,9 @@ class Hardware:
     # per rank count: how much slower each rank computes with every rank computing at once than alone on its threads
     # (the cores, caches and memory bandwidth they share); where unmeasured, ranks over cores
     shared_slowdown: dict[str, float] = field(default_factory=dict)
+    # per threads a rank runs: seconds of calibrate's probe (`calibrate.probe`: a sweep of every layer of the net it
+    # measured), which `bench` runs again to see how far the machine has drifted; none in a preset
+    probe_s: dict[str, float] = field(default_factory=dict)
 
     def threads(self, ranks: int) -> int:
         """The threads each of `ranks` ranks runs: the cores split evenly, at least one."""
@@ -255,6 +258,7 @@ def _parsed(raw: Any) -> Hardware:
                 for threads, value in raw.get("resident_overhead_bytes", {}).items()}
     slowdown = {str(ranks): _positive(value, "shared_slowdown")
                 for ranks, value in raw.get("shared_slowdown", {}).items()}
+    probed = {str(threads): _positive(value, "probe_s") for threads, value in raw.get("probe_s", {}).items()}
     if not layers and tflops is None:
         raise ValueError("it has neither layer times nor tflops")
     return Hardware(str(raw["name"]), str(raw["source"]), raw["backend"],
@@ -262,4 +266,4 @@ def _parsed(raw: Any) -> Hardware:
                     None if tflops is None else _positive(tflops, "tflops"),
                     {str(t): {kernel: _positive(rates[kernel], f"optimizer_s_per_parameter.{t}.{kernel}")
                               for kernel in KERNELS} for t, rates in raw.get("optimizer_s_per_parameter", {}).items()},
-                    collectives, fresh, pages, resident, slowdown)
+                    collectives, fresh, pages, resident, slowdown, probed)

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 from alexnet_mp.bench import held_markdown, machine_drift, mean_drift
 from alexnet_mp.bench.matrix import QUICK
 from alexnet_mp.bench.measure import Measurement
-from alexnet_mp.calibrate import PROBE_LAYERS, _layer_passes, fresh_bytes, in_reused_memory, pass_images
+from alexnet_mp.calibrate import _layer_passes, fresh_bytes, in_reused_memory, pass_images
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, memory_bytes, parameters
 from alexnet_mp.errors import UsageError
@@ -287,7 +287,7 @@ def test_a_profile_reads_back_as_written(tmp_path):
                        optimizer_s_per_parameter={"1": {"fused": 1e-9, "foreach": 6e-9}},
                        collectives={"2": {"all-reduce": LINK}}, fresh_copy_s_per_byte={"1": 5e-10},
                        fresh_page_s_per_byte={"1": 4e-10}, resident_overhead_bytes={"1": 2.5e8},
-                       shared_slowdown={"2": 1.05})
+                       shared_slowdown={"2": 1.05}, probe_s={"1": 0.9})
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
     assert load(tmp_path / "profile.json") == profile
 
@@ -358,23 +358,23 @@ def test_a_missing_profile_file_names_calibrate_and_the_presets(capsys):
 
 
 def probed(seconds: float) -> Hardware:
-    """A profile whose probe layers took `seconds` a pass at any size, on 1 thread."""
+    """A profile whose probe took `seconds` on 1 thread, and whose layers take `seconds` a pass at any size."""
     times = {"images": [2.0, 32.0], "forward": [seconds] * 2, "backward": [seconds] * 2}
-    return dataclasses.replace(by_hand(), layers={"1": {f"paper.{layer}@1": times for layer in PROBE_LAYERS}})
+    return dataclasses.replace(by_hand(), layers={"1": {"paper.conv1@1": times}}, probe_s={"1": seconds})
 
 
 def test_the_machine_reads_slower_than_a_profile_whose_probe_took_no_time_and_faster_than_one_whose_took_an_hour(
         monkeypatch):
     from alexnet_mp import calibrate
 
-    monkeypatch.setattr(calibrate, "REPEATS", 1)
+    monkeypatch.setattr(calibrate, "PROBE_SWEEPS", 1)
     threads = torch.get_num_threads()
     assert machine_drift(probed(1e-6))["1"] > 1
     assert machine_drift(probed(3600.0))["1"] == pytest.approx(-1, abs=1e-3)
     assert torch.get_num_threads() == threads  # the bench's process keeps its threads
 
 
-def test_a_preset_has_no_layer_times_to_hold_the_machine_to():
+def test_a_preset_has_no_probe_to_hold_the_machine_to():
     assert machine_drift(PRESETS["h100-nvlink"]) == {}
 
 
@@ -424,6 +424,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
 
     monkeypatch.setattr(calibrate, "SHARES", (1.0, 0.5))  # halves: every layout at 2 ranks
     monkeypatch.setattr(calibrate, "REPEATS", 1)
+    monkeypatch.setattr(calibrate, "PROBE_SWEEPS", 1)
     monkeypatch.setattr(calibrate, "SIZES", calibrate.SIZES[:2])  # two points a line: each collective's fit
     result = in_process(capsys, "calibrate", "--ranks", "2", "--batch", "2", "--output",
                         str(tmp_path / "hardware.json"))
@@ -436,6 +437,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     assert set(profile.resident_overhead_bytes) == set(profile.layers)  # each thread count a rank runs
     assert set(profile.shared_slowdown) == {"2"} and profile.shared_slowdown["2"] >= 1
     assert "layer sweeps within" in profile.source  # how steady the machine was, beside the figures
+    assert set(profile.probe_s) == set(profile.layers)  # what bench probes again to see how far the machine drifted
     for mode in LAYOUTS:
         ranks = 1 if mode == "single" else 2
         assert predict_step(mode, "paper", ranks, 2, profile, 10).step_s > 0, mode
