@@ -87,9 +87,10 @@ def test_a_pipelines_bubble_without_a_profile_is_held_to_that_of_equal_stages():
     assert bubble.detail.endswith("predicted 20%")  # (N - 1) / (M + N - 1)
 
 
-def test_a_pipeline_whose_busiest_stage_is_predicted_never_to_idle_has_no_bubble_ratio():
+def test_a_pipeline_whose_busiest_stage_is_predicted_to_idle_no_more_than_a_rounding_error_has_no_bubble_ratio():
     measured = pipeline_measured([0.5, 0.0])
-    timeline = [[Span("work", "compute", 0.0, 0.5)], [Span("work", "compute", 0.0, 1.0)]]
+    timeline = [[Span("work", "compute", 0.0, 0.5)],
+                [Span("work", "compute", 0.0, 0.5), Span("work", "compute", 0.5 + 1e-12, 1.0)]]
     held = Held(measured.name, StepFigures(1.0, 0.5, 0.5, [0.0], None), StepFigures(1.0, 0.5, 0.5, [0.0], None),
                 timeline)
     assert bubbles([measured], {measured.name: held}) == []

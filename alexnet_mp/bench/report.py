@@ -94,12 +94,16 @@ def comparisons(found: dict[str, Measurement], sizes: Sizes, device_type: str, h
     return rows
 
 
+LEAST_IDLE_SHARE = 0.005  # of a step: a predicted bubble shown as 0% and held to nothing
+
+
 def bubbles(measurements: Iterable[Measurement], held: Mapping[str, Held]) -> list[Comparison]:
     """For each layout that leaves ranks idle by design (a pipeline's bubble: `Layout.slots`), the idle share
     of the busiest rank's step (the one that waited least) against the prediction: the cost model's timeline
     where `held` has one for it (each stage at its own speed), else 1 - 1 / slots, which is (N - 1) / (M + N - 1)
-    for a pipeline of equal stages. A pipeline whose busiest stage is predicted never to idle has no ratio (its
-    rank 0's wait is in the table of predictions)."""
+    for a pipeline of equal stages. A pipeline whose busiest stage is predicted never to idle (or for less than
+    `LEAST_IDLE_SHARE`: the schedule's floating-point residue) has no ratio (its rank 0's wait is in the table of
+    predictions)."""
     rows = []
     for m in measurements:
         slots = LAYOUTS[m.mode].costs.slots(m.ranks, TrainConfig(mode=m.mode, batch_size=m.batch, options=m.options)) \
@@ -108,7 +112,7 @@ def bubbles(measurements: Iterable[Measurement], held: Mapping[str, Held]) -> li
             predicted, by = ((held[m.name].busiest_idle_share, "the cost model's timeline") if m.name in held
                              else (1 - 1 / slots, "(N - 1) / (M + N - 1)"))
             measured = min(m.wait_per_rank_s) / m.step_s
-            if predicted > 0:
+            if predicted >= LEAST_IDLE_SHARE:
                 rows.append(Comparison(f"{m.name}: bubble, measured over predicted", m.name, by, measured / predicted,
                                        None, f"the busiest stage idle {measured:.0%} of its step; "
                                              f"predicted {predicted:.0%}"))
