@@ -52,8 +52,9 @@ STEADY = 0.1  # layer sweeps further apart than this: the machine was busy with 
 # (FSDP's fc6 unit at 2 ranks): gloo's rate falls as its buffers outgrow the caches
 SIZES = (1024, 65536, 1 << 20, 1 << 22, 1 << 24)
 CPU = torch.device("cpu")
-PROBE_IMAGES, PROBE_SWEEPS = 8, 8  # of `probe`: a few seconds on a CPU, long enough that a burst of other work moves
-# one sweep of eight
+# of `probe`: eight sweeps of the net on 8 images, a few seconds on a CPU: a burst of other work moves one sweep, not
+# their median
+PROBE_IMAGES, PROBE_SWEEPS = 8, 8
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
@@ -66,16 +67,17 @@ def pass_images(batch: int) -> list[int]:
     return sizes if len(sizes) > 1 else [1, 2]
 
 
-def reuse_freed_memory() -> bool:
+def reuse_freed_memory() -> None:
     """Makes this process's glibc malloc keep what it frees and serve every block from it, never mapping one afresh
     (no mmap, no trimming): a pass timed here finds its blocks' pages mapped already, so its time is the same from
     one sweep to the next, where by default a large block is mapped afresh or found free depending on what the
-    process freed before. False where the C library is not glibc (its allocator is another's)."""
+    process freed before. Nothing where the C library is not glibc (its allocator is another's)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+        return
+    mallopt(M_MMAP_MAX, 0)
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # the most its int takes: freed memory is never given back
 
 
 def in_reused_memory(fn: Callable[..., Any], *args: Any) -> Any:
@@ -211,29 +213,28 @@ def fresh_bytes(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_gr
     with _allocations() as backward:
         out.backward(gradient)
     segment.zero_grad(set_to_none=True)
-    return forward.fresh_bytes, backward.fresh_bytes
+    return sum(forward, 0.0), sum(backward, 0.0)
 
 
-class _allocations:  # noqa: N801 (used as a `with` statement, like the profiler it wraps)
-    """Within `with`, the profiler's record of every CPU allocation; after it, `fresh_bytes`: the bytes allocated in
-    blocks of `cost.FRESH_BLOCK_BYTES` or more."""
-
-    def __enter__(self) -> _allocations:
-        self.fresh_bytes = 0.0
-        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-        with _quiet_stderr():  # the profiler logs its start and stop there, whatever its log level
-            self._profiler.__enter__()
-        return self
-
-    def __exit__(self, *raised: object) -> None:
+@contextlib.contextmanager
+def _allocations() -> Iterator[list[float]]:
+    """Within `with`, the profiler records every CPU allocation; after it, the list it gave holds the bytes of each
+    block of `cost.FRESH_BLOCK_BYTES` or more."""
+    found: list[float] = []
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # the profiler logs its start and stop there, whatever its log level
+        profiler.start()
+    try:
+        yield found
+    finally:
         with _quiet_stderr():
-            self._profiler.__exit__(*raised)
-        with tempfile.TemporaryDirectory(prefix="allocations-") as scratch:
-            path = Path(scratch) / "trace.json"
-            self._profiler.export_chrome_trace(str(path))
-            events = json.loads(path.read_text())["traceEvents"]
-        self.fresh_bytes = float(sum(event["args"]["Bytes"] for event in events if event.get("name") == "[memory]"
-                                     and event["args"]["Bytes"] >= FRESH_BLOCK_BYTES))
+            profiler.stop()
+    with tempfile.TemporaryDirectory(prefix="allocations-") as scratch:
+        path = Path(scratch) / "trace.json"
+        profiler.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    found += [float(event["args"]["Bytes"]) for event in events
+              if event.get("name") == "[memory]" and event["args"]["Bytes"] >= FRESH_BLOCK_BYTES]
 
 
 @contextlib.contextmanager
