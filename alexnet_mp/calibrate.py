@@ -34,7 +34,7 @@ from alexnet_mp.bench.matrix import FULL
 from alexnet_mp.bench.measure import layout_steps
 from alexnet_mp.blocks import rows
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import FRESH_BLOCK_BYTES, memory_bytes
+from alexnet_mp.cost import mapped_afresh, memory_bytes
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import KERNELS, KINDS, Collective, Hardware
 from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, MaskDraw, SeededDropout, build_model, conv_sides
@@ -203,8 +203,8 @@ def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_in
 
 
 def fresh_bytes(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool) -> tuple[float, float]:
-    """The bytes one pass on the CPU allocates in blocks of `cost.FRESH_BLOCK_BYTES` or more, forward and backward:
-    those glibc's malloc maps afresh in a training process, whose pages the kernel faults in and zero-fills. Read off
+    """The bytes one pass on the CPU allocates in blocks that glibc's malloc maps afresh in a training process
+    (`cost.mapped_afresh`), forward and backward, whose pages the kernel faults in and zero-fills. Read off
     the profiler's record of each allocation, which sees the blocks that an op allocates for itself as well."""
     x = _pass_input(segment, shape, needs_input_grad, CPU)
     with _allocations() as forward:
@@ -219,7 +219,7 @@ def fresh_bytes(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_gr
 @contextlib.contextmanager
 def _allocations() -> Iterator[list[float]]:
     """Within `with`, the profiler records every CPU allocation; after it, the list it gave holds the bytes of each
-    block of `cost.FRESH_BLOCK_BYTES` or more."""
+    block a training process maps afresh (`cost.mapped_afresh`)."""
     found: list[float] = []
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
     with _quiet_stderr():  # the profiler logs its start and stop there, whatever its log level
@@ -234,7 +234,7 @@ def _allocations() -> Iterator[list[float]]:
         profiler.export_chrome_trace(str(path))
         events = json.loads(path.read_text())["traceEvents"]
     found += [float(event["args"]["Bytes"]) for event in events
-              if event.get("name") == "[memory]" and event["args"]["Bytes"] >= FRESH_BLOCK_BYTES]
+              if event.get("name") == "[memory]" and mapped_afresh(event["args"]["Bytes"])]
 
 
 @contextlib.contextmanager

@@ -104,6 +104,11 @@ LRN_BACKWARD_TEMPORARIES = 4
 FRESH_BLOCK_BYTES = 32 * 2**20
 
 
+def mapped_afresh(block_bytes: float) -> bool:
+    """Whether a CPU training process's malloc maps a block of `block_bytes` afresh each time it is allocated."""
+    return block_bytes >= FRESH_BLOCK_BYTES
+
+
 def kept_for_backward(cost: LayerCost, spec: ConvSpec | None) -> list[int]:
     """The tensors, in elements per image, that autograd keeps of a layer from its forward to its backward. A conv
     layer: its ReLU'd output (the ReLU works in place, and the LRN keeps the same maps), the LRN's output (the

@@ -586,7 +586,7 @@ def test_a_process_that_reuses_its_freed_memory_maps_no_block_afresh(tmp_path):
 
 
 def test_only_fsdp_copies_into_fresh_blocks_beyond_its_layers_own_tensors_each_large_unit_three_times_a_step():
-    """A layer's own tensors are mapped inside its measured time, a collective's output inside the collective's;
+    """A layer's own tensors are counted in its passes' fresh bytes, a collective's output in the collective's time;
     fc6's and fc7's weights are the units above 32 MiB."""
     single, fsdp = (LAYOUTS[mode].costs for mode in ("single", "fsdp"))
     assert single.fresh_bytes(PAPER, 1000) == 0

@@ -21,7 +21,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGath
 
 from alexnet_mp.blocks import Block
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import FRESH_BLOCK_BYTES, RankWork, Traffic, both_ways
+from alexnet_mp.cost import RankWork, Traffic, both_ways, mapped_afresh
 from alexnet_mp.errors import UsageError
 from alexnet_mp.ledger import BACKWARD, FORWARD, Ledger
 from alexnet_mp.model import ARCHITECTURES, AlexNet, Architecture, full_shapes
@@ -134,12 +134,13 @@ class FSDPCosts(DataParallelCosts):
 
     @classmethod
     def fresh_bytes(cls, arch: Architecture, num_classes: int) -> float:
-        """Each unit larger than a fresh block, three times a step: copied into its unsharded parameters from its
-        gathers, in the forward and again in the backward, and its gradient into the reduce-scatter's input.
-        The all-gather's and reduce-scatter's outputs are fresh inside the collectives' calibrated time (calibrate
-        times the flat forms into fresh tensors), the whole gradient inside the layer's."""
+        """Each unit a block mapped afresh (`cost.mapped_afresh`), three times a step: copied into its unsharded
+        parameters from its gathers, in the forward and again in the backward, and its gradient into the
+        reduce-scatter's input. The all-gather's and reduce-scatter's outputs are fresh inside the collectives'
+        calibrated time (calibrate times the flat forms into fresh tensors), the whole gradient among the layer's own
+        blocks (calibrate's `fresh_bytes`)."""
         units = [weights * torch.float32.itemsize for weights in unit_weights(arch.name, num_classes).values()]
-        return 3 * sum(unit for unit in units if unit > FRESH_BLOCK_BYTES)
+        return 3 * sum(unit for unit in units if mapped_afresh(unit))
 
     @classmethod
     def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
