@@ -13,7 +13,7 @@ import bisect
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -125,17 +125,6 @@ class Hardware:
     def resident_bytes(self, tensor_bytes: float, ranks: int) -> float:
         """The memory a process of `ranks` takes to train whose tensors peak at `tensor_bytes`."""
         return tensor_bytes + self.resident_overhead_bytes.get(str(self.threads(ranks)), 0.0)
-
-    def drifted(self, drift: Mapping[str, float]) -> Hardware:
-        """This profile on its machine running slower (+) or faster (-) than when calibrated, by `drift` per thread
-        count (`calibrate.drift`): each layer's times scaled by 1 + its thread count's drift, all else as measured
-        (the drift is timed on layers, their blocks mapped already)."""
-        def scaled(times: dict[str, Any], by: float) -> dict[str, Any]:
-            return {**times, **{direction: [by * s for s in times[direction]] for direction in ("forward", "backward")}}
-
-        return replace(self, layers={threads: {key: scaled(times, 1 + drift.get(threads, 0.0))
-                                               for key, times in table.items()}
-                                     for threads, table in self.layers.items()})
 
     def collective(self, kind: str, ranks: int) -> Collective:
         known = self.collectives.get(str(ranks)) or self.collectives.get("any")

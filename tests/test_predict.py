@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from alexnet_mp.bench import held_markdown, machine_drift, mean_drift
+from alexnet_mp.bench import held_markdown, machine_drift
 from alexnet_mp.bench.matrix import QUICK
 from alexnet_mp.bench.measure import Measurement
 from alexnet_mp.calibrate import _layer_passes, fresh_bytes, in_reused_memory, pass_images
@@ -384,12 +384,7 @@ def test_bench_says_how_far_the_machine_was_from_its_calibration_at_its_start_an
     assert "1 thread(s): +12% at the start, -3% at the end" in text
 
 
-def test_bench_predicts_at_the_mean_of_the_drifts_it_has_measured_so_far():
-    assert mean_drift({"start": {"1": 0.12, "2": 0.0}}) == {"1": 0.12, "2": 0.0}
-    assert mean_drift({"start": {"1": 0.12}, "end": {"1": -0.04}}) == {"1": pytest.approx(0.04)}
-
-
-def test_bench_predicts_each_layout_at_the_mean_of_the_machines_drift_at_its_start_and_its_end(tmp_path, monkeypatch):
+def test_bench_predicts_each_layout_on_the_profile_as_calibrated_and_records_the_drift_it_probed(tmp_path, monkeypatch):
     from alexnet_mp import bench
 
     run = Measurement("single, paper", 1, 1, 8, [8.0], 0.0, [0.0], [0.0], arch="paper", step_s=1.0, mode="single",
@@ -399,23 +394,11 @@ def test_bench_predicts_each_layout_at_the_mean_of_the_machines_drift_at_its_sta
     probes = iter([{"1": 0.2}, {"1": 0.6}])
     monkeypatch.setattr(bench, "machine_drift", lambda hardware: next(probes))
     bench.bench(tmp_path, quick=True, hardware=probed(0.1))
-    (held,) = json.loads((tmp_path / "bench.json").read_text())["predicted"]
-    at_the_mean = probed(0.1).drifted({"1": 0.4})
+    record = json.loads((tmp_path / "bench.json").read_text())
+    (held,) = record["predicted"]
     assert held["predicted"]["step_s"] == pytest.approx(
-        predict_step("single", "paper", 1, 8, at_the_mean, QUICK.num_classes).step_s)
-
-
-def test_a_drifted_profile_takes_each_layer_longer_by_its_thread_counts_drift_and_keeps_the_rest_as_measured():
-    times = {"images": [2.0, 32.0], "forward": [0.1, 0.4], "backward": [0.2, 0.8],
-             "fresh_bytes": {"forward": [0.0, 0.0], "backward": [0.0, 4e7]}}
-    layers = {"1": {"paper.conv1@1": times}, "2": {"paper.conv1@1": times}}
-    profile = dataclasses.replace(by_hand(cores=2), layers=layers,
-                                  optimizer_s_per_parameter={"1": {"fused": 1e-9, "foreach": 2e-9}})
-    drifted = profile.drifted({"1": 0.25})
-    assert drifted.layers["1"]["paper.conv1@1"] == {**times, "forward": [0.125, 0.5], "backward": [0.25, 1.0]}
-    assert drifted.layers["2"] == layers["2"]  # no drift measured on 2 threads
-    assert (drifted.collectives, drifted.optimizer_s_per_parameter) == (profile.collectives,
-                                                                        profile.optimizer_s_per_parameter)
+        predict_step("single", "paper", 1, 8, probed(0.1), QUICK.num_classes).step_s)
+    assert record["hardware"]["drift"] == {"start": {"1": 0.2}, "end": {"1": 0.6}}
 
 
 @pytest.mark.slow  # measures this machine: layers on each thread count, collectives over 2 gloo processes

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, replace
@@ -29,8 +28,8 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
           modes: tuple[str, ...] | None = None, hardware: Hardware | None = None, launches: int = 1) -> list[str]:
     """Runs the matrix (with `modes`, those layouts alone, beside the one-device step) `launches` times over,
     writing OUTPUT/bench.json and bench.md after each measurement: each measurement's median launch
-    (`median_launches`), each layout's step beside the cost model's prediction on `hardware` where one is given,
-    its layers at the speed the machine probes at the bench's start and end (`mean_drift`).
+    (`median_launches`), each layout's step beside the cost model's prediction on `hardware` as calibrated where one
+    is given, and how far the machine's probe reads from the profile's at the bench's start and end (`machine_drift`).
     Returns the measurements that failed, each with its error's last line."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = QUICK if quick else FULL_GPU if device_type == "cuda" else FULL
@@ -42,7 +41,7 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
 
     def write(measurements: list[Measurement], not_measured: list[str]) -> str:
         """bench.json and bench.md of the measurements so far: a run cut short keeps what it measured."""
-        held = predictions(measurements, sizes, hardware.drifted(mean_drift(drifts))) if hardware else []
+        held = predictions(measurements, sizes, hardware) if hardware else []
         rows = comparisons({m.name: m for m in measurements}, sizes, device_type, held)
         text = (as_markdown(measurements, rows, not_measured, sizes, quick, env)
                 + held_markdown(held, hardware, drifts, {m.name: m.launch_steps_s for m in measurements}))
@@ -115,11 +114,6 @@ def machine_drift(hardware: Hardware) -> dict[str, float]:
     return drift(hardware)
 
 
-def mean_drift(drifts: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Per thread count, the mean of the machine's drifts measured so far: at the bench's start, and at its end."""
-    return {threads: statistics.mean(at[threads] for at in drifts.values()) for threads in drifts.get("start", {})}
-
-
 def held_markdown(held: list[Held], hardware: Hardware | None, drifts: dict[str, dict[str, float]],
                   launches: Mapping[str, list[float]] | None = None) -> str:
     """bench.md's section of each layout's step beside its prediction (with each run's step in each launch), and how
@@ -130,7 +124,8 @@ def held_markdown(held: list[Held], hardware: Hardware | None, drifts: dict[str,
     moved = "; ".join(f"{threads} thread(s): " + ", ".join(f"{drifts[when][threads]:+.0%} at the {when}"
                                                               for when in drifts)
                       for threads in drifts.get("start", {}))
-    said = (f"\n\nThe machine against its calibration, slower (+) or faster (-) than the profile says (conv2 and fc6 "
-            f"timed as calibrate times them): {moved}. Each prediction above takes the layers at the mean of these: "
-            f"the machine's speed while the bench ran.") if moved else ""
+    said = (f"\n\nThe machine against its calibration, slower (+) or faster (-) than the profile says (calibrate's "
+            f"probe run again): {moved}. The predictions above take the profile as calibrated: a probe moves from one "
+            f"process to the next by more than the machine's speed between a calibration and its bench "
+            f"(docs/predicting.md).") if moved else ""
     return "\n" + held_section(held, hardware, launches) + said + "\n"
