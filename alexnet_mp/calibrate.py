@@ -116,14 +116,15 @@ def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU,
     return times, max(sums) / min(sums) - 1
 
 
-def probe(arch: str, thread_counts: Sequence[int], device: torch.device = CPU) -> dict[str, float]:
+def probe(arch: str, thread_counts: Sequence[int], device: torch.device = CPU, ranks: int = 1) -> dict[str, float]:
     """The machine's speed now, on each of `thread_counts`: the median seconds of a sweep of every layer of `arch`
     whole, forward and backward, on `PROBE_IMAGES` images, over `PROBE_SWEEPS` sweeps, timed as `time_layers` times
-    its passes (in a process of its own that reuses its memory). `calibrate` writes it into the profile, and `drift`
-    runs it again."""
+    its passes (in a process of its own that reuses its memory); with `ranks`, in that many such processes at once,
+    the slowest's. `calibrate` writes it into the profile, and `drift` runs it again."""
     with tempfile.TemporaryDirectory(prefix="probe-") as scratch:
-        return run_distributed(in_reused_memory, 1, Path(scratch), _time_probe, arch, list(thread_counts), device,
-                               PROBE_SWEEPS)[0]
+        found = run_distributed(in_reused_memory, ranks, Path(scratch), _time_probe, arch, list(thread_counts), device,
+                                PROBE_SWEEPS)
+    return {threads: max(rank[threads] for rank in found) for threads in found[0]}
 
 
 def _time_probe(arch: str, thread_counts: list[int], device: torch.device, timed_sweeps: int) -> dict[str, float]:

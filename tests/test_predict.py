@@ -374,6 +374,14 @@ def test_the_machine_reads_slower_than_a_profile_whose_probe_took_no_time_and_fa
     assert torch.get_num_threads() == threads  # the bench's process keeps its threads
 
 
+def test_a_probe_on_ranks_at_once_reads_each_thread_count_it_is_given(monkeypatch):
+    from alexnet_mp import calibrate
+
+    monkeypatch.setattr(calibrate, "PROBE_SWEEPS", 1)
+    found = calibrate.probe(PAPER_NET, [1], ranks=2)
+    assert list(found) == ["1"] and found["1"] > 0
+
+
 def test_a_preset_has_no_probe_to_hold_the_machine_to():
     assert machine_drift(PRESETS["h100-nvlink"]) == {}
 
