@@ -141,8 +141,8 @@ def _time_probe(arch: str, thread_counts: list[int], device: torch.device, timed
 def drift(hardware: Hardware, arch: str = "paper") -> dict[str, float]:
     """How much slower this machine runs now than when `hardware` was calibrated, per thread count it measured: the
     probe (`probe`) run now over the probe calibrate ran beside its layers, less 1 (negative: faster). Empty for a
-    profile without a probe (a preset). Reported, not applied to a prediction: on a shared machine a probe moves
-    from one process to the next by more than the machine's speed between a calibration and its bench."""
+    profile without a probe (a preset). Reported, not applied to a prediction: on a shared machine the probe moves
+    from one process to the next by as much as the drift it reads."""
     if not hardware.probe_s:
         return {}
     device = torch.device("cuda") if hardware.backend == "nccl" else CPU

@@ -50,7 +50,7 @@ def main() -> None:
     known[REFERENCE_STEP] = (1, REFERENCE, {})
     unknown = [name for name in args.runs if name not in known]
     if unknown:
-        raise SystemExit(f"unknown runs {unknown}: choose among {sorted(known)}")
+        parser.error(f"unknown runs {unknown}: choose among {sorted(known)}")
     cores = os.cpu_count() or 1
     scratch = Path(tempfile.mkdtemp(prefix="machine-noise-"))
     seen: dict[str, list[tuple[float, float, float]]] = {name: [] for name in args.runs}

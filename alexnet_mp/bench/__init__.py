@@ -125,7 +125,7 @@ def held_markdown(held: list[Held], hardware: Hardware | None, drifts: dict[str,
                                                               for when in drifts)
                       for threads in drifts.get("start", {}))
     said = (f"\n\nThe machine against its calibration, slower (+) or faster (-) than the profile says (calibrate's "
-            f"probe run again): {moved}. The predictions above take the profile as calibrated: a probe moves from one "
-            f"process to the next by more than the machine's speed between a calibration and its bench "
-            f"(docs/predicting.md).") if moved else ""
+            f"probe run again): {moved}. The predictions above take the profile as calibrated: on a shared machine the "
+            f"probe moves from one process to the next by as much as the drift it reads (docs/predicting.md)."
+            if moved else "")
     return "\n" + held_section(held, hardware, launches) + said + "\n"
