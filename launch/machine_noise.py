@@ -35,10 +35,13 @@ def spread(values: list[float]) -> float:
 def probed_run(name: str, ranks: int, mode: str, options: dict, threads: int, scratch: Path,
                ) -> tuple[float, float, float]:
     """The probe on the run's ranks and threads, the run's step (bench's median), and the probe again: seconds."""
-    before = calibrate.probe(FULL.paper_net, [threads], ranks=ranks)[str(threads)]
+    def like_for_like() -> float:
+        return calibrate.probe(FULL.paper_net, [threads], ranks=ranks)[str(threads)]
+
+    before = like_for_like()
     step = measure(name, layout_steps, ranks, threads, FULL.batch, scratch, mode, FULL.paper_net, options, FULL.batch,
                    FULL, EAGER).step_s
-    return before, step, calibrate.probe(FULL.paper_net, [threads], ranks=ranks)[str(threads)]
+    return before, step, like_for_like()
 
 
 def main() -> None:
