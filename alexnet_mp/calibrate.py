@@ -5,7 +5,7 @@ dropout) forward and backward, at the shares of its outputs the layouts hold (wh
 of a few images up to the global batch, at the threads a rank runs for each rank count asked for; the optimizer's
 step with each of its kernels; what a byte copied into a freshly mapped block costs; what a process training the
 one-device reference keeps resident beyond its tensors; each collective the layouts use over gloo processes, at
-sizes from a few KiB to tens of MiB, fitted as latency plus bytes over bandwidth; and how much slower a rank
+sizes from a few KiB to tens of MiB, each call right after compute, as a step meets it; and how much slower a rank
 computes with every rank of each count computing at once than alone. Where the machine has GPUs: the layers and the
 optimizer on a GPU, by its own clock, and the collectives over NCCL, one rank a GPU.
 """
@@ -46,6 +46,9 @@ from alexnet_mp.timing import clock_for
 
 SHARES = (1.0, 0.5, 0.25)  # of a layer's outputs: whole, a tower or a shard of 2, a shard of 4
 REPEATS = 3  # timed passes (or sweeps of passes) per figure, after one to warm up; the median is kept
+# timed calls of each collective at each size, after one to warm up, and passes of the compute before them: a call's
+# time is the difference of two figures that each move by more than a small call takes
+CALL_REPEATS = 7
 AT_ONCE_IMAGES = 4  # per pass of the whole net timed on every rank at once
 STEADY = 0.1  # layer sweeps further apart than this: the machine was busy with other work while it was measured
 # float32 elements per rank in a timed collective: 4 KiB to 64 MiB, about the largest a layout sends in one call
@@ -324,34 +327,57 @@ def _collective(kind: str, x: torch.Tensor, size: int, rank: int) -> Callable[[]
 
 def time_collectives(sizes: Sequence[int], device_type: str) -> dict[str, list[tuple[float, float]]]:
     """On a rank of a group (gloo on CPUs, NCCL on `device_type` cuda): per kind, (bytes the busiest rank sends,
-    seconds) at each size; every rank enters each collective together (a barrier first), and the slowest rank's time
-    counts: on a GPU, until its device has run it."""
+    seconds) at each size, each call timed as a step meets it: right after a layer's worth of compute on every rank
+    (`layer_of_compute`), whose own time is taken off. Over gloo, a call after compute costs several times one
+    between idle ranks: its peers' threads are woken, its buffers are out of the caches. Every rank enters together
+    (a barrier first), and the slowest rank's time counts: on a GPU, until its device has run it."""
     size, rank = dist.get_world_size(), dist.get_rank()
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else CPU
+    compute = layer_of_compute(device)
+    alone = statistics.median(_slowest_rank_s(compute, device) for _ in range(CALL_REPEATS))
     found: dict[str, list[tuple[float, float]]] = {}
     for kind in KINDS:
         for elements in sizes:
-            run = _collective(kind, torch.ones(elements, device=device), size, rank)
-            seconds = []
-            for _ in range(1 + REPEATS):
-                dist.barrier()
-                started = time.perf_counter()
-                run()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                took = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=device)
-                dist.all_reduce(took, op=dist.ReduceOp.MAX)
-                seconds.append(float(took))
-            found.setdefault(kind, []).append((4 * _sent(kind, elements, size), statistics.median(seconds[1:])))
+            call = _collective(kind, torch.ones(elements, device=device), size, rank)
+            seconds = [_slowest_rank_s(lambda run=call: (compute(), run()), device) for _ in range(1 + CALL_REPEATS)]
+            after_compute = statistics.median(seconds[1:])
+            # no less than a hundredth of the pair: the compute's own time moves by more than a small call's
+            found.setdefault(kind, []).append((4 * _sent(kind, elements, size),
+                                               max(after_compute - alone, after_compute / 100)))
     return found
 
 
+def layer_of_compute(device: torch.device) -> Callable[[], None]:
+    """A layer's worth of compute: the weird trick's fc6 share at 4 ranks on a batch of 32 (about 10 ms on one CPU
+    thread), which reads a weight of 36 MiB, more than the caches hold."""
+    inputs, weight = torch.randn(32, 9216, device=device), torch.randn(9216, 1024, device=device)
+    return lambda: inputs @ weight
+
+
+def _slowest_rank_s(work: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of `work` started on every rank together, on the slowest rank: on a GPU, until its device has run it."""
+    dist.barrier()
+    started = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    took = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=device)
+    dist.all_reduce(took, op=dist.ReduceOp.MAX)
+    return float(took)
+
+
 def fit(points: Sequence[tuple[float, float]]) -> Collective:
-    """Latency and bandwidth by least squares over (bytes, seconds); each kept positive."""
-    sent, seconds = np.array(points).T
-    slope, intercept = np.polyfit(sent, seconds, 1)
+    """A collective timed at each of several sizes, (bytes, seconds): those times, each no more than a larger size's
+    (more is the machine's noise), and the latency and bandwidth of the line through them by least squares, each
+    point's error relative to its time, so that the small sizes weigh as much as the large ones. Each kept
+    positive."""
+    points = sorted(points)
+    times = [float(t) for t in np.minimum.accumulate([seconds for _, seconds in points][::-1])[::-1]]
+    sent, seconds = np.array([size for size, _ in points]), np.array(times)
+    slope, intercept = np.polyfit(sent, seconds, 1, w=1 / seconds)
     bandwidth = 1 / slope if slope > 0 else sent.max() / seconds.max()
-    return Collective(max(float(intercept), float(seconds.min()) / 10), float(bandwidth))
+    return Collective(max(float(intercept), float(seconds.min()) / 10), float(bandwidth),
+                      tuple(zip(sent.tolist(), times, strict=True)))
 
 
 def resident_overhead_bytes(arch: str, batch: int, threads: int, scratch: Path) -> float:

@@ -1,7 +1,7 @@
 """What a machine costs, apart from what a layout does: a hardware profile. `calibrate` measures one (each
-layer's forward and backward at the shares the layouts hold, the optimizer's step, each collective as latency
-plus bytes over bandwidth); presets hold the machines people name, each figure with its source. The cost
-model (predict.py) walks a layout's step over a profile.
+layer's forward and backward at the shares the layouts hold, the optimizer's step, each collective's time at the
+sizes the layouts send, after compute as a step meets it); presets hold the machines people name, each figure with
+its source. The cost model (predict.py) walks a layout's step over a profile.
 
 A profile is JSON, read as untrusted input: anything malformed, or missing what a prediction needs, is one
 line (UsageError) naming what to do.
@@ -19,7 +19,7 @@ from typing import Any
 
 from alexnet_mp.errors import UsageError
 
-FORMAT = 5
+FORMAT = 6
 # The collectives the layouts call; the `-single` forms gather into or scatter from one flat tensor (FSDP's and
 # DTensor's), which gloo runs apart from the forms on lists of tensors, at a speed of their own.
 KINDS = ("all-reduce", "all-gather", "all-gather-single", "reduce-scatter", "reduce-scatter-single", "gather",
@@ -31,13 +31,20 @@ DEFAULT_PATH = Path("runs/hardware.json")  # where `calibrate` writes and the co
 @dataclass(frozen=True)
 class Collective:
     """One collective's time, as the ledger counts what it moves: latency plus the bytes a rank sends over
-    bandwidth."""
+    bandwidth; where calibrate timed it at several sizes (`measured`), a call's time on the line through the two
+    sizes nearest its own: gloo's small calls are set by their latency and its large ones by a rate that falls as
+    their buffers outgrow the caches, and one line holds one end or the other."""
 
     latency_s: float
     bytes_per_s: float
+    measured: tuple[tuple[float, float], ...] = ()  # (bytes the busiest rank sends, seconds) a call, sizes rising
 
     def seconds(self, sent_bytes: float, calls: int = 1) -> float:
-        return calls * self.latency_s + sent_bytes / self.bytes_per_s
+        if not self.measured:
+            return calls * self.latency_s + sent_bytes / self.bytes_per_s
+        sizes, times = ([point[i] for point in self.measured] for i in (0, 1))
+        smallest_or_more = max(sent_bytes / calls, sizes[0])  # below the smallest size timed, latency is the time
+        return calls * pass_s(sizes, times, smallest_or_more)
 
 
 @dataclass(frozen=True)
@@ -226,6 +233,17 @@ def _per_pass(values: Any, passes: int, where: str, check: Callable[[Any, str], 
     return found
 
 
+def _collective(link: Any, kind: str) -> Collective:
+    """A collective's latency and bandwidth, and where given, its time at each size measured: two or more sizes
+    that rise."""
+    measured = tuple((_positive(sent, f"{kind} measured bytes"), _positive(seconds, f"{kind} measured seconds"))
+                     for sent, seconds in link.get("measured", ()))
+    if measured and (len(measured) < 2 or [sent for sent, _ in measured] != sorted({sent for sent, _ in measured})):
+        raise ValueError(f"{kind} measured must be two or more sizes that rise, not {link['measured']!r}")
+    return Collective(_positive(link["latency_s"], f"{kind} latency_s"),
+                      _positive(link["bytes_per_s"], f"{kind} bytes_per_s"), measured)
+
+
 def _parsed(raw: Any) -> Hardware:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ValueError(f"format must be {FORMAT}")
@@ -234,9 +252,7 @@ def _parsed(raw: Any) -> Hardware:
     cores = raw.get("cores")
     layers = {str(threads): {str(key): _layer_times(times, f"layers.{threads}.{key}") for key, times in table.items()}
               for threads, table in raw.get("layers", {}).items()}
-    collectives = {str(ranks): {kind: Collective(_positive(link["latency_s"], f"{kind} latency_s"),
-                                                 _positive(link["bytes_per_s"], f"{kind} bytes_per_s"))
-                                for kind, link in kinds.items() if kind in KINDS}
+    collectives = {str(ranks): {kind: _collective(link, kind) for kind, link in kinds.items() if kind in KINDS}
                    for ranks, kinds in raw.get("collectives", {}).items()}
     tflops = raw.get("tflops")
     fresh = {str(threads): _not_negative(value, "fresh_copy_s_per_byte", "seconds")

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 from alexnet_mp.bench import held_markdown, machine_drift
 from alexnet_mp.bench.matrix import QUICK
 from alexnet_mp.bench.measure import Measurement
-from alexnet_mp.calibrate import _layer_passes, fresh_bytes, in_reused_memory, pass_images
+from alexnet_mp.calibrate import _layer_passes, fit, fresh_bytes, in_reused_memory, pass_images
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, memory_bytes, parameters
 from alexnet_mp.errors import UsageError
@@ -45,6 +45,7 @@ from tests.equivalence import PAPER_NET
 from tests.launching import in_process, one_line_error
 
 LINK = Collective(latency_s=1e-3, bytes_per_s=1e9)
+TIMED_LINK = Collective(1e-3, 1e9, measured=((1e5, 2e-3), (1e6, 1e-2), (4e6, 1.6e-2)))
 
 
 def by_hand(cores: int | None = None, tflops: float = 1.0) -> Hardware:
@@ -54,6 +55,28 @@ def by_hand(cores: int | None = None, tflops: float = 1.0) -> Hardware:
 
 def test_a_collective_costs_its_latency_per_call_and_its_bytes_over_its_bandwidth():
     assert LINK.seconds(2e9, calls=3) == pytest.approx(3e-3 + 2.0)
+
+
+def test_a_collective_timed_at_several_sizes_costs_a_call_on_the_line_through_the_two_sizes_nearest_its_own():
+    assert TIMED_LINK.seconds(5.5e5) == pytest.approx(2e-3 + 0.5 * 8e-3)
+    assert TIMED_LINK.seconds(2e6, calls=2) == pytest.approx(2 * 1e-2)
+
+
+def test_a_call_smaller_than_any_size_timed_costs_the_smallest_sizes_time():
+    assert TIMED_LINK.seconds(10.0) == pytest.approx(2e-3)
+
+
+def test_calibrates_fit_keeps_each_sizes_time_but_no_more_than_a_larger_sizes():
+    link = fit([(1e3, 5e-3), (1e5, 2e-3), (1e8, 0.1)])
+    assert link.measured == ((1e3, 2e-3), (1e5, 2e-3), (1e8, 0.1))
+
+
+def test_calibrates_line_holds_its_small_sizes_to_their_time_as_closely_as_its_large_ones():
+    # 2 ms at the small sizes and 1 GB/s beyond, but for a large size 10% slow: an unweighted least-squares line
+    # trades the small sizes' time away for that 10%
+    points = [(1e3, 2e-3), (1e5, 2.1e-3), (1e8, 0.102), (4e8, 0.44)]
+    line = dataclasses.replace(fit(points), measured=())
+    assert all(line.seconds(sent) == pytest.approx(seconds, rel=0.1) for sent, seconds in points[:3])
 
 
 def test_one_device_costs_its_training_flops_at_the_profiles_rate():
@@ -285,7 +308,7 @@ def test_a_profile_reads_back_as_written(tmp_path):
              "fresh_bytes": {"forward": [0.0, 4e7], "backward": [0.0, 8e7]}}
     profile = Hardware("written", "a test", "gloo", 2, layers={"1": {"paper.conv1@1": conv1}},
                        optimizer_s_per_parameter={"1": {"fused": 1e-9, "foreach": 6e-9}},
-                       collectives={"2": {"all-reduce": LINK}}, fresh_copy_s_per_byte={"1": 5e-10},
+                       collectives={"2": {"all-reduce": LINK, "send": TIMED_LINK}}, fresh_copy_s_per_byte={"1": 5e-10},
                        fresh_page_s_per_byte={"1": 4e-10}, resident_overhead_bytes={"1": 2.5e8},
                        shared_slowdown={"2": 1.05}, probe_s={"1": 0.9})
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
@@ -301,25 +324,27 @@ def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
 
 @pytest.mark.parametrize(("text", "says"), [
     ("not json", "is not a hardware profile"),
-    ('{"format": 4}', "format must be 5"),
-    ('{"format": 5, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
-    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
+    ('{"format": 5}', "format must be 6"),
+    ('{"format": 6, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
+    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
      "neither layer times nor tflops"),
-    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
+    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
      '"collectives": {"2": {"send": {"latency_s": -1, "bytes_per_s": 1}}}}', "send latency_s must be a positive"),
-    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_copy_s_per_byte": {"1": -1}, '
+    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "collectives": {"2": {"send": '
+     '{"latency_s": 1, "bytes_per_s": 1, "measured": [[8, 1], [4, 2]]}}}}', "send measured must be two or more sizes"),
+    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_copy_s_per_byte": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "fresh_copy_s_per_byte must be"),
-    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead_bytes": {"1": -1}, '
+    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead_bytes": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "resident_overhead_bytes must be a number"),
-    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "shared_slowdown": {"2": 0}, '
+    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "shared_slowdown": {"2": 0}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "shared_slowdown must be a positive"),
-    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "optimizer_s_per_parameter": '
+    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "optimizer_s_per_parameter": '
      '{"1": {"fused": 1e-9}}, "collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "'foreach'"),
-    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [8, 2], "forward": [1, 1], "backward": [1, 1]}}}}', "images must be two or more sizes that rise"),
-    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [2, 8], "forward": [1], "backward": [1, 1]}}}}', "forward must have a figure for each of its images"),
-    ('{"format": 5, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [2, 8], "forward": [1, 1], "backward": [1, 1], "fresh_bytes": {"forward": [0, 0], '
      '"backward": [0, -1]}}}}}', "fresh_bytes.backward must be a number of bytes"),
 ])
@@ -415,6 +440,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
 
     monkeypatch.setattr(calibrate, "SHARES", (1.0, 0.5))  # halves: every layout at 2 ranks
     monkeypatch.setattr(calibrate, "REPEATS", 1)
+    monkeypatch.setattr(calibrate, "CALL_REPEATS", 1)
     monkeypatch.setattr(calibrate, "PROBE_SWEEPS", 1)
     monkeypatch.setattr(calibrate, "SIZES", calibrate.SIZES[:2])  # two points a line: each collective's fit
     result = in_process(capsys, "calibrate", "--ranks", "2", "--batch", "2", "--output",
@@ -422,6 +448,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     assert result.returncode == 0, result.stderr
     profile = load(tmp_path / "hardware.json")
     assert profile.backend == "gloo" and set(profile.collectives["2"]) == set(KINDS)
+    assert all(len(link.measured) == 2 for link in profile.collectives["2"].values())  # each size's time kept
     assert set(profile.fresh_copy_s_per_byte) == set(profile.fresh_page_s_per_byte) == set(profile.layers)
     assert min(profile.fresh_copy_s_per_byte.values()) > 0
     assert profile.layers["1"]["paper.fc6@1"]["fresh_bytes"]["backward"][0] >= 4 * 9216 * 4096  # its weight's gradient
