@@ -39,12 +39,12 @@ class Collective:
     bytes_per_s: float
     measured: tuple[tuple[float, float], ...] = ()  # (bytes the busiest rank sends, seconds) a call, sizes rising
 
-    def seconds(self, sent_bytes: float, calls: int = 1) -> float:
+    def seconds(self, sent_bytes: float) -> float:
+        """A call's seconds, the busiest rank sending `sent_bytes`."""
         if not self.measured:
-            return calls * self.latency_s + sent_bytes / self.bytes_per_s
+            return self.latency_s + sent_bytes / self.bytes_per_s
         sizes, times = ([point[i] for point in self.measured] for i in (0, 1))
-        smallest_or_more = max(sent_bytes / calls, sizes[0])  # below the smallest size timed, latency is the time
-        return calls * pass_s(sizes, times, smallest_or_more)
+        return pass_s(sizes, times, max(sent_bytes, sizes[0]))  # below the smallest size timed, latency is the time
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,11 @@
 
 What a layout does per step comes from its `Costs` (strategies/costs.py): the share of each layer each part
 computes and on how many images, the elements it sends on each link, which collective carries each and in
-how many calls, and how its parts' times make up the step (its timeline: each part's layers in order, waiting at
+calls of which sizes, and how its parts' times make up the step (its timeline: each part's layers in order, waiting at
 each collective for every part and for what of it does not run beside the compute; a pipeline's schedule
 simulated event by event). What the machine costs comes from a `Hardware` profile (hardware.py): each layer's
-time at the share a part holds, the optimizer's step, each collective's latency and bandwidth, and whether ranks
-share cores. A prediction is the first walked over the second.
+time at the share a part holds, the optimizer's step, each collective's time at the sizes of its calls, and whether
+ranks share cores. A prediction is the first walked over the second.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
         update = (hardware.optimizer_s(parameters(work, architecture, num_classes) - foreach, foreach, ranks)
                   + hardware.fresh_copy_s(costs.fresh_bytes(architecture, num_classes), ranks))
         comm = {} if together > 1 else {
-            (link, direction): hardware.collective(costs.collective(link, direction), ranks).seconds(
-                elements * BYTES_PER_ELEMENT, costs.calls(link, elements, ranks, config, held))
+            (link, direction): sum(hardware.collective(costs.collective(link, direction), ranks).seconds(
+                call * BYTES_PER_ELEMENT) for call in costs.call_elements(link, elements, ranks, config, held))
             for (link, direction), elements in traffic[part].items()}
         times.append(PartTimes({name: layers.get(name, (0.0, 0.0)) for name in architecture.layer_names}, update,
                                comm, held))

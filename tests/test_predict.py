@@ -53,13 +53,12 @@ def by_hand(cores: int | None = None, tflops: float = 1.0) -> Hardware:
     return Hardware("by hand", "a test", "gloo", cores, tflops=tflops, collectives={"any": dict.fromkeys(KINDS, LINK)})
 
 
-def test_a_collective_costs_its_latency_per_call_and_its_bytes_over_its_bandwidth():
-    assert LINK.seconds(2e9, calls=3) == pytest.approx(3e-3 + 2.0)
+def test_a_collective_call_costs_its_latency_and_its_bytes_over_its_bandwidth():
+    assert LINK.seconds(2e9) == pytest.approx(1e-3 + 2.0)
 
 
 def test_a_collective_timed_at_several_sizes_costs_a_call_on_the_line_through_the_two_sizes_nearest_its_own():
     assert TIMED_LINK.seconds(5.5e5) == pytest.approx(2e-3 + 0.5 * 8e-3)
-    assert TIMED_LINK.seconds(2e6, calls=2) == pytest.approx(2 * 1e-2)
 
 
 def test_a_call_smaller_than_any_size_timed_costs_the_smallest_sizes_time():
@@ -138,6 +137,20 @@ def test_a_pass_beyond_the_sizes_measured_follows_the_nearest_two_but_costs_no_l
     assert pass_s([2, 8, 32], [1.0, 2.5, 14.5], 64) == pytest.approx(14.5 + 12.0 / 24 * 32)
     assert pass_s([2, 8, 32], [1.0, 2.5, 14.5], 1) == pytest.approx(0.75)
     assert pass_s([2, 8], [0.1, 4.0], 1) == pytest.approx(0.05)
+
+
+def test_fsdp_sends_each_units_share_of_a_link_in_a_call_of_its_own():
+    config = TrainConfig(mode="fsdp", arch="paper")
+    calls = LAYOUTS["fsdp"].costs.call_elements("parameters", 1000.0, 2, config, {"conv1": 100, "fc6": 300})
+    assert calls == pytest.approx([250.0, 750.0])
+
+
+def test_ddp_sends_each_buckets_share_of_the_replicated_gradients_in_a_call_of_its_own():
+    """fc7's 3 MiB of gradients close the first bucket; conv1's 1 MiB are the last."""
+    config = TrainConfig(mode="data-parallel", arch="paper")
+    calls = LAYOUTS["data-parallel"].costs.call_elements("gradients", 1000.0, 2, config,
+                                                         {"conv1": 2**18, "fc7": 3 * 2**18})
+    assert calls == pytest.approx([750.0, 250.0])
 
 
 def test_fsdp_and_tensor_parallelism_are_costed_at_the_flat_tensor_collectives_their_engines_call():

@@ -114,16 +114,17 @@ class Costs(ABC):
         return "all-gather" if direction == FORWARD else "reduce-scatter"
 
     @classmethod
-    def calls(cls, link: str, elements: float, world_size: int, config: TrainConfig,
-              parameters: Mapping[str, int]) -> int:
-        """How many collectives carry `link`'s `elements` in a step, each paying the latency: one, but where DDP's
-        buckets split replicated gradients (`ddp_buckets`, of the `parameters` a part holds of each layer) or a
-        layout sends in rounds."""
+    def call_elements(cls, link: str, elements: float, world_size: int, config: TrainConfig,
+                      parameters: Mapping[str, int]) -> list[float]:
+        """The elements each collective that carries `link`'s `elements` in a step sends, each call costing its own
+        size's time: one call, but where DDP's buckets split replicated gradients (each bucket its share,
+        `ddp_buckets`, of the `parameters` a part holds of each layer) or a layout sends in equal rounds."""
         if link.endswith("gradients"):
-            return max(1, len(ddp_buckets(gradient_bytes(link, parameters))))
-        if link == CONV_FEATURES.name and cls.exchange_rounds(world_size, config):
-            return cls.exchange_rounds(world_size, config)
-        return 1
+            gradients = gradient_bytes(link, parameters)
+            sizes = dict(gradients)
+            return split_by(elements, [sum(sizes[name] for name in bucket) for bucket in ddp_buckets(gradients)])
+        rounds = cls.exchange_rounds(world_size, config) if link == CONV_FEATURES.name else 0
+        return [elements / rounds] * rounds if rounds else [elements]
 
     @classmethod
     def passes(cls, layer: str, world_size: int, config: TrainConfig) -> int:
@@ -324,6 +325,12 @@ def ddp_buckets(gradients: list[tuple[str, int]]) -> list[list[str]]:
         if size >= DDP_BUCKET_CAPS[min(len(buckets), 1)]:
             buckets, bucket, size = [*buckets, bucket], [], 0
     return buckets + ([bucket] if bucket else [])
+
+
+def split_by(elements: float, weights: list[float]) -> list[float]:
+    """`elements` in one call per weight, each its weight's share; in one call where there are none."""
+    total = sum(weights)
+    return [elements * weight / total for weight in weights] if total else [elements]
 
 
 def reduced_after_backward_s(link: str, seconds: float, part: PartTimes) -> float:

@@ -26,7 +26,7 @@ from alexnet_mp.errors import UsageError
 from alexnet_mp.ledger import BACKWARD, FORWARD, Ledger
 from alexnet_mp.model import ARCHITECTURES, AlexNet, Architecture, full_shapes
 from alexnet_mp.strategies.base import Claim, bytes_on_rank_0
-from alexnet_mp.strategies.costs import PartTimes, new_traffic
+from alexnet_mp.strategies.costs import PartTimes, new_traffic, split_by
 from alexnet_mp.strategies.data_parallel import DataParallel, DataParallelCosts
 
 PARAMETERS, GRADIENTS = "parameters", "gradients"  # the ledger's links: all-gathers, and reduce-scatters
@@ -84,9 +84,10 @@ class FSDPCosts(DataParallelCosts):
         return "all-gather-single" if link == PARAMETERS else "reduce-scatter-single"  # FSDP2's flat buffers
 
     @classmethod
-    def calls(cls, link: str, elements: float, world_size: int, config: TrainConfig,
-              parameters: Mapping[str, int]) -> int:
-        return len(ARCHITECTURES[config.arch].layer_names)  # one per layer unit, each direction
+    def call_elements(cls, link: str, elements: float, world_size: int, config: TrainConfig,
+                      parameters: Mapping[str, int]) -> list[float]:
+        """One call per layer unit, each direction, each its unit's share of the parameters: fc6's is most of them."""
+        return split_by(elements, list(parameters.values()))
 
     @classmethod
     def beside_compute_s(cls, part: PartTimes, world_size: int, config: TrainConfig,

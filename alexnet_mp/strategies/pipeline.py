@@ -220,9 +220,10 @@ class PipelineCosts(Costs):
         return "send"
 
     @classmethod
-    def calls(cls, link: str, elements: float, world_size: int, config: TrainConfig,
-              parameters: Mapping[str, int]) -> int:
-        return MICROBATCHES.value(config.options)
+    def call_elements(cls, link: str, elements: float, world_size: int, config: TrainConfig,
+                      parameters: Mapping[str, int]) -> list[float]:
+        microbatches = MICROBATCHES.value(config.options)
+        return [elements / microbatches] * microbatches
 
     @classmethod
     def passes(cls, layer: str, world_size: int, config: TrainConfig) -> int:
