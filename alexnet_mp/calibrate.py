@@ -329,8 +329,8 @@ def time_collectives(sizes: Sequence[int], device_type: str) -> dict[str, list[t
     """On a rank of a group (gloo on CPUs, NCCL on `device_type` cuda): per kind, (bytes the busiest rank sends,
     seconds) at each size, each call timed as a step meets it: right after a layer's worth of compute on every rank
     (`layer_of_compute`), whose own time is taken off. Over gloo, a call after compute costs several times one
-    between idle ranks: its peers' threads are woken, its buffers are out of the caches. Every rank enters together
-    (a barrier first), and the slowest rank's time counts: on a GPU, until its device has run it."""
+    between idle ranks (most likely its peers' threads are asleep and its buffers out of the caches). Every rank
+    enters together (a barrier first), and the slowest rank's time counts: on a GPU, until its device has run it."""
     size, rank = dist.get_world_size(), dist.get_rank()
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else CPU
     compute = layer_of_compute(device)
