@@ -371,9 +371,9 @@ def fit(points: Sequence[tuple[float, float]]) -> Collective:
     (more is the machine's noise), and the latency and bandwidth of the line through them by least squares, each
     point's error relative to its time, so that the small sizes weigh as much as the large ones. Each kept
     positive."""
-    points = sorted(points)
-    times = [float(t) for t in np.minimum.accumulate([seconds for _, seconds in points][::-1])[::-1]]
-    sent, seconds = np.array([size for size, _ in points]), np.array(times)
+    ordered = sorted(points)
+    times = [float(t) for t in np.minimum.accumulate([seconds for _, seconds in ordered][::-1])[::-1]]
+    sent, seconds = np.array([size for size, _ in ordered]), np.array(times)
     slope, intercept = np.polyfit(sent, seconds, 1, w=1 / seconds)
     bandwidth = 1 / slope if slope > 0 else sent.max() / seconds.max()
     return Collective(max(float(intercept), float(seconds.min()) / 10), float(bandwidth),

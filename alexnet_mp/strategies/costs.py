@@ -124,7 +124,7 @@ class Costs(ABC):
             sizes = dict(gradients)
             return split_by(elements, [sum(sizes[name] for name in bucket) for bucket in ddp_buckets(gradients)])
         rounds = cls.exchange_rounds(world_size, config) if link == CONV_FEATURES.name else 0
-        return [elements / rounds] * rounds if rounds else [elements]
+        return split_by(elements, [1.0] * rounds)
 
     @classmethod
     def passes(cls, layer: str, world_size: int, config: TrainConfig) -> int:

@@ -45,6 +45,7 @@ from alexnet_mp.strategies.costs import (
     PartTimes,
     Span,
     new_traffic,
+    split_by,
     step_end,
     unshared,
 )
@@ -222,8 +223,7 @@ class PipelineCosts(Costs):
     @classmethod
     def call_elements(cls, link: str, elements: float, world_size: int, config: TrainConfig,
                       parameters: Mapping[str, int]) -> list[float]:
-        microbatches = MICROBATCHES.value(config.options)
-        return [elements / microbatches] * microbatches
+        return split_by(elements, [1.0] * MICROBATCHES.value(config.options))
 
     @classmethod
     def passes(cls, layer: str, world_size: int, config: TrainConfig) -> int:
