@@ -398,18 +398,17 @@ def time_shared_slowdown(arch: str, images: int = AT_ONCE_IMAGES) -> float:
     rank's time of each pass, the median of a few, no less than alone."""
     net = build_model(arch).eval()
     x = torch.randn(images, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+    def training_pass(at_once: bool) -> None:
+        if at_once or dist.get_rank() == 0:
+            net(x).sum().backward()
+            net.zero_grad(set_to_none=True)
+
     alone: list[float] = []
     together: list[float] = []
     for _ in range(1 + REPEATS):
         for at_once, seconds in ((False, alone), (True, together)):
-            dist.barrier()
-            started = time.perf_counter()
-            if at_once or dist.get_rank() == 0:
-                net(x).sum().backward()
-                net.zero_grad(set_to_none=True)
-            took = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
-            dist.all_reduce(took, op=dist.ReduceOp.MAX)
-            seconds.append(float(took))
+            seconds.append(_slowest_rank_s(lambda every=at_once: training_pass(every), CPU))
     return max(statistics.median(together[1:]) / statistics.median(alone[1:]), 1.0)
 
 

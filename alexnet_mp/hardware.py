@@ -233,7 +233,7 @@ def _per_pass(values: Any, passes: int, where: str, check: Callable[[Any, str], 
     return found
 
 
-def _collective(link: Any, kind: str) -> Collective:
+def _parsed_collective(link: Any, kind: str) -> Collective:
     """A collective's latency and bandwidth, and where given, its time at each size measured: two or more sizes
     that rise."""
     measured = tuple((_positive(sent, f"{kind} measured bytes"), _positive(seconds, f"{kind} measured seconds"))
@@ -252,7 +252,7 @@ def _parsed(raw: Any) -> Hardware:
     cores = raw.get("cores")
     layers = {str(threads): {str(key): _layer_times(times, f"layers.{threads}.{key}") for key, times in table.items()}
               for threads, table in raw.get("layers", {}).items()}
-    collectives = {str(ranks): {kind: _collective(link, kind) for kind, link in kinds.items() if kind in KINDS}
+    collectives = {str(ranks): {kind: _parsed_collective(link, kind) for kind, link in kinds.items() if kind in KINDS}
                    for ranks, kinds in raw.get("collectives", {}).items()}
     tflops = raw.get("tflops")
     fresh = {str(threads): _not_negative(value, "fresh_copy_s_per_byte", "seconds")
