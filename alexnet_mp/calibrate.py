@@ -5,9 +5,9 @@ dropout) forward and backward, at the shares of its outputs the layouts hold (wh
 of a few images up to the global batch, at the threads a rank runs for each rank count asked for; the optimizer's
 step with each of its kernels; what a byte copied into a freshly mapped block costs; what a process training the
 one-device reference keeps resident beyond its tensors; each collective the layouts use over gloo processes, at
-sizes from a few KiB to tens of MiB, each call right after compute, as a step meets it; and how much slower a rank
-computes with every rank of each count computing at once than alone. Where the machine has GPUs: the layers and the
-optimizer on a GPU, by its own clock, and the collectives over NCCL, one rank a GPU.
+sizes from a few KiB to tens of MiB, each call right after compute in a loop of them, as a step meets them; and how
+much slower a rank computes with every rank of each count computing at once than alone. Where the machine has GPUs:
+the layers and the optimizer on a GPU, by its own clock, and the collectives over NCCL, one rank a GPU.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ from alexnet_mp.timing import clock_for
 
 SHARES = (1.0, 0.5, 0.25)  # of a layer's outputs: whole, a tower or a shard of 2, a shard of 4
 REPEATS = 3  # timed passes (or sweeps of passes) per figure, after one to warm up; the median is kept
-# timed calls of each collective at each size, after one to warm up, and passes of the compute before them: a call's
-# time is the difference of two figures that each move by more than a small call takes
-CALL_REPEATS = 7
+# seconds a timed loop of calls lasts, as many calls as fit (at least one): a call's time is what it adds to a loop
+# of the compute alone, and a loop's sum moves less than one call's compute does
+LOOP_S = 0.1
 AT_ONCE_IMAGES = 4  # per pass of the whole net timed on every rank at once
 STEADY = 0.1  # layer sweeps further apart than this: the machine was busy with other work while it was measured
 # float32 elements per rank in a timed collective: 4 KiB to 64 MiB, about the largest a layout sends in one call
@@ -328,23 +328,35 @@ def _collective(kind: str, x: torch.Tensor, size: int, rank: int) -> Callable[[]
 def time_collectives(sizes: Sequence[int], device_type: str) -> dict[str, list[tuple[float, float]]]:
     """On a rank of a group (gloo on CPUs, NCCL on `device_type` cuda): per kind, (bytes the busiest rank sends,
     seconds) at each size, each call timed as a step meets it: right after a layer's worth of compute on every rank
-    (`layer_of_compute`), whose own time is taken off. Over gloo, a call after compute costs several times one
-    between idle ranks (most likely its peers' threads are asleep and its buffers out of the caches). Every rank
-    enters together (a barrier first), and the slowest rank's time counts: on a GPU, until its device has run it."""
+    (`layer_of_compute`), in a loop of such calls (`call_after_compute_s`). Over gloo, a call after compute costs
+    several times one between idle ranks (most likely its peers' threads are asleep and its buffers out of the
+    caches)."""
     size, rank = dist.get_world_size(), dist.get_rank()
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else CPU
     compute = layer_of_compute(device)
-    alone = statistics.median(_slowest_rank_s(compute, device) for _ in range(CALL_REPEATS))
     found: dict[str, list[tuple[float, float]]] = {}
     for kind in KINDS:
         for elements in sizes:
             call = _collective(kind, torch.ones(elements, device=device), size, rank)
-            seconds = [_slowest_rank_s(lambda run=call: (compute(), run()), device) for _ in range(1 + CALL_REPEATS)]
-            after_compute = statistics.median(seconds[1:])
-            # no less than a hundredth of the pair: the compute's own time moves by more than a small call's
             found.setdefault(kind, []).append((4 * _sent(kind, elements, size),
-                                               max(after_compute - alone, after_compute / 100)))
+                                               call_after_compute_s(call, compute, device)))
     return found
+
+
+def call_after_compute_s(call: Callable[[], Any], compute: Callable[[], Any], device: torch.device) -> float:
+    """Seconds `call` adds to a step where every rank computes before it: a loop of `compute` then `call`, as many as
+    fit in `LOOP_S`, against a loop of `compute` alone, the two alternating (the machine's other work weighs on
+    both), the median of `REPEATS` of each, per call. The ranks meet at each call, so it costs its transfer and the
+    wait for the rank whose compute came slowest since the last; a barrier before each call would leave that out.
+    No less than a hundredth of the loop's share: the compute moves by more than a small call takes."""
+    calls = max(1, round(LOOP_S / _slowest_rank_s(lambda: (compute(), call()), device)))  # one pair warms up
+    alone: list[float] = []
+    with_calls: list[float] = []
+    for _ in range(REPEATS):
+        alone.append(_slowest_rank_s(lambda: [compute() for _ in range(calls)], device))
+        with_calls.append(_slowest_rank_s(lambda: [(compute(), call()) for _ in range(calls)], device))
+    loop_s = statistics.median(with_calls)
+    return max(loop_s - statistics.median(alone), loop_s / 100) / calls
 
 
 def layer_of_compute(device: torch.device) -> Callable[[], None]:

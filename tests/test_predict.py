@@ -7,6 +7,7 @@ import ctypes
 import dataclasses
 import itertools
 import json
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch.utils._pytree import tree_flatten
 from alexnet_mp.bench import held_markdown, machine_drift
 from alexnet_mp.bench.matrix import QUICK
 from alexnet_mp.bench.measure import Measurement
-from alexnet_mp.calibrate import _layer_passes, fit, fresh_bytes, in_reused_memory, pass_images
+from alexnet_mp.calibrate import _layer_passes, call_after_compute_s, fit, fresh_bytes, in_reused_memory, pass_images
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, memory_bytes, parameters
 from alexnet_mp.errors import UsageError
@@ -453,7 +454,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
 
     monkeypatch.setattr(calibrate, "SHARES", (1.0, 0.5))  # halves: every layout at 2 ranks
     monkeypatch.setattr(calibrate, "REPEATS", 1)
-    monkeypatch.setattr(calibrate, "CALL_REPEATS", 1)
+    monkeypatch.setattr(calibrate, "LOOP_S", 0.0)  # one call a loop
     monkeypatch.setattr(calibrate, "PROBE_SWEEPS", 1)
     monkeypatch.setattr(calibrate, "SIZES", calibrate.SIZES[:2])  # two points a line: each collective's fit
     result = in_process(capsys, "calibrate", "--ranks", "2", "--batch", "2", "--output",
@@ -608,6 +609,27 @@ def bytes_mapped_for_a_large_block() -> int:
     during = mallinfo2().hblkhd
     del block
     return during - before
+
+
+SLOW_COMPUTE_S = 0.02
+
+
+def barrier_after_alternately_slow_compute() -> float:
+    """calibrate's cost of a call that moves nothing, a barrier, after compute that takes `SLOW_COMPUTE_S` on one
+    rank and nothing on the other, the slow rank alternating from call to call."""
+    turn = itertools.count()
+
+    def compute() -> None:
+        time.sleep(SLOW_COMPUTE_S if next(turn) % 2 == dist.get_rank() else 0.0)
+
+    return call_after_compute_s(dist.barrier, compute, torch.device("cpu"))
+
+
+def test_calibrate_costs_a_call_the_wait_for_the_rank_whose_compute_came_slowest_since_the_last(tmp_path):
+    """Each rank computes half the loop's calls slowly: alone, a loop takes half its calls' slow compute; met at
+    every call, all of it. So the barrier costs half a slow compute a call, which a barrier before each leaves out."""
+    cost = run_distributed(barrier_after_alternately_slow_compute, 2, tmp_path)[0]
+    assert SLOW_COMPUTE_S / 4 < cost < SLOW_COMPUTE_S
 
 
 def test_a_process_that_reuses_its_freed_memory_maps_no_block_afresh(tmp_path):
