@@ -13,7 +13,6 @@ the layers and the optimizer on a GPU, by its own clock, and the collectives ove
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import datetime
 import json
@@ -34,9 +33,10 @@ from alexnet_mp.bench.matrix import FULL
 from alexnet_mp.bench.measure import layout_steps
 from alexnet_mp.blocks import rows
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import mapped_afresh, memory_bytes
+from alexnet_mp.cost import memory_bytes
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import KERNELS, KINDS, Collective, Hardware
+from alexnet_mp.malloc import in_reused_memory, mapped_afresh
 from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, MaskDraw, SeededDropout, build_model, conv_sides
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer
@@ -58,7 +58,6 @@ CPU = torch.device("cpu")
 # of `probe`: eight sweeps of the net on 8 images, a few seconds on a CPU: a burst of other work moves one sweep, not
 # their median
 PROBE_IMAGES, PROBE_SWEEPS = 8, 8
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
 def pass_images(batch: int) -> list[int]:
@@ -68,25 +67,6 @@ def pass_images(batch: int) -> list[int]:
     small one's rate: the caches it overflows, the blocks mapped afresh; not in proportion to its images)."""
     sizes = [2 * 2**k for k in range(batch.bit_length()) if 2 * 2**k < batch] + [batch]
     return sizes if len(sizes) > 1 else [1, 2]
-
-
-def reuse_freed_memory() -> None:
-    """Makes this process's glibc malloc keep what it frees and serve every block from it, never mapping one afresh
-    (no mmap, no trimming): a pass timed here finds its blocks' pages mapped already, so its time is the same from
-    one sweep to the next, where by default a large block is mapped afresh or found free depending on what the
-    process freed before. Nothing where the C library is not glibc (its allocator is another's)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(M_MMAP_MAX, 0)
-    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # the most its int takes: freed memory is never given back
-
-
-def in_reused_memory(fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args) once this process reuses the memory it frees (`reuse_freed_memory`): for a process of its own."""
-    reuse_freed_memory()
-    return fn(*args)
 
 
 def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU, shares: Sequence[float] = SHARES,
@@ -209,7 +189,7 @@ def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_in
 
 def fresh_bytes(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool) -> tuple[float, float]:
     """The bytes one pass on the CPU allocates in blocks that glibc's malloc maps afresh in a training process
-    (`cost.mapped_afresh`), forward and backward, whose pages the kernel faults in and zero-fills. Read off
+    (`malloc.mapped_afresh`), forward and backward, whose pages the kernel faults in and zero-fills. Read off
     the profiler's record of each allocation, which sees the blocks that an op allocates for itself as well."""
     x = _pass_input(segment, shape, needs_input_grad, CPU)
     with _allocations() as forward:
@@ -224,7 +204,7 @@ def fresh_bytes(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_gr
 @contextlib.contextmanager
 def _allocations() -> Iterator[list[float]]:
     """Within `with`, the profiler records every CPU allocation; after it, the list it gave holds the bytes of each
-    block a training process maps afresh (`cost.mapped_afresh`)."""
+    block a training process maps afresh (`malloc.mapped_afresh`)."""
     found: list[float] = []
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
     with _quiet_stderr():  # the profiler logs its start and stop there, whatever its log level

@@ -20,6 +20,7 @@ from alexnet_mp.config import DECODE_PLACES, TrainConfig
 from alexnet_mp.errors import AlexNetMPError, GroupNotFormed, UsageError, first_line, from_torch
 from alexnet_mp.flag_types import COUNT, POSITIVE_FLOAT, POSITIVE_INT
 from alexnet_mp.hardware import DEFAULT_PATH, PRESETS, Hardware
+from alexnet_mp.malloc import steady_malloc
 from alexnet_mp.model import ARCH_HELP, ARCHITECTURES
 from alexnet_mp.preflight import check_run, check_writable
 from alexnet_mp.strategies import LAYOUTS, REFERENCE, all_options, layout_label, layout_named
@@ -38,6 +39,7 @@ def run_train(config: TrainConfig) -> None:
 
     launch = launched()
     check_run(config, launch.size)
+    steady_malloc()
     if "LOCAL_RANK" in os.environ:  # started by a launcher, not by hand
         stop_with_launcher(config.timeout_s)
     # the main process writes the run's record and decides when checkpoints are complete: it holds the folder

@@ -99,16 +99,6 @@ def training_flops(work: RankWork, arch: Architecture, num_classes: int = 1000, 
 # and summed: `model._ChannelLRN.backward`), at their most.
 BACKWARD_TEMPORARIES = 2
 LRN_BACKWARD_TEMPORARIES = 4
-# glibc's malloc maps a block above its mmap threshold afresh at each allocation and unmaps it when it is freed;
-# the threshold rises with the blocks freed, up to 32 MiB. Larger tensors made each step are fresh pages each step.
-FRESH_BLOCK_BYTES = 32 * 2**20
-
-
-def mapped_afresh(block_bytes: float) -> bool:
-    """Whether a CPU training process's malloc maps a block of `block_bytes` afresh each time it is allocated."""
-    return block_bytes >= FRESH_BLOCK_BYTES
-
-
 def kept_for_backward(cost: LayerCost, spec: ConvSpec | None) -> list[int]:
     """The tensors, in elements per image, that autograd keeps of a layer from its forward to its backward. A conv
     layer: its ReLU'd output (the ReLU works in place, and the LRN keeps the same maps), the LRN's output (the

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from alexnet_mp.malloc import steady_malloc
+
 GROUP_TIMEOUT = timedelta(seconds=60)
 JOIN_TIMEOUT_S = 240
 # Imported once by the fork server, then inherited by every rank it forks: a spawned rank would pay
@@ -25,6 +27,7 @@ PRELOAD = ["torch._dynamo", "alexnet_mp.bench.measure"]
 def _worker(fn: Callable[..., Any], rank: int, world_size: int, directory: str, threads: int, backend: str,
             args: tuple) -> None:
     torch.set_num_threads(threads)
+    steady_malloc()
     if backend == "nccl":
         torch.cuda.set_device(rank)  # one GPU per rank
     # A forkserver child inherits "forkserver" as its start method; a launched rank has the platform's

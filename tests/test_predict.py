@@ -3,11 +3,9 @@ read back, bad profiles refused in one line."""
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import itertools
 import json
-import time
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -21,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 from alexnet_mp.bench import held_markdown, machine_drift
 from alexnet_mp.bench.matrix import QUICK
 from alexnet_mp.bench.measure import Measurement
-from alexnet_mp.calibrate import _layer_passes, call_after_compute_s, fit, fresh_bytes, in_reused_memory, pass_images
+from alexnet_mp.calibrate import _layer_passes, fit, fresh_bytes, pass_images
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, memory_bytes, parameters
 from alexnet_mp.errors import UsageError
@@ -29,7 +27,6 @@ from alexnet_mp.hardware import KINDS, PRESETS, Collective, Hardware, load, pass
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.model import PAPER, build_model
 from alexnet_mp.predict import Held, StepFigures, disordered, held_table, predict_step
-from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import LAYOUTS, build
 from alexnet_mp.strategies.costs import (
@@ -595,47 +592,6 @@ def test_calibrate_counts_the_blocks_a_pass_allocates_that_a_training_process_ma
     (fc6,) = [timed for timed in _layer_passes("paper", 0.25, [2], torch.device("cpu")) if timed[0] == "paper.fc6@0.25"]
     _, segment, shape, needs = fc6
     assert fresh_bytes(segment, shape, needs) == (0.0, 4 * 9216 * 1024)
-
-
-def bytes_mapped_for_a_large_block() -> int:
-    """How many more bytes glibc holds in blocks it mapped on their own (mallinfo2's hblkhd) while this process
-    holds a 64 MiB tensor than before it."""
-    fields = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
-    mallinfo2 = ctypes.CDLL(None).mallinfo2
-    mallinfo2.restype = type("mallinfo2", (ctypes.Structure,), {"_fields_": fields})
-    before = mallinfo2().hblkhd
-    block = torch.ones(1 << 24)
-    during = mallinfo2().hblkhd
-    del block
-    return during - before
-
-
-SLOW_COMPUTE_S = 0.02
-
-
-def barrier_after_alternately_slow_compute() -> float:
-    """calibrate's cost of a call that moves nothing, a barrier, after compute that takes `SLOW_COMPUTE_S` on one
-    rank and nothing on the other, the slow rank alternating from call to call."""
-    turn = itertools.count()
-
-    def compute() -> None:
-        time.sleep(SLOW_COMPUTE_S if next(turn) % 2 == dist.get_rank() else 0.0)
-
-    return call_after_compute_s(dist.barrier, compute, torch.device("cpu"))
-
-
-def test_calibrate_costs_a_call_the_wait_for_the_rank_whose_compute_came_slowest_since_the_last(tmp_path):
-    """Each rank computes half the loop's calls slowly: alone, a loop takes half its calls' slow compute; met at
-    every call, all of it. So the barrier costs half a slow compute a call, which a barrier before each leaves out."""
-    cost = run_distributed(barrier_after_alternately_slow_compute, 2, tmp_path)[0]
-    assert SLOW_COMPUTE_S / 4 < cost < SLOW_COMPUTE_S
-
-
-def test_a_process_that_reuses_its_freed_memory_maps_no_block_afresh(tmp_path):
-    by_default = run_distributed(bytes_mapped_for_a_large_block, 1, tmp_path / "default")[0]
-    reused = run_distributed(in_reused_memory, 1, tmp_path / "reused", bytes_mapped_for_a_large_block)[0]
-    assert by_default >= 64 * 2**20 and reused == 0
 
 
 def test_only_fsdp_copies_into_fresh_blocks_beyond_its_layers_own_tensors_each_large_unit_three_times_a_step():

@@ -201,7 +201,7 @@ class Costs(ABC):
 
     @classmethod
     def fresh_bytes(cls, arch: Architecture, num_classes: int) -> float:
-        """The bytes a part's step copies into blocks mapped afresh on a CPU (`cost.mapped_afresh`) beyond its layers'
+        """The bytes a part's step copies into blocks mapped afresh on a CPU (`malloc.mapped_afresh`) beyond its layers'
         own tensors, whose fresh pages the profile counts per pass (calibrate's `fresh_bytes`): none, but for a
         layout that copies large tensors of its own."""
         return 0.0

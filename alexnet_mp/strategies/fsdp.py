@@ -21,9 +21,10 @@ from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGath
 
 from alexnet_mp.blocks import Block
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import RankWork, Traffic, both_ways, mapped_afresh
+from alexnet_mp.cost import RankWork, Traffic, both_ways
 from alexnet_mp.errors import UsageError
 from alexnet_mp.ledger import BACKWARD, FORWARD, Ledger
+from alexnet_mp.malloc import mapped_afresh
 from alexnet_mp.model import ARCHITECTURES, AlexNet, Architecture, full_shapes
 from alexnet_mp.strategies.base import Claim, bytes_on_rank_0
 from alexnet_mp.strategies.costs import PartTimes, new_traffic, split_by
@@ -135,7 +136,7 @@ class FSDPCosts(DataParallelCosts):
 
     @classmethod
     def fresh_bytes(cls, arch: Architecture, num_classes: int) -> float:
-        """Each unit a block mapped afresh (`cost.mapped_afresh`), three times a step: copied into its unsharded
+        """Each unit a block mapped afresh (`malloc.mapped_afresh`), three times a step: copied into its unsharded
         parameters from its gathers, in the forward and again in the backward, and its gradient into the
         reduce-scatter's input. The all-gather's and reduce-scatter's outputs are fresh inside the collectives'
         calibrated time (calibrate times the flat forms into fresh tensors), the whole gradient among the layer's own

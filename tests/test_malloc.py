@@ -1,0 +1,44 @@
+"""A training process's malloc on a CPU: which blocks it maps afresh, the ones the cost model counts."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from alexnet_mp.malloc import FRESH_BLOCK_BYTES, in_reused_memory, steady_malloc
+from alexnet_mp.processes import run_distributed
+
+pytestmark = pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="reads glibc's mallinfo2")
+
+
+def bytes_mapped_for(nbytes: int) -> int:
+    """How many more bytes glibc holds in blocks it mapped on their own (mallinfo2's hblkhd) while this process
+    holds a tensor of `nbytes` than before it."""
+    fields = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = type("mallinfo2", (ctypes.Structure,), {"_fields_": fields})
+    before = mallinfo2().hblkhd
+    block = torch.empty(nbytes, dtype=torch.uint8)
+    during = mallinfo2().hblkhd
+    del block
+    return during - before
+
+
+def mapped_with_steady_malloc(nbytes: int) -> int:
+    steady_malloc()
+    return bytes_mapped_for(nbytes)
+
+
+@pytest.mark.parametrize("nbytes", [FRESH_BLOCK_BYTES // 2, 2 * FRESH_BLOCK_BYTES])
+def test_a_training_process_maps_afresh_exactly_the_blocks_the_cost_model_counts_as_fresh(tmp_path, nbytes):
+    """A fresh process's default threshold is 128 KiB: it would map both afresh."""
+    mapped = run_distributed(mapped_with_steady_malloc, 1, tmp_path, nbytes)[0]
+    assert (mapped >= nbytes) == (nbytes >= FRESH_BLOCK_BYTES)
+
+
+def test_a_process_that_reuses_its_freed_memory_maps_no_block_afresh(tmp_path):
+    reused = run_distributed(in_reused_memory, 1, tmp_path, bytes_mapped_for, 2 * FRESH_BLOCK_BYTES)[0]
+    assert reused == 0
