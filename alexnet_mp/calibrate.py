@@ -1,13 +1,14 @@
 """`python -m alexnet_mp calibrate`: measures the machine at hand into a hardware profile (hardware.py).
 
 Each layer as it runs in the net (a convolution with its ReLU, LRN and pooling; fc6 and fc7 with their ReLU and
-dropout) forward and backward, at the shares of its outputs the layouts hold (whole, halves, quarters), at passes
-of a few images up to the global batch, at the threads a rank runs for each rank count asked for; the optimizer's
-step with each of its kernels; what a byte copied into a freshly mapped block costs; what a process training the
-one-device reference keeps resident beyond its tensors; each collective the layouts use over gloo processes, at
-sizes from a few KiB to tens of MiB, each call right after compute in a loop of them, as a step meets them; and how
-much slower a rank computes with every rank of each count computing at once than alone. Where the machine has GPUs:
-the layers and the optimizer on a GPU, by its own clock, and the collectives over NCCL, one rank a GPU.
+dropout) forward and backward, at the shares of its outputs the layouts hold (whole, halves, quarters), at passes of
+a few images up to the global batch, at the threads a rank runs for each rank count asked for; the optimizer's step
+with each of its kernels; what a byte of a gradient costs added into another, and copied into a freshly mapped
+block; what a process training the one-device reference keeps resident beyond its tensors; each collective the
+layouts use over gloo processes, at sizes from a few KiB to tens of MiB, each call right after compute in a loop of
+them, as a step meets them; and how much slower a rank computes with every rank of each count computing at once than
+alone. Where the machine has GPUs: the layers and the optimizer on a GPU, by its own clock, and the collectives over
+NCCL, one rank a GPU.
 """
 
 from __future__ import annotations
@@ -255,6 +256,20 @@ def time_optimizer(threads: int, device: torch.device = CPU, parameters: int = 1
     return rates
 
 
+def time_accumulation(threads: int, device: torch.device = CPU, elements: int = 1 << 24) -> float:
+    """Seconds per byte of a gradient added into the one accumulated before it (autograd's in-place sum, what each
+    pass of a layer after its first pays in a step of micro-batches or rounds), on `threads`: 64 MiB."""
+    torch.set_num_threads(threads)
+    accumulated, gradient = torch.zeros(elements, device=device), torch.ones(elements, device=device)
+    clock = clock_for(device)
+    seconds = []
+    for _ in range(1 + REPEATS):
+        started = clock.stamp()
+        accumulated += gradient
+        seconds.append(clock.seconds(started, clock.stamp()))
+    return statistics.median(seconds[1:]) / gradient.nbytes
+
+
 def time_fresh_copy(threads: int, elements: int = 1 << 24) -> tuple[float, float]:
     """Seconds per byte of copying a tensor into one the allocator maps afresh (the copy, and the pages faulted in
     and zero-filled), and of those pages alone (that copy's time less a copy into a block mapped already), on
@@ -418,7 +433,7 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
     started = time.perf_counter()
     profile = Hardware(f"{platform.node() or 'this machine'}", "", "nccl" if on_gpu else "gloo", cores)
     thread_counts = sorted({profile.threads(count) for count in (1, *ranks)})
-    layers, optimizer, fresh, pages, spreads = {}, {}, {}, {}, []
+    layers, optimizer, accumulation, fresh, pages, spreads = {}, {}, {}, {}, {}, []
     collectives, resident, slowdown = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="calibrate-") as scratch:
         for threads in thread_counts:
@@ -431,6 +446,7 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
                                                       "the figures; calibrate again when it is quieter"))
             spreads.append(spread)
             optimizer[str(threads)] = time_optimizer(threads, device)
+            accumulation[str(threads)] = time_accumulation(threads, device)
             if not on_gpu:  # a GPU's caching allocator reuses its blocks
                 fresh[str(threads)], pages[str(threads)] = time_fresh_copy(threads)
         log("the probe that `bench` runs again to see how far the machine has drifted from this profile ...")
@@ -450,5 +466,7 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
     where = torch.cuda.get_device_name() if on_gpu else f"{platform.processor() or platform.machine()}, {cores} cores"
     source = (f"calibrate on {where}, batch {batch}, {datetime.date.today().isoformat()}, torch {torch.__version__}, "
               f"in {time.perf_counter() - started:.0f} s, layer sweeps within {max(spreads):.0%}")
-    return Hardware(profile.name, source, profile.backend, cores, layers, None, optimizer, collectives, fresh,
-                    pages, resident, slowdown, probed)
+    return Hardware(profile.name, source, profile.backend, cores, layers, optimizer_s_per_parameter=optimizer,
+                    accumulate_s_per_byte=accumulation, collectives=collectives, fresh_copy_s_per_byte=fresh,
+                    fresh_page_s_per_byte=pages, resident_overhead_bytes=resident, shared_slowdown=slowdown,
+                    probe_s=probed)

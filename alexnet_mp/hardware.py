@@ -19,7 +19,7 @@ from typing import Any
 
 from alexnet_mp.errors import UsageError
 
-FORMAT = 6
+FORMAT = 7
 # The collectives the layouts call; the `-single` forms gather into or scatter from one flat tensor (FSDP's and
 # DTensor's), which gloo runs apart from the forms on lists of tensors, at a speed of their own.
 KINDS = ("all-reduce", "all-gather", "all-gather-single", "reduce-scatter", "reduce-scatter-single", "gather",
@@ -60,6 +60,9 @@ class Hardware:
     tflops: float | None = None  # where layers are not measured: the training rate a device sustains on them
     # per threads a rank runs, per optimizer kernel (`KERNELS`): a parameter's share of the SGD step
     optimizer_s_per_parameter: dict[str, dict[str, float]] = field(default_factory=dict)
+    # per threads a rank runs: what a byte of a gradient costs added into the one accumulated before it; none in a
+    # preset
+    accumulate_s_per_byte: dict[str, float] = field(default_factory=dict)
     collectives: dict[str, dict[str, Collective]] = field(default_factory=dict)  # per rank count, per kind
     # per threads a rank runs: what a byte costs copied into a block the allocator maps afresh (the copy, and a CPU's
     # page faults and zero-filling); none where blocks are reused (CUDA's caching allocator)
@@ -124,6 +127,10 @@ class Hardware:
         `foreach` with the foreach one."""
         rates = self.optimizer_s_per_parameter.get(str(self.threads(ranks)), dict.fromkeys(KERNELS, 0.0))
         return (rates["fused"] * fused + rates["foreach"] * foreach) * self.sharing(ranks)
+
+    def accumulate_s(self, gradient_bytes: float, ranks: int) -> float:
+        """Seconds a rank of `ranks` spends adding `gradient_bytes` of gradients into those accumulated before."""
+        return gradient_bytes * self.accumulate_s_per_byte.get(str(self.threads(ranks)), 0.0) * self.sharing(ranks)
 
     def fresh_copy_s(self, copied_bytes: float, ranks: int) -> float:
         """Seconds a rank of `ranks` spends copying `copied_bytes` into blocks allocated afresh."""
@@ -255,10 +262,10 @@ def _parsed(raw: Any) -> Hardware:
     collectives = {str(ranks): {kind: _parsed_collective(link, kind) for kind, link in kinds.items() if kind in KINDS}
                    for ranks, kinds in raw.get("collectives", {}).items()}
     tflops = raw.get("tflops")
-    fresh = {str(threads): _not_negative(value, "fresh_copy_s_per_byte", "seconds")
-             for threads, value in raw.get("fresh_copy_s_per_byte", {}).items()}
-    pages = {str(threads): _not_negative(value, "fresh_page_s_per_byte", "seconds")
-             for threads, value in raw.get("fresh_page_s_per_byte", {}).items()}
+    accumulation, fresh, pages = ({str(threads): _not_negative(value, figure, "seconds")
+                                   for threads, value in raw.get(figure, {}).items()}
+                                  for figure in ("accumulate_s_per_byte", "fresh_copy_s_per_byte",
+                                                 "fresh_page_s_per_byte"))
     resident = {str(threads): _not_negative(value, "resident_overhead_bytes", "bytes")
                 for threads, value in raw.get("resident_overhead_bytes", {}).items()}
     slowdown = {str(ranks): _positive(value, "shared_slowdown")
@@ -271,4 +278,4 @@ def _parsed(raw: Any) -> Hardware:
                     None if tflops is None else _positive(tflops, "tflops"),
                     {str(t): {kernel: _positive(rates[kernel], f"optimizer_s_per_parameter.{t}.{kernel}")
                               for kernel in KERNELS} for t, rates in raw.get("optimizer_s_per_parameter", {}).items()},
-                    collectives, fresh, pages, resident, slowdown, probed)
+                    accumulation, collectives, fresh, pages, resident, slowdown, probed)

@@ -66,10 +66,15 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
     times, memory = [], []
     for part in range(parts):
         work = costs.work(arch, part, parts, batch, num_classes)
-        layers = {cost.name: hardware.layer_s(f"{arch}.{cost.name}", work.shares[cost.name], ranks, cost.flops,
-                                              work.samples(cost.name), costs.passes(cost.name, ranks, config))
-                  for cost in layer_costs(architecture, num_classes, work.shares)}
         held = {cost.name: cost.parameters for cost in layer_costs(architecture, num_classes, work.holds)}
+        layers = {}
+        for cost in layer_costs(architecture, num_classes, work.shares):
+            passes = costs.passes(cost.name, ranks, config)
+            forward, backward = hardware.layer_s(f"{arch}.{cost.name}", work.shares[cost.name], ranks, cost.flops,
+                                                 work.samples(cost.name), passes)
+            # each pass after the first adds its weight gradient into the one accumulated before it
+            accumulate = hardware.accumulate_s((passes - 1) * held.get(cost.name, 0) * BYTES_PER_ELEMENT, ranks)
+            layers[cost.name] = forward, backward + accumulate
         foreach = sum(count for name, count in held.items() if costs.holds_dtensors(name))
         update = (hardware.optimizer_s(parameters(work, architecture, num_classes) - foreach, foreach, ranks)
                   + hardware.fresh_copy_s(costs.fresh_bytes(architecture, num_classes), ranks))

@@ -126,6 +126,16 @@ def test_a_measured_layer_pays_the_profiles_fresh_page_cost_on_the_bytes_each_pa
     assert profile.layer_s("paper.fc6", 1.0, 1, 0.0, samples=8, passes=2) == pytest.approx((2 * 1.5, 2 * (3.0 + 0.1)))
 
 
+def test_a_layer_run_in_several_passes_adds_each_later_passs_weight_gradient_into_the_accumulated_one():
+    """4 micro-batches: 3 additions of the gradient of every parameter the last stage holds."""
+    profile = dataclasses.replace(by_hand(), accumulate_s_per_byte={"1": 1e-9})
+    options = {"microbatches": 4}
+    step = predict_step("pipeline", "paper", 2, 8, profile, 10, options)
+    alone = predict_step("pipeline", "paper", 2, 8, by_hand(), 10, options)
+    held = parameters(LAYOUTS["pipeline"].costs.work("paper", 1, 2, 8, 10), PAPER, 10)
+    assert step.compute_s[1] - alone.compute_s[1] == pytest.approx(3 * 4 * held * 1e-9)
+
+
 def test_a_layer_measured_at_another_share_of_its_outputs_costs_in_proportion_to_its_share():
     profile = Hardware("measured", "a test", "gloo", 2, layers={"2": {"paper.fc6@1": FC6}})
     assert profile.layer_s("paper.fc6", 0.5, 1, 0.0, samples=8, passes=2) == pytest.approx((1.5, 3.0))
@@ -319,7 +329,8 @@ def test_a_profile_reads_back_as_written(tmp_path):
              "fresh_bytes": {"forward": [0.0, 4e7], "backward": [0.0, 8e7]}}
     profile = Hardware("written", "a test", "gloo", 2, layers={"1": {"paper.conv1@1": conv1}},
                        optimizer_s_per_parameter={"1": {"fused": 1e-9, "foreach": 6e-9}},
-                       collectives={"2": {"all-reduce": LINK, "send": TIMED_LINK}}, fresh_copy_s_per_byte={"1": 5e-10},
+                       accumulate_s_per_byte={"1": 2e-10}, collectives={"2": {"all-reduce": LINK, "send": TIMED_LINK}},
+                       fresh_copy_s_per_byte={"1": 5e-10},
                        fresh_page_s_per_byte={"1": 4e-10}, resident_overhead_bytes={"1": 2.5e8},
                        shared_slowdown={"2": 1.05}, probe_s={"1": 0.9})
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
@@ -335,27 +346,29 @@ def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
 
 @pytest.mark.parametrize(("text", "says"), [
     ("not json", "is not a hardware profile"),
-    ('{"format": 5}', "format must be 6"),
-    ('{"format": 6, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
-    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
+    ('{"format": 6}', "format must be 7"),
+    ('{"format": 7, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
+    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
      "neither layer times nor tflops"),
-    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
+    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
      '"collectives": {"2": {"send": {"latency_s": -1, "bytes_per_s": 1}}}}', "send latency_s must be a positive"),
-    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "collectives": {"2": {"send": '
+    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "collectives": {"2": {"send": '
      '{"latency_s": 1, "bytes_per_s": 1, "measured": [[8, 1], [4, 2]]}}}}', "send measured must be two or more sizes"),
-    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_copy_s_per_byte": {"1": -1}, '
+    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_copy_s_per_byte": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "fresh_copy_s_per_byte must be"),
-    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead_bytes": {"1": -1}, '
+    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "accumulate_s_per_byte": {"1": -1}, '
+     '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "accumulate_s_per_byte must be"),
+    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead_bytes": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "resident_overhead_bytes must be a number"),
-    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "shared_slowdown": {"2": 0}, '
+    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "shared_slowdown": {"2": 0}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "shared_slowdown must be a positive"),
-    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "optimizer_s_per_parameter": '
+    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "optimizer_s_per_parameter": '
      '{"1": {"fused": 1e-9}}, "collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "'foreach'"),
-    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [8, 2], "forward": [1, 1], "backward": [1, 1]}}}}', "images must be two or more sizes that rise"),
-    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [2, 8], "forward": [1], "backward": [1, 1]}}}}', "forward must have a figure for each of its images"),
-    ('{"format": 6, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [2, 8], "forward": [1, 1], "backward": [1, 1], "fresh_bytes": {"forward": [0, 0], '
      '"backward": [0, -1]}}}}}', "fresh_bytes.backward must be a number of bytes"),
 ])
@@ -462,6 +475,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     assert all(len(link.measured) == 2 for link in profile.collectives["2"].values())  # each size's time kept
     assert set(profile.fresh_copy_s_per_byte) == set(profile.fresh_page_s_per_byte) == set(profile.layers)
     assert min(profile.fresh_copy_s_per_byte.values()) > 0
+    assert set(profile.accumulate_s_per_byte) == set(profile.layers) and min(profile.accumulate_s_per_byte.values()) > 0
     assert profile.layers["1"]["paper.fc6@1"]["fresh_bytes"]["backward"][0] >= 4 * 9216 * 4096  # its weight's gradient
     assert set(profile.resident_overhead_bytes) == set(profile.layers)  # each thread count a rank runs
     assert set(profile.shared_slowdown) == {"2"} and profile.shared_slowdown["2"] >= 1
@@ -481,6 +495,7 @@ def test_calibrate_on_a_gpu_times_its_layers_there_for_nccl(monkeypatch):
     profile = calibrate.calibrate([1], batch=4, log=lambda line: None)
     assert profile.backend == "nccl" and profile.cores is None and set(profile.layers) == {"1"}
     assert not profile.fresh_copy_s_per_byte and not profile.fresh_page_s_per_byte
+    assert set(profile.accumulate_s_per_byte) == {"1"}
     assert not profile.resident_overhead_bytes
     assert predict_step("single", "paper", 1, 4, profile, 1000).step_s > 0
 
