@@ -99,6 +99,8 @@ def training_flops(work: RankWork, arch: Architecture, num_classes: int = 1000, 
 # and summed: `model._ChannelLRN.backward`), at their most.
 BACKWARD_TEMPORARIES = 2
 LRN_BACKWARD_TEMPORARIES = 4
+
+
 def kept_for_backward(cost: LayerCost, spec: ConvSpec | None) -> list[int]:
     """The tensors, in elements per image, that autograd keeps of a layer from its forward to its backward. A conv
     layer: its ReLU'd output (the ReLU works in place, and the LRN keeps the same maps), the LRN's output (the
