@@ -341,9 +341,10 @@ def time_collectives(sizes: Sequence[int], device_type: str) -> dict[str, list[t
 def call_after_compute_s(call: Callable[[], Any], compute: Callable[[], Any], device: torch.device) -> float:
     """Seconds `call` adds to a step where every rank computes before it: a loop of `compute` then `call`, as many as
     fit in `LOOP_S`, against a loop of `compute` alone, the two alternating (the machine's other work weighs on
-    both), the median of `REPEATS` of each, per call. The ranks meet at each call, so it costs its transfer and the
-    wait for the rank whose compute came slowest since the last; a barrier before each call would leave that out.
-    No less than a hundredth of the loop's share: the compute moves by more than a small call takes."""
+    both), the median of `REPEATS` of each, per call, each loop timed on its slowest rank (on a GPU, until its device
+    has run it). The ranks meet at each call, so it costs its transfer and the wait for the rank whose compute came
+    slowest since the last; a barrier before each call would leave that out. No less than a hundredth of the loop's
+    share: the compute moves by more than a small call takes."""
     calls = max(1, round(LOOP_S / _slowest_rank_s(lambda: (compute(), call()), device)))  # one pair warms up
     alone: list[float] = []
     with_calls: list[float] = []

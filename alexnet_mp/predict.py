@@ -1,12 +1,12 @@
 """The cost model fed by a hardware profile: a layout's step walked over what the machine costs.
 
-What a layout does per step comes from its `Costs` (strategies/costs.py): the share of each layer each part
-computes and on how many images, the elements it sends on each link, which collective carries each and in
-calls of which sizes, and how its parts' times make up the step (its timeline: each part's layers in order, waiting at
-each collective for every part and for what of it does not run beside the compute; a pipeline's schedule
-simulated event by event). What the machine costs comes from a `Hardware` profile (hardware.py): each layer's
-time at the share a part holds, the optimizer's step, each collective's time at the sizes of its calls, and whether
-ranks share cores. A prediction is the first walked over the second.
+What a layout does per step comes from its `Costs` (strategies/costs.py): the share of each layer each part computes
+and on how many images, the elements it sends on each link, which collective carries each and in calls of which
+sizes, and how its parts' times make up the step (its timeline: each part's layers in order, waiting at each
+collective for every part and for what of it does not run beside the compute; a pipeline's schedule simulated event
+by event). What the machine costs comes from a `Hardware` profile (hardware.py): each layer's time at the share a
+part holds, a gradient's addition to the one accumulated, the optimizer's step, each collective's time at the sizes
+of its calls, and whether ranks share cores. A prediction is the first walked over the second.
 """
 
 from __future__ import annotations
