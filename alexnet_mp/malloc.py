@@ -1,11 +1,12 @@
 """glibc's malloc in a process that trains on a CPU: which of its blocks are fresh pages, held to one rule.
 
 By default glibc maps a block above its mmap threshold afresh at each allocation (the kernel faults its pages in and
-zero-fills them) and unmaps it when it is freed; the threshold starts at 128 KiB and rises to each larger such block
-freed, up to 32 MiB, and the heap's free top goes back to the kernel once it outgrows twice the threshold. Which of a
-step's blocks are fresh pages then depends on what the process freed before it. A training process holds the
-threshold where it would end (`steady_malloc`), so that from its first step the same blocks are: those the cost
-model counts (`mapped_afresh`).
+zero-fills them) and unmaps it when it is freed, unless a free chunk of its heap fits it; the threshold starts at 128
+KiB and rises to each larger such block freed, up to 32 MiB, and the heap's free top goes back to the kernel once it
+outgrows twice the threshold. Which of a step's blocks are fresh pages then depends on what the process freed
+before it. A training process holds the threshold where it would end and never trims its heap (`steady_malloc`):
+the cost model counts every block of 32 MiB and up as fresh (`mapped_afresh`), the most a step can map afresh; a
+process whose heap has grown with large passes serves some of them from it (the one-device step at 32 images).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ NEVER_TRIMMED = 2**31 - 1  # the most mallopt's int takes: the heap's free memor
 
 
 def mapped_afresh(block_bytes: float) -> bool:
-    """Whether a training process on a CPU maps a block of `block_bytes` afresh each time it allocates it."""
+    """Whether a training process on a CPU maps a block of `block_bytes` afresh each time it allocates it where no
+    free chunk of its heap fits it."""
     return block_bytes >= FRESH_BLOCK_BYTES
 
 
@@ -33,10 +35,11 @@ def _mallopt() -> Callable[[int, int], int] | None:
 
 
 def steady_malloc() -> None:
-    """This process maps afresh each block of `FRESH_BLOCK_BYTES` and up and unmaps it when freed, and serves every
-    smaller block from a heap it never gives back: glibc's rule with its threshold where the process's frees would
-    take it, fixed from the start (setting it stops glibc moving it). A step is no slower for the blocks a default
-    process maps afresh before its threshold has risen, or faults in again after a trim."""
+    """This process maps afresh each block of `FRESH_BLOCK_BYTES` and up that no free chunk of its heap fits, and
+    unmaps it when freed, and serves every smaller block from a heap it never gives back: glibc's rule with its
+    threshold where the process's frees would take it, fixed from the start (setting it stops glibc moving it). A
+    step is no slower for the blocks a default process maps afresh before its threshold has risen, or faults in
+    again after a trim."""
     mallopt = _mallopt()
     if mallopt:
         mallopt(M_MMAP_THRESHOLD, FRESH_BLOCK_BYTES)
