@@ -43,7 +43,7 @@ from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer
 from alexnet_mp.strategies import LAYOUTS, REFERENCE
 from alexnet_mp.strategies.base import shard_layers
-from alexnet_mp.timing import clock_for
+from alexnet_mp.timing import Clock, clock_for
 
 SHARES = (1.0, 0.5, 0.25)  # of a layer's outputs: whole, a tower or a shard of 2, a shard of 4
 REPEATS = 3  # timed passes (or sweeps of passes) per figure, after one to warm up; the median is kept
@@ -245,15 +245,8 @@ def time_optimizer(threads: int, device: torch.device = CPU, parameters: int = 1
     clock = clock_for(device)
     fused = make_optimizer([weight], TrainConfig())
     foreach = torch.optim.SGD([weight], **{**fused.defaults, "fused": False, "foreach": True})
-    rates = {}
-    for kernel, optimizer in zip(KERNELS, (fused, foreach), strict=True):
-        seconds = []
-        for _ in range(1 + REPEATS):
-            started = clock.stamp()
-            optimizer.step()
-            seconds.append(clock.seconds(started, clock.stamp()))
-        rates[kernel] = statistics.median(seconds[1:]) / parameters
-    return rates
+    return {kernel: _median_s(optimizer.step, clock) / parameters
+            for kernel, optimizer in zip(KERNELS, (fused, foreach), strict=True)}
 
 
 def time_accumulation(threads: int, device: torch.device = CPU, elements: int = 1 << 24) -> float:
@@ -261,13 +254,17 @@ def time_accumulation(threads: int, device: torch.device = CPU, elements: int = 
     pass of a layer after its first pays in a step of micro-batches or rounds), on `threads`: 64 MiB."""
     torch.set_num_threads(threads)
     accumulated, gradient = torch.zeros(elements, device=device), torch.ones(elements, device=device)
-    clock = clock_for(device)
+    return _median_s(lambda: accumulated.add_(gradient), clock_for(device)) / gradient.nbytes
+
+
+def _median_s(work: Callable[[], Any], clock: Clock) -> float:
+    """Seconds of `work` by `clock`, the median of `REPEATS` runs after one to warm up."""
     seconds = []
     for _ in range(1 + REPEATS):
         started = clock.stamp()
-        accumulated += gradient
+        work()
         seconds.append(clock.seconds(started, clock.stamp()))
-    return statistics.median(seconds[1:]) / gradient.nbytes
+    return statistics.median(seconds[1:])
 
 
 def time_fresh_copy(threads: int, elements: int = 1 << 24) -> tuple[float, float]:

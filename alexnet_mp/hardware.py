@@ -130,11 +130,15 @@ class Hardware:
 
     def accumulate_s(self, gradient_bytes: float, ranks: int) -> float:
         """Seconds a rank of `ranks` spends adding `gradient_bytes` of gradients into those accumulated before."""
-        return gradient_bytes * self.accumulate_s_per_byte.get(str(self.threads(ranks)), 0.0) * self.sharing(ranks)
+        return self._bytes_s(self.accumulate_s_per_byte, gradient_bytes, ranks)
 
     def fresh_copy_s(self, copied_bytes: float, ranks: int) -> float:
         """Seconds a rank of `ranks` spends copying `copied_bytes` into blocks allocated afresh."""
-        return copied_bytes * self.fresh_copy_s_per_byte.get(str(self.threads(ranks)), 0.0) * self.sharing(ranks)
+        return self._bytes_s(self.fresh_copy_s_per_byte, copied_bytes, ranks)
+
+    def _bytes_s(self, rates: Mapping[str, float], nbytes: float, ranks: int) -> float:
+        """Seconds of `nbytes` at the rate per byte `rates` gives a rank of `ranks`'s threads (none where absent)."""
+        return nbytes * rates.get(str(self.threads(ranks)), 0.0) * self.sharing(ranks)
 
     def resident_bytes(self, tensor_bytes: float, ranks: int) -> float:
         """The memory a process of `ranks` takes to train whose tensors peak at `tensor_bytes`."""
