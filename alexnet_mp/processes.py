@@ -40,10 +40,22 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, directory: str, 
         # The group is never destroyed: the rank ends in multiprocessing's os._exit. Destroyed here, it could
         # be freed on a gloo thread still releasing a finished collective's callback (DDP's hook state holds
         # the group), whose destructor then joins that thread from itself: "Resource deadlock avoided", SIGABRT.
-        torch.save({"result": fn(*args)}, out)
+        result = fn(*args)
+        torch.save({"result": result}, out)
+        _wait_for_peers()
     except BaseException:
         torch.save({"error": traceback.format_exc()}, out)
         raise
+
+
+def _wait_for_peers() -> None:
+    """No rank leaves before every rank is done: its exit closes its connections, which a peer still joining a group
+    the function made (a `new_group` with no collective after it) takes for a crash. A peer that failed has its own
+    error to say why; this rank's result stands."""
+    try:
+        dist.barrier()
+    except RuntimeError:
+        pass
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, directory: Path, *args: Any, threads: int = 1,
