@@ -4,11 +4,11 @@ Each layer as it runs in the net (a convolution with its ReLU, LRN and pooling; 
 dropout) forward and backward, at the shares of its outputs the layouts hold (whole, halves, quarters), at passes of
 a few images up to the global batch, at the threads a rank runs for each rank count asked for; the optimizer's step
 with each of its kernels; what a byte of a gradient costs added into another, and copied into a freshly mapped
-block; what a process training the one-device reference keeps resident beyond its tensors; each collective the
-layouts use over gloo processes, at sizes from a few KiB to tens of MiB, each call right after compute in a loop of
-them, as a step meets them; and how much slower a rank computes with every rank of each count computing at once than
-alone. Where the machine has GPUs: the layers and the optimizer on a GPU, by its own clock, and the collectives over
-NCCL, one rank a GPU.
+block; what a process training the one-device reference keeps resident beyond its tensors, at two batches; each
+collective the layouts use over gloo processes, at sizes from a few KiB to tens of MiB, each call right after
+compute in a loop of them, as a step meets them; and how much slower a rank computes with every rank of each count
+computing at once than alone. Where the machine has GPUs: the layers and the optimizer on a GPU, by its own clock,
+and the collectives over NCCL, one rank a GPU.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from alexnet_mp.bench.matrix import FULL
 from alexnet_mp.bench.measure import layout_steps
 from alexnet_mp.blocks import rows
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import memory_bytes
+from alexnet_mp.cost import memory_bytes, transient_bytes
 from alexnet_mp.errors import UsageError
-from alexnet_mp.hardware import KERNELS, KINDS, Collective, Hardware
+from alexnet_mp.hardware import KERNELS, KINDS, Collective, Hardware, ResidentOverhead
 from alexnet_mp.malloc import in_reused_memory, mapped_afresh
 from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, MaskDraw, SeededDropout, build_model, conv_sides
 from alexnet_mp.processes import run_distributed
@@ -385,15 +385,27 @@ def fit(points: Sequence[tuple[float, float]]) -> Collective:
                       tuple(zip(sent.tolist(), times, strict=True)))
 
 
-def resident_overhead_bytes(arch: str, batch: int, threads: int, scratch: Path) -> float:
-    """What a fresh process on `threads` keeps resident beyond its tensors while it trains the one-device reference
-    at `batch`: its training memory (bench's measure, after bench's warm-up: the allocator's kept blocks grow over
-    the first steps) less the tensors' peak the cost model predicts for it."""
+def resident_overhead(arch: str, batch: int, threads: int, scratch: Path) -> ResidentOverhead:
+    """What a fresh process on `threads` keeps resident beyond its tensors, against the tensors its step allocates
+    and frees again: the line through what the one-device reference keeps at `batch` and at a quarter of it
+    (`kept_beyond_tensors`), its slope no less than 0 and running through the larger batch's figure."""
+    points = [kept_beyond_tensors(arch, images, threads, scratch / str(images))
+              for images in sorted({max(batch // 4, 1), batch})]
+    (fewer_transient, fewer_kept), (transient, kept) = points[0], points[-1]
+    slope = max((kept - fewer_kept) / (transient - fewer_transient), 0.0) if transient > fewer_transient else 0.0
+    return ResidentOverhead(max(kept - slope * transient, 0.0), slope)
+
+
+def kept_beyond_tensors(arch: str, batch: int, threads: int, scratch: Path) -> tuple[float, float]:
+    """A fresh process on `threads` training the one-device reference at `batch`: the bytes its step allocates and
+    frees again (`cost.transient_bytes`, the cost model's), and what it keeps resident beyond its tensors: its
+    training memory (bench's measure, after bench's warm-up: the heap grows over the first steps) less the tensors'
+    peak the cost model predicts for it."""
     sizes = dataclasses.replace(FULL, steps=2)
     measured = run_distributed(layout_steps, 1, scratch, REFERENCE, arch, {}, batch, sizes, threads=threads)[0]
     costs = LAYOUTS[REFERENCE].costs
     tensors = memory_bytes(costs.work(arch, 0, 1, batch, sizes.num_classes), ARCHITECTURES[arch], sizes.num_classes)
-    return max(measured["training_memory_mb"] * 2**20 - sum(tensors.values()), 0.0)
+    return transient_bytes(tensors), max(measured["training_memory_mb"] * 2**20 - sum(tensors.values()), 0.0)
 
 
 def time_shared_slowdown(arch: str, images: int = AT_ONCE_IMAGES) -> float:
@@ -451,7 +463,7 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
         probed = probe(arch, thread_counts, device)
         for threads in [] if on_gpu else thread_counts:  # a GPU's memory is its tensors
             log(f"what a process keeps resident beyond its tensors, on {threads} thread(s) ...")
-            resident[str(threads)] = resident_overhead_bytes(arch, batch, threads, Path(scratch) / f"memory{threads}")
+            resident[str(threads)] = resident_overhead(arch, batch, threads, Path(scratch) / f"memory{threads}")
         for count in (count for count in ranks if count > 1):
             log(f"collectives over {count} {profile.backend} processes" + ("" if on_gpu else ", and the net on all "
                                                                             "of them at once") + " ...")
@@ -466,5 +478,5 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
               f"in {time.perf_counter() - started:.0f} s, layer sweeps within {max(spreads):.0%}")
     return Hardware(profile.name, source, profile.backend, cores, layers, optimizer_s_per_parameter=optimizer,
                     accumulate_s_per_byte=accumulation, collectives=collectives, fresh_copy_s_per_byte=fresh,
-                    fresh_page_s_per_byte=pages, resident_overhead_bytes=resident, shared_slowdown=slowdown,
+                    fresh_page_s_per_byte=pages, resident_overhead=resident, shared_slowdown=slowdown,
                     probe_s=probed)

@@ -6,7 +6,7 @@ the share of it a rank holds, and the bookkeeping of traffic. What each layout s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -119,13 +119,15 @@ def backward_temporaries(cost: LayerCost, spec: ConvSpec | None) -> list[int]:
 
 
 def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, bytes_per_element: int = 4,
-                 foreach: int = 0) -> dict[str, float]:
+                 foreach: int = 0, added: Collection[str] = ()) -> dict[str, float]:
     """A rank's memory at its peak, by kind: its weights and momentum (a copy each of the parameters it holds), what
     it gathers beyond them, and at its peak moment: in the backward, at the layer whose backward holds the most, the
-    gradients of the layers from the last down to it, and the activations (the images, what autograd still keeps of
-    the forward from the first layer up to it, and its backward's temporaries); or in the optimizer's step, every
-    gradient, the images, and the copy of the gradients of the `foreach` parameters the foreach kernel makes to add
-    their weight decay (the fused kernel makes none)."""
+    gradients of the layers from the last down to it and of the `added` before it (each layer of `added` has its
+    weight gradient added into one held all step: a later pass's into an earlier's, or DDP's copy into its bucket),
+    the gradient its backward produces where it is one of `added` (held beside the one it goes into), and the
+    activations (the images, what autograd still keeps of the forward from the first layer up to it, and its
+    backward's temporaries); or in the optimizer's step, every gradient, the images, and the copy of the gradients of
+    the `foreach` parameters the foreach kernel makes to add their weight decay (the fused kernel makes none)."""
     specs = {spec.name: spec for spec in arch.convs}
     costs = layer_costs(arch, num_classes, work.shares)
     held = {cost.name: cost.parameters for cost in layer_costs(arch, num_classes, work.holds)}
@@ -135,13 +137,20 @@ def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, by
     first = arch.convs[0]
     if "conv1" in held and isinstance(first.padding, tuple):  # the padded copy the first conv reads and keeps
         images += 3 * (IMAGE_SIZE + sum(first.padding[:2])) * (IMAGE_SIZE + sum(first.padding[2:])) * work.conv_samples
-    backward = [(sum(held.get(cost.name, 0) for cost in costs[at:]), images + sum(kept[:at + 1]) + temporaries[at], 0)
-                for at in range(len(costs))]
+    added_held = [held.get(cost.name, 0) if cost.name in added else 0 for cost in costs]
+    backward = [(sum(held.get(cost.name, 0) for cost in costs[at:]) + sum(added_held[:at + 1]),
+                 images + sum(kept[:at + 1]) + temporaries[at], 0) for at in range(len(costs))]
     gradients, activations, copied = max([*backward, (sum(held.values()), images, foreach)], key=sum)
     weights = sum(held.values()) * bytes_per_element
     return {"weights": weights, "gradients": gradients * bytes_per_element, "momentum": weights,
             "gathered": work.gathered * bytes_per_element, "activations": activations * bytes_per_element,
             "optimizer": copied * bytes_per_element}
+
+
+def transient_bytes(memory: Mapping[str, float]) -> float:
+    """Of a rank's memory at its peak (`memory_bytes`), what its step allocates and frees again: its activations, and
+    what it gathers for a while (FSDP's whole parameters and gradients of a unit)."""
+    return memory["activations"] + memory["gathered"]
 
 
 def held_shares(shard: Callable[[str, torch.Size, int, int], tuple | None], arch: str, part: int, parts: int,

@@ -19,7 +19,7 @@ from typing import Any
 
 from alexnet_mp.errors import UsageError
 
-FORMAT = 7
+FORMAT = 8
 # The collectives the layouts call; the `-single` forms gather into or scatter from one flat tensor (FSDP's and
 # DTensor's), which gloo runs apart from the forms on lists of tensors, at a speed of their own.
 KINDS = ("all-reduce", "all-gather", "all-gather-single", "reduce-scatter", "reduce-scatter-single", "gather",
@@ -48,6 +48,19 @@ class Collective:
 
 
 @dataclass(frozen=True)
+class ResidentOverhead:
+    """What a CPU process keeps resident beyond its tensors' peak: a fixed part (the libraries' workspaces, the
+    threads' stacks) and a part that grows with the tensors a step allocates and frees again (`cost.transient_bytes`):
+    the free chunks its heap keeps between them, which the next step allocates in another order."""
+
+    fixed_bytes: float
+    per_transient_byte: float
+
+    def bytes(self, transient_bytes: float) -> float:
+        return self.fixed_bytes + self.per_transient_byte * transient_bytes
+
+
+@dataclass(frozen=True)
 class Hardware:
     name: str
     source: str  # how its figures were obtained: a calibrate run (machine, date, versions) or the documents cited
@@ -70,9 +83,9 @@ class Hardware:
     # per threads a rank runs: what a byte of a block mapped afresh costs beyond its writing (the page faults and
     # zero-filling alone); none where blocks are reused
     fresh_page_s_per_byte: dict[str, float] = field(default_factory=dict)
-    # per threads a rank runs: what a CPU process keeps resident beyond its tensors' peak (the allocator's freed
-    # blocks, the libraries' code and workspaces); none where memory is a device's allocated tensors
-    resident_overhead_bytes: dict[str, float] = field(default_factory=dict)
+    # per threads a rank runs: what a CPU process keeps resident beyond its tensors' peak; none where memory is a
+    # device's allocated tensors
+    resident_overhead: dict[str, ResidentOverhead] = field(default_factory=dict)
     # per rank count: how much slower each rank computes with every rank computing at once than alone on its threads
     # (the cores, caches and memory bandwidth they share); where unmeasured, ranks over cores
     shared_slowdown: dict[str, float] = field(default_factory=dict)
@@ -140,9 +153,11 @@ class Hardware:
         """Seconds of `nbytes` at the rate per byte `rates` gives a rank of `ranks`'s threads (none where absent)."""
         return nbytes * rates.get(str(self.threads(ranks)), 0.0) * self.sharing(ranks)
 
-    def resident_bytes(self, tensor_bytes: float, ranks: int) -> float:
-        """The memory a process of `ranks` takes to train whose tensors peak at `tensor_bytes`."""
-        return tensor_bytes + self.resident_overhead_bytes.get(str(self.threads(ranks)), 0.0)
+    def resident_bytes(self, tensor_bytes: float, transient_bytes: float, ranks: int) -> float:
+        """The memory a process of `ranks` takes to train whose tensors peak at `tensor_bytes`, `transient_bytes`
+        of them allocated and freed again each step."""
+        overhead = self.resident_overhead.get(str(self.threads(ranks)))
+        return tensor_bytes + (overhead.bytes(transient_bytes) if overhead else 0.0)
 
     def collective(self, kind: str, ranks: int) -> Collective:
         known = self.collectives.get(str(ranks)) or self.collectives.get("any")
@@ -270,8 +285,11 @@ def _parsed(raw: Any) -> Hardware:
                                    for threads, value in raw.get(figure, {}).items()}
                                   for figure in ("accumulate_s_per_byte", "fresh_copy_s_per_byte",
                                                  "fresh_page_s_per_byte"))
-    resident = {str(threads): _not_negative(value, "resident_overhead_bytes", "bytes")
-                for threads, value in raw.get("resident_overhead_bytes", {}).items()}
+    resident = {str(threads): ResidentOverhead(_not_negative(line["fixed_bytes"], "resident_overhead fixed_bytes",
+                                                             "bytes"),
+                                               _not_negative(line["per_transient_byte"],
+                                                             "resident_overhead per_transient_byte", "bytes"))
+                for threads, line in raw.get("resident_overhead", {}).items()}
     slowdown = {str(ranks): _positive(value, "shared_slowdown")
                 for ranks, value in raw.get("shared_slowdown", {}).items()}
     probed = {str(threads): _positive(value, "probe_s") for threads, value in raw.get("probe_s", {}).items()}

@@ -39,13 +39,13 @@ class Prediction:
     batch: int  # the global batch
     bytes_per_rank: list[float]
     compute_s: float  # of the slowest rank's work in a step
-    activation_bytes: float  # of the slowest rank: exchanged on the critical path
+    transient_bytes: float  # of the slowest rank: exchanged on the critical path
     gradient_bytes: float  # of the slowest rank: all-reduced behind the backward pass
     memory: dict[str, float]  # bytes, of the rank that needs most
     slots: float = 1.0  # the step's length over its work's: a pipeline's bubble, (M + N - 1) / M
     fc_compute_s: float = 0.0  # of the slowest rank: its FC layers' part of compute_s
     rounds: int = 0  # the conv features' exchange in rounds behind the FC layers' work; 0: at once
-    round_bytes: float = 0.0  # of the slowest rank: that exchange's, both ways (in activation_bytes too)
+    round_bytes: float = 0.0  # of the slowest rank: that exchange's, both ways (in transient_bytes too)
 
     @property
     def busy_s(self) -> float:
@@ -55,7 +55,7 @@ class Prediction:
     def comm_s(self, link_gbps: float) -> tuple[float, float]:
         """(activation exchange, gradient all-reduce) seconds at `link_gbps` GB/s."""
         rate = link_gbps * 1e9
-        return self.activation_bytes / rate, self.gradient_bytes / rate
+        return self.transient_bytes / rate, self.gradient_bytes / rate
 
     def hidden_by_rounds_s(self, link_gbps: float) -> float:
         """The rounds' transfer hidden behind the FC layers' work (a round a rank need not receive is ignored)."""
@@ -108,8 +108,14 @@ def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, n
     compute = [training_flops(work, architecture, num_classes) / rate for work in works]
     slowest = max(range(parts), key=lambda rank: (compute[rank], sent[rank]))
     gradient = sum(v for (link, _), v in traffic[slowest].items() if link in GRADIENT_LINKS) * bytes_per_element
-    memory = max((memory_bytes(work, architecture, num_classes, bytes_per_element) for work in works),
-                 key=lambda kinds: sum(kinds.values()))
+
+    def part_memory(part: int) -> dict[str, float]:
+        """The part's memory at its peak, by kind, the gradients it adds into counted."""
+        held = {cost.name: cost.parameters for cost in layer_costs(architecture, num_classes, works[part].holds)}
+        added = {name for name in held if layout.costs.gradient_additions(name, gpus, config, traffic[part], held)}
+        return memory_bytes(works[part], architecture, num_classes, bytes_per_element, added=added)
+
+    memory = max((part_memory(part) for part in range(parts)), key=lambda kinds: sum(kinds.values()))
     rounds = layout.costs.exchange_rounds(gpus, config)
     in_rounds = sum(v for (link, _), v in traffic[slowest].items() if link == CONV_FEATURES.name) if rounds else 0.0
     return Prediction(layout_label(config.to_dict()), gpus, batch, sent, compute[slowest], sent[slowest] - gradient,

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import layer_costs, memory_bytes, parameters
+from alexnet_mp.cost import layer_costs, memory_bytes, parameters, transient_bytes
 from alexnet_mp.hardware import Hardware
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.strategies import LAYOUTS
@@ -63,18 +63,19 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
     architecture, parts = ARCHITECTURES[arch], costs.parts(ranks)
     together = parts // ranks
     traffic = costs.expected_traffic(arch, ranks, batch, num_classes)
-    times, memory = [], []
+    times, tensors, transient = [], [], []
     for part in range(parts):
         work = costs.work(arch, part, parts, batch, num_classes)
         held = {cost.name: cost.parameters for cost in layer_costs(architecture, num_classes, work.holds)}
-        layers = {}
+        layers, added = {}, set()
         for cost in layer_costs(architecture, num_classes, work.shares):
-            passes = costs.passes(cost.name, ranks, config)
             forward, backward = hardware.layer_s(f"{arch}.{cost.name}", work.shares[cost.name], ranks, cost.flops,
-                                                 work.samples(cost.name), passes)
-            # each pass after the first adds its weight gradient into the one accumulated before it
-            accumulate = hardware.accumulate_s((passes - 1) * held.get(cost.name, 0) * BYTES_PER_ELEMENT, ranks)
+                                                 work.samples(cost.name), costs.passes(cost.name, ranks, config))
+            additions = costs.gradient_additions(cost.name, ranks, config, traffic[part], held)
+            accumulate = hardware.accumulate_s(additions * held.get(cost.name, 0) * BYTES_PER_ELEMENT, ranks)
             layers[cost.name] = forward, backward + accumulate
+            if additions:
+                added.add(cost.name)
         foreach = sum(count for name, count in held.items() if costs.holds_dtensors(name))
         update = (hardware.optimizer_s(parameters(work, architecture, num_classes) - foreach, foreach, ranks)
                   + hardware.fresh_copy_s(costs.fresh_bytes(architecture, num_classes), ranks))
@@ -84,13 +85,15 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
             for (link, direction), elements in traffic[part].items()}
         times.append(PartTimes({name: layers.get(name, (0.0, 0.0)) for name in architecture.layer_names}, update,
                                comm, held))
-        memory.append(sum(memory_bytes(work, architecture, num_classes, BYTES_PER_ELEMENT, foreach).values()))
+        kinds = memory_bytes(work, architecture, num_classes, BYTES_PER_ELEMENT, foreach, added)
+        tensors.append(sum(kinds.values()))
+        transient.append(transient_bytes(kinds))
     sent = [BYTES_PER_ELEMENT * sum(t.values()) for t in traffic]
     if together > 1:
         times = [PartTimes.together(times[first:first + together]) for first in range(0, parts, together)]
-        memory, sent = ([sum(values[first:first + together]) for first in range(0, parts, together)]
-                        for values in (memory, sent))
-    memory = [hardware.resident_bytes(tensors, ranks) for tensors in memory]
+        tensors, transient, sent = ([sum(values[first:first + together]) for first in range(0, parts, together)]
+                                    for values in (tensors, transient, sent))
+    memory = [hardware.resident_bytes(*process, ranks) for process in zip(tensors, transient, strict=True)]
     timeline = costs.timeline(times, ranks, config, blocking=hardware.backend == "gloo", sharing=hardware.sharing)
     return StepPrediction(step_end(timeline), [busy_s(spans) for spans in timeline],
                           [sum(part.comm.values()) for part in times], sent, memory, timeline)

@@ -21,9 +21,9 @@ from alexnet_mp.bench.matrix import QUICK
 from alexnet_mp.bench.measure import Measurement
 from alexnet_mp.calibrate import _layer_passes, fit, fresh_bytes, pass_images
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import layer_costs, memory_bytes, parameters
+from alexnet_mp.cost import layer_costs, memory_bytes, parameters, transient_bytes
 from alexnet_mp.errors import UsageError
-from alexnet_mp.hardware import KINDS, PRESETS, Collective, Hardware, load, pass_s
+from alexnet_mp.hardware import KINDS, PRESETS, Collective, Hardware, ResidentOverhead, load, pass_s
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.model import PAPER, build_model
 from alexnet_mp.predict import Held, StepFigures, disordered, held_table, predict_step
@@ -34,6 +34,7 @@ from alexnet_mp.strategies.costs import (
     DDP_BUCKET_CAPS,
     PartTimes,
     Span,
+    bucketed_layers,
     ddp_buckets,
     gradient_bytes,
     step_end,
@@ -134,6 +135,26 @@ def test_a_layer_run_in_several_passes_adds_each_later_passs_weight_gradient_int
     alone = predict_step("pipeline", "paper", 2, 8, by_hand(), 10, options)
     held = parameters(LAYOUTS["pipeline"].costs.work("paper", 1, 2, 8, 10), PAPER, 10)
     assert step.compute_s[1] - alone.compute_s[1] == pytest.approx(3 * 4 * held * 1e-9)
+
+
+def test_ddp_copies_each_gradient_into_its_bucket_at_the_cost_of_an_addition():
+    """On NCCL, where no all-reduce beside the backward stretches it."""
+    nccl = dataclasses.replace(by_hand(), backend="nccl")
+    added = dataclasses.replace(nccl, accumulate_s_per_byte={"1": 1e-9})
+    step, alone = (predict_step("data-parallel", "paper", 2, 8, profile, 10) for profile in (added, nccl))
+    held = parameters(LAYOUTS["data-parallel"].costs.work("paper", 0, 2, 8, 10), PAPER, 10)
+    assert step.compute_s[0] - alone.compute_s[0] == pytest.approx(4 * held * 1e-9)
+
+
+@pytest.mark.parametrize(("mode", "ranks", "layers"), [
+    ("data-parallel", 2, set(PAPER.layer_names)), ("data-parallel", 1, set()),
+    ("weird-trick", 2, {spec.name for spec in PAPER.convs}), ("paper-split", 2, set()),
+    ("paper-split", 4, set(PAPER.layer_names))])
+def test_ddps_buckets_hold_the_gradients_of_the_layers_a_layout_replicates(mode, ranks, layers):
+    costs = LAYOUTS[mode].costs
+    work = costs.work("paper", 0, costs.parts(ranks), 8, 10)
+    held = {cost.name: cost.parameters for cost in layer_costs(PAPER, 10, work.holds)}
+    assert bucketed_layers(costs.expected_traffic("paper", ranks, 8, 10)[0], held) == layers
 
 
 def test_a_layer_measured_at_another_share_of_its_outputs_costs_in_proportion_to_its_share():
@@ -331,7 +352,7 @@ def test_a_profile_reads_back_as_written(tmp_path):
                        optimizer_s_per_parameter={"1": {"fused": 1e-9, "foreach": 6e-9}},
                        accumulate_s_per_byte={"1": 2e-10}, collectives={"2": {"all-reduce": LINK, "send": TIMED_LINK}},
                        fresh_copy_s_per_byte={"1": 5e-10},
-                       fresh_page_s_per_byte={"1": 4e-10}, resident_overhead_bytes={"1": 2.5e8},
+                       fresh_page_s_per_byte={"1": 4e-10}, resident_overhead={"1": ResidentOverhead(1e8, 0.5)},
                        shared_slowdown={"2": 1.05}, probe_s={"1": 0.9})
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
     assert load(tmp_path / "profile.json") == profile
@@ -346,29 +367,30 @@ def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
 
 @pytest.mark.parametrize(("text", "says"), [
     ("not json", "is not a hardware profile"),
-    ('{"format": 6}', "format must be 7"),
-    ('{"format": 7, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
-    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
+    ('{"format": 7}', "format must be 8"),
+    ('{"format": 8, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
+    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
      "neither layer times nor tflops"),
-    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
+    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
      '"collectives": {"2": {"send": {"latency_s": -1, "bytes_per_s": 1}}}}', "send latency_s must be a positive"),
-    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "collectives": {"2": {"send": '
+    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "collectives": {"2": {"send": '
      '{"latency_s": 1, "bytes_per_s": 1, "measured": [[8, 1], [4, 2]]}}}}', "send measured must be two or more sizes"),
-    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_copy_s_per_byte": {"1": -1}, '
+    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_copy_s_per_byte": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "fresh_copy_s_per_byte must be"),
-    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "accumulate_s_per_byte": {"1": -1}, '
+    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "accumulate_s_per_byte": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "accumulate_s_per_byte must be"),
-    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead_bytes": {"1": -1}, '
-     '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "resident_overhead_bytes must be a number"),
-    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "shared_slowdown": {"2": 0}, '
+    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead": {"1": '
+     '{"fixed_bytes": 1e8, "per_transient_byte": -1}}, "collectives": {"2": {"send": {"latency_s": 1, '
+     '"bytes_per_s": 1}}}}', "resident_overhead per_transient_byte must be a number"),
+    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "shared_slowdown": {"2": 0}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "shared_slowdown must be a positive"),
-    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "optimizer_s_per_parameter": '
+    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "optimizer_s_per_parameter": '
      '{"1": {"fused": 1e-9}}, "collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "'foreach'"),
-    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [8, 2], "forward": [1, 1], "backward": [1, 1]}}}}', "images must be two or more sizes that rise"),
-    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [2, 8], "forward": [1], "backward": [1, 1]}}}}', "forward must have a figure for each of its images"),
-    ('{"format": 7, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [2, 8], "forward": [1, 1], "backward": [1, 1], "fresh_bytes": {"forward": [0, 0], '
      '"backward": [0, -1]}}}}}', "fresh_bytes.backward must be a number of bytes"),
 ])
@@ -477,7 +499,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     assert min(profile.fresh_copy_s_per_byte.values()) > 0
     assert set(profile.accumulate_s_per_byte) == set(profile.layers) and min(profile.accumulate_s_per_byte.values()) > 0
     assert profile.layers["1"]["paper.fc6@1"]["fresh_bytes"]["backward"][0] >= 4 * 9216 * 4096  # its weight's gradient
-    assert set(profile.resident_overhead_bytes) == set(profile.layers)  # each thread count a rank runs
+    assert set(profile.resident_overhead) == set(profile.layers)  # each thread count a rank runs
     assert set(profile.shared_slowdown) == {"2"} and profile.shared_slowdown["2"] >= 1
     assert "layer sweeps within" in profile.source  # how steady the machine was, beside the figures
     assert set(profile.probe_s) == set(profile.layers)  # what bench probes again to see how far the machine drifted
@@ -496,7 +518,7 @@ def test_calibrate_on_a_gpu_times_its_layers_there_for_nccl(monkeypatch):
     assert profile.backend == "nccl" and profile.cores is None and set(profile.layers) == {"1"}
     assert not profile.fresh_copy_s_per_byte and not profile.fresh_page_s_per_byte
     assert set(profile.accumulate_s_per_byte) == {"1"}
-    assert not profile.resident_overhead_bytes
+    assert not profile.resident_overhead
     assert predict_step("single", "paper", 1, 4, profile, 1000).step_s > 0
 
 
@@ -572,6 +594,20 @@ def test_a_foreach_optimizers_step_peaks_with_every_gradient_and_a_copy_of_them_
     assert sum(predicted.values()) == pytest.approx(measured, rel=0.05)
 
 
+def test_a_second_pass_peaks_with_the_gradient_it_produces_beside_those_it_adds_into():
+    """Two passes of 2 images through the paper net, its gradients accumulating (a pipeline stage's micro-batches): the
+    second pass holds every gradient of the first and, in fc6's backward, fc6's new one beside them (dropout off)."""
+    net = build_model("paper", num_classes=10, seed=0).eval()
+    images, labels = torch.randn(2, 3, 224, 224), torch.randint(0, 10, (2,))
+    torch.nn.functional.cross_entropy(net(images), labels).backward()
+    kept = [*net.parameters(), *(param.grad for param in net.parameters()), images, labels]
+    with LiveTensors(kept) as second:
+        torch.nn.functional.cross_entropy(net(images), labels).backward()
+    predicted = memory_bytes(LAYOUTS["single"].costs.work("paper", 0, 1, 2, 10), PAPER, 10, added=PAPER.layer_names)
+    assert sum(predicted.values()) - predicted["momentum"] == pytest.approx(
+        sum(tensor.nbytes for tensor in kept) + second.peak, rel=0.05)
+
+
 @pytest.mark.parametrize(("blocking", "step"), [(True, 1.0 + 2.0 + 0.8), (False, 1.0 + 2.0 + 0.8 - 3 / 4 * 0.4)])
 def test_the_weird_tricks_rounds_hide_their_exchange_behind_the_fc_layers_work_where_collectives_run_beside_it(
         blocking, step):
@@ -602,6 +638,20 @@ def test_both_towers_in_one_process_run_in_turn_with_no_collective_between_them(
     assert one.memory_bytes == pytest.approx([sum(two.memory_bytes)])
 
 
+@pytest.mark.parametrize(("kept_at_32", "slope"), [(300e6, 200 / 216), (50e6, 0.0)])
+def test_calibrates_resident_line_runs_through_the_references_larger_batch_rising_as_its_two_batches_do(
+        monkeypatch, tmp_path, kept_at_32, slope):
+    """The reference keeps 100 MB beyond its tensors at 72 MB freed again each step (a quarter of the batch); at 288
+    MB, more (the line rises between them) or less (it stays level)."""
+    from alexnet_mp import calibrate
+
+    points = {8: (72e6, 100e6), 32: (288e6, kept_at_32)}
+    monkeypatch.setattr(calibrate, "kept_beyond_tensors", lambda arch, batch, threads, scratch: points[batch])
+    line = calibrate.resident_overhead("paper", 32, 1, tmp_path)
+    assert line.per_transient_byte == pytest.approx(slope)
+    assert line.bytes(288e6) == pytest.approx(kept_at_32)
+
+
 def test_calibrate_counts_the_blocks_a_pass_allocates_that_a_training_process_maps_afresh():
     """A quarter of fc6: its weight's gradient (37.7 MB) is one; nothing else it makes on 2 images reaches 32 MiB."""
     (fc6,) = [timed for timed in _layer_passes("paper", 0.25, [2], torch.device("cpu")) if timed[0] == "paper.fc6@0.25"]
@@ -625,10 +675,18 @@ def test_a_step_pays_the_profiles_fresh_copy_cost_on_what_it_copies_into_fresh_b
         predict_step("fsdp", "paper", 2, 8, by_hand(), 10).compute_s[0] + 1e-9 * mapped)
 
 
-def test_a_process_takes_its_tensors_peak_and_once_what_the_profile_says_a_process_keeps_beyond_them():
-    """On 2 cores one process runs 2 threads, each of 2 ranks one; the paper split's two towers share a process."""
-    kept = dataclasses.replace(by_hand(cores=2), resident_overhead_bytes={"1": 1e8, "2": 3e8})
-    for mode, ranks, overhead in (("paper-split", 1, 3e8), ("data-parallel", 2, 1e8)):
-        tensors = predict_step(mode, "paper", ranks, 8, by_hand(cores=2), 10).memory_bytes
-        assert predict_step(mode, "paper", ranks, 8, kept, 10).memory_bytes == pytest.approx(
-            [peak + overhead for peak in tensors]), mode
+def test_a_process_keeps_beyond_its_tensors_the_profiles_fixed_bytes_and_its_share_of_what_its_step_frees_again():
+    """On 2 cores one process runs 2 threads, each of 2 ranks one; the paper split's two towers share a process (and
+    their activations); FSDP's gathered parameters and gradients are freed again like activations."""
+    lines = {"1": ResidentOverhead(1e8, 0.5), "2": ResidentOverhead(3e8, 0.25)}
+    kept = dataclasses.replace(by_hand(cores=2), resident_overhead=lines)
+    for mode, ranks, line in (("paper-split", 1, lines["2"]), ("paper-split", 2, lines["1"]), ("fsdp", 2, lines["1"])):
+        costs = LAYOUTS[mode].costs
+        parts = costs.parts(ranks)
+        works = [costs.work("paper", part, parts, 8, 10) for part in range(parts // ranks)]
+        foreach = [parameters(work, PAPER, 10) if mode == "fsdp" else 0 for work in works]  # FSDP's are DTensors
+        transient = sum(transient_bytes(memory_bytes(work, PAPER, 10, foreach=count))
+                        for work, count in zip(works, foreach, strict=True))
+        tensors = predict_step(mode, "paper", ranks, 8, by_hand(cores=2), 10).memory_bytes[0]
+        assert predict_step(mode, "paper", ranks, 8, kept, 10).memory_bytes[0] == pytest.approx(
+            tensors + line.fixed_bytes + line.per_transient_byte * transient), mode

@@ -133,6 +133,14 @@ class Costs(ABC):
         return 1
 
     @classmethod
+    def gradient_additions(cls, layer: str, world_size: int, config: TrainConfig, part_traffic: Traffic,
+                           parameters: Mapping[str, int]) -> int:
+        """How often a part adds `layer`'s weight gradient into one it holds already in a step (given its traffic
+        and the `parameters` it holds of each layer): once for each pass after the first, and once more where DDP's
+        buckets hold it (`bucketed_layers`: DDP copies each gradient into its bucket)."""
+        return cls.passes(layer, world_size, config) - 1 + (layer in bucketed_layers(part_traffic, parameters))
+
+    @classmethod
     def timeline(cls, parts: list[PartTimes], world_size: int, config: TrainConfig, blocking: bool,
                  sharing: Callable[[int], float] = unshared) -> list[list[Span]]:
         """Each part's step, op by op (`ops`): its layers' forwards, their backwards in reverse, the optimizer's step,
@@ -313,6 +321,13 @@ def gradient_bytes(link: str, parameters: Mapping[str, int]) -> list[tuple[str, 
     layers = link.removesuffix("gradients").removesuffix("-")
     return [(name, count * torch.float32.itemsize) for name, count in reversed(parameters.items())
             if name.startswith(layers) and count]
+
+
+def bucketed_layers(part_traffic: Traffic, parameters: Mapping[str, int]) -> set[str]:
+    """The layers whose gradients a part's replicated-gradients links reduce (given the `parameters` it holds of
+    each): DDP's buckets hold them, and each gradient the backward produces is copied into its bucket."""
+    return {name for (link, _), elements in part_traffic.items() if link.endswith("gradients") and elements
+            for name, _ in gradient_bytes(link, parameters)}
 
 
 def ddp_buckets(gradients: list[tuple[str, int]]) -> list[list[str]]:
