@@ -6,12 +6,14 @@ the share of it a rank holds, and the bookkeeping of traffic. What each layout s
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from alexnet_mp.ledger import BACKWARD, FORWARD
+from alexnet_mp.malloc import mapped_afresh
 from alexnet_mp.model import FC_NAMES, IMAGE_SIZE, Architecture, ConvSpec, build_model, conv_sides, full_shapes
 
 Traffic = dict[tuple[str, str], float]  # (link, direction) -> elements sent
@@ -118,6 +120,15 @@ def backward_temporaries(cost: LayerCost, spec: ConvSpec | None) -> list[int]:
                                              else BACKWARD_TEMPORARIES)
 
 
+def padded_input(arch: Architecture, held: Collection[str]) -> int:
+    """Elements per image of the padded copy of the images that the first conv reads and keeps, where a part holds
+    it and its padding is uneven (F.pad's copy); none otherwise."""
+    first = arch.convs[0]
+    if first.name not in held or not isinstance(first.padding, tuple):
+        return 0
+    return 3 * (IMAGE_SIZE + sum(first.padding[:2])) * (IMAGE_SIZE + sum(first.padding[2:]))
+
+
 def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, bytes_per_element: int = 4,
                  foreach: int = 0, added: Collection[str] = ()) -> dict[str, float]:
     """A rank's memory at its peak, by kind: its weights and momentum (a copy each of the parameters it holds), what
@@ -133,10 +144,7 @@ def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, by
     held = {cost.name: cost.parameters for cost in layer_costs(arch, num_classes, work.holds)}
     kept = [sum(kept_for_backward(cost, specs.get(cost.name))) * work.samples(cost.name) for cost in costs]
     temporaries = [sum(backward_temporaries(cost, specs.get(cost.name))) * work.samples(cost.name) for cost in costs]
-    images = 3 * IMAGE_SIZE ** 2 * work.conv_samples
-    first = arch.convs[0]
-    if "conv1" in held and isinstance(first.padding, tuple):  # the padded copy the first conv reads and keeps
-        images += 3 * (IMAGE_SIZE + sum(first.padding[:2])) * (IMAGE_SIZE + sum(first.padding[2:])) * work.conv_samples
+    images = (3 * IMAGE_SIZE ** 2 + padded_input(arch, held)) * work.conv_samples
     added_held = [held.get(cost.name, 0) if cost.name in added else 0 for cost in costs]
     backward = [(sum(held.get(cost.name, 0) for cost in costs[at:]) + sum(added_held[:at + 1]),
                  images + sum(kept[:at + 1]) + temporaries[at], 0) for at in range(len(costs))]
@@ -145,6 +153,79 @@ def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, by
     return {"weights": weights, "gradients": gradients * bytes_per_element, "momentum": weights,
             "gathered": work.gathered * bytes_per_element, "activations": activations * bytes_per_element,
             "optimizer": copied * bytes_per_element}
+
+
+HEAP_STEPS = 4  # steps walked: the heap grows over the first few and then holds its size
+
+
+def heap_served_bytes(work: RankWork, arch: Architecture, num_classes: int, passes: Mapping[str, int],
+                      added: Collection[str] = (), bytes_per_element: int = 4) -> dict[tuple[str, str], float]:
+    """Per (layer, direction), the bytes of the blocks of `malloc.FRESH_BLOCK_BYTES` and up that one of the layer's
+    passes (of `passes[layer]` over its samples) allocates which a steady process's heap serves (a free chunk fits
+    them), so that their pages are mapped already. The step is walked block by block as `memory_bytes` counts it:
+    each forward allocates what autograd keeps of it; each backward its temporaries and its weight gradient, then
+    frees the temporaries, what its forward kept, and the gradient where it is added into one held already (`added`);
+    the rest of the gradients at the step's end. The heap holds every smaller block, growing where its free room is
+    short and never shrinking (`malloc.steady_malloc`), and serves a large block where its free room fits it, taken
+    as one chunk: no fragmentation, the most it serves. Walked for a few steps, the heap's size carried over."""
+    specs = {spec.name: spec for spec in arch.convs}
+    costs = layer_costs(arch, num_classes, work.shares)
+    held = {cost.name: cost.parameters * bytes_per_element for cost in layer_costs(arch, num_classes, work.holds)}
+
+    def blocks(elements: list[int], cost: LayerCost) -> list[float]:
+        return [count * work.samples(cost.name) / passes.get(cost.name, 1) * bytes_per_element for count in elements]
+
+    kept = {cost.name: blocks(kept_for_backward(cost, specs.get(cost.name)), cost) for cost in costs}
+    first = arch.convs[0].name
+    padded = padded_input(arch, held) * work.conv_samples / passes.get(first, 1) * bytes_per_element
+    if padded:
+        kept[first].append(padded)
+    temporaries = {cost.name: blocks(backward_temporaries(cost, specs.get(cost.name)), cost) for cost in costs}
+    # the images, weights, momentum and the gradients added into stay all step; the heap holds the smaller of them
+    images = 3 * IMAGE_SIZE ** 2 * work.conv_samples * bytes_per_element
+    resident = [images, *held.values(), *held.values(), *(held.get(name, 0.0) for name in added)]
+    heap = 0.0
+    for _ in range(HEAP_STEPS):
+        walk = HeapWalk(heap, sum(size for size in resident if not mapped_afresh(size)))
+        forward = {cost.name: [walk.allocate(size, (cost.name, FORWARD)) for size in kept[cost.name]] for cost in costs}
+        gradients = []
+        for cost in reversed(costs):
+            made = [walk.allocate(size, (cost.name, BACKWARD)) for size in temporaries[cost.name]]
+            gradient = [walk.allocate(held[cost.name], (cost.name, BACKWARD))] if held.get(cost.name) else []
+            walk.free([*made, *forward[cost.name], *(gradient if cost.name in added else [])])
+            gradients += [] if cost.name in added else gradient
+        walk.free(gradients)
+        heap = walk.heap
+    return walk.served
+
+
+@dataclass(frozen=True)
+class Allocation:
+    size: float
+    in_heap: bool  # or mapped afresh
+
+
+class HeapWalk:
+    """A steady process's heap over one step (`heap_served_bytes`): its size, what it holds now, and the bytes of
+    the large blocks it served, by (layer, direction)."""
+
+    def __init__(self, heap: float, held: float) -> None:
+        self.heap, self.used = max(heap, held), held
+        self.served: dict[tuple[str, str], float] = defaultdict(float)
+
+    def allocate(self, size: float, where: tuple[str, str]) -> Allocation:
+        """A block of `size` allocated at `where`: a smaller one from the heap, grown to fit it where its free room
+        is short; a large one from the heap where its free room fits it, otherwise mapped afresh."""
+        if mapped_afresh(size):
+            if self.heap - self.used < size:
+                return Allocation(size, in_heap=False)
+            self.served[where] += size
+        self.used += size
+        self.heap = max(self.heap, self.used)
+        return Allocation(size, in_heap=True)
+
+    def free(self, blocks: list[Allocation]) -> None:
+        self.used -= sum(block.size for block in blocks if block.in_heap)
 
 
 def transient_bytes(memory: Mapping[str, float]) -> float:

@@ -105,11 +105,12 @@ class Hardware:
         return 1.0 if self.cores is None else max(1.0, ranks / self.cores)
 
     def layer_s(self, layer: str, share: float, ranks: int, flops: float, samples: int, passes: int = 1,
-                ) -> tuple[float, float]:
+                served: Mapping[str, float] | None = None) -> tuple[float, float]:
         """Seconds of `layer` at `share` of its outputs on `samples` images in `passes` passes, forward and
         backward, on a rank of `ranks`: from the layer measured at that share (the nearest measured share,
-        scaled, otherwise), a pass's time at its images interpolated between the sizes measured; or, unmeasured,
-        from `flops` (its forward's per image; the backward's twice that) at the sustained rate."""
+        scaled, otherwise), a pass's time at its images interpolated between the sizes measured, and the pages of
+        the blocks it maps afresh but those its process's heap serves (`served`: bytes a pass, by direction); or,
+        unmeasured, from `flops` (its forward's per image; the backward's twice that) at the sustained rate."""
         measured = self.layers.get(str(self.threads(ranks)))
         if measured:
             shares = {float(key.split("@")[1]): value for key, value in measured.items() if key.split("@")[0] == layer}
@@ -118,7 +119,8 @@ class Hardware:
                 times, scale = shares[nearest], share / nearest * self.sharing(ranks) * passes
                 fresh = times.get("fresh_bytes", {})
                 return tuple(scale * (pass_s(times["images"], times[direction], samples / passes)
-                                      + self._fresh_page_s(fresh, times["images"], direction, samples / passes, ranks))
+                                      + self._fresh_page_s(fresh, times["images"], direction, samples / passes, ranks,
+                                                           (served or {}).get(direction, 0.0)))
                              for direction in ("forward", "backward"))
         if self.tflops is None:
             raise UsageError(f"the hardware profile {self.name!r} has no time for {layer} at {self.threads(ranks)} "
@@ -127,13 +129,14 @@ class Hardware:
         return forward, 2 * forward
 
     def _fresh_page_s(self, fresh: Mapping[str, list[float]], images: list[float], direction: str, at: float,
-                      ranks: int) -> float:
+                      ranks: int, served: float) -> float:
         """Seconds a pass of `at` images pays for the pages of the blocks it maps afresh (`fresh` bytes in
-        `direction` at each of `images`, interpolated as its time is)."""
+        `direction` at each of `images`, interpolated as its time is), less the `served` bytes of them a heap
+        serves."""
         if direction not in fresh:
             return 0.0
         rate = self.fresh_page_s_per_byte.get(str(self.threads(ranks)), 0.0)
-        return rate * pass_s(images, fresh[direction], at)
+        return rate * max(pass_s(images, fresh[direction], at) - served, 0.0)
 
     def optimizer_s(self, fused: int, foreach: int, ranks: int) -> float:
         """Seconds of the SGD step of a rank of `ranks` that steps `fused` parameters with the fused kernel and

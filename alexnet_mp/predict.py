@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import layer_costs, memory_bytes, parameters, transient_bytes
+from alexnet_mp.cost import heap_served_bytes, layer_costs, memory_bytes, parameters, transient_bytes
 from alexnet_mp.hardware import Hardware
+from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.strategies import LAYOUTS
 from alexnet_mp.strategies.costs import Costs, PartTimes, Span, busy_s, step_end
@@ -67,15 +68,20 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
     for part in range(parts):
         work = costs.work(arch, part, parts, batch, num_classes)
         held = {cost.name: cost.parameters for cost in layer_costs(architecture, num_classes, work.holds)}
-        layers, added = {}, set()
-        for cost in layer_costs(architecture, num_classes, work.shares):
-            forward, backward = hardware.layer_s(f"{arch}.{cost.name}", work.shares[cost.name], ranks, cost.flops,
-                                                 work.samples(cost.name), costs.passes(cost.name, ranks, config))
-            additions = costs.gradient_additions(cost.name, ranks, config, traffic[part], held)
-            accumulate = hardware.accumulate_s(additions * held.get(cost.name, 0) * BYTES_PER_ELEMENT, ranks)
+        shared = layer_costs(architecture, num_classes, work.shares)
+        passes = {cost.name: costs.passes(cost.name, ranks, config) for cost in shared}
+        additions = {cost.name: costs.gradient_additions(cost.name, ranks, config, traffic[part], held)
+                     for cost in shared}
+        added = {name for name, count in additions.items() if count}
+        served = heap_served_bytes(work, architecture, num_classes, passes, added, BYTES_PER_ELEMENT)
+        layers = {}
+        for cost in shared:
+            forward, backward = hardware.layer_s(
+                f"{arch}.{cost.name}", work.shares[cost.name], ranks, cost.flops, work.samples(cost.name),
+                passes[cost.name], {direction: served[cost.name, direction] for direction in (FORWARD, BACKWARD)})
+            accumulate = hardware.accumulate_s(additions[cost.name] * held.get(cost.name, 0) * BYTES_PER_ELEMENT,
+                                               ranks)
             layers[cost.name] = forward, backward + accumulate
-            if additions:
-                added.add(cost.name)
         foreach = sum(count for name, count in held.items() if costs.holds_dtensors(name))
         update = (hardware.optimizer_s(parameters(work, architecture, num_classes) - foreach, foreach, ranks)
                   + hardware.fresh_copy_s(costs.fresh_bytes(architecture, num_classes), ranks))

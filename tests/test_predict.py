@@ -21,7 +21,7 @@ from alexnet_mp.bench.matrix import QUICK
 from alexnet_mp.bench.measure import Measurement
 from alexnet_mp.calibrate import _layer_passes, fit, fresh_bytes, pass_images
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import layer_costs, memory_bytes, parameters, transient_bytes
+from alexnet_mp.cost import HeapWalk, heap_served_bytes, layer_costs, memory_bytes, parameters, transient_bytes
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import KINDS, PRESETS, Collective, Hardware, ResidentOverhead, load, pass_s
 from alexnet_mp.ledger import BACKWARD, FORWARD
@@ -44,6 +44,7 @@ from tests.equivalence import PAPER_NET
 from tests.launching import in_process, one_line_error
 
 LINK = Collective(latency_s=1e-3, bytes_per_s=1e9)
+MIB = 2**20
 TIMED_LINK = Collective(1e-3, 1e9, measured=((1e5, 2e-3), (1e6, 1e-2), (4e6, 1.6e-2)))
 
 
@@ -160,6 +161,39 @@ def test_ddps_buckets_hold_the_gradients_of_the_layers_a_layout_replicates(mode,
 def test_a_layer_measured_at_another_share_of_its_outputs_costs_in_proportion_to_its_share():
     profile = Hardware("measured", "a test", "gloo", 2, layers={"2": {"paper.fc6@1": FC6}})
     assert profile.layer_s("paper.fc6", 0.5, 1, 0.0, samples=8, passes=2) == pytest.approx((1.5, 3.0))
+
+
+@pytest.mark.parametrize(("served", "forward"), [(0.0, 0.3 + 0.04), (1e7, 0.3 + 0.03), (1e8, 0.3)])
+def test_a_pass_pays_for_the_pages_of_the_blocks_it_maps_afresh_but_not_for_those_its_heap_serves(served, forward):
+    """conv1 maps 40 MB afresh a forward pass of 8 images, at 1 ns a byte of fresh pages."""
+    conv1 = {"images": [2, 8], "forward": [0.1, 0.3], "backward": [0.2, 0.7],
+             "fresh_bytes": {"forward": [0.0, 4e7], "backward": [0.0, 0.0]}}
+    profile = Hardware("measured", "a test", "gloo", None, layers={"1": {"paper.conv1@1": conv1}},
+                       fresh_page_s_per_byte={"1": 1e-9})
+    assert profile.layer_s("paper.conv1", 1.0, 1, 0.0, samples=8, served={"forward": served}) == pytest.approx(
+        (forward, 0.7))
+
+
+def test_a_steady_heap_serves_a_large_block_where_its_free_room_fits_it_and_maps_it_afresh_where_not():
+    """A heap of 100 MiB holding 10: 90 free, then 50 after a 40 MiB block, too little for another 60 MiB."""
+    walk = HeapWalk(heap=100 * MIB, held=10 * MIB)
+    assert walk.allocate(40 * MIB, ("conv1", FORWARD)).in_heap
+    assert not walk.allocate(60 * MIB, ("conv1", FORWARD)).in_heap
+    assert walk.served == {("conv1", FORWARD): 40 * MIB}
+
+
+def test_a_steady_heap_grows_to_hold_every_smaller_block_and_frees_only_what_it_holds():
+    walk = HeapWalk(heap=12 * MIB, held=10 * MIB)
+    small, large = walk.allocate(4 * MIB, ("conv2", FORWARD)), walk.allocate(40 * MIB, ("fc6", BACKWARD))
+    assert walk.heap == 14 * MIB
+    walk.free([small, large])
+    assert walk.used == 10 * MIB
+
+
+def test_a_one_device_step_at_32_images_finds_conv1s_large_outputs_in_the_heap_its_smaller_blocks_grew():
+    """conv1's ReLU'd output and its LRN's, 37 MB each, the only blocks of 32 MiB and up its forward keeps."""
+    work = LAYOUTS["single"].costs.work("paper", 0, 1, 32, 10)
+    assert heap_served_bytes(work, PAPER, 10, {})["conv1", FORWARD] == 2 * 4 * 32 * 96 * 55 * 55
 
 
 def test_a_pass_beyond_the_sizes_measured_follows_the_nearest_two_but_costs_no_less_than_the_smallest_scaled_down():
