@@ -5,8 +5,8 @@ zero-fills them) and unmaps it when it is freed, unless a free chunk of its heap
 KiB and rises to each larger such block freed, up to 32 MiB, and the heap's free top goes back to the kernel once it
 outgrows twice the threshold. Which of a step's blocks are fresh pages then depends on what the process freed
 before it. A training process holds the threshold where it would end and never trims its heap (`steady_malloc`):
-the cost model counts every block of 32 MiB and up as fresh (`mapped_afresh`), the most a step can map afresh; a
-process whose heap has grown with large passes serves some of them from it (the one-device step at 32 images).
+a block of 32 MiB and up (`mapped_afresh`) is fresh pages unless the heap's free room fits it, which the cost model
+walks a step to find (`cost.heap_served_bytes`).
 """
 
 from __future__ import annotations
