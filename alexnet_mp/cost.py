@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from alexnet_mp.ledger import BACKWARD, FORWARD
-from alexnet_mp.malloc import mapped_afresh
+from alexnet_mp.malloc import FRESH_BLOCK_BYTES, mapped_afresh
 from alexnet_mp.model import FC_NAMES, IMAGE_SIZE, Architecture, ConvSpec, build_model, conv_sides, full_shapes
 
 Traffic = dict[tuple[str, str], float]  # (link, direction) -> elements sent
@@ -158,42 +158,77 @@ def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, by
 HEAP_STEPS = 4  # steps walked: the heap grows over the first few and then holds its size
 
 
-def heap_served_bytes(work: RankWork, arch: Architecture, num_classes: int, passes: Mapping[str, int],
-                      added: Collection[str] = (), bytes_per_element: int = 4) -> dict[tuple[str, str], float]:
-    """Per (layer, direction), the bytes of the blocks of `malloc.FRESH_BLOCK_BYTES` and up that one of the layer's
-    passes (of `passes[layer]` over its samples) allocates which a steady process's heap serves (a free chunk fits
-    them), so that their pages are mapped already. The step is walked block by block as `memory_bytes` counts it:
-    each forward allocates what autograd keeps of it; each backward its temporaries and its weight gradient, then
-    frees the temporaries, what its forward kept, and the gradient where it is added into one held already (`added`);
-    the rest of the gradients at the step's end. The heap holds every smaller block, growing where its free room is
-    short and never shrinking (`malloc.steady_malloc`), and serves a large block where its free room fits it, taken
-    as one chunk: no fragmentation, the most it serves. Walked for a few steps, the heap's size carried over."""
+@dataclass(frozen=True)
+class StepBlocks:
+    """The blocks of a part's step, in bytes, as `memory_bytes` counts its tensors, each layer's a pass's (of
+    `passes[layer]` over its samples): what each forward keeps for the backward, the temporaries each backward
+    makes, each layer's weight gradient and output, and the images."""
+
+    kept: dict[str, list[float]]
+    temporaries: dict[str, list[float]]
+    gradient: dict[str, float]  # where the part holds the layer's parameters, their size (so their gradient's)
+    output: dict[str, float]
+    images: float
+
+    def named_fresh_bytes(self) -> dict[tuple[str, str], float]:
+        """Per (layer, direction), the bytes of these blocks of `malloc.FRESH_BLOCK_BYTES` and up that a pass
+        allocates: forward, what it keeps; backward, its temporaries and its gradient."""
+        made = {FORWARD: self.kept, BACKWARD: {name: [*sizes, self.gradient.get(name, 0.0)]
+                                               for name, sizes in self.temporaries.items()}}
+        return {(name, direction): sum(size for size in sizes if mapped_afresh(size))
+                for direction, by_layer in made.items() for name, sizes in by_layer.items()}
+
+
+def step_blocks(work: RankWork, arch: Architecture, num_classes: int, passes: Mapping[str, int],
+                bytes_per_element: int = 4) -> StepBlocks:
+    """A part's step's blocks (`StepBlocks`), each layer's a pass's over its share of its samples."""
     specs = {spec.name: spec for spec in arch.convs}
     costs = layer_costs(arch, num_classes, work.shares)
-    held = {cost.name: cost.parameters * bytes_per_element for cost in layer_costs(arch, num_classes, work.holds)}
 
-    def blocks(elements: list[int], cost: LayerCost) -> list[float]:
+    def sizes(elements: list[int], cost: LayerCost) -> list[float]:
         return [count * work.samples(cost.name) / passes.get(cost.name, 1) * bytes_per_element for count in elements]
 
-    kept = {cost.name: blocks(kept_for_backward(cost, specs.get(cost.name)), cost) for cost in costs}
-    first = arch.convs[0].name
-    padded = padded_input(arch, held) * work.conv_samples / passes.get(first, 1) * bytes_per_element
-    if padded:
-        kept[first].append(padded)
-    temporaries = {cost.name: blocks(backward_temporaries(cost, specs.get(cost.name)), cost) for cost in costs}
+    held = {cost.name: cost.parameters * bytes_per_element for cost in layer_costs(arch, num_classes, work.holds)}
+    kept = {cost.name: sizes(kept_for_backward(cost, specs.get(cost.name)), cost) for cost in costs}
+    first = next(cost for cost in costs if cost.name == arch.convs[0].name) if padded_input(arch, held) else None
+    if first:  # the padded copy of the images
+        kept[first.name] += sizes([padded_input(arch, held)], first)
+    temporaries = {cost.name: sizes(backward_temporaries(cost, specs.get(cost.name)), cost) for cost in costs}
+    outputs = {cost.name: sizes([math.prod(cost.output_shape)], cost)[0] for cost in costs}
+    return StepBlocks(kept, temporaries, held, outputs, 3 * IMAGE_SIZE ** 2 * work.conv_samples * bytes_per_element)
+
+
+def heap_served_bytes(blocks: StepBlocks, added: Collection[str] = (),
+                      scratch: Mapping[tuple[str, str], float] | None = None) -> dict[tuple[str, str], float]:
+    """Per (layer, direction), the bytes of the blocks of `malloc.FRESH_BLOCK_BYTES` and up that one of the layer's
+    passes allocates which a steady process's heap serves (a free chunk fits them), so that their pages are mapped
+    already. The step is walked block by block (`blocks`): each forward allocates what autograd keeps of it; each
+    backward its temporaries and its weight gradient, then frees the temporaries, what its forward kept, and the
+    gradient where it is added into one held already (`added`); the rest of the gradients at the step's end. Where
+    a pass allocates more large blocks than those (`scratch`, bytes by (layer, direction): the kernels' own), it
+    allocates them as blocks of the layer's output and frees them within the pass. The heap holds every smaller
+    block, growing where its free room is short and never shrinking (`malloc.steady_malloc`), and serves a large block
+    where its free room fits it, taken as one chunk: no fragmentation, the most it serves. Walked for a few steps,
+    the heap's size carried over."""
+    scratch = scratch or {}
+    layers = list(blocks.kept)
     # the images, weights, momentum and the gradients added into stay all step; the heap holds the smaller of them
-    images = 3 * IMAGE_SIZE ** 2 * work.conv_samples * bytes_per_element
-    resident = [images, *held.values(), *held.values(), *(held.get(name, 0.0) for name in added)]
+    resident = [blocks.images, *blocks.gradient.values(), *blocks.gradient.values(),
+                *(blocks.gradient.get(name, 0.0) for name in added)]
     heap = 0.0
     for _ in range(HEAP_STEPS):
         walk = HeapWalk(heap, sum(size for size in resident if not mapped_afresh(size)))
-        forward = {cost.name: [walk.allocate(size, (cost.name, FORWARD)) for size in kept[cost.name]] for cost in costs}
+        forward = {}
+        for name in layers:
+            forward[name] = [walk.allocate(size, (name, FORWARD)) for size in blocks.kept[name]]
+            walk.pass_scratch(scratch.get((name, FORWARD), 0.0), blocks.output[name], (name, FORWARD))
         gradients = []
-        for cost in reversed(costs):
-            made = [walk.allocate(size, (cost.name, BACKWARD)) for size in temporaries[cost.name]]
-            gradient = [walk.allocate(held[cost.name], (cost.name, BACKWARD))] if held.get(cost.name) else []
-            walk.free([*made, *forward[cost.name], *(gradient if cost.name in added else [])])
-            gradients += [] if cost.name in added else gradient
+        for name in reversed(layers):
+            made = [walk.allocate(size, (name, BACKWARD)) for size in blocks.temporaries[name]]
+            gradient = [walk.allocate(blocks.gradient[name], (name, BACKWARD))] if blocks.gradient.get(name) else []
+            walk.pass_scratch(scratch.get((name, BACKWARD), 0.0), blocks.output[name], (name, BACKWARD))
+            walk.free([*made, *forward[name], *(gradient if name in added else [])])
+            gradients += [] if name in added else gradient
         walk.free(gradients)
         heap = walk.heap
     return walk.served
@@ -226,6 +261,13 @@ class HeapWalk:
 
     def free(self, blocks: list[Allocation]) -> None:
         self.used -= sum(block.size for block in blocks if block.in_heap)
+
+    def pass_scratch(self, scratch: float, output: float, where: tuple[str, str]) -> None:
+        """`scratch` bytes of large blocks allocated and freed within a pass at `where`: as many blocks of its
+        layer's `output` bytes (at least `malloc.FRESH_BLOCK_BYTES`) as they come to, one at least, held together."""
+        if scratch:
+            count = max(1, round(scratch / max(output, FRESH_BLOCK_BYTES)))
+            self.free([self.allocate(scratch / count, where) for _ in range(count)])
 
 
 def transient_bytes(memory: Mapping[str, float]) -> float:

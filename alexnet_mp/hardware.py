@@ -111,32 +111,39 @@ class Hardware:
         scaled, otherwise), a pass's time at its images interpolated between the sizes measured, and the pages of
         the blocks it maps afresh but those its process's heap serves (`served`: bytes a pass, by direction); or,
         unmeasured, from `flops` (its forward's per image; the backward's twice that) at the sustained rate."""
-        measured = self.layers.get(str(self.threads(ranks)))
+        measured = self._measured(layer, share, ranks)
         if measured:
-            shares = {float(key.split("@")[1]): value for key, value in measured.items() if key.split("@")[0] == layer}
-            if shares:
-                nearest = min(shares, key=lambda s: abs(math.log(s / share)))
-                times, scale = shares[nearest], share / nearest * self.sharing(ranks) * passes
-                fresh = times.get("fresh_bytes", {})
-                return tuple(scale * (pass_s(times["images"], times[direction], samples / passes)
-                                      + self._fresh_page_s(fresh, times["images"], direction, samples / passes, ranks,
-                                                           (served or {}).get(direction, 0.0)))
-                             for direction in ("forward", "backward"))
+            times, nearest = measured
+            scale = share / nearest * self.sharing(ranks) * passes
+            fresh = self.fresh_bytes(layer, share, ranks, samples, passes)
+            rate = self.fresh_page_s_per_byte.get(str(self.threads(ranks)), 0.0)
+            return tuple(scale * (pass_s(times["images"], times[direction], samples / passes)
+                                  + rate * max(fresh[direction] - (served or {}).get(direction, 0.0), 0.0))
+                         for direction in ("forward", "backward"))
         if self.tflops is None:
             raise UsageError(f"the hardware profile {self.name!r} has no time for {layer} at {self.threads(ranks)} "
                              f"thread(s) and no tflops: run `python -m alexnet_mp calibrate --ranks {ranks}`")
         forward = flops * samples / (self.tflops * 1e12) * self.sharing(ranks)
         return forward, 2 * forward
 
-    def _fresh_page_s(self, fresh: Mapping[str, list[float]], images: list[float], direction: str, at: float,
-                      ranks: int, served: float) -> float:
-        """Seconds a pass of `at` images pays for the pages of the blocks it maps afresh (`fresh` bytes in
-        `direction` at each of `images`, interpolated as its time is), less the `served` bytes of them a heap
-        serves."""
-        if direction not in fresh:
-            return 0.0
-        rate = self.fresh_page_s_per_byte.get(str(self.threads(ranks)), 0.0)
-        return rate * max(pass_s(images, fresh[direction], at) - served, 0.0)
+    def fresh_bytes(self, layer: str, share: float, ranks: int, samples: int, passes: int = 1) -> dict[str, float]:
+        """By direction, the bytes of blocks a training process maps afresh that one of `passes` passes of `layer`
+        over `samples` images allocates, as measured at the nearest share measured (interpolated between the
+        sizes measured, as its time is); none where unmeasured."""
+        measured = self._measured(layer, share, ranks)
+        fresh = measured[0].get("fresh_bytes", {}) if measured else {}
+        return {direction: pass_s(measured[0]["images"], fresh[direction], samples / passes) if direction in fresh
+                else 0.0 for direction in ("forward", "backward")}
+
+    def _measured(self, layer: str, share: float, ranks: int) -> tuple[dict[str, Any], float] | None:
+        """`layer`'s passes measured at the threads a rank of `ranks` runs, at the share nearest `share`, and that
+        share; None where it was not measured."""
+        measured = self.layers.get(str(self.threads(ranks)), {})
+        shares = {float(key.split("@")[1]): value for key, value in measured.items() if key.split("@")[0] == layer}
+        if not shares:
+            return None
+        nearest = min(shares, key=lambda s: abs(math.log(s / share)))
+        return shares[nearest], nearest
 
     def optimizer_s(self, fused: int, foreach: int, ranks: int) -> float:
         """Seconds of the SGD step of a rank of `ranks` that steps `fused` parameters with the fused kernel and

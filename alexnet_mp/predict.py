@@ -16,7 +16,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import heap_served_bytes, layer_costs, memory_bytes, parameters, transient_bytes
+from alexnet_mp.cost import (
+    RankWork,
+    StepBlocks,
+    heap_served_bytes,
+    layer_costs,
+    memory_bytes,
+    parameters,
+    step_blocks,
+    transient_bytes,
+)
 from alexnet_mp.hardware import Hardware
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.model import ARCHITECTURES
@@ -73,7 +82,8 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
         additions = {cost.name: costs.gradient_additions(cost.name, ranks, config, traffic[part], held)
                      for cost in shared}
         added = {name for name, count in additions.items() if count}
-        served = heap_served_bytes(work, architecture, num_classes, passes, added, BYTES_PER_ELEMENT)
+        served = _heap_served(hardware, arch, ranks, work, step_blocks(work, architecture, num_classes, passes), passes,
+                              added)
         layers = {}
         for cost in shared:
             forward, backward = hardware.layer_s(
@@ -103,6 +113,18 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
     timeline = costs.timeline(times, ranks, config, blocking=hardware.backend == "gloo", sharing=hardware.sharing)
     return StepPrediction(step_end(timeline), [busy_s(spans) for spans in timeline],
                           [sum(part.comm.values()) for part in times], sent, memory, timeline)
+
+
+def _heap_served(hardware: Hardware, arch: str, ranks: int, work: RankWork, blocks: StepBlocks,
+                 passes: Mapping[str, int], added: set[str]) -> dict[tuple[str, str], float]:
+    """Per (layer, direction), the bytes of a pass's large blocks its heap serves (`cost.heap_served_bytes`), the
+    blocks the profile measured a pass to map afresh beyond those the memory model names walked as its scratch."""
+    named = blocks.named_fresh_bytes()
+    scratch = {(name, direction): max(fresh - named.get((name, direction), 0.0), 0.0)
+               for name in blocks.kept
+               for direction, fresh in hardware.fresh_bytes(f"{arch}.{name}", work.shares[name], ranks,
+                                                            work.samples(name), passes[name]).items()}
+    return heap_served_bytes(blocks, added, scratch)
 
 
 def relative_error(predicted: float, measured: float) -> float | None:

@@ -21,7 +21,15 @@ from alexnet_mp.bench.matrix import QUICK
 from alexnet_mp.bench.measure import Measurement
 from alexnet_mp.calibrate import _layer_passes, fit, fresh_bytes, pass_images
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import HeapWalk, heap_served_bytes, layer_costs, memory_bytes, parameters, transient_bytes
+from alexnet_mp.cost import (
+    HeapWalk,
+    heap_served_bytes,
+    layer_costs,
+    memory_bytes,
+    parameters,
+    step_blocks,
+    transient_bytes,
+)
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import KINDS, PRESETS, Collective, Hardware, ResidentOverhead, load, pass_s
 from alexnet_mp.ledger import BACKWARD, FORWARD
@@ -190,10 +198,24 @@ def test_a_steady_heap_grows_to_hold_every_smaller_block_and_frees_only_what_it_
     assert walk.used == 10 * MIB
 
 
+def test_a_passs_scratch_is_walked_as_blocks_of_its_layers_output_each_served_where_the_heaps_free_room_fits_it():
+    """120 MiB of scratch, blocks of 40 MiB, in a heap with 90 MiB free: two served, the third mapped afresh."""
+    walk = HeapWalk(heap=100 * MIB, held=10 * MIB)
+    walk.pass_scratch(120 * MIB, 40 * MIB, ("conv1", FORWARD))
+    assert walk.served == {("conv1", FORWARD): 80 * MIB} and walk.used == 10 * MIB
+
+
+def test_the_large_blocks_the_memory_model_names_are_what_a_forward_keeps_and_a_backward_makes():
+    """At 32 images conv1 keeps its ReLU'd output and its LRN's (37 MB each); fc6's backward makes its gradient."""
+    named = step_blocks(LAYOUTS["single"].costs.work("paper", 0, 1, 32, 10), PAPER, 10, {}).named_fresh_bytes()
+    assert named["conv1", FORWARD] == 2 * 4 * 32 * 96 * 55 * 55
+    assert named["fc6", BACKWARD] == 4 * (9216 * 4096 + 4096)
+
+
 def test_a_one_device_step_at_32_images_finds_conv1s_large_outputs_in_the_heap_its_smaller_blocks_grew():
     """conv1's ReLU'd output and its LRN's, 37 MB each, the only blocks of 32 MiB and up its forward keeps."""
-    work = LAYOUTS["single"].costs.work("paper", 0, 1, 32, 10)
-    assert heap_served_bytes(work, PAPER, 10, {})["conv1", FORWARD] == 2 * 4 * 32 * 96 * 55 * 55
+    blocks = step_blocks(LAYOUTS["single"].costs.work("paper", 0, 1, 32, 10), PAPER, 10, {})
+    assert heap_served_bytes(blocks)["conv1", FORWARD] == 2 * 4 * 32 * 96 * 55 * 55
 
 
 def test_a_pass_beyond_the_sizes_measured_follows_the_nearest_two_but_costs_no_less_than_the_smallest_scaled_down():
