@@ -166,14 +166,14 @@ class StepBlocks:
 
     kept: dict[str, list[float]]
     temporaries: dict[str, list[float]]
-    gradient: dict[str, float]  # where the part holds the layer's parameters, their size (so their gradient's)
+    held: dict[str, float]  # the layer's parameters the part holds: its weights', momentum's and gradient's size
     output: dict[str, float]
     images: float
 
     def named_fresh_bytes(self) -> dict[tuple[str, str], float]:
         """Per (layer, direction), the bytes of these blocks of `malloc.FRESH_BLOCK_BYTES` and up that a pass
         allocates: forward, what it keeps; backward, its temporaries and its gradient."""
-        made = {FORWARD: self.kept, BACKWARD: {name: [*sizes, self.gradient.get(name, 0.0)]
+        made = {FORWARD: self.kept, BACKWARD: {name: [*sizes, self.held.get(name, 0.0)]
                                                for name, sizes in self.temporaries.items()}}
         return {(name, direction): sum(size for size in sizes if mapped_afresh(size))
                 for direction, by_layer in made.items() for name, sizes in by_layer.items()}
@@ -190,9 +190,10 @@ def step_blocks(work: RankWork, arch: Architecture, num_classes: int, passes: Ma
 
     held = {cost.name: cost.parameters * bytes_per_element for cost in layer_costs(arch, num_classes, work.holds)}
     kept = {cost.name: sizes(kept_for_backward(cost, specs.get(cost.name)), cost) for cost in costs}
-    first = next(cost for cost in costs if cost.name == arch.convs[0].name) if padded_input(arch, held) else None
-    if first:  # the padded copy of the images
-        kept[first.name] += sizes([padded_input(arch, held)], first)
+    padded = padded_input(arch, held)
+    if padded:  # kept by the first conv, which the part then computes
+        first = next(cost for cost in costs if cost.name == arch.convs[0].name)
+        kept[first.name] += sizes([padded], first)
     temporaries = {cost.name: sizes(backward_temporaries(cost, specs.get(cost.name)), cost) for cost in costs}
     outputs = {cost.name: sizes([math.prod(cost.output_shape)], cost)[0] for cost in costs}
     return StepBlocks(kept, temporaries, held, outputs, 3 * IMAGE_SIZE ** 2 * work.conv_samples * bytes_per_element)
@@ -213,19 +214,19 @@ def heap_served_bytes(blocks: StepBlocks, added: Collection[str] = (),
     scratch = scratch or {}
     layers = list(blocks.kept)
     # the images, weights, momentum and the gradients added into stay all step; the heap holds the smaller of them
-    resident = [blocks.images, *blocks.gradient.values(), *blocks.gradient.values(),
-                *(blocks.gradient.get(name, 0.0) for name in added)]
+    resident = [blocks.images, *blocks.held.values(), *blocks.held.values(),
+                *(blocks.held.get(name, 0.0) for name in added)]
     heap = 0.0
     for _ in range(HEAP_STEPS):
         walk = HeapWalk(heap, sum(size for size in resident if not mapped_afresh(size)))
-        forward = {}
+        forward: dict[str, list[Allocation]] = {}
         for name in layers:
             forward[name] = [walk.allocate(size, (name, FORWARD)) for size in blocks.kept[name]]
             walk.pass_scratch(scratch.get((name, FORWARD), 0.0), blocks.output[name], (name, FORWARD))
-        gradients = []
+        gradients: list[Allocation] = []
         for name in reversed(layers):
             made = [walk.allocate(size, (name, BACKWARD)) for size in blocks.temporaries[name]]
-            gradient = [walk.allocate(blocks.gradient[name], (name, BACKWARD))] if blocks.gradient.get(name) else []
+            gradient = [walk.allocate(blocks.held[name], (name, BACKWARD))] if blocks.held.get(name) else []
             walk.pass_scratch(scratch.get((name, BACKWARD), 0.0), blocks.output[name], (name, BACKWARD))
             walk.free([*made, *forward[name], *(gradient if name in added else [])])
             gradients += [] if name in added else gradient

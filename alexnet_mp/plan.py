@@ -39,13 +39,13 @@ class Prediction:
     batch: int  # the global batch
     bytes_per_rank: list[float]
     compute_s: float  # of the slowest rank's work in a step
-    transient_bytes: float  # of the slowest rank: exchanged on the critical path
+    activation_bytes: float  # of the slowest rank: exchanged on the critical path
     gradient_bytes: float  # of the slowest rank: all-reduced behind the backward pass
     memory: dict[str, float]  # bytes, of the rank that needs most
     slots: float = 1.0  # the step's length over its work's: a pipeline's bubble, (M + N - 1) / M
     fc_compute_s: float = 0.0  # of the slowest rank: its FC layers' part of compute_s
     rounds: int = 0  # the conv features' exchange in rounds behind the FC layers' work; 0: at once
-    round_bytes: float = 0.0  # of the slowest rank: that exchange's, both ways (in transient_bytes too)
+    round_bytes: float = 0.0  # of the slowest rank: that exchange's, both ways (in activation_bytes too)
 
     @property
     def busy_s(self) -> float:
@@ -55,7 +55,7 @@ class Prediction:
     def comm_s(self, link_gbps: float) -> tuple[float, float]:
         """(activation exchange, gradient all-reduce) seconds at `link_gbps` GB/s."""
         rate = link_gbps * 1e9
-        return self.transient_bytes / rate, self.gradient_bytes / rate
+        return self.activation_bytes / rate, self.gradient_bytes / rate
 
     def hidden_by_rounds_s(self, link_gbps: float) -> float:
         """The rounds' transfer hidden behind the FC layers' work (a round a rank need not receive is ignored)."""
