@@ -271,6 +271,15 @@ class HeapWalk:
             self.free([self.allocate(scratch / count, where) for _ in range(count)])
 
 
+def foreach_copies_mapped(work: RankWork, arch: Architecture, num_classes: int, foreach_layers: Collection[str],
+                          bytes_per_element: int = 4) -> float:
+    """The bytes of the blocks mapped afresh (`malloc.mapped_afresh`) among the copies of the gradients that the
+    foreach kernel makes at the optimizer's step to add the weight decay, one a layer of `foreach_layers` (its
+    weight's, which outweighs its bias)."""
+    held = {cost.name: cost.parameters * bytes_per_element for cost in layer_costs(arch, num_classes, work.holds)}
+    return sum(size for name, size in held.items() if name in foreach_layers and mapped_afresh(size))
+
+
 def transient_bytes(memory: Mapping[str, float]) -> float:
     """Of a rank's memory at its peak (`memory_bytes`), what its step allocates and frees again: its activations, and
     what it gathers for a while (FSDP's whole parameters and gradients of a unit)."""

@@ -163,11 +163,13 @@ class Hardware:
         """Seconds of `nbytes` at the rate per byte `rates` gives a rank of `ranks`'s threads (none where absent)."""
         return nbytes * rates.get(str(self.threads(ranks)), 0.0) * self.sharing(ranks)
 
-    def resident_bytes(self, tensor_bytes: float, transient_bytes: float, ranks: int) -> float:
+    def resident_bytes(self, tensor_bytes: float, transient_bytes: float, ranks: int, mapped_later: float = 0.0,
+                       ) -> float:
         """The memory a process of `ranks` takes to train whose tensors peak at `tensor_bytes`, `transient_bytes`
-        of them allocated and freed again each step."""
+        of them allocated and freed again each step; on a CPU, with the `mapped_later` bytes of blocks it maps
+        afresh after that peak: its heap keeps the high-water mark the peak left, and they map beside it."""
         overhead = self.resident_overhead.get(str(self.threads(ranks)))
-        return tensor_bytes + (overhead.bytes(transient_bytes) if overhead else 0.0)
+        return tensor_bytes + (overhead.bytes(transient_bytes) + mapped_later if overhead else 0.0)
 
     def collective(self, kind: str, ranks: int) -> Collective:
         known = self.collectives.get(str(ranks)) or self.collectives.get("any")

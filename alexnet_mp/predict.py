@@ -19,6 +19,7 @@ from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import (
     RankWork,
     StepBlocks,
+    foreach_copies_mapped,
     heap_served_bytes,
     layer_costs,
     memory_bytes,
@@ -73,7 +74,7 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
     architecture, parts = ARCHITECTURES[arch], costs.parts(ranks)
     together = parts // ranks
     traffic = costs.expected_traffic(arch, ranks, batch, num_classes)
-    times, tensors, transient = [], [], []
+    times, tensors, transient, mapped_later = [], [], [], []
     for part in range(parts):
         work = costs.work(arch, part, parts, batch, num_classes)
         held = {cost.name: cost.parameters for cost in layer_costs(architecture, num_classes, work.holds)}
@@ -104,12 +105,18 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
         kinds = memory_bytes(work, architecture, num_classes, BYTES_PER_ELEMENT, foreach, added)
         tensors.append(sum(kinds.values()))
         transient.append(transient_bytes(kinds))
+        # where the peak is the backward's, the foreach kernel's copies map afresh at the optimizer's step after it
+        dtensors = {name for name in held if costs.holds_dtensors(name)}
+        mapped_later.append(0.0 if kinds["optimizer"] else foreach_copies_mapped(work, architecture, num_classes,
+                                                                                   dtensors, BYTES_PER_ELEMENT))
     sent = [BYTES_PER_ELEMENT * sum(t.values()) for t in traffic]
     if together > 1:
         times = [PartTimes.together(times[first:first + together]) for first in range(0, parts, together)]
-        tensors, transient, sent = ([sum(values[first:first + together]) for first in range(0, parts, together)]
-                                    for values in (tensors, transient, sent))
-    memory = [hardware.resident_bytes(*process, ranks) for process in zip(tensors, transient, strict=True)]
+        tensors, transient, mapped_later, sent = ([sum(values[first:first + together])
+                                                   for first in range(0, parts, together)]
+                                                  for values in (tensors, transient, mapped_later, sent))
+    memory = [hardware.resident_bytes(tensor_bytes, freed, ranks, later)
+              for tensor_bytes, freed, later in zip(tensors, transient, mapped_later, strict=True)]
     timeline = costs.timeline(times, ranks, config, blocking=hardware.backend == "gloo", sharing=hardware.sharing)
     return StepPrediction(step_end(timeline), [busy_s(spans) for spans in timeline],
                           [sum(part.comm.values()) for part in times], sent, memory, timeline)

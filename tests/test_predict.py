@@ -708,6 +708,20 @@ def test_calibrates_resident_line_runs_through_the_references_larger_batch_risin
     assert line.bytes(288e6) == pytest.approx(kept_at_32)
 
 
+@pytest.mark.parametrize(("batch", "copies_later"), [(32, True), (8, False)])
+def test_a_cpu_process_maps_its_foreach_copies_beside_the_heap_its_backward_left_where_its_peak_was_the_backward(
+        batch, copies_later):
+    """Tensor parallelism's fc6 and fc7 step foreach, which copies their gradients (72 and 32 MiB, both mapped
+    afresh): at 32 images the backward's peak is past when they map; at 8 the optimizer's step is the peak, with
+    them."""
+    held = layer_costs(PAPER, 10, LAYOUTS["tensor-parallel"].costs.work("paper", 0, 2, batch, 10).holds)
+    copies = 4 * sum(cost.parameters for cost in held if cost.name in ("fc6", "fc7"))
+    cpu = dataclasses.replace(by_hand(), resident_overhead={"1": ResidentOverhead(0.0, 0.0)})
+    tensors = predict_step("tensor-parallel", "paper", 2, batch, by_hand(), 10).memory_bytes[0]
+    assert predict_step("tensor-parallel", "paper", 2, batch, cpu, 10).memory_bytes[0] == pytest.approx(
+        tensors + copies_later * copies)
+
+
 def test_calibrate_counts_the_blocks_a_pass_allocates_that_a_training_process_maps_afresh():
     """A quarter of fc6: its weight's gradient (37.7 MB) is one; nothing else it makes on 2 images reaches 32 MiB."""
     (fc6,) = [timed for timed in _layer_passes("paper", 0.25, [2], torch.device("cpu")) if timed[0] == "paper.fc6@0.25"]
