@@ -124,8 +124,8 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
 
 def _heap_served(hardware: Hardware, arch: str, ranks: int, work: RankWork, blocks: StepBlocks,
                  passes: Mapping[str, int], added: set[str]) -> dict[tuple[str, str], float]:
-    """Per (layer, direction), the bytes of a pass's large blocks its heap serves (`cost.heap_served_bytes`), the
-    blocks the profile measured a pass to map afresh beyond those the memory model names walked as its scratch."""
+    """Per (layer, direction), the bytes of a pass's large blocks its heap serves (`cost.heap_served_bytes`): those
+    the memory model names, and as the pass's scratch, what the profile measured it to map afresh beyond them."""
     named = blocks.named_fresh_bytes()
     scratch = {(name, direction): max(fresh - named.get((name, direction), 0.0), 0.0)
                for name in blocks.kept

@@ -52,8 +52,8 @@ from tests.equivalence import PAPER_NET
 from tests.launching import in_process, one_line_error
 
 LINK = Collective(latency_s=1e-3, bytes_per_s=1e9)
-MIB = 2**20
 TIMED_LINK = Collective(1e-3, 1e9, measured=((1e5, 2e-3), (1e6, 1e-2), (4e6, 1.6e-2)))
+MIB = 2**20
 
 
 def by_hand(cores: int | None = None, tflops: float = 1.0) -> Hardware:
