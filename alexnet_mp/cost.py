@@ -178,6 +178,12 @@ class StepBlocks:
         return {(name, direction): sum(size for size in sizes if mapped_afresh(size))
                 for direction, by_layer in made.items() for name, sizes in by_layer.items()}
 
+    def foreach_copies_mapped(self, foreach_layers: Collection[str]) -> float:
+        """The bytes of the blocks mapped afresh among the copies of the gradients that the foreach kernel makes at
+        the optimizer's step to add the weight decay, one a layer of `foreach_layers` (its weight's, which outweighs
+        its bias)."""
+        return sum(size for name, size in self.held.items() if name in foreach_layers and mapped_afresh(size))
+
 
 def step_blocks(work: RankWork, arch: Architecture, num_classes: int, passes: Mapping[str, int],
                 bytes_per_element: int = 4) -> StepBlocks:
@@ -269,15 +275,6 @@ class HeapWalk:
         if scratch:
             count = max(1, round(scratch / max(output, FRESH_BLOCK_BYTES)))
             self.free([self.allocate(scratch / count, where) for _ in range(count)])
-
-
-def foreach_copies_mapped(work: RankWork, arch: Architecture, num_classes: int, foreach_layers: Collection[str],
-                          bytes_per_element: int = 4) -> float:
-    """The bytes of the blocks mapped afresh (`malloc.mapped_afresh`) among the copies of the gradients that the
-    foreach kernel makes at the optimizer's step to add the weight decay, one a layer of `foreach_layers` (its
-    weight's, which outweighs its bias)."""
-    held = {cost.name: cost.parameters * bytes_per_element for cost in layer_costs(arch, num_classes, work.holds)}
-    return sum(size for name, size in held.items() if name in foreach_layers and mapped_afresh(size))
 
 
 def transient_bytes(memory: Mapping[str, float]) -> float:

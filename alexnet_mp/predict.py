@@ -19,7 +19,6 @@ from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import (
     RankWork,
     StepBlocks,
-    foreach_copies_mapped,
     heap_served_bytes,
     layer_costs,
     memory_bytes,
@@ -83,8 +82,8 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
         additions = {cost.name: costs.gradient_additions(cost.name, ranks, config, traffic[part], held)
                      for cost in shared}
         added = {name for name, count in additions.items() if count}
-        served = _heap_served(hardware, arch, ranks, work, step_blocks(work, architecture, num_classes, passes), passes,
-                              added)
+        blocks = step_blocks(work, architecture, num_classes, passes, BYTES_PER_ELEMENT)
+        served = _heap_served(hardware, arch, ranks, work, blocks, passes, added)
         layers = {}
         for cost in shared:
             forward, backward = hardware.layer_s(
@@ -93,7 +92,8 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
             accumulate = hardware.accumulate_s(additions[cost.name] * held.get(cost.name, 0) * BYTES_PER_ELEMENT,
                                                ranks)
             layers[cost.name] = forward, backward + accumulate
-        foreach = sum(count for name, count in held.items() if costs.holds_dtensors(name))
+        dtensors = {name for name in held if costs.holds_dtensors(name)}
+        foreach = sum(held[name] for name in dtensors)
         update = (hardware.optimizer_s(parameters(work, architecture, num_classes) - foreach, foreach, ranks)
                   + hardware.fresh_copy_s(costs.fresh_bytes(architecture, num_classes), ranks))
         comm = {} if together > 1 else {
@@ -106,9 +106,7 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
         tensors.append(sum(kinds.values()))
         transient.append(transient_bytes(kinds))
         # where the peak is the backward's, the foreach kernel's copies map afresh at the optimizer's step after it
-        dtensors = {name for name in held if costs.holds_dtensors(name)}
-        mapped_later.append(0.0 if kinds["optimizer"] else foreach_copies_mapped(work, architecture, num_classes,
-                                                                                   dtensors, BYTES_PER_ELEMENT))
+        mapped_later.append(0.0 if kinds["optimizer"] else blocks.foreach_copies_mapped(dtensors))
     sent = [BYTES_PER_ELEMENT * sum(t.values()) for t in traffic]
     if together > 1:
         times = [PartTimes.together(times[first:first + together]) for first in range(0, parts, together)]
