@@ -34,14 +34,14 @@ from alexnet_mp.bench.matrix import FULL
 from alexnet_mp.bench.measure import layout_steps
 from alexnet_mp.blocks import rows
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import memory_bytes, transient_bytes
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import KERNELS, KINDS, Collective, Hardware, ResidentOverhead
 from alexnet_mp.malloc import in_reused_memory, mapped_afresh
 from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, MaskDraw, SeededDropout, build_model, conv_sides
+from alexnet_mp.predict import ProcessMemory, process_memory
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer
-from alexnet_mp.strategies import LAYOUTS, REFERENCE
+from alexnet_mp.strategies import GATHERING, REFERENCE, REPLICATED
 from alexnet_mp.strategies.base import shard_layers
 from alexnet_mp.timing import Clock, clock_for
 
@@ -385,27 +385,50 @@ def fit(points: Sequence[tuple[float, float]]) -> Collective:
                       tuple(zip(sent.tolist(), times, strict=True)))
 
 
-def resident_overhead(arch: str, batch: int, threads: int, scratch: Path) -> ResidentOverhead:
-    """What a fresh process on `threads` keeps resident beyond its tensors, against the tensors its step allocates
-    and frees again: the line through what the one-device reference keeps at `batch` and at a quarter of it
-    (`kept_beyond_tensors`), its slope no less than 0 and running through the larger batch's figure."""
-    points = [kept_beyond_tensors(arch, images, threads, scratch / str(images))
-              for images in sorted({max(batch // 4, 1), batch})]
-    (fewer_transient, fewer_kept), (transient, kept) = points[0], points[-1]
-    slope = max((kept - fewer_kept) / (transient - fewer_transient), 0.0) if transient > fewer_transient else 0.0
-    return ResidentOverhead(max(kept - slope * transient, 0.0), slope)
+def resident_overhead(arch: str, batch: int, threads: int, group_ranks: int | None, scratch: Path,
+                      ) -> ResidentOverhead:
+    """What a fresh process on `threads` keeps resident beyond its tensors (`ResidentOverhead`), from what processes
+    training at `batch` and at a quarter of it keep (`kept_beyond_tensors`): the line in its activations through the
+    one-device reference at the two batches, its slope no less than 0 and running through the larger batch's figure;
+    and where ranks of a group run on `threads` (`group_ranks` of them), what the ranks of REPLICATED keep above that
+    line at the quarter, and what the ranks of GATHERING keep above both there, a byte they gather. Each no less
+    than 0."""
+    fewer, more = (kept_beyond_tensors(REFERENCE, arch, 1, images, threads, scratch / f"reference{images}")[0]
+                   for images in (max(batch // 4, 1), batch))
+    rise = more.memory.activations - fewer.memory.activations
+    slope = max((more.kept - fewer.kept) / rise, 0.0) if rise > 0 else 0.0
+    line = ResidentOverhead(max(more.kept - slope * more.memory.activations, 0.0), slope, 0.0, 0.0)
+    if not group_ranks:
+        return line
+    quarter = max(batch // 4 // group_ranks, 1) * group_ranks
+
+    def above_line(mode: str) -> list[Kept]:
+        kept = kept_beyond_tensors(mode, arch, group_ranks, quarter, threads, scratch / mode)
+        return [dataclasses.replace(rank, kept=rank.kept - line.bytes(rank.memory.activations, 0.0, False))
+                for rank in kept]
+
+    in_group = max(statistics.mean(rank.kept for rank in above_line(REPLICATED)), 0.0)
+    gathering = [(rank.kept - in_group) / rank.memory.gathered for rank in above_line(GATHERING)]
+    return dataclasses.replace(line, in_group_bytes=in_group, per_gathered_byte=max(statistics.mean(gathering), 0.0))
 
 
-def kept_beyond_tensors(arch: str, batch: int, threads: int, scratch: Path) -> tuple[float, float]:
-    """A fresh process on `threads` training the one-device reference at `batch`: the bytes its step allocates and
-    frees again (`cost.transient_bytes`, the cost model's), and what it keeps resident beyond its tensors: its
-    training memory (bench's measure, after bench's warm-up: the heap grows over the first steps) less the tensors'
-    peak the cost model predicts for it."""
+@dataclasses.dataclass(frozen=True)
+class Kept:
+    """A rank's memory at its peak as the cost model predicts it, and what it kept resident beyond that."""
+
+    memory: ProcessMemory
+    kept: float
+
+
+def kept_beyond_tensors(mode: str, arch: str, ranks: int, batch: int, threads: int, scratch: Path) -> list[Kept]:
+    """Fresh processes on `threads`, the `ranks` of `mode` at global batch `batch`: each rank's memory at its peak
+    (`predict.process_memory`, the cost model's), and what it kept resident beyond it: its training memory (bench's
+    measure, after bench's warm-up: the heap grows over the first steps) less its tensors' peak and the blocks it
+    maps afresh after it."""
     sizes = dataclasses.replace(FULL, steps=2)
-    measured = run_distributed(layout_steps, 1, scratch, REFERENCE, arch, {}, batch, sizes, threads=threads)[0]
-    costs = LAYOUTS[REFERENCE].costs
-    tensors = memory_bytes(costs.work(arch, 0, 1, batch, sizes.num_classes), ARCHITECTURES[arch], sizes.num_classes)
-    return transient_bytes(tensors), max(measured["training_memory_mb"] * 2**20 - sum(tensors.values()), 0.0)
+    measured = run_distributed(layout_steps, ranks, scratch, mode, arch, {}, batch, sizes, threads=threads)
+    return [Kept(memory, max(rank["training_memory_mb"] * 2**20 - memory.tensors - memory.mapped_later, 0.0))
+            for memory, rank in zip(process_memory(mode, arch, ranks, batch, sizes.num_classes), measured, strict=True)]
 
 
 def time_shared_slowdown(arch: str, images: int = AT_ONCE_IMAGES) -> float:
@@ -463,7 +486,10 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
         probed = probe(arch, thread_counts, device)
         for threads in [] if on_gpu else thread_counts:  # a GPU's memory is its tensors
             log(f"what a process keeps resident beyond its tensors, on {threads} thread(s) ...")
-            resident[str(threads)] = resident_overhead(arch, batch, threads, Path(scratch) / f"memory{threads}")
+            group_ranks = min((count for count in ranks if count > 1 and profile.threads(count) == threads),
+                              default=None)
+            resident[str(threads)] = resident_overhead(arch, batch, threads, group_ranks,
+                                                       Path(scratch) / f"memory{threads}")
         for count in (count for count in ranks if count > 1):
             log(f"collectives over {count} {profile.backend} processes" + ("" if on_gpu else ", and the net on all "
                                                                             "of them at once") + " ...")

@@ -277,12 +277,6 @@ class HeapWalk:
             self.free([self.allocate(scratch / count, where) for _ in range(count)])
 
 
-def transient_bytes(memory: Mapping[str, float]) -> float:
-    """Of a rank's memory at its peak (`memory_bytes`), what its step allocates and frees again: its activations, and
-    what it gathers for a while (FSDP's whole parameters and gradients of a unit)."""
-    return memory["activations"] + memory["gathered"]
-
-
 def held_shares(shard: Callable[[str, torch.Size, int, int], tuple | None], arch: str, part: int, parts: int,
                 num_classes: int = 1000) -> dict[str, float]:
     """The share of each layer's weight that `part` of `parts` holds, by `shard` (a layout's, or a tower's)."""

@@ -19,12 +19,13 @@ from typing import Any
 
 from alexnet_mp.errors import UsageError
 
-FORMAT = 8
+FORMAT = 9
 # The collectives the layouts call; the `-single` forms gather into or scatter from one flat tensor (FSDP's and
 # DTensor's), which gloo runs apart from the forms on lists of tensors, at a speed of their own.
 KINDS = ("all-reduce", "all-gather", "all-gather-single", "reduce-scatter", "reduce-scatter-single", "gather",
          "scatter", "broadcast", "send")
 KERNELS = ("fused", "foreach")  # the optimizer's: one kernel over every parameter, or one op per parameter list
+RESIDENT_FIGURES = ("fixed_bytes", "per_activation_byte", "in_group_bytes", "per_gathered_byte")  # ResidentOverhead's
 DEFAULT_PATH = Path("runs/hardware.json")  # where `calibrate` writes and the comparisons look, unless told
 
 
@@ -50,14 +51,19 @@ class Collective:
 @dataclass(frozen=True)
 class ResidentOverhead:
     """What a CPU process keeps resident beyond its tensors' peak: a fixed part (the libraries' workspaces, the
-    threads' stacks) and a part that grows with the tensors a step allocates and frees again (`cost.transient_bytes`):
-    the free chunks its heap keeps between them, which the next step allocates in another order."""
+    threads' stacks), a part that grows with the activations its step allocates and frees again (the free chunks its
+    heap keeps between them, which the next step allocates in another order), more in a rank of a group of several
+    (its collectives' own blocks and threads), and a part that grows with what it gathers for a while (FSDP's whole
+    units: blocks mapped afresh and unmapped, all but the smaller ones, which keep less)."""
 
     fixed_bytes: float
-    per_transient_byte: float
+    per_activation_byte: float
+    in_group_bytes: float
+    per_gathered_byte: float
 
-    def bytes(self, transient_bytes: float) -> float:
-        return self.fixed_bytes + self.per_transient_byte * transient_bytes
+    def bytes(self, activation_bytes: float, gathered_bytes: float, in_group: bool) -> float:
+        return (self.fixed_bytes + self.per_activation_byte * activation_bytes
+                + (self.in_group_bytes if in_group else 0.0) + self.per_gathered_byte * gathered_bytes)
 
 
 @dataclass(frozen=True)
@@ -163,13 +169,16 @@ class Hardware:
         """Seconds of `nbytes` at the rate per byte `rates` gives a rank of `ranks`'s threads (none where absent)."""
         return nbytes * rates.get(str(self.threads(ranks)), 0.0) * self.sharing(ranks)
 
-    def resident_bytes(self, tensor_bytes: float, transient_bytes: float, ranks: int, mapped_later: float = 0.0,
-                       ) -> float:
-        """The memory a process of `ranks` takes to train whose tensors peak at `tensor_bytes`, `transient_bytes`
-        of them allocated and freed again each step; on a CPU, with the `mapped_later` bytes of blocks it maps
-        afresh after that peak: its heap keeps the high-water mark the peak left, and they map beside it."""
+    def resident_bytes(self, tensor_bytes: float, activation_bytes: float, gathered_bytes: float, ranks: int,
+                       mapped_later: float = 0.0) -> float:
+        """The memory a process of `ranks` takes to train whose tensors peak at `tensor_bytes`, of them
+        `activation_bytes` and `gathered_bytes` allocated and freed again each step (`ResidentOverhead`); on a CPU,
+        with the `mapped_later` bytes of blocks it maps afresh after that peak: its heap keeps the high-water mark
+        the peak left, and they map beside it."""
         overhead = self.resident_overhead.get(str(self.threads(ranks)))
-        return tensor_bytes + (overhead.bytes(transient_bytes) + mapped_later if overhead else 0.0)
+        if not overhead:
+            return tensor_bytes
+        return tensor_bytes + overhead.bytes(activation_bytes, gathered_bytes, ranks > 1) + mapped_later
 
     def collective(self, kind: str, ranks: int) -> Collective:
         known = self.collectives.get(str(ranks)) or self.collectives.get("any")
@@ -297,10 +306,8 @@ def _parsed(raw: Any) -> Hardware:
                                    for threads, value in raw.get(figure, {}).items()}
                                   for figure in ("accumulate_s_per_byte", "fresh_copy_s_per_byte",
                                                  "fresh_page_s_per_byte"))
-    resident = {str(threads): ResidentOverhead(_not_negative(line["fixed_bytes"], "resident_overhead fixed_bytes",
-                                                             "bytes"),
-                                               _not_negative(line["per_transient_byte"],
-                                                             "resident_overhead per_transient_byte", "bytes"))
+    resident = {str(threads): ResidentOverhead(*(_not_negative(line[figure], f"resident_overhead {figure}", "bytes")
+                                                 for figure in RESIDENT_FIGURES))
                 for threads, line in raw.get("resident_overhead", {}).items()}
     slowdown = {str(ranks): _positive(value, "shared_slowdown")
                 for ranks, value in raw.get("shared_slowdown", {}).items()}

@@ -17,14 +17,15 @@ from typing import Any
 
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import (
+    LayerCost,
     RankWork,
     StepBlocks,
+    Traffic,
     heap_served_bytes,
     layer_costs,
     memory_bytes,
     parameters,
     step_blocks,
-    transient_bytes,
 )
 from alexnet_mp.hardware import Hardware
 from alexnet_mp.ledger import BACKWARD, FORWARD
@@ -63,17 +64,45 @@ class StepPrediction:
                            [memory / 2**20 for memory in self.memory_bytes])
 
 
-def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardware, num_classes: int = 1000,
-                 options: Mapping[str, Any] | None = None) -> StepPrediction:
-    """The step of `mode` (with its `options`) on `ranks` ranks at global batch `batch`, on `hardware`. A process
-    that holds several parts (the paper split's towers on one device) runs them in turn, and their links are copies
-    within it, not collectives."""
+@dataclass(frozen=True)
+class PartPlan:
+    """One part of a layout's step in the terms the model costs: its work, the parameters it holds by layer, the
+    layers it computes, each one's passes and the gradients its backward adds into one held already, the blocks
+    of its step, the layers whose parameters are DTensors, and the elements it sends on each link."""
+
+    work: RankWork
+    held: dict[str, int]
+    shared: list[LayerCost]
+    passes: dict[str, int]
+    additions: dict[str, int]
+    blocks: StepBlocks
+    dtensors: set[str]
+    traffic: Traffic
+
+    @property
+    def added(self) -> set[str]:
+        return {name for name, count in self.additions.items() if count}
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    """A process's tensors at their peak (`cost.memory_bytes`), of them its activations and what it gathers for a
+    while (FSDP's whole units), and the bytes of the blocks it maps afresh after that peak."""
+
+    tensors: float
+    activations: float
+    gathered: float
+    mapped_later: float
+
+
+def plan_parts(mode: str, arch: str, ranks: int, batch: int, num_classes: int = 1000,
+               options: Mapping[str, Any] | None = None) -> list[PartPlan]:
+    """Each part of `mode`'s step (with its `options`) on `ranks` ranks at global batch `batch`."""
     config = TrainConfig(mode=mode, arch=arch, batch_size=batch, num_classes=num_classes, options=dict(options or {}))
     costs: type[Costs] = LAYOUTS[mode].costs
     architecture, parts = ARCHITECTURES[arch], costs.parts(ranks)
-    together = parts // ranks
     traffic = costs.expected_traffic(arch, ranks, batch, num_classes)
-    times, tensors, transient, mapped_later = [], [], [], []
+    plans = []
     for part in range(parts):
         work = costs.work(arch, part, parts, batch, num_classes)
         held = {cost.name: cost.parameters for cost in layer_costs(architecture, num_classes, work.holds)}
@@ -81,40 +110,71 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
         passes = {cost.name: costs.passes(cost.name, ranks, config) for cost in shared}
         additions = {cost.name: costs.gradient_additions(cost.name, ranks, config, traffic[part], held)
                      for cost in shared}
-        added = {name for name, count in additions.items() if count}
-        blocks = step_blocks(work, architecture, num_classes, passes, BYTES_PER_ELEMENT)
-        served = _heap_served(hardware, arch, ranks, work, blocks, passes, added)
+        plans.append(PartPlan(work, held, shared, passes, additions,
+                              step_blocks(work, architecture, num_classes, passes, BYTES_PER_ELEMENT),
+                              {name for name in held if costs.holds_dtensors(name)}, traffic[part]))
+    return plans
+
+
+def process_memory(mode: str, arch: str, ranks: int, batch: int, num_classes: int = 1000,
+                   options: Mapping[str, Any] | None = None) -> list[ProcessMemory]:
+    """Each process's memory at its peak (`ProcessMemory`) in `mode`'s step: a process that holds several parts
+    (the paper split's towers on one device) holds each one's."""
+    return _process_memory(plan_parts(mode, arch, ranks, batch, num_classes, options), arch, num_classes, ranks)
+
+
+def _process_memory(plans: list[PartPlan], arch: str, num_classes: int, ranks: int) -> list[ProcessMemory]:
+    architecture, together = ARCHITECTURES[arch], len(plans) // ranks
+    parts = []
+    for plan in plans:
+        foreach = sum(plan.held[name] for name in plan.dtensors)
+        kinds = memory_bytes(plan.work, architecture, num_classes, BYTES_PER_ELEMENT, foreach, plan.added)
+        # where the peak is the backward's, the foreach kernel's copies map afresh at the optimizer's step after it
+        later = 0.0 if kinds["optimizer"] else plan.blocks.foreach_copies_mapped(plan.dtensors)
+        parts.append((sum(kinds.values()), kinds["activations"], kinds["gathered"], later))
+    return [ProcessMemory(*(sum(values) for values in zip(*parts[first:first + together], strict=True)))
+            for first in range(0, len(parts), together)]
+
+
+def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardware, num_classes: int = 1000,
+                 options: Mapping[str, Any] | None = None) -> StepPrediction:
+    """The step of `mode` (with its `options`) on `ranks` ranks at global batch `batch`, on `hardware`. A process
+    that holds several parts (the paper split's towers on one device) runs them in turn, and their links are copies
+    within it, not collectives."""
+    config = TrainConfig(mode=mode, arch=arch, batch_size=batch, num_classes=num_classes, options=dict(options or {}))
+    costs: type[Costs] = LAYOUTS[mode].costs
+    architecture = ARCHITECTURES[arch]
+    plans = plan_parts(mode, arch, ranks, batch, num_classes, options)
+    together = len(plans) // ranks
+    times = []
+    for plan in plans:
+        work, held = plan.work, plan.held
+        served = _heap_served(hardware, arch, ranks, work, plan.blocks, plan.passes, plan.added)
         layers = {}
-        for cost in shared:
+        for cost in plan.shared:
             forward, backward = hardware.layer_s(
                 f"{arch}.{cost.name}", work.shares[cost.name], ranks, cost.flops, work.samples(cost.name),
-                passes[cost.name], {direction: served[cost.name, direction] for direction in (FORWARD, BACKWARD)})
-            accumulate = hardware.accumulate_s(additions[cost.name] * held.get(cost.name, 0) * BYTES_PER_ELEMENT,
+                plan.passes[cost.name],
+                {direction: served[cost.name, direction] for direction in (FORWARD, BACKWARD)})
+            accumulate = hardware.accumulate_s(plan.additions[cost.name] * held.get(cost.name, 0) * BYTES_PER_ELEMENT,
                                                ranks)
             layers[cost.name] = forward, backward + accumulate
-        dtensors = {name for name in held if costs.holds_dtensors(name)}
-        foreach = sum(held[name] for name in dtensors)
+        foreach = sum(held[name] for name in plan.dtensors)
         update = (hardware.optimizer_s(parameters(work, architecture, num_classes) - foreach, foreach, ranks)
                   + hardware.fresh_copy_s(costs.fresh_bytes(architecture, num_classes), ranks))
         comm = {} if together > 1 else {
             (link, direction): sum(hardware.collective(costs.collective(link, direction), ranks).seconds(
                 call * BYTES_PER_ELEMENT) for call in costs.call_elements(link, elements, ranks, config, held))
-            for (link, direction), elements in traffic[part].items()}
+            for (link, direction), elements in plan.traffic.items()}
         times.append(PartTimes({name: layers.get(name, (0.0, 0.0)) for name in architecture.layer_names}, update,
                                comm, held))
-        kinds = memory_bytes(work, architecture, num_classes, BYTES_PER_ELEMENT, foreach, added)
-        tensors.append(sum(kinds.values()))
-        transient.append(transient_bytes(kinds))
-        # where the peak is the backward's, the foreach kernel's copies map afresh at the optimizer's step after it
-        mapped_later.append(0.0 if kinds["optimizer"] else blocks.foreach_copies_mapped(dtensors))
-    sent = [BYTES_PER_ELEMENT * sum(t.values()) for t in traffic]
+    sent = [BYTES_PER_ELEMENT * sum(plan.traffic.values()) for plan in plans]
     if together > 1:
-        times = [PartTimes.together(times[first:first + together]) for first in range(0, parts, together)]
-        tensors, transient, mapped_later, sent = ([sum(values[first:first + together])
-                                                   for first in range(0, parts, together)]
-                                                  for values in (tensors, transient, mapped_later, sent))
-    memory = [hardware.resident_bytes(tensor_bytes, freed, ranks, later)
-              for tensor_bytes, freed, later in zip(tensors, transient, mapped_later, strict=True)]
+        times = [PartTimes.together(times[first:first + together]) for first in range(0, len(plans), together)]
+        sent = [sum(sent[first:first + together]) for first in range(0, len(plans), together)]
+    memory = [hardware.resident_bytes(process.tensors, process.activations, process.gathered, ranks,
+                                      process.mapped_later)
+              for process in _process_memory(plans, arch, num_classes, ranks)]
     timeline = costs.timeline(times, ranks, config, blocking=hardware.backend == "gloo", sharing=hardware.sharing)
     return StepPrediction(step_end(timeline), [busy_s(spans) for spans in timeline],
                           [sum(part.comm.values()) for part in times], sent, memory, timeline)

@@ -28,15 +28,14 @@ from alexnet_mp.cost import (
     memory_bytes,
     parameters,
     step_blocks,
-    transient_bytes,
 )
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import KINDS, PRESETS, Collective, Hardware, ResidentOverhead, load, pass_s
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.model import PAPER, build_model
-from alexnet_mp.predict import Held, StepFigures, disordered, held_table, predict_step
+from alexnet_mp.predict import Held, ProcessMemory, StepFigures, disordered, held_table, predict_step
 from alexnet_mp.step import make_optimizer, train_step
-from alexnet_mp.strategies import LAYOUTS, build
+from alexnet_mp.strategies import GATHERING, LAYOUTS, REFERENCE, REPLICATED, build
 from alexnet_mp.strategies.costs import (
     CONV_FEATURES,
     DDP_BUCKET_CAPS,
@@ -407,8 +406,8 @@ def test_a_profile_reads_back_as_written(tmp_path):
     profile = Hardware("written", "a test", "gloo", 2, layers={"1": {"paper.conv1@1": conv1}},
                        optimizer_s_per_parameter={"1": {"fused": 1e-9, "foreach": 6e-9}},
                        accumulate_s_per_byte={"1": 2e-10}, collectives={"2": {"all-reduce": LINK, "send": TIMED_LINK}},
-                       fresh_copy_s_per_byte={"1": 5e-10},
-                       fresh_page_s_per_byte={"1": 4e-10}, resident_overhead={"1": ResidentOverhead(1e8, 0.5)},
+                       fresh_copy_s_per_byte={"1": 5e-10}, fresh_page_s_per_byte={"1": 4e-10},
+                       resident_overhead={"1": ResidentOverhead(1e8, 0.5, 2e7, 0.3)},
                        shared_slowdown={"2": 1.05}, probe_s={"1": 0.9})
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
     assert load(tmp_path / "profile.json") == profile
@@ -423,30 +422,31 @@ def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
 
 @pytest.mark.parametrize(("text", "says"), [
     ("not json", "is not a hardware profile"),
-    ('{"format": 7}', "format must be 8"),
-    ('{"format": 8, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
-    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
+    ('{"format": 8}', "format must be 9"),
+    ('{"format": 9, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
+    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
      "neither layer times nor tflops"),
-    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
+    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
      '"collectives": {"2": {"send": {"latency_s": -1, "bytes_per_s": 1}}}}', "send latency_s must be a positive"),
-    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "collectives": {"2": {"send": '
+    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "collectives": {"2": {"send": '
      '{"latency_s": 1, "bytes_per_s": 1, "measured": [[8, 1], [4, 2]]}}}}', "send measured must be two or more sizes"),
-    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_copy_s_per_byte": {"1": -1}, '
+    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_copy_s_per_byte": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "fresh_copy_s_per_byte must be"),
-    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "accumulate_s_per_byte": {"1": -1}, '
+    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "accumulate_s_per_byte": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "accumulate_s_per_byte must be"),
-    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead": {"1": '
-     '{"fixed_bytes": 1e8, "per_transient_byte": -1}}, "collectives": {"2": {"send": {"latency_s": 1, '
-     '"bytes_per_s": 1}}}}', "resident_overhead per_transient_byte must be a number"),
-    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "shared_slowdown": {"2": 0}, '
+    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead": {"1": '
+     '{"fixed_bytes": 1e8, "per_activation_byte": -1, "in_group_bytes": 0, "per_gathered_byte": 0}}, '
+     '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}',
+     "resident_overhead per_activation_byte must be a number"),
+    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "shared_slowdown": {"2": 0}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "shared_slowdown must be a positive"),
-    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "optimizer_s_per_parameter": '
+    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "optimizer_s_per_parameter": '
      '{"1": {"fused": 1e-9}}, "collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "'foreach'"),
-    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [8, 2], "forward": [1, 1], "backward": [1, 1]}}}}', "images must be two or more sizes that rise"),
-    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [2, 8], "forward": [1], "backward": [1, 1]}}}}', "forward must have a figure for each of its images"),
-    ('{"format": 8, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [2, 8], "forward": [1, 1], "backward": [1, 1], "fresh_bytes": {"forward": [0, 0], '
      '"backward": [0, -1]}}}}}', "fresh_bytes.backward must be a number of bytes"),
 ])
@@ -556,6 +556,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     assert set(profile.accumulate_s_per_byte) == set(profile.layers) and min(profile.accumulate_s_per_byte.values()) > 0
     assert profile.layers["1"]["paper.fc6@1"]["fresh_bytes"]["backward"][0] >= 4 * 9216 * 4096  # its weight's gradient
     assert set(profile.resident_overhead) == set(profile.layers)  # each thread count a rank runs
+    assert profile.resident_overhead["2"].in_group_bytes == 0  # 2 threads: the one-device process, in no group
     assert set(profile.shared_slowdown) == {"2"} and profile.shared_slowdown["2"] >= 1
     assert "layer sweeps within" in profile.source  # how steady the machine was, beside the figures
     assert set(profile.probe_s) == set(profile.layers)  # what bench probes again to see how far the machine drifted
@@ -694,18 +695,43 @@ def test_both_towers_in_one_process_run_in_turn_with_no_collective_between_them(
     assert one.memory_bytes == pytest.approx([sum(two.memory_bytes)])
 
 
+def kept_by_hand(monkeypatch, points: dict[tuple[str, int], list[tuple[float, float, float]]]) -> None:
+    """calibrate's processes replaced by `points`: per (layout, global batch), each rank's (activations, gathered,
+    kept beyond its tensors), in bytes."""
+    from alexnet_mp import calibrate
+
+    def kept(mode, arch, ranks, batch, threads, scratch):
+        return [calibrate.Kept(ProcessMemory(0.0, activations, gathered, 0.0), kept)
+                for activations, gathered, kept in points[mode, batch]]
+
+    monkeypatch.setattr(calibrate, "kept_beyond_tensors", kept)
+
+
 @pytest.mark.parametrize(("kept_at_32", "slope"), [(300e6, 200 / 216), (50e6, 0.0)])
 def test_calibrates_resident_line_runs_through_the_references_larger_batch_rising_as_its_two_batches_do(
         monkeypatch, tmp_path, kept_at_32, slope):
-    """The reference keeps 100 MB beyond its tensors at 72 MB freed again each step (a quarter of the batch); at 288
-    MB, more (the line rises between them) or less (it stays level)."""
+    """The reference keeps 100 MB beyond its tensors at 72 MB of activations (a quarter of the batch); at 288 MB,
+    more (the line rises between them) or less (it stays level)."""
     from alexnet_mp import calibrate
 
-    points = {8: (72e6, 100e6), 32: (288e6, kept_at_32)}
-    monkeypatch.setattr(calibrate, "kept_beyond_tensors", lambda arch, batch, threads, scratch: points[batch])
-    line = calibrate.resident_overhead("paper", 32, 1, tmp_path)
-    assert line.per_transient_byte == pytest.approx(slope)
-    assert line.bytes(288e6) == pytest.approx(kept_at_32)
+    kept_by_hand(monkeypatch, {(REFERENCE, 8): [(72e6, 0.0, 100e6)], (REFERENCE, 32): [(288e6, 0.0, kept_at_32)]})
+    line = calibrate.resident_overhead("paper", 32, 1, None, tmp_path)
+    assert line.per_activation_byte == pytest.approx(slope)
+    assert line.bytes(288e6, 0.0, in_group=False) == pytest.approx(kept_at_32)
+
+
+def test_calibrate_measures_what_a_rank_of_a_group_keeps_above_the_references_line_and_per_byte_it_gathers(
+        monkeypatch, tmp_path):
+    """The reference's line: 28 MB and 1 a byte of activations. At 8 images on 2 ranks, data-parallel's ranks keep 40
+    and 60 MB above it (50 on average); FSDP's, 50 + 150 MB above it with 300 MB gathered: 0.5 a byte."""
+    from alexnet_mp import calibrate
+
+    kept_by_hand(monkeypatch, {(REFERENCE, 8): [(72e6, 0.0, 100e6)], (REFERENCE, 32): [(288e6, 0.0, 316e6)],
+                               (REPLICATED, 8): [(30e6, 0.0, 98e6), (30e6, 0.0, 118e6)],
+                               (GATHERING, 8): [(5e6, 300e6, 233e6)] * 2})
+    line = calibrate.resident_overhead("paper", 32, 1, 2, tmp_path)
+    assert (line.fixed_bytes, line.per_activation_byte) == (pytest.approx(28e6), pytest.approx(1.0))
+    assert (line.in_group_bytes, line.per_gathered_byte) == (pytest.approx(50e6), pytest.approx(0.5))
 
 
 @pytest.mark.parametrize(("batch", "copies_later"), [(32, True), (8, False)])
@@ -716,7 +742,7 @@ def test_a_cpu_process_maps_its_foreach_copies_beside_the_heap_its_backward_left
     them."""
     held = layer_costs(PAPER, 10, LAYOUTS["tensor-parallel"].costs.work("paper", 0, 2, batch, 10).holds)
     copies = 4 * sum(cost.parameters for cost in held if cost.name in ("fc6", "fc7"))
-    cpu = dataclasses.replace(by_hand(), resident_overhead={"1": ResidentOverhead(0.0, 0.0)})
+    cpu = dataclasses.replace(by_hand(), resident_overhead={"1": ResidentOverhead(0.0, 0.0, 0.0, 0.0)})
     tensors = predict_step("tensor-parallel", "paper", 2, batch, by_hand(), 10).memory_bytes[0]
     assert predict_step("tensor-parallel", "paper", 2, batch, cpu, 10).memory_bytes[0] == pytest.approx(
         tensors + copies_later * copies)
@@ -745,18 +771,20 @@ def test_a_step_pays_the_profiles_fresh_copy_cost_on_what_it_copies_into_fresh_b
         predict_step("fsdp", "paper", 2, 8, by_hand(), 10).compute_s[0] + 1e-9 * mapped)
 
 
-def test_a_process_keeps_beyond_its_tensors_the_profiles_fixed_bytes_and_its_share_of_what_its_step_frees_again():
+def test_a_process_keeps_beyond_its_tensors_the_profiles_fixed_bytes_and_its_shares_of_its_activations_and_gathers():
     """On 2 cores one process runs 2 threads, each of 2 ranks one; the paper split's two towers share a process (and
-    their activations); FSDP's gathered parameters and gradients are freed again like activations."""
-    lines = {"1": ResidentOverhead(1e8, 0.5), "2": ResidentOverhead(3e8, 0.25)}
+    their activations); a rank of a group keeps more, and FSDP's gathered parameters and gradients keep their own
+    share."""
+    lines = {"1": ResidentOverhead(1e8, 0.5, 3e7, 0.2), "2": ResidentOverhead(3e8, 0.25, 5e7, 0.4)}
     kept = dataclasses.replace(by_hand(cores=2), resident_overhead=lines)
     for mode, ranks, line in (("paper-split", 1, lines["2"]), ("paper-split", 2, lines["1"]), ("fsdp", 2, lines["1"])):
         costs = LAYOUTS[mode].costs
         parts = costs.parts(ranks)
         works = [costs.work("paper", part, parts, 8, 10) for part in range(parts // ranks)]
         foreach = [parameters(work, PAPER, 10) if mode == "fsdp" else 0 for work in works]  # FSDP's are DTensors
-        transient = sum(transient_bytes(memory_bytes(work, PAPER, 10, foreach=count))
-                        for work, count in zip(works, foreach, strict=True))
+        kinds = [memory_bytes(work, PAPER, 10, foreach=count) for work, count in zip(works, foreach, strict=True)]
+        activations, gathered = (sum(kind[name] for kind in kinds) for name in ("activations", "gathered"))
         tensors = predict_step(mode, "paper", ranks, 8, by_hand(cores=2), 10).memory_bytes[0]
         assert predict_step(mode, "paper", ranks, 8, kept, 10).memory_bytes[0] == pytest.approx(
-            tensors + line.fixed_bytes + line.per_transient_byte * transient), mode
+            tensors + line.fixed_bytes + line.per_activation_byte * activations
+            + (line.in_group_bytes if ranks > 1 else 0) + line.per_gathered_byte * gathered), mode

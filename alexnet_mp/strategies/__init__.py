@@ -25,6 +25,10 @@ LAYOUTS: dict[str, type[Layout]] = {
     cls.name: cls for cls in (Single, DataParallel, PaperSplit, WeirdTrick, FSDP, Pipeline, TensorParallel)
 }
 REFERENCE = Single.name  # the one-device run every layout is held to, and measured against
+# calibrate's measures of what a rank of a group keeps resident beyond its tensors: the reference's work on every
+# rank, and the layout that gathers whole layers for a while
+REPLICATED = DataParallel.name
+GATHERING = FSDP.name
 
 
 def layout_named(mode: str) -> type[Layout]:
@@ -76,5 +80,5 @@ def build(config: TrainConfig, device: torch.device, dtype: torch.dtype = torch.
     return layout_named(config.mode)(model, config, device)
 
 
-__all__ = ["LAYOUTS", "REFERENCE", "REFERENCE_STEP", "Layout", "Option", "all_options", "build", "check_layout",
-           "layout_label", "layout_named"]
+__all__ = ["GATHERING", "LAYOUTS", "REFERENCE", "REFERENCE_STEP", "REPLICATED", "Layout", "Option", "all_options",
+           "build", "check_layout", "layout_label", "layout_named"]
