@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import (
@@ -34,6 +34,7 @@ from alexnet_mp.strategies import LAYOUTS
 from alexnet_mp.strategies.costs import Costs, PartTimes, Span, busy_s, step_end
 
 BYTES_PER_ELEMENT = 4  # float32 on every link
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,11 @@ class PartPlan:
     def added(self) -> set[str]:
         return {name for name, count in self.additions.items() if count}
 
+    @property
+    def foreach_parameters(self) -> int:
+        """The parameters it holds as DTensors, which the optimizer steps foreach."""
+        return sum(self.held[name] for name in self.dtensors)
+
 
 @dataclass(frozen=True)
 class ProcessMemory:
@@ -127,13 +133,18 @@ def _process_memory(plans: list[PartPlan], arch: str, num_classes: int, ranks: i
     architecture, together = ARCHITECTURES[arch], len(plans) // ranks
     parts = []
     for plan in plans:
-        foreach = sum(plan.held[name] for name in plan.dtensors)
-        kinds = memory_bytes(plan.work, architecture, num_classes, BYTES_PER_ELEMENT, foreach, plan.added)
+        kinds = memory_bytes(plan.work, architecture, num_classes, BYTES_PER_ELEMENT, plan.foreach_parameters,
+                             plan.added)
         # where the peak is the backward's, the foreach kernel's copies map afresh at the optimizer's step after it
         later = 0.0 if kinds["optimizer"] else plan.blocks.foreach_copies_mapped(plan.dtensors)
         parts.append((sum(kinds.values()), kinds["activations"], kinds["gathered"], later))
-    return [ProcessMemory(*(sum(values) for values in zip(*parts[first:first + together], strict=True)))
-            for first in range(0, len(parts), together)]
+    return [ProcessMemory(*(sum(values) for values in zip(*held, strict=True)))
+            for held in _by_process(parts, together)]
+
+
+def _by_process(parts: list[T], together: int) -> list[list[T]]:
+    """`parts` in the groups of `together` that one process holds, in order."""
+    return [parts[first:first + together] for first in range(0, len(parts), together)]
 
 
 def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardware, num_classes: int = 1000,
@@ -159,7 +170,7 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
             accumulate = hardware.accumulate_s(plan.additions[cost.name] * held.get(cost.name, 0) * BYTES_PER_ELEMENT,
                                                ranks)
             layers[cost.name] = forward, backward + accumulate
-        foreach = sum(held[name] for name in plan.dtensors)
+        foreach = plan.foreach_parameters
         update = (hardware.optimizer_s(parameters(work, architecture, num_classes) - foreach, foreach, ranks)
                   + hardware.fresh_copy_s(costs.fresh_bytes(architecture, num_classes), ranks))
         comm = {} if together > 1 else {
@@ -170,8 +181,8 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
                                comm, held))
     sent = [BYTES_PER_ELEMENT * sum(plan.traffic.values()) for plan in plans]
     if together > 1:
-        times = [PartTimes.together(times[first:first + together]) for first in range(0, len(plans), together)]
-        sent = [sum(sent[first:first + together]) for first in range(0, len(plans), together)]
+        times = [PartTimes.together(held) for held in _by_process(times, together)]
+        sent = [sum(held) for held in _by_process(sent, together)]
     memory = [hardware.resident_bytes(process.tensors, process.activations, process.gathered, ranks,
                                       process.mapped_later)
               for process in _process_memory(plans, arch, num_classes, ranks)]
