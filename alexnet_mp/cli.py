@@ -25,7 +25,7 @@ from alexnet_mp.model import ARCH_HELP, ARCHITECTURES
 from alexnet_mp.preflight import check_run, check_writable
 from alexnet_mp.strategies import LAYOUTS, REFERENCE, all_options, layout_label, layout_named
 from alexnet_mp.tracking import hold_output
-from alexnet_mp.world import launched, stop_with_launcher
+from alexnet_mp.world import launched, leave_group, stop_with_launcher
 
 if TYPE_CHECKING:  # the data pipeline (torchvision) is imported by the commands that read data, not by --help
     from alexnet_mp.data import DataSpec
@@ -61,6 +61,7 @@ def run_train(config: TrainConfig) -> None:
                                  "that each machine can reach") from None
         try:
             train(config, accelerator)
+            leave_group()
         except (RuntimeError, MemoryError) as error:  # torch's own words for a lost peer or exhausted memory
             named_error = from_torch(error, launch.rank)
             if named_error is None:

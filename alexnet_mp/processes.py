@@ -52,6 +52,8 @@ def _wait_for_peers() -> None:
     """No rank leaves before every rank is done: its exit closes its connections, which a peer still joining a group
     the function made (a `new_group` with no collective after it) takes for a crash. A peer that failed has its own
     error to say why; this rank's result stands."""
+    if not dist.is_initialized():  # the function left the group itself (`world.leave_group`), together
+        return
     try:
         dist.barrier()
     except RuntimeError:

@@ -213,8 +213,8 @@ class Tracker:
         """The closing line, on the main process: what was trained, and where its record and checkpoint are."""
         if not self.active:
             return
-        if self.uses_trackers:
-            self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:  # the process group stays until every rank leaves it together
+            tracker.finish()
         if newest_checkpoint:
             kept = f"newest checkpoint {newest_checkpoint} ({checkpoint_size(newest_checkpoint)})"
         else:

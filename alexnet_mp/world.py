@@ -4,6 +4,7 @@ LOCAL_WORLD_SIZE; a plain process is rank 0 of 1); once it exists, the group doe
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -43,6 +44,18 @@ def current() -> World:
 def barrier() -> None:
     if current().size > 1:
         dist.barrier()
+
+
+def leave_group() -> None:
+    """Every rank leaves the process group together once it is done with it: what held the group (DDP's hook state)
+    freed first, every rank's collectives done, then the group destroyed and its gloo threads joined while the
+    interpreter is whole. Left to the interpreter's exit, a thread still holding a finished collective's tensors can
+    abort the process ("terminate called without an active exception")."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    barrier()
+    dist.destroy_process_group()
 
 
 def stop_with_launcher(timeout_s: float) -> None:

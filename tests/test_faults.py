@@ -762,3 +762,23 @@ def test_every_documented_accelerate_launch_is_quiet():
             for match in re.finditer(r"accelerate launch (?!-q)(--config_file|train\.py|--multi_gpu)\S*",
                                      path.read_text())]
     assert loud == []
+
+
+def data_parallel_steps_then_leave_the_group() -> bool:
+    """On a rank: a few steps of DDP (its hook state holds the group), the group left, and whether it is still there."""
+    import torch.distributed as dist
+
+    from alexnet_mp.bench.matrix import QUICK
+    from alexnet_mp.bench.measure import layout_steps
+    from alexnet_mp.world import leave_group
+
+    layout_steps("data-parallel", NET, {}, 4, QUICK)
+    leave_group()
+    return dist.is_initialized()
+
+
+def test_every_rank_leaves_its_process_group_after_training_before_the_interpreter_exits(tmp_path):
+    """Left to the interpreter's exit, the group's gloo threads can abort a finished run."""
+    from alexnet_mp.processes import run_distributed
+
+    assert run_distributed(data_parallel_steps_then_leave_the_group, 2, tmp_path) == [False, False]
