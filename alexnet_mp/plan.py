@@ -24,6 +24,7 @@ from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, memory_bytes, training_flops
 from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES
+from alexnet_mp.predict import plan_parts
 from alexnet_mp.report import markdown_table
 from alexnet_mp.strategies import LAYOUTS, REFERENCE, layout_label
 from alexnet_mp.strategies.costs import CONV_FEATURES, hidden_by_rounds
@@ -100,27 +101,20 @@ def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, n
             bytes_per_element: int = 4, options: Mapping[str, Any] | None = None) -> Prediction:
     layout = LAYOUTS[mode]
     config = layout_config(mode, arch, batch, options)
-    traffic = layout.costs.expected_traffic(arch, gpus, batch, num_classes)
-    sent = [sum(rank.values()) * bytes_per_element for rank in traffic]
-    parts = layout.costs.parts(gpus)
-    works = [layout.costs.work(arch, part, parts, batch, num_classes) for part in range(parts)]
+    parts = plan_parts(mode, arch, gpus, batch, num_classes, config.options)
+    sent = [sum(part.traffic.values()) * bytes_per_element for part in parts]
     architecture, rate = ARCHITECTURES[arch], device_tflops * 1e12
-    compute = [training_flops(work, architecture, num_classes) / rate for work in works]
-    slowest = max(range(parts), key=lambda rank: (compute[rank], sent[rank]))
-    gradient = sum(v for (link, _), v in traffic[slowest].items() if link in GRADIENT_LINKS) * bytes_per_element
-
-    def part_memory(part: int) -> dict[str, float]:
-        """The part's memory at its peak, by kind, the gradients it adds into counted."""
-        held = {cost.name: cost.parameters for cost in layer_costs(architecture, num_classes, works[part].holds)}
-        added = {name for name in held if layout.costs.gradient_additions(name, gpus, config, traffic[part], held)}
-        return memory_bytes(works[part], architecture, num_classes, bytes_per_element, added=added)
-
-    memory = max((part_memory(part) for part in range(parts)), key=lambda kinds: sum(kinds.values()))
+    compute = [training_flops(part.work, architecture, num_classes) / rate for part in parts]
+    slowest = max(range(len(parts)), key=lambda rank: (compute[rank], sent[rank]))
+    traffic = parts[slowest].traffic
+    gradient = sum(v for (link, _), v in traffic.items() if link in GRADIENT_LINKS) * bytes_per_element
+    memory = max((memory_bytes(part.work, architecture, num_classes, bytes_per_element, part.foreach_parameters,
+                               part.added) for part in parts), key=lambda kinds: sum(kinds.values()))
     rounds = layout.costs.exchange_rounds(gpus, config)
-    in_rounds = sum(v for (link, _), v in traffic[slowest].items() if link == CONV_FEATURES.name) if rounds else 0.0
+    in_rounds = sum(v for (link, _), v in traffic.items() if link == CONV_FEATURES.name) if rounds else 0.0
     return Prediction(layout_label(config.to_dict()), gpus, batch, sent, compute[slowest], sent[slowest] - gradient,
                       gradient, memory, layout.costs.slots(gpus, config),
-                      fc_compute_s=training_flops(works[slowest], architecture, num_classes, "fc") / rate,
+                      fc_compute_s=training_flops(parts[slowest].work, architecture, num_classes, "fc") / rate,
                       rounds=rounds, round_bytes=in_rounds * bytes_per_element)
 
 
@@ -154,11 +148,11 @@ def shares(arch: str, num_classes: int = 1000) -> str:
 def plan_table(predictions: list[Prediction], link_gbps: list[float], baseline: Prediction) -> str:
     """A row per prediction; at each link speed its step time, images/s and speed-up over `baseline`."""
     header = ["mode", "GPUs", "global batch", "MiB sent/rank/step (max)", "compute ms (x the bubble's slots)",
-              "memory MiB/rank: params+grads+momentum(+gathered) / activations"]
+              "memory MiB/rank: params+grads+momentum(+gathered, +the foreach copy) / activations"]
     header += [f"step ms @ {gbps:g} GB/s: serial / overlapped (images/s, speed-up)" for gbps in link_gbps]
     rows = []
     for p in predictions:
-        state = (p.memory["weights"] + p.memory["gradients"] + p.memory["momentum"] + p.memory["gathered"]) / 2**20
+        state = sum(p.memory[kind] for kind in ("weights", "gradients", "momentum", "gathered", "optimizer")) / 2**20
         row = [p.layout, str(p.gpus), str(p.batch), f"{max(p.bytes_per_rank) / 2**20:.1f}", f"{1000 * p.busy_s:.2f}",
                f"{state:.0f} / {p.memory['activations'] / 2**20:.0f}"]
         for gbps in link_gbps:

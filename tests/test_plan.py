@@ -7,6 +7,7 @@ import matplotlib.image
 import pytest
 
 from alexnet_mp.plan import layouts, one_gpu, plan, predict, shares
+from alexnet_mp.predict import process_memory
 from tests.launching import in_process, one_line_error
 
 
@@ -93,3 +94,11 @@ def test_plan_refuses_gpu_counts_that_are_not_numbers(tmp_path, capsys):
     result = in_process(capsys, "plan", "--gpus", "2,four", "--output-dir", str(tmp_path))
     assert result.returncode == 2
     assert "--gpus takes comma-separated numbers" in one_line_error(result)
+
+
+def test_plans_memory_is_the_cost_models_peak_of_the_busiest_process_the_foreach_copy_included():
+    """At 8 images a tensor-parallel rank peaks in the optimizer's step, with the copy of its DTensors' gradients."""
+    planned = predict("tensor-parallel", "paper", 2, 8, 1.0, 10)
+    assert planned.memory["optimizer"] > 0
+    assert sum(planned.memory.values()) == max(process.tensors
+                                               for process in process_memory("tensor-parallel", "paper", 2, 8, 10))
