@@ -227,3 +227,33 @@ def test_replicated_gradients_are_right_on_every_step_and_keep_channels_last_how
         got = gradients[rank][f"all-reduce-second-step-set-to-none-{set_to_none}"]
         torch.testing.assert_close(got, 2 * sum(weights(CONV_SHAPE)))
         assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def tensor_parallel_step_with_rank_1_late(late_s: float) -> dict:
+    """A tensor-parallel step on the debug net after two of warm-up (DDP rebuilds its buckets in the second), rank 1
+    starting it `late_s` after rank 0: the time each link of rank 0's ledger was blocked."""
+    from alexnet_mp.config import TrainConfig
+    from alexnet_mp.model import IMAGE_SIZE
+    from alexnet_mp.step import make_optimizer, train_step
+    from alexnet_mp.strategies import build
+    from tests.equivalence import PAPER_NET
+
+    torch.manual_seed(0)
+    config = TrainConfig(mode="tensor-parallel", arch=PAPER_NET, num_classes=10, batch_size=4)
+    layout = build(config, torch.device("cpu"))
+    optimizer = make_optimizer(layout.parameters(), config, layout.learning_rates())
+    images, labels = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE), torch.randint(0, 10, (4,))
+    images, labels = images[layout.image_rows(4)], labels[layout.label_rows(4)]
+    for step in range(2):
+        train_step(layout, optimizer, images, labels, step, 4)
+    layout.ledger.reset()
+    if dist.get_rank() == 1:
+        time.sleep(late_s)
+    train_step(layout, optimizer, images, labels, 2, 4)
+    return dict(layout.ledger.blocked)
+
+
+def test_tensor_parallelism_times_the_wait_for_its_dtensor_collectives_under_their_links(tmp_path):
+    """DTensor's all-gather of fc6's input returns at once; the matrix product that reads it waits for the late rank."""
+    blocked = run_distributed(tensor_parallel_step_with_rank_1_late, 2, tmp_path, 0.5)[0]
+    assert blocked.get(("fc6-input", FORWARD), 0.0) >= 0.3

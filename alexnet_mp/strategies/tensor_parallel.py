@@ -19,10 +19,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from alexnet_mp.blocks import WHOLE, Block, part_size, rows
 from alexnet_mp.config import TrainConfig
@@ -115,14 +117,16 @@ class FunctionalCollectives(TorchDispatchMode):
     """While on, counts into a ledger the functional collectives issued (DTensor's redistributions go through
     them), each under the link the layout names for its kind ("all-gather", "reduce-scatter", "all-reduce")
     and in `direction`, over a group of `size` ranks: elements sent as the links count them. A functional
-    collective returns at once; the time its `wait_tensor` blocks is the time waited. Like torch's
+    collective returns at once, its output wrapped as an AsyncCollectiveTensor; the op that first reads it waits
+    for it, and that wait, timed here before the op runs, is the time its link waited. Like torch's
     CommDebugMode, which counts the same ops but not what they move."""
 
     def __init__(self, ledger: Ledger, links: dict[str, str], size: int) -> None:
         super().__init__()
         self.ledger, self.links, self.size = ledger, links, size
         self.direction = FORWARD
-        self.in_flight: list[str] = []
+        # a collective's output not yet waited for, by where its data is (its wrapper aliases it), and its link
+        self.in_flight: dict[int, str] = {}
 
     def sent(self, kind: str, tensor: Tensor) -> float:
         """Elements this rank sends in a collective of `kind` whose input is `tensor`."""
@@ -131,15 +135,26 @@ class FunctionalCollectives(TorchDispatchMode):
         shard = tensor.numel() if kind == "all-gather" else tensor.numel() // self.size
         return shard * (self.size - 1)
 
+    def _waited(self, output: Tensor, wait: Any) -> Any:
+        with self.ledger.waiting(self.in_flight.pop(output.data_ptr(), "unnamed"), self.direction):
+            return wait()
+
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        packet = func._overloadpacket
+        packet, kwargs = func._overloadpacket, kwargs or {}
         if packet is _FUNCTIONAL.wait_tensor:
-            with self.ledger.waiting(self.in_flight.pop(0) if self.in_flight else "unnamed", self.direction):
-                return func(*args, **(kwargs or {}))
-        if packet in _KINDS:
-            kind, tensor = _KINDS[packet], args[0]
-            link = self.links[kind]
-            self.ledger.arrive(link, self.direction)
-            self.ledger.record(0, link, self.direction, self.sent(kind, tensor), tensor.element_size())
-            self.in_flight.append(link)
-        return func(*args, **(kwargs or {}))
+            return self._waited(args[0], lambda: func(*args, **kwargs))
+        if not func.is_view:  # as AsyncCollectiveTensor waits: a view of a collective's output does not
+            for arg in tree_flatten((args, kwargs))[0]:
+                # a DTensor's op runs on its local part as it is held (to_local() would hand back another tensor)
+                pending = arg._local_tensor if isinstance(arg, DTensor) else arg
+                if isinstance(pending, AsyncCollectiveTensor) and not pending.completed:
+                    self._waited(pending.elem, pending.trigger_wait)
+        if packet not in _KINDS:
+            return func(*args, **kwargs)
+        kind, tensor = _KINDS[packet], args[0]
+        link = self.links[kind]
+        self.ledger.arrive(link, self.direction)
+        self.ledger.record(0, link, self.direction, self.sent(kind, tensor), tensor.element_size())
+        output = func(*args, **kwargs)
+        self.in_flight[output.data_ptr()] = link
+        return output
