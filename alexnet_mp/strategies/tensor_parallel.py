@@ -12,7 +12,7 @@ all-gather of fc6's units and a gather of fc7's to rank 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -135,7 +135,7 @@ class FunctionalCollectives(TorchDispatchMode):
         shard = tensor.numel() if kind == "all-gather" else tensor.numel() // self.size
         return shard * (self.size - 1)
 
-    def _waited(self, output: Tensor, wait: Any) -> Any:
+    def _waited(self, output: Tensor, wait: Callable[[], Any]) -> Any:
         with self.ledger.waiting(self.in_flight.pop(output.data_ptr(), "unnamed"), self.direction):
             return wait()
 
