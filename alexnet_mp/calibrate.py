@@ -4,11 +4,11 @@ Each layer as it runs in the net (a convolution with its ReLU, LRN and pooling; 
 dropout) forward and backward, at the shares of its outputs the layouts hold (whole, halves, quarters), at passes of
 a few images up to the global batch, at the threads a rank runs for each rank count asked for; the optimizer's step
 with each of its kernels; what a byte of a gradient costs added into another, and copied into a freshly mapped
-block; what a process training the one-device reference keeps resident beyond its tensors, at two batches; each
-collective the layouts use over gloo processes, at sizes from a few KiB to tens of MiB, each call right after
-compute in a loop of them, as a step meets them; and how much slower a rank computes with every rank of each count
-computing at once than alone. Where the machine has GPUs: the layers and the optimizer on a GPU, by its own clock,
-and the collectives over NCCL, one rank a GPU.
+block; what a process keeps resident beyond its tensors (the one-device reference at two batches, and the ranks of
+a replicating and a gathering layout); each collective the layouts use over gloo processes, at sizes from a few KiB
+to tens of MiB, each call right after compute in a loop of them, as a step meets them; and how much slower a rank
+computes with every rank of each count computing at once than alone. Where the machine has GPUs: the layers and the
+optimizer on a GPU, by its own clock, and the collectives over NCCL, one rank a GPU.
 """
 
 from __future__ import annotations

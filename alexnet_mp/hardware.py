@@ -13,7 +13,7 @@ import bisect
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ FORMAT = 9
 KINDS = ("all-reduce", "all-gather", "all-gather-single", "reduce-scatter", "reduce-scatter-single", "gather",
          "scatter", "broadcast", "send")
 KERNELS = ("fused", "foreach")  # the optimizer's: one kernel over every parameter, or one op per parameter list
-RESIDENT_FIGURES = ("fixed_bytes", "per_activation_byte", "in_group_bytes", "per_gathered_byte")  # ResidentOverhead's
 DEFAULT_PATH = Path("runs/hardware.json")  # where `calibrate` writes and the comparisons look, unless told
 
 
@@ -306,8 +305,8 @@ def _parsed(raw: Any) -> Hardware:
                                    for threads, value in raw.get(figure, {}).items()}
                                   for figure in ("accumulate_s_per_byte", "fresh_copy_s_per_byte",
                                                  "fresh_page_s_per_byte"))
-    resident = {str(threads): ResidentOverhead(*(_not_negative(line[figure], f"resident_overhead {figure}", "bytes")
-                                                 for figure in RESIDENT_FIGURES))
+    resident = {str(threads): ResidentOverhead(*(_not_negative(line[figure.name], f"resident_overhead {figure.name}",
+                                                               "bytes") for figure in fields(ResidentOverhead)))
                 for threads, line in raw.get("resident_overhead", {}).items()}
     slowdown = {str(ranks): _positive(value, "shared_slowdown")
                 for ranks, value in raw.get("shared_slowdown", {}).items()}
