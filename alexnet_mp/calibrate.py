@@ -22,7 +22,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from alexnet_mp.blocks import rows
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import KERNELS, KINDS, Collective, Hardware, ResidentOverhead
-from alexnet_mp.malloc import in_reused_memory, mapped_afresh
+from alexnet_mp.malloc import LargeBlocks, in_reused_memory, mapped_afresh
 from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, MaskDraw, SeededDropout, build_model, conv_sides
 from alexnet_mp.predict import ProcessMemory, process_memory
 from alexnet_mp.processes import run_distributed
@@ -75,12 +75,12 @@ def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU,
     """Each layer of `arch` as it runs in the net (with what follows it up to the next layer: a conv's ReLU, LRN
     and pool; fc6's and fc7's ReLU and dropout), at each of `shares`, on `threads`: a pass's seconds forward and
     backward at each of `pass_images(batch)`, and on a CPU the bytes it allocates in blocks a training process maps
-    afresh (`fresh_bytes`), which a process reusing its memory (`in_reused_memory`) does not pay in its times. Every
-    pass runs once per sweep and the sweeps one after another, so that a burst of the machine's other work slows one
-    sweep's passes rather than every repeat of a few, and each pass follows another layer's, as in the net: the
-    first sweep warms up, the median of the rest is kept. Also how far apart the timed sweeps' sums are (the slowest
-    over the fastest, less 1): how steady the machine was. On `device` (a GPU: its own clock,
-    `timing.DeviceClock`)."""
+    afresh and the most of them live at once (`fresh_bytes`), which a process reusing its memory (`in_reused_memory`)
+    does not pay in its times. Every pass runs once per sweep and the sweeps one after another, so that a burst of
+    the machine's other work slows one sweep's passes rather than every repeat of a few, and each pass follows
+    another layer's, as in the net: the first sweep warms up, the median of the rest is kept. Also how far apart the
+    timed sweeps' sums are (the slowest over the fastest, less 1): how steady the machine was. On `device` (a GPU:
+    its own clock, `timing.DeviceClock`)."""
     torch.set_num_threads(threads)
     images = pass_images(batch)
     passes = [timed for share in shares for timed in _layer_passes(arch, share, images, device)]
@@ -93,9 +93,9 @@ def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU,
         timed["forward"].append(statistics.median(sweep[at][0] for sweep in sweeps[1:]))
         timed["backward"].append(statistics.median(sweep[at][1] for sweep in sweeps[1:]))
         if device.type == "cpu":  # a GPU's caching allocator reuses its blocks
-            fresh = timed.setdefault("fresh_bytes", {"forward": [], "backward": []})
-            for direction, mapped in zip(("forward", "backward"), fresh_bytes(segment, shape, needs), strict=True):
-                fresh[direction].append(mapped)
+            for direction, blocks in zip(("forward", "backward"), fresh_bytes(segment, shape, needs), strict=True):
+                for figure, value in (("fresh_bytes", blocks.allocated), ("fresh_at_once_bytes", blocks.at_once)):
+                    timed.setdefault(figure, {"forward": [], "backward": []})[direction].append(value)
     sums = [sum(f + b for f, b in sweep) for sweep in sweeps[1:]]
     return times, max(sums) / min(sums) - 1
 
@@ -188,25 +188,27 @@ def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_in
     return clock.seconds(started, middle), clock.seconds(middle, ended)
 
 
-def fresh_bytes(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool) -> tuple[float, float]:
-    """The bytes one pass on the CPU allocates in blocks that glibc's malloc maps afresh in a training process
-    (`malloc.mapped_afresh`), forward and backward, whose pages the kernel faults in and zero-fills. Read off
-    the profiler's record of each allocation, which sees the blocks that an op allocates for itself as well."""
+def fresh_bytes(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool,
+                ) -> tuple[LargeBlocks, LargeBlocks]:
+    """The blocks one pass on the CPU allocates that glibc's malloc maps afresh in a training process
+    (`malloc.mapped_afresh`), forward and backward, whose pages the kernel faults in and zero-fills unless its heap
+    serves them. Read off the profiler's record of each allocation and free, which sees the blocks that an op
+    allocates for itself as well."""
     x = _pass_input(segment, shape, needs_input_grad, CPU)
-    with _allocations() as forward:
+    with _memory_records() as forward:
         out = segment(x)
     gradient = torch.ones_like(out)
-    with _allocations() as backward:
+    with _memory_records() as backward:
         out.backward(gradient)
     segment.zero_grad(set_to_none=True)
-    return sum(forward, 0.0), sum(backward, 0.0)
+    return large_blocks(forward), large_blocks(backward)
 
 
 @contextlib.contextmanager
-def _allocations() -> Iterator[list[float]]:
-    """Within `with`, the profiler records every CPU allocation; after it, the list it gave holds the bytes of each
-    block a training process maps afresh (`malloc.mapped_afresh`)."""
-    found: list[float] = []
+def _memory_records() -> Iterator[list[dict[str, Any]]]:
+    """Within `with`, the profiler records every CPU allocation and free; after it, the list it gave holds those
+    records in order (each a trace event's arguments: "Bytes", "Addr")."""
+    found: list[dict[str, Any]] = []
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
     with _quiet_stderr():  # the profiler logs its start and stop there, whatever its log level
         profiler.start()
@@ -219,8 +221,25 @@ def _allocations() -> Iterator[list[float]]:
         path = Path(scratch) / "trace.json"
         profiler.export_chrome_trace(str(path))
         events = json.loads(path.read_text())["traceEvents"]
-    found += [float(event["args"]["Bytes"]) for event in events
-              if event.get("name") == "[memory]" and mapped_afresh(event["args"]["Bytes"])]
+    found += [event["args"] for event in sorted(events, key=lambda event: event.get("ts", 0))
+              if event.get("name") == "[memory]"]
+
+
+def large_blocks(records: Sequence[Mapping[str, Any]]) -> LargeBlocks:
+    """The blocks `malloc.mapped_afresh` that the profiler's memory records (in order: "Bytes" allocated, or freed
+    where negative, at "Addr") allocate, and the most bytes of them live at once; frees of blocks allocated before
+    the records began are not theirs."""
+    live: dict[int, float] = {}
+    allocated = at_once = 0.0
+    for record in records:
+        size, address = float(record["Bytes"]), int(record["Addr"])
+        if size > 0 and mapped_afresh(size):
+            live[address] = size
+            allocated += size
+            at_once = max(at_once, sum(live.values()))
+        elif size < 0:
+            live.pop(address, None)
+    return LargeBlocks(allocated, at_once)
 
 
 @contextlib.contextmanager

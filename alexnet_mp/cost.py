@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from alexnet_mp.ledger import BACKWARD, FORWARD
-from alexnet_mp.malloc import FRESH_BLOCK_BYTES, mapped_afresh
+from alexnet_mp.malloc import FRESH_BLOCK_BYTES, LargeBlocks, mapped_afresh
 from alexnet_mp.model import FC_NAMES, IMAGE_SIZE, Architecture, ConvSpec, build_model, conv_sides, full_shapes
 
 Traffic = dict[tuple[str, str], float]  # (link, direction) -> elements sent
@@ -170,11 +170,10 @@ class StepBlocks:
     output: dict[str, float]
     images: float
 
-    def named_fresh_bytes(self) -> dict[tuple[str, str], float]:
+    def lasting_fresh_bytes(self) -> dict[tuple[str, str], float]:
         """Per (layer, direction), the bytes of these blocks of `malloc.FRESH_BLOCK_BYTES` and up that a pass
-        allocates: forward, what it keeps; backward, its temporaries and its gradient."""
-        made = {FORWARD: self.kept, BACKWARD: {name: [*sizes, self.held.get(name, 0.0)]
-                                               for name, sizes in self.temporaries.items()}}
+        allocates and that outlast it: forward, what it keeps; backward, its weight gradient."""
+        made = {FORWARD: self.kept, BACKWARD: {name: [self.held.get(name, 0.0)] for name in self.temporaries}}
         return {(name, direction): sum(size for size in sizes if mapped_afresh(size))
                 for direction, by_layer in made.items() for name, sizes in by_layer.items()}
 
@@ -206,18 +205,18 @@ def step_blocks(work: RankWork, arch: Architecture, num_classes: int, passes: Ma
 
 
 def heap_served_bytes(blocks: StepBlocks, added: Collection[str] = (),
-                      scratch: Mapping[tuple[str, str], float] | None = None) -> dict[tuple[str, str], float]:
+                      transient: Mapping[tuple[str, str], LargeBlocks] | None = None) -> dict[tuple[str, str], float]:
     """Per (layer, direction), the bytes of the blocks of `malloc.FRESH_BLOCK_BYTES` and up that one of the layer's
     passes allocates which a steady process's heap serves (a free chunk fits them), so that their pages are mapped
     already. The step is walked block by block (`blocks`): each forward allocates what autograd keeps of it; each
-    backward its temporaries and its weight gradient, then frees the temporaries, what its forward kept, and the
-    gradient where it is added into one held already (`added`); the rest of the gradients at the step's end. Where
-    a pass allocates more large blocks than those (`scratch`, bytes by (layer, direction): the kernels' own), it
-    allocates them as blocks of the layer's output and frees them within the pass. The heap holds every smaller
-    block, growing where its free room is short and never shrinking (`malloc.steady_malloc`), and serves a large block
-    where its free room fits it, taken as one chunk: no fragmentation, the most it serves. Walked for a few steps,
-    the heap's size carried over."""
-    scratch = scratch or {}
+    backward its weight gradient and its smaller temporaries, then frees the temporaries, what its forward kept, and
+    the gradient where it is added into one held already (`added`); the rest of the gradients at the step's end. The
+    large blocks a pass allocates and frees within it (`transient`, by (layer, direction), as measured: a backward's
+    large temporaries, the kernels' own scratch) are walked as blocks of the layer's output, in turns of as many as
+    it has live at once. The heap holds every smaller block, growing where its free room is short and never
+    shrinking (`malloc.steady_malloc`), and serves a large block where its free room fits it, taken as one chunk:
+    no fragmentation, the most it serves. Walked for a few steps, the heap's size carried over."""
+    transient = transient or {}
     layers = list(blocks.kept)
     # the images, weights, momentum and the gradients added into stay all step; the heap holds the smaller of them
     resident = [blocks.images, *blocks.held.values(), *blocks.held.values(),
@@ -228,12 +227,13 @@ def heap_served_bytes(blocks: StepBlocks, added: Collection[str] = (),
         forward: dict[str, list[Allocation]] = {}
         for name in layers:
             forward[name] = [walk.allocate(size, (name, FORWARD)) for size in blocks.kept[name]]
-            walk.pass_scratch(scratch.get((name, FORWARD), 0.0), blocks.output[name], (name, FORWARD))
+            walk.pass_transient(transient.get((name, FORWARD)), blocks.output[name], (name, FORWARD))
         gradients: list[Allocation] = []
         for name in reversed(layers):
-            made = [walk.allocate(size, (name, BACKWARD)) for size in blocks.temporaries[name]]
             gradient = [walk.allocate(blocks.held[name], (name, BACKWARD))] if blocks.held.get(name) else []
-            walk.pass_scratch(scratch.get((name, BACKWARD), 0.0), blocks.output[name], (name, BACKWARD))
+            made = [walk.allocate(size, (name, BACKWARD)) for size in blocks.temporaries[name]
+                    if not mapped_afresh(size)]
+            walk.pass_transient(transient.get((name, BACKWARD)), blocks.output[name], (name, BACKWARD))
             walk.free([*made, *forward[name], *(gradient if name in added else [])])
             gradients += [] if name in added else gradient
         walk.free(gradients)
@@ -269,12 +269,16 @@ class HeapWalk:
     def free(self, blocks: list[Allocation]) -> None:
         self.used -= sum(block.size for block in blocks if block.in_heap)
 
-    def pass_scratch(self, scratch: float, output: float, where: tuple[str, str]) -> None:
-        """`scratch` bytes of large blocks allocated and freed within a pass at `where`: as many blocks of its
-        layer's `output` bytes (at least `malloc.FRESH_BLOCK_BYTES`) as they come to, one at least, held together."""
-        if scratch:
-            count = max(1, round(scratch / max(output, FRESH_BLOCK_BYTES)))
-            self.free([self.allocate(scratch / count, where) for _ in range(count)])
+    def pass_transient(self, transient: LargeBlocks | None, output: float, where: tuple[str, str]) -> None:
+        """The large blocks a pass at `where` allocates and frees within it (`transient`): as many blocks of its
+        layer's `output` bytes (at least `malloc.FRESH_BLOCK_BYTES`) as they come to, one at least, in turns of as
+        many as its bytes live at once come to, each turn held together and freed before the next."""
+        if transient and transient.allocated:
+            count = max(1, round(transient.allocated / max(output, FRESH_BLOCK_BYTES)))
+            size = transient.allocated / count
+            at_once = min(count, max(1, round(transient.at_once / size)))
+            for first in range(0, count, at_once):
+                self.free([self.allocate(size, where) for _ in range(min(at_once, count - first))])
 
 
 def held_shares(shard: Callable[[str, torch.Size, int, int], tuple | None], arch: str, part: int, parts: int,

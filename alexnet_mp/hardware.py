@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from alexnet_mp.errors import UsageError
+from alexnet_mp.malloc import LargeBlocks
 
-FORMAT = 9
+FORMAT = 10
 # The collectives the layouts call; the `-single` forms gather into or scatter from one flat tensor (FSDP's and
 # DTensor's), which gloo runs apart from the forms on lists of tensors, at a speed of their own.
 KINDS = ("all-reduce", "all-gather", "all-gather-single", "reduce-scatter", "reduce-scatter-single", "gather",
          "scatter", "broadcast", "send")
 KERNELS = ("fused", "foreach")  # the optimizer's: one kernel over every parameter, or one op per parameter list
+FRESH_FIGURES = ("fresh_bytes", "fresh_at_once_bytes")  # a measured pass's `LargeBlocks`, as a profile names them
 DEFAULT_PATH = Path("runs/hardware.json")  # where `calibrate` writes and the comparisons look, unless told
 
 
@@ -72,8 +74,9 @@ class Hardware:
     backend: str  # gloo (collectives block the host) or nccl (they run beside the compute)
     cores: int | None  # CPU cores the ranks share; None where each rank has a device of its own
     # per threads a rank runs: "arch.layer@share" -> "images" per timed pass, and a pass's seconds at each,
-    # "forward" and "backward", its blocks found mapped already; and, where measured, "fresh_bytes": what the pass
-    # allocates in blocks that a training process maps afresh ("forward" and "backward", at each of its images)
+    # "forward" and "backward", its blocks found mapped already; and, where measured, "fresh_bytes" and
+    # "fresh_at_once_bytes": what the pass allocates in blocks that a training process maps afresh, and the most of
+    # them live at once ("forward" and "backward", at each of its images)
     layers: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     tflops: float | None = None  # where layers are not measured: the training rate a device sustains on them
     # per threads a rank runs, per optimizer kernel (`KERNELS`): a parameter's share of the SGD step
@@ -123,7 +126,7 @@ class Hardware:
             fresh = self.fresh_bytes(layer, share, ranks, samples, passes)
             rate = self.fresh_page_s_per_byte.get(str(self.threads(ranks)), 0.0)
             return tuple(scale * (pass_s(times["images"], times[direction], samples / passes)
-                                  + rate * max(fresh[direction] - (served or {}).get(direction, 0.0), 0.0))
+                                  + rate * max(fresh[direction].allocated - (served or {}).get(direction, 0.0), 0.0))
                          for direction in ("forward", "backward"))
         if self.tflops is None:
             raise UsageError(f"the hardware profile {self.name!r} has no time for {layer} at {self.threads(ranks)} "
@@ -131,14 +134,16 @@ class Hardware:
         forward = flops * samples / (self.tflops * 1e12) * self.sharing(ranks)
         return forward, 2 * forward
 
-    def fresh_bytes(self, layer: str, share: float, ranks: int, samples: int, passes: int = 1) -> dict[str, float]:
-        """By direction, the bytes of blocks a training process maps afresh that one of `passes` passes of `layer`
-        over `samples` images allocates, as measured at the nearest share measured (interpolated between the
-        sizes measured, as its time is); none where unmeasured."""
+    def fresh_bytes(self, layer: str, share: float, ranks: int, samples: int, passes: int = 1,
+                    ) -> dict[str, LargeBlocks]:
+        """By direction, the blocks a training process maps afresh that one of `passes` passes of `layer` over
+        `samples` images allocates, as measured at the nearest share measured (interpolated between the sizes
+        measured, as its time is); none where unmeasured."""
         measured = self._measured(layer, share, ranks)
-        fresh = measured[0].get("fresh_bytes", {}) if measured else {}
-        return {direction: pass_s(measured[0]["images"], fresh[direction], samples / passes) if direction in fresh
-                else 0.0 for direction in ("forward", "backward")}
+        times = measured[0] if measured and "fresh_bytes" in measured[0] else None
+        return {direction: LargeBlocks(*(pass_s(times["images"], times[figure][direction], samples / passes)
+                                         for figure in FRESH_FIGURES)) if times else LargeBlocks(0.0, 0.0)
+                for direction in ("forward", "backward")}
 
     def _measured(self, layer: str, share: float, ranks: int) -> tuple[dict[str, Any], float] | None:
         """`layer`'s passes measured at the threads a rank of `ranks` runs, at the share nearest `share`, and that
@@ -256,18 +261,17 @@ def _not_negative(value: Any, what: str, unit: str) -> float:
 
 def _layer_times(times: Any, where: str) -> dict[str, Any]:
     """A layer's measured passes: sizes that rise, at least two, and a time for each, forward and backward; and,
-    where given, the bytes each maps afresh, forward and backward."""
+    where given, the bytes each maps afresh and the most of them live at once, forward and backward."""
     images = [_positive(n, f"{where}.images") for n in times["images"]]
     if len(images) < 2 or images != sorted(set(images)):
         raise ValueError(f"{where}.images must be two or more sizes that rise, not {times['images']!r}")
     found: dict[str, Any] = {"images": images}
     for direction in ("forward", "backward"):
         found[direction] = _per_pass(times[direction], len(images), f"{where}.{direction}", _positive)
-    if "fresh_bytes" in times:
-        found["fresh_bytes"] = {direction: _per_pass(times["fresh_bytes"][direction], len(images),
-                                                     f"{where}.fresh_bytes.{direction}",
-                                                     lambda value, what: _not_negative(value, what, "bytes"))
-                                for direction in ("forward", "backward")}
+    for figure in FRESH_FIGURES if "fresh_bytes" in times else ():
+        found[figure] = {direction: _per_pass(times[figure][direction], len(images), f"{where}.{figure}.{direction}",
+                                              lambda value, what: _not_negative(value, what, "bytes"))
+                         for direction in ("forward", "backward")}
     return found
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt's parameters (malloc.h)
@@ -24,6 +25,15 @@ def mapped_afresh(block_bytes: float) -> bool:
     """Whether a training process on a CPU maps a block of `block_bytes` afresh each time it allocates it where no
     free chunk of its heap fits it."""
     return block_bytes >= FRESH_BLOCK_BYTES
+
+
+@dataclass(frozen=True)
+class LargeBlocks:
+    """The blocks of `FRESH_BLOCK_BYTES` and up that a pass allocates: their bytes in all, and the most of those
+    bytes live at once (freed within the pass, they may reuse one another's memory)."""
+
+    allocated: float
+    at_once: float
 
 
 def _mallopt() -> Callable[[int, int], int] | None:

@@ -29,6 +29,7 @@ from alexnet_mp.cost import (
 )
 from alexnet_mp.hardware import Hardware
 from alexnet_mp.ledger import BACKWARD, FORWARD
+from alexnet_mp.malloc import LargeBlocks
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.strategies import LAYOUTS
 from alexnet_mp.strategies.costs import Costs, PartTimes, Span, busy_s, step_end
@@ -194,13 +195,15 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
 def _heap_served(hardware: Hardware, arch: str, ranks: int, work: RankWork, blocks: StepBlocks,
                  passes: Mapping[str, int], added: set[str]) -> dict[tuple[str, str], float]:
     """Per (layer, direction), the bytes of a pass's large blocks its heap serves (`cost.heap_served_bytes`): those
-    the memory model names, and as the pass's scratch, what the profile measured it to map afresh beyond them."""
-    named = blocks.named_fresh_bytes()
-    scratch = {(name, direction): max(fresh - named.get((name, direction), 0.0), 0.0)
-               for name in blocks.kept
-               for direction, fresh in hardware.fresh_bytes(f"{arch}.{name}", work.shares[name], ranks,
-                                                            work.samples(name), passes[name]).items()}
-    return heap_served_bytes(blocks, added, scratch)
+    the memory model has outlast the pass, and as the blocks it frees within it, what the profile measured it to map
+    afresh beyond them, in all and at once (the lasting blocks are live at its peak)."""
+    lasting = blocks.lasting_fresh_bytes()
+    transient = {(name, direction): LargeBlocks(*(max(measured - lasting.get((name, direction), 0.0), 0.0)
+                                                  for measured in (fresh.allocated, fresh.at_once)))
+                 for name in blocks.kept
+                 for direction, fresh in hardware.fresh_bytes(f"{arch}.{name}", work.shares[name], ranks,
+                                                              work.samples(name), passes[name]).items()}
+    return heap_served_bytes(blocks, added, transient)
 
 
 def relative_error(predicted: float, measured: float) -> float | None:

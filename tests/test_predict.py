@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 from alexnet_mp.bench import held_markdown, machine_drift
 from alexnet_mp.bench.matrix import QUICK
 from alexnet_mp.bench.measure import Measurement
-from alexnet_mp.calibrate import _layer_passes, fit, fresh_bytes, pass_images
+from alexnet_mp.calibrate import _layer_passes, fit, fresh_bytes, large_blocks, pass_images
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import (
     HeapWalk,
@@ -32,6 +32,7 @@ from alexnet_mp.cost import (
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import KINDS, PRESETS, Collective, Hardware, ResidentOverhead, load, pass_s
 from alexnet_mp.ledger import BACKWARD, FORWARD
+from alexnet_mp.malloc import LargeBlocks
 from alexnet_mp.model import PAPER, build_model
 from alexnet_mp.predict import Held, ProcessMemory, StepFigures, disordered, held_table, predict_step
 from alexnet_mp.step import make_optimizer, train_step
@@ -129,7 +130,8 @@ def test_a_measured_layer_costs_each_pass_at_its_images_interpolated_between_the
 
 def test_a_measured_layer_pays_the_profiles_fresh_page_cost_on_the_bytes_each_pass_maps_afresh():
     """fc6's backward maps its weight's gradient afresh at every pass, whatever its images."""
-    fresh = {**FC6, "fresh_bytes": {"forward": [0.0, 0.0], "backward": [1e8, 1e8]}}
+    fresh = {**FC6, "fresh_bytes": {"forward": [0.0, 0.0], "backward": [1e8, 1e8]},
+             "fresh_at_once_bytes": {"forward": [0.0, 0.0], "backward": [1e8, 1e8]}}
     profile = Hardware("measured", "a test", "gloo", 2, layers={"2": {"paper.fc6@1": fresh}},
                        fresh_page_s_per_byte={"2": 1e-9})
     assert profile.layer_s("paper.fc6", 1.0, 1, 0.0, samples=8, passes=2) == pytest.approx((2 * 1.5, 2 * (3.0 + 0.1)))
@@ -174,7 +176,8 @@ def test_a_layer_measured_at_another_share_of_its_outputs_costs_in_proportion_to
 def test_a_pass_pays_for_the_pages_of_the_blocks_it_maps_afresh_but_not_for_those_its_heap_serves(served, forward):
     """conv1 maps 40 MB afresh a forward pass of 8 images, at 1 ns a byte of fresh pages."""
     conv1 = {"images": [2, 8], "forward": [0.1, 0.3], "backward": [0.2, 0.7],
-             "fresh_bytes": {"forward": [0.0, 4e7], "backward": [0.0, 0.0]}}
+             "fresh_bytes": {"forward": [0.0, 4e7], "backward": [0.0, 0.0]},
+             "fresh_at_once_bytes": {"forward": [0.0, 4e7], "backward": [0.0, 0.0]}}
     profile = Hardware("measured", "a test", "gloo", None, layers={"1": {"paper.conv1@1": conv1}},
                        fresh_page_s_per_byte={"1": 1e-9})
     assert profile.layer_s("paper.conv1", 1.0, 1, 0.0, samples=8, served={"forward": served}) == pytest.approx(
@@ -197,18 +200,28 @@ def test_a_steady_heap_grows_to_hold_every_smaller_block_and_frees_only_what_it_
     assert walk.used == 10 * MIB
 
 
-def test_a_passs_scratch_is_walked_as_blocks_of_its_layers_output_each_served_where_the_heaps_free_room_fits_it():
-    """120 MiB of scratch, blocks of 40 MiB, in a heap with 90 MiB free: two served, the third mapped afresh."""
+def test_a_passs_transient_blocks_held_together_are_served_while_the_heaps_free_room_fits_them():
+    """120 MiB allocated in blocks of 40 MiB, all live at once, in a heap with 90 MiB free: two served, the third
+    mapped afresh."""
     walk = HeapWalk(heap=100 * MIB, held=10 * MIB)
-    walk.pass_scratch(120 * MIB, 40 * MIB, ("conv1", FORWARD))
+    walk.pass_transient(LargeBlocks(120 * MIB, 120 * MIB), 40 * MIB, ("conv1", FORWARD))
     assert walk.served == {("conv1", FORWARD): 80 * MIB} and walk.used == 10 * MIB
 
 
-def test_the_large_blocks_the_memory_model_names_are_what_a_forward_keeps_and_a_backward_makes():
-    """At 32 images conv1 keeps its ReLU'd output and its LRN's (37 MB each); fc6's backward makes its gradient."""
-    named = step_blocks(LAYOUTS["single"].costs.work("paper", 0, 1, 32, 10), PAPER, 10, {}).named_fresh_bytes()
-    assert named["conv1", FORWARD] == 2 * 4 * 32 * 96 * 55 * 55
-    assert named["fc6", BACKWARD] == 4 * (9216 * 4096 + 4096)
+def test_a_passs_transient_blocks_live_in_turns_are_each_served_by_the_room_the_turn_before_freed():
+    """The same 120 MiB, 80 of it live at once: two blocks, then the third, each turn within the 90 MiB free."""
+    walk = HeapWalk(heap=100 * MIB, held=10 * MIB)
+    walk.pass_transient(LargeBlocks(120 * MIB, 80 * MIB), 40 * MIB, ("conv1", FORWARD))
+    assert walk.served == {("conv1", FORWARD): 120 * MIB} and walk.used == 10 * MIB
+
+
+def test_the_large_blocks_that_outlast_a_pass_are_what_a_forward_keeps_and_a_backwards_weight_gradient():
+    """At 32 images conv1 keeps its ReLU'd output and its LRN's (37 MB each); fc6's backward makes its gradient, and
+    conv1's backward only temporaries."""
+    lasting = step_blocks(LAYOUTS["single"].costs.work("paper", 0, 1, 32, 10), PAPER, 10, {}).lasting_fresh_bytes()
+    assert lasting["conv1", FORWARD] == 2 * 4 * 32 * 96 * 55 * 55
+    assert lasting["fc6", BACKWARD] == 4 * (9216 * 4096 + 4096)
+    assert lasting["conv1", BACKWARD] == 0
 
 
 def test_a_one_device_step_at_32_images_finds_conv1s_large_outputs_in_the_heap_its_smaller_blocks_grew():
@@ -402,7 +415,8 @@ def test_a_measurement_without_its_memory_or_communication_leaves_those_errors_o
 
 def test_a_profile_reads_back_as_written(tmp_path):
     conv1 = {"images": [2.0, 8.0], "forward": [0.1, 0.3], "backward": [0.2, 0.7],
-             "fresh_bytes": {"forward": [0.0, 4e7], "backward": [0.0, 8e7]}}
+             "fresh_bytes": {"forward": [0.0, 4e7], "backward": [0.0, 8e7]},
+             "fresh_at_once_bytes": {"forward": [0.0, 4e7], "backward": [0.0, 4e7]}}
     profile = Hardware("written", "a test", "gloo", 2, layers={"1": {"paper.conv1@1": conv1}},
                        optimizer_s_per_parameter={"1": {"fused": 1e-9, "foreach": 6e-9}},
                        accumulate_s_per_byte={"1": 2e-10}, collectives={"2": {"all-reduce": LINK, "send": TIMED_LINK}},
@@ -422,33 +436,36 @@ def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
 
 @pytest.mark.parametrize(("text", "says"), [
     ("not json", "is not a hardware profile"),
-    ('{"format": 8}', "format must be 9"),
-    ('{"format": 9, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
-    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
+    ('{"format": 9}', "format must be 10"),
+    ('{"format": 10, "name": "x", "source": "y", "backend": "tcp"}', "backend must be gloo or nccl"),
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "collectives": {"2": {}}}',
      "neither layer times nor tflops"),
-    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, '
      '"collectives": {"2": {"send": {"latency_s": -1, "bytes_per_s": 1}}}}', "send latency_s must be a positive"),
-    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "collectives": {"2": {"send": '
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "collectives": {"2": {"send": '
      '{"latency_s": 1, "bytes_per_s": 1, "measured": [[8, 1], [4, 2]]}}}}', "send measured must be two or more sizes"),
-    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_copy_s_per_byte": {"1": -1}, '
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "fresh_copy_s_per_byte": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "fresh_copy_s_per_byte must be"),
-    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "accumulate_s_per_byte": {"1": -1}, '
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "accumulate_s_per_byte": {"1": -1}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "accumulate_s_per_byte must be"),
-    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead": {"1": '
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "resident_overhead": {"1": '
      '{"fixed_bytes": 1e8, "per_activation_byte": -1, "in_group_bytes": 0, "per_gathered_byte": 0}}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}',
      "resident_overhead per_activation_byte must be a number"),
-    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "shared_slowdown": {"2": 0}, '
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "shared_slowdown": {"2": 0}, '
      '"collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "shared_slowdown must be a positive"),
-    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "optimizer_s_per_parameter": '
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "optimizer_s_per_parameter": '
      '{"1": {"fused": 1e-9}}, "collectives": {"2": {"send": {"latency_s": 1, "bytes_per_s": 1}}}}', "'foreach'"),
-    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [8, 2], "forward": [1, 1], "backward": [1, 1]}}}}', "images must be two or more sizes that rise"),
-    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [2, 8], "forward": [1], "backward": [1, 1]}}}}', "forward must have a figure for each of its images"),
-    ('{"format": 9, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [2, 8], "forward": [1, 1], "backward": [1, 1], "fresh_bytes": {"forward": [0, 0], '
      '"backward": [0, -1]}}}}}', "fresh_bytes.backward must be a number of bytes"),
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
+     '{"images": [2, 8], "forward": [1, 1], "backward": [1, 1], "fresh_bytes": {"forward": [0, 0], '
+     '"backward": [0, 0]}}}}}', "'fresh_at_once_bytes'"),
 ])
 def test_a_malformed_profile_is_refused_in_one_line(text, says, tmp_path, capsys):
     (tmp_path / "profile.json").write_text(text)
@@ -555,6 +572,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     assert min(profile.fresh_copy_s_per_byte.values()) > 0
     assert set(profile.accumulate_s_per_byte) == set(profile.layers) and min(profile.accumulate_s_per_byte.values()) > 0
     assert profile.layers["1"]["paper.fc6@1"]["fresh_bytes"]["backward"][0] >= 4 * 9216 * 4096  # its weight's gradient
+    assert profile.layers["1"]["paper.fc6@1"]["fresh_at_once_bytes"]["backward"][0] >= 4 * 9216 * 4096
     assert set(profile.resident_overhead) == set(profile.layers)  # each thread count a rank runs
     assert profile.resident_overhead["2"].in_group_bytes == 0  # 2 threads: the one-device process, in no group
     assert set(profile.shared_slowdown) == {"2"} and profile.shared_slowdown["2"] >= 1
@@ -752,7 +770,15 @@ def test_calibrate_counts_the_blocks_a_pass_allocates_that_a_training_process_ma
     """A quarter of fc6: its weight's gradient (37.7 MB) is one; nothing else it makes on 2 images reaches 32 MiB."""
     (fc6,) = [timed for timed in _layer_passes("paper", 0.25, [2], torch.device("cpu")) if timed[0] == "paper.fc6@0.25"]
     _, segment, shape, needs = fc6
-    assert fresh_bytes(segment, shape, needs) == (0.0, 4 * 9216 * 1024)
+    assert fresh_bytes(segment, shape, needs) == (LargeBlocks(0.0, 0.0), LargeBlocks(4 * 9216 * 1024, 4 * 9216 * 1024))
+
+
+def test_calibrate_counts_the_large_blocks_a_pass_allocates_in_all_and_at_once_and_not_those_freed_from_before():
+    """Profiler records in order: 40 MiB allocated and freed, 40 and 50 held together, 1 MiB (too small to count),
+    and a block allocated before the records began freed."""
+    records = [{"Bytes": 40 * MIB, "Addr": 1}, {"Bytes": -40 * MIB, "Addr": 1}, {"Bytes": 40 * MIB, "Addr": 2},
+               {"Bytes": 50 * MIB, "Addr": 3}, {"Bytes": MIB, "Addr": 4}, {"Bytes": -60 * MIB, "Addr": 5}]
+    assert large_blocks(records) == LargeBlocks(130 * MIB, 90 * MIB)
 
 
 def test_only_fsdp_copies_into_fresh_blocks_beyond_its_layers_own_tensors_each_large_unit_three_times_a_step():
