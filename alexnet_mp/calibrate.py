@@ -75,7 +75,7 @@ def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU,
     """Each layer of `arch` as it runs in the net (with what follows it up to the next layer: a conv's ReLU, LRN
     and pool; fc6's and fc7's ReLU and dropout), at each of `shares`, on `threads`: a pass's seconds forward and
     backward at each of `pass_images(batch)`, and on a CPU the bytes it allocates in blocks a training process maps
-    afresh and the most of them live at once (`fresh_bytes`), which a process reusing its memory (`in_reused_memory`)
+    afresh and the most of them live at once (`fresh_blocks`), which a process reusing its memory (`in_reused_memory`)
     does not pay in its times. Every pass runs once per sweep and the sweeps one after another, so that a burst of
     the machine's other work slows one sweep's passes rather than every repeat of a few, and each pass follows
     another layer's, as in the net: the first sweep warms up, the median of the rest is kept. Also how far apart the
@@ -93,7 +93,7 @@ def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU,
         timed["forward"].append(statistics.median(sweep[at][0] for sweep in sweeps[1:]))
         timed["backward"].append(statistics.median(sweep[at][1] for sweep in sweeps[1:]))
         if device.type == "cpu":  # a GPU's caching allocator reuses its blocks
-            for direction, blocks in zip(("forward", "backward"), fresh_bytes(segment, shape, needs), strict=True):
+            for direction, blocks in zip(("forward", "backward"), fresh_blocks(segment, shape, needs), strict=True):
                 for figure, value in (("fresh_bytes", blocks.allocated), ("fresh_at_once_bytes", blocks.at_once)):
                     timed.setdefault(figure, {"forward": [], "backward": []})[direction].append(value)
     sums = [sum(f + b for f, b in sweep) for sweep in sweeps[1:]]
@@ -188,7 +188,7 @@ def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_in
     return clock.seconds(started, middle), clock.seconds(middle, ended)
 
 
-def fresh_bytes(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool,
+def fresh_blocks(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool,
                 ) -> tuple[LargeBlocks, LargeBlocks]:
     """The blocks one pass on the CPU allocates that glibc's malloc maps afresh in a training process
     (`malloc.mapped_afresh`), forward and backward, whose pages the kernel faults in and zero-fills unless its heap

@@ -123,7 +123,7 @@ class Hardware:
         if measured:
             times, nearest = measured
             scale = share / nearest * self.sharing(ranks) * passes
-            fresh = self.fresh_bytes(layer, share, ranks, samples, passes)
+            fresh = self.fresh_blocks(layer, share, ranks, samples, passes)
             rate = self.fresh_page_s_per_byte.get(str(self.threads(ranks)), 0.0)
             return tuple(scale * (pass_s(times["images"], times[direction], samples / passes)
                                   + rate * max(fresh[direction].allocated - (served or {}).get(direction, 0.0), 0.0))
@@ -134,7 +134,7 @@ class Hardware:
         forward = flops * samples / (self.tflops * 1e12) * self.sharing(ranks)
         return forward, 2 * forward
 
-    def fresh_bytes(self, layer: str, share: float, ranks: int, samples: int, passes: int = 1,
+    def fresh_blocks(self, layer: str, share: float, ranks: int, samples: int, passes: int = 1,
                     ) -> dict[str, LargeBlocks]:
         """By direction, the blocks a training process maps afresh that one of `passes` passes of `layer` over
         `samples` images allocates, as measured at the nearest share measured (interpolated between the sizes

@@ -201,7 +201,7 @@ def _heap_served(hardware: Hardware, arch: str, ranks: int, work: RankWork, bloc
     transient = {(name, direction): LargeBlocks(*(max(measured - lasting.get((name, direction), 0.0), 0.0)
                                                   for measured in (fresh.allocated, fresh.at_once)))
                  for name in blocks.kept
-                 for direction, fresh in hardware.fresh_bytes(f"{arch}.{name}", work.shares[name], ranks,
+                 for direction, fresh in hardware.fresh_blocks(f"{arch}.{name}", work.shares[name], ranks,
                                                               work.samples(name), passes[name]).items()}
     return heap_served_bytes(blocks, added, transient)
 

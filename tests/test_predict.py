@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 from alexnet_mp.bench import held_markdown, machine_drift
 from alexnet_mp.bench.matrix import QUICK
 from alexnet_mp.bench.measure import Measurement
-from alexnet_mp.calibrate import _layer_passes, fit, fresh_bytes, large_blocks, pass_images
+from alexnet_mp.calibrate import _layer_passes, fit, fresh_blocks, large_blocks, pass_images
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import (
     HeapWalk,
@@ -770,7 +770,7 @@ def test_calibrate_counts_the_blocks_a_pass_allocates_that_a_training_process_ma
     """A quarter of fc6: its weight's gradient (37.7 MB) is one; nothing else it makes on 2 images reaches 32 MiB."""
     (fc6,) = [timed for timed in _layer_passes("paper", 0.25, [2], torch.device("cpu")) if timed[0] == "paper.fc6@0.25"]
     _, segment, shape, needs = fc6
-    assert fresh_bytes(segment, shape, needs) == (LargeBlocks(0.0, 0.0), LargeBlocks(4 * 9216 * 1024, 4 * 9216 * 1024))
+    assert fresh_blocks(segment, shape, needs) == (LargeBlocks(0.0, 0.0), LargeBlocks(4 * 9216 * 1024, 4 * 9216 * 1024))
 
 
 def test_calibrate_counts_the_large_blocks_a_pass_allocates_in_all_and_at_once_and_not_those_freed_from_before():
