@@ -257,3 +257,21 @@ def test_tensor_parallelism_times_the_wait_for_its_dtensor_collectives_under_the
     """DTensor's all-gather of fc6's input returns at once; the matrix product that reads it waits for the late rank."""
     blocked = run_distributed(tensor_parallel_step_with_rank_1_late, 2, tmp_path, 0.5)[0]
     assert blocked.get(("fc6-input", FORWARD), 0.0) >= 0.3
+
+
+def collectives_building_tensor_parallelism() -> dict[str, int]:
+    """The collectives a rank calls while it builds the tensor-parallel layout, by op."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from alexnet_mp.config import TrainConfig
+    from alexnet_mp.strategies import build
+    from tests.equivalence import PAPER_NET
+
+    with CommDebugMode() as comm:
+        build(TrainConfig(mode="tensor-parallel", arch=PAPER_NET, num_classes=10, batch_size=4), torch.device("cpu"))
+    return {str(op): count for op, count in comm.get_comm_counts().items()}
+
+
+def test_tensor_parallelism_cuts_each_ranks_shards_from_its_own_seeded_copy_without_a_collective(tmp_path):
+    """No scatter from rank 0, whose buffers for it would stay in its heap: every rank built the same net."""
+    assert run_distributed(collectives_building_tensor_parallelism, 2, tmp_path) == [{}, {}]

@@ -83,7 +83,9 @@ class TensorParallel(Layout):
         set_dropout_units(model, self.costs.shard, self.rank, self.world_size)
         model = self.place(model)
         mesh = DeviceMesh.from_group(dist.group.WORLD, self.device.type)
-        parallelize_module(model, mesh, PLAN)
+        # every rank built the same seeded net (as `replicate` relies on): each cuts its shards from its own copy,
+        # with no scatter from rank 0, whose buffers for it would stay in rank 0's heap
+        parallelize_module(model, mesh, PLAN, src_data_rank=None)
         model.relu6.inplace = model.relu7.inplace = False  # DTensor's local outputs are views autograd keeps whole
         self.collectives = FunctionalCollectives(self.ledger, LINKS, self.world_size)
         self.parts_held = [(self.rank, model)]
