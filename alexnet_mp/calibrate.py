@@ -35,7 +35,7 @@ from alexnet_mp.bench.measure import layout_steps
 from alexnet_mp.blocks import rows
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.errors import UsageError
-from alexnet_mp.hardware import KERNELS, KINDS, Collective, Hardware, ResidentOverhead
+from alexnet_mp.hardware import FRESH_FIGURES, KERNELS, KINDS, Collective, Hardware, ResidentOverhead
 from alexnet_mp.malloc import LargeBlocks, in_reused_memory, mapped_afresh
 from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, MaskDraw, SeededDropout, build_model, conv_sides
 from alexnet_mp.predict import ProcessMemory, process_memory
@@ -94,7 +94,7 @@ def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU,
         timed["backward"].append(statistics.median(sweep[at][1] for sweep in sweeps[1:]))
         if device.type == "cpu":  # a GPU's caching allocator reuses its blocks
             for direction, blocks in zip(("forward", "backward"), fresh_blocks(segment, shape, needs), strict=True):
-                for figure, value in (("fresh_bytes", blocks.allocated), ("fresh_at_once_bytes", blocks.at_once)):
+                for figure, value in zip(FRESH_FIGURES, dataclasses.astuple(blocks), strict=True):
                     timed.setdefault(figure, {"forward": [], "backward": []})[direction].append(value)
     sums = [sum(f + b for f, b in sweep) for sweep in sweeps[1:]]
     return times, max(sums) / min(sums) - 1
