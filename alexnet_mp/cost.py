@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -66,14 +66,14 @@ def _count(layer: torch.nn.Module) -> int:
 class RankWork:
     """What one rank of a layout computes in a step: the share of each layer's output channels or units it
     computes, how many images its conv layers and its fully connected layers each see, the share of each
-    layer's parameters it holds (by default the share it computes), and the parameters it gathers from the
-    others for a while beyond those (FSDP's: a layer's whole weights and gradients)."""
+    layer's parameters it holds (by default the share it computes), and, per layer, the elements it holds at that
+    layer's backward beyond those and their gradients (FSDP's whole units, gathered and reduced)."""
 
     shares: Mapping[str, float]
     conv_samples: int
     fc_samples: int
     held: Mapping[str, float] | None = None
-    gathered: int = 0
+    gathered: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def holds(self) -> Mapping[str, float]:
@@ -131,14 +131,15 @@ def padded_input(arch: Architecture, held: Collection[str]) -> int:
 
 def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, bytes_per_element: int = 4,
                  foreach: int = 0, added: Collection[str] = ()) -> dict[str, float]:
-    """A rank's memory at its peak, by kind: its weights and momentum (a copy each of the parameters it holds), what
-    it gathers beyond them, and at its peak moment: in the backward, at the layer whose backward holds the most, the
-    gradients of the layers from the last down to it and of the `added` before it (each layer of `added` has its
-    weight gradient added into one held all step: a later pass's into an earlier's, or DDP's copy into its bucket),
-    the gradient its backward produces where it is one of `added` (held beside the one it goes into), and the
-    activations (the images, what autograd still keeps of the forward from the first layer up to it, and its
-    backward's temporaries); or in the optimizer's step, every gradient, the images, and the copy of the gradients of
-    the `foreach` parameters the foreach kernel makes to add their weight decay (the fused kernel makes none)."""
+    """A rank's memory at its peak, by kind: its weights and momentum (a copy each of the parameters it holds), and at
+    its peak moment: in the backward, at the layer whose backward holds the most, the gradients of the layers from the
+    last down to it and of the `added` before it (each layer of `added` has its weight gradient added into one held
+    all step: a later pass's into an earlier's, or DDP's copy into its bucket), the gradient its backward produces
+    where it is one of `added` (held beside the one it goes into), what it holds there beyond its parameters and
+    their gradients (`RankWork.gathered`), and the activations (the images, what autograd still keeps of the forward
+    from the first layer up to it, and its backward's temporaries); or in the optimizer's step, every gradient, the
+    images, and the copy of the gradients of the `foreach` parameters the foreach kernel makes to add their weight
+    decay (the fused kernel makes none)."""
     specs = {spec.name: spec for spec in arch.convs}
     costs = layer_costs(arch, num_classes, work.shares)
     held = {cost.name: cost.parameters for cost in layer_costs(arch, num_classes, work.holds)}
@@ -147,11 +148,12 @@ def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, by
     images = (3 * IMAGE_SIZE ** 2 + padded_input(arch, held)) * work.conv_samples
     added_held = [held.get(cost.name, 0) if cost.name in added else 0 for cost in costs]
     backward = [(sum(held.get(cost.name, 0) for cost in costs[at:]) + sum(added_held[:at + 1]),
-                 images + sum(kept[:at + 1]) + temporaries[at], 0) for at in range(len(costs))]
-    gradients, activations, copied = max([*backward, (sum(held.values()), images, foreach)], key=sum)
+                 work.gathered.get(costs[at].name, 0), images + sum(kept[:at + 1]) + temporaries[at], 0)
+                for at in range(len(costs))]
+    gradients, gathered, activations, copied = max([*backward, (sum(held.values()), 0, images, foreach)], key=sum)
     weights = sum(held.values()) * bytes_per_element
     return {"weights": weights, "gradients": gradients * bytes_per_element, "momentum": weights,
-            "gathered": work.gathered * bytes_per_element, "activations": activations * bytes_per_element,
+            "gathered": gathered * bytes_per_element, "activations": activations * bytes_per_element,
             "optimizer": copied * bytes_per_element}
 
 

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 from alexnet_mp.bench import held_markdown, machine_drift
 from alexnet_mp.bench.matrix import QUICK
 from alexnet_mp.bench.measure import Measurement
-from alexnet_mp.calibrate import _layer_passes, fit, fresh_blocks, large_blocks, pass_images
+from alexnet_mp.calibrate import _layer_passes, _memory_records, fit, fresh_blocks, large_blocks, pass_images
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import (
     HeapWalk,
@@ -34,7 +34,16 @@ from alexnet_mp.hardware import KINDS, PRESETS, Collective, Hardware, ResidentOv
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.malloc import LargeBlocks
 from alexnet_mp.model import PAPER, build_model
-from alexnet_mp.predict import Held, ProcessMemory, StepFigures, disordered, held_table, predict_step
+from alexnet_mp.processes import run_distributed
+from alexnet_mp.predict import (
+    Held,
+    ProcessMemory,
+    StepFigures,
+    disordered,
+    held_table,
+    predict_step,
+    process_memory,
+)
 from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import GATHERING, LAYOUTS, REFERENCE, REPLICATED, build
 from alexnet_mp.strategies.costs import (
@@ -659,6 +668,33 @@ def test_the_predicted_memory_of_a_step_is_its_peak_of_live_tensors():
     assert predict_step("single", PAPER_NET, 1, 8, by_hand(), 10).memory_bytes[0] == pytest.approx(measured, rel=0.05)
 
 
+def fsdp_second_step_bytes(batch: int) -> float:
+    """A rank's second FSDP step on its share of `batch` images: what it keeps (its shards of the weights and of
+    the momentum, its images), and the peak of the bytes the step allocates beyond them, as the profiler's records
+    of the CPU allocator count them (gloo's copies of the collectives' inputs among them)."""
+    config = TrainConfig(mode="fsdp", arch="paper", num_classes=10, seed=0, batch_size=batch)
+    layout = build(config, torch.device("cpu"))
+    optimizer = make_optimizer(layout.parameters(), config, layout.learning_rates())
+    images, labels = torch.randn(batch, 3, 224, 224), torch.randint(0, 10, (batch,))
+    images, labels = images[layout.image_rows(batch)], labels[layout.label_rows(batch)]
+    train_step(layout, optimizer, images, labels, 0, batch)
+    kept = [*layout.parameters(), *(value for state in optimizer.state.values() for value in state.values()),
+            images, labels]
+    storages = {local.untyped_storage().data_ptr(): local.untyped_storage().nbytes()
+                for local in (getattr(tensor, "_local_tensor", tensor) for tensor in kept)}
+    with _memory_records() as records:
+        train_step(layout, optimizer, images, labels, 1, batch)
+    return sum(storages.values()) + max(itertools.accumulate(record["Bytes"] for record in records))
+
+
+def test_fsdps_predicted_memory_is_each_ranks_peak_of_live_tensors(tmp_path):
+    """At fc6's backward (2 ranks, 4 images each): fc6's whole weight and gradient, fc7's reduce-scatter input
+    beside them, and the shards."""
+    measured = run_distributed(fsdp_second_step_bytes, 2, tmp_path, 8)
+    predicted = [process.tensors for process in process_memory("fsdp", "paper", 2, 8, 10)]
+    assert measured == pytest.approx(predicted, rel=0.05)
+
+
 def test_a_foreach_optimizers_step_peaks_with_every_gradient_and_a_copy_of_them_with_weight_decay_added():
     """The paper net on 2 images: its 61M parameters outweigh the activations, so the step's peak is the optimizer's."""
     measured = second_step_bytes("paper", 2, lambda config, params: torch.optim.SGD(
@@ -800,7 +836,8 @@ def test_a_step_pays_the_profiles_fresh_copy_cost_on_what_it_copies_into_fresh_b
 def test_a_process_keeps_beyond_its_tensors_the_profiles_fixed_bytes_and_its_shares_of_its_activations_and_gathers():
     """On 2 cores one process runs 2 threads, each of 2 ranks one; the paper split's two towers share a process (and
     their activations); a rank of a group keeps more, and FSDP's gathered parameters and gradients keep their own
-    share."""
+    share; beside them, the blocks it maps afresh after its tensors' peak (FSDP's, at the optimizer's step after a
+    peak in the backward)."""
     lines = {"1": ResidentOverhead(1e8, 0.5, 3e7, 0.2), "2": ResidentOverhead(3e8, 0.25, 5e7, 0.4)}
     kept = dataclasses.replace(by_hand(cores=2), resident_overhead=lines)
     for mode, ranks, line in (("paper-split", 1, lines["2"]), ("paper-split", 2, lines["1"]), ("fsdp", 2, lines["1"])):
@@ -811,6 +848,7 @@ def test_a_process_keeps_beyond_its_tensors_the_profiles_fixed_bytes_and_its_sha
         kinds = [memory_bytes(work, PAPER, 10, foreach=count) for work, count in zip(works, foreach, strict=True)]
         activations, gathered = (sum(kind[name] for kind in kinds) for name in ("activations", "gathered"))
         tensors = predict_step(mode, "paper", ranks, 8, by_hand(cores=2), 10).memory_bytes[0]
+        later = process_memory(mode, "paper", ranks, 8, 10)[0].mapped_later
         assert predict_step(mode, "paper", ranks, 8, kept, 10).memory_bytes[0] == pytest.approx(
             tensors + line.fixed_bytes + line.per_activation_byte * activations
-            + (line.in_group_bytes if ranks > 1 else 0) + line.per_gathered_byte * gathered), mode
+            + (line.in_group_bytes if ranks > 1 else 0) + line.per_gathered_byte * gathered + later), mode

@@ -79,6 +79,16 @@ def unit_weights(arch: str, num_classes: int) -> dict[str, int]:
             if key.endswith(".weight")}
 
 
+def unit_peak(whole: int, after: int, shard: int) -> int:
+    """The elements a rank holds at a unit's backward beyond its shards of the parameters and of the gradients from
+    that unit on (what `cost.memory_bytes` counts there), given the unit's `whole` weight, the whole weight of the
+    unit `after` it (whose backward ran before) and the unit's `shard` of it: the larger of two moments. In the
+    unit's backward, its whole weight and gradient and the reduce-scatter input the unit after it left (FSDP keeps
+    the latest one until the next unit's reduce-scatter), less its gradient's shard, not made yet. In its
+    reduce-scatter, the input and gloo's copy of it (NCCL makes none)."""
+    return 2 * whole + max(after - shard, 0)
+
+
 class FSDPCosts(DataParallelCosts):
     @classmethod
     def collective(cls, link: str, direction: str) -> str:
@@ -128,11 +138,20 @@ class FSDPCosts(DataParallelCosts):
 
     @classmethod
     def work(cls, arch: str, part: int, parts: int, batch: int, num_classes: int = 1000) -> RankWork:
-        """Every layer computed whole (on this rank's samples), 1/N of it held; and, held for a while, one
-        layer's whole parameters and gradients (the largest's, at worst), gathered."""
+        """Every layer computed whole (on this rank's samples), 1/N of it held, and its whole unit held at its
+        backward (`unit_peak`)."""
         held = super().work(arch, part, parts, batch, num_classes)
+        weights = unit_weights(arch, num_classes)
+        after = dict(zip(weights, [*list(weights.values())[1:], 0], strict=True))
         return RankWork(dict.fromkeys(held.shares, 1.0), held.conv_samples, held.fc_samples, held=held.shares,
-                        gathered=2 * max(unit_weights(arch, num_classes).values()))
+                        gathered={name: unit_peak(whole, after[name], round(held.shares[name] * whole))
+                                  for name, whole in weights.items()})
+
+    @classmethod
+    def gradient_additions(cls, layer: str, world_size: int, config: TrainConfig, part_traffic: Traffic,
+                           parameters: Mapping[str, int]) -> int:
+        """None: no bucket holds a gradient; each unit's whole gradient is reduce-scattered into a new shard."""
+        return cls.passes(layer, world_size, config) - 1
 
     @classmethod
     def fresh_bytes(cls, arch: Architecture, num_classes: int) -> float:
