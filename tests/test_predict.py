@@ -47,6 +47,8 @@ from alexnet_mp.predict import (
 from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import GATHERING, LAYOUTS, REFERENCE, REPLICATED, build
 from alexnet_mp.strategies.costs import (
+    COMMUNICATION,
+    COMPUTE,
     CONV_FEATURES,
     DDP_BUCKET_CAPS,
     PartTimes,
@@ -54,6 +56,7 @@ from alexnet_mp.strategies.costs import (
     bucketed_layers,
     ddp_buckets,
     gradient_bytes,
+    met_at_collectives,
     step_end,
 )
 from alexnet_mp.strategies.pipeline import simulated_schedule
@@ -604,6 +607,16 @@ def test_calibrate_on_a_gpu_times_its_layers_there_for_nccl(monkeypatch):
     assert set(profile.accumulate_s_per_byte) == {"1"}
     assert not profile.resident_overhead
     assert predict_step("single", "paper", 1, 4, profile, 1000).step_s > 0
+
+
+def test_a_part_left_computing_while_the_others_wait_at_a_collective_has_the_cores_they_leave():
+    """Two parts on one core, their compute given at the pace of both at once: 2 s and 6 s. Both run at half speed
+    until the first is done (2 s); the second's last 2 s of work it then runs alone, in 2; the collective (1 s)
+    starts once both are there."""
+    ops = [[("fc6 forward", COMPUTE, seconds), ("fc7-input forward", COMMUNICATION, 1.0)] for seconds in (2.0, 6.0)]
+    first, second = met_at_collectives(ops, sharing=float)
+    assert [edge for span in first for edge in (span.start_s, span.end_s)] == pytest.approx([0, 2, 4, 5])
+    assert [edge for span in second for edge in (span.start_s, span.end_s)] == pytest.approx([0, 4, 4, 5])
 
 
 def test_pipeline_stages_that_share_cores_each_run_slower_while_others_compute_beside_them():

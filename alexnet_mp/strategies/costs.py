@@ -146,10 +146,9 @@ class Costs(ABC):
         """Each part's step, op by op (`ops`): its layers' forwards, their backwards in reverse, the optimizer's step,
         and each collective where the step waits for it. Every part meets the others at each collective: it starts
         once the last part reaches it, and all leave once the longest part's share of it is done; a part that
-        arrives early idles. The times given are each part's with every part computing at once (`sharing` is for a
-        layout whose parts are not all busy at once)."""
+        arrives early idles, and leaves the cores it shares (`sharing`) to those still computing."""
         links = list(dict.fromkeys(key for part in parts for key in part.comm))
-        return met_at_collectives([cls.ops(part, links, world_size, config, blocking) for part in parts])
+        return met_at_collectives([cls.ops(part, links, world_size, config, blocking) for part in parts], sharing)
 
     @classmethod
     def ops(cls, part: PartTimes, links: list[tuple[str, str]], world_size: int, config: TrainConfig,
@@ -273,29 +272,55 @@ class Costs(ABC):
         return RankWork(held_shares(cls.shard, arch, part, parts, num_classes), *cls.samples(part, parts, batch))
 
 
-def met_at_collectives(parts_ops: list[list[Op]]) -> list[list[Span]]:
-    """Each part's spans from its ops (`Costs.ops`), every part listing the same collectives in the same order: a
-    part computes its ops up to its next collective; the collective starts once every part has reached it and ends
-    when the longest part's share of it does. Ops of no time leave no span."""
-    clocks, timeline = [0.0] * len(parts_ops), [[] for _ in parts_ops]
+def met_at_collectives(parts_ops: list[list[Op]], sharing: Callable[[int], float] = unshared) -> list[list[Span]]:
+    """Each part's spans from its ops (`Costs.ops`), every part listing the same collectives in the same order: the
+    parts compute their ops up to their next collective side by side (`computed_side_by_side`); the collective
+    starts once every part has reached it and ends when the longest part's share of it does."""
+    clock, timeline = 0.0, [[] for _ in parts_ops]
     for meeting in zip(*(up_to_each_collective(ops) for ops in parts_ops), strict=True):
-        for p, (local, _) in enumerate(meeting):
-            for name, category, seconds in local:
-                if seconds > 0:
-                    timeline[p].append(Span(name, category, clocks[p], clocks[p] + seconds))
-                clocks[p] += seconds
+        computed = computed_side_by_side([local for local, _ in meeting], clock, sharing)
+        for spans, more in zip(timeline, computed, strict=True):
+            spans += more
+        clock = max([clock, *(spans[-1].end_s for spans in computed if spans)])
         collective = [op for _, op in meeting]
         if collective[0] is None:
             continue
         if len({op[0] for op in collective}) > 1:
             raise ValueError(f"parts meet at different collectives: {[op[0] for op in collective]}")
-        start = max(clocks)
-        end = start + max(seconds for _, _, seconds in collective)
-        for p, (name, category, _) in enumerate(collective):
-            if end > start:
-                timeline[p].append(Span(name, category, start, end))
-            clocks[p] = end
+        end = clock + max(seconds for _, _, seconds in collective)
+        for spans, (name, category, _) in zip(timeline, collective, strict=True):
+            if end > clock:
+                spans.append(Span(name, category, clock, end))
+        clock = end
     return timeline
+
+
+def computed_side_by_side(parts_ops: list[list[Op]], start: float,
+                          sharing: Callable[[int], float] = unshared) -> list[list[Span]]:
+    """Each part's spans from ops that it computes from `start`, beside the others', each op's seconds given at the
+    pace of every part computing at once: parts that share cores each run `sharing(k)` times slower than alone while
+    k of them compute, so a part left computing once the others are done speeds up. Ops of no time leave no span."""
+    everyone = sharing(len(parts_ops))
+    left = [[seconds / everyone for _, _, seconds in ops] for ops in parts_ops]  # each op's work, alone
+    position, begun = [0] * len(parts_ops), [start] * len(parts_ops)
+    timeline: list[list[Span]] = [[] for _ in parts_ops]
+    now = start
+    while True:
+        for p, ops in enumerate(parts_ops):  # an op of no work is done where it begins
+            while position[p] < len(ops) and left[p][position[p]] <= 0:
+                position[p] += 1
+        busy = [p for p, ops in enumerate(parts_ops) if position[p] < len(ops)]
+        if not busy:
+            return timeline
+        pace = sharing(len(busy))
+        elapsed = min(left[p][position[p]] for p in busy) * pace
+        now += elapsed
+        for p in busy:
+            left[p][position[p]] -= elapsed / pace
+            if left[p][position[p]] <= 1e-12 * max(1.0, now):
+                name, category, _ = parts_ops[p][position[p]]
+                timeline[p].append(Span(name, category, begun[p], now))
+                left[p][position[p]], position[p], begun[p] = 0.0, position[p] + 1, now
 
 
 def up_to_each_collective(ops: list[Op]) -> list[tuple[list[Op], Op | None]]:
