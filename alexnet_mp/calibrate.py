@@ -56,6 +56,7 @@ STEADY = 0.1  # layer sweeps further apart than this: the machine was busy with 
 # (FSDP's fc6 unit at 2 ranks): gloo's rate falls as its buffers outgrow the caches
 SIZES = (1024, 65536, 1 << 20, 1 << 22, 1 << 24)
 CPU = torch.device("cpu")
+SETTLING_STEPS = 2  # steps after bench's warm-up by which a small run's heap has stopped growing
 # of `probe`: eight sweeps of the net on 8 images, a few seconds on a CPU: a burst of other work moves one sweep, not
 # their median
 PROBE_IMAGES, PROBE_SWEEPS = 8, 8
@@ -410,8 +411,8 @@ def resident_overhead(arch: str, batch: int, threads: int, group_ranks: int | No
     training at `batch` and at a quarter of it keep (`kept_beyond_tensors`): the line in its activations through the
     one-device reference at the two batches, its slope no less than 0 and running through the larger batch's figure;
     and where ranks of a group run on `threads` (`group_ranks` of them), what the ranks of REPLICATED keep above that
-    line at the quarter, and what the ranks of GATHERING keep above both there, a byte they gather. Each no less
-    than 0."""
+    line at the quarter, and what the ranks of GATHERING keep above both at `batch`, a byte they gather: there their
+    heap grows for more steps than at the quarter, and is measured over bench's. Each no less than 0."""
     fewer, more = (kept_beyond_tensors(REFERENCE, arch, 1, images, threads, scratch / f"reference{images}")[0]
                    for images in (max(batch // 4, 1), batch))
     rise = more.memory.activations - fewer.memory.activations
@@ -421,13 +422,14 @@ def resident_overhead(arch: str, batch: int, threads: int, group_ranks: int | No
         return line
     quarter = max(batch // 4 // group_ranks, 1) * group_ranks
 
-    def above_line(mode: str) -> list[Kept]:
-        kept = kept_beyond_tensors(mode, arch, group_ranks, quarter, threads, scratch / mode)
+    def above_line(mode: str, images: int, steps: int) -> list[Kept]:
+        kept = kept_beyond_tensors(mode, arch, group_ranks, images, threads, scratch / mode, steps)
         return [dataclasses.replace(rank, kept=rank.kept - line.bytes(rank.memory.activations, 0.0, False))
                 for rank in kept]
 
-    in_group = max(statistics.mean(rank.kept for rank in above_line(REPLICATED)), 0.0)
-    gathering = [(rank.kept - in_group) / rank.memory.gathered for rank in above_line(GATHERING)]
+    in_group = max(statistics.mean(rank.kept for rank in above_line(REPLICATED, quarter, SETTLING_STEPS)), 0.0)
+    gathering = [(rank.kept - in_group) / rank.memory.gathered
+                 for rank in above_line(GATHERING, max(batch // group_ranks, 1) * group_ranks, FULL.steps)]
     return dataclasses.replace(line, in_group_bytes=in_group, per_gathered_byte=max(statistics.mean(gathering), 0.0))
 
 
@@ -439,12 +441,13 @@ class Kept:
     kept: float
 
 
-def kept_beyond_tensors(mode: str, arch: str, ranks: int, batch: int, threads: int, scratch: Path) -> list[Kept]:
+def kept_beyond_tensors(mode: str, arch: str, ranks: int, batch: int, threads: int, scratch: Path,
+                        steps: int = SETTLING_STEPS) -> list[Kept]:
     """Fresh processes on `threads`, the `ranks` of `mode` at global batch `batch`: each rank's memory at its peak
     (`predict.process_memory`, the cost model's), and what it kept resident beyond it: its training memory (bench's
-    measure, after bench's warm-up: the heap grows over the first steps) less its tensors' peak and the blocks it
-    maps afresh after it."""
-    sizes = dataclasses.replace(FULL, steps=2)
+    measure, over `steps` after bench's warm-up: the heap grows over the first steps) less its tensors' peak and the
+    blocks it maps afresh after it."""
+    sizes = dataclasses.replace(FULL, steps=steps)
     measured = run_distributed(layout_steps, ranks, scratch, mode, arch, {}, batch, sizes, threads=threads)
     return [Kept(memory, max(rank["training_memory_mb"] * 2**20 - memory.tensors - memory.mapped_later, 0.0))
             for memory, rank in zip(process_memory(mode, arch, ranks, batch, sizes.num_classes), measured, strict=True)]

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from alexnet_mp.bench import held_markdown, machine_drift
-from alexnet_mp.bench.matrix import QUICK
+from alexnet_mp.bench.matrix import FULL, QUICK
 from alexnet_mp.bench.measure import Measurement
 from alexnet_mp.calibrate import _layer_passes, _memory_records, fit, fresh_blocks, large_blocks, pass_images
 from alexnet_mp.config import TrainConfig
@@ -762,16 +762,20 @@ def test_both_towers_in_one_process_run_in_turn_with_no_collective_between_them(
     assert one.memory_bytes == pytest.approx([sum(two.memory_bytes)])
 
 
-def kept_by_hand(monkeypatch, points: dict[tuple[str, int], list[tuple[float, float, float]]]) -> None:
+def kept_by_hand(monkeypatch, points: dict[tuple[str, int], list[tuple[float, float, float]]]) -> dict[str, int]:
     """calibrate's processes replaced by `points`: per (layout, global batch), each rank's (activations, gathered,
-    kept beyond its tensors), in bytes."""
+    kept beyond its tensors), in bytes. Returns the steps each layout was measured over, as calibrate asks."""
     from alexnet_mp import calibrate
 
-    def kept(mode, arch, ranks, batch, threads, scratch):
+    steps_asked: dict[str, int] = {}
+
+    def kept(mode, arch, ranks, batch, threads, scratch, steps=calibrate.SETTLING_STEPS):
+        steps_asked[mode] = steps
         return [calibrate.Kept(ProcessMemory(0.0, activations, gathered, 0.0), kept)
                 for activations, gathered, kept in points[mode, batch]]
 
     monkeypatch.setattr(calibrate, "kept_beyond_tensors", kept)
+    return steps_asked
 
 
 @pytest.mark.parametrize(("kept_at_32", "slope"), [(300e6, 200 / 216), (50e6, 0.0)])
@@ -790,15 +794,17 @@ def test_calibrates_resident_line_runs_through_the_references_larger_batch_risin
 def test_calibrate_measures_what_a_rank_of_a_group_keeps_above_the_references_line_and_per_byte_it_gathers(
         monkeypatch, tmp_path):
     """The reference's line: 28 MB and 1 a byte of activations. At 8 images on 2 ranks, data-parallel's ranks keep 40
-    and 60 MB above it (50 on average); FSDP's, 50 + 150 MB above it with 300 MB gathered: 0.5 a byte."""
+    and 60 MB above it (50 on average); FSDP's, at the whole batch of 32 and over bench's steps (its heap grows for
+    longer there), 50 + 150 MB above it with 300 MB gathered: 0.5 a byte."""
     from alexnet_mp import calibrate
 
-    kept_by_hand(monkeypatch, {(REFERENCE, 8): [(72e6, 0.0, 100e6)], (REFERENCE, 32): [(288e6, 0.0, 316e6)],
-                               (REPLICATED, 8): [(30e6, 0.0, 98e6), (30e6, 0.0, 118e6)],
-                               (GATHERING, 8): [(5e6, 300e6, 233e6)] * 2})
+    steps = kept_by_hand(monkeypatch, {(REFERENCE, 8): [(72e6, 0.0, 100e6)], (REFERENCE, 32): [(288e6, 0.0, 316e6)],
+                                       (REPLICATED, 8): [(30e6, 0.0, 98e6), (30e6, 0.0, 118e6)],
+                                       (GATHERING, 32): [(20e6, 300e6, 248e6)] * 2})
     line = calibrate.resident_overhead("paper", 32, 1, 2, tmp_path)
     assert (line.fixed_bytes, line.per_activation_byte) == (pytest.approx(28e6), pytest.approx(1.0))
     assert (line.in_group_bytes, line.per_gathered_byte) == (pytest.approx(50e6), pytest.approx(0.5))
+    assert steps[GATHERING] == FULL.steps
 
 
 @pytest.mark.parametrize(("batch", "copies_later"), [(32, True), (8, False)])
