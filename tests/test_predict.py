@@ -149,6 +149,12 @@ def test_a_measured_layer_pays_the_profiles_fresh_page_cost_on_the_bytes_each_pa
     assert profile.layer_s("paper.fc6", 1.0, 1, 0.0, samples=8, passes=2) == pytest.approx((2 * 1.5, 2 * (3.0 + 0.1)))
 
 
+def test_fsdp_adds_no_gradient_into_another_its_units_whole_gradients_are_reduce_scattered_into_new_shards():
+    profile = dataclasses.replace(by_hand(), accumulate_s_per_byte={"1": 1e-9})
+    assert predict_step("fsdp", "paper", 2, 8, profile, 10).compute_s == pytest.approx(
+        predict_step("fsdp", "paper", 2, 8, by_hand(), 10).compute_s)
+
+
 def test_a_layer_run_in_several_passes_adds_each_later_passs_weight_gradient_into_the_accumulated_one():
     """4 micro-batches: 3 additions of the gradient of every parameter the last stage holds."""
     profile = dataclasses.replace(by_hand(), accumulate_s_per_byte={"1": 1e-9})
