@@ -34,7 +34,6 @@ from alexnet_mp.hardware import KINDS, PRESETS, Collective, Hardware, ResidentOv
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.malloc import LargeBlocks
 from alexnet_mp.model import PAPER, build_model
-from alexnet_mp.processes import run_distributed
 from alexnet_mp.predict import (
     Held,
     ProcessMemory,
@@ -44,6 +43,7 @@ from alexnet_mp.predict import (
     predict_step,
     process_memory,
 )
+from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import GATHERING, LAYOUTS, REFERENCE, REPLICATED, build
 from alexnet_mp.strategies.costs import (
