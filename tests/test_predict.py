@@ -707,8 +707,8 @@ def fsdp_second_step_bytes(batch: int) -> float:
 
 
 def test_fsdps_predicted_memory_is_each_ranks_peak_of_live_tensors(tmp_path):
-    """At fc6's backward (2 ranks, 4 images each): fc6's whole weight and gradient, fc7's reduce-scatter input
-    beside them, and the shards."""
+    """At fc6's reduce-scatter (2 ranks, 4 images each): its input and gloo's copy of it, fc6's new gradient shard
+    and the shards held."""
     measured = run_distributed(fsdp_second_step_bytes, 2, tmp_path, 8)
     predicted = [process.tensors for process in process_memory("fsdp", "paper", 2, 8, 10)]
     assert measured == pytest.approx(predicted, rel=0.05)
