@@ -231,15 +231,15 @@ def large_blocks(records: Sequence[Mapping[str, Any]]) -> LargeBlocks:
     where negative, at "Addr") allocate, and the most bytes of them live at once; frees of blocks allocated before
     the records began are not theirs."""
     live: dict[int, float] = {}
-    allocated = at_once = 0.0
+    allocated = now = at_once = 0.0
     for record in records:
         size, address = float(record["Bytes"]), int(record["Addr"])
         if size > 0 and mapped_afresh(size):
             live[address] = size
-            allocated += size
-            at_once = max(at_once, sum(live.values()))
+            allocated, now = allocated + size, now + size
+            at_once = max(at_once, now)
         elif size < 0:
-            live.pop(address, None)
+            now -= live.pop(address, 0.0)
     return LargeBlocks(allocated, at_once)
 
 

@@ -45,7 +45,7 @@ from alexnet_mp.predict import (
 )
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.step import make_optimizer, train_step
-from alexnet_mp.strategies import GATHERING, LAYOUTS, REFERENCE, REPLICATED, build
+from alexnet_mp.strategies import GATHERING, LAYOUTS, REFERENCE, REPLICATED, Layout, build
 from alexnet_mp.strategies.costs import (
     COMMUNICATION,
     COMPUTE,
@@ -664,17 +664,28 @@ class LiveTensors(TorchDispatchMode):
         self.now -= self.live.pop(address, 0)
 
 
-def second_step_bytes(arch: str, batch: int, optimizer_of: Callable[[TrainConfig, Iterable[torch.Tensor]],
-                                                                   torch.optim.Optimizer]) -> float:
-    """The reference's second step (its momentum made by the first) on `batch` images: what it keeps (weights,
-    momentum, the batch) and the peak of the tensors the step makes."""
-    config = TrainConfig(mode="single", arch=arch, num_classes=10, seed=0, batch_size=batch)
+OptimizerOf = Callable[[TrainConfig, Iterable[torch.Tensor]], torch.optim.Optimizer]
+
+
+def after_first_step(mode: str, arch: str, batch: int, optimizer_of: OptimizerOf,
+                     ) -> tuple[Layout, torch.optim.Optimizer, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """`mode`'s layout, its optimizer and this rank's share of a batch of `batch` images after one step on them (the
+    momentum made), and what a rank keeps between steps: its parameters, momentum and batch."""
+    config = TrainConfig(mode=mode, arch=arch, num_classes=10, seed=0, batch_size=batch)
     layout = build(config, torch.device("cpu"))
     optimizer = optimizer_of(config, layout.parameters())
     images, labels = torch.randn(batch, 3, 224, 224), torch.randint(0, 10, (batch,))
+    images, labels = images[layout.image_rows(batch)], labels[layout.label_rows(batch)]
     train_step(layout, optimizer, images, labels, 0, batch)
     kept = [*layout.parameters(), *(value for state in optimizer.state.values() for value in state.values()),
             images, labels]
+    return layout, optimizer, images, labels, kept
+
+
+def second_step_bytes(arch: str, batch: int, optimizer_of: OptimizerOf) -> float:
+    """The reference's second step (its momentum made by the first) on `batch` images: what it keeps (weights,
+    momentum, the batch) and the peak of the tensors the step makes."""
+    layout, optimizer, images, labels, kept = after_first_step("single", arch, batch, optimizer_of)
     with LiveTensors(kept) as step:
         train_step(layout, optimizer, images, labels, 1, batch)
     return sum(tensor.nbytes for tensor in kept) + step.peak
@@ -691,14 +702,8 @@ def fsdp_second_step_bytes(batch: int) -> float:
     """A rank's second FSDP step on its share of `batch` images: what it keeps (its shards of the weights and of
     the momentum, its images), and the peak of the bytes the step allocates beyond them, as the profiler's records
     of the CPU allocator count them (gloo's copies of the collectives' inputs among them)."""
-    config = TrainConfig(mode="fsdp", arch="paper", num_classes=10, seed=0, batch_size=batch)
-    layout = build(config, torch.device("cpu"))
-    optimizer = make_optimizer(layout.parameters(), config, layout.learning_rates())
-    images, labels = torch.randn(batch, 3, 224, 224), torch.randint(0, 10, (batch,))
-    images, labels = images[layout.image_rows(batch)], labels[layout.label_rows(batch)]
-    train_step(layout, optimizer, images, labels, 0, batch)
-    kept = [*layout.parameters(), *(value for state in optimizer.state.values() for value in state.values()),
-            images, labels]
+    layout, optimizer, images, labels, kept = after_first_step(
+        "fsdp", "paper", batch, lambda config, params: make_optimizer(params, config))
     storages = {local.untyped_storage().data_ptr(): local.untyped_storage().nbytes()
                 for local in (getattr(tensor, "_local_tensor", tensor) for tensor in kept)}
     with _memory_records() as records:

@@ -142,10 +142,10 @@ class FSDPCosts(DataParallelCosts):
         backward (`unit_peak`)."""
         held = super().work(arch, part, parts, batch, num_classes)
         weights = unit_weights(arch, num_classes)
-        after = dict(zip(weights, [*list(weights.values())[1:], 0], strict=True))
+        after = [*list(weights.values())[1:], 0]
         return RankWork(dict.fromkeys(held.shares, 1.0), held.conv_samples, held.fc_samples, held=held.shares,
-                        gathered={name: unit_peak(whole, after[name], round(held.shares[name] * whole))
-                                  for name, whole in weights.items()})
+                        gathered={name: unit_peak(whole, later, round(held.shares[name] * whole))
+                                  for (name, whole), later in zip(weights.items(), after, strict=True)})
 
     @classmethod
     def gradient_additions(cls, layer: str, world_size: int, config: TrainConfig, part_traffic: Traffic,
