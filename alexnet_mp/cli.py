@@ -22,7 +22,7 @@ from alexnet_mp.flag_types import COUNT, POSITIVE_FLOAT, POSITIVE_INT
 from alexnet_mp.hardware import DEFAULT_PATH, PRESETS, Hardware
 from alexnet_mp.malloc import steady_malloc
 from alexnet_mp.model import ARCH_HELP, ARCHITECTURES
-from alexnet_mp.preflight import check_run, check_writable
+from alexnet_mp.preflight import check_run, check_writable, check_writable_file
 from alexnet_mp.strategies import LAYOUTS, REFERENCE, all_options, layout_label, layout_named
 from alexnet_mp.tracking import hold_output
 from alexnet_mp.world import launched, leave_group, stop_with_launcher
@@ -70,10 +70,7 @@ def run_train(config: TrainConfig) -> None:
 
 
 def export(args: argparse.Namespace) -> None:
-    if Path(args.out).is_dir():
-        raise UsageError(f"{args.out} is a folder: name the .safetensors file to write, as in "
-                         f"{Path(args.out) / 'net.safetensors'}")
-    check_writable(Path(args.out).parent, "file to write")
+    check_writable_file(Path(args.out), "file to write", "net.safetensors")
     found = checkpoint.find(args.checkpoint, Path(args.checkpoint))
     checkpoint.export(found, Path(args.out))
     print(f"wrote {args.out}: {found.meta['arch']} net, {found.meta['num_classes']} classes, step {found.step}")
@@ -218,7 +215,7 @@ def bench(args: argparse.Namespace) -> None:
 
 def hardware_given(name_or_path: str | None) -> Hardware | None:
     """The profile --hardware names (a file or a preset); without it, this machine's if `calibrate` saved one."""
-    from alexnet_mp.hardware import DEFAULT_PATH, load
+    from alexnet_mp.hardware import load
 
     if name_or_path is None:
         return load(DEFAULT_PATH) if DEFAULT_PATH.exists() else None
@@ -231,7 +228,7 @@ def calibrate(args: argparse.Namespace) -> None:
     from alexnet_mp.calibrate import calibrate as measure
 
     out = Path(args.output)
-    check_writable(out.parent, "--output")
+    check_writable_file(out, "--output", DEFAULT_PATH.name)
     started = time.perf_counter()
     profile = measure(_numbers(args.ranks, int, "--ranks"), args.arch, args.batch,
                       log=lambda line: print(line, file=sys.stderr, flush=True))

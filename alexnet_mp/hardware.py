@@ -216,12 +216,18 @@ def _preset(name: str, source: str, tflops: float, bus_gb_s: float, latency_s: f
     return Hardware(name, source, "nccl", None, tflops=tflops, collectives={"any": dict.fromkeys(KINDS, link)})
 
 
+# A preset times every layer at one rate, whatever its kind, net, precision and images a pass; the source says so,
+# since another net, precision or pass size runs at another rate on the same GPU.
+ONE_RATE = "every layer at one rate, the paper net's step on one H100 in bf16, compiled, at 256 images (measured " \
+           "here, 2026-11-23)"
+
 PRESETS = {
-    "h100-nvlink": _preset("h100-nvlink", "one H100 SXM node over NVLink 4: rate measured here (2026-11-23), links "
-                           "from nccl-tests' bus bandwidth", 69.4, 360.0, 15e-6),
-    "a100-nvlink": _preset("a100-nvlink", "one A100 SXM node over NVLink 3: the H100 rate x 312/989 (datasheet "
-                           "peaks), links from nccl-tests' bus bandwidth", 69.4 * 312 / 989, 230.0, 15e-6),
-    "h100-pcie": _preset("h100-pcie", "H100s on PCIe 4 x16 through the host: the H100 rate, 22 GB/s", 69.4, 22.0,
+    "h100-nvlink": _preset("h100-nvlink", f"one H100 SXM node over NVLink 4: {ONE_RATE}; links from nccl-tests' bus "
+                           "bandwidth", 69.4, 360.0, 15e-6),
+    "a100-nvlink": _preset("a100-nvlink", f"one A100 SXM node over NVLink 3: {ONE_RATE}, x 312/989 (the "
+                           "datasheets' bf16 peaks); links from nccl-tests' bus bandwidth", 69.4 * 312 / 989, 230.0,
+                           15e-6),
+    "h100-pcie": _preset("h100-pcie", f"H100s on PCIe 4 x16 through the host: {ONE_RATE}; 22 GB/s", 69.4, 22.0,
                          30e-6),
 }
 

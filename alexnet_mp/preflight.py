@@ -78,3 +78,11 @@ def check_writable(folder: Path, what: str) -> None:
         raise UsageError(f"{folder}: {existing} is not a folder this user can write to; choose another {what}")
 
 
+def check_writable_file(path: Path, what: str, example: str) -> None:
+    """A file to write: neither a folder nor under one this user cannot write into, refused before the command's
+    work. `example`: a file name to suggest inside a folder given instead."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder: name the {Path(example).suffix} file to write, as in {path / example}")
+    check_writable(path.parent, what)
+
+

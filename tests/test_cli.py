@@ -180,6 +180,7 @@ def test_a_tracker_whose_package_is_missing_is_refused_in_one_line_before_any_ru
     (["plan", "--output-dir", "{}"], "--output-dir"),
     (["compare", "runs/a", "--out", "{}"], "--out"),
     (["export", "runs/a", "{}/alexnet.safetensors"], "file to write"),
+    (["calibrate", "--output", "{}/hardware.json"], "--output"),
 ])
 def test_an_output_folder_that_cannot_be_written_is_refused_in_one_line_before_the_work(command, names, tmp_path,
                                                                                         capsys):
@@ -188,6 +189,16 @@ def test_an_output_folder_that_cannot_be_written_is_refused_in_one_line_before_t
     result = in_process(capsys, *(arg.format(tmp_path / "a-file" / "out") for arg in command))
     assert result.returncode == 2 and f"choose another {names}" in one_line_error(result)
     assert (tmp_path / "a-file").read_text() == "kept"
+
+
+@pytest.mark.parametrize(("command", "suffix"), [
+    (["export", "runs/a", "{}"], ".safetensors"),
+    (["calibrate", "--output", "{}"], ".json"),
+])
+def test_a_folder_named_as_the_file_to_write_is_refused_in_one_line_before_the_work(command, suffix, tmp_path, capsys):
+    """calibrate would measure for minutes, then fail to write its profile over the folder."""
+    result = in_process(capsys, *(arg.format(tmp_path) for arg in command))
+    assert result.returncode == 2 and f"is a folder: name the {suffix} file to write" in one_line_error(result)
 
 
 def test_every_launch_config_names_its_process_count():

@@ -575,12 +575,6 @@ class TestNoCheckpointLostOrChanged:
         assert "step-00000002" in one_line_error(result) and "Traceback" not in result.stderr
 
 
-    def test_export_into_an_existing_folder_is_refused_in_one_line(self, single_run, tmp_path, capsys):
-        result = in_process(capsys, "export", str(single_run), str(tmp_path))
-        assert result.returncode == 2
-        assert "is a folder: name the .safetensors file to write" in one_line_error(result)
-
-
 @pytest.mark.slow
 def test_running_out_of_host_memory_is_one_line_saying_what_to_lower(tmp_path):
     """6 GB of address space: the imports and the net fit in it (a batch of 4 trains), a batch of 1000 does not."""

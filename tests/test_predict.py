@@ -452,6 +452,12 @@ def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
         line[:line.index(" | 256 |") + 8] for line in result.stdout.splitlines() if " | 256 |" in line}
 
 
+def test_plan_on_a_preset_says_it_times_every_layer_at_one_rate(capsys):
+    """Another net, precision or pass size runs at another rate on the same GPU: the reader is told."""
+    result = in_process(capsys, "plan", "--gpus", "2", "--batch", "256", "--hardware", "a100-nvlink")
+    assert "every layer at one rate" in result.stdout.splitlines()[0]
+
+
 @pytest.mark.parametrize(("text", "says"), [
     ("not json", "is not a hardware profile"),
     ('{"format": 9}', "format must be 10"),
