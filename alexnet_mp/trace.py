@@ -4,7 +4,8 @@ one process per rank; Perfetto and chrome://tracing open it).
 Spans, by the clock of the device the rank computes on (timing.py: CUDA events on the stream that runs the work
 on a GPU, the host's perf counter on a CPU), placed on the wall clock so that the ranks of one host line up: each
 weight layer's forward (its module's forward hooks) and backward (from the moment its output's gradient is wanted,
-a hook on that output's autograd node, to the moment its weight's gradient is accumulated); each link's wait, as
+a hook on that output's autograd node, to the moment its weight's gradient is accumulated and the hooks on its
+accumulation have run: DDP's copy into its bucket); each link's wait, as
 the ledger times it (on a GPU, how long the stream stalled on it); the data wait (the host's); the optimizer's step.
 A process that drives two GPUs (the one-process split) is timed on its first device's stream.
 """
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from alexnet_mp.strategies import Layout
 from alexnet_mp.timing import Clock, HostClock
@@ -37,6 +39,7 @@ class Tracer:
     spans: list[tuple[str, str, Any, Any]] = field(default_factory=list)  # name, category, start, end: the clock's
     host_spans: list[tuple[str, str, float, float]] = field(default_factory=list)  # the same on the wall clock
     active: bool = False
+    accumulators: list[Any] = field(default_factory=list)  # the weights' gradient accumulators, kept alive
 
     def add(self, name: str, category: str, start: Any, end: Any) -> None:
         """A span between two of the clock's stamps, read when the trace is written (on a GPU, reading waits)."""
@@ -78,6 +81,7 @@ class Tracer:
     def _watch_layer(self, name: str, layer: nn.Module) -> None:
         forward_started: list[Any] = []
         backward_started: list[Any] = []
+        extended: list[int] = []  # the span this backward added, which the hooks on its accumulator extend
 
         def before(module: nn.Module, args: Any) -> None:
             forward_started.append(self.clock.stamp())
@@ -88,14 +92,28 @@ class Tracer:
                 output.grad_fn.register_prehook(lambda grads: backward_started.append(self.clock.stamp()))
 
         def accumulated(param: torch.Tensor) -> None:
-            if backward_started:
+            extended.clear()
+            if backward_started and self.active:
                 self.add(f"{name} backward", COMPUTE, backward_started.pop(), self.clock.stamp())
+                extended.append(len(self.spans) - 1)
+
+        def accumulation_hooks_ran(*_: Any) -> None:
+            if extended:
+                index = extended.pop()
+                self.spans[index] = (*self.spans[index][:3], self.clock.stamp())
 
         layer.register_forward_pre_hook(before)
         layer.register_forward_hook(after)
         weight = getattr(layer, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.requires_grad:
             weight.register_post_accumulate_grad_hook(accumulated)
+            # The hooks on the gradient's accumulator (DDP's copy into its bucket) run after it is accumulated and
+            # before the next layer's backward: the span ends after them, where the accumulator runs (FSDP2 calls
+            # the hook above itself, after its reduce-scatter). The tracer holds the accumulator, as DDP does, so
+            # that every step's graph reaches the same one.
+            accumulator = get_gradient_edge(weight).node
+            accumulator.register_hook(accumulation_hooks_ran)
+            self.accumulators.append(accumulator)
 
     def events(self) -> list[dict[str, Any]]:
         """This rank's spans as Chrome trace events: compute, data and the optimizer on one row, communication on
