@@ -4,8 +4,8 @@ one process per rank; Perfetto and chrome://tracing open it).
 Spans, by the clock of the device the rank computes on (timing.py: CUDA events on the stream that runs the work
 on a GPU, the host's perf counter on a CPU), placed on the wall clock so that the ranks of one host line up: each
 weight layer's forward (its module's forward hooks) and backward (from the moment its output's gradient is wanted,
-a hook on that output's autograd node, to the moment its weight's gradient is accumulated and the hooks on its
-accumulation have run: DDP's copy into its bucket); each link's wait, as
+a hook on that output's autograd node, to the moment its parameters' gradients are accumulated and the hooks on
+their accumulation have run: DDP's copies into its buckets); each link's wait, as
 the ledger times it (on a GPU, how long the stream stalled on it); the data wait (the host's); the optimizer's step.
 A process that drives two GPUs (the one-process split) is timed on its first device's stream.
 """
@@ -81,7 +81,7 @@ class Tracer:
     def _watch_layer(self, name: str, layer: nn.Module) -> None:
         forward_started: list[Any] = []
         backward_started: list[Any] = []
-        extended: list[int] = []  # the span this backward added, which the hooks on its accumulator extend
+        latest: list[int] = []  # this layer's latest backward span, which its parameters' accumulations extend
 
         def before(module: nn.Module, args: Any) -> None:
             forward_started.append(self.clock.stamp())
@@ -89,31 +89,33 @@ class Tracer:
         def after(module: nn.Module, args: Any, output: Any) -> None:
             self.add(f"{name} forward", COMPUTE, forward_started.pop(), self.clock.stamp())
             if self.active and isinstance(output, torch.Tensor) and output.grad_fn is not None:
-                output.grad_fn.register_prehook(lambda grads: backward_started.append(self.clock.stamp()))
+                output.grad_fn.register_prehook(backward_began)
 
-        def accumulated(param: torch.Tensor) -> None:
-            extended.clear()
-            if backward_started and self.active:
+        def backward_began(grads: Any) -> None:
+            latest.clear()
+            backward_started.append(self.clock.stamp())
+
+        def accumulated(*_: Any) -> None:
+            """A parameter's gradient accumulated, or the hooks on its accumulation done: the backward lasts to here."""
+            if backward_started:
                 self.add(f"{name} backward", COMPUTE, backward_started.pop(), self.clock.stamp())
-                extended.append(len(self.spans) - 1)
-
-        def accumulation_hooks_ran(*_: Any) -> None:
-            if extended:
-                index = extended.pop()
-                self.spans[index] = (*self.spans[index][:3], self.clock.stamp())
+                latest[:] = [len(self.spans) - 1] if self.active else []
+            elif latest:
+                self.spans[latest[0]] = (*self.spans[latest[0]][:3], self.clock.stamp())
 
         layer.register_forward_pre_hook(before)
         layer.register_forward_hook(after)
-        weight = getattr(layer, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.requires_grad:
-            weight.register_post_accumulate_grad_hook(accumulated)
-            # The hooks on the gradient's accumulator (DDP's copy into its bucket) run after it is accumulated and
-            # before the next layer's backward: the span ends after them, where the accumulator runs (FSDP2 calls
-            # the hook above itself, after its reduce-scatter). The tracer holds the accumulator, as DDP does, so
-            # that every step's graph reaches the same one.
-            accumulator = get_gradient_edge(weight).node
-            accumulator.register_hook(accumulation_hooks_ran)
-            self.accumulators.append(accumulator)
+        for parameter in layer.parameters(recurse=False):
+            if parameter.requires_grad:
+                # The hooks on a gradient's accumulator (DDP's copy into its bucket, its launch of the bucket's
+                # reduction) run after the gradient is accumulated and before the next layer's backward: the span
+                # lasts until they have run for every parameter. FSDP2 calls the first hook itself, after its
+                # reduce-scatter. The tracer holds the accumulators, as DDP does, so that every step's graph reaches
+                # the same ones.
+                parameter.register_post_accumulate_grad_hook(accumulated)
+                accumulator = get_gradient_edge(parameter).node
+                accumulator.register_hook(accumulated)
+                self.accumulators.append(accumulator)
 
     def events(self) -> list[dict[str, Any]]:
         """This rank's spans as Chrome trace events: compute, data and the optimizer on one row, communication on
