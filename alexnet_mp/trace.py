@@ -5,8 +5,8 @@ Spans, by the clock of the device the rank computes on (timing.py: CUDA events o
 on a GPU, the host's perf counter on a CPU), placed on the wall clock so that the ranks of one host line up: each
 weight layer's forward (its module's forward hooks) and backward (from the moment its output's gradient is wanted,
 a hook on that output's autograd node, to the moment its parameters' gradients are accumulated and the hooks on
-their accumulation have run: DDP's copies into its buckets); each link's wait, as
-the ledger times it (on a GPU, how long the stream stalled on it); the data wait (the host's); the optimizer's step.
+their accumulation have run: DDP's copies into its buckets); each link's wait, as the ledger times it (on a GPU,
+how long the stream stalled on it); the data wait (the host's); the optimizer's step.
 A process that drives two GPUs (the one-process split) is timed on its first device's stream.
 """
 
@@ -39,7 +39,7 @@ class Tracer:
     spans: list[tuple[str, str, Any, Any]] = field(default_factory=list)  # name, category, start, end: the clock's
     host_spans: list[tuple[str, str, float, float]] = field(default_factory=list)  # the same on the wall clock
     active: bool = False
-    accumulators: list[Any] = field(default_factory=list)  # the weights' gradient accumulators, kept alive
+    accumulators: list[Any] = field(default_factory=list)  # the parameters' gradient accumulators, kept alive
 
     def add(self, name: str, category: str, start: Any, end: Any) -> None:
         """A span between two of the clock's stamps, read when the trace is written (on a GPU, reading waits)."""
@@ -109,9 +109,9 @@ class Tracer:
             if parameter.requires_grad:
                 # The hooks on a gradient's accumulator (DDP's copy into its bucket, its launch of the bucket's
                 # reduction) run after the gradient is accumulated and before the next layer's backward: the span
-                # lasts until they have run for every parameter. FSDP2 calls the first hook itself, after its
-                # reduce-scatter. The tracer holds the accumulators, as DDP does, so that every step's graph reaches
-                # the same ones.
+                # lasts until they have run for every parameter. FSDP2 calls the post-accumulate hook itself, after
+                # its reduce-scatter. The tracer holds the accumulators, as DDP does, so that every step's graph
+                # reaches the same ones.
                 parameter.register_post_accumulate_grad_hook(accumulated)
                 accumulator = get_gradient_edge(parameter).node
                 accumulator.register_hook(accumulated)
