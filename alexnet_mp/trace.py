@@ -100,7 +100,7 @@ class Tracer:
             if backward_started:
                 self.add(f"{name} backward", COMPUTE, backward_started.pop(), self.clock.stamp())
                 latest[:] = [len(self.spans) - 1] if self.active else []
-            elif latest:
+            elif latest and self.active:  # not into a step after the last traced
                 self.spans[latest[0]] = (*self.spans[latest[0]][:3], self.clock.stamp())
 
         layer.register_forward_pre_hook(before)

@@ -53,6 +53,15 @@ def test_a_traced_steps_compute_spans_follow_one_another_and_cover_most_of_it(tr
 
 
 @pytest.mark.slow  # trains a few steps in this process
+def test_every_span_of_a_trace_ends_within_the_steps_it_traced(trace):
+    """The run goes on past its traced steps: hooks that fire there add to no traced span."""
+    spans = [event for event in trace["events"] if event["ph"] == "X"]
+    step_ends = {"optimizer step", "data wait (next batch)"}  # each traced step ends with them, in this order
+    last_step_end = max(event["ts"] + event["dur"] for event in spans if event["name"] in step_ends)
+    assert max(event["ts"] + event["dur"] for event in spans) <= last_step_end
+
+
+@pytest.mark.slow  # trains a few steps in this process
 def test_a_trace_names_each_rank_as_a_process(trace):
     meta = [event for event in trace["events"] if event["ph"] == "M"]
     assert meta == [{"ph": "M", "name": "process_name", "pid": 0, "args": {"name": "rank 0"}}]
