@@ -158,6 +158,7 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
     architecture = ARCHITECTURES[arch]
     plans = plan_parts(mode, arch, ranks, batch, num_classes, options)
     together = len(plans) // ranks
+    fresh = costs.fresh_bytes(architecture, num_classes)
     times = []
     for plan in plans:
         work, held = plan.work, plan.held
@@ -170,10 +171,11 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
                 {direction: served[cost.name, direction] for direction in (FORWARD, BACKWARD)})
             accumulate = hardware.accumulate_s(plan.additions[cost.name] * held.get(cost.name, 0) * BYTES_PER_ELEMENT,
                                                ranks)
-            layers[cost.name] = forward, backward + accumulate
+            copied = {direction: hardware.fresh_copy_s(fresh.get((cost.name, direction), 0.0), ranks)
+                      for direction in (FORWARD, BACKWARD)}
+            layers[cost.name] = forward + copied[FORWARD], backward + accumulate + copied[BACKWARD]
         foreach = plan.foreach_parameters
-        update = (hardware.optimizer_s(parameters(work, architecture, num_classes) - foreach, foreach, ranks)
-                  + hardware.fresh_copy_s(costs.fresh_bytes(architecture, num_classes), ranks))
+        update = hardware.optimizer_s(parameters(work, architecture, num_classes) - foreach, foreach, ranks)
         comm = {} if together > 1 else {
             (link, direction): sum(hardware.collective(costs.collective(link, direction), ranks).seconds(
                 call * BYTES_PER_ELEMENT) for call in costs.call_elements(link, elements, ranks, config, held))

@@ -3,10 +3,11 @@ one process per rank; Perfetto and chrome://tracing open it).
 
 Spans, by the clock of the device the rank computes on (timing.py: CUDA events on the stream that runs the work
 on a GPU, the host's perf counter on a CPU), placed on the wall clock so that the ranks of one host line up: each
-weight layer's forward (its module's forward hooks) and backward (from the moment its output's gradient is wanted,
-a hook on that output's autograd node, to the moment its parameters' gradients are accumulated and the hooks on
-their accumulation have run: DDP's copies into its buckets); each link's wait, as the ledger times it (on a GPU,
-how long the stream stalled on it); the data wait (the host's); the optimizer's step.
+weight layer's forward (its module's forward hooks, the first before any a layout put there) and backward (from the
+moment its output's gradient is wanted, a hook on that output's autograd node, to the moment its parameters'
+gradients are accumulated and the hooks on their accumulation have run: DDP's copies into its buckets); each link's
+wait, as the ledger times it (on a GPU, how long the stream stalled on it), cut out of any span it falls in; the
+data wait (the host's); the optimizer's step.
 A process that drives two GPUs (the one-process split) is timed on its first device's stream.
 """
 
@@ -103,7 +104,9 @@ class Tracer:
             elif latest and self.active:  # not into a step after the last traced
                 self.spans[latest[0]] = (*self.spans[latest[0]][:3], self.clock.stamp())
 
-        layer.register_forward_pre_hook(before)
+        # Before the hooks a layout put there first (FSDP2 gathers the layer's parameters and copies them out): their
+        # waits are cut out of the span (`without_waits`), their copies are the layer's forward.
+        layer.register_forward_pre_hook(before, prepend=True)
         layer.register_forward_hook(after)
         for parameter in layer.parameters(recurse=False):
             if parameter.requires_grad:
@@ -121,11 +124,27 @@ class Tracer:
         """This rank's spans as Chrome trace events: compute, data and the optimizer on one row, communication on
         another."""
         meta = [{"ph": "M", "name": "process_name", "pid": self.rank, "args": {"name": f"rank {self.rank}"}}]
-        spans = [(name, category, self.clock.wall(start), self.clock.wall(end))
-                 for name, category, start, end in self.spans] + self.host_spans
+        spans = without_waits([(name, category, self.clock.wall(start), self.clock.wall(end))
+                               for name, category, start, end in self.spans]) + self.host_spans
         return meta + [{"name": name, "cat": category, "ph": "X", "pid": self.rank,
                         "tid": 1 if category == COMMUNICATION else 0, "ts": start * 1e6, "dur": (end - start) * 1e6}
                        for name, category, start, end in spans if end > start]
+
+
+def without_waits(spans: list[tuple[str, str, float, float]]) -> list[tuple[str, str, float, float]]:
+    """A rank's spans, its compute and optimizer spans cut where it waited on a link: a wait blocks the thread that
+    computes, and can fall inside a span (FSDP2 reduce-scatters a layer's gradients before it hands them over)."""
+    waits = [(start, end) for _, category, start, end in spans if category == COMMUNICATION]
+    cut = []
+    for name, category, start, end in spans:
+        pieces = [(start, end)]
+        if category in (COMPUTE, OPTIMIZER):
+            for wait_start, wait_end in waits:
+                pieces = [piece for begin, finish in pieces
+                          for piece in ((begin, min(finish, wait_start)), (max(begin, wait_end), finish))
+                          if piece[1] > piece[0]]
+        cut += [(name, category, begin, finish) for begin, finish in pieces]
+    return cut
 
 
 def write_trace(tracer: Tracer, output: Path, main: bool) -> Path | None:

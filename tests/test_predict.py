@@ -857,13 +857,14 @@ def test_only_fsdp_copies_into_fresh_blocks_beyond_its_layers_own_tensors_each_l
     """A layer's own tensors are counted in its passes' fresh bytes, a collective's output in the collective's time;
     fc6's and fc7's weights are the units above 32 MiB."""
     single, fsdp = (LAYOUTS[mode].costs for mode in ("single", "fsdp"))
-    assert single.fresh_bytes(PAPER, 1000) == 0
-    assert fsdp.fresh_bytes(PAPER, 1000) == 3 * 4 * (37_748_736 + 16_777_216)
+    assert single.fresh_bytes(PAPER, 1000) == {}
+    assert fsdp.fresh_bytes(PAPER, 1000) == {("fc6", FORWARD): 4 * 37_748_736, ("fc6", BACKWARD): 2 * 4 * 37_748_736,
+                                             ("fc7", FORWARD): 4 * 16_777_216, ("fc7", BACKWARD): 2 * 4 * 16_777_216}
 
 
 def test_a_step_pays_the_profiles_fresh_copy_cost_on_what_it_copies_into_fresh_blocks():
     fresh = dataclasses.replace(by_hand(), fresh_copy_s_per_byte={"1": 1e-9})
-    mapped = LAYOUTS["fsdp"].costs.fresh_bytes(PAPER, 10)
+    mapped = sum(LAYOUTS["fsdp"].costs.fresh_bytes(PAPER, 10).values())
     assert mapped > 0
     assert predict_step("fsdp", "paper", 2, 8, fresh, 10).compute_s[0] == pytest.approx(
         predict_step("fsdp", "paper", 2, 8, by_hand(), 10).compute_s[0] + 1e-9 * mapped)

@@ -16,7 +16,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from alexnet_mp.report import traced_step
 from alexnet_mp.timing import DeviceClock, HostClock
-from alexnet_mp.trace import COMPUTE, DATA, TRACED, Tracer
+from alexnet_mp.trace import COMMUNICATION, COMPUTE, DATA, TRACED, Tracer, without_waits
 from tests.clocks import DeferredClock
 from tests.equivalence import PAPER_NET
 from tests.launching import process_state_restored
@@ -93,6 +93,14 @@ def test_a_layers_backward_span_lasts_until_the_hooks_on_each_of_its_gradients_a
     net(torch.ones(2, 4)).sum().backward()
     (backward,) = [event for event in tracer.events() if event.get("name") == "fc backward"]
     assert backward["dur"] >= 0.06e6
+
+
+def test_a_wait_on_a_link_is_cut_out_of_the_compute_span_it_falls_in():
+    spans = [("fc6 backward", COMPUTE, 0.0, 10.0), ("gradients backward", COMMUNICATION, 6.0, 10.0),
+             ("conv1 backward", COMPUTE, 10.0, 20.0), ("conv1-input backward", COMMUNICATION, 12.0, 15.0)]
+    assert without_waits(spans) == [("fc6 backward", COMPUTE, 0.0, 6.0), spans[1],
+                                    ("conv1 backward", COMPUTE, 10.0, 12.0), ("conv1 backward", COMPUTE, 15.0, 20.0),
+                                    spans[3]]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="reads a GPU's clock")

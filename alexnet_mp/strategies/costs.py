@@ -207,11 +207,11 @@ class Costs(ABC):
         return beside | {key: hidden * seconds / sum(exchange.values()) for key, seconds in exchange.items()}
 
     @classmethod
-    def fresh_bytes(cls, arch: Architecture, num_classes: int) -> float:
-        """The bytes a part's step copies into blocks mapped afresh on a CPU (`malloc.mapped_afresh`) beyond its layers'
-        own tensors, whose fresh pages the profile counts per pass (calibrate's `fresh_bytes`): none, but for a
-        layout that copies large tensors of its own."""
-        return 0.0
+    def fresh_bytes(cls, arch: Architecture, num_classes: int) -> dict[tuple[str, str], float]:
+        """Per (layer, direction), the bytes a part's step copies into blocks mapped afresh on a CPU
+        (`malloc.mapped_afresh`) beside that pass, beyond the layers' own tensors, whose fresh pages the profile
+        counts per pass (calibrate's `fresh_bytes`): none, but for a layout that copies large tensors of its own."""
+        return {}
 
     @classmethod
     def holds_dtensors(cls, layer: str) -> bool:

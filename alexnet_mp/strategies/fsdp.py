@@ -154,14 +154,16 @@ class FSDPCosts(DataParallelCosts):
         return cls.passes(layer, world_size, config) - 1
 
     @classmethod
-    def fresh_bytes(cls, arch: Architecture, num_classes: int) -> float:
+    def fresh_bytes(cls, arch: Architecture, num_classes: int) -> dict[tuple[str, str], float]:
         """Each unit a block mapped afresh (`malloc.mapped_afresh`), three times a step: copied into its unsharded
-        parameters from its gathers, in the forward and again in the backward, and its gradient into the
-        reduce-scatter's input. The all-gather's and reduce-scatter's outputs are fresh inside the collectives'
-        calibrated time (calibrate times the flat forms into fresh tensors), the whole gradient among the layer's own
-        blocks (calibrate's `fresh_bytes`)."""
-        units = [weights * torch.float32.itemsize for weights in unit_weights(arch.name, num_classes).values()]
-        return 3 * sum(unit for unit in units if mapped_afresh(unit))
+        parameters from its gathers, before its forward and again before its backward, and its gradient into the
+        reduce-scatter's input after its backward. The all-gather's and reduce-scatter's outputs are fresh inside the
+        collectives' calibrated time (calibrate times the flat forms into fresh tensors), the whole gradient among the
+        layer's own blocks (calibrate's `fresh_bytes`)."""
+        units = unit_weights(arch.name, num_classes)
+        return {key: copies * weights * torch.float32.itemsize for name, weights in units.items()
+                if mapped_afresh(weights * torch.float32.itemsize)
+                for key, copies in (((name, FORWARD), 1), ((name, BACKWARD), 2))}
 
     @classmethod
     def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
