@@ -870,6 +870,21 @@ def test_a_step_pays_the_profiles_fresh_copy_cost_on_what_it_copies_into_fresh_b
         predict_step("fsdp", "paper", 2, 8, by_hand(), 10).compute_s[0] + 1e-9 * mapped)
 
 
+def test_fsdps_copies_into_fresh_blocks_are_costed_in_the_passes_they_sit_beside_not_in_its_optimizer_step():
+    """As a trace of it shows them: the gathered parameters copied out before a unit's forward and backward, its
+    gradient copied into the reduce-scatter's input after its backward."""
+    def span_s(hardware: Hardware) -> dict[str, float]:
+        spans = predict_step("fsdp", "paper", 2, 8, hardware, 10).timeline[0]
+        return {name: sum(span.end_s - span.start_s for span in spans if span.name == name)
+                for name in ("fc6 forward", "fc6 backward", "optimizer step")}
+
+    copied, plain = span_s(dataclasses.replace(by_hand(), fresh_copy_s_per_byte={"1": 1e-9})), span_s(by_hand())
+    fc6_bytes = 4 * 37_748_736
+    assert copied["fc6 forward"] == pytest.approx(plain["fc6 forward"] + 1e-9 * fc6_bytes)
+    assert copied["fc6 backward"] == pytest.approx(plain["fc6 backward"] + 2e-9 * fc6_bytes)
+    assert copied["optimizer step"] == pytest.approx(plain["optimizer step"])
+
+
 def test_a_process_keeps_beyond_its_tensors_the_profiles_fixed_bytes_and_its_shares_of_its_activations_and_gathers():
     """On 2 cores one process runs 2 threads, each of 2 ranks one; the paper split's two towers share a process (and
     their activations); a rank of a group keeps more, and FSDP's gathered parameters and gradients keep their own

@@ -95,6 +95,18 @@ def test_a_layers_backward_span_lasts_until_the_hooks_on_each_of_its_gradients_a
     assert backward["dur"] >= 0.06e6
 
 
+def test_a_layers_forward_span_begins_before_the_hooks_a_layout_put_on_the_layer():
+    """FSDP2 gathers a layer's parameters and copies them out in a forward pre-hook of its own, registered first."""
+    net = nn.Sequential(OrderedDict(fc=nn.Linear(4, 4)))
+    net.fc.register_forward_pre_hook(lambda *_: time.sleep(0.03))
+    tracer = Tracer(0, active=True)
+    tracer.watch(SimpleNamespace(ledger=SimpleNamespace(clock=HostClock()), parts_held=[(0, net)]),
+                 torch.optim.SGD(net.parameters(), lr=0.1))
+    net(torch.ones(2, 4))
+    (forward,) = [event for event in tracer.events() if event.get("name") == "fc forward"]
+    assert forward["dur"] >= 0.03e6
+
+
 def test_a_wait_on_a_link_is_cut_out_of_the_compute_span_it_falls_in():
     spans = [("fc6 backward", COMPUTE, 0.0, 10.0), ("gradients backward", COMMUNICATION, 6.0, 10.0),
              ("conv1 backward", COMPUTE, 10.0, 20.0), ("conv1-input backward", COMMUNICATION, 12.0, 15.0)]
