@@ -1,10 +1,10 @@
 """`train --trace`: a timeline of a few steps after warm-up on every rank, as a Chrome trace (OUTPUT/trace.json,
 one process per rank; Perfetto and chrome://tracing open it).
 
-Spans, by the clock of the device the rank computes on (timing.py: CUDA events on the stream that runs the work
-on a GPU, the host's perf counter on a CPU), placed on the wall clock so that the ranks of one host line up: each
-weight layer's forward (its module's forward hooks, the first before any a layout put there) and backward (from the
-moment its output's gradient is wanted, a hook on that output's autograd node, to the moment its parameters'
+Spans, by the clock of the device the rank computes on (timing.py: CUDA events on the stream that runs the work on a
+GPU, the host's perf counter on a CPU), placed on the wall clock so that the ranks of one host line up: each weight
+layer's forward (its module's forward hooks, each before any a layout put there) and backward (from the moment its
+output's gradient is ready, a hook on that output before any a layout put there, to the moment its parameters'
 gradients are accumulated and the hooks on their accumulation have run: DDP's copies into its buckets); each link's
 wait, as the ledger times it (on a GPU, how long the stream stalled on it), cut out of any span it falls in; the
 data wait (the host's); the optimizer's step.
@@ -90,9 +90,9 @@ class Tracer:
         def after(module: nn.Module, args: Any, output: Any) -> None:
             self.add(f"{name} forward", COMPUTE, forward_started.pop(), self.clock.stamp())
             if self.active and isinstance(output, torch.Tensor) and output.grad_fn is not None:
-                output.grad_fn.register_prehook(backward_began)
+                output.register_hook(backward_began)
 
-        def backward_began(grads: Any) -> None:
+        def backward_began(gradient: Any) -> None:
             latest.clear()
             backward_started.append(self.clock.stamp())
 
@@ -104,10 +104,11 @@ class Tracer:
             elif latest and self.active:  # not into a step after the last traced
                 self.spans[latest[0]] = (*self.spans[latest[0]][:3], self.clock.stamp())
 
-        # Before the hooks a layout put there first (FSDP2 gathers the layer's parameters and copies them out): their
-        # waits are cut out of the span (`without_waits`), their copies are the layer's forward.
+        # Before the hooks a layout put there first: FSDP2 gathers the layer's parameters and copies them out before
+        # its forward, and after it hooks its output to do the same before its backward; the waits are cut out of
+        # the spans (`without_waits`), the copies are the layer's passes.
         layer.register_forward_pre_hook(before, prepend=True)
-        layer.register_forward_hook(after)
+        layer.register_forward_hook(after, prepend=True)
         for parameter in layer.parameters(recurse=False):
             if parameter.requires_grad:
                 # The hooks on a gradient's accumulator (DDP's copy into its bucket, its launch of the bucket's

@@ -95,16 +95,21 @@ def test_a_layers_backward_span_lasts_until_the_hooks_on_each_of_its_gradients_a
     assert backward["dur"] >= 0.06e6
 
 
-def test_a_layers_forward_span_begins_before_the_hooks_a_layout_put_on_the_layer():
-    """FSDP2 gathers a layer's parameters and copies them out in a forward pre-hook of its own, registered first."""
+def test_a_layers_passes_begin_before_the_hooks_a_layout_put_on_the_layer():
+    """FSDP2 gathers a layer's parameters and copies them out in a forward pre-hook of its own, registered first, and
+    again before the backward in a hook it puts on the layer's output after the forward."""
+    def before_backward(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        output.register_hook(lambda _: time.sleep(0.03))
+
     net = nn.Sequential(OrderedDict(fc=nn.Linear(4, 4)))
     net.fc.register_forward_pre_hook(lambda *_: time.sleep(0.03))
+    net.fc.register_forward_hook(before_backward)
     tracer = Tracer(0, active=True)
     tracer.watch(SimpleNamespace(ledger=SimpleNamespace(clock=HostClock()), parts_held=[(0, net)]),
                  torch.optim.SGD(net.parameters(), lr=0.1))
-    net(torch.ones(2, 4))
-    (forward,) = [event for event in tracer.events() if event.get("name") == "fc forward"]
-    assert forward["dur"] >= 0.03e6
+    net(torch.ones(2, 4)).sum().backward()
+    durations = {event["name"]: event["dur"] for event in tracer.events() if event["ph"] == "X"}
+    assert durations["fc forward"] >= 0.03e6 and durations["fc backward"] >= 0.03e6
 
 
 def test_a_wait_on_a_link_is_cut_out_of_the_compute_span_it_falls_in():
