@@ -80,6 +80,14 @@ def test_a_tracer_reads_its_clocks_spans_when_it_writes_them_and_places_them_on_
                      "data wait (next batch)": pytest.approx((1010e6, 0.5e6))}
 
 
+def watching(net: nn.Module) -> Tracer:
+    """A tracer on `net`'s layers, as a one-rank layout holding it whole would have it, tracing."""
+    tracer = Tracer(0, active=True)
+    tracer.watch(SimpleNamespace(ledger=SimpleNamespace(clock=HostClock()), parts_held=[(0, net)]),
+                 torch.optim.SGD(net.parameters(), lr=0.1))
+    return tracer
+
+
 def test_a_layers_backward_span_lasts_until_the_hooks_on_each_of_its_gradients_accumulation_have_run():
     """DDP copies each gradient into its bucket in such a hook, registered before the tracer's, before the next
     layer's backward begins: those copies are the layer's backward, not a gap after it."""
@@ -87,9 +95,7 @@ def test_a_layers_backward_span_lasts_until_the_hooks_on_each_of_its_gradients_a
     accumulators = [get_gradient_edge(parameter).node for parameter in (net.fc.weight, net.fc.bias)]
     for accumulator in accumulators:
         accumulator.register_hook(lambda *_: time.sleep(0.03))
-    tracer = Tracer(0, active=True)
-    tracer.watch(SimpleNamespace(ledger=SimpleNamespace(clock=HostClock()), parts_held=[(0, net)]),
-                 torch.optim.SGD(net.parameters(), lr=0.1))
+    tracer = watching(net)
     net(torch.ones(2, 4)).sum().backward()
     (backward,) = [event for event in tracer.events() if event.get("name") == "fc backward"]
     assert backward["dur"] >= 0.06e6
@@ -104,9 +110,7 @@ def test_a_layers_passes_begin_before_the_hooks_a_layout_put_on_the_layer():
     net = nn.Sequential(OrderedDict(fc=nn.Linear(4, 4)))
     net.fc.register_forward_pre_hook(lambda *_: time.sleep(0.03))
     net.fc.register_forward_hook(before_backward)
-    tracer = Tracer(0, active=True)
-    tracer.watch(SimpleNamespace(ledger=SimpleNamespace(clock=HostClock()), parts_held=[(0, net)]),
-                 torch.optim.SGD(net.parameters(), lr=0.1))
+    tracer = watching(net)
     net(torch.ones(2, 4)).sum().backward()
     durations = {event["name"]: event["dur"] for event in tracer.events() if event["ph"] == "X"}
     assert durations["fc forward"] >= 0.03e6 and durations["fc backward"] >= 0.03e6

@@ -320,7 +320,7 @@ def computed_side_by_side(parts_ops: list[list[Op]], start: float,
             if left[p][position[p]] <= 1e-12 * max(1.0, now):
                 name, category, _ = parts_ops[p][position[p]]
                 timeline[p].append(Span(name, category, begun[p], now))
-                left[p][position[p]], position[p], begun[p] = 0.0, position[p] + 1, now
+                position[p], begun[p] = position[p] + 1, now
 
 
 def up_to_each_collective(ops: list[Op]) -> list[tuple[list[Op], Op | None]]:

@@ -160,9 +160,9 @@ class FSDPCosts(DataParallelCosts):
         reduce-scatter's input after its backward. The all-gather's and reduce-scatter's outputs are fresh inside the
         collectives' calibrated time (calibrate times the flat forms into fresh tensors), the whole gradient among the
         layer's own blocks (calibrate's `fresh_bytes`)."""
-        units = unit_weights(arch.name, num_classes)
-        return {key: copies * weights * torch.float32.itemsize for name, weights in units.items()
-                if mapped_afresh(weights * torch.float32.itemsize)
+        weights = unit_weights(arch.name, num_classes)
+        units = {name: elements * torch.float32.itemsize for name, elements in weights.items()}
+        return {key: copies * unit for name, unit in units.items() if mapped_afresh(unit)
                 for key, copies in (((name, FORWARD), 1), ((name, BACKWARD), 2))}
 
     @classmethod
