@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,7 @@ from alexnet_mp.hardware import DEFAULT_PATH, PRESETS, Hardware
 from alexnet_mp.malloc import steady_malloc
 from alexnet_mp.model import ARCH_HELP, ARCHITECTURES
 from alexnet_mp.preflight import check_run, check_writable, check_writable_file
-from alexnet_mp.strategies import LAYOUTS, REFERENCE, all_options, layout_label, layout_named
+from alexnet_mp.strategies import LAYOUTS, REFERENCE, all_options, layout_named
 from alexnet_mp.tracking import hold_output
 from alexnet_mp.world import launched, leave_group, stop_with_launcher
 
@@ -143,51 +144,53 @@ def plan(args: argparse.Namespace) -> None:
 
     if args.output_dir:
         check_writable(Path(args.output_dir), "--output-dir")
+    if args.links and not args.hardware:
+        raise UsageError("--links lends its collectives to a --hardware profile: add --hardware FILE")
     gpus, links = _numbers(args.gpus, int, "--gpus"), _numbers(args.link_gbps, float, "--link-gbps")
     per_gpu = args.batch_per_gpu is not None
     batch = args.batch_per_gpu if per_gpu else args.batch
     options = {name: getattr(args, name) for name in all_options()}
-    if args.hardware:
-        print(hardware_plan(args, gpus, batch, per_gpu, options))
-        return
-    predictions = predict(gpus, args.arch, batch, args.device_tflops, args.num_classes, options, per_gpu)
-    if not predictions:
-        raise UsageError(f"no layout runs a batch of {batch}{' per GPU' if per_gpu else ''} on {args.gpus} GPUs; "
-                         "use counts that divide it")
-    table = plan_table(predictions, links, one_gpu(args.arch, batch, args.device_tflops, args.num_classes))
     scaling = f"{batch} images per GPU" if per_gpu else f"global batch {batch}"
-    title = (f"Predicted per step: {args.arch} net, {scaling}, {args.device_tflops:g} TFLOP/s sustained per GPU, "
-             f"fp32 links; speed-ups over one GPU at {batch} images")
-    text = f"{title}\n\n{shares(args.arch, args.num_classes)}\n\n{table}\n"
+    if args.hardware:
+        text, draw = hardware_plan(args, gpus, batch, per_gpu, options, scaling)
+    else:
+        predictions = predict(gpus, args.arch, batch, args.device_tflops, args.num_classes, options, per_gpu)
+        _check_planned(predictions, batch, per_gpu, args.gpus)
+        table = plan_table(predictions, links, one_gpu(args.arch, batch, args.device_tflops, args.num_classes))
+        title = (f"Predicted per step: {args.arch} net, {scaling}, {args.device_tflops:g} TFLOP/s sustained per GPU, "
+                 f"fp32 links; speed-ups over one GPU at {batch} images")
+        text = f"{title}\n\n{shares(args.arch, args.num_classes)}\n\n{table}\n"
+        draw = partial(plot_plan, predictions, links)
     print(text)
     if args.output_dir:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "plan.md").write_text(text + "\n![plan](plan.png)\n")
-        plot_plan(predictions, links, out / "plan.png")
+        draw(out / "plan.png")
         print(f"wrote {out / 'plan.md'} and {out / 'plan.png'}")
 
 
-def hardware_plan(args: argparse.Namespace, gpus: list[int], batch: int, per_gpu: bool, options: dict) -> str:
-    """`plan --hardware`: every layout's step on each rank count, walked over the profile."""
-    from alexnet_mp.hardware import load
-    from alexnet_mp.plan import layout_config, layouts
-    from alexnet_mp.predict import predict_step
-    from alexnet_mp.report import markdown_table
+def hardware_plan(args: argparse.Namespace, gpus: list[int], batch: int, per_gpu: bool, options: dict,
+                  scaling: str) -> tuple[str, Callable[[Path], Path]]:
+    """`plan --hardware`: every layout's step on each rank count, walked over the profile (its collectives
+    --links'); the text, and what draws it."""
+    from alexnet_mp.hardware import load, with_links
+    from alexnet_mp.plan import plan_on, planned_table, plot_planned
 
-    hardware, rows = load(args.hardware), []
-    for count in gpus:
-        global_batch = batch * count if per_gpu else batch
-        for mode in layouts(count, args.arch, global_batch, options):
-            given = layout_config(mode, args.arch, global_batch, options).options
-            p = predict_step(mode, args.arch, count, global_batch, hardware, args.num_classes, given)
-            rows.append([layout_label({"mode": mode, **given}), str(count), str(global_batch),
-                         f"{1000 * p.step_s:.2f}", f"{1000 * max(p.compute_s):.2f}", f"{1000 * max(p.comm_s):.2f}",
-                         f"{global_batch / p.step_s:,.0f}", f"{max(p.bytes_per_rank) / 2**20:.1f}",
-                         f"{max(p.memory_bytes) / 2**20:.0f}"])
-    header = ["mode", "ranks", "global batch", "step ms", "compute ms (busiest rank)",
-              "collectives ms (most on a rank)", "images/s", "MiB sent/rank/step (max)", "memory MiB/rank (max)"]
-    return f"Predicted on {hardware.name} ({hardware.source}), {args.arch} net\n\n{markdown_table(header, rows)}"
+    hardware = load(args.hardware)
+    if args.links:
+        hardware = with_links(hardware, load(args.links))
+    planned = plan_on(hardware, gpus, args.arch, batch, args.num_classes, options, per_gpu)
+    _check_planned(planned, batch, per_gpu, args.gpus)
+    title = f"Predicted on {hardware.name} ({hardware.provenance}), {args.arch} net, {scaling}"
+    text = f"{title}\n\n{planned_table(planned)}\n"
+    return text, partial(plot_planned, planned, f"{hardware.name}, {args.arch} net, {scaling}")
+
+
+def _check_planned(planned: Sequence[object], batch: int, per_gpu: bool, gpus: str) -> None:
+    if not planned:
+        raise UsageError(f"no layout runs a batch of {batch}{' per GPU' if per_gpu else ''} on {gpus} GPUs; "
+                         "use counts that divide it")
 
 
 def _numbers(text: str, kind: type, flag: str) -> list:
@@ -312,6 +315,8 @@ def parser() -> argparse.ArgumentParser:
     add_layout_options(model, defaults=True)
     model.add_argument("--hardware", help="a hardware profile (`calibrate --output FILE`) or a preset: "
                                            f"{', '.join(PRESETS)}; instead of --device-tflops and --link-gbps")
+    model.add_argument("--links", help="with --hardware: its collectives from this profile or preset instead (a "
+                                       "profile calibrated on one GPU, planned on more: --links h100-nvlink)")
     model.add_argument("--arch", default="paper", choices=sorted(ARCHITECTURES), help=ARCH_HELP)
     model.add_argument("--num-classes", type=POSITIVE_INT, default=1000)
     model.add_argument("--output-dir", help="write plan.md and plan.png there too (default: print only)")

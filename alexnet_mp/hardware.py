@@ -13,7 +13,7 @@ import bisect
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,12 @@ class Hardware:
     # per threads a rank runs: seconds of calibrate's probe (`calibrate.probe`: a sweep of every layer of the net it
     # measured), which `bench` runs again to see how far the machine has drifted; none in a preset
     probe_s: dict[str, float] = field(default_factory=dict)
+    links_source: str = ""  # where the collectives' figures come from, where not from `source`
+
+    @property
+    def provenance(self) -> str:
+        """Where its figures come from: its source, and its links' where they come from elsewhere."""
+        return f"{self.source}; links: {self.links_source}" if self.links_source else self.source
 
     def threads(self, ranks: int) -> int:
         """The threads each of `ranks` ranks runs: the cores split evenly, at least one."""
@@ -188,7 +194,8 @@ class Hardware:
         known = self.collectives.get(str(ranks)) or self.collectives.get("any")
         if not known or kind not in known:
             raise UsageError(f"the hardware profile {self.name!r} has no {kind} over {ranks} ranks: run `python -m "
-                             f"alexnet_mp calibrate --ranks {ranks}`, or give a profile that has it")
+                             f"alexnet_mp calibrate --ranks {ranks}`, or give a profile that has it (`plan --links "
+                             "PRESET` lends a preset's)")
         return known[kind]
 
     def to_json(self) -> dict[str, Any]:
@@ -211,9 +218,10 @@ def pass_s(images: list[float], seconds: list[float], at: float) -> float:
 # A100 SXM: NVLink 3, 600 GB/s both ways; about 230 GB/s bus bandwidth in nccl-tests; compute at the H100's rate
 # scaled by the bf16 dense peaks (312 against 989 TFLOP/s, NVIDIA's datasheets). PCIe 4 x16: 32 GB/s one way,
 # about 22 GB/s reached by NCCL through the host.
-def _preset(name: str, source: str, tflops: float, bus_gb_s: float, latency_s: float) -> Hardware:
+def _preset(name: str, source: str, links_source: str, tflops: float, bus_gb_s: float, latency_s: float) -> Hardware:
     link = Collective(latency_s, bus_gb_s * 1e9)
-    return Hardware(name, source, "nccl", None, tflops=tflops, collectives={"any": dict.fromkeys(KINDS, link)})
+    return Hardware(name, source, "nccl", None, tflops=tflops, collectives={"any": dict.fromkeys(KINDS, link)},
+                    links_source=links_source)
 
 
 # A preset times every layer at one rate, whatever its kind, net, precision and images a pass; the source says so,
@@ -222,13 +230,13 @@ ONE_RATE = "every layer at one rate, the paper net's step on one H100 in bf16, c
            "here, 2026-11-23)"
 
 PRESETS = {
-    "h100-nvlink": _preset("h100-nvlink", f"one H100 SXM node over NVLink 4: {ONE_RATE}; links from nccl-tests' bus "
-                           "bandwidth", 69.4, 360.0, 15e-6),
+    "h100-nvlink": _preset("h100-nvlink", f"one H100 SXM node over NVLink 4: {ONE_RATE}",
+                           "nccl-tests' bus bandwidth on NVLink 4, 360 GB/s, and 15 us", 69.4, 360.0, 15e-6),
     "a100-nvlink": _preset("a100-nvlink", f"one A100 SXM node over NVLink 3: {ONE_RATE}, x 312/989 (the "
-                           "datasheets' bf16 peaks); links from nccl-tests' bus bandwidth", 69.4 * 312 / 989, 230.0,
-                           15e-6),
-    "h100-pcie": _preset("h100-pcie", f"H100s on PCIe 4 x16 through the host: {ONE_RATE}; 22 GB/s", 69.4, 22.0,
-                         30e-6),
+                           "datasheets' bf16 peaks)", "nccl-tests' bus bandwidth on NVLink 3, 230 GB/s, and 15 us",
+                           69.4 * 312 / 989, 230.0, 15e-6),
+    "h100-pcie": _preset("h100-pcie", f"H100s on PCIe 4 x16 through the host: {ONE_RATE}",
+                         "NCCL through the host on PCIe 4 x16, 22 GB/s, and 30 us", 69.4, 22.0, 30e-6),
 }
 
 
@@ -250,6 +258,16 @@ def load(name_or_path: str | Path) -> Hardware:
     except (KeyError, TypeError, ValueError) as error:
         raise UsageError(f"{path} is not a hardware profile this program reads ({error}): run `python -m "
                          "alexnet_mp calibrate` again") from None
+
+
+def with_links(device: Hardware, links: Hardware) -> Hardware:
+    """`device`'s compute and memory, joined by `links`' collectives: a machine calibrated on one GPU, planned on
+    several over links it does not have."""
+    if not links.collectives:
+        raise UsageError(f"the hardware profile {links.name!r} has no collectives to lend: name a preset "
+                         f"({', '.join(PRESETS)}), or a profile calibrated with --ranks 2 or more")
+    return replace(device, name=f"{device.name}, {links.name}'s links", backend=links.backend,
+                   collectives=links.collectives, links_source=f"{links.name}'s, {links.links_source or links.source}")
 
 
 def _positive(value: Any, what: str) -> float:
@@ -328,4 +346,5 @@ def _parsed(raw: Any) -> Hardware:
                     None if tflops is None else _positive(tflops, "tflops"),
                     {str(t): {kernel: _positive(rates[kernel], f"optimizer_s_per_parameter.{t}.{kernel}")
                               for kernel in KERNELS} for t, rates in raw.get("optimizer_s_per_parameter", {}).items()},
-                    accumulation, collectives, fresh, pages, resident, slowdown, probed)
+                    accumulation, collectives, fresh, pages, resident, slowdown, probed,
+                    str(raw.get("links_source", "")))

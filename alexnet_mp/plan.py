@@ -18,16 +18,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs, memory_bytes, training_flops
 from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES
-from alexnet_mp.predict import plan_parts
+from alexnet_mp.predict import StepPrediction, plan_parts, predict_step
 from alexnet_mp.report import markdown_table
 from alexnet_mp.strategies import LAYOUTS, REFERENCE, layout_label
 from alexnet_mp.strategies.costs import CONV_FEATURES, hidden_by_rounds
+
+if TYPE_CHECKING:
+    from alexnet_mp.hardware import Hardware
 
 GRADIENT_LINKS = ("gradients", "conv-gradients")  # gradient reductions that overlap the backward pass
 BACKWARD_SHARE = 2 / 3  # of a step's FLOPs (see cost.training_flops)
@@ -129,6 +132,42 @@ def plan(gpu_counts: list[int], arch: str, batch: int, device_tflops: float, num
     return predictions
 
 
+@dataclass(frozen=True)
+class Planned:
+    """A layout's step on a hardware profile, walked by the cost model (predict.py)."""
+
+    layout: str  # the mode, with the options it was planned with
+    gpus: int
+    batch: int  # the global batch
+    step: StepPrediction
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch / self.step.step_s
+
+
+def plan_on(hardware: Hardware, gpu_counts: list[int], arch: str, batch: int, num_classes: int = 1000,
+            options: Mapping[str, Any] | None = None, per_gpu: bool = False) -> list[Planned]:
+    """`plan`, each step walked over `hardware`'s figures instead of one rate and one link speed."""
+    planned = []
+    for gpus in gpu_counts:
+        global_batch = batch * gpus if per_gpu else batch
+        for mode in layouts(gpus, arch, global_batch, options):
+            given = layout_config(mode, arch, global_batch, options).options
+            step = predict_step(mode, arch, gpus, global_batch, hardware, num_classes, given)
+            planned.append(Planned(layout_label({"mode": mode, **given}), gpus, global_batch, step))
+    return planned
+
+
+def planned_table(planned: list[Planned]) -> str:
+    header = ["mode", "ranks", "global batch", "step ms", "compute ms (busiest rank)",
+              "collectives ms (most on a rank)", "images/s", "MiB sent/rank/step (max)", "memory MiB/rank (max)"]
+    rows = [[p.layout, str(p.gpus), str(p.batch), f"{1000 * p.step.step_s:.2f}", f"{1000 * max(p.step.compute_s):.2f}",
+             f"{1000 * max(p.step.comm_s):.2f}", f"{p.images_per_s:,.0f}",
+             f"{max(p.step.bytes_per_rank) / 2**20:.1f}", f"{max(p.step.memory_bytes) / 2**20:.0f}"] for p in planned]
+    return markdown_table(header, rows)
+
+
 def one_gpu(arch: str, batch: int, device_tflops: float, num_classes: int = 1000) -> Prediction:
     """What speed-ups are measured against: the reference on one GPU at one GPU's batch."""
     return predict(REFERENCE, arch, 1, batch, device_tflops, num_classes)
@@ -164,23 +203,50 @@ def plan_table(predictions: list[Prediction], link_gbps: list[float], baseline: 
 
 
 def plot_plan(predictions: list[Prediction], link_gbps: list[float], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, axes = plt.subplots(1, len(link_gbps), figsize=(4.5 * len(link_gbps), 4), sharey=True, squeeze=False)
-    modes = list(dict.fromkeys(p.layout for p in predictions))
     for axis, gbps in zip(axes[0], link_gbps, strict=True):
-        for mode in modes:
+        for mode in dict.fromkeys(p.layout for p in predictions):
             points = [p for p in predictions if p.layout == mode]
             gpus = [p.gpus for p in points]
             line, = axis.plot(gpus, [p.images_per_s(gbps) for p in points], marker="o", label=mode)
             axis.plot(gpus, [p.images_per_s(gbps, overlap=False) for p in points], linestyle="--",
                       color=line.get_color())
-        axis.set(xscale="log", xlabel="GPUs", title=f"{gbps:g} GB/s links", ylabel="predicted images/s")
-        axis.set_xticks(sorted({p.gpus for p in predictions}), labels=map(str, sorted({p.gpus for p in predictions})))
+        _scaling_axis(axis, f"{gbps:g} GB/s links", [p.gpus for p in predictions])
     axes[0][0].legend(title="solid: overlapped, dashed: serial", fontsize="small")
+    return _saved(figure, out)
+
+
+def plot_planned(planned: list[Planned], title: str, out: Path) -> Path:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for mode in dict.fromkeys(p.layout for p in planned):
+        points = [p for p in planned if p.layout == mode]
+        axis.plot([p.gpus for p in points], [p.images_per_s for p in points], marker="o", label=mode)
+    _scaling_axis(axis, title, [p.gpus for p in planned])
+    axis.legend(fontsize="small")
+    return _saved(figure, out)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _scaling_axis(axis: Any, title: str, gpus: list[int]) -> None:
+    counts = sorted(set(gpus))
+    axis.set(xscale="log", xlabel="GPUs", title=title, ylabel="predicted images/s")
+    axis.set_xticks(counts, labels=map(str, counts))
+    axis.minorticks_off()  # a log axis labels its minor ticks too: 3 x 10^0
+
+
+def _saved(figure: Any, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     figure.savefig(out, dpi=100)
     plt.close(figure)

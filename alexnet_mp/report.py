@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from alexnet_mp.cost import LayerCost, held_shares, layer_costs
 from alexnet_mp.model import ARCHITECTURES, tower_block
 from alexnet_mp.predict import HELD_HEADER, Held, StepFigures, held_said, held_table, predict_step
-from alexnet_mp.strategies import LAYOUTS
+from alexnet_mp.strategies import LAYOUTS, REFERENCE
 from alexnet_mp.tracking import CorruptRecord, read_metrics, run_label
 
 if TYPE_CHECKING:
@@ -132,9 +132,9 @@ def _median(values: list[float]) -> float:
 
 
 def comparison_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
-    reference = next((run for run in runs if run.config["mode"] == "single"), None)
+    reference = next((run for run in runs if run.config["mode"] == REFERENCE), None)
     header = ["run", "arch", "global batch", "images/s (min-max)", "step ms: compute + comm wait + data wait",
-              "bytes sent/step per rank", "peak MiB per rank", "final loss", "max loss diff vs single"]
+              "bytes sent/step per rank", "peak MiB per rank", "final loss", f"max loss diff vs {REFERENCE}"]
     rows = []
     for run in runs:
         speed = run.steady(run.images_per_s)
@@ -265,7 +265,7 @@ def compare(directories: list[Path], out: Path, hardware: Hardware | None = None
     (out / "comparison.md").write_text(comparison.table + "\n\n" + held_section(held, hardware) + "\n\n" +
                                        span_section(comparison.spans) +
                                        "\n".join(f"![{p.stem}]({p.name})" for p in comparison.plots) + "\n")
-    record = {"hardware": None if hardware is None else {"name": hardware.name, "source": hardware.source},
+    record = {"hardware": None if hardware is None else {"name": hardware.name, "source": hardware.provenance},
               "runs": [{**h.to_json(), **({"rank_0_spans": spans[h.run]} if spans[h.run] else {})} for h in held]
               or [{"run": run.label, "measured": asdict(measured(run))} for run in runs]}
     (out / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -279,7 +279,7 @@ def held_section(held: list[Held], hardware: Hardware | None,
     given."""
     if hardware is None:
         return "No hardware profile given: no step predicted (`python -m alexnet_mp calibrate`, then `--hardware`)."
-    return (f"## Predicted beside measured: {hardware.name} ({hardware.source})\n\n"
+    return (f"## Predicted beside measured: {hardware.name} ({hardware.provenance})\n\n"
             f"{markdown_table(HELD_HEADER, held_table(held))}\n\n{held_said(held, launches)}")
 
 

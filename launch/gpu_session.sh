@@ -28,6 +28,9 @@ fi
 if [[ $parts == *calibrate* ]]; then  # the GPU's own profile, which bench then holds its one-GPU step to
     timeout 240 python3 -m alexnet_mp calibrate --ranks "$(nvidia-smi -L | wc -l)" --batch 256 \
         --output "$out/hardware.json" 2>&1 | tail -5
+    # the GPU's own layer times planned on more GPUs, over NVLink's figures
+    [[ -f "$out/hardware.json" ]] && python3 -m alexnet_mp plan --gpus 1,2,4,8 --batch 256 --hardware \
+        "$out/hardware.json" --links h100-nvlink --output-dir "$out/plan" 2>&1 | tail -25
 fi
 profile() {  # profile NAME [profile_step.py flags]: the fastest step, at batch 256
     local name=$1; shift

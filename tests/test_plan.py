@@ -81,6 +81,20 @@ def test_plan_command_prints_a_table_and_draws_a_plot(tmp_path, capsys):
     assert matplotlib.image.imread(tmp_path / "plan.png").shape[2] in (3, 4)
 
 
+def test_plan_on_a_profile_writes_its_table_and_plot_where_told(tmp_path, capsys):
+    result = in_process(capsys, "plan", "--gpus", "1,2", "--batch", "64", "--hardware", "h100-nvlink",
+                        "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "| paper-split | 2 | 64 |" in (tmp_path / "plan.md").read_text()
+    assert matplotlib.image.imread(tmp_path / "plan.png").shape[2] in (3, 4)
+
+
+@pytest.mark.parametrize("profile", [[], ["--hardware", "h100-nvlink"]])
+def test_plan_refuses_a_batch_no_layout_can_split_in_one_line(profile, capsys):
+    result = in_process(capsys, "plan", "--gpus", "3", "--batch", "1", *profile)
+    assert result.returncode == 2 and "no layout runs a batch of 1 on 3 GPUs" in one_line_error(result)
+
+
 def test_plan_predicts_the_papers_scaling_speed_ups_over_one_gpu(capsys):
     """128 images per GPU, the 2014 paper's scheme (b): each row's speed-up is over one GPU at 128 images."""
     result = in_process(capsys, "plan", "--gpus", "1,2,4,8", "--batch-per-gpu", "128", "--exchange", "one-at-a-time",

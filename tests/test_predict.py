@@ -30,7 +30,7 @@ from alexnet_mp.cost import (
     step_blocks,
 )
 from alexnet_mp.errors import UsageError
-from alexnet_mp.hardware import KINDS, PRESETS, Collective, Hardware, ResidentOverhead, load, pass_s
+from alexnet_mp.hardware import KINDS, PRESETS, Collective, Hardware, ResidentOverhead, load, pass_s, with_links
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.malloc import LargeBlocks
 from alexnet_mp.model import PAPER, build_model
@@ -440,7 +440,7 @@ def test_a_profile_reads_back_as_written(tmp_path):
                        accumulate_s_per_byte={"1": 2e-10}, collectives={"2": {"all-reduce": LINK, "send": TIMED_LINK}},
                        fresh_copy_s_per_byte={"1": 5e-10}, fresh_page_s_per_byte={"1": 4e-10},
                        resident_overhead={"1": ResidentOverhead(1e8, 0.5, 2e7, 0.3)},
-                       shared_slowdown={"2": 1.05}, probe_s={"1": 0.9})
+                       shared_slowdown={"2": 1.05}, probe_s={"1": 0.9}, links_source="another machine's")
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
     assert load(tmp_path / "profile.json") == profile
 
@@ -456,6 +456,43 @@ def test_plan_on_a_preset_says_it_times_every_layer_at_one_rate(capsys):
     """Another net, precision or pass size runs at another rate on the same GPU: the reader is told."""
     result = in_process(capsys, "plan", "--gpus", "2", "--batch", "256", "--hardware", "a100-nvlink")
     assert "every layer at one rate" in result.stdout.splitlines()[0]
+
+
+def one_device_profile(tmp_path: Path) -> Path:
+    """A profile of one GPU, as `calibrate` writes on a machine that has one: no collectives."""
+    path = tmp_path / "one-gpu.json"
+    path.write_text(json.dumps(Hardware("one gpu", "a test", "nccl", None, tflops=50.0).to_json()))
+    return path
+
+
+def test_links_lend_a_profile_of_one_device_their_collectives_and_leave_its_compute():
+    one = Hardware("one gpu", "a test", "nccl", None, tflops=50.0)
+    joined = with_links(one, PRESETS["h100-pcie"])
+    assert joined.collectives == PRESETS["h100-pcie"].collectives and joined.tflops == 50.0
+    assert predict_step("data-parallel", "paper", 2, 64, joined, 10).step_s == pytest.approx(predict_step(
+        "data-parallel", "paper", 2, 64, dataclasses.replace(one, collectives=PRESETS["h100-pcie"].collectives),
+        10).step_s)
+
+
+def test_plan_with_links_plans_a_profile_of_one_gpu_on_several_and_says_where_each_figure_comes_from(tmp_path,
+                                                                                                      capsys):
+    result = in_process(capsys, "plan", "--gpus", "1,2", "--batch", "64", "--hardware",
+                        str(one_device_profile(tmp_path)), "--links", "h100-nvlink")
+    assert result.returncode == 0, result.stderr
+    assert "| data-parallel | 2 | 64 |" in result.stdout
+    assert "(a test; links: h100-nvlink's, nccl-tests' bus bandwidth on NVLink 4" in result.stdout.splitlines()[0]
+
+
+def test_links_without_a_profile_to_lend_them_to_are_refused_in_one_line(capsys):
+    result = in_process(capsys, "plan", "--gpus", "2", "--links", "h100-nvlink")
+    assert result.returncode == 2
+    assert "--links lends its collectives to a --hardware profile: add --hardware FILE" in one_line_error(result)
+
+
+def test_links_from_a_profile_without_collectives_are_refused_in_one_line(tmp_path, capsys):
+    profile = str(one_device_profile(tmp_path))
+    result = in_process(capsys, "plan", "--gpus", "2", "--hardware", "h100-nvlink", "--links", profile)
+    assert result.returncode == 2 and "'one gpu' has no collectives to lend: name a preset" in one_line_error(result)
 
 
 @pytest.mark.parametrize(("text", "says"), [

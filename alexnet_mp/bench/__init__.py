@@ -49,7 +49,7 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
                   "measurements": [{**asdict(m), "median_images_per_s": m.median} for m in measurements],
                   "comparisons": [{**asdict(c), "verdict": c.verdict} for c in rows],
                   "predicted": [h.to_json() for h in held],
-                  "hardware": None if hardware is None else {"name": hardware.name, "source": hardware.source,
+                  "hardware": None if hardware is None else {"name": hardware.name, "source": hardware.provenance,
                                                              "drift": drifts}}
         (output / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
         (output / "bench.md").write_text(text)
