@@ -139,7 +139,7 @@ def compare(args: argparse.Namespace) -> None:
 
 def plan(args: argparse.Namespace) -> None:
     """Prints the prediction; writes plan.md and plan.png too where --output-dir says."""
-    from alexnet_mp.plan import one_gpu, plan_table, plot_plan, shares
+    from alexnet_mp.plan import not_planned, one_gpu, plan_table, plot_plan, shares
     from alexnet_mp.plan import plan as predict
 
     if args.output_dir:
@@ -161,6 +161,8 @@ def plan(args: argparse.Namespace) -> None:
                  f"fp32 links; speed-ups over one GPU at {batch} images")
         text = f"{title}\n\n{shares(args.arch, args.num_classes)}\n\n{table}\n"
         draw = partial(plot_plan, predictions, links)
+    if refused := not_planned(gpus, args.arch, batch, options, per_gpu):
+        text += "\nNot planned:\n" + "".join(f"- {line}\n" for line in refused)
     print(text)
     if args.output_dir:
         out = Path(args.output_dir)

@@ -88,16 +88,32 @@ def layout_config(mode: str, arch: str, batch: int, options: Mapping[str, Any] |
 def layouts(gpus: int, arch: str, batch: int = 128, options: Mapping[str, Any] | None = None) -> list[str]:
     """The modes that run a global batch of `batch` on `gpus` GPUs, one part of the net on each, by the layouts'
     own checks (with the options given); on one GPU, only the layout made for one (single)."""
-    names = []
-    for mode, cls in LAYOUTS.items():
-        if (cls.fixed_world_size == 1) != (gpus == 1) or cls.costs.parts(gpus) != gpus:
-            continue
-        try:
-            cls.check(gpus, layout_config(mode, arch, batch, options))
-        except UsageError:
-            continue
-        names.append(mode)
-    return names
+    return [mode for mode in _made_for(gpus) if _refusal(mode, gpus, arch, batch, options) is None]
+
+
+def not_planned(gpu_counts: list[int], arch: str, batch: int, options: Mapping[str, Any] | None = None,
+                per_gpu: bool = False) -> list[str]:
+    """Why each layout made for a GPU count is not planned on it: its own check's line, as `train` would say it."""
+    said = []
+    for gpus in gpu_counts:
+        global_batch = batch * gpus if per_gpu else batch
+        said += [f"on {gpus} GPUs: {refusal}" for mode in _made_for(gpus)
+                 if (refusal := _refusal(mode, gpus, arch, global_batch, options)) is not None]
+    return said
+
+
+def _made_for(gpus: int) -> list[str]:
+    """The modes that put one part of the net on each of `gpus` GPUs (on one GPU, only the one made for one)."""
+    return [mode for mode, cls in LAYOUTS.items()
+            if (cls.fixed_world_size == 1) == (gpus == 1) and cls.costs.parts(gpus) == gpus]
+
+
+def _refusal(mode: str, gpus: int, arch: str, batch: int, options: Mapping[str, Any] | None) -> str | None:
+    try:
+        LAYOUTS[mode].check(gpus, layout_config(mode, arch, batch, options))
+    except UsageError as refused:
+        return str(refused)
+    return None
 
 
 def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, num_classes: int = 1000,

@@ -95,6 +95,13 @@ def test_plan_refuses_a_batch_no_layout_can_split_in_one_line(profile, capsys):
     assert result.returncode == 2 and "no layout runs a batch of 1 on 3 GPUs" in one_line_error(result)
 
 
+@pytest.mark.parametrize("profile", [[], ["--hardware", "h100-nvlink"]])
+def test_plan_says_why_a_layout_it_leaves_out_cannot_run(profile, capsys):
+    result = in_process(capsys, "plan", "--gpus", "2", "--batch", "128", "--microbatches", "3", *profile)
+    assert result.returncode == 0 and "| pipeline" not in result.stdout
+    assert "- on 2 GPUs: --batch-size 128 does not split evenly for --mode pipeline" in result.stdout
+
+
 def test_plan_predicts_the_papers_scaling_speed_ups_over_one_gpu(capsys):
     """128 images per GPU, the 2014 paper's scheme (b): each row's speed-up is over one GPU at 128 images."""
     result = in_process(capsys, "plan", "--gpus", "1,2,4,8", "--batch-per-gpu", "128", "--exchange", "one-at-a-time",
