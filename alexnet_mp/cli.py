@@ -184,7 +184,8 @@ def hardware_plan(args: argparse.Namespace, gpus: list[int], batch: int, per_gpu
         hardware = with_links(hardware, load(args.links))
     planned = plan_on(hardware, gpus, args.arch, batch, args.num_classes, options, per_gpu)
     _check_planned(planned, batch, per_gpu, args.gpus)
-    title = f"Predicted on {hardware.name} ({hardware.provenance}), {args.arch} net, {scaling}"
+    title = (f"Predicted on {hardware.name} ({hardware.provenance}), {args.arch} net, {scaling}, as its layers ran: "
+             f"{hardware.variant.said()}")
     text = f"{title}\n\n{planned_table(planned)}\n"
     return text, partial(plot_planned, planned, f"{hardware.name}, {args.arch} net, {scaling}")
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from alexnet_mp.errors import UsageError
 from alexnet_mp.malloc import LargeBlocks
+from alexnet_mp.speed import EAGER, Speed, Variant
 
 FORMAT = 10
 # The collectives the layouts call; the `-single` forms gather into or scatter from one flat tensor (FSDP's and
@@ -101,11 +102,18 @@ class Hardware:
     # measured), which `bench` runs again to see how far the machine has drifted; none in a preset
     probe_s: dict[str, float] = field(default_factory=dict)
     links_source: str = ""  # where the collectives' figures come from, where not from `source`
+    variant: Variant = EAGER  # how the layers it times ran: a run in another precision or speed-up runs at other rates
 
     @property
     def provenance(self) -> str:
         """Where its figures come from: its source, and its links' where they come from elsewhere."""
         return f"{self.source}; links: {self.links_source}" if self.links_source else self.source
+
+    def check_times(self, run: Variant) -> None:
+        """Refuses, in one line, to predict a step that runs as `run` where this profile's layers ran otherwise."""
+        if run != self.variant:
+            raise UsageError(f"the hardware profile {self.name!r} times its layers in {self.variant.said()}, not "
+                             f"{run.said()} as this run: compare it with a profile of its own setting")
 
     def threads(self, ranks: int) -> int:
         """The threads each of `ranks` ranks runs: the cores split evenly, at least one."""
@@ -136,7 +144,8 @@ class Hardware:
                          for direction in ("forward", "backward"))
         if self.tflops is None:
             raise UsageError(f"the hardware profile {self.name!r} has no time for {layer} at {self.threads(ranks)} "
-                             f"thread(s) and no tflops: run `python -m alexnet_mp calibrate --ranks {ranks}`")
+                             f"thread(s) and no tflops: run `python -m alexnet_mp calibrate --ranks {ranks} --arch "
+                             f"{layer.split('.')[0]}`")
         forward = flops * samples / (self.tflops * 1e12) * self.sharing(ranks)
         return forward, 2 * forward
 
@@ -221,9 +230,10 @@ def pass_s(images: list[float], seconds: list[float], at: float) -> float:
 def _preset(name: str, source: str, links_source: str, tflops: float, bus_gb_s: float, latency_s: float) -> Hardware:
     link = Collective(latency_s, bus_gb_s * 1e9)
     return Hardware(name, source, "nccl", None, tflops=tflops, collectives={"any": dict.fromkeys(KINDS, link)},
-                    links_source=links_source)
+                    links_source=links_source, variant=FASTEST_STEP)
 
 
+FASTEST_STEP = Variant("bf16", Speed(channels_last=True, compile=True))  # how the step the presets' rate is of ran
 # A preset times every layer at one rate, whatever its kind, net, precision and images a pass; the source says so,
 # since another net, precision or pass size runs at another rate on the same GPU.
 ONE_RATE = "every layer at one rate, the paper net's step on one H100 in bf16, compiled, at 256 images (measured " \
@@ -318,6 +328,18 @@ def _parsed_collective(link: Any, kind: str) -> Collective:
                       _positive(link["bytes_per_s"], f"{kind} bytes_per_s"), measured)
 
 
+def _parsed_variant(raw: Any) -> Variant:
+    """How the layers were timed: fp32 or bf16, and each of `Speed`'s flags on or off (absent: the plain step)."""
+    if raw is None:
+        return EAGER
+    if raw["precision"] not in ("fp32", "bf16"):
+        raise ValueError(f"variant.precision must be fp32 or bf16, not {raw['precision']!r}")
+    flags = {flag: raw["speed"].get(flag, False) for flag in Speed().flags()}
+    if not all(isinstance(on, bool) for on in flags.values()):
+        raise ValueError(f"variant.speed's flags must be true or false, not {raw['speed']!r}")
+    return Variant(raw["precision"], Speed(**flags))
+
+
 def _parsed(raw: Any) -> Hardware:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ValueError(f"format must be {FORMAT}")
@@ -347,4 +369,4 @@ def _parsed(raw: Any) -> Hardware:
                     {str(t): {kernel: _positive(rates[kernel], f"optimizer_s_per_parameter.{t}.{kernel}")
                               for kernel in KERNELS} for t, rates in raw.get("optimizer_s_per_parameter", {}).items()},
                     accumulation, collectives, fresh, pages, resident, slowdown, probed,
-                    str(raw.get("links_source", "")))
+                    str(raw.get("links_source", "")), _parsed_variant(raw.get("variant")))

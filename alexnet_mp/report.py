@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alexnet_mp.cost import LayerCost, held_shares, layer_costs
+from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES, tower_block
 from alexnet_mp.predict import HELD_HEADER, Held, StepFigures, held_said, held_table, predict_step
+from alexnet_mp.speed import Variant
 from alexnet_mp.strategies import LAYOUTS, REFERENCE
 from alexnet_mp.tracking import CorruptRecord, read_metrics, run_label
 
@@ -252,35 +254,55 @@ def compare(directories: list[Path], out: Path, hardware: Hardware | None = None
     _tell_apart(runs)
     out.mkdir(parents=True, exist_ok=True)
     header, rows = comparison_rows(runs)
-    held = [held_run(run, hardware) for run in runs] if hardware else []
-    if held:
+    predicted, unpredicted = held_runs(runs, hardware) if hardware else ({}, {})
+    held = list(predicted.values())
+    if hardware:
         header = [*header, "predicted step ms (error)"]
-        rows = [[*row, f"{1000 * h.predicted.step_s:.0f} ({h.error['step_s']:+.0%})"]
-                for row, h in zip(rows, held, strict=True)]
+        rows = [[*row, f"{1000 * h.predicted.step_s:.0f} ({h.error['step_s']:+.0%})" if (h := predicted.get(run.label))
+                 else "-"] for row, run in zip(rows, runs, strict=True)]
     plots = plot_comparison(runs, out)
     timeline = plot_timelines(runs, held, out / "timeline.png")
-    spans = {h.run: rank_0_spans(run, h) for run, h in zip(runs, held, strict=True)} if held else {}
+    spans = {run.label: rank_0_spans(run, predicted[run.label]) for run in runs if run.label in predicted}
     comparison = Comparison(header, rows, broken, plots + ([timeline] if timeline else []), held,
                             span_rows({run: by_name for run, by_name in spans.items() if by_name}))
-    (out / "comparison.md").write_text(comparison.table + "\n\n" + held_section(held, hardware) + "\n\n" +
-                                       span_section(comparison.spans) +
+    (out / "comparison.md").write_text(comparison.table + "\n\n" + held_section(held, hardware, unpredicted=unpredicted)
+                                       + "\n\n" + span_section(comparison.spans) +
                                        "\n".join(f"![{p.stem}]({p.name})" for p in comparison.plots) + "\n")
     record = {"hardware": None if hardware is None else {"name": hardware.name, "source": hardware.provenance},
-              "runs": [{**h.to_json(), **({"rank_0_spans": spans[h.run]} if spans[h.run] else {})} for h in held]
-              or [{"run": run.label, "measured": asdict(measured(run))} for run in runs]}
+              "runs": [{**predicted[run.label].to_json(), **({"rank_0_spans": spans[run.label]} if spans[run.label]
+                                                              else {})} if run.label in predicted
+                       else {"run": run.label, "measured": asdict(measured(run)),
+                             **({"not_predicted": unpredicted[run.label]} if run.label in unpredicted else {})}
+                       for run in runs]}
     (out / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")
     return comparison
 
 
-def held_section(held: list[Held], hardware: Hardware | None,
-                 launches: Mapping[str, list[float]] | None = None) -> str:
+def held_runs(runs: list[RunSummary], hardware: Hardware) -> tuple[dict[str, Held], dict[str, str]]:
+    """By run label, each run's measurement beside the cost model's prediction on `hardware`; and why the others
+    are not predicted (a net the profile has no times for, or a precision or speed-up its layers did not run in)."""
+    held, unpredicted = {}, {}
+    for run in runs:
+        try:
+            held[run.label] = held_run(run, hardware)
+        except UsageError as refused:
+            unpredicted[run.label] = str(refused)
+    return held, unpredicted
+
+
+def held_section(held: list[Held], hardware: Hardware | None, launches: Mapping[str, list[float]] | None = None,
+                 unpredicted: Mapping[str, str] | None = None) -> str:
     """The Markdown section of each run's figures beside the cost model's on `hardware` (comparison.md's, bench.md's,
-    with each run's step in each launch where bench launched it several times), or the line saying no profile was
-    given."""
+    with each run's step in each launch where bench launched it several times), with why the `unpredicted` runs are
+    not; or the line saying no profile was given."""
     if hardware is None:
         return "No hardware profile given: no step predicted (`python -m alexnet_mp calibrate`, then `--hardware`)."
-    return (f"## Predicted beside measured: {hardware.name} ({hardware.provenance})\n\n"
-            f"{markdown_table(HELD_HEADER, held_table(held))}\n\n{held_said(held, launches)}")
+    parts = [f"## Predicted beside measured: {hardware.name} ({hardware.provenance})"]
+    if held:
+        parts += [markdown_table(HELD_HEADER, held_table(held)), held_said(held, launches)]
+    if unpredicted:
+        parts.append("Not predicted:" + "".join(f"\n- {run}: {reason}" for run, reason in unpredicted.items()))
+    return "\n\n".join(parts)
 
 
 def measured(run: RunSummary) -> StepFigures:
@@ -294,6 +316,7 @@ def held_run(run: RunSummary, hardware: Hardware) -> Held:
     config = run.config
     options = {option.name: config[option.name] for option in LAYOUTS[config["mode"]].options
                if config.get(option.name) is not None}
+    hardware.check_times(Variant.of_run(config))
     predicted = predict_step(config["mode"], config["arch"], config["world_size"], config["batch_size"], hardware,
                              config["num_classes"], options)
     return Held(run.label, measured(run), predicted.figures(), predicted.timeline)

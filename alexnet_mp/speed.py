@@ -4,7 +4,9 @@ has sharded and placed it; `apply_speed` runs the ones a `Speed` asks for."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,6 +93,17 @@ class Variant:
 
     def named(self, name: str) -> str:
         return f"{name}, {self.label()}" if self.label() else name
+
+    def said(self) -> str:
+        """How it runs, in words: "fp32, eager" for the plain step."""
+        return self.label() or "fp32, eager"
+
+    @classmethod
+    def of_run(cls, config: Mapping[str, Any]) -> Variant:
+        """How a run's step ran, from its flags (config.json's, TrainConfig's field names)."""
+        precision = config.get("mixed_precision", "no")
+        return cls("fp32" if precision == "no" else precision,
+                   Speed(**{flag: bool(config.get(flag, False)) for flag in Speed().flags()}))
 
 
 EAGER = Variant()  # float32, no speed-ups: as the equivalence tests and the CPU runs use it

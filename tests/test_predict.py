@@ -44,6 +44,7 @@ from alexnet_mp.predict import (
     process_memory,
 )
 from alexnet_mp.processes import run_distributed
+from alexnet_mp.speed import EAGER, Speed, Variant
 from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import GATHERING, LAYOUTS, REFERENCE, REPLICATED, Layout, build
 from alexnet_mp.strategies.costs import (
@@ -440,7 +441,8 @@ def test_a_profile_reads_back_as_written(tmp_path):
                        accumulate_s_per_byte={"1": 2e-10}, collectives={"2": {"all-reduce": LINK, "send": TIMED_LINK}},
                        fresh_copy_s_per_byte={"1": 5e-10}, fresh_page_s_per_byte={"1": 4e-10},
                        resident_overhead={"1": ResidentOverhead(1e8, 0.5, 2e7, 0.3)},
-                       shared_slowdown={"2": 1.05}, probe_s={"1": 0.9}, links_source="another machine's")
+                       shared_slowdown={"2": 1.05}, probe_s={"1": 0.9}, links_source="another machine's",
+                       variant=Variant("bf16", Speed(channels_last=True)))
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
     assert load(tmp_path / "profile.json") == profile
 
@@ -527,6 +529,10 @@ def test_links_from_a_profile_without_collectives_are_refused_in_one_line(tmp_pa
     ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "layers": {"1": {"paper.fc6@1": '
      '{"images": [2, 8], "forward": [1, 1], "backward": [1, 1], "fresh_bytes": {"forward": [0, 0], '
      '"backward": [0, 0]}}}}}', "'fresh_at_once_bytes'"),
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "variant": {"precision": "fp8", '
+     '"speed": {}}}', "variant.precision must be fp32 or bf16"),
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "variant": {"precision": "bf16", '
+     '"speed": {"compile": "yes"}}}', "variant.speed's flags must be true or false"),
 ])
 def test_a_malformed_profile_is_refused_in_one_line(text, says, tmp_path, capsys):
     (tmp_path / "profile.json").write_text(text)
@@ -612,6 +618,26 @@ def test_bench_predicts_each_layout_on_the_profile_as_calibrated_and_records_the
     assert held["predicted"]["step_s"] == pytest.approx(
         predict_step("single", "paper", 1, 8, probed(0.1), QUICK.num_classes).step_s)
     assert record["hardware"]["drift"] == {"start": {"1": 0.2}, "end": {"1": 0.6}}
+
+
+def test_bench_predicts_only_the_steps_that_ran_as_the_profiles_layers_did_and_says_why_not_the_others(tmp_path):
+    from alexnet_mp import bench
+
+    eager, in_bf16 = (Measurement(name, 1, 1, 8, [8.0], 0.0, [0.0], [0.0], arch="paper", precision=precision,
+                                  step_s=1.0, mode="single", wait_per_rank_s=[0.0])
+                      for name, precision in (("single, paper", "fp32"), ("single, paper, bf16", "bf16")))
+    held, unpredicted = bench.predictions([eager, in_bf16], QUICK, probed(0.1))
+    assert [h.run for h in held] == ["single, paper"]
+    assert unpredicted == {"single, paper, bf16": "the hardware profile 'by hand' times its layers in fp32, eager, "
+                                                  "not bf16 as this run: compare it with a profile of its own setting"}
+    assert "- single, paper, bf16: the hardware profile 'by hand' times" in held_markdown(held, probed(0.1), {}, None,
+                                                                                         unpredicted)
+
+
+def test_a_runs_variant_is_read_from_its_flags():
+    run = {"mixed_precision": "bf16", "channels_last": True, "compile": True, "cuda_graphs": False}
+    assert Variant.of_run(run) == PRESETS["h100-nvlink"].variant
+    assert Variant.of_run({"mixed_precision": "no"}) == EAGER
 
 
 @pytest.mark.slow  # measures this machine: layers on each thread count, collectives over 2 gloo processes

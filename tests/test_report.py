@@ -250,6 +250,38 @@ def test_compare_with_a_profile_sets_each_runs_predicted_step_beside_its_measure
     assert "## Predicted beside measured: by hand (a test)" in report and "order of the layouts" in report
 
 
+def test_compare_predicts_the_runs_its_profile_times_and_says_why_not_the_others(trial, tmp_path, capsys):
+    """A profile's layers ran in one precision, with or without each speed-up: another runs at other rates."""
+    in_bf16 = tmp_path / "bf16"
+    shutil.copytree(trial / "paper-split-2", in_bf16)
+    config = json.loads((in_bf16 / "config.json").read_text())
+    (in_bf16 / "config.json").write_text(json.dumps({**config, "mixed_precision": "bf16"}))
+    result = in_process(capsys, "compare", str(trial / "single-1"), str(in_bf16), "--out", str(tmp_path / "report"),
+                        "--hardware", str(by_hand_profile(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    runs = json.loads((tmp_path / "report" / "comparison.json").read_text())["runs"]
+    assert ["predicted" in run for run in runs] == [True, False]
+    assert runs[1]["not_predicted"] == ("the hardware profile 'by hand' times its layers in fp32, eager, not bf16 as "
+                                        "this run: compare it with a profile of its own setting")
+    assert "Not predicted:\n- paper-split x2" in (tmp_path / "report" / "comparison.md").read_text()
+
+
+def test_compare_reports_a_run_of_a_net_its_profile_has_not_timed_and_names_the_calibration_it_needs(trial, tmp_path,
+                                                                                                        capsys):
+    of_owt = tmp_path / "owt"
+    shutil.copytree(trial / "single-1", of_owt)
+    config = json.loads((of_owt / "config.json").read_text())
+    (of_owt / "config.json").write_text(json.dumps({**config, "arch": "owt-debug"}))
+    times = {"images": [2, 4], "forward": [0.1, 0.2], "backward": [0.2, 0.4]}
+    (tmp_path / "paper.json").write_text(json.dumps({"format": FORMAT, "name": "paper only", "source": "a test",
+                                                     "backend": "gloo", "cores": 2,
+                                                     "layers": {"2": {f"{PAPER_NET}.conv1@1.0": times}}}))
+    result = in_process(capsys, "compare", str(of_owt), "--out", str(tmp_path / "report"), "--hardware",
+                        str(tmp_path / "paper.json"))
+    assert result.returncode == 0, result.stderr
+    assert "calibrate --ranks 1 --arch owt-debug`" in (tmp_path / "report" / "comparison.md").read_text()
+
+
 def test_compare_without_a_profile_says_none_was_given(trial, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no runs/hardware.json here
     result = in_process(capsys, "compare", str(trial / "single-1"), "--out", str(tmp_path / "report"))

@@ -41,14 +41,14 @@ def bench(output: Path, quick: bool, ranks: tuple[int, ...] | None = None,
 
     def write(measurements: list[Measurement], not_measured: list[str]) -> str:
         """bench.json and bench.md of the measurements so far: a run cut short keeps what it measured."""
-        held = predictions(measurements, sizes, hardware) if hardware else []
+        held, unpredicted = predictions(measurements, sizes, hardware) if hardware else ([], {})
         rows = comparisons({m.name: m for m in measurements}, sizes, device_type, held)
         text = (as_markdown(measurements, rows, not_measured, sizes, quick, env)
-                + held_markdown(held, hardware, drifts, {m.name: m.launch_steps_s for m in measurements}))
+                + held_markdown(held, hardware, drifts, {m.name: m.launch_steps_s for m in measurements}, unpredicted))
         record = {"environment": env, "sizes": asdict(sizes), "quick": quick, "skipped": not_measured,
                   "measurements": [{**asdict(m), "median_images_per_s": m.median} for m in measurements],
                   "comparisons": [{**asdict(c), "verdict": c.verdict} for c in rows],
-                  "predicted": [h.to_json() for h in held],
+                  "predicted": [h.to_json() for h in held], "not_predicted": unpredicted,
                   "hardware": None if hardware is None else {"name": hardware.name, "source": hardware.provenance,
                                                              "drift": drifts}}
         (output / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -90,21 +90,24 @@ def median_launches(launched: list[list[Measurement]]) -> list[Measurement]:
             for runs in by_name.values()]
 
 
-def predictions(measurements: list[Measurement], sizes: Sizes, hardware: Hardware) -> list[Held]:
-    """Each layout's measured step beside the cost model's on `hardware`; a step the profile cannot predict (a net
-    it did not calibrate) is left out."""
-    held = []
+def predictions(measurements: list[Measurement], sizes: Sizes, hardware: Hardware,
+                ) -> tuple[list[Held], dict[str, str]]:
+    """Each layout's measured step beside the cost model's on `hardware`; and why each step the profile cannot
+    predict (a net it did not calibrate, a precision or speed-up its layers did not run in) is not."""
+    held, unpredicted = [], {}
     for m in measurements:
         if m.mode and m.step_s:
             try:
+                hardware.check_times(m.variant)
                 predicted = predict_step(m.mode, m.arch or "paper", m.ranks, m.batch, hardware, sizes.num_classes,
                                          m.options)
-            except UsageError:
+            except UsageError as refused:
+                unpredicted[m.name] = str(refused)
                 continue
             waited = m.wait_per_rank_s[0]  # rank 0's, as the prediction's figures are
             measured = StepFigures(m.step_s, m.step_s - waited, waited, m.bytes_per_rank, m.training_memory_mb or None)
             held.append(Held(m.name, measured, predicted.figures(), predicted.timeline))
-    return held
+    return held, unpredicted
 
 
 def machine_drift(hardware: Hardware) -> dict[str, float]:
@@ -115,17 +118,16 @@ def machine_drift(hardware: Hardware) -> dict[str, float]:
 
 
 def held_markdown(held: list[Held], hardware: Hardware | None, drifts: dict[str, dict[str, float]],
-                  launches: Mapping[str, list[float]] | None = None) -> str:
-    """bench.md's section of each layout's step beside its prediction (with each run's step in each launch), and how
-    far the machine had drifted from its calibration at the bench's start and end: none where a profile predicted
-    nothing."""
-    if hardware and not held:
-        return ""
+                  launches: Mapping[str, list[float]] | None = None, unpredicted: Mapping[str, str] | None = None,
+                  ) -> str:
+    """bench.md's section of each layout's step beside its prediction (with each run's step in each launch, and why
+    each step not predicted is not), and how far the machine had drifted from its calibration at the bench's start
+    and end."""
     moved = "; ".join(f"{threads} thread(s): " + ", ".join(f"{drifts[when][threads]:+.0%} at the {when}"
                                                               for when in drifts)
                       for threads in drifts.get("start", {}))
     said = (f"\n\nThe machine against its calibration, slower (+) or faster (-) than the profile says (calibrate's "
             f"probe run again): {moved}. The predictions above take the profile as calibrated: on a shared machine the "
             f"probe moves from one process to the next by as much as the drift it reads (docs/predicting.md)."
-            if moved else "")
-    return "\n" + held_section(held, hardware, launches) + said + "\n"
+            if moved and held else "")
+    return "\n" + held_section(held, hardware, launches, unpredicted) + said + "\n"

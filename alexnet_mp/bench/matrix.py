@@ -97,7 +97,7 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str,
 
     def step(name: str, ranks: int, mode: str, arch: str, variant: Variant, options: dict | None = None) -> None:
         run(variant.named(name), layout_steps, ranks, mode, arch, options or {}, batch, sizes, variant, arch=arch,
-            precision=variant.precision, mode=mode, options=options or {})
+            variant=variant, mode=mode, options=options or {})
 
     paper, owt = sizes.paper_net, sizes.owt_net
     if modes is not None:
@@ -109,7 +109,7 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str,
     for variant in single_variants(device_type):
         step(REFERENCE_STEP, 1, REFERENCE, paper, variant)
     run(layouts.named(TRACED), layout_steps, 1, REFERENCE, paper, {}, batch, sizes, layouts, True, arch=paper,
-        precision=layouts.precision)
+        variant=layouts)
     step(f"{REFERENCE}, owt", 1, REFERENCE, owt, layouts)
     for name, ranks, mode, options in layout_runs(sizes, device_type, skipped):
         step(name, ranks, mode, paper, layouts, options)
@@ -121,7 +121,7 @@ def run_matrix(sizes: Sizes, scratch: Path, device_type: str,
         run(f"input pipeline, {sizes.workers} workers{suffix}", pipeline_pass, 1, pictures, batch, sizes.workers,
             sizes.pipeline_steps, place, threads=1)
         run(layouts.named(FED + suffix), fed_steps, 1, pictures, batch, sizes.workers, sizes, layouts, place,
-            arch=paper, precision=layouts.precision)
+            arch=paper, variant=layouts)
     return list(found.values()), skipped, failed
 
 

@@ -23,7 +23,7 @@ from alexnet_mp.ledger import Ledger
 from alexnet_mp.model import IMAGE_SIZE
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.rng import seeded_generator
-from alexnet_mp.speed import EAGER, Variant
+from alexnet_mp.speed import EAGER, Speed, Variant
 from alexnet_mp.step import make_optimizer, train_step
 from alexnet_mp.strategies import REFERENCE, build, check_layout
 from alexnet_mp.timing import StepClock, memory_in_use_mb, peak_memory_mb
@@ -199,6 +199,11 @@ class Measurement:
     options: dict[str, Any] = field(default_factory=dict)
     training_memory_mb: list[float] = field(default_factory=list)  # peak less the memory in use before the net
     launch_steps_s: list[float] = field(default_factory=list)  # step_s of each launch, where measured in several
+    speed_ups: Speed = Speed()  # those its step ran with
+
+    @property
+    def variant(self) -> Variant:
+        return Variant(self.precision, self.speed_ups)
 
     @property
     def median(self) -> float:
@@ -209,7 +214,7 @@ class Measurement:
 
 
 def measure(name: str, fn: Callable[..., dict], ranks: int, threads: int, batch: int, scratch: Path,
-            *args: object, arch: str | None = None, precision: str = "fp32", mode: str | None = None,
+            *args: object, arch: str | None = None, variant: Variant = EAGER, mode: str | None = None,
             options: dict[str, Any] | None = None) -> Measurement:
     folder = Path(tempfile.mkdtemp(dir=scratch))
     results = run_distributed(fn, ranks, folder, *args, threads=threads)
@@ -222,13 +227,13 @@ def measure(name: str, fn: Callable[..., dict], ranks: int, threads: int, batch:
     links = {link for step in steps for rank in step for link, _ in rank["blocked"]}
     print(f"  {name}: {statistics.median(batch / s for s in slowest):.1f} images/s", flush=True)
     return Measurement(name, ranks, threads, batch, [batch / s for s in slowest], slowest_wait(links),
-                       [r["bytes"] for r in results], [r["peak_memory_mb"] for r in results], arch, precision,
+                       [r["bytes"] for r in results], [r["peak_memory_mb"] for r in results], arch, variant.precision,
                        {link: slowest_wait({link}) for link in sorted(links)}, slowest_wait(links, True),
                        {link: slowest_wait({link}, True) for link in sorted(links)},
                        [statistics.median(waits) for waits in zip(*(blocked_per_rank(step, links, False)
                                                                     for step in steps), strict=True)],
                        statistics.median(slowest), mode, options or {},
-                       [r["training_memory_mb"] for r in results if "training_memory_mb" in r])
+                       [r["training_memory_mb"] for r in results if "training_memory_mb" in r], speed_ups=variant.speed)
 
 
 def blocked_per_rank(step: tuple[dict, ...], links: set[str], after_last_arrival: bool) -> list[float]:
