@@ -19,7 +19,7 @@ from typing import Any
 
 from alexnet_mp.errors import UsageError
 from alexnet_mp.malloc import LargeBlocks
-from alexnet_mp.speed import EAGER, Speed, Variant
+from alexnet_mp.speed import EAGER, FAST_GPU, Speed, Variant
 
 FORMAT = 10
 # The collectives the layouts call; the `-single` forms gather into or scatter from one flat tensor (FSDP's and
@@ -230,12 +230,11 @@ def pass_s(images: list[float], seconds: list[float], at: float) -> float:
 def _preset(name: str, source: str, links_source: str, tflops: float, bus_gb_s: float, latency_s: float) -> Hardware:
     link = Collective(latency_s, bus_gb_s * 1e9)
     return Hardware(name, source, "nccl", None, tflops=tflops, collectives={"any": dict.fromkeys(KINDS, link)},
-                    links_source=links_source, variant=FASTEST_STEP)
+                    links_source=links_source, variant=FAST_GPU)  # the step the rate is of
 
 
-FASTEST_STEP = Variant("bf16", Speed(channels_last=True, compile=True))  # how the step the presets' rate is of ran
-# A preset times every layer at one rate, whatever its kind, net, precision and images a pass; the source says so,
-# since another net, precision or pass size runs at another rate on the same GPU.
+# A preset times every layer at one rate, whatever its kind, net and images a pass; the source says so, since another
+# net or pass size runs at another rate on the same GPU.
 ONE_RATE = "every layer at one rate, the paper net's step on one H100 in bf16, compiled, at 256 images (measured " \
            "here, 2026-11-23)"
 

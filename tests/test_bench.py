@@ -176,8 +176,9 @@ def test_on_a_gpu_the_pipeline_is_also_measured_decoding_on_the_device_in_the_wo
 def test_on_a_gpu_the_paper_nets_missed_targets_are_shown_beside_torchvisions_layout_with_the_same_speed_ups(
         monkeypatch):
     from alexnet_mp.bench import report
-    from alexnet_mp.bench.matrix import FAST_GPU, FULL_GPU, PLAIN_LOOP
+    from alexnet_mp.bench.matrix import FULL_GPU, PLAIN_LOOP
     from alexnet_mp.bench.report import comparisons
+    from alexnet_mp.speed import FAST_GPU
 
     monkeypatch.setattr(report, "peak_tflops", lambda precision: report.PEAK_TFLOPS["H100"][precision])
 

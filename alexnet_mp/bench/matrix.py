@@ -26,7 +26,7 @@ from alexnet_mp.bench.measure import (
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.data import require_device_decoder
 from alexnet_mp.errors import UsageError
-from alexnet_mp.speed import EAGER, Speed, Variant
+from alexnet_mp.speed import EAGER, FAST_GPU, Speed, Variant
 from alexnet_mp.strategies import LAYOUTS, REFERENCE, REFERENCE_STEP
 
 FULL = Sizes(batch=32, steps=6, warmup=2, ranks=(2, 4), pipeline_images=512, pipeline_steps=16, workers=2,
@@ -38,9 +38,6 @@ FULL_GPU = Sizes(batch=256, steps=20, warmup=5, ranks=(2, 4), pipeline_images=20
 QUICK = Sizes(batch=4, steps=1, warmup=1, ranks=(2, 4), pipeline_images=8, pipeline_steps=1, workers=2,
               num_classes=10, paper_net="paper-debug", owt_net="owt-debug")
 
-
-
-FAST_GPU = Variant("bf16", Speed(channels_last=True, compile=True))
 
 def single_variants(device_type: str) -> list[Variant]:
     """Our single-device step, one speed-up added at a time, on a GPU (the last: compiled with LRN's
