@@ -226,16 +226,19 @@ class Comparison:
     plots: list[Path] = field(default_factory=list)
     held: list[Held] = field(default_factory=list)  # each run's step beside the cost model's, given a profile
     spans: list[list[str]] = field(default_factory=list)  # `SPAN_HEADER`'s rows, for traced runs beside a prediction
+    unpredicted: dict[str, str] = field(default_factory=dict)  # by run, why the profile given cannot predict it
 
     @property
     def table(self) -> str:
         return markdown_table(self.header, self.rows) if self.rows else ""
 
     def tables(self) -> dict[str, tuple[list[str], list[list[str]]]]:
-        """Its tables by name (header, rows): the runs side by side, each beside its prediction if made, and the
-        spans where the prediction misses most if runs were traced."""
+        """Its tables by name (header, rows): the runs side by side, each beside its prediction if made, why the
+        others are not predicted, and the spans where the prediction misses most if runs were traced."""
         return {"comparison": (self.header, self.rows),
                 **({"predicted": (HELD_HEADER, held_table(self.held))} if self.held else {}),
+                **({"not_predicted": (["run", "why"], [[run, why] for run, why in self.unpredicted.items()])}
+                   if self.unpredicted else {}),
                 **({"spans": (SPAN_HEADER, self.spans)} if self.spans else {})}
 
 
@@ -264,7 +267,7 @@ def compare(directories: list[Path], out: Path, hardware: Hardware | None = None
     timeline = plot_timelines(runs, held, out / "timeline.png")
     spans = {run.label: rank_0_spans(run, predicted[run.label]) for run in runs if run.label in predicted}
     comparison = Comparison(header, rows, broken, plots + ([timeline] if timeline else []), held,
-                            span_rows({run: by_name for run, by_name in spans.items() if by_name}))
+                            span_rows({run: by_name for run, by_name in spans.items() if by_name}), unpredicted)
     (out / "comparison.md").write_text(comparison.table + "\n\n" + held_section(held, hardware, unpredicted=unpredicted)
                                        + "\n\n" + span_section(comparison.spans) +
                                        "\n".join(f"![{p.stem}]({p.name})" for p in comparison.plots) + "\n")

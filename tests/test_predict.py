@@ -634,6 +634,13 @@ def test_bench_predicts_only_the_steps_that_ran_as_the_profiles_layers_did_and_s
                                                                                          unpredicted)
 
 
+def test_a_comparisons_tables_for_wandb_say_why_a_run_is_not_predicted():
+    from alexnet_mp.report import Comparison
+
+    comparison = Comparison(["run"], [["single x1"]], [], unpredicted={"single x1": "its net is not timed"})
+    assert comparison.tables()["not_predicted"] == (["run", "why"], [["single x1", "its net is not timed"]])
+
+
 def test_a_runs_variant_is_read_from_its_flags():
     run = {"mixed_precision": "bf16", "channels_last": True, "compile": True, "cuda_graphs": False}
     assert Variant.of_run(run) == PRESETS["h100-nvlink"].variant
