@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from alexnet_mp.malloc import LargeBlocks, in_reused_memory, mapped_afresh
 from alexnet_mp.model import ARCHITECTURES, IMAGE_SIZE, MaskDraw, SeededDropout, build_model, conv_sides
 from alexnet_mp.predict import ProcessMemory, process_memory
 from alexnet_mp.processes import run_distributed
+from alexnet_mp.speed import EAGER, Variant, apply_speed
 from alexnet_mp.step import make_optimizer
 from alexnet_mp.strategies import GATHERING, REFERENCE, REPLICATED
 from alexnet_mp.strategies.base import shard_layers
@@ -62,6 +63,12 @@ SETTLING_STEPS = 2  # steps after bench's warm-up by which a small run's heap ha
 PROBE_IMAGES, PROBE_SWEEPS = 8, 8
 
 
+def shares_for(ranks: Sequence[int]) -> tuple[float, ...]:
+    """The shares of a layer's outputs to time for runs on `ranks` ranks: whole and halves always (the paper split's
+    towers, in one process as on two), quarters where four ranks or more shard a layer."""
+    return tuple(share for share in SHARES if share >= 0.5 or max(ranks) >= round(1 / share))
+
+
 def pass_images(batch: int) -> list[int]:
     """The images per timed pass, up to `batch`: 2, 4, 8, ... (each twice the last: the slices of a global batch
     the layouts run, by ranks, micro-batches or rounds) and `batch` itself, at least two sizes. A pass's time at
@@ -71,8 +78,16 @@ def pass_images(batch: int) -> list[int]:
     return sizes if len(sizes) > 1 else [1, 2]
 
 
+def static_shapes() -> contextlib.AbstractContextManager:
+    """Within it, a compiled layer is timed at each pass size as a run of that size compiles it: a graph for each
+    size (its batch not made dynamic after the first), however many the sizes, shares and layers that share the code
+    of a forward."""
+    return torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=4096,
+                                      accumulated_recompile_limit=4096)
+
+
 def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU, shares: Sequence[float] = SHARES,
-                repeats: int = REPEATS) -> tuple[dict[str, dict[str, Any]], float]:
+                repeats: int = REPEATS, variant: Variant = EAGER) -> tuple[dict[str, dict[str, Any]], float]:
     """Each layer of `arch` as it runs in the net (with what follows it up to the next layer: a conv's ReLU, LRN
     and pool; fc6's and fc7's ReLU and dropout), at each of `shares`, on `threads`: a pass's seconds forward and
     backward at each of `pass_images(batch)`, and on a CPU the bytes it allocates in blocks a training process maps
@@ -81,44 +96,52 @@ def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU,
     the machine's other work slows one sweep's passes rather than every repeat of a few, and each pass follows
     another layer's, as in the net: the first sweep warms up, the median of the rest is kept. Also how far apart the
     timed sweeps' sums are (the slowest over the fastest, less 1): how steady the machine was. On `device` (a GPU:
-    its own clock, `timing.DeviceClock`)."""
+    its own clock, `timing.DeviceClock`), each layer run as `variant` says (its precision and speed-ups)."""
     torch.set_num_threads(threads)
     images = pass_images(batch)
-    passes = [timed for share in shares for timed in _layer_passes(arch, share, images, device)]
-    passes.sort(key=lambda timed: timed[2][0])  # by images, each size's layers in the net's order (a stable sort)
-    sweeps = [[_forward_backward(segment, shape, needs, device) for _, segment, shape, needs in passes]
-              for _ in range(1 + repeats)]
+    with static_shapes():
+        return _timed_layers(arch, images, device, shares, repeats, variant)
+
+
+def _timed_layers(arch: str, images: list[int], device: torch.device, shares: Sequence[float], repeats: int,
+                  variant: Variant) -> tuple[dict[str, dict[str, Any]], float]:
+    passes = [timed for share in shares for timed in _layer_passes(arch, share, images, device, variant)]
+    passes.sort(key=lambda timed: timed.shape[0])  # by images, each size's layers in the net's order (a stable sort)
+    sweeps = [[_forward_backward(timed, device, variant) for timed in passes] for _ in range(1 + repeats)]
     times: dict[str, dict[str, Any]] = {}
-    for at, (key, segment, shape, needs) in enumerate(passes):
-        timed = times.setdefault(key, {"images": images, "forward": [], "backward": []})
+    for at, layer_pass in enumerate(passes):
+        timed = times.setdefault(layer_pass.key, {"images": images, "forward": [], "backward": []})
         timed["forward"].append(statistics.median(sweep[at][0] for sweep in sweeps[1:]))
         timed["backward"].append(statistics.median(sweep[at][1] for sweep in sweeps[1:]))
         if device.type == "cpu":  # a GPU's caching allocator reuses its blocks
-            for direction, blocks in zip(("forward", "backward"), fresh_blocks(segment, shape, needs), strict=True):
+            for direction, blocks in zip(("forward", "backward"), fresh_blocks(layer_pass, variant), strict=True):
                 for figure, value in zip(FRESH_FIGURES, dataclasses.astuple(blocks), strict=True):
                     timed.setdefault(figure, {"forward": [], "backward": []})[direction].append(value)
     sums = [sum(f + b for f, b in sweep) for sweep in sweeps[1:]]
     return times, max(sums) / min(sums) - 1
 
 
-def probe(arch: str, thread_counts: Sequence[int], device: torch.device = CPU, ranks: int = 1) -> dict[str, float]:
+def probe(arch: str, thread_counts: Sequence[int], device: torch.device = CPU, ranks: int = 1,
+          variant: Variant = EAGER) -> dict[str, float]:
     """The machine's speed now, on each of `thread_counts`: the median seconds of a sweep of every layer of `arch`
     whole, forward and backward, on `PROBE_IMAGES` images, over `PROBE_SWEEPS` sweeps, timed as `time_layers` times
     its passes (in a process of its own that reuses its memory); with `ranks`, in that many such processes at once,
     the slowest's. `calibrate` writes it into the profile, and `drift` runs it again."""
     with tempfile.TemporaryDirectory(prefix="probe-") as scratch:
         found = run_distributed(in_reused_memory, ranks, Path(scratch), _time_probe, arch, list(thread_counts), device,
-                                PROBE_SWEEPS)
+                                PROBE_SWEEPS, variant)
     return {threads: max(rank[threads] for rank in found) for threads in found[0]}
 
 
-def _time_probe(arch: str, thread_counts: list[int], device: torch.device, timed_sweeps: int) -> dict[str, float]:
-    passes = _layer_passes(arch, 1.0, [PROBE_IMAGES], device)
+def _time_probe(arch: str, thread_counts: list[int], device: torch.device, timed_sweeps: int, variant: Variant,
+                ) -> dict[str, float]:
+    passes = _layer_passes(arch, 1.0, [PROBE_IMAGES], device, variant)
     found = {}
     for threads in thread_counts:
         torch.set_num_threads(threads)
-        sweeps = [sum(sum(_forward_backward(segment, shape, needs, device)) for _, segment, shape, needs in passes)
-                  for _ in range(1 + timed_sweeps)]
+        with static_shapes():
+            sweeps = [sum(sum(_forward_backward(timed, device, variant)) for timed in passes)
+                      for _ in range(1 + timed_sweeps)]
         found[str(threads)] = statistics.median(sweeps[1:])
     return found
 
@@ -131,20 +154,45 @@ def drift(hardware: Hardware, arch: str = "paper") -> dict[str, float]:
     if not hardware.probe_s:
         return {}
     device = torch.device("cuda") if hardware.backend == "nccl" else CPU
-    now = probe(arch, [int(threads) for threads in hardware.probe_s], device)
+    now = probe(arch, [int(threads) for threads in hardware.probe_s], device, variant=hardware.variant)
     return {threads: now[threads] / then - 1 for threads, then in hardware.probe_s.items()}
 
 
-def _layer_passes(arch: str, share: float, images: Sequence[int], device: torch.device,
-                  ) -> list[tuple[str, torch.nn.Module, tuple[int, ...], bool]]:
-    """The passes that time each layer of `arch` at `share` of its outputs on each of `images`, on `device`: its
-    key in a profile (`arch.layer@share`), the layer with what follows it, its input's shape, and whether that
-    input needs its gradient (all but the first layer's)."""
+class LayerPass(NamedTuple):
+    """A timed pass of one layer with what follows it up to the next layer."""
+
+    key: str  # in a profile: `arch.layer@share`
+    segment: torch.nn.Module
+    shape: tuple[int, ...]  # of its input
+    needs_input_grad: bool  # all but the first layer's
+    input_dtype: torch.dtype  # what the layer before hands it in the net: under autocast, maybe not float32
+
+
+def _layer_passes(arch: str, share: float, images: Sequence[int], device: torch.device, variant: Variant = EAGER,
+                  ) -> list[LayerPass]:
+    """The passes that time each layer of `arch` at `share` of its outputs on each of `images`, on `device`, with
+    `variant`'s speed-ups applied as a run applies them, each input in the dtype the layer before hands on."""
     sides = [IMAGE_SIZE] + [block for _, block in conv_sides(ARCHITECTURES[arch])]
     cut = shard_layers(build_model(arch, 1000, seed=0), lambda key, shape, part, n: (rows(shape[0], 0, n),), 0,
                        round(1 / share)).to(device)
-    return [(f"{arch}.{name}@{share:g}", segment, _input_shape(layer, n, sides, index), index > 0)
-            for index, (name, segment, layer) in enumerate(_segments(cut)) for n in images]
+    segments = [(name, apply_speed(segment, variant.speed), _input_shape(layer, min(images), sides, index))
+                for index, (name, segment, layer) in enumerate(_segments(cut))]
+    dtypes = _input_dtypes([(segment, shape) for _, segment, shape in segments], device, variant)
+    return [LayerPass(f"{arch}.{name}@{share:g}", segment, (n, *shape[1:]), index > 0, dtype)
+            for index, ((name, segment, shape), dtype) in enumerate(zip(segments, dtypes, strict=True))
+            for n in images]
+
+
+def _input_dtypes(segments: list[tuple[torch.nn.Module, tuple[int, ...]]], device: torch.device, variant: Variant,
+                  ) -> list[torch.dtype]:
+    """The dtype each segment's input has in the net: the images' for the first, then what the one before returns
+    in `variant`'s precision (which ops autocast keeps in float32 differs between devices)."""
+    dtypes = [torch.float32]
+    with torch.no_grad(), variant.autocast(device):
+        for segment, shape in segments[:-1]:
+            _draw_masks(segment, shape[0])
+            dtypes.append(segment(torch.zeros(shape, dtype=dtypes[-1], device=device)).dtype)
+    return dtypes
 
 
 def _segments(net: torch.nn.Sequential) -> list[tuple[str, torch.nn.Sequential, torch.nn.Module]]:
@@ -166,42 +214,48 @@ def _input_shape(layer: torch.nn.Module, images: int, sides: list[int], index: i
     return images, layer.in_channels, sides[index], sides[index]
 
 
-def _pass_input(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool,
-                device: torch.device) -> torch.Tensor:
-    """A pass's input of `shape`, its segment's dropout masks drawn for it."""
+def _draw_masks(segment: torch.nn.Module, images: int) -> None:
+    """The masks of `segment`'s dropout drawn for a pass of `images`."""
     for dropout in segment.modules():
         if isinstance(dropout, SeededDropout):
-            dropout.draw = MaskDraw(seed=0, step=0, global_batch=shape[0], rows=slice(0, shape[0]))
-    return torch.randn(shape, requires_grad=needs_input_grad, device=device)
+            dropout.draw = MaskDraw(seed=0, step=0, global_batch=images, rows=slice(0, images))
 
 
-def _forward_backward(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool,
-                      device: torch.device) -> tuple[float, float]:
-    """One pass's seconds on `device`, forward and backward."""
-    x = _pass_input(segment, shape, needs_input_grad, device)
+def _pass_input(timed: LayerPass, device: torch.device, variant: Variant) -> torch.Tensor:
+    """A pass's input (maps in channels_last where `variant` has them), its segment's dropout masks drawn for it."""
+    _draw_masks(timed.segment, timed.shape[0])
+    x = torch.randn(timed.shape, device=device, dtype=timed.input_dtype)
+    if variant.speed.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(timed.needs_input_grad)
+
+
+def _forward_backward(timed: LayerPass, device: torch.device, variant: Variant = EAGER) -> tuple[float, float]:
+    """One pass's seconds on `device`, forward (in `variant`'s precision) and backward."""
+    x = _pass_input(timed, device, variant)
     clock = clock_for(device)
     started = clock.stamp()
-    out = segment(x)
+    with variant.autocast(device):
+        out = timed.segment(x)
     middle = clock.stamp()
     out.backward(torch.ones_like(out))
     ended = clock.stamp()
-    segment.zero_grad(set_to_none=True)
+    timed.segment.zero_grad(set_to_none=True)
     return clock.seconds(started, middle), clock.seconds(middle, ended)
 
 
-def fresh_blocks(segment: torch.nn.Module, shape: tuple[int, ...], needs_input_grad: bool,
-                ) -> tuple[LargeBlocks, LargeBlocks]:
+def fresh_blocks(timed: LayerPass, variant: Variant = EAGER) -> tuple[LargeBlocks, LargeBlocks]:
     """The blocks one pass on the CPU allocates that glibc's malloc maps afresh in a training process
     (`malloc.mapped_afresh`), forward and backward, whose pages the kernel faults in and zero-fills unless its heap
     serves them. Read off the profiler's record of each allocation and free, which sees the blocks that an op
     allocates for itself as well."""
-    x = _pass_input(segment, shape, needs_input_grad, CPU)
-    with _memory_records() as forward:
-        out = segment(x)
+    x = _pass_input(timed, CPU, variant)
+    with _memory_records() as forward, variant.autocast(CPU):
+        out = timed.segment(x)
     gradient = torch.ones_like(out)
     with _memory_records() as backward:
         out.backward(gradient)
-    segment.zero_grad(set_to_none=True)
+    timed.segment.zero_grad(set_to_none=True)
     return large_blocks(forward), large_blocks(backward)
 
 
@@ -406,15 +460,16 @@ def fit(points: Sequence[tuple[float, float]]) -> Collective:
 
 
 def resident_overhead(arch: str, batch: int, threads: int, group_ranks: int | None, scratch: Path,
-                      ) -> ResidentOverhead:
+                      variant: Variant = EAGER) -> ResidentOverhead:
     """What a fresh process on `threads` keeps resident beyond its tensors (`ResidentOverhead`), from what processes
     training at `batch` and at a quarter of it keep (`kept_beyond_tensors`): the line in its activations through the
     one-device reference at the two batches, its slope no less than 0 and running through the larger batch's figure;
     and where ranks of a group run on `threads` (`group_ranks` of them), what the ranks of REPLICATED keep above that
     line at the quarter, and what the ranks of GATHERING keep above both at `batch`, a byte they gather: there their
-    heap grows for more steps than at the quarter, and is measured over bench's. Each no less than 0."""
-    fewer, more = (kept_beyond_tensors(REFERENCE, arch, 1, images, threads, scratch / f"reference{images}")[0]
-                   for images in (max(batch // 4, 1), batch))
+    heap grows for more steps than at the quarter, and is measured over bench's. Each no less than 0; every process
+    trains as `variant` says."""
+    fewer, more = (kept_beyond_tensors(REFERENCE, arch, 1, images, threads, scratch / f"reference{images}",
+                                       variant=variant)[0] for images in (max(batch // 4, 1), batch))
     rise = more.memory.activations - fewer.memory.activations
     slope = max((more.kept - fewer.kept) / rise, 0.0) if rise > 0 else 0.0
     line = ResidentOverhead(max(more.kept - slope * more.memory.activations, 0.0), slope, 0.0, 0.0)
@@ -423,7 +478,7 @@ def resident_overhead(arch: str, batch: int, threads: int, group_ranks: int | No
     quarter = max(batch // 4 // group_ranks, 1) * group_ranks
 
     def above_line(mode: str, images: int, steps: int) -> list[Kept]:
-        kept = kept_beyond_tensors(mode, arch, group_ranks, images, threads, scratch / mode, steps)
+        kept = kept_beyond_tensors(mode, arch, group_ranks, images, threads, scratch / mode, steps, variant=variant)
         return [dataclasses.replace(rank, kept=rank.kept - line.bytes(rank.memory.activations, 0.0, False))
                 for rank in kept]
 
@@ -442,13 +497,13 @@ class Kept:
 
 
 def kept_beyond_tensors(mode: str, arch: str, ranks: int, batch: int, threads: int, scratch: Path,
-                        steps: int = SETTLING_STEPS) -> list[Kept]:
+                        steps: int = SETTLING_STEPS, variant: Variant = EAGER) -> list[Kept]:
     """Fresh processes on `threads`, the `ranks` of `mode` at global batch `batch`: each rank's memory at its peak
     (`predict.process_memory`, the cost model's), and what it kept resident beyond it: its training memory (bench's
     measure, over `steps` after bench's warm-up: the heap grows over the first steps) less its tensors' peak and the
     blocks it maps afresh after it."""
     sizes = dataclasses.replace(FULL, steps=steps)
-    measured = run_distributed(layout_steps, ranks, scratch, mode, arch, {}, batch, sizes, threads=threads)
+    measured = run_distributed(layout_steps, ranks, scratch, mode, arch, {}, batch, sizes, variant, threads=threads)
     return [Kept(memory, max(rank["training_memory_mb"] * 2**20 - memory.tensors - memory.mapped_later, 0.0))
             for memory, rank in zip(process_memory(mode, arch, ranks, batch, sizes.num_classes), measured, strict=True)]
 
@@ -475,9 +530,10 @@ def time_shared_slowdown(arch: str, images: int = AT_ONCE_IMAGES) -> float:
 
 
 def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = None, log: Callable[[str], None] = print,
-              ) -> Hardware:
+              variant: Variant = EAGER) -> Hardware:
     """This machine's profile for runs on each of `ranks` ranks, at a global batch of `batch` (bench's on a CPU
-    by default): on its CPU cores over gloo, or where it has GPUs, on them over NCCL, one rank a GPU."""
+    by default), whose steps run as `variant` says: on its CPU cores over gloo, or where it has GPUs, on them over
+    NCCL, one rank a GPU."""
     batch = batch or FULL.batch
     on_gpu = torch.cuda.is_available()
     if on_gpu and max(ranks) > torch.cuda.device_count():
@@ -496,7 +552,7 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
                 f"{pass_images(batch)} images ...")
             layers[str(threads)], spread = run_distributed(
                 in_reused_memory, 1, Path(scratch) / f"layers{threads}", time_layers, arch, threads, batch, device,
-                SHARES, REPEATS, threads=threads)[0]
+                shares_for(ranks), REPEATS, variant, threads=threads)[0]
             log(f"  its sweeps {spread:.0%} apart" + ("" if spread <= STEADY else ": the machine's other work moved "
                                                       "the figures; calibrate again when it is quieter"))
             spreads.append(spread)
@@ -505,13 +561,13 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
             if not on_gpu:  # a GPU's caching allocator reuses its blocks
                 fresh[str(threads)], pages[str(threads)] = time_fresh_copy(threads)
         log("the probe that `bench` runs again to see how far the machine has drifted from this profile ...")
-        probed = probe(arch, thread_counts, device)
+        probed = probe(arch, thread_counts, device, variant=variant)
         for threads in [] if on_gpu else thread_counts:  # a GPU's memory is its tensors
             log(f"what a process keeps resident beyond its tensors, on {threads} thread(s) ...")
             group_ranks = min((count for count in ranks if count > 1 and profile.threads(count) == threads),
                               default=None)
             resident[str(threads)] = resident_overhead(arch, batch, threads, group_ranks,
-                                                       Path(scratch) / f"memory{threads}")
+                                                       Path(scratch) / f"memory{threads}", variant)
         for count in (count for count in ranks if count > 1):
             log(f"collectives over {count} {profile.backend} processes" + ("" if on_gpu else ", and the net on all "
                                                                             "of them at once") + " ...")
@@ -522,9 +578,10 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
                 slowdown[str(count)] = run_distributed(time_shared_slowdown, count, Path(scratch) / f"at-once{count}",
                                                        arch, threads=profile.threads(count))[0]
     where = torch.cuda.get_device_name() if on_gpu else f"{platform.processor() or platform.machine()}, {cores} cores"
-    source = (f"calibrate on {where}, batch {batch}, {datetime.date.today().isoformat()}, torch {torch.__version__}, "
+    source = (f"calibrate on {where}, {variant.said()}, batch {batch}, {datetime.date.today().isoformat()}, "
+              f"torch {torch.__version__}, "
               f"in {time.perf_counter() - started:.0f} s, layer sweeps within {max(spreads):.0%}")
     return Hardware(profile.name, source, profile.backend, cores, layers, optimizer_s_per_parameter=optimizer,
                     accumulate_s_per_byte=accumulation, collectives=collectives, fresh_copy_s_per_byte=fresh,
                     fresh_page_s_per_byte=pages, resident_overhead=resident, shared_slowdown=slowdown,
-                    probe_s=probed)
+                    probe_s=probed, variant=variant)

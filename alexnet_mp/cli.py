@@ -24,6 +24,7 @@ from alexnet_mp.hardware import DEFAULT_PATH, PRESETS, Hardware
 from alexnet_mp.malloc import steady_malloc
 from alexnet_mp.model import ARCH_HELP, ARCHITECTURES
 from alexnet_mp.preflight import check_run, check_writable, check_writable_file
+from alexnet_mp.speed import Variant
 from alexnet_mp.strategies import LAYOUTS, REFERENCE, all_options, layout_named
 from alexnet_mp.tracking import hold_output
 from alexnet_mp.world import launched, leave_group, stop_with_launcher
@@ -151,8 +152,10 @@ def plan(args: argparse.Namespace) -> None:
     batch = args.batch_per_gpu if per_gpu else args.batch
     options = {name: getattr(args, name) for name in all_options()}
     scaling = f"{batch} images per GPU" if per_gpu else f"global batch {batch}"
+    refused = not_planned(gpus, args.arch, batch, options, per_gpu)
     if args.hardware:
-        text, draw = hardware_plan(args, gpus, batch, per_gpu, options, scaling)
+        text, draw, unpredicted = hardware_plan(args, gpus, batch, per_gpu, options, scaling)
+        refused += unpredicted
     else:
         predictions = predict(gpus, args.arch, batch, args.device_tflops, args.num_classes, options, per_gpu)
         _check_planned(predictions, batch, per_gpu, args.gpus)
@@ -161,7 +164,7 @@ def plan(args: argparse.Namespace) -> None:
                  f"fp32 links; speed-ups over one GPU at {batch} images")
         text = f"{title}\n\n{shares(args.arch, args.num_classes)}\n\n{table}\n"
         draw = partial(plot_plan, predictions, links)
-    if refused := not_planned(gpus, args.arch, batch, options, per_gpu):
+    if refused:
         text += "\nNot planned:\n" + "".join(f"- {line}\n" for line in refused)
     print(text)
     if args.output_dir:
@@ -173,21 +176,24 @@ def plan(args: argparse.Namespace) -> None:
 
 
 def hardware_plan(args: argparse.Namespace, gpus: list[int], batch: int, per_gpu: bool, options: dict,
-                  scaling: str) -> tuple[str, Callable[[Path], Path]]:
+                  scaling: str) -> tuple[str, Callable[[Path], Path], list[str]]:
     """`plan --hardware`: every layout's step on each rank count, walked over the profile (its collectives
-    --links'); the text, and what draws it."""
+    --links'); the text, what draws it, and why the profile cannot predict the others."""
     from alexnet_mp.hardware import load, with_links
     from alexnet_mp.plan import plan_on, planned_table, plot_planned
 
     hardware = load(args.hardware)
     if args.links:
         hardware = with_links(hardware, load(args.links))
-    planned = plan_on(hardware, gpus, args.arch, batch, args.num_classes, options, per_gpu)
+    planned, unpredicted = plan_on(hardware, gpus, args.arch, batch, args.num_classes, options, per_gpu)
+    if unpredicted and not planned:  # nothing to draw: the first reason is the one line to act on
+        raise UsageError(unpredicted[0][2])
     _check_planned(planned, batch, per_gpu, args.gpus)
     title = (f"Predicted on {hardware.name} ({hardware.provenance}), {args.arch} net, {scaling}, as its layers ran: "
              f"{hardware.variant.said()}")
     text = f"{title}\n\n{planned_table(planned)}\n"
-    return text, partial(plot_planned, planned, f"{hardware.name}, {args.arch} net, {scaling}")
+    return (text, partial(plot_planned, planned, f"{hardware.name}, {args.arch} net, {scaling}"),
+            [f"on {gpus} GPUs, {label}: {why}" for gpus, label, why in unpredicted])
 
 
 def _check_planned(planned: Sequence[object], batch: int, per_gpu: bool, gpus: str) -> None:
@@ -236,8 +242,9 @@ def calibrate(args: argparse.Namespace) -> None:
     out = Path(args.output)
     check_writable_file(out, "--output", DEFAULT_PATH.name)
     started = time.perf_counter()
+    variant = Variant.of_run(vars(args))
     profile = measure(_numbers(args.ranks, int, "--ranks"), args.arch, args.batch,
-                      log=lambda line: print(line, file=sys.stderr, flush=True))
+                      log=lambda line: print(line, file=sys.stderr, flush=True), variant=variant)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(profile.to_json(), indent=2) + "\n")
     print(f"wrote {out} in {time.perf_counter() - started:.0f} s: `plan --hardware {out}`, and `bench`, `experiment` "
@@ -344,6 +351,11 @@ def parser() -> argparse.ArgumentParser:
                            help="the global batch the runs use: each layer is timed at passes of up to so many images "
                                 "(default: bench's on a CPU)")
     measuring.add_argument("--output", default=str(DEFAULT_PATH))
+    measuring.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                           help="time the layers as `train --mixed-precision` runs them (default: float32)")
+    measuring.add_argument("--channels-last", action="store_true", help="... as `train --channels-last` runs them")
+    measuring.add_argument("--compile", action="store_true",
+                           help="... as `train --compile` runs them: each conv layer compiled at each pass size")
     measuring.set_defaults(run=calibrate)
     return root
 

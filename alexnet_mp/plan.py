@@ -163,16 +163,23 @@ class Planned:
 
 
 def plan_on(hardware: Hardware, gpu_counts: list[int], arch: str, batch: int, num_classes: int = 1000,
-            options: Mapping[str, Any] | None = None, per_gpu: bool = False) -> list[Planned]:
-    """`plan`, each step walked over `hardware`'s figures instead of one rate and one link speed."""
-    planned = []
+            options: Mapping[str, Any] | None = None, per_gpu: bool = False,
+            ) -> tuple[list[Planned], list[tuple[int, str, str]]]:
+    """`plan`, each step walked over `hardware`'s figures instead of one rate and one link speed; and (GPUs, layout,
+    why) for each layout the profile cannot predict on a GPU count (a rank count it has no collectives for, say)."""
+    planned, refused = [], []
     for gpus in gpu_counts:
         global_batch = batch * gpus if per_gpu else batch
         for mode in layouts(gpus, arch, global_batch, options):
             given = layout_config(mode, arch, global_batch, options).options
-            step = predict_step(mode, arch, gpus, global_batch, hardware, num_classes, given)
-            planned.append(Planned(layout_label({"mode": mode, **given}), gpus, global_batch, step))
-    return planned
+            label = layout_label({"mode": mode, **given})
+            try:
+                step = predict_step(mode, arch, gpus, global_batch, hardware, num_classes, given)
+            except UsageError as refusal:
+                refused.append((gpus, label, str(refusal)))
+                continue
+            planned.append(Planned(label, gpus, global_batch, step))
+    return planned, refused
 
 
 def planned_table(planned: list[Planned]) -> str:

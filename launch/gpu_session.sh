@@ -4,7 +4,7 @@
 # evaluation, checkpoint) on the fast path, one of them on JPEGs decoded on the GPU, and the full benchmark.
 # Each part fits a 10-minute command; run them in parts, most wanted first:
 #   bash launch/gpu_session.sh OUT_DIR [PARTS]   (PARTS: any of tests,calibrate,profile,train,jpeg,bench; default
-#   all)
+#   all; or calibrate-compiled alone: the layers in bf16, channels_last, compiled, and bench's step of them)
 # `calibrate,bench` first (every GPU figure, device-in-workers and Triton LRN included, the one-GPU step beside the
 # cost model's on the GPU's own profile; BENCH_TIMEOUT below a command's limit), then `tests,jpeg` (the GPU equivalence and pixel tests, and the loop's speed with each device
 # decoding), then `profile`. With a torch that predates TorchCodec's JPEG decoder, --decode-on device uses
@@ -25,7 +25,13 @@ if [[ $parts == *tests* ]]; then
     timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_trace.py tests/test_predict.py -k "trace or gpu" \
         2>&1 | tee "$out/trace_tests.txt" | tail -5
 fi
-if [[ $parts == *calibrate* ]]; then  # the GPU's own profile, which bench then holds its one-GPU step to
+if [[ $parts == *compiled* ]]; then  # the GPU's layers as bench's fastest step runs them: one compile a layer and size
+    timeout 540 python3 -m alexnet_mp calibrate --ranks 1 --batch 256 --mixed-precision bf16 --channels-last \
+        --compile --output "$out/hardware-compiled.json" 2>&1 | tail -5
+    [[ -f "$out/hardware-compiled.json" ]] && timeout 300 python3 -m alexnet_mp bench --modes paper-split \
+        --output-dir "$out/compiled-bench" --hardware "$out/hardware-compiled.json" 2>&1 | tail -25
+fi
+if [[ $parts == *calibrate* && $parts != *compiled* ]]; then  # the GPU's own profile, which bench holds its step to
     timeout 240 python3 -m alexnet_mp calibrate --ranks "$(nvidia-smi -L | wc -l)" --batch 256 \
         --output "$out/hardware.json" 2>&1 | tail -5
     # the GPU's own layer times planned on more GPUs, over NVLink's figures

@@ -485,6 +485,18 @@ def test_plan_with_links_plans_a_profile_of_one_gpu_on_several_and_says_where_ea
     assert "(a test; links: h100-nvlink's, nccl-tests' bus bandwidth on NVLink 4" in result.stdout.splitlines()[0]
 
 
+def test_plan_on_a_profile_plans_what_it_can_and_says_what_it_lacks_for_the_rest(tmp_path, capsys):
+    result = in_process(capsys, "plan", "--gpus", "1,2", "--batch", "64", "--hardware",
+                        str(one_device_profile(tmp_path)))
+    assert result.returncode == 0 and "| single | 1 | 64 |" in result.stdout
+    assert "- on 2 GPUs, data-parallel: the hardware profile 'one gpu' has no all-reduce over 2 ranks" in result.stdout
+
+
+def test_plan_on_a_profile_that_can_plan_nothing_asked_says_what_it_lacks_in_one_line(tmp_path, capsys):
+    result = in_process(capsys, "plan", "--gpus", "2", "--hardware", str(one_device_profile(tmp_path)))
+    assert result.returncode == 2 and "has no all-reduce over 2 ranks" in one_line_error(result)
+
+
 def test_links_without_a_profile_to_lend_them_to_are_refused_in_one_line(capsys):
     result = in_process(capsys, "plan", "--gpus", "2", "--links", "h100-nvlink")
     assert result.returncode == 2
@@ -856,7 +868,7 @@ def kept_by_hand(monkeypatch, points: dict[tuple[str, int], list[tuple[float, fl
 
     steps_asked: dict[str, int] = {}
 
-    def kept(mode, arch, ranks, batch, threads, scratch, steps=calibrate.SETTLING_STEPS):
+    def kept(mode, arch, ranks, batch, threads, scratch, steps=calibrate.SETTLING_STEPS, variant=EAGER):
         steps_asked[mode] = steps
         return [calibrate.Kept(ProcessMemory(0.0, activations, gathered, 0.0), kept)
                 for activations, gathered, kept in points[mode, batch]]
@@ -908,11 +920,41 @@ def test_a_cpu_process_maps_its_foreach_copies_beside_the_heap_its_backward_left
         tensors + copies_later * copies)
 
 
+def test_calibrate_times_quarters_of_a_layer_only_for_four_ranks_or_more():
+    from alexnet_mp.calibrate import shares_for
+
+    assert shares_for([1]) == shares_for([2]) == (1.0, 0.5)
+    assert shares_for([2, 4]) == (1.0, 0.5, 0.25)
+
+
+def test_calibrate_hands_each_layer_its_input_in_the_dtype_the_layer_before_returns_under_autocast():
+    passes = _layer_passes(PAPER_NET, 1.0, [2], torch.device("cpu"), Variant("bf16"))
+    assert [timed.input_dtype for timed in passes] == [torch.float32] + [torch.bfloat16] * (len(passes) - 1)
+
+
+def test_calibrate_times_layers_with_the_speed_ups_of_the_variant_asked():
+    (conv2,) = [timed for timed in _layer_passes(PAPER_NET, 1.0, [2], torch.device("cpu"),
+                                                 Variant(speed=Speed(channels_last=True)))
+                if timed.key == f"{PAPER_NET}.conv2@1"]
+    assert conv2.segment[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_calibrate_writes_the_variant_its_flags_ask_for_into_the_profile(tmp_path, capsys, monkeypatch):
+    from alexnet_mp import calibrate
+
+    monkeypatch.setattr(calibrate, "calibrate", lambda ranks, arch, batch, log, variant: dataclasses.replace(
+        by_hand(), variant=variant))
+    result = in_process(capsys, "calibrate", "--ranks", "1", "--mixed-precision", "bf16", "--channels-last",
+                        "--compile", "--output", str(tmp_path / "profile.json"))
+    assert result.returncode == 0, result.stderr
+    assert load(tmp_path / "profile.json").variant == PRESETS["h100-nvlink"].variant
+
+
 def test_calibrate_counts_the_blocks_a_pass_allocates_that_a_training_process_maps_afresh():
     """A quarter of fc6: its weight's gradient (37.7 MB) is one; nothing else it makes on 2 images reaches 32 MiB."""
-    (fc6,) = [timed for timed in _layer_passes("paper", 0.25, [2], torch.device("cpu")) if timed[0] == "paper.fc6@0.25"]
-    _, segment, shape, needs = fc6
-    assert fresh_blocks(segment, shape, needs) == (LargeBlocks(0.0, 0.0), LargeBlocks(4 * 9216 * 1024, 4 * 9216 * 1024))
+    (fc6,) = [timed for timed in _layer_passes("paper", 0.25, [2], torch.device("cpu"))
+              if timed.key == "paper.fc6@0.25"]
+    assert fresh_blocks(fc6) == (LargeBlocks(0.0, 0.0), LargeBlocks(4 * 9216 * 1024, 4 * 9216 * 1024))
 
 
 def test_calibrate_counts_the_large_blocks_a_pass_allocates_in_all_and_at_once_and_not_those_freed_from_before():
