@@ -175,9 +175,11 @@ def _layer_passes(arch: str, share: float, images: Sequence[int], device: torch.
     sides = [IMAGE_SIZE] + [block for _, block in conv_sides(ARCHITECTURES[arch])]
     cut = shard_layers(build_model(arch, 1000, seed=0), lambda key, shape, part, n: (rows(shape[0], 0, n),), 0,
                        round(1 / share)).to(device)
-    segments = [(name, apply_speed(segment, variant.speed), _input_shape(layer, min(images), sides, index))
+    segments = [(name, segment, _input_shape(layer, min(images), sides, index))
                 for index, (name, segment, layer) in enumerate(_segments(cut))]
-    dtypes = _input_dtypes([(segment, shape) for _, segment, shape in segments], device, variant)
+    dtypes = _input_dtypes([(segment, shape) for _, segment, shape in segments], device, variant)  # before compiling
+    for _, segment, _ in segments:
+        apply_speed(segment, variant.speed)
     return [LayerPass(f"{arch}.{name}@{share:g}", segment, (n, *shape[1:]), index > 0, dtype)
             for index, ((name, segment, shape), dtype) in enumerate(zip(segments, dtypes, strict=True))
             for n in images]
