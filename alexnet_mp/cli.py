@@ -6,10 +6,9 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -140,8 +139,8 @@ def compare(args: argparse.Namespace) -> None:
 
 def plan(args: argparse.Namespace) -> None:
     """Prints the prediction; writes plan.md and plan.png too where --output-dir says."""
-    from alexnet_mp.plan import not_planned, one_gpu, plan_table, plot_plan, shares
-    from alexnet_mp.plan import plan as predict
+    from alexnet_mp.hardware import load, with_links
+    from alexnet_mp.plan import plan_at_rate, plan_on_profile
 
     if args.output_dir:
         check_writable(Path(args.output_dir), "--output-dir")
@@ -151,21 +150,14 @@ def plan(args: argparse.Namespace) -> None:
     per_gpu = args.batch_per_gpu is not None
     batch = args.batch_per_gpu if per_gpu else args.batch
     options = {name: getattr(args, name) for name in all_options()}
-    scaling = f"{batch} images per GPU" if per_gpu else f"global batch {batch}"
-    refused = not_planned(gpus, args.arch, batch, options, per_gpu)
     if args.hardware:
-        text, draw, unpredicted = hardware_plan(args, gpus, batch, per_gpu, options, scaling)
-        refused += unpredicted
+        hardware = load(args.hardware)
+        if args.links:
+            hardware = with_links(hardware, load(args.links))
+        text, draw = plan_on_profile(hardware, gpus, args.arch, batch, args.num_classes, options, per_gpu)
     else:
-        predictions = predict(gpus, args.arch, batch, args.device_tflops, args.num_classes, options, per_gpu)
-        _check_planned(predictions, batch, per_gpu, args.gpus)
-        table = plan_table(predictions, links, one_gpu(args.arch, batch, args.device_tflops, args.num_classes))
-        title = (f"Predicted per step: {args.arch} net, {scaling}, {args.device_tflops:g} TFLOP/s sustained per GPU, "
-                 f"fp32 links; speed-ups over one GPU at {batch} images")
-        text = f"{title}\n\n{shares(args.arch, args.num_classes)}\n\n{table}\n"
-        draw = partial(plot_plan, predictions, links)
-    if refused:
-        text += "\nNot planned:\n" + "".join(f"- {line}\n" for line in refused)
+        text, draw = plan_at_rate(gpus, args.arch, batch, args.device_tflops, links, args.num_classes, options,
+                                  per_gpu)
     print(text)
     if args.output_dir:
         out = Path(args.output_dir)
@@ -173,33 +165,6 @@ def plan(args: argparse.Namespace) -> None:
         (out / "plan.md").write_text(text + "\n![plan](plan.png)\n")
         draw(out / "plan.png")
         print(f"wrote {out / 'plan.md'} and {out / 'plan.png'}")
-
-
-def hardware_plan(args: argparse.Namespace, gpus: list[int], batch: int, per_gpu: bool, options: dict,
-                  scaling: str) -> tuple[str, Callable[[Path], Path], list[str]]:
-    """`plan --hardware`: every layout's step on each rank count, walked over the profile (its collectives
-    --links'); the text, what draws it, and why the profile cannot predict the others."""
-    from alexnet_mp.hardware import load, with_links
-    from alexnet_mp.plan import plan_on, planned_table, plot_planned
-
-    hardware = load(args.hardware)
-    if args.links:
-        hardware = with_links(hardware, load(args.links))
-    planned, unpredicted = plan_on(hardware, gpus, args.arch, batch, args.num_classes, options, per_gpu)
-    if unpredicted and not planned:  # nothing to draw: the first reason is the one line to act on
-        raise UsageError(unpredicted[0][2])
-    _check_planned(planned, batch, per_gpu, args.gpus)
-    title = (f"Predicted on {hardware.name} ({hardware.provenance}), {args.arch} net, {scaling}, as its layers ran: "
-             f"{hardware.variant.said()}")
-    text = f"{title}\n\n{planned_table(planned)}\n"
-    return (text, partial(plot_planned, planned, f"{hardware.name}, {args.arch} net, {scaling}"),
-            [f"on {gpus} GPUs, {label}: {why}" for gpus, label, why in unpredicted])
-
-
-def _check_planned(planned: Sequence[object], batch: int, per_gpu: bool, gpus: str) -> None:
-    if not planned:
-        raise UsageError(f"no layout runs a batch of {batch}{' per GPU' if per_gpu else ''} on {gpus} GPUs; "
-                         "use counts that divide it")
 
 
 def _numbers(text: str, kind: type, flag: str) -> list:

@@ -15,8 +15,9 @@ scaling), or with `per_gpu` the batch per GPU, as the 2014 paper scales (weak sc
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -189,6 +190,53 @@ def planned_table(planned: list[Planned]) -> str:
              f"{1000 * max(p.step.comm_s):.2f}", f"{p.images_per_s:,.0f}",
              f"{max(p.step.bytes_per_rank) / 2**20:.1f}", f"{max(p.step.memory_bytes) / 2**20:.0f}"] for p in planned]
     return markdown_table(header, rows)
+
+
+def plan_at_rate(gpu_counts: list[int], arch: str, batch: int, device_tflops: float, link_gbps: list[float],
+                 num_classes: int = 1000, options: Mapping[str, Any] | None = None, per_gpu: bool = False,
+                 ) -> tuple[str, Callable[[Path], Path]]:
+    """`plan` by the first-order model: its text (the table at each link speed, and why each layout left out is),
+    and what draws it."""
+    predictions = plan(gpu_counts, arch, batch, device_tflops, num_classes, options, per_gpu)
+    _check_planned(predictions, batch, per_gpu, gpu_counts)
+    table = plan_table(predictions, link_gbps, one_gpu(arch, batch, device_tflops, num_classes))
+    title = (f"Predicted per step: {arch} net, {_scaling(batch, per_gpu)}, {device_tflops:g} TFLOP/s sustained per "
+             f"GPU, fp32 links; speed-ups over one GPU at {batch} images")
+    text = f"{title}\n\n{shares(arch, num_classes)}\n\n{table}\n"
+    return text + _not_planned_said(not_planned(gpu_counts, arch, batch, options, per_gpu)), partial(
+        plot_plan, predictions, link_gbps)
+
+
+def plan_on_profile(hardware: Hardware, gpu_counts: list[int], arch: str, batch: int, num_classes: int = 1000,
+                    options: Mapping[str, Any] | None = None, per_gpu: bool = False,
+                    ) -> tuple[str, Callable[[Path], Path]]:
+    """`plan --hardware`: its text (every layout's step on each GPU count walked over the profile, and why each
+    layout left out is), and what draws it. Where the profile can predict none of them, the first reason why is
+    the one line to act on."""
+    planned, unpredicted = plan_on(hardware, gpu_counts, arch, batch, num_classes, options, per_gpu)
+    if unpredicted and not planned:
+        raise UsageError(unpredicted[0][2])
+    _check_planned(planned, batch, per_gpu, gpu_counts)
+    title = (f"Predicted on {hardware.name} ({hardware.provenance}), {arch} net, {_scaling(batch, per_gpu)}, as its "
+             f"layers ran: {hardware.variant.said()}")
+    refused = not_planned(gpu_counts, arch, batch, options, per_gpu)
+    refused += [f"on {gpus} GPUs, {label}: {why}" for gpus, label, why in unpredicted]
+    text = f"{title}\n\n{planned_table(planned)}\n" + _not_planned_said(refused)
+    return text, partial(plot_planned, planned, f"{hardware.name}, {arch} net, {_scaling(batch, per_gpu)}")
+
+
+def _scaling(batch: int, per_gpu: bool) -> str:
+    return f"{batch} images per GPU" if per_gpu else f"global batch {batch}"
+
+
+def _check_planned(planned: Sequence[object], batch: int, per_gpu: bool, gpu_counts: list[int]) -> None:
+    if not planned:
+        raise UsageError(f"no layout runs a batch of {batch}{' per GPU' if per_gpu else ''} on "
+                         f"{','.join(map(str, gpu_counts))} GPUs; use counts that divide it")
+
+
+def _not_planned_said(refused: list[str]) -> str:
+    return "\nNot planned:\n" + "".join(f"- {line}\n" for line in refused) if refused else ""
 
 
 def one_gpu(arch: str, batch: int, device_tflops: float, num_classes: int = 1000) -> Prediction:
