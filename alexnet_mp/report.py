@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from alexnet_mp.cost import LayerCost, held_shares, layer_costs
 from alexnet_mp.errors import UsageError
@@ -268,17 +268,24 @@ def compare(directories: list[Path], out: Path, hardware: Hardware | None = None
     spans = {run.label: rank_0_spans(run, predicted[run.label]) for run in runs if run.label in predicted}
     comparison = Comparison(header, rows, broken, plots + ([timeline] if timeline else []), held,
                             span_rows({run: by_name for run, by_name in spans.items() if by_name}), unpredicted)
-    (out / "comparison.md").write_text(comparison.table + "\n\n" + held_section(held, hardware, unpredicted=unpredicted)
-                                       + "\n\n" + span_section(comparison.spans) +
-                                       "\n".join(f"![{p.stem}]({p.name})" for p in comparison.plots) + "\n")
+    held_text = held_section(held, hardware, unpredicted=unpredicted)
+    (out / "comparison.md").write_text(comparison.table + "\n\n" + held_text + "\n\n" + span_section(comparison.spans)
+                                       + "\n".join(f"![{p.stem}]({p.name})" for p in comparison.plots) + "\n")
     record = {"hardware": None if hardware is None else {"name": hardware.name, "source": hardware.provenance},
-              "runs": [{**predicted[run.label].to_json(), **({"rank_0_spans": spans[run.label]} if spans[run.label]
-                                                              else {})} if run.label in predicted
-                       else {"run": run.label, "measured": asdict(measured(run)),
-                             **({"not_predicted": unpredicted[run.label]} if run.label in unpredicted else {})}
+              "runs": [run_record(run, predicted.get(run.label), spans.get(run.label), unpredicted.get(run.label))
                        for run in runs]}
     (out / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")
     return comparison
+
+
+def run_record(run: RunSummary, held: Held | None, spans: dict[str, dict[str, float]] | None,
+               not_predicted: str | None) -> dict[str, Any]:
+    """A run in comparison.json: its figures beside the prediction (with rank 0's traced spans beside the predicted
+    ones where it was traced), or its measured figures and why it was not predicted."""
+    if held:
+        return {**held.to_json(), **({"rank_0_spans": spans} if spans else {})}
+    return {"run": run.label, "measured": asdict(measured(run)),
+            **({"not_predicted": not_predicted} if not_predicted else {})}
 
 
 def held_runs(runs: list[RunSummary], hardware: Hardware) -> tuple[dict[str, Held], dict[str, str]]:
