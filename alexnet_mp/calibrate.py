@@ -531,11 +531,13 @@ def time_shared_slowdown(arch: str, images: int = AT_ONCE_IMAGES) -> float:
     return max(statistics.median(together[1:]) / statistics.median(alone[1:]), 1.0)
 
 
-def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = None, log: Callable[[str], None] = print,
-              variant: Variant = EAGER) -> Hardware:
-    """This machine's profile for runs on each of `ranks` ranks, at a global batch of `batch` (bench's on a CPU
-    by default), whose steps run as `variant` says: on its CPU cores over gloo, or where it has GPUs, on them over
-    NCCL, one rank a GPU."""
+def calibrate(ranks: Sequence[int], nets: Sequence[str] = ("paper",), batch: int | None = None,
+              log: Callable[[str], None] = print, variant: Variant = EAGER) -> Hardware:
+    """This machine's profile for runs of `nets` on each of `ranks` ranks, at a global batch of `batch` (bench's on a
+    CPU by default), whose steps run as `variant` says: on its CPU cores over gloo, or where it has GPUs, on them over
+    NCCL, one rank a GPU. Every net's layers are timed; the probe, what a process keeps resident and how ranks share
+    the cores are the first net's."""
+    arch = nets[0]
     batch = batch or FULL.batch
     on_gpu = torch.cuda.is_available()
     if on_gpu and max(ranks) > torch.cuda.device_count():
@@ -550,14 +552,17 @@ def calibrate(ranks: Sequence[int], arch: str = "paper", batch: int | None = Non
     collectives, resident, slowdown = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="calibrate-") as scratch:
         for threads in thread_counts:
-            log(f"layers of the {arch} net on {'the GPU' if on_gpu else f'{threads} thread(s)'}, passes of "
-                f"{pass_images(batch)} images ...")
-            layers[str(threads)], spread = run_distributed(
-                in_reused_memory, 1, Path(scratch) / f"layers{threads}", time_layers, arch, threads, batch, device,
-                shares_for(ranks), REPEATS, variant, threads=threads)[0]
-            log(f"  its sweeps {spread:.0%} apart" + ("" if spread <= STEADY else ": the machine's other work moved "
-                                                      "the figures; calibrate again when it is quieter"))
-            spreads.append(spread)
+            layers[str(threads)] = {}
+            for net in nets:
+                log(f"layers of the {net} net on {'the GPU' if on_gpu else f'{threads} thread(s)'}, passes of "
+                    f"{pass_images(batch)} images ...")
+                timed, spread = run_distributed(
+                    in_reused_memory, 1, Path(scratch) / f"layers-{net}-{threads}", time_layers, net, threads, batch,
+                    device, shares_for(ranks), REPEATS, variant, threads=threads)[0]
+                layers[str(threads)].update(timed)
+                log(f"  its sweeps {spread:.0%} apart" + ("" if spread <= STEADY else ": the machine's other work "
+                                                          "moved the figures; calibrate again when it is quieter"))
+                spreads.append(spread)
             optimizer[str(threads)] = time_optimizer(threads, device)
             accumulation[str(threads)] = time_accumulation(threads, device)
             if not on_gpu:  # a GPU's caching allocator reuses its blocks

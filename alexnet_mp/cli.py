@@ -199,6 +199,15 @@ def hardware_given(name_or_path: str | None) -> Hardware | None:
     return load(name_or_path)
 
 
+def nets_named(text: str) -> tuple[str, ...]:
+    """An argparse type: nets by name, comma-separated, each one of ARCHITECTURES."""
+    nets = tuple(dict.fromkeys(name.strip() for name in text.split(",")))
+    unknown = [net for net in nets if net not in ARCHITECTURES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"no net {unknown[0]!r}: choose from {', '.join(sorted(ARCHITECTURES))}")
+    return nets
+
+
 def calibrate(args: argparse.Namespace) -> None:
     import time
 
@@ -311,7 +320,9 @@ def parser() -> argparse.ArgumentParser:
     measuring = commands.add_parser("calibrate", help="measure this machine into a hardware profile: each layer's "
                                                       "and each collective's time, for the cost model")
     measuring.add_argument("--ranks", default="2,4", help="rank counts whose threads and collectives to measure")
-    measuring.add_argument("--arch", default="paper", choices=sorted(ARCHITECTURES), help=ARCH_HELP)
+    measuring.add_argument("--arch", default="paper", type=nets_named,
+                           help=f"the nets whose layers to time, comma-separated ({', '.join(sorted(ARCHITECTURES))})"
+                                "; the first's also sets the probe and the memory figures")
     measuring.add_argument("--batch", type=POSITIVE_INT,
                            help="the global batch the runs use: each layer is timed at passes of up to so many images "
                                 "(default: bench's on a CPU)")

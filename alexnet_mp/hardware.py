@@ -143,9 +143,11 @@ class Hardware:
                                   + rate * max(fresh[direction].allocated - (served or {}).get(direction, 0.0), 0.0))
                          for direction in ("forward", "backward"))
         if self.tflops is None:
+            nets = dict.fromkeys([*(key.split(".")[0] for table in self.layers.values() for key in table),
+                                  layer.split(".")[0]])
             raise UsageError(f"the hardware profile {self.name!r} has no time for {layer} at {self.threads(ranks)} "
                              f"thread(s) and no tflops: run `python -m alexnet_mp calibrate --ranks {ranks} --arch "
-                             f"{layer.split('.')[0]}`")
+                             f"{','.join(nets)}`")
         forward = flops * samples / (self.tflops * 1e12) * self.sharing(ranks)
         return forward, 2 * forward
 

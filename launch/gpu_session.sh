@@ -26,13 +26,13 @@ if [[ $parts == *tests* ]]; then
         2>&1 | tee "$out/trace_tests.txt" | tail -5
 fi
 if [[ $parts == *compiled* ]]; then  # the GPU's layers as bench's fastest step runs them: one compile a layer and size
-    timeout 540 python3 -m alexnet_mp calibrate --ranks 1 --batch 256 --mixed-precision bf16 --channels-last \
-        --compile --output "$out/hardware-compiled.json" 2>&1 | tail -5
+    timeout 540 python3 -m alexnet_mp calibrate --ranks 1 --batch 256 --arch paper,owt --mixed-precision bf16 \
+        --channels-last --compile --output "$out/hardware-compiled.json" 2>&1 | tail -5
     [[ -f "$out/hardware-compiled.json" ]] && timeout 300 python3 -m alexnet_mp bench --modes paper-split \
         --output-dir "$out/compiled-bench" --hardware "$out/hardware-compiled.json" 2>&1 | tail -25
 fi
 if [[ $parts == *calibrate* && $parts != *compiled* ]]; then  # the GPU's own profile, which bench holds its step to
-    timeout 240 python3 -m alexnet_mp calibrate --ranks "$(nvidia-smi -L | wc -l)" --batch 256 \
+    timeout 240 python3 -m alexnet_mp calibrate --ranks "$(nvidia-smi -L | wc -l)" --batch 256 --arch paper,owt \
         --output "$out/hardware.json" 2>&1 | tail -5
     # the GPU's own layer times planned on more GPUs, over NVLink's figures
     [[ -f "$out/hardware.json" ]] && python3 -m alexnet_mp plan --gpus 1,2,4,8 --batch 256 --hardware \

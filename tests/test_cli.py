@@ -125,6 +125,7 @@ def test_bad_input_is_one_line_naming_what_works_with_exit_code_2(args, world_si
     (["train", "--lr", "-0.01"], "argument --lr: must be at least 0, not -0.01"),
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
     (["plan", "--device-tflops", "0"], "argument --device-tflops: must be more than 0, not 0"),
+    (["calibrate", "--arch", "paper,alexnet"], "argument --arch: no net 'alexnet': choose from owt,"),
     (["experiment", "--name", "trial", "--modes", "single", "--batch-size", "0"], "argument --batch-size"),
 ])
 def test_a_malformed_argument_is_refused_in_one_line_before_anything_runs(args, says, tmp_path, capsys):

@@ -61,7 +61,7 @@ from alexnet_mp.strategies.costs import (
     step_end,
 )
 from alexnet_mp.strategies.pipeline import simulated_schedule
-from tests.equivalence import PAPER_NET
+from tests.equivalence import OWT_NET, PAPER_NET
 from tests.launching import in_process, one_line_error
 
 LINK = Collective(latency_s=1e-3, bytes_per_s=1e9)
@@ -687,6 +687,19 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     for mode in LAYOUTS:
         ranks = 1 if mode == "single" else 2
         assert predict_step(mode, "paper", ranks, 2, profile, 10).step_s > 0, mode
+
+
+@pytest.mark.slow  # measures this machine's layers, and what a training process keeps resident
+def test_calibrate_times_the_layers_of_every_net_it_is_given(tmp_path, capsys, monkeypatch):
+    from alexnet_mp import calibrate
+
+    monkeypatch.setattr(calibrate, "REPEATS", 1)
+    monkeypatch.setattr(calibrate, "PROBE_SWEEPS", 1)
+    result = in_process(capsys, "calibrate", "--ranks", "1", "--batch", "2", "--arch", f"{PAPER_NET},{OWT_NET}",
+                        "--output", str(tmp_path / "hardware.json"))
+    assert result.returncode == 0, result.stderr
+    (layers,) = load(tmp_path / "hardware.json").layers.values()
+    assert {key.split(".")[0] for key in layers} == {PAPER_NET, OWT_NET}
 
 
 @pytest.mark.slow

@@ -279,7 +279,7 @@ def test_compare_reports_a_run_of_a_net_its_profile_has_not_timed_and_names_the_
     result = in_process(capsys, "compare", str(of_owt), "--out", str(tmp_path / "report"), "--hardware",
                         str(tmp_path / "paper.json"))
     assert result.returncode == 0, result.stderr
-    assert "calibrate --ranks 1 --arch owt-debug`" in (tmp_path / "report" / "comparison.md").read_text()
+    assert f"calibrate --ranks 1 --arch {PAPER_NET},owt-debug`" in (tmp_path / "report" / "comparison.md").read_text()
 
 
 def test_compare_without_a_profile_says_none_was_given(trial, tmp_path, capsys, monkeypatch):
