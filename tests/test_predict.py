@@ -632,7 +632,7 @@ def test_bench_predicts_each_layout_on_the_profile_as_calibrated_and_records_the
     assert record["hardware"]["drift"] == {"start": {"1": 0.2}, "end": {"1": 0.6}}
 
 
-def test_bench_predicts_only_the_steps_that_ran_as_the_profiles_layers_did_and_says_why_not_the_others(tmp_path):
+def test_bench_predicts_only_the_steps_that_ran_as_the_profiles_layers_did_and_says_why_not_the_others():
     from alexnet_mp import bench
 
     eager, in_bf16 = (Measurement(name, 1, 1, 8, [8.0], 0.0, [0.0], [0.0], arch="paper", precision=precision,
