@@ -147,7 +147,7 @@ class Hardware:
                                   layer.split(".")[0]])
             raise UsageError(f"the hardware profile {self.name!r} has no time for {layer} at {self.threads(ranks)} "
                              f"thread(s) and no tflops: run `python -m alexnet_mp calibrate --ranks {ranks} --arch "
-                             f"{','.join(nets)}`")
+                             f"{','.join(nets)}{self.variant.calibrate_flags()}`")
         forward = flops * samples / (self.tflops * 1e12) * self.sharing(ranks)
         return forward, 2 * forward
 
@@ -205,8 +205,8 @@ class Hardware:
         known = self.collectives.get(str(ranks)) or self.collectives.get("any")
         if not known or kind not in known:
             raise UsageError(f"the hardware profile {self.name!r} has no {kind} over {ranks} ranks: run `python -m "
-                             f"alexnet_mp calibrate --ranks {ranks}`, or give a profile that has it (`plan --links "
-                             "PRESET` lends a preset's)")
+                             f"alexnet_mp calibrate --ranks {ranks}{self.variant.calibrate_flags()}`, or give a "
+                             "profile that has it (`plan --links PRESET` lends a preset's)")
         return known[kind]
 
     def to_json(self) -> dict[str, Any]:

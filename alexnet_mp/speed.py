@@ -98,6 +98,13 @@ class Variant:
         """How it runs, in words: "fp32, eager" for the plain step."""
         return self.label() or "fp32, eager"
 
+    def calibrate_flags(self) -> str:
+        """The flags of `calibrate` that time layers as it runs them, each with a space before it; none for the plain
+        step."""
+        return "".join(f" {flag}" for flag, on in ((f"--mixed-precision {self.precision}", self.precision != "fp32"),
+                                                    ("--channels-last", self.speed.channels_last),
+                                                    ("--compile", self.speed.compiled)) if on)
+
     @classmethod
     def of_run(cls, config: Mapping[str, Any]) -> Variant:
         """How a run's step ran, from its flags (config.json's, TrainConfig's field names)."""

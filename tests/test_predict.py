@@ -653,6 +653,13 @@ def test_a_comparisons_tables_for_wandb_say_why_a_run_is_not_predicted():
     assert comparison.tables()["not_predicted"] == (["run", "why"], [["single x1", "its net is not timed"]])
 
 
+def test_a_profile_timed_in_another_variant_names_the_calibration_of_that_variant_for_what_it_lacks():
+    compiled = dataclasses.replace(by_hand(), tflops=None, variant=PRESETS["h100-nvlink"].variant)
+    with pytest.raises(UsageError, match="calibrate --ranks 1 --arch paper --mixed-precision bf16 --channels-last "
+                                         "--compile`"):
+        predict_step("single", "paper", 1, 8, compiled, 10)
+
+
 def test_a_runs_variant_is_read_from_its_flags():
     run = {"mixed_precision": "bf16", "channels_last": True, "compile": True, "cuda_graphs": False}
     assert Variant.of_run(run) == PRESETS["h100-nvlink"].variant
