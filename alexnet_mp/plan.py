@@ -95,12 +95,20 @@ def layouts(gpus: int, arch: str, batch: int = 128, options: Mapping[str, Any] |
 def not_planned(gpu_counts: list[int], arch: str, batch: int, options: Mapping[str, Any] | None = None,
                 per_gpu: bool = False) -> list[str]:
     """Why each layout made for a GPU count is not planned on it: its own check's line, as `train` would say it."""
-    said = []
-    for gpus in gpu_counts:
-        global_batch = batch * gpus if per_gpu else batch
-        said += [f"on {gpus} GPUs: {refusal}" for mode in _made_for(gpus)
-                 if (refusal := _refusal(mode, gpus, arch, global_batch, options)) is not None]
-    return said
+    return [f"on {gpus} GPUs: {refusal}" for gpus, global_batch in _global_batches(gpu_counts, batch, per_gpu)
+            for mode in _made_for(gpus) if (refusal := _refusal(mode, gpus, arch, global_batch, options)) is not None]
+
+
+def _global_batches(gpu_counts: list[int], batch: int, per_gpu: bool) -> list[tuple[int, int]]:
+    """(GPUs, the global batch on them) for each of `gpu_counts`: `batch`, or with `per_gpu` `batch` on each GPU."""
+    return [(gpus, batch * gpus if per_gpu else batch) for gpus in gpu_counts]
+
+
+def _planned_runs(gpu_counts: list[int], arch: str, batch: int, options: Mapping[str, Any] | None,
+                  per_gpu: bool) -> list[tuple[int, int, str]]:
+    """(GPUs, global batch, mode) of every layout that runs on each of `gpu_counts`."""
+    return [(gpus, global_batch, mode) for gpus, global_batch in _global_batches(gpu_counts, batch, per_gpu)
+            for mode in layouts(gpus, arch, global_batch, options)]
 
 
 def _made_for(gpus: int) -> list[str]:
@@ -141,12 +149,8 @@ def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, n
 def plan(gpu_counts: list[int], arch: str, batch: int, device_tflops: float, num_classes: int = 1000,
          options: Mapping[str, Any] | None = None, per_gpu: bool = False) -> list[Prediction]:
     """Every layout that runs on each GPU count: at the global batch `batch`, or with `per_gpu` at `batch` per GPU."""
-    predictions = []
-    for gpus in gpu_counts:
-        global_batch = batch * gpus if per_gpu else batch
-        predictions += [predict(mode, arch, gpus, global_batch, device_tflops, num_classes, options=options)
-                        for mode in layouts(gpus, arch, global_batch, options)]
-    return predictions
+    return [predict(mode, arch, gpus, global_batch, device_tflops, num_classes, options=options)
+            for gpus, global_batch, mode in _planned_runs(gpu_counts, arch, batch, options, per_gpu)]
 
 
 @dataclass(frozen=True)
@@ -169,17 +173,15 @@ def plan_on(hardware: Hardware, gpu_counts: list[int], arch: str, batch: int, nu
     """`plan`, each step walked over `hardware`'s figures instead of one rate and one link speed; and (GPUs, layout,
     why) for each layout the profile cannot predict on a GPU count (a rank count it has no collectives for, say)."""
     planned, refused = [], []
-    for gpus in gpu_counts:
-        global_batch = batch * gpus if per_gpu else batch
-        for mode in layouts(gpus, arch, global_batch, options):
-            given = layout_config(mode, arch, global_batch, options).options
-            label = layout_label({"mode": mode, **given})
-            try:
-                step = predict_step(mode, arch, gpus, global_batch, hardware, num_classes, given)
-            except UsageError as refusal:
-                refused.append((gpus, label, str(refusal)))
-                continue
-            planned.append(Planned(label, gpus, global_batch, step))
+    for gpus, global_batch, mode in _planned_runs(gpu_counts, arch, batch, options, per_gpu):
+        given = layout_config(mode, arch, global_batch, options).options
+        label = layout_label({"mode": mode, **given})
+        try:
+            step = predict_step(mode, arch, gpus, global_batch, hardware, num_classes, given)
+        except UsageError as refusal:
+            refused.append((gpus, label, str(refusal)))
+            continue
+        planned.append(Planned(label, gpus, global_batch, step))
     return planned, refused
 
 

@@ -31,6 +31,7 @@ from alexnet_mp.hardware import Hardware
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.malloc import LargeBlocks
 from alexnet_mp.model import ARCHITECTURES
+from alexnet_mp.speed import Variant
 from alexnet_mp.strategies import LAYOUTS
 from alexnet_mp.strategies.costs import Costs, PartTimes, Span, busy_s, step_end
 
@@ -192,6 +193,14 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
     timeline = costs.timeline(times, ranks, config, blocking=hardware.backend == "gloo", sharing=hardware.sharing)
     return StepPrediction(step_end(timeline), [busy_s(spans) for spans in timeline],
                           [sum(part.comm.values()) for part in times], sent, memory, timeline)
+
+
+def predict_run(mode: str, arch: str, ranks: int, batch: int, hardware: Hardware, num_classes: int,
+                options: Mapping[str, Any], ran: Variant) -> StepPrediction:
+    """A measured run's step, `predict_step`'s, where `hardware`'s layers ran as the run did (`ran`); refused in one
+    line (UsageError) otherwise, as where the profile lacks what the step needs."""
+    hardware.check_times(ran)
+    return predict_step(mode, arch, ranks, batch, hardware, num_classes, options)
 
 
 def _heap_served(hardware: Hardware, arch: str, ranks: int, work: RankWork, blocks: StepBlocks,

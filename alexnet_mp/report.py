@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from alexnet_mp.cost import LayerCost, held_shares, layer_costs
 from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES, tower_block
-from alexnet_mp.predict import HELD_HEADER, Held, StepFigures, held_said, held_table, predict_step
+from alexnet_mp.predict import HELD_HEADER, Held, StepFigures, held_said, held_table, predict_run
 from alexnet_mp.speed import Variant
 from alexnet_mp.strategies import LAYOUTS, REFERENCE
 from alexnet_mp.tracking import CorruptRecord, read_metrics, run_label
@@ -326,9 +326,8 @@ def held_run(run: RunSummary, hardware: Hardware) -> Held:
     config = run.config
     options = {option.name: config[option.name] for option in LAYOUTS[config["mode"]].options
                if config.get(option.name) is not None}
-    hardware.check_times(Variant.of_run(config))
-    predicted = predict_step(config["mode"], config["arch"], config["world_size"], config["batch_size"], hardware,
-                             config["num_classes"], options)
+    predicted = predict_run(config["mode"], config["arch"], config["world_size"], config["batch_size"], hardware,
+                            config["num_classes"], options, Variant.of_run(config))
     return Held(run.label, measured(run), predicted.figures(), predicted.timeline)
 
 

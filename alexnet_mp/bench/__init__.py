@@ -19,7 +19,7 @@ from alexnet_mp.bench.measure import Measurement, Sizes
 from alexnet_mp.bench.report import as_markdown, comparisons, environment, plot_layouts
 from alexnet_mp.errors import UsageError
 from alexnet_mp.hardware import Hardware
-from alexnet_mp.predict import Held, StepFigures, predict_step
+from alexnet_mp.predict import Held, StepFigures, predict_run
 from alexnet_mp.report import held_section
 from alexnet_mp.strategies import REFERENCE_STEP
 
@@ -98,9 +98,8 @@ def predictions(measurements: list[Measurement], sizes: Sizes, hardware: Hardwar
     for m in measurements:
         if m.mode and m.step_s:
             try:
-                hardware.check_times(m.variant)
-                predicted = predict_step(m.mode, m.arch or "paper", m.ranks, m.batch, hardware, sizes.num_classes,
-                                         m.options)
+                predicted = predict_run(m.mode, m.arch or "paper", m.ranks, m.batch, hardware, sizes.num_classes,
+                                        m.options, m.variant)
             except UsageError as refused:
                 unpredicted[m.name] = str(refused)
                 continue
