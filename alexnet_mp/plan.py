@@ -126,24 +126,22 @@ def _refusal(mode: str, gpus: int, arch: str, batch: int, options: Mapping[str, 
 
 
 def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, num_classes: int = 1000,
-            bytes_per_element: int = 4, options: Mapping[str, Any] | None = None) -> Prediction:
+            options: Mapping[str, Any] | None = None) -> Prediction:
     layout = LAYOUTS[mode]
     config = layout_config(mode, arch, batch, options)
     parts = plan_parts(mode, arch, gpus, batch, num_classes, config.options)
-    sent = [sum(part.traffic.values()) * bytes_per_element for part in parts]
+    sent = [part.sent_bytes() for part in parts]
     architecture, rate = ARCHITECTURES[arch], device_tflops * 1e12
     compute = [training_flops(part.work, architecture, num_classes) / rate for part in parts]
     slowest = max(range(len(parts)), key=lambda rank: (compute[rank], sent[rank]))
-    traffic = parts[slowest].traffic
-    gradient = sum(v for (link, _), v in traffic.items() if link in GRADIENT_LINKS) * bytes_per_element
-    memory = max((memory_bytes(part.work, architecture, num_classes, bytes_per_element, part.foreach_parameters,
-                               part.added) for part in parts), key=lambda kinds: sum(kinds.values()))
+    gradient = parts[slowest].sent_bytes(GRADIENT_LINKS)
+    memory = max((memory_bytes(part.work, architecture, num_classes, foreach=part.foreach_parameters,
+                               added=part.added) for part in parts), key=lambda kinds: sum(kinds.values()))
     rounds = layout.costs.exchange_rounds(gpus, config)
-    in_rounds = sum(v for (link, _), v in traffic.items() if link == CONV_FEATURES.name) if rounds else 0.0
     return Prediction(layout_label(config.to_dict()), gpus, batch, sent, compute[slowest], sent[slowest] - gradient,
                       gradient, memory, layout.costs.slots(gpus, config),
                       fc_compute_s=training_flops(parts[slowest].work, architecture, num_classes, "fc") / rate,
-                      rounds=rounds, round_bytes=in_rounds * bytes_per_element)
+                      rounds=rounds, round_bytes=parts[slowest].sent_bytes((CONV_FEATURES.name,)) if rounds else 0.0)
 
 
 def plan(gpu_counts: list[int], arch: str, batch: int, device_tflops: float, num_classes: int = 1000,

@@ -11,9 +11,11 @@ of its calls, and whether ranks share cores. A prediction is the first walked ov
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
+
+import torch
 
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import (
@@ -35,7 +37,7 @@ from alexnet_mp.speed import Variant
 from alexnet_mp.strategies import LAYOUTS
 from alexnet_mp.strategies.costs import Costs, PartTimes, Span, busy_s, step_end
 
-BYTES_PER_ELEMENT = 4  # float32 on every link
+TENSOR_BYTES = 4  # the memory model's tensors, and the gradients a backward adds: float32
 T = TypeVar("T")
 
 
@@ -71,7 +73,8 @@ class StepPrediction:
 class PartPlan:
     """One part of a layout's step in the terms the model costs: its work, the parameters it holds by layer, the
     layers it computes, each one's passes and the gradients its backward adds into one held already, the blocks
-    of its step, the layers whose parameters are DTensors, and the elements it sends on each link."""
+    of its step, the layers whose parameters are DTensors, the elements it sends on each link, and the bytes of an
+    element on each link."""
 
     work: RankWork
     held: dict[str, int]
@@ -81,6 +84,12 @@ class PartPlan:
     blocks: StepBlocks
     dtensors: set[str]
     traffic: Traffic
+    element_bytes: dict[str, int]
+
+    def sent_bytes(self, links: Collection[str] | None = None) -> float:
+        """The bytes it sends in a step on `links` (on every link where None)."""
+        return sum(elements * self.element_bytes[link] for (link, _), elements in self.traffic.items()
+                   if links is None or link in links)
 
     @property
     def added(self) -> set[str]:
@@ -104,8 +113,10 @@ class ProcessMemory:
 
 
 def plan_parts(mode: str, arch: str, ranks: int, batch: int, num_classes: int = 1000,
-               options: Mapping[str, Any] | None = None) -> list[PartPlan]:
-    """Each part of `mode`'s step (with its `options`) on `ranks` ranks at global batch `batch`."""
+               options: Mapping[str, Any] | None = None, compute_dtype: torch.dtype = torch.float32,
+               ) -> list[PartPlan]:
+    """Each part of `mode`'s step (with its `options`) on `ranks` ranks at global batch `batch`, its layers computing
+    in `compute_dtype`."""
     config = TrainConfig(mode=mode, arch=arch, batch_size=batch, num_classes=num_classes, options=dict(options or {}))
     costs: type[Costs] = LAYOUTS[mode].costs
     architecture, parts = ARCHITECTURES[arch], costs.parts(ranks)
@@ -119,8 +130,9 @@ def plan_parts(mode: str, arch: str, ranks: int, batch: int, num_classes: int = 
         additions = {cost.name: costs.gradient_additions(cost.name, ranks, config, traffic[part], held)
                      for cost in shared}
         plans.append(PartPlan(work, held, shared, passes, additions,
-                              step_blocks(work, architecture, num_classes, passes, BYTES_PER_ELEMENT),
-                              {name for name in held if costs.holds_dtensors(name)}, traffic[part]))
+                              step_blocks(work, architecture, num_classes, passes, TENSOR_BYTES),
+                              {name for name in held if costs.holds_dtensors(name)}, traffic[part],
+                              {link: costs.element_bytes(link, compute_dtype) for link, _ in traffic[part]}))
     return plans
 
 
@@ -135,7 +147,7 @@ def _process_memory(plans: list[PartPlan], arch: str, num_classes: int, ranks: i
     architecture, together = ARCHITECTURES[arch], len(plans) // ranks
     parts = []
     for plan in plans:
-        kinds = memory_bytes(plan.work, architecture, num_classes, BYTES_PER_ELEMENT, plan.foreach_parameters,
+        kinds = memory_bytes(plan.work, architecture, num_classes, TENSOR_BYTES, plan.foreach_parameters,
                              plan.added)
         # where the peak is the backward's, the foreach kernel's copies map afresh at the optimizer's step after it
         later = 0.0 if kinds["optimizer"] else plan.blocks.foreach_copies_mapped(plan.dtensors)
@@ -151,13 +163,13 @@ def _by_process(parts: list[T], together: int) -> list[list[T]]:
 
 def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardware, num_classes: int = 1000,
                  options: Mapping[str, Any] | None = None) -> StepPrediction:
-    """The step of `mode` (with its `options`) on `ranks` ranks at global batch `batch`, on `hardware`. A process
-    that holds several parts (the paper split's towers on one device) runs them in turn, and their links are copies
-    within it, not collectives."""
+    """The step of `mode` (with its `options`) on `ranks` ranks at global batch `batch`, on `hardware`, in the
+    precision its layers ran in. A process that holds several parts (the paper split's towers on one device) runs
+    them in turn, and their links are copies within it, not collectives."""
     config = TrainConfig(mode=mode, arch=arch, batch_size=batch, num_classes=num_classes, options=dict(options or {}))
     costs: type[Costs] = LAYOUTS[mode].costs
     architecture = ARCHITECTURES[arch]
-    plans = plan_parts(mode, arch, ranks, batch, num_classes, options)
+    plans = plan_parts(mode, arch, ranks, batch, num_classes, options, hardware.variant.compute_dtype)
     together = len(plans) // ranks
     fresh = costs.fresh_bytes(architecture, num_classes)
     times = []
@@ -170,7 +182,7 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
                 f"{arch}.{cost.name}", work.shares[cost.name], ranks, cost.flops, work.samples(cost.name),
                 plan.passes[cost.name],
                 {direction: served[cost.name, direction] for direction in (FORWARD, BACKWARD)})
-            accumulate = hardware.accumulate_s(plan.additions[cost.name] * held.get(cost.name, 0) * BYTES_PER_ELEMENT,
+            accumulate = hardware.accumulate_s(plan.additions[cost.name] * held.get(cost.name, 0) * TENSOR_BYTES,
                                                ranks)
             copied = {direction: hardware.fresh_copy_s(fresh.get((cost.name, direction), 0.0), ranks)
                       for direction in (FORWARD, BACKWARD)}
@@ -179,11 +191,11 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
         update = hardware.optimizer_s(parameters(work, architecture, num_classes) - foreach, foreach, ranks)
         comm = {} if together > 1 else {
             (link, direction): sum(hardware.collective(costs.collective(link, direction), ranks).seconds(
-                call * BYTES_PER_ELEMENT) for call in costs.call_elements(link, elements, ranks, config, held))
+                call * plan.element_bytes[link]) for call in costs.call_elements(link, elements, ranks, config, held))
             for (link, direction), elements in plan.traffic.items()}
         times.append(PartTimes({name: layers.get(name, (0.0, 0.0)) for name in architecture.layer_names}, update,
                                comm, held))
-    sent = [BYTES_PER_ELEMENT * sum(plan.traffic.values()) for plan in plans]
+    sent = [plan.sent_bytes() for plan in plans]
     if together > 1:
         times = [PartTimes.together(held) for held in _by_process(times, together)]
         sent = [sum(held) for held in _by_process(sent, together)]

@@ -76,6 +76,9 @@ def apply_speed(model: nn.Module, speed: Speed) -> nn.Module:
     return model
 
 
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # per a Variant's precision
+
+
 @dataclass(frozen=True)
 class Variant:
     """How a training step runs: its autocast precision and the speed-ups (`Speed`)."""
@@ -85,6 +88,11 @@ class Variant:
 
     def autocast(self, device: torch.device) -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the layers compute and hand on in: autocast's, or float32."""
+        return COMPUTE_DTYPES[self.precision]
 
     def label(self) -> str:
         """What differs from the eager float32 step, e.g. "bf16 + channels_last"; empty for none."""

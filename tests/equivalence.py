@@ -119,6 +119,12 @@ def run_layout_both_precisions(mode: str, arch: str, size: int, options: dict | 
             "float32": run_layout(mode, arch, size, 1, torch.float32, **(options or {}))}
 
 
+def run_layout_in_bf16_too(mode: str, arch: str, size: int, options: dict | None = None) -> dict[str, Run]:
+    """`run_layout_both_precisions`, and one step of float32 weights under bf16 autocast ("bf16")."""
+    return run_layout_both_precisions(mode, arch, size, options) | {
+        "bf16": run_layout(mode, arch, size, 1, torch.float32, variant=Variant("bf16"), **(options or {}))}
+
+
 def run_reference(arch: str, size: int, steps: int, dtype: torch.dtype) -> Run:
     """The 2012 net (or the owt net) as one module, in a plain loop."""
     net = build_model(arch, CLASSES, SEED).to(dtype).train()

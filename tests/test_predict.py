@@ -447,6 +447,22 @@ def test_a_profile_reads_back_as_written(tmp_path):
     assert load(tmp_path / "profile.json") == profile
 
 
+def test_a_bf16_profile_counts_the_activations_on_a_link_at_two_bytes_and_the_gradients_at_four():
+    eager = by_hand()
+    mixed = dataclasses.replace(eager, variant=Variant("bf16"))
+    for mode, share in (("paper-split", 0.5), ("data-parallel", 1.0)):
+        fp32, bf16 = (predict_step(mode, "paper", 2, 8, profile, 10) for profile in (eager, mixed))
+        assert bf16.bytes_per_rank == pytest.approx([share * sent for sent in fp32.bytes_per_rank]), mode
+
+
+def test_a_bf16_profile_times_each_collective_at_the_bytes_it_carries_in_bf16():
+    eager = Hardware("bandwidth only", "a test", "nccl", None, tflops=1.0,
+                     collectives={"any": dict.fromkeys(KINDS, Collective(0.0, 1e9))})
+    fp32, bf16 = (predict_step("paper-split", "paper", 2, 8, profile, 10)
+                  for profile in (eager, dataclasses.replace(eager, variant=Variant("bf16"))))
+    assert bf16.comm_s == pytest.approx([seconds / 2 for seconds in fp32.comm_s])
+
+
 def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
     result = in_process(capsys, "plan", "--gpus", "1,2,4", "--batch", "256", "--hardware", "h100-nvlink")
     assert result.returncode == 0

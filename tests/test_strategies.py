@@ -9,15 +9,18 @@ net at its smallest world size. Both nets are their debug flavors (tests/equival
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from torch import Tensor
 
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.errors import UsageError
 from alexnet_mp.plan import predict
+from alexnet_mp.predict import plan_parts
 from alexnet_mp.processes import run_distributed
 from alexnet_mp.strategies import LAYOUTS
 from alexnet_mp.strategies.weird_trick import EXCHANGE
@@ -33,7 +36,7 @@ from tests.equivalence import (
     ledger_of,
     merged,
     relative_error,
-    run_layout_both_precisions,
+    run_layout_in_bf16_too,
 )
 
 pytestmark = pytest.mark.slow  # every layout held to the one-device reference on real processes
@@ -87,11 +90,11 @@ CASES = [case for mode in LAYOUTS for case in layout_cases(mode)]
 
 
 def run_case(case: Case, scratch: Path) -> list[dict[str, Run]]:
-    """Each rank's runs of `case` (float64 and float32)."""
+    """Each rank's runs of `case` (float64, float32, and float32 under bf16 autocast)."""
     args = (case.mode, case.arch, case.batch, dict(case.options))
     if case.ranks == 1:
-        return [run_layout_both_precisions(*args)]
-    return run_distributed(run_layout_both_precisions, case.ranks, scratch / str(case), *args)
+        return [run_layout_in_bf16_too(*args)]
+    return run_distributed(run_layout_in_bf16_too, case.ranks, scratch / str(case), *args)
 
 
 def outcome(case: Case, ranks: list[dict[str, Run]]) -> tuple[list[float], Tensor]:
@@ -159,6 +162,21 @@ def test_plan_predicts_the_bytes_the_ledger_measured(layout):
     predicted = predict(spec.mode, spec.arch, spec.ranks, spec.batch, device_tflops=1.0, num_classes=10,
                         options=dict(spec.options))
     assert predicted.bytes_per_rank == pytest.approx([r["float32"].sent_bytes for r in ranks])
+
+
+def test_a_bf16_step_sends_on_each_link_the_bytes_the_cost_model_counts_in_bf16(layout):
+    spec, ranks = layout
+    parts = plan_parts(spec.mode, spec.arch, spec.ranks, spec.batch, 10, dict(spec.options), torch.bfloat16)
+    together = len(parts) // spec.ranks
+    for rank, r in enumerate(ranks):
+        predicted: dict[tuple[str, str], float] = defaultdict(float)
+        for part in parts[rank * together:(rank + 1) * together]:
+            for (link, direction), elements in part.traffic.items():
+                predicted[link, direction] += elements * part.element_bytes[link]
+        measured: dict[tuple[str, str], float] = defaultdict(float)
+        for (_, link, direction), sent in r["bf16"].traffic_bytes.items():
+            measured[link, direction] += sent
+        assert measured == pytest.approx(predicted), f"rank {rank}"
 
 
 def test_the_parameters_the_cost_model_steps_with_the_foreach_kernel_are_the_dtensors_the_layout_holds(layout):

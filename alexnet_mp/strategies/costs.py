@@ -114,6 +114,13 @@ class Costs(ABC):
         return "all-gather" if direction == FORWARD else "reduce-scatter"
 
     @classmethod
+    def element_bytes(cls, link: str, compute_dtype: torch.dtype) -> int:
+        """The bytes of an element `link` carries in a step whose layers compute in `compute_dtype`: replicated or
+        sharded gradients are of the float32 parameters (FSDP reduces in float32); anything else is what the
+        layers compute or read (activations, their gradients, FSDP's parameters gathered to compute with)."""
+        return torch.float32.itemsize if link.endswith("gradients") else compute_dtype.itemsize
+
+    @classmethod
     def call_elements(cls, link: str, elements: float, world_size: int, config: TrainConfig,
                       parameters: Mapping[str, int]) -> list[float]:
         """The elements each collective that carries `link`'s `elements` in a step sends, each call costing its own
