@@ -500,14 +500,15 @@ class Kept:
 
 def kept_beyond_tensors(mode: str, arch: str, ranks: int, batch: int, threads: int, scratch: Path,
                         steps: int = SETTLING_STEPS, variant: Variant = EAGER) -> list[Kept]:
-    """Fresh processes on `threads`, the `ranks` of `mode` at global batch `batch`: each rank's memory at its peak
-    (`predict.process_memory`, the cost model's), and what it kept resident beyond it: its training memory (bench's
-    measure, over `steps` after bench's warm-up: the heap grows over the first steps) less its tensors' peak and the
-    blocks it maps afresh after it."""
+    """Fresh processes on `threads`, the `ranks` of `mode` at global batch `batch`, trained as `variant` says: each
+    rank's memory at its peak (`predict.process_memory`, the cost model's, in `variant`'s precision), and what it
+    kept resident beyond it: its training memory (bench's measure, over `steps` after bench's warm-up: the heap grows
+    over the first steps) less its tensors' peak and the blocks it maps afresh after it."""
     sizes = dataclasses.replace(FULL, steps=steps)
     measured = run_distributed(layout_steps, ranks, scratch, mode, arch, {}, batch, sizes, variant, threads=threads)
     return [Kept(memory, max(rank["training_memory_mb"] * 2**20 - memory.tensors - memory.mapped_later, 0.0))
-            for memory, rank in zip(process_memory(mode, arch, ranks, batch, sizes.num_classes), measured, strict=True)]
+            for memory, rank in zip(process_memory(mode, arch, ranks, batch, sizes.num_classes,
+                                                   compute_dtype=variant.compute_dtype), measured, strict=True)]
 
 
 def time_shared_slowdown(arch: str, images: int = AT_ONCE_IMAGES) -> float:

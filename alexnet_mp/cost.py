@@ -17,6 +17,7 @@ from alexnet_mp.malloc import FRESH_BLOCK_BYTES, LargeBlocks, mapped_afresh
 from alexnet_mp.model import FC_NAMES, IMAGE_SIZE, Architecture, ConvSpec, build_model, conv_sides, full_shapes
 
 Traffic = dict[tuple[str, str], float]  # (link, direction) -> elements sent
+PARAMETERS = IMAGES = torch.float32  # the dtype of the parameters, their gradients and momentum, and of the images
 
 
 def both_ways(traffic: Traffic, link: str, elements: float) -> None:
@@ -98,63 +99,87 @@ def training_flops(work: RankWork, arch: Architecture, num_classes: int = 1000, 
 
 # Live in a layer's backward besides what the forward kept, in tensors of its output's size: the gradients of its
 # output and input, and for a layer with LRN its backward's own (the denominator, the scale, a window sum padded
-# and summed: `model._ChannelLRN.backward`), at their most.
+# and summed: `model._ChannelLRN.backward`, in float32 at least), at their most; under autocast the LRN's backward
+# also widens its maps and their gradient to float32.
 BACKWARD_TEMPORARIES = 2
 LRN_BACKWARD_TEMPORARIES = 4
+LRN_WIDENED = 2
+WIDE = torch.float32  # what LRN sums and scales in, and what the loss's softmax reads, whatever the layers compute in
 
 
-def kept_for_backward(cost: LayerCost, spec: ConvSpec | None) -> list[int]:
-    """The tensors, in elements per image, that autograd keeps of a layer from its forward to its backward. A conv
-    layer: its ReLU'd output (the ReLU works in place, and the LRN keeps the same maps), the LRN's output (the
-    pool's input), the pool's output and its int64 indices (two elements each). fc6 and fc7: the ReLU'd output,
-    the dropout's mask (in the activations' dtype) and its output. fc8: its logits and their log-softmax."""
+def kept_for_backward(cost: LayerCost, spec: ConvSpec | None, dtype: torch.dtype = torch.float32) -> list[int]:
+    """The tensors, in bytes per image, that autograd keeps of a layer from its forward to its backward, the layer
+    computing in `dtype`. A conv layer: its ReLU'd output (the ReLU works in place, and the LRN keeps the same maps),
+    the LRN's output (the pool's input), the pool's output and its int64 indices. fc6 and fc7: the ReLU'd output,
+    the dropout's mask (in the activations' dtype) and its output. fc8: its logits and their log-softmax (at least
+    float32)."""
     out, block = math.prod(cost.output_shape), math.prod(cost.block_shape)
+    size = dtype.itemsize
     if spec is not None:
-        return [out] + ([out] if spec.lrn else []) + ([block, 2 * block] if spec.pool else [])
-    return [out] * (2 if cost.name == FC_NAMES[-1] else 3)
+        return ([out * size] + ([out * size] if spec.lrn else [])
+                + ([block * size, block * torch.int64.itemsize] if spec.pool else []))
+    if cost.name == FC_NAMES[-1]:
+        return [out * size, out * torch.promote_types(dtype, WIDE).itemsize]
+    return [out * size] * 3
 
 
-def backward_temporaries(cost: LayerCost, spec: ConvSpec | None) -> list[int]:
-    """The tensors, in elements per image, a layer's backward makes beyond what its forward kept."""
-    return [math.prod(cost.output_shape)] * (LRN_BACKWARD_TEMPORARIES if spec is not None and spec.lrn
-                                             else BACKWARD_TEMPORARIES)
+def backward_temporaries(cost: LayerCost, spec: ConvSpec | None, dtype: torch.dtype = torch.float32) -> list[int]:
+    """The tensors, in bytes per image, a layer's backward makes beyond what its forward kept, the layer computing
+    in `dtype`."""
+    out = math.prod(cost.output_shape)
+    if spec is None or not spec.lrn:
+        return [out * dtype.itemsize] * BACKWARD_TEMPORARIES
+    widened = LRN_WIDENED if dtype.itemsize < WIDE.itemsize else 0
+    return [out * WIDE.itemsize] * (LRN_BACKWARD_TEMPORARIES + widened)
 
 
-def padded_input(arch: Architecture, held: Collection[str]) -> int:
-    """Elements per image of the padded copy of the images that the first conv reads and keeps, where a part holds
-    it and its padding is uneven (F.pad's copy); none otherwise."""
+def first_input_copy(arch: Architecture, held: Collection[str], dtype: torch.dtype = torch.float32) -> int:
+    """Bytes per image of the copy of the images that the first conv reads and keeps, where a part holds it: the
+    padded copy where its padding is uneven (F.pad's), in `dtype`; else autocast's copy of the images in `dtype`,
+    where that is narrower than theirs; none otherwise."""
     first = arch.convs[0]
-    if first.name not in held or not isinstance(first.padding, tuple):
+    if first.name not in held:
         return 0
-    return 3 * (IMAGE_SIZE + sum(first.padding[:2])) * (IMAGE_SIZE + sum(first.padding[2:]))
+    if isinstance(first.padding, tuple):
+        return 3 * (IMAGE_SIZE + sum(first.padding[:2])) * (IMAGE_SIZE + sum(first.padding[2:])) * dtype.itemsize
+    return 3 * IMAGE_SIZE ** 2 * dtype.itemsize if dtype != IMAGES else 0
 
 
-def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, bytes_per_element: int = 4,
+def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, dtype: torch.dtype = torch.float32,
                  foreach: int = 0, added: Collection[str] = ()) -> dict[str, float]:
-    """A rank's memory at its peak, by kind: its weights and momentum (a copy each of the parameters it holds), and at
-    its peak moment: in the backward, at the layer whose backward holds the most, the gradients of the layers from the
-    last down to it and of the `added` before it (each layer of `added` has its weight gradient added into one held
-    all step: a later pass's into an earlier's, or DDP's copy into its bucket), the gradient its backward produces
-    where it is one of `added` (held beside the one it goes into), what it holds there beyond its parameters and
-    their gradients (`RankWork.gathered`), and the activations (the images, what autograd still keeps of the forward
-    from the first layer up to it, and its backward's temporaries); or in the optimizer's step, every gradient, the
-    images, and the copy of the gradients of the `foreach` parameters the foreach kernel makes to add their weight
-    decay (the fused kernel makes none)."""
+    """A rank's memory at its peak, by kind, its layers computing in `dtype` (autocast's, or float32): its weights
+    and momentum (a float32 copy each of the parameters it holds); where `dtype` is narrower, autocast's copy in
+    `dtype` of each weight it casts (those it holds and does not gather), which it keeps all step; and at its peak
+    moment: in the backward, at the layer whose backward holds the most, the float32 gradients of the layers from
+    the last down to it and of the `added` before it (each layer of `added` has its weight gradient added into one
+    held all step: a later pass's into an earlier's, or DDP's copy into its bucket), the gradient its backward
+    produces where it is one of `added` (held beside the one it goes into), the gradient of its weights' copy in
+    `dtype` (cast into their float32 one), what it holds there beyond its parameters and their gradients
+    (`RankWork.gathered`, at float32's bytes: FSDP gathers a unit's weight and makes its gradient in `dtype`, but
+    reduces in float32, from a float32 copy of the gradient), and the activations (the images, what autograd still
+    keeps of the forward from the first layer up to it, and its backward's temporaries); or in the optimizer's
+    step, every gradient, the images, and the copy of the gradients of the `foreach` parameters the foreach kernel
+    makes to add their weight decay (the fused kernel makes none)."""
     specs = {spec.name: spec for spec in arch.convs}
     costs = layer_costs(arch, num_classes, work.shares)
     held = {cost.name: cost.parameters for cost in layer_costs(arch, num_classes, work.holds)}
-    kept = [sum(kept_for_backward(cost, specs.get(cost.name))) * work.samples(cost.name) for cost in costs]
-    temporaries = [sum(backward_temporaries(cost, specs.get(cost.name))) * work.samples(cost.name) for cost in costs]
-    images = (3 * IMAGE_SIZE ** 2 + padded_input(arch, held)) * work.conv_samples
+    kept = [sum(kept_for_backward(cost, specs.get(cost.name), dtype)) * work.samples(cost.name) for cost in costs]
+    temporaries = [sum(backward_temporaries(cost, specs.get(cost.name), dtype)) * work.samples(cost.name)
+                   for cost in costs]
+    images = (3 * IMAGE_SIZE ** 2 * IMAGES.itemsize + first_input_copy(arch, held, dtype)) * work.conv_samples
     added_held = [held.get(cost.name, 0) if cost.name in added else 0 for cost in costs]
-    backward = [(sum(held.get(cost.name, 0) for cost in costs[at:]) + sum(added_held[:at + 1]),
-                 work.gathered.get(costs[at].name, 0), images + sum(kept[:at + 1]) + temporaries[at], 0)
+    cast = {name: count for name, count in held.items() if name not in work.gathered} if dtype != PARAMETERS else {}
+    backward = [{"gradients": (sum(held.get(cost.name, 0) for cost in costs[at:]) + sum(added_held[:at + 1]))
+                 * PARAMETERS.itemsize,
+                 "gradient_copy": cast.get(costs[at].name, 0) * dtype.itemsize,
+                 "gathered": work.gathered.get(costs[at].name, 0) * PARAMETERS.itemsize,
+                 "activations": images + sum(kept[:at + 1]) + temporaries[at], "optimizer": 0}
                 for at in range(len(costs))]
-    gradients, gathered, activations, copied = max([*backward, (sum(held.values()), 0, images, foreach)], key=sum)
-    weights = sum(held.values()) * bytes_per_element
-    return {"weights": weights, "gradients": gradients * bytes_per_element, "momentum": weights,
-            "gathered": gathered * bytes_per_element, "activations": activations * bytes_per_element,
-            "optimizer": copied * bytes_per_element}
+    step = {"gradients": sum(held.values()) * PARAMETERS.itemsize, "gradient_copy": 0, "gathered": 0,
+            "activations": images, "optimizer": foreach * PARAMETERS.itemsize}
+    weights = sum(held.values()) * PARAMETERS.itemsize
+    return {"weights": weights, "momentum": weights, "weight_copies": sum(cast.values()) * dtype.itemsize,
+            **max([*backward, step], key=lambda kinds: sum(kinds.values()))}
 
 
 HEAP_STEPS = 4  # steps walked: the heap grows over the first few and then holds its size
@@ -186,24 +211,24 @@ class StepBlocks:
         return sum(size for name, size in self.held.items() if name in foreach_layers and mapped_afresh(size))
 
 
-def step_blocks(work: RankWork, arch: Architecture, num_classes: int, passes: Mapping[str, int],
-                bytes_per_element: int = 4) -> StepBlocks:
-    """A part's step's blocks (`StepBlocks`), each layer's a pass's over its share of its samples."""
+def step_blocks(work: RankWork, arch: Architecture, num_classes: int, passes: Mapping[str, int]) -> StepBlocks:
+    """A part's step's blocks (`StepBlocks`), each layer's a pass's over its share of its samples, its tensors in
+    float32 (the heap's blocks are walked as a float32 step allocates them)."""
     specs = {spec.name: spec for spec in arch.convs}
     costs = layer_costs(arch, num_classes, work.shares)
 
-    def sizes(elements: list[int], cost: LayerCost) -> list[float]:
-        return [count * work.samples(cost.name) / passes.get(cost.name, 1) * bytes_per_element for count in elements]
+    def sizes(per_image: list[int], cost: LayerCost) -> list[float]:
+        return [size * work.samples(cost.name) / passes.get(cost.name, 1) for size in per_image]
 
-    held = {cost.name: cost.parameters * bytes_per_element for cost in layer_costs(arch, num_classes, work.holds)}
+    held = {cost.name: cost.parameters * PARAMETERS.itemsize for cost in layer_costs(arch, num_classes, work.holds)}
     kept = {cost.name: sizes(kept_for_backward(cost, specs.get(cost.name)), cost) for cost in costs}
-    padded = padded_input(arch, held)
+    padded = first_input_copy(arch, held)
     if padded:  # kept by the first conv, which the part then computes
         first = next(cost for cost in costs if cost.name == arch.convs[0].name)
         kept[first.name] += sizes([padded], first)
     temporaries = {cost.name: sizes(backward_temporaries(cost, specs.get(cost.name)), cost) for cost in costs}
-    outputs = {cost.name: sizes([math.prod(cost.output_shape)], cost)[0] for cost in costs}
-    return StepBlocks(kept, temporaries, held, outputs, 3 * IMAGE_SIZE ** 2 * work.conv_samples * bytes_per_element)
+    outputs = {cost.name: sizes([math.prod(cost.output_shape) * torch.float32.itemsize], cost)[0] for cost in costs}
+    return StepBlocks(kept, temporaries, held, outputs, 3 * IMAGE_SIZE ** 2 * work.conv_samples * IMAGES.itemsize)
 
 
 def heap_served_bytes(blocks: StepBlocks, added: Collection[str] = (),

@@ -19,6 +19,7 @@ import torch
 
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import (
+    PARAMETERS,
     LayerCost,
     RankWork,
     StepBlocks,
@@ -37,7 +38,6 @@ from alexnet_mp.speed import Variant
 from alexnet_mp.strategies import LAYOUTS
 from alexnet_mp.strategies.costs import Costs, PartTimes, Span, busy_s, step_end
 
-TENSOR_BYTES = 4  # the memory model's tensors, and the gradients a backward adds: float32
 T = TypeVar("T")
 
 
@@ -130,24 +130,27 @@ def plan_parts(mode: str, arch: str, ranks: int, batch: int, num_classes: int = 
         additions = {cost.name: costs.gradient_additions(cost.name, ranks, config, traffic[part], held)
                      for cost in shared}
         plans.append(PartPlan(work, held, shared, passes, additions,
-                              step_blocks(work, architecture, num_classes, passes, TENSOR_BYTES),
+                              step_blocks(work, architecture, num_classes, passes),
                               {name for name in held if costs.holds_dtensors(name)}, traffic[part],
                               {link: costs.element_bytes(link, compute_dtype) for link, _ in traffic[part]}))
     return plans
 
 
 def process_memory(mode: str, arch: str, ranks: int, batch: int, num_classes: int = 1000,
-                   options: Mapping[str, Any] | None = None) -> list[ProcessMemory]:
-    """Each process's memory at its peak (`ProcessMemory`) in `mode`'s step: a process that holds several parts
-    (the paper split's towers on one device) holds each one's."""
-    return _process_memory(plan_parts(mode, arch, ranks, batch, num_classes, options), arch, num_classes, ranks)
+                   options: Mapping[str, Any] | None = None, compute_dtype: torch.dtype = torch.float32,
+                   ) -> list[ProcessMemory]:
+    """Each process's memory at its peak (`ProcessMemory`) in `mode`'s step, its layers computing in
+    `compute_dtype`: a process that holds several parts (the paper split's towers on one device) holds each one's."""
+    return _process_memory(plan_parts(mode, arch, ranks, batch, num_classes, options), arch, num_classes, ranks,
+                           compute_dtype)
 
 
-def _process_memory(plans: list[PartPlan], arch: str, num_classes: int, ranks: int) -> list[ProcessMemory]:
+def _process_memory(plans: list[PartPlan], arch: str, num_classes: int, ranks: int,
+                    compute_dtype: torch.dtype) -> list[ProcessMemory]:
     architecture, together = ARCHITECTURES[arch], len(plans) // ranks
     parts = []
     for plan in plans:
-        kinds = memory_bytes(plan.work, architecture, num_classes, TENSOR_BYTES, plan.foreach_parameters,
+        kinds = memory_bytes(plan.work, architecture, num_classes, compute_dtype, plan.foreach_parameters,
                              plan.added)
         # where the peak is the backward's, the foreach kernel's copies map afresh at the optimizer's step after it
         later = 0.0 if kinds["optimizer"] else plan.blocks.foreach_copies_mapped(plan.dtensors)
@@ -182,8 +185,8 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
                 f"{arch}.{cost.name}", work.shares[cost.name], ranks, cost.flops, work.samples(cost.name),
                 plan.passes[cost.name],
                 {direction: served[cost.name, direction] for direction in (FORWARD, BACKWARD)})
-            accumulate = hardware.accumulate_s(plan.additions[cost.name] * held.get(cost.name, 0) * TENSOR_BYTES,
-                                               ranks)
+            accumulate = hardware.accumulate_s(
+                plan.additions[cost.name] * held.get(cost.name, 0) * PARAMETERS.itemsize, ranks)
             copied = {direction: hardware.fresh_copy_s(fresh.get((cost.name, direction), 0.0), ranks)
                       for direction in (FORWARD, BACKWARD)}
             layers[cost.name] = forward + copied[FORWARD], backward + accumulate + copied[BACKWARD]
@@ -201,7 +204,7 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
         sent = [sum(held) for held in _by_process(sent, together)]
     memory = [hardware.resident_bytes(process.tensors, process.activations, process.gathered, ranks,
                                       process.mapped_later)
-              for process in _process_memory(plans, arch, num_classes, ranks)]
+              for process in _process_memory(plans, arch, num_classes, ranks, hardware.variant.compute_dtype)]
     timeline = costs.timeline(times, ranks, config, blocking=hardware.backend == "gloo", sharing=hardware.sharing)
     return StepPrediction(step_end(timeline), [busy_s(spans) for spans in timeline],
                           [sum(part.comm.values()) for part in times], sent, memory, timeline)

@@ -791,26 +791,30 @@ class LiveTensors(TorchDispatchMode):
 OptimizerOf = Callable[[TrainConfig, Iterable[torch.Tensor]], torch.optim.Optimizer]
 
 
-def after_first_step(mode: str, arch: str, batch: int, optimizer_of: OptimizerOf,
+def after_first_step(mode: str, arch: str, batch: int, optimizer_of: OptimizerOf, variant: Variant = EAGER,
                      ) -> tuple[Layout, torch.optim.Optimizer, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """`mode`'s layout, its optimizer and this rank's share of a batch of `batch` images after one step on them (the
-    momentum made), and what a rank keeps between steps: its parameters, momentum and batch."""
-    config = TrainConfig(mode=mode, arch=arch, num_classes=10, seed=0, batch_size=batch)
+    momentum made) in `variant`'s precision, and what a rank keeps between steps: its parameters, momentum and
+    batch."""
+    precision = "no" if variant.precision == "fp32" else variant.precision
+    config = TrainConfig(mode=mode, arch=arch, num_classes=10, seed=0, batch_size=batch, mixed_precision=precision)
     layout = build(config, torch.device("cpu"))
     optimizer = optimizer_of(config, layout.parameters())
     images, labels = torch.randn(batch, 3, 224, 224), torch.randint(0, 10, (batch,))
     images, labels = images[layout.image_rows(batch)], labels[layout.label_rows(batch)]
-    train_step(layout, optimizer, images, labels, 0, batch)
+    with variant.autocast(torch.device("cpu")):
+        train_step(layout, optimizer, images, labels, 0, batch)
     kept = [*layout.parameters(), *(value for state in optimizer.state.values() for value in state.values()),
             images, labels]
     return layout, optimizer, images, labels, kept
 
 
-def second_step_bytes(arch: str, batch: int, optimizer_of: OptimizerOf) -> float:
-    """The reference's second step (its momentum made by the first) on `batch` images: what it keeps (weights,
-    momentum, the batch) and the peak of the tensors the step makes."""
-    layout, optimizer, images, labels, kept = after_first_step("single", arch, batch, optimizer_of)
-    with LiveTensors(kept) as step:
+def second_step_bytes(arch: str, batch: int, optimizer_of: OptimizerOf, variant: Variant = EAGER) -> float:
+    """The reference's second step (its momentum made by the first) on `batch` images, in `variant`'s precision as
+    the loop runs it (the whole step under autocast): what it keeps (weights, momentum, the batch) and the peak of
+    the tensors the step makes."""
+    layout, optimizer, images, labels, kept = after_first_step("single", arch, batch, optimizer_of, variant)
+    with variant.autocast(torch.device("cpu")), LiveTensors(kept) as step:
         train_step(layout, optimizer, images, labels, 1, batch)
     return sum(tensor.nbytes for tensor in kept) + step.peak
 
@@ -822,15 +826,26 @@ def test_the_predicted_memory_of_a_step_is_its_peak_of_live_tensors():
     assert predict_step("single", PAPER_NET, 1, 8, by_hand(), 10).memory_bytes[0] == pytest.approx(measured, rel=0.05)
 
 
-def fsdp_second_step_bytes(batch: int) -> float:
-    """A rank's second FSDP step on its share of `batch` images: what it keeps (its shards of the weights and of
-    the momentum, its images), and the peak of the bytes the step allocates beyond them, as the profiler's records
-    of the CPU allocator count them (gloo's copies of the collectives' inputs among them)."""
+@pytest.mark.parametrize("arch", [PAPER_NET, "owt"])  # the paper net peaks at an LRN's backward, owt at fc6's
+def test_the_predicted_memory_of_a_bf16_step_is_its_peak_of_live_tensors(arch):
+    """Beside the float32 weights, momentum and gradients: autocast's bf16 copy of each weight, held all step, the
+    activations in bf16, the LRN's backward in float32, and a layer's bf16 weight gradient cast into float32."""
+    bf16 = Variant("bf16")
+    measured = second_step_bytes(arch, 8, lambda config, params: make_optimizer(params, config), bf16)
+    predicted = predict_step("single", arch, 1, 8, dataclasses.replace(by_hand(), variant=bf16), 10).memory_bytes[0]
+    assert predicted == pytest.approx(measured, rel=0.05)
+
+
+def allocated_second_step_bytes(mode: str, batch: int, variant: Variant = EAGER) -> float:
+    """A rank's second step of `mode` on its share of `batch` images, in `variant`'s precision: what it keeps (its
+    blocks or shards of the weights and of the momentum, its images), and the peak of the bytes the step allocates
+    beyond them, as the profiler's records of the CPU allocator count them (gloo's copies of the collectives'
+    inputs among them)."""
     layout, optimizer, images, labels, kept = after_first_step(
-        "fsdp", "paper", batch, lambda config, params: make_optimizer(params, config))
+        mode, "paper", batch, lambda config, params: make_optimizer(params, config), variant)
     storages = {local.untyped_storage().data_ptr(): local.untyped_storage().nbytes()
                 for local in (getattr(tensor, "_local_tensor", tensor) for tensor in kept)}
-    with _memory_records() as records:
+    with variant.autocast(torch.device("cpu")), _memory_records() as records:
         train_step(layout, optimizer, images, labels, 1, batch)
     return sum(storages.values()) + max(itertools.accumulate(record["Bytes"] for record in records))
 
@@ -838,8 +853,17 @@ def fsdp_second_step_bytes(batch: int) -> float:
 def test_fsdps_predicted_memory_is_each_ranks_peak_of_live_tensors(tmp_path):
     """At fc6's reduce-scatter (2 ranks, 4 images each): its input and gloo's copy of it, fc6's new gradient shard
     and the shards held."""
-    measured = run_distributed(fsdp_second_step_bytes, 2, tmp_path, 8)
+    measured = run_distributed(allocated_second_step_bytes, 2, tmp_path, "fsdp", 8)
     predicted = [process.tensors for process in process_memory("fsdp", "paper", 2, 8, 10)]
+    assert measured == pytest.approx(predicted, rel=0.05)
+
+
+@pytest.mark.slow  # each layout on 2 processes
+@pytest.mark.parametrize("mode", [mode for mode in LAYOUTS if mode != REFERENCE])
+def test_each_layouts_predicted_memory_in_bf16_is_each_ranks_peak_of_allocated_bytes(mode, tmp_path):
+    bf16 = Variant("bf16")
+    measured = run_distributed(allocated_second_step_bytes, 2, tmp_path, mode, 8, bf16)
+    predicted = predict_step(mode, "paper", 2, 8, dataclasses.replace(by_hand(), variant=bf16), 10).memory_bytes
     assert measured == pytest.approx(predicted, rel=0.05)
 
 
