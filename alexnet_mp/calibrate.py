@@ -508,7 +508,7 @@ def kept_beyond_tensors(mode: str, arch: str, ranks: int, batch: int, threads: i
     measured = run_distributed(layout_steps, ranks, scratch, mode, arch, {}, batch, sizes, variant, threads=threads)
     return [Kept(memory, max(rank["training_memory_mb"] * 2**20 - memory.tensors - memory.mapped_later, 0.0))
             for memory, rank in zip(process_memory(mode, arch, ranks, batch, sizes.num_classes,
-                                                   compute_dtype=variant.compute_dtype), measured, strict=True)]
+                                                   variant=variant), measured, strict=True)]
 
 
 def time_shared_slowdown(arch: str, images: int = AT_ONCE_IMAGES) -> float:

@@ -15,6 +15,7 @@ import torch
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.malloc import FRESH_BLOCK_BYTES, LargeBlocks, mapped_afresh
 from alexnet_mp.model import FC_NAMES, IMAGE_SIZE, Architecture, ConvSpec, build_model, conv_sides, full_shapes
+from alexnet_mp.speed import EAGER, Variant
 
 Traffic = dict[tuple[str, str], float]  # (link, direction) -> elements sent
 PARAMETERS = IMAGES = torch.float32  # the dtype of the parameters, their gradients and momentum, and of the images
@@ -100,35 +101,43 @@ def training_flops(work: RankWork, arch: Architecture, num_classes: int = 1000, 
 # Live in a layer's backward besides what the forward kept, in tensors of its output's size: the gradients of its
 # output and input, and for a layer with LRN its backward's own (the denominator, the scale, a window sum padded
 # and summed: `model._ChannelLRN.backward`, in float32 at least), at their most; under autocast the LRN's backward
-# also widens its maps and their gradient to float32.
+# also widens its maps and their gradient to float32. Compiled, a layer with LRN makes three float32 tensors of its
+# output's size at most (its backward fused).
 BACKWARD_TEMPORARIES = 2
 LRN_BACKWARD_TEMPORARIES = 4
 LRN_WIDENED = 2
+COMPILED_LRN_BACKWARD_TEMPORARIES = 3
 WIDE = torch.float32  # what LRN sums and scales in, and what the loss's softmax reads, whatever the layers compute in
 
 
-def kept_for_backward(cost: LayerCost, spec: ConvSpec | None, dtype: torch.dtype = torch.float32) -> list[int]:
+def kept_for_backward(cost: LayerCost, spec: ConvSpec | None, variant: Variant = EAGER) -> list[int]:
     """The tensors, in bytes per image, that autograd keeps of a layer from its forward to its backward, the layer
-    computing in `dtype`. A conv layer: its ReLU'd output (the ReLU works in place, and the LRN keeps the same maps),
-    the LRN's output (the pool's input), the pool's output and its int64 indices. fc6 and fc7: the ReLU'd output,
-    the dropout's mask (in the activations' dtype) and its output. fc8: its logits and their log-softmax (at least
-    float32)."""
-    out, block = math.prod(cost.output_shape), math.prod(cost.block_shape)
-    size = dtype.itemsize
+    run as `variant` says, in its compute dtype. A conv layer: its ReLU'd output (the ReLU works in place, and the
+    LRN keeps the same maps), the LRN's output (the pool's input), the pool's output and its int64 indices;
+    compiled (one graph, whose partitioner keeps what is cheapest to keep and recomputes the rest): with LRN, the
+    conv's output before its ReLU and the LRN's squares (float32), else the ReLU's mask (bool); and the pool's
+    output and its int8 offsets, or else the ReLU's output. fc6 and fc7: the ReLU'd output, the dropout's mask (in
+    the activations' dtype) and its output. fc8: its logits and their log-softmax (at least float32)."""
+    out, block, size = math.prod(cost.output_shape), math.prod(cost.block_shape), variant.compute_dtype.itemsize
+    if spec is not None and variant.speed.compiled:
+        kept = [out * size, out * WIDE.itemsize] if spec.lrn else [out * torch.bool.itemsize]
+        return kept + ([block * size, block * torch.int8.itemsize] if spec.pool else [out * size])
     if spec is not None:
         return ([out * size] + ([out * size] if spec.lrn else [])
                 + ([block * size, block * torch.int64.itemsize] if spec.pool else []))
     if cost.name == FC_NAMES[-1]:
-        return [out * size, out * torch.promote_types(dtype, WIDE).itemsize]
+        return [out * size, out * torch.promote_types(variant.compute_dtype, WIDE).itemsize]
     return [out * size] * 3
 
 
-def backward_temporaries(cost: LayerCost, spec: ConvSpec | None, dtype: torch.dtype = torch.float32) -> list[int]:
-    """The tensors, in bytes per image, a layer's backward makes beyond what its forward kept, the layer computing
-    in `dtype`."""
-    out = math.prod(cost.output_shape)
+def backward_temporaries(cost: LayerCost, spec: ConvSpec | None, variant: Variant = EAGER) -> list[int]:
+    """The tensors, in bytes per image, a layer's backward makes beyond what its forward kept, the layer run as
+    `variant` says."""
+    out, dtype = math.prod(cost.output_shape), variant.compute_dtype
     if spec is None or not spec.lrn:
         return [out * dtype.itemsize] * BACKWARD_TEMPORARIES
+    if variant.speed.compiled:
+        return [out * WIDE.itemsize] * COMPILED_LRN_BACKWARD_TEMPORARIES
     widened = LRN_WIDENED if dtype.itemsize < WIDE.itemsize else 0
     return [out * WIDE.itemsize] * (LRN_BACKWARD_TEMPORARIES + widened)
 
@@ -145,27 +154,32 @@ def first_input_copy(arch: Architecture, held: Collection[str], dtype: torch.dty
     return 3 * IMAGE_SIZE ** 2 * dtype.itemsize if dtype != IMAGES else 0
 
 
-def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, dtype: torch.dtype = torch.float32,
+def held_together(peaks: list[dict[str, float]]) -> dict[str, float]:
+    """The peak, by kind, of a process that runs parts layer by layer in turn (the paper split's towers on one
+    device), from each part's peak (`memory_bytes`): every part's tensors, but the temporaries of one part's backward
+    at a time."""
+    return {kind: (max if kind == "temporaries" else sum)(peak[kind] for peak in peaks) for kind in peaks[0]}
+
+
+def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, variant: Variant = EAGER,
                  foreach: int = 0, added: Collection[str] = ()) -> dict[str, float]:
-    """A rank's memory at its peak, by kind, its layers computing in `dtype` (autocast's, or float32): its weights
-    and momentum (a float32 copy each of the parameters it holds); where `dtype` is narrower, autocast's copy in
-    `dtype` of each weight it casts (those it holds and does not gather), which it keeps all step; and at its peak
-    moment: in the backward, at the layer whose backward holds the most, the float32 gradients of the layers from
-    the last down to it and of the `added` before it (each layer of `added` has its weight gradient added into one
-    held all step: a later pass's into an earlier's, or DDP's copy into its bucket), the gradient its backward
+    """A part's memory at its peak, by kind, its layers run as `variant` says (in its compute dtype, `dtype` below):
+    its weights and momentum (a float32 copy each of the parameters it holds); where `dtype` is narrower, autocast's
+    copy in `dtype` of each weight it casts (those it holds and does not gather), which it keeps all step; and at its
+    peak moment: in the backward, at the layer whose backward holds the most, the float32 gradients of the layers
+    from the last down to it and of the `added` before it (each layer of `added` has its weight gradient added into
+    one held all step: a later pass's into an earlier's, or DDP's copy into its bucket), the gradient its backward
     produces where it is one of `added` (held beside the one it goes into), the gradient of its weights' copy in
     `dtype` (cast into their float32 one), what it holds there beyond its parameters and their gradients
     (`RankWork.gathered`, at float32's bytes: FSDP gathers a unit's weight and makes its gradient in `dtype`, but
-    reduces in float32, from a float32 copy of the gradient), and the activations (the images, what autograd still
-    keeps of the forward from the first layer up to it, and its backward's temporaries); or in the optimizer's
-    step, every gradient, the images, and the copy of the gradients of the `foreach` parameters the foreach kernel
-    makes to add their weight decay (the fused kernel makes none)."""
-    specs = {spec.name: spec for spec in arch.convs}
+    reduces in float32, from a float32 copy of the gradient), the activations (the images, and what autograd still
+    keeps of the forward from the first layer up to it) and that layer's backward temporaries; or in the
+    optimizer's step, every gradient, the images, and the copy of the gradients of the `foreach` parameters the
+    foreach kernel makes to add their weight decay (the fused kernel makes none)."""
+    specs, dtype = {spec.name: spec for spec in arch.convs}, variant.compute_dtype
     costs = layer_costs(arch, num_classes, work.shares)
     held = {cost.name: cost.parameters for cost in layer_costs(arch, num_classes, work.holds)}
-    kept = [sum(kept_for_backward(cost, specs.get(cost.name), dtype)) * work.samples(cost.name) for cost in costs]
-    temporaries = [sum(backward_temporaries(cost, specs.get(cost.name), dtype)) * work.samples(cost.name)
-                   for cost in costs]
+    kept = [sum(kept_for_backward(cost, specs.get(cost.name), variant)) * work.samples(cost.name) for cost in costs]
     images = (3 * IMAGE_SIZE ** 2 * IMAGES.itemsize + first_input_copy(arch, held, dtype)) * work.conv_samples
     added_held = [held.get(cost.name, 0) if cost.name in added else 0 for cost in costs]
     cast = {name: count for name, count in held.items() if name not in work.gathered} if dtype != PARAMETERS else {}
@@ -173,10 +187,12 @@ def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, dt
                  * PARAMETERS.itemsize,
                  "gradient_copy": cast.get(costs[at].name, 0) * dtype.itemsize,
                  "gathered": work.gathered.get(costs[at].name, 0) * PARAMETERS.itemsize,
-                 "activations": images + sum(kept[:at + 1]) + temporaries[at], "optimizer": 0}
+                 "activations": images + sum(kept[:at + 1]),
+                 "temporaries": sum(backward_temporaries(costs[at], specs.get(costs[at].name), variant))
+                 * work.samples(costs[at].name), "optimizer": 0}
                 for at in range(len(costs))]
     step = {"gradients": sum(held.values()) * PARAMETERS.itemsize, "gradient_copy": 0, "gathered": 0,
-            "activations": images, "optimizer": foreach * PARAMETERS.itemsize}
+            "activations": images, "temporaries": 0, "optimizer": foreach * PARAMETERS.itemsize}
     weights = sum(held.values()) * PARAMETERS.itemsize
     return {"weights": weights, "momentum": weights, "weight_copies": sum(cast.values()) * dtype.itemsize,
             **max([*backward, step], key=lambda kinds: sum(kinds.values()))}

@@ -262,9 +262,10 @@ def plan_table(predictions: list[Prediction], link_gbps: list[float], baseline: 
     header += [f"step ms @ {gbps:g} GB/s: serial / overlapped (images/s, speed-up)" for gbps in link_gbps]
     rows = []
     for p in predictions:
-        state = sum(p.memory[kind] for kind in ("weights", "gradients", "momentum", "gathered", "optimizer")) / 2**20
+        activations = (p.memory["activations"] + p.memory["temporaries"]) / 2**20
+        state = sum(p.memory.values()) / 2**20 - activations
         row = [p.layout, str(p.gpus), str(p.batch), f"{max(p.bytes_per_rank) / 2**20:.1f}", f"{1000 * p.busy_s:.2f}",
-               f"{state:.0f} / {p.memory['activations'] / 2**20:.0f}"]
+               f"{state:.0f} / {activations:.0f}"]
         for gbps in link_gbps:
             serial, overlapped = p.step_s(gbps, False), p.step_s(gbps, True)
             speed_up = p.images_per_s(gbps) / baseline.images_per_s(gbps)

@@ -25,6 +25,7 @@ from alexnet_mp.cost import (
     StepBlocks,
     Traffic,
     heap_served_bytes,
+    held_together,
     layer_costs,
     memory_bytes,
     parameters,
@@ -34,7 +35,7 @@ from alexnet_mp.hardware import Hardware
 from alexnet_mp.ledger import BACKWARD, FORWARD
 from alexnet_mp.malloc import LargeBlocks
 from alexnet_mp.model import ARCHITECTURES
-from alexnet_mp.speed import Variant
+from alexnet_mp.speed import EAGER, Variant
 from alexnet_mp.strategies import LAYOUTS
 from alexnet_mp.strategies.costs import Costs, PartTimes, Span, busy_s, step_end
 
@@ -137,26 +138,25 @@ def plan_parts(mode: str, arch: str, ranks: int, batch: int, num_classes: int = 
 
 
 def process_memory(mode: str, arch: str, ranks: int, batch: int, num_classes: int = 1000,
-                   options: Mapping[str, Any] | None = None, compute_dtype: torch.dtype = torch.float32,
-                   ) -> list[ProcessMemory]:
-    """Each process's memory at its peak (`ProcessMemory`) in `mode`'s step, its layers computing in
-    `compute_dtype`: a process that holds several parts (the paper split's towers on one device) holds each one's."""
+                   options: Mapping[str, Any] | None = None, variant: Variant = EAGER) -> list[ProcessMemory]:
+    """Each process's memory at its peak (`ProcessMemory`) in `mode`'s step, run as `variant` says: a process that
+    holds several parts (the paper split's towers on one device) holds each one's (`cost.held_together`)."""
     return _process_memory(plan_parts(mode, arch, ranks, batch, num_classes, options), arch, num_classes, ranks,
-                           compute_dtype)
+                           variant)
 
 
 def _process_memory(plans: list[PartPlan], arch: str, num_classes: int, ranks: int,
-                    compute_dtype: torch.dtype) -> list[ProcessMemory]:
-    architecture, together = ARCHITECTURES[arch], len(plans) // ranks
-    parts = []
-    for plan in plans:
-        kinds = memory_bytes(plan.work, architecture, num_classes, compute_dtype, plan.foreach_parameters,
-                             plan.added)
+                    variant: Variant) -> list[ProcessMemory]:
+    architecture = ARCHITECTURES[arch]
+    processes = []
+    for held in _by_process(plans, len(plans) // ranks):
+        kinds = held_together([memory_bytes(plan.work, architecture, num_classes, variant, plan.foreach_parameters,
+                                            plan.added) for plan in held])
         # where the peak is the backward's, the foreach kernel's copies map afresh at the optimizer's step after it
-        later = 0.0 if kinds["optimizer"] else plan.blocks.foreach_copies_mapped(plan.dtensors)
-        parts.append((sum(kinds.values()), kinds["activations"], kinds["gathered"], later))
-    return [ProcessMemory(*(sum(values) for values in zip(*held, strict=True)))
-            for held in _by_process(parts, together)]
+        later = 0.0 if kinds["optimizer"] else sum(plan.blocks.foreach_copies_mapped(plan.dtensors) for plan in held)
+        processes.append(ProcessMemory(sum(kinds.values()), kinds["activations"] + kinds["temporaries"],
+                                       kinds["gathered"], later))
+    return processes
 
 
 def _by_process(parts: list[T], together: int) -> list[list[T]]:
@@ -204,7 +204,7 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
         sent = [sum(held) for held in _by_process(sent, together)]
     memory = [hardware.resident_bytes(process.tensors, process.activations, process.gathered, ranks,
                                       process.mapped_later)
-              for process in _process_memory(plans, arch, num_classes, ranks, hardware.variant.compute_dtype)]
+              for process in _process_memory(plans, arch, num_classes, ranks, hardware.variant)]
     timeline = costs.timeline(times, ranks, config, blocking=hardware.backend == "gloo", sharing=hardware.sharing)
     return StepPrediction(step_end(timeline), [busy_s(spans) for spans in timeline],
                           [sum(part.comm.values()) for part in times], sent, memory, timeline)
