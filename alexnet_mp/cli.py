@@ -23,7 +23,7 @@ from alexnet_mp.hardware import DEFAULT_PATH, PRESETS, Hardware
 from alexnet_mp.malloc import steady_malloc
 from alexnet_mp.model import ARCH_HELP, ARCHITECTURES
 from alexnet_mp.preflight import check_run, check_writable, check_writable_file
-from alexnet_mp.speed import Variant
+from alexnet_mp.speed import EAGER, Variant
 from alexnet_mp.strategies import LAYOUTS, REFERENCE, all_options, layout_named
 from alexnet_mp.tracking import hold_output
 from alexnet_mp.world import launched, leave_group, stop_with_launcher
@@ -146,6 +146,10 @@ def plan(args: argparse.Namespace) -> None:
         check_writable(Path(args.output_dir), "--output-dir")
     if args.links and not args.hardware:
         raise UsageError("--links lends its collectives to a --hardware profile: add --hardware FILE")
+    variant = Variant.of_run(vars(args))
+    if args.hardware and variant != EAGER:
+        raise UsageError("--mixed-precision and --compile plan at a rate; a --hardware profile plans a step as its "
+                         "layers ran: calibrate one with those flags, or leave them out")
     gpus, links = _numbers(args.gpus, int, "--gpus"), _numbers(args.link_gbps, float, "--link-gbps")
     per_gpu = args.batch_per_gpu is not None
     batch = args.batch_per_gpu if per_gpu else args.batch
@@ -157,7 +161,7 @@ def plan(args: argparse.Namespace) -> None:
         text, draw = plan_on_profile(hardware, gpus, args.arch, batch, args.num_classes, options, per_gpu)
     else:
         text, draw = plan_at_rate(gpus, args.arch, batch, args.device_tflops, links, args.num_classes, options,
-                                  per_gpu)
+                                  per_gpu, variant)
     print(text)
     if args.output_dir:
         out = Path(args.output_dir)
@@ -297,8 +301,14 @@ def parser() -> argparse.ArgumentParser:
                             "paper net's fastest step sustained on an H100, docs/results/; `bench` prints it "
                             "for your device and net)")
     add_layout_options(model, defaults=True)
+    model.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                       help="at a rate: plan the links and memory of a step that runs as `train --mixed-precision` "
+                            "(default no: float32)")
+    model.add_argument("--compile", action="store_true",
+                       help="at a rate: plan the memory of a step that runs as `train --compile`")
     model.add_argument("--hardware", help="a hardware profile (`calibrate --output FILE`) or a preset: "
-                                           f"{', '.join(PRESETS)}; instead of --device-tflops and --link-gbps")
+                                           f"{', '.join(PRESETS)}; instead of --device-tflops and --link-gbps; it "
+                                           "plans a step as its layers ran (its precision and speed-ups)")
     model.add_argument("--links", help="with --hardware: its collectives from this profile or preset instead (a "
                                        "profile calibrated on one GPU, planned on more: --links h100-nvlink)")
     model.add_argument("--arch", default="paper", choices=sorted(ARCHITECTURES), help=ARCH_HELP)

@@ -27,6 +27,7 @@ from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.predict import StepPrediction, plan_parts, predict_step
 from alexnet_mp.report import markdown_table
+from alexnet_mp.speed import EAGER, Variant
 from alexnet_mp.strategies import LAYOUTS, REFERENCE, layout_label
 from alexnet_mp.strategies.costs import CONV_FEATURES, hidden_by_rounds
 
@@ -126,17 +127,19 @@ def _refusal(mode: str, gpus: int, arch: str, batch: int, options: Mapping[str, 
 
 
 def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, num_classes: int = 1000,
-            options: Mapping[str, Any] | None = None) -> Prediction:
+            options: Mapping[str, Any] | None = None, variant: Variant = EAGER) -> Prediction:
+    """`mode`'s step on `gpus` GPUs at global batch `batch`, its links and memory as a step run as `variant` says
+    holds them."""
     layout = LAYOUTS[mode]
     config = layout_config(mode, arch, batch, options)
-    parts = plan_parts(mode, arch, gpus, batch, num_classes, config.options)
+    parts = plan_parts(mode, arch, gpus, batch, num_classes, config.options, variant.compute_dtype)
     sent = [part.sent_bytes() for part in parts]
     architecture, rate = ARCHITECTURES[arch], device_tflops * 1e12
     compute = [training_flops(part.work, architecture, num_classes) / rate for part in parts]
     slowest = max(range(len(parts)), key=lambda rank: (compute[rank], sent[rank]))
     gradient = parts[slowest].sent_bytes(GRADIENT_LINKS)
-    memory = max((memory_bytes(part.work, architecture, num_classes, foreach=part.foreach_parameters,
-                               added=part.added) for part in parts), key=lambda kinds: sum(kinds.values()))
+    memory = max((memory_bytes(part.work, architecture, num_classes, variant, part.foreach_parameters, part.added)
+                  for part in parts), key=lambda kinds: sum(kinds.values()))
     rounds = layout.costs.exchange_rounds(gpus, config)
     return Prediction(layout_label(config.to_dict()), gpus, batch, sent, compute[slowest], sent[slowest] - gradient,
                       gradient, memory, layout.costs.slots(gpus, config),
@@ -145,9 +148,11 @@ def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, n
 
 
 def plan(gpu_counts: list[int], arch: str, batch: int, device_tflops: float, num_classes: int = 1000,
-         options: Mapping[str, Any] | None = None, per_gpu: bool = False) -> list[Prediction]:
-    """Every layout that runs on each GPU count: at the global batch `batch`, or with `per_gpu` at `batch` per GPU."""
-    return [predict(mode, arch, gpus, global_batch, device_tflops, num_classes, options=options)
+         options: Mapping[str, Any] | None = None, per_gpu: bool = False, variant: Variant = EAGER,
+         ) -> list[Prediction]:
+    """Every layout that runs on each GPU count: at the global batch `batch`, or with `per_gpu` at `batch` per GPU;
+    each step run as `variant` says."""
+    return [predict(mode, arch, gpus, global_batch, device_tflops, num_classes, options, variant)
             for gpus, global_batch, mode in _planned_runs(gpu_counts, arch, batch, options, per_gpu)]
 
 
@@ -194,14 +199,15 @@ def planned_table(planned: list[Planned]) -> str:
 
 def plan_at_rate(gpu_counts: list[int], arch: str, batch: int, device_tflops: float, link_gbps: list[float],
                  num_classes: int = 1000, options: Mapping[str, Any] | None = None, per_gpu: bool = False,
-                 ) -> tuple[str, Callable[[Path], Path]]:
-    """`plan` by the first-order model: its text (the table at each link speed, and why each layout left out is),
-    and what draws it."""
-    predictions = plan(gpu_counts, arch, batch, device_tflops, num_classes, options, per_gpu)
+                 variant: Variant = EAGER) -> tuple[str, Callable[[Path], Path]]:
+    """`plan` by the first-order model, each step run as `variant` says: its text (the table at each link speed, and
+    why each layout left out is), and what draws it."""
+    predictions = plan(gpu_counts, arch, batch, device_tflops, num_classes, options, per_gpu, variant)
     _check_planned(predictions, batch, per_gpu, gpu_counts)
-    table = plan_table(predictions, link_gbps, one_gpu(arch, batch, device_tflops, num_classes))
+    table = plan_table(predictions, link_gbps, one_gpu(arch, batch, device_tflops, num_classes, variant))
     title = (f"Predicted per step: {arch} net, {_scaling(batch, per_gpu)}, {device_tflops:g} TFLOP/s sustained per "
-             f"GPU, fp32 links; speed-ups over one GPU at {batch} images")
+             f"GPU, links and memory as a step in {variant.said()} holds them; speed-ups over one GPU at {batch} "
+             "images")
     text = f"{title}\n\n{shares(arch, num_classes)}\n\n{table}\n"
     return text + _not_planned_said(not_planned(gpu_counts, arch, batch, options, per_gpu)), partial(
         plot_plan, predictions, link_gbps)
@@ -239,9 +245,10 @@ def _not_planned_said(refused: list[str]) -> str:
     return "\nNot planned:\n" + "".join(f"- {line}\n" for line in refused) if refused else ""
 
 
-def one_gpu(arch: str, batch: int, device_tflops: float, num_classes: int = 1000) -> Prediction:
+def one_gpu(arch: str, batch: int, device_tflops: float, num_classes: int = 1000, variant: Variant = EAGER,
+            ) -> Prediction:
     """What speed-ups are measured against: the reference on one GPU at one GPU's batch."""
-    return predict(REFERENCE, arch, 1, batch, device_tflops, num_classes)
+    return predict(REFERENCE, arch, 1, batch, device_tflops, num_classes, variant=variant)
 
 
 def shares(arch: str, num_classes: int = 1000) -> str:
@@ -258,7 +265,7 @@ def shares(arch: str, num_classes: int = 1000) -> str:
 def plan_table(predictions: list[Prediction], link_gbps: list[float], baseline: Prediction) -> str:
     """A row per prediction; at each link speed its step time, images/s and speed-up over `baseline`."""
     header = ["mode", "GPUs", "global batch", "MiB sent/rank/step (max)", "compute ms (x the bubble's slots)",
-              "memory MiB/rank: params+grads+momentum(+gathered, +the foreach copy) / activations"]
+              "memory MiB/rank: params+grads+momentum(+gathered, +the foreach copy, +autocast's copies) / activations"]
     header += [f"step ms @ {gbps:g} GB/s: serial / overlapped (images/s, speed-up)" for gbps in link_gbps]
     rows = []
     for p in predictions:

@@ -8,6 +8,7 @@ import pytest
 
 from alexnet_mp.plan import layouts, one_gpu, plan, predict, shares
 from alexnet_mp.predict import process_memory
+from alexnet_mp.speed import Speed, Variant
 from tests.launching import in_process, one_line_error
 
 
@@ -123,3 +124,24 @@ def test_plans_memory_is_the_cost_models_peak_of_the_busiest_process_the_foreach
     assert planned.memory["optimizer"] > 0
     assert sum(planned.memory.values()) == max(process.tensors
                                                for process in process_memory("tensor-parallel", "paper", 2, 8, 10))
+
+
+def test_plan_at_a_rate_in_bf16_sends_activations_at_two_bytes_and_gradients_at_four(capsys):
+    result = in_process(capsys, "plan", "--gpus", "2", "--batch", "128", "--link-gbps", "16", "--mixed-precision",
+                        "bf16")
+    assert result.returncode == 0, result.stderr
+    assert "as a step in bf16 holds them" in result.stdout
+    assert "| paper-split | 2 | 128 | 14.3 |" in result.stdout  # 28.6 MiB in float32
+    assert "| data-parallel | 2 | 128 | 232.6 |" in result.stdout  # the same in float32
+
+
+def test_plan_at_a_rate_counts_the_memory_of_a_compiled_bf16_step_as_its_graphs_keep_it():
+    compiled = Variant("bf16", Speed(compile=True))
+    planned = predict("single", "paper", 1, 256, 70.0, options={}, variant=compiled)
+    assert sum(planned.memory.values()) == max(process.tensors for process in
+                                               process_memory("single", "paper", 1, 256, variant=compiled))
+
+
+def test_plan_refuses_a_precision_beside_a_profile_which_plans_as_its_layers_ran(capsys):
+    result = in_process(capsys, "plan", "--gpus", "2", "--hardware", "h100-nvlink", "--mixed-precision", "bf16")
+    assert result.returncode == 2 and "a --hardware profile plans a step as its layers ran" in one_line_error(result)
