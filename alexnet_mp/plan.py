@@ -132,7 +132,7 @@ def predict(mode: str, arch: str, gpus: int, batch: int, device_tflops: float, n
     holds them."""
     layout = LAYOUTS[mode]
     config = layout_config(mode, arch, batch, options)
-    parts = plan_parts(mode, arch, gpus, batch, num_classes, config.options, variant.compute_dtype)
+    parts = plan_parts(mode, arch, gpus, batch, num_classes, config.options, variant)
     sent = [part.sent_bytes() for part in parts]
     architecture, rate = ARCHITECTURES[arch], device_tflops * 1e12
     compute = [training_flops(part.work, architecture, num_classes) / rate for part in parts]

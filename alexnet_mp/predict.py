@@ -15,8 +15,6 @@ from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-import torch
-
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import (
     PARAMETERS,
@@ -114,10 +112,9 @@ class ProcessMemory:
 
 
 def plan_parts(mode: str, arch: str, ranks: int, batch: int, num_classes: int = 1000,
-               options: Mapping[str, Any] | None = None, compute_dtype: torch.dtype = torch.float32,
-               ) -> list[PartPlan]:
-    """Each part of `mode`'s step (with its `options`) on `ranks` ranks at global batch `batch`, its layers computing
-    in `compute_dtype`."""
+               options: Mapping[str, Any] | None = None, variant: Variant = EAGER) -> list[PartPlan]:
+    """Each part of `mode`'s step (with its `options`) on `ranks` ranks at global batch `batch`, run as `variant`
+    says."""
     config = TrainConfig(mode=mode, arch=arch, batch_size=batch, num_classes=num_classes, options=dict(options or {}))
     costs: type[Costs] = LAYOUTS[mode].costs
     architecture, parts = ARCHITECTURES[arch], costs.parts(ranks)
@@ -133,7 +130,7 @@ def plan_parts(mode: str, arch: str, ranks: int, batch: int, num_classes: int = 
         plans.append(PartPlan(work, held, shared, passes, additions,
                               step_blocks(work, architecture, num_classes, passes),
                               {name for name in held if costs.holds_dtensors(name)}, traffic[part],
-                              {link: costs.element_bytes(link, compute_dtype) for link, _ in traffic[part]}))
+                              {link: costs.element_bytes(link, variant.compute_dtype) for link, _ in traffic[part]}))
     return plans
 
 
@@ -172,7 +169,7 @@ def predict_step(mode: str, arch: str, ranks: int, batch: int, hardware: Hardwar
     config = TrainConfig(mode=mode, arch=arch, batch_size=batch, num_classes=num_classes, options=dict(options or {}))
     costs: type[Costs] = LAYOUTS[mode].costs
     architecture = ARCHITECTURES[arch]
-    plans = plan_parts(mode, arch, ranks, batch, num_classes, options, hardware.variant.compute_dtype)
+    plans = plan_parts(mode, arch, ranks, batch, num_classes, options, hardware.variant)
     together = len(plans) // ranks
     fresh = costs.fresh_bytes(architecture, num_classes)
     times = []

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from torch import Tensor
 
 from alexnet_mp.config import TrainConfig
@@ -22,6 +21,7 @@ from alexnet_mp.errors import UsageError
 from alexnet_mp.plan import predict
 from alexnet_mp.predict import plan_parts
 from alexnet_mp.processes import run_distributed
+from alexnet_mp.speed import Variant
 from alexnet_mp.strategies import LAYOUTS
 from alexnet_mp.strategies.weird_trick import EXCHANGE
 from tests.conftest import REFERENCE_BATCH
@@ -166,7 +166,7 @@ def test_plan_predicts_the_bytes_the_ledger_measured(layout):
 
 def test_a_bf16_step_sends_on_each_link_the_bytes_the_cost_model_counts_in_bf16(layout):
     spec, ranks = layout
-    parts = plan_parts(spec.mode, spec.arch, spec.ranks, spec.batch, 10, dict(spec.options), torch.bfloat16)
+    parts = plan_parts(spec.mode, spec.arch, spec.ranks, spec.batch, 10, dict(spec.options), Variant("bf16"))
     together = len(parts) // spec.ranks
     for rank, r in enumerate(ranks):
         predicted: dict[tuple[str, str], float] = defaultdict(float)

@@ -26,12 +26,12 @@ from alexnet_mp.errors import UsageError
 from alexnet_mp.ledger import BACKWARD, FORWARD, Ledger
 from alexnet_mp.malloc import mapped_afresh
 from alexnet_mp.model import ARCHITECTURES, AlexNet, Architecture, full_shapes
+from alexnet_mp.speed import COMPUTE_DTYPES
 from alexnet_mp.strategies.base import Claim, bytes_on_rank_0
 from alexnet_mp.strategies.costs import PartTimes, new_traffic, split_by
 from alexnet_mp.strategies.data_parallel import DataParallel, DataParallelCosts
 
 PARAMETERS, GRADIENTS = "parameters", "gradients"  # the ledger's links: all-gathers, and reduce-scatters
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Phase:
@@ -204,7 +204,7 @@ class FSDP(DataParallel):
         model = self.place(model)
         self.parts_held = [(self.rank, model)]
         mesh = DeviceMesh.from_group(dist.group.WORLD, self.device.type)
-        precision = PRECISIONS.get(self.config.mixed_precision)
+        precision = COMPUTE_DTYPES.get(self.config.mixed_precision)  # None for "no": float32 throughout
         policy = MixedPrecisionPolicy(param_dtype=precision, reduce_dtype=torch.float32 if precision else None)
         self.phase = Phase()
         for layer in model.layers().values():
