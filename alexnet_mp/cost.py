@@ -212,11 +212,14 @@ class StepBlocks:
     held: dict[str, float]  # the layer's parameters the part holds: its weights', momentum's and gradient's size
     output: dict[str, float]
     images: float
+    copies: dict[str, float] = field(default_factory=dict)  # autocast's copy of the layer's weights, held all step
 
     def lasting_fresh_bytes(self) -> dict[tuple[str, str], float]:
         """Per (layer, direction), the bytes of these blocks of `malloc.FRESH_BLOCK_BYTES` and up that a pass
-        allocates and that outlast it: forward, what it keeps; backward, its weight gradient."""
-        made = {FORWARD: self.kept, BACKWARD: {name: [self.held.get(name, 0.0)] for name in self.temporaries}}
+        allocates and that outlast it: forward, what it keeps and autocast's copy of its weights; backward, its
+        weight gradient."""
+        made = {FORWARD: {name: [*sizes, self.copies.get(name, 0.0)] for name, sizes in self.kept.items()},
+                BACKWARD: {name: [self.held.get(name, 0.0)] for name in self.temporaries}}
         return {(name, direction): sum(size for size in sizes if mapped_afresh(size))
                 for direction, by_layer in made.items() for name, sizes in by_layer.items()}
 
@@ -227,24 +230,29 @@ class StepBlocks:
         return sum(size for name, size in self.held.items() if name in foreach_layers and mapped_afresh(size))
 
 
-def step_blocks(work: RankWork, arch: Architecture, num_classes: int, passes: Mapping[str, int]) -> StepBlocks:
-    """A part's step's blocks (`StepBlocks`), each layer's a pass's over its share of its samples, its tensors in
-    float32 (the heap's blocks are walked as a float32 step allocates them)."""
-    specs = {spec.name: spec for spec in arch.convs}
+def step_blocks(work: RankWork, arch: Architecture, num_classes: int, passes: Mapping[str, int],
+                variant: Variant = EAGER) -> StepBlocks:
+    """A part's step's blocks (`StepBlocks`), each layer's a pass's over its share of its samples, run as `variant`
+    says (as `memory_bytes` counts them)."""
+    specs, dtype = {spec.name: spec for spec in arch.convs}, variant.compute_dtype
     costs = layer_costs(arch, num_classes, work.shares)
 
     def sizes(per_image: list[int], cost: LayerCost) -> list[float]:
         return [size * work.samples(cost.name) / passes.get(cost.name, 1) for size in per_image]
 
-    held = {cost.name: cost.parameters * PARAMETERS.itemsize for cost in layer_costs(arch, num_classes, work.holds)}
-    kept = {cost.name: sizes(kept_for_backward(cost, specs.get(cost.name)), cost) for cost in costs}
-    padded = first_input_copy(arch, held)
+    parameters = {cost.name: cost.parameters for cost in layer_costs(arch, num_classes, work.holds)}
+    kept = {cost.name: sizes(kept_for_backward(cost, specs.get(cost.name), variant), cost) for cost in costs}
+    padded = first_input_copy(arch, parameters, dtype)
     if padded:  # kept by the first conv, which the part then computes
         first = next(cost for cost in costs if cost.name == arch.convs[0].name)
         kept[first.name] += sizes([padded], first)
-    temporaries = {cost.name: sizes(backward_temporaries(cost, specs.get(cost.name)), cost) for cost in costs}
-    outputs = {cost.name: sizes([math.prod(cost.output_shape) * torch.float32.itemsize], cost)[0] for cost in costs}
-    return StepBlocks(kept, temporaries, held, outputs, 3 * IMAGE_SIZE ** 2 * work.conv_samples * IMAGES.itemsize)
+    temporaries = {cost.name: sizes(backward_temporaries(cost, specs.get(cost.name), variant), cost)
+                   for cost in costs}
+    outputs = {cost.name: sizes([math.prod(cost.output_shape) * dtype.itemsize], cost)[0] for cost in costs}
+    copies = {name: count * dtype.itemsize for name, count in parameters.items()
+              if name not in work.gathered} if dtype != PARAMETERS else {}
+    return StepBlocks(kept, temporaries, {name: count * PARAMETERS.itemsize for name, count in parameters.items()},
+                      outputs, 3 * IMAGE_SIZE ** 2 * work.conv_samples * IMAGES.itemsize, copies)
 
 
 def heap_served_bytes(blocks: StepBlocks, added: Collection[str] = (),
@@ -268,6 +276,7 @@ def heap_served_bytes(blocks: StepBlocks, added: Collection[str] = (),
     for _ in range(HEAP_STEPS):
         walk = HeapWalk(heap, sum(size for size in resident if not mapped_afresh(size)))
         forward: dict[str, list[Allocation]] = {}
+        copies = [walk.allocate(blocks.copies[name], (name, FORWARD)) for name in layers if blocks.copies.get(name)]
         for name in layers:
             forward[name] = [walk.allocate(size, (name, FORWARD)) for size in blocks.kept[name]]
             walk.pass_transient(transient.get((name, FORWARD)), blocks.output[name], (name, FORWARD))
@@ -279,7 +288,7 @@ def heap_served_bytes(blocks: StepBlocks, added: Collection[str] = (),
             walk.pass_transient(transient.get((name, BACKWARD)), blocks.output[name], (name, BACKWARD))
             walk.free([*made, *forward[name], *(gradient if name in added else [])])
             gradients += [] if name in added else gradient
-        walk.free(gradients)
+        walk.free([*gradients, *copies])
         heap = walk.heap
     return walk.served
 

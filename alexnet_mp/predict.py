@@ -128,7 +128,7 @@ def plan_parts(mode: str, arch: str, ranks: int, batch: int, num_classes: int = 
         additions = {cost.name: costs.gradient_additions(cost.name, ranks, config, traffic[part], held)
                      for cost in shared}
         plans.append(PartPlan(work, held, shared, passes, additions,
-                              step_blocks(work, architecture, num_classes, passes),
+                              step_blocks(work, architecture, num_classes, passes, variant),
                               {name for name in held if costs.holds_dtensors(name)}, traffic[part],
                               {link: costs.element_bytes(link, variant.compute_dtype) for link, _ in traffic[part]}))
     return plans

@@ -244,6 +244,16 @@ def test_the_large_blocks_that_outlast_a_pass_are_what_a_forward_keeps_and_a_bac
     assert lasting["conv1", BACKWARD] == 0
 
 
+def test_in_bf16_the_large_blocks_that_outlast_a_forward_are_what_it_keeps_at_two_bytes_and_autocasts_weight_copy():
+    """At 32 images in bf16 conv1's ReLU'd output and its LRN's are 18.6 MB each, under the 32 MiB of a block mapped
+    afresh; fc6's forward leaves autocast's bf16 copy of its weights (75 MB), held all step."""
+    work = LAYOUTS["single"].costs.work("paper", 0, 1, 32, 10)
+    lasting = step_blocks(work, PAPER, 10, {}, Variant("bf16")).lasting_fresh_bytes()
+    assert lasting["conv1", FORWARD] == 0
+    assert lasting["fc6", FORWARD] == 2 * (9216 * 4096 + 4096)
+    assert lasting["fc6", BACKWARD] == 4 * (9216 * 4096 + 4096)
+
+
 def test_a_one_device_step_at_32_images_finds_conv1s_large_outputs_in_the_heap_its_smaller_blocks_grew():
     """conv1's ReLU'd output and its LRN's, 37 MB each, the only blocks of 32 MiB and up its forward keeps."""
     blocks = step_blocks(LAYOUTS["single"].costs.work("paper", 0, 1, 32, 10), PAPER, 10, {})
