@@ -113,6 +113,10 @@ class Variant:
                                                     ("--channels-last", self.speed.channels_last),
                                                     ("--compile", self.speed.compiled)) if on)
 
+    def train_flags(self) -> dict[str, Any]:
+        """The run's flags (TrainConfig's field names) that run a step so: what `of_run` reads back."""
+        return {"mixed_precision": "no" if self.precision == "fp32" else self.precision, **self.speed.flags()}
+
     @classmethod
     def of_run(cls, config: Mapping[str, Any]) -> Variant:
         """How a run's step ran, from its flags (config.json's, TrainConfig's field names)."""

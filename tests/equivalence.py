@@ -85,8 +85,7 @@ def run_layout(mode: str, arch: str, size: int, steps: int, dtype: torch.dtype, 
     """`steps` SGD steps of a layout (with its `options`: exchange, schedule, microbatches); what it saw comes
     back on the CPU."""
     config = TrainConfig(mode=mode, arch=arch, num_classes=CLASSES, seed=SEED, batch_size=size, lr=LR, timeout_s=60,
-                         mixed_precision="bf16" if variant.precision == "bf16" else "no", **variant.speed.flags(),
-                         options=options)
+                         **variant.train_flags(), options=options)
     check_layout(config, current().size)
     layout = build(config, torch.device(device), dtype)
     layout.train()

@@ -687,6 +687,11 @@ def test_a_profile_timed_in_another_variant_names_the_calibration_of_that_varian
         predict_step("single", "paper", 1, 8, compiled, 10)
 
 
+@pytest.mark.parametrize("variant", [EAGER, Variant("bf16"), Variant("bf16", Speed(channels_last=True, compile=True))])
+def test_a_variants_training_flags_run_a_step_that_reads_back_as_that_variant(variant):
+    assert Variant.of_run(TrainConfig(**variant.train_flags()).to_dict()) == variant
+
+
 def test_a_runs_variant_is_read_from_its_flags():
     run = {"mixed_precision": "bf16", "channels_last": True, "compile": True, "cuda_graphs": False}
     assert Variant.of_run(run) == PRESETS["h100-nvlink"].variant
@@ -806,9 +811,7 @@ def after_first_step(mode: str, arch: str, batch: int, optimizer_of: OptimizerOf
                      ) -> tuple[Layout, torch.optim.Optimizer, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """`mode`'s layout, its optimizer and this rank's share of a batch of `batch` images after one step on them (the
     momentum made) run as `variant` says, and what a rank keeps between steps: its parameters, momentum and batch."""
-    precision = "no" if variant.precision == "fp32" else variant.precision
-    config = TrainConfig(mode=mode, arch=arch, num_classes=10, seed=0, batch_size=batch, mixed_precision=precision,
-                         **variant.speed.flags())
+    config = TrainConfig(mode=mode, arch=arch, num_classes=10, seed=0, batch_size=batch, **variant.train_flags())
     layout = build(config, torch.device("cpu"))
     optimizer = optimizer_of(config, layout.parameters())
     images, labels = torch.randn(batch, 3, 224, 224), torch.randint(0, 10, (batch,))

@@ -84,7 +84,7 @@ def layout_steps(mode: str, arch: str, options: dict[str, Any], batch: int, size
     `traced`, with `train --trace`'s hooks recording every step."""
     device = _device()
     config = TrainConfig(mode=mode, arch=arch, num_classes=sizes.num_classes, seed=SEED, batch_size=batch,
-                         **variant.speed.flags(), options=options)
+                         **variant.train_flags(), options=options)
     check_layout(config, current().size)
     before_net_mb = memory_in_use_mb(device)
     layout = build(config, device)
@@ -162,7 +162,7 @@ def fed_steps(root: str, batch: int, workers: int, sizes: Sizes, variant: Varian
     in-memory batch first."""
     device = _device()
     config = TrainConfig(mode=REFERENCE, arch=sizes.paper_net, num_classes=sizes.num_classes, seed=SEED,
-                         batch_size=batch, **variant.speed.flags())
+                         batch_size=batch, **variant.train_flags())
     layout = build(config, device)
     layout.train()
     optimizer = make_optimizer(layout.parameters(), config, layout.learning_rates())
