@@ -11,10 +11,13 @@ import sys
 
 import pytest
 
-from alexnet_mp.bench.measure import Measurement
+from alexnet_mp.bench.matrix import QUICK
+from alexnet_mp.bench.measure import Measurement, layout_steps
 from alexnet_mp.bench.report import bubbles
 from alexnet_mp.hardware import FORMAT, KINDS
-from alexnet_mp.predict import Held, StepFigures
+from alexnet_mp.predict import Held, StepFigures, plan_parts
+from alexnet_mp.processes import run_distributed
+from alexnet_mp.speed import Variant
 from alexnet_mp.strategies.costs import Span
 from tests.launching import ENV, ROOT, in_process, one_line_error
 
@@ -247,3 +250,11 @@ def test_bench_refuses_an_unknown_layout_before_measuring_anything(tmp_path, cap
     result = in_process(capsys, "bench", "--modes", "weird-trick,ddp", "--output-dir", str(tmp_path))
     assert result.returncode == 2 and "unknown --mode 'ddp'" in one_line_error(result)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_bf16_bench_step_runs_its_layout_in_bf16_as_training_does(tmp_path):
+    """FSDP gathers its units in the run's precision: bench's ranks (and so calibrate's) send what a bf16 run sends."""
+    bf16 = Variant("bf16")
+    measured = run_distributed(layout_steps, 2, tmp_path, "fsdp", QUICK.paper_net, {}, QUICK.batch, QUICK, bf16)
+    parts = plan_parts("fsdp", QUICK.paper_net, 2, QUICK.batch, QUICK.num_classes, variant=bf16)
+    assert [rank["bytes"] for rank in measured] == pytest.approx([part.sent_bytes() for part in parts])
