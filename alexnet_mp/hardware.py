@@ -103,6 +103,9 @@ class Hardware:
     probe_s: dict[str, float] = field(default_factory=dict)
     links_source: str = ""  # where the collectives' figures come from, where not from `source`
     variant: Variant = EAGER  # how the layers it times ran: a run in another precision or speed-up runs at other rates
+    # where layers are not measured: per net, the training rate a device sustains on that net's layers, where
+    # measured for it (another net's layers run at another rate on the same device); other nets at `tflops`
+    net_tflops: dict[str, float] = field(default_factory=dict)
 
     @property
     def provenance(self) -> str:
@@ -132,7 +135,8 @@ class Hardware:
         backward, on a rank of `ranks`: from the layer measured at that share (the nearest measured share,
         scaled, otherwise), a pass's time at its images interpolated between the sizes measured, and the pages of
         the blocks it maps afresh but those its process's heap serves (`served`: bytes a pass, by direction); or,
-        unmeasured, from `flops` (its forward's per image; the backward's twice that) at the sustained rate."""
+        unmeasured, from `flops` (its forward's per image; the backward's twice that) at the rate sustained on its
+        net's layers."""
         measured = self._measured(layer, share, ranks)
         if measured:
             times, nearest = measured
@@ -148,7 +152,8 @@ class Hardware:
             raise UsageError(f"the hardware profile {self.name!r} has no time for {layer} at {self.threads(ranks)} "
                              f"thread(s) and no tflops: run `python -m alexnet_mp calibrate --ranks {ranks} --arch "
                              f"{','.join(nets)}{self.variant.calibrate_flags()}`")
-        forward = flops * samples / (self.tflops * 1e12) * self.sharing(ranks)
+        rate = self.net_tflops.get(layer.split(".")[0], self.tflops)
+        forward = flops * samples / (rate * 1e12) * self.sharing(ranks)
         return forward, 2 * forward
 
     def fresh_blocks(self, layer: str, share: float, ranks: int, samples: int, passes: int = 1,
@@ -224,30 +229,38 @@ def pass_s(images: list[float], seconds: list[float], at: float) -> float:
 
 # Each figure with its source. NVLink 4 (H100 SXM): 900 GB/s per GPU both ways, 450 one way (NVIDIA's H100
 # datasheet); nccl-tests' measured bus bandwidth on 8 H100s is about 360-370 GB/s, used here, with NCCL's
-# small-message latency of about 15 us (nccl-tests, NVIDIA's DGX H100 reports). The compute rate: the paper
-# net's fastest one-GPU step measured here, 69.4 TFLOP/s of training (docs/results/2026-11-23-benchmark-gpu-h100.md).
-# A100 SXM: NVLink 3, 600 GB/s both ways; about 230 GB/s bus bandwidth in nccl-tests; compute at the H100's rate
-# scaled by the bf16 dense peaks (312 against 989 TFLOP/s, NVIDIA's datasheets). PCIe 4 x16: 32 GB/s one way,
-# about 22 GB/s reached by NCCL through the host.
-def _preset(name: str, source: str, links_source: str, tflops: float, bus_gb_s: float, latency_s: float) -> Hardware:
+# small-message latency of about 15 us (nccl-tests, NVIDIA's DGX H100 reports). The compute rates: each net's fastest
+# one-GPU step measured here, in TFLOP/s of training (docs/results/2026-11-23-benchmark-gpu-h100.md): the paper net's
+# 69.4, the owt net's 146 (the same FLOPs to 1% in half the time: no LRN, no grouped convs). A100 SXM: NVLink 3,
+# 600 GB/s both ways; about 230 GB/s bus bandwidth in nccl-tests; compute at the H100's rates scaled by the bf16 dense
+# peaks (312 against 989 TFLOP/s, NVIDIA's datasheets). PCIe 4 x16: 32 GB/s one way, about 22 GB/s reached by NCCL
+# through the host.
+H100_TFLOPS = {"paper": 69.4, "owt": 146.0}
+
+
+def _preset(name: str, source: str, links_source: str, scale: float, bus_gb_s: float, latency_s: float) -> Hardware:
+    """A preset whose layers run at the H100's rates times `scale`; other nets than those measured at the paper
+    net's."""
     link = Collective(latency_s, bus_gb_s * 1e9)
-    return Hardware(name, source, "nccl", None, tflops=tflops, collectives={"any": dict.fromkeys(KINDS, link)},
-                    links_source=links_source, variant=FAST_GPU)  # the step the rate is of
+    rates = {net: scale * tflops for net, tflops in H100_TFLOPS.items()}
+    return Hardware(name, source, "nccl", None, tflops=rates["paper"], collectives={"any": dict.fromkeys(KINDS, link)},
+                    links_source=links_source, variant=FAST_GPU, net_tflops=rates)  # the step the rates are of
 
 
-# A preset times every layer at one rate, whatever its kind, net and images a pass; the source says so, since another
-# net or pass size runs at another rate on the same GPU.
-ONE_RATE = "every layer at one rate, the paper net's step on one H100 in bf16, compiled, at 256 images (measured " \
-           "here, 2026-11-23)"
+# A preset times each net's layers at one rate, whatever their kind and images a pass; the source says so, since
+# another pass size runs at another rate on the same GPU.
+NET_RATES = ("each net's layers at one rate, the net's own step on one H100 in bf16, compiled, at 256 images "
+             "(docs/results/2026-11-23-benchmark-gpu-h100.md: the paper net's 69.4 TFLOP/s, the owt net's 146; other "
+             "nets at the paper net's)")
 
 PRESETS = {
-    "h100-nvlink": _preset("h100-nvlink", f"one H100 SXM node over NVLink 4: {ONE_RATE}",
-                           "nccl-tests' bus bandwidth on NVLink 4, 360 GB/s, and 15 us", 69.4, 360.0, 15e-6),
-    "a100-nvlink": _preset("a100-nvlink", f"one A100 SXM node over NVLink 3: {ONE_RATE}, x 312/989 (the "
+    "h100-nvlink": _preset("h100-nvlink", f"one H100 SXM node over NVLink 4: {NET_RATES}",
+                           "nccl-tests' bus bandwidth on NVLink 4, 360 GB/s, and 15 us", 1.0, 360.0, 15e-6),
+    "a100-nvlink": _preset("a100-nvlink", f"one A100 SXM node over NVLink 3: {NET_RATES}, x 312/989 (the "
                            "datasheets' bf16 peaks)", "nccl-tests' bus bandwidth on NVLink 3, 230 GB/s, and 15 us",
-                           69.4 * 312 / 989, 230.0, 15e-6),
-    "h100-pcie": _preset("h100-pcie", f"H100s on PCIe 4 x16 through the host: {ONE_RATE}",
-                         "NCCL through the host on PCIe 4 x16, 22 GB/s, and 30 us", 69.4, 22.0, 30e-6),
+                           312 / 989, 230.0, 15e-6),
+    "h100-pcie": _preset("h100-pcie", f"H100s on PCIe 4 x16 through the host: {NET_RATES}",
+                         "NCCL through the host on PCIe 4 x16, 22 GB/s, and 30 us", 1.0, 22.0, 30e-6),
 }
 
 
@@ -364,10 +377,11 @@ def _parsed(raw: Any) -> Hardware:
     probed = {str(threads): _positive(value, "probe_s") for threads, value in raw.get("probe_s", {}).items()}
     if not layers and tflops is None:
         raise ValueError("it has neither layer times nor tflops")
+    net_tflops = {str(net): _positive(value, f"net_tflops.{net}") for net, value in raw.get("net_tflops", {}).items()}
     return Hardware(str(raw["name"]), str(raw["source"]), raw["backend"],
                     None if cores is None else int(_positive(cores, "cores")), layers,
                     None if tflops is None else _positive(tflops, "tflops"),
                     {str(t): {kernel: _positive(rates[kernel], f"optimizer_s_per_parameter.{t}.{kernel}")
                               for kernel in KERNELS} for t, rates in raw.get("optimizer_s_per_parameter", {}).items()},
                     accumulation, collectives, fresh, pages, resident, slowdown, probed,
-                    str(raw.get("links_source", "")), _parsed_variant(raw.get("variant")))
+                    str(raw.get("links_source", "")), _parsed_variant(raw.get("variant")), net_tflops)

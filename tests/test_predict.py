@@ -453,7 +453,7 @@ def test_a_profile_reads_back_as_written(tmp_path):
                        fresh_copy_s_per_byte={"1": 5e-10}, fresh_page_s_per_byte={"1": 4e-10},
                        resident_overhead={"1": ResidentOverhead(1e8, 0.5, 2e7, 0.3)},
                        shared_slowdown={"2": 1.05}, probe_s={"1": 0.9}, links_source="another machine's",
-                       variant=Variant("bf16", Speed(channels_last=True)))
+                       variant=Variant("bf16", Speed(channels_last=True)), net_tflops={"owt": 3.0})
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
     assert load(tmp_path / "profile.json") == profile
 
@@ -481,10 +481,17 @@ def test_every_preset_predicts_every_layout_it_is_asked_for(capsys):
         line[:line.index(" | 256 |") + 8] for line in result.stdout.splitlines() if " | 256 |" in line}
 
 
-def test_plan_on_a_preset_says_it_times_every_layer_at_one_rate(capsys):
-    """Another net, precision or pass size runs at another rate on the same GPU: the reader is told."""
+def test_plan_on_a_preset_says_it_times_each_nets_layers_at_one_rate(capsys):
+    """Another layer kind or pass size runs at another rate on the same GPU: the reader is told."""
     result = in_process(capsys, "plan", "--gpus", "2", "--batch", "256", "--hardware", "a100-nvlink")
-    assert "every layer at one rate" in result.stdout.splitlines()[0]
+    assert "each net's layers at one rate" in result.stdout.splitlines()[0]
+
+
+def test_a_preset_times_each_nets_layers_at_the_rate_measured_on_that_net():
+    """The owt net does the paper net's FLOPs to 1% in half the time on an H100: its own rate, not the paper net's."""
+    h100 = PRESETS["h100-nvlink"]
+    paper, owt = (predict_step("single", arch, 1, 256, h100).compute_s[0] for arch in ("paper", "owt"))
+    assert owt / paper == pytest.approx(69.4 / 146.0, rel=0.02)
 
 
 def one_device_profile(tmp_path: Path) -> Path:
@@ -572,6 +579,8 @@ def test_links_from_a_profile_without_collectives_are_refused_in_one_line(tmp_pa
      '"speed": {}}}', "variant.precision must be fp32 or bf16"),
     ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "variant": {"precision": "bf16", '
      '"speed": {"compile": "yes"}}}', "variant.speed's flags must be true or false"),
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "net_tflops": {"owt": 0}}',
+     "net_tflops.owt must be a positive number"),
 ])
 def test_a_malformed_profile_is_refused_in_one_line(text, says, tmp_path, capsys):
     (tmp_path / "profile.json").write_text(text)
