@@ -30,6 +30,9 @@ if [[ $parts == *compiled* ]]; then  # the GPU's layers as bench's fastest step 
         --channels-last --compile --output "$out/hardware-compiled.json" 2>&1 | tail -5
     [[ -f "$out/hardware-compiled.json" ]] && timeout 300 python3 -m alexnet_mp bench --modes paper-split \
         --output-dir "$out/compiled-bench" --hardware "$out/hardware-compiled.json" 2>&1 | tail -25
+    # the compiled step's own layer times planned on more GPUs, over NVLink's figures
+    [[ -f "$out/hardware-compiled.json" ]] && python3 -m alexnet_mp plan --gpus 1,2,4,8 --batch 256 --hardware \
+        "$out/hardware-compiled.json" --links h100-nvlink --output-dir "$out/plan-compiled" 2>&1 | tail -25
 fi
 if [[ $parts == *calibrate* && $parts != *compiled* ]]; then  # the GPU's own profile, which bench holds its step to
     timeout 240 python3 -m alexnet_mp calibrate --ranks "$(nvidia-smi -L | wc -l)" --batch 256 --arch paper,owt \
