@@ -154,6 +154,17 @@ def first_input_copy(arch: Architecture, held: Collection[str], dtype: torch.dty
     return 3 * IMAGE_SIZE ** 2 * dtype.itemsize if dtype != IMAGES else 0
 
 
+def cast_weights(work: RankWork, held: Mapping[str, int], dtype: torch.dtype) -> dict[str, int]:
+    """Per layer, the parameters (of `held`, by layer) autocast copies into `dtype` each step and keeps all step:
+    those a part holds and does not gather (FSDP gathers them in `dtype` already); none in float32."""
+    return {name: count for name, count in held.items() if name not in work.gathered} if dtype != PARAMETERS else {}
+
+
+def activation_bytes(peak: Mapping[str, float]) -> float:
+    """Of a peak by kind (`memory_bytes`), the activations: what autograd keeps, and the backward's temporaries."""
+    return peak["activations"] + peak["temporaries"]
+
+
 def held_together(peaks: list[dict[str, float]]) -> dict[str, float]:
     """The peak, by kind, of a process that runs parts layer by layer in turn (the paper split's towers on one
     device), from each part's peak (`memory_bytes`): every part's tensors, but the temporaries of one part's backward
@@ -182,7 +193,7 @@ def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, va
     kept = [sum(kept_for_backward(cost, specs.get(cost.name), variant)) * work.samples(cost.name) for cost in costs]
     images = (3 * IMAGE_SIZE ** 2 * IMAGES.itemsize + first_input_copy(arch, held, dtype)) * work.conv_samples
     added_held = [held.get(cost.name, 0) if cost.name in added else 0 for cost in costs]
-    cast = {name: count for name, count in held.items() if name not in work.gathered} if dtype != PARAMETERS else {}
+    cast = cast_weights(work, held, dtype)
     backward = [{"gradients": (sum(held.get(cost.name, 0) for cost in costs[at:]) + sum(added_held[:at + 1]))
                  * PARAMETERS.itemsize,
                  "gradient_copy": cast.get(costs[at].name, 0) * dtype.itemsize,
@@ -249,8 +260,7 @@ def step_blocks(work: RankWork, arch: Architecture, num_classes: int, passes: Ma
     temporaries = {cost.name: sizes(backward_temporaries(cost, specs.get(cost.name), variant), cost)
                    for cost in costs}
     outputs = {cost.name: sizes([math.prod(cost.output_shape) * dtype.itemsize], cost)[0] for cost in costs}
-    copies = {name: count * dtype.itemsize for name, count in parameters.items()
-              if name not in work.gathered} if dtype != PARAMETERS else {}
+    copies = {name: count * dtype.itemsize for name, count in cast_weights(work, parameters, dtype).items()}
     return StepBlocks(kept, temporaries, {name: count * PARAMETERS.itemsize for name, count in parameters.items()},
                       outputs, 3 * IMAGE_SIZE ** 2 * work.conv_samples * IMAGES.itemsize, copies)
 

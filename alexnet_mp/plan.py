@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import layer_costs, memory_bytes, training_flops
+from alexnet_mp.cost import activation_bytes, layer_costs, memory_bytes, training_flops
 from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.predict import StepPrediction, plan_parts, predict_step
@@ -269,7 +269,7 @@ def plan_table(predictions: list[Prediction], link_gbps: list[float], baseline: 
     header += [f"step ms @ {gbps:g} GB/s: serial / overlapped (images/s, speed-up)" for gbps in link_gbps]
     rows = []
     for p in predictions:
-        activations = (p.memory["activations"] + p.memory["temporaries"]) / 2**20
+        activations = activation_bytes(p.memory) / 2**20
         state = sum(p.memory.values()) / 2**20 - activations
         row = [p.layout, str(p.gpus), str(p.batch), f"{max(p.bytes_per_rank) / 2**20:.1f}", f"{1000 * p.busy_s:.2f}",
                f"{state:.0f} / {activations:.0f}"]

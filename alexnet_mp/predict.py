@@ -22,6 +22,7 @@ from alexnet_mp.cost import (
     RankWork,
     StepBlocks,
     Traffic,
+    activation_bytes,
     heap_served_bytes,
     held_together,
     layer_costs,
@@ -151,7 +152,7 @@ def _process_memory(plans: list[PartPlan], arch: str, num_classes: int, ranks: i
                                             plan.added) for plan in held])
         # where the peak is the backward's, the foreach kernel's copies map afresh at the optimizer's step after it
         later = 0.0 if kinds["optimizer"] else sum(plan.blocks.foreach_copies_mapped(plan.dtensors) for plan in held)
-        processes.append(ProcessMemory(sum(kinds.values()), kinds["activations"] + kinds["temporaries"],
+        processes.append(ProcessMemory(sum(kinds.values()), activation_bytes(kinds),
                                        kinds["gathered"], later))
     return processes
 

@@ -87,7 +87,7 @@ class Variant:
     speed: Speed = Speed()
 
     def autocast(self, device: torch.device) -> torch.autocast:
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        return torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.precision != "fp32")
 
     @property
     def compute_dtype(self) -> torch.dtype:
