@@ -418,6 +418,15 @@ def data_parallel_convs_traffic(costs: type[Costs], arch: Architecture, part: in
     return traffic
 
 
+def replicated_gradients_traffic(traffic: Traffic, costs: type[Costs], arch: Architecture, part: int, parts: int,
+                                 batch: int, num_classes: int, replicas: int) -> None:
+    """What all-reducing the gradients of every parameter a part holds sends, over a ring of the `replicas` parts
+    that hold the same ones; nothing where the part is the only one."""
+    if replicas > 1:
+        held = parameters(costs.work(arch.name, part, parts, batch, num_classes), arch, num_classes)
+        traffic["gradients", BACKWARD] += ring_all_reduce_elements(held, replicas)
+
+
 def fc_traffic(traffic: Traffic, arch: Architecture, shard: int, shards: int, samples: int) -> None:
     """What `FC_LINKS` send for `samples` images: fc7's input gathered from every shard, fc7's outputs
     gathered to shard 0 for fc8 (and their gradients back)."""

@@ -8,11 +8,10 @@ import torch.distributed as dist
 from torch import nn
 
 from alexnet_mp.blocks import WHOLE, Block, part_size, rows
-from alexnet_mp.cost import Traffic, parameters
-from alexnet_mp.ledger import BACKWARD, ring_all_reduce_elements
+from alexnet_mp.cost import Traffic
 from alexnet_mp.model import AlexNet, Architecture
 from alexnet_mp.strategies.base import Layout
-from alexnet_mp.strategies.costs import Costs, new_traffic
+from alexnet_mp.strategies.costs import Costs, new_traffic, replicated_gradients_traffic
 
 
 class DataParallelCosts(Costs):
@@ -27,9 +26,7 @@ class DataParallelCosts(Costs):
     @classmethod
     def traffic(cls, arch: Architecture, part: int, parts: int, batch: int, num_classes: int) -> Traffic:
         traffic = new_traffic()
-        if parts > 1:
-            whole = parameters(cls.work(arch.name, part, parts, batch, num_classes), arch, num_classes)
-            traffic["gradients", BACKWARD] += ring_all_reduce_elements(whole, parts)
+        replicated_gradients_traffic(traffic, cls, arch, part, parts, batch, num_classes, replicas=parts)
         return traffic
 
 

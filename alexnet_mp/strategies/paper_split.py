@@ -15,13 +15,13 @@ from torch import Tensor, nn
 
 from alexnet_mp.blocks import Block, part_size, rows
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import Traffic, both_ways, parameters
+from alexnet_mp.cost import Traffic, both_ways
 from alexnet_mp.errors import UsageError
-from alexnet_mp.ledger import BACKWARD, Ledger, metered, ring_all_reduce_elements
+from alexnet_mp.ledger import Ledger, metered
 from alexnet_mp.links import Link
 from alexnet_mp.model import ARCHITECTURES, PAPER, AlexNet, Architecture, conv_output_sides, tower_block
 from alexnet_mp.strategies.base import Claim, Layout, link_inputs, shard_layers
-from alexnet_mp.strategies.costs import FC_LINKS, Costs, fc_traffic, new_traffic
+from alexnet_mp.strategies.costs import FC_LINKS, Costs, fc_traffic, new_traffic, replicated_gradients_traffic
 from alexnet_mp.strategies.mesh import grid
 from alexnet_mp.strategies.single import REFERENCE_STEP
 
@@ -88,9 +88,7 @@ class PaperSplitCosts(Costs):
                 both_ways(traffic, f"{spec.name}-input", maps * samples * (TOWERS - 1))
         both_ways(traffic, "fc6-input", arch.feature_size // TOWERS * samples * (TOWERS - 1))
         fc_traffic(traffic, arch, tower, TOWERS, samples)
-        if replicas > 1:
-            held = parameters(cls.work(arch.name, part, parts, batch, num_classes), arch, num_classes)
-            traffic["gradients", BACKWARD] += ring_all_reduce_elements(held, replicas)
+        replicated_gradients_traffic(traffic, cls, arch, part, parts, batch, num_classes, replicas)
         return traffic
 
 
