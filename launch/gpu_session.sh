@@ -4,13 +4,16 @@
 # evaluation, checkpoint) on the fast path, one of them on JPEGs decoded on the GPU, and the full benchmark.
 # Each part fits a 10-minute command; run them in parts, most wanted first:
 #   bash launch/gpu_session.sh OUT_DIR [PARTS]   (PARTS: any of tests,calibrate,profile,train,jpeg,bench; default
-#   all; or calibrate-compiled alone: the layers in bf16, channels_last, compiled, and bench's step of them)
-# `calibrate,bench` first (every GPU figure, device-in-workers and Triton LRN included, the one-GPU step beside the
-# cost model's on the GPU's own profile; BENCH_TIMEOUT below a command's limit), then `tests,jpeg` (the GPU equivalence and pixel tests, and the loop's speed with each device
-# decoding), then `profile`. With a torch that predates TorchCodec's JPEG decoder, --decode-on device uses
+#   all; or calibrate-compiled alone: the layers in bf16, channels_last, compiled, and bench's step of them; or
+#   predict alone: the cost model on the GPU in one command of a few minutes, below)
+# With a quarter of an hour of a GPU, `predict` alone. With more, `calibrate,bench` first (every GPU figure,
+# device-in-workers and Triton LRN included, the one-GPU step beside the cost model's on the GPU's own profile;
+# BENCH_TIMEOUT below a command's limit), then `tests,jpeg` (the GPU equivalence and pixel tests, and the loop's
+# speed with each device decoding), then `profile`. With a torch that predates TorchCodec's JPEG decoder, --decode-on device uses
 # torchvision's.
 set -uo pipefail
 out=${1:-runs/gpu}
+batch=${BATCH:-256}  # predict's global batch (a smaller one for a rehearsal on a CPU)
 parts=${2:-tests,calibrate,profile,train,jpeg,bench}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -24,6 +27,22 @@ if [[ $parts == *tests* ]]; then
     # the trace read off CUDA events: its spans nest and cover the step, as on a CPU; calibrate on the GPU
     timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_trace.py tests/test_predict.py -k "trace or gpu" \
         2>&1 | tee "$out/trace_tests.txt" | tail -5
+fi
+if [[ $parts == predict ]]; then  # the cost model on the GPU: its clock, its own profile, a traced comparison
+    # the trace's spans off CUDA events nest and cover the step; calibrate's GPU path
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_trace.py tests/test_predict.py -k "trace or gpu" \
+        2>&1 | tee "$out/trace_tests.txt" | tail -5
+    echo "tests done at ${SECONDS} s"
+    timeout 270 python3 -m alexnet_mp calibrate --ranks 1 --batch "$batch" --arch paper \
+        --output "$out/hardware.json" 2>&1 | tail -5
+    echo "calibrate done at ${SECONDS} s"
+    # each one-GPU layout traced and compared with its prediction on that profile (comparison.md, timeline.png)
+    [[ -f "$out/hardware.json" ]] && timeout 150 python3 -m alexnet_mp experiment --name predicted \
+        --modes single,paper-split --ranks 1 --output-dir "$out" --hardware "$out/hardware.json" --steps 12 \
+        --batch-size "$batch" --num-classes 1000 --workers 4 --no-checkpoints 2>&1 | tail -12
+    echo "experiment done at ${SECONDS} s"
+    [[ -f "$out/hardware.json" ]] && python3 -m alexnet_mp plan --gpus 1,2,4,8 --batch "$batch" --hardware \
+        "$out/hardware.json" --links h100-nvlink --output-dir "$out/plan" 2>&1 | tail -25
 fi
 if [[ $parts == *compiled* ]]; then  # the GPU's layers as bench's fastest step runs them: one compile a layer and size
     timeout 540 python3 -m alexnet_mp calibrate --ranks 1 --batch 256 --arch paper,owt --mixed-precision bf16 \
