@@ -39,7 +39,7 @@ if [[ $parts == predict ]]; then  # the cost model on the GPU: its clock, its ow
     # each one-GPU layout traced and compared with its prediction on that profile (comparison.md, timeline.png)
     [[ -f "$out/hardware.json" ]] && timeout 150 python3 -m alexnet_mp experiment --name predicted \
         --modes single,paper-split --ranks 1 --output-dir "$out" --hardware "$out/hardware.json" --steps 12 \
-        --batch-size "$batch" --num-classes 1000 --workers 4 --no-checkpoints 2>&1 | tail -12
+        --batch-size "$batch" --num-classes 1000 --init he --lr 0.001 --workers 4 --no-checkpoints 2>&1 | tail -12
     echo "experiment done at ${SECONDS} s"
     [[ -f "$out/hardware.json" ]] && python3 -m alexnet_mp plan --gpus 1,2,4,8 --batch "$batch" --hardware \
         "$out/hardware.json" --links h100-nvlink --output-dir "$out/plan" 2>&1 | tail -25
