@@ -202,9 +202,9 @@ def memory_bytes(work: RankWork, arch: Architecture, num_classes: int = 1000, va
                  "temporaries": sum(backward_temporaries(costs[at], specs.get(costs[at].name), variant))
                  * work.samples(costs[at].name), "optimizer": 0}
                 for at in range(len(costs))]
-    step = {"gradients": sum(held.values()) * PARAMETERS.itemsize, "gradient_copy": 0, "gathered": 0,
-            "activations": images, "temporaries": 0, "optimizer": foreach * PARAMETERS.itemsize}
     weights = sum(held.values()) * PARAMETERS.itemsize
+    step = {"gradients": weights, "gradient_copy": 0, "gathered": 0, "activations": images, "temporaries": 0,
+            "optimizer": foreach * PARAMETERS.itemsize}
     return {"weights": weights, "momentum": weights, "weight_copies": sum(cast.values()) * dtype.itemsize,
             **max([*backward, step], key=lambda kinds: sum(kinds.values()))}
 

@@ -26,7 +26,7 @@ from alexnet_mp.cost import activation_bytes, layer_costs, memory_bytes, trainin
 from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.predict import StepPrediction, plan_parts, predict_step
-from alexnet_mp.report import markdown_table
+from alexnet_mp.report import markdown_table, pyplot, save_figure
 from alexnet_mp.speed import EAGER, Variant
 from alexnet_mp.strategies import LAYOUTS, REFERENCE, layout_label
 from alexnet_mp.strategies.costs import CONV_FEATURES, hidden_by_rounds
@@ -282,7 +282,7 @@ def plan_table(predictions: list[Prediction], link_gbps: list[float], baseline: 
 
 
 def plot_plan(predictions: list[Prediction], link_gbps: list[float], out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(link_gbps), figsize=(4.5 * len(link_gbps), 4), sharey=True, squeeze=False)
     for axis, gbps in zip(axes[0], link_gbps, strict=True):
         for mode in dict.fromkeys(p.layout for p in predictions):
@@ -293,27 +293,18 @@ def plot_plan(predictions: list[Prediction], link_gbps: list[float], out: Path) 
                       color=line.get_color())
         _scaling_axis(axis, f"{gbps:g} GB/s links", [p.gpus for p in predictions])
     axes[0][0].legend(title="solid: overlapped, dashed: serial", fontsize="small")
-    return _saved(figure, out)
+    return save_figure(figure, out)
 
 
 def plot_planned(planned: list[Planned], title: str, out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 4))
     for mode in dict.fromkeys(p.layout for p in planned):
         points = [p for p in planned if p.layout == mode]
         axis.plot([p.gpus for p in points], [p.images_per_s for p in points], marker="o", label=mode)
     _scaling_axis(axis, title, [p.gpus for p in planned])
     axis.legend(fontsize="small")
-    return _saved(figure, out)
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return save_figure(figure, out)
 
 
 def _scaling_axis(axis: Any, title: str, gpus: list[int]) -> None:
@@ -321,12 +312,3 @@ def _scaling_axis(axis: Any, title: str, gpus: list[int]) -> None:
     axis.set(xscale="log", xlabel="GPUs", title=title, ylabel="predicted images/s")
     axis.set_xticks(counts, labels=map(str, counts))
     axis.minorticks_off()  # a log axis labels its minor ticks too: 3 x 10^0
-
-
-def _saved(figure: Any, out: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    figure.tight_layout()
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    return out

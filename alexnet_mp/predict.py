@@ -139,8 +139,8 @@ def process_memory(mode: str, arch: str, ranks: int, batch: int, num_classes: in
                    options: Mapping[str, Any] | None = None, variant: Variant = EAGER) -> list[ProcessMemory]:
     """Each process's memory at its peak (`ProcessMemory`) in `mode`'s step, run as `variant` says: a process that
     holds several parts (the paper split's towers on one device) holds each one's (`cost.held_together`)."""
-    return _process_memory(plan_parts(mode, arch, ranks, batch, num_classes, options), arch, num_classes, ranks,
-                           variant)
+    return _process_memory(plan_parts(mode, arch, ranks, batch, num_classes, options, variant), arch, num_classes,
+                           ranks, variant)
 
 
 def _process_memory(plans: list[PartPlan], arch: str, num_classes: int, ranks: int,

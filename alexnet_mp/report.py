@@ -27,6 +27,24 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files (no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure: Any, out: Path) -> Path:
+    """Writes `figure` to `out`, laid out, and frees it."""
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    pyplot().close(figure)
+    return out
+
+
 def _shape(cost: LayerCost) -> str:
     shape = "x".join(map(str, cost.output_shape))
     if cost.block_shape != cost.output_shape:
@@ -158,19 +176,12 @@ def comparison_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]
 
 
 def plot_comparison(runs: list[RunSummary], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = [run.label for run in runs]
     written = []
 
     def save(figure, name: str) -> None:
-        figure.tight_layout()
-        figure.savefig(out / name, dpi=100)
-        plt.close(figure)
-        written.append(out / name)
+        written.append(save_figure(figure, out / name))
 
     figure, axis = plt.subplots(figsize=(7, 4))
     axis.bar(labels, [_median(run.steady(run.images_per_s)) for run in runs])
@@ -405,10 +416,8 @@ def plot_timelines(runs: list[RunSummary], held: list[Held], out: Path) -> Path 
     traced = [(run, spans) for run, spans in traced if spans]
     if not traced:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    from matplotlib.patches import Patch
 
     predicted = {h.run: h.timeline for h in held}
     rows = [len(spans) + len(predicted.get(run.label, [])) for run, spans in traced]
@@ -427,9 +436,6 @@ def plot_timelines(runs: list[RunSummary], held: list[Held], out: Path) -> Path 
         axis.set_yticks(range(len(labels)), labels=labels)
         axis.invert_yaxis()
         axis.set(title=run.label, xlabel="ms since the step began")
-    handles = [matplotlib.patches.Patch(color=colour, label=name) for name, colour in COLOURS.items()]
+    handles = [Patch(color=colour, label=name) for name, colour in COLOURS.items()]
     axes[0, 0].legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    figure.tight_layout()
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    return out
+    return save_figure(figure, out)

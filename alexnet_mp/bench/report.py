@@ -17,7 +17,7 @@ from alexnet_mp.config import TrainConfig
 from alexnet_mp.cost import layer_costs
 from alexnet_mp.model import ARCHITECTURES
 from alexnet_mp.predict import Held
-from alexnet_mp.report import markdown_table
+from alexnet_mp.report import markdown_table, pyplot, save_figure
 from alexnet_mp.strategies import LAYOUTS, REFERENCE_STEP
 
 # Dense peak TFLOP/s by device name and precision, from NVIDIA's datasheets (SXM parts); model FLOPs
@@ -161,11 +161,7 @@ def plot_layouts(measurements: list[Measurement], reference: str, out: Path) -> 
     counts = sorted({m.ranks for m in measurements if m.mode and m.ranks > 1})
     if not counts:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     single = next((m.median for m in measurements if m.name == reference), None)
     rows = max(sum(1 for m in measurements if m.mode and m.ranks == n) for n in counts)
     figure, axes = plt.subplots(1, len(counts), figsize=(6.5 * len(counts), 0.32 * rows + 1.5), squeeze=False)
@@ -176,10 +172,7 @@ def plot_layouts(measurements: list[Measurement], reference: str, out: Path) -> 
             axis.axvline(single, color="black", linestyle="--", label=f"{reference} (one process)")
             axis.legend(fontsize="small", loc="lower right")
         axis.set(title=f"{count} ranks, global batch {ranked[0].batch}", xlabel="images/s (median)")
-    figure.tight_layout()
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    return out
+    return save_figure(figure, out)
 
 
 def environment() -> dict[str, str]:

@@ -17,7 +17,7 @@ import torch
 
 from alexnet_mp.blocks import Block, part_size
 from alexnet_mp.config import TrainConfig
-from alexnet_mp.cost import RankWork, Traffic, both_ways, held_shares, parameters
+from alexnet_mp.cost import PARAMETERS, RankWork, Traffic, both_ways, held_shares, parameters
 from alexnet_mp.ledger import BACKWARD, FORWARD, ring_all_reduce_elements
 from alexnet_mp.links import Link
 from alexnet_mp.model import ARCHITECTURES, FC_NAMES, Architecture
@@ -118,7 +118,7 @@ class Costs(ABC):
         """The bytes of an element `link` carries in a step whose layers compute in `compute_dtype`: replicated or
         sharded gradients are of the float32 parameters (FSDP reduces in float32); anything else is what the
         layers compute or read (activations, their gradients, FSDP's parameters gathered to compute with)."""
-        return torch.float32.itemsize if link.endswith("gradients") else compute_dtype.itemsize
+        return PARAMETERS.itemsize if link.endswith("gradients") else compute_dtype.itemsize
 
     @classmethod
     def call_elements(cls, link: str, elements: float, world_size: int, config: TrainConfig,
@@ -351,7 +351,7 @@ def gradient_bytes(link: str, parameters: Mapping[str, int]) -> list[tuple[str, 
     convs', `gradients`: every layer's), given the parameters a part holds of each layer in the net's order; in the
     order the backward makes them."""
     layers = link.removesuffix("gradients").removesuffix("-")
-    return [(name, count * torch.float32.itemsize) for name, count in reversed(parameters.items())
+    return [(name, count * PARAMETERS.itemsize) for name, count in reversed(parameters.items())
             if name.startswith(layers) and count]
 
 
