@@ -587,8 +587,8 @@ def calibrate(ranks: Sequence[int], nets: Sequence[str] = ("paper",), batch: int
                                                        arch, threads=profile.threads(count))[0]
     where = torch.cuda.get_device_name() if on_gpu else f"{platform.processor() or platform.machine()}, {cores} cores"
     source = (f"calibrate on {where}, {variant.said()}, batch {batch}, {datetime.date.today().isoformat()}, "
-              f"torch {torch.__version__}, "
-              f"in {time.perf_counter() - started:.0f} s, layer sweeps within {max(spreads):.0%}")
+              f"torch {torch.__version__}, in {time.perf_counter() - started:.0f} s, layer sweeps within "
+              f"{max(spreads):.0%}")
     return Hardware(profile.name, source, profile.backend, cores, layers, optimizer_s_per_parameter=optimizer,
                     accumulate_s_per_byte=accumulation, collectives=collectives, fresh_copy_s_per_byte=fresh,
                     fresh_page_s_per_byte=pages, resident_overhead=resident, shared_slowdown=slowdown,
