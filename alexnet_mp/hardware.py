@@ -279,7 +279,7 @@ def load(name_or_path: str | Path) -> Hardware:
                          "again") from None
     try:
         return _parsed(raw)
-    except (KeyError, TypeError, ValueError) as error:
+    except (AttributeError, KeyError, TypeError, ValueError) as error:  # AttributeError: a list where a table goes
         raise UsageError(f"{path} is not a hardware profile this program reads ({error}): run `python -m "
                          "alexnet_mp calibrate` again") from None
 

@@ -581,6 +581,10 @@ def test_links_from_a_profile_without_collectives_are_refused_in_one_line(tmp_pa
      '"speed": {"compile": "yes"}}}', "variant.speed's flags must be true or false"),
     ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "net_tflops": {"owt": 0}}',
      "net_tflops.owt must be a positive number"),
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "collectives": []}',
+     "is not a hardware profile this program reads"),
+    ('{"format": 10, "name": "x", "source": "y", "backend": "gloo", "tflops": 1, "variant": {"precision": "bf16", '
+     '"speed": []}}', "is not a hardware profile this program reads"),
 ])
 def test_a_malformed_profile_is_refused_in_one_line(text, says, tmp_path, capsys):
     (tmp_path / "profile.json").write_text(text)
