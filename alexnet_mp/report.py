@@ -10,12 +10,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alexnet_mp.config import MIXED_PRECISIONS, TrainConfig
 from alexnet_mp.cost import LayerCost, held_shares, layer_costs
 from alexnet_mp.errors import UsageError
 from alexnet_mp.model import ARCHITECTURES, tower_block
 from alexnet_mp.predict import HELD_HEADER, Held, StepFigures, held_said, held_table, predict_run
 from alexnet_mp.speed import Variant
-from alexnet_mp.strategies import LAYOUTS, REFERENCE
+from alexnet_mp.strategies import LAYOUTS, REFERENCE, check_layout
+from alexnet_mp.trace import TRACE
 from alexnet_mp.tracking import CorruptRecord, read_metrics, run_label
 
 if TYPE_CHECKING:
@@ -103,6 +105,7 @@ class RunSummary:
     peak_memory_mb: list[float]
     training_memory_mb: list[float] | None  # per rank: the peak less what was in use before the net was built
     label: str = ""  # `run_label`, and the folder where another run of the comparison has the same
+    spans: list[dict] = field(default_factory=list)  # of its trace.json where `train --trace` wrote one
 
     def __post_init__(self) -> None:
         self.label = self.label or run_label(self.config)
@@ -122,6 +125,7 @@ class RunSummary:
 
 
 def read_run(directory: Path) -> RunSummary:
+    """A run folder's record, checked for what the comparison reads (BrokenRun, saying what is wrong, if not)."""
     if not directory.is_dir():
         raise BrokenRun(f"{directory}: not a run folder (one with config.json and metrics.jsonl)")
     try:
@@ -133,18 +137,77 @@ def read_run(directory: Path) -> RunSummary:
         raise BrokenRun(f"{directory}: config.json is not JSON ({error.msg})") from None
     except CorruptRecord as error:
         raise BrokenRun(f"{directory}: {error}") from None
+    problem = config_problem(config)
+    if problem:
+        raise BrokenRun(f"{directory}: config.json is not a run's config ({problem})")
     steps = [row for row in rows if "loss" in row]
     if not steps:
         raise BrokenRun(f"{directory}: metrics.jsonl holds no training step")
+    for row in steps:
+        problem = step_problem(row, config["world_size"])
+        if problem:
+            raise BrokenRun(f"{directory}: metrics.jsonl's step {row['step']} {problem}")
     try:
-        return RunSummary(directory, config, [r["step"] for r in steps], [r["loss"] for r in steps],
-                          [r["images_per_s"] for r in steps], [r["step_time_s"] for r in steps],
-                          [r["comm_wait_s"] for r in steps], [r["data_wait_s"] for r in steps],
-                          [r["wall_s"] for r in steps],
-                          [r["comm_bytes"] for r in steps], steps[-1]["peak_memory_mb"],
-                          steps[-1].get("training_memory_mb"))
-    except KeyError as error:
-        raise BrokenRun(f"{directory}: metrics.jsonl lacks {error.args[0]!r}") from None
+        spans = trace_spans(directory / TRACE) if (directory / TRACE).is_file() else []
+    except (OSError, ValueError) as error:  # JSON's and UTF-8's decode errors among them
+        raise BrokenRun(f"{directory}: {TRACE} is not a trace `train --trace` writes ({error}); move it aside to "
+                        "compare the run without its timeline") from None
+    return RunSummary(directory, config, [r["step"] for r in steps], [r["loss"] for r in steps],
+                      [r["images_per_s"] for r in steps], [r["step_time_s"] for r in steps],
+                      [r["comm_wait_s"] for r in steps], [r["data_wait_s"] for r in steps],
+                      [r["wall_s"] for r in steps], [r["comm_bytes"] for r in steps], steps[-1]["peak_memory_mb"],
+                      steps[-1].get("training_memory_mb"), spans=spans)
+
+
+RUN_COUNTS = ("world_size", "batch_size", "num_classes")  # a run's config.json: each a whole number, 1 or more
+STEP_FIGURES = ("loss", "images_per_s", "step_time_s", "comm_wait_s", "data_wait_s", "wall_s")  # a step's row
+RANK_FIGURES = ("comm_bytes", "peak_memory_mb")  # a step's row: a number per rank
+OPTIONAL_RANK_FIGURES = ("training_memory_mb",)  # as RANK_FIGURES, absent from older records
+
+
+def config_problem(config: Any) -> str | None:
+    """What the comparison cannot read in a run's config.json, if anything: its layout and net, its counts, its
+    precision, and a run its layout makes (`check_layout`'s line where not)."""
+    if not isinstance(config, dict):
+        return "not an object"
+    mode, arch = config.get("mode"), config.get("arch")
+    if not (isinstance(mode, str) and mode in LAYOUTS):
+        return f"mode {mode!r} is no layout this version has"
+    if not (isinstance(arch, str) and arch in ARCHITECTURES):
+        return f"arch {arch!r} is no net this version has"
+    wrong = [key for key in RUN_COUNTS if not (type(config.get(key)) is int and config[key] >= 1)]
+    if wrong:
+        return f"{', '.join(wrong)} not a count of 1 or more"
+    if config.get("mixed_precision", "no") not in MIXED_PRECISIONS:
+        return f"mixed_precision {config['mixed_precision']!r} is not one of: {', '.join(MIXED_PRECISIONS)}"
+    try:
+        check_layout(layout_settings(config), config["world_size"])
+    except UsageError as refused:
+        return str(refused)
+    return None
+
+
+def layout_settings(config: Mapping[str, Any]) -> TrainConfig:
+    """A run's layout, net, batch, classes and layout options given, from its config.json."""
+    options = {option.name: config[option.name] for option in LAYOUTS[config["mode"]].options
+               if config.get(option.name) is not None}
+    return TrainConfig(mode=config["mode"], arch=config["arch"], batch_size=config["batch_size"],
+                       num_classes=config["num_classes"], options=options)
+
+
+def step_problem(row: Mapping[str, Any], ranks: int) -> str | None:
+    """What the comparison cannot read in a training step's row of metrics.jsonl, if anything."""
+    missing = [key for key in (*STEP_FIGURES, *RANK_FIGURES) if key not in row]
+    if missing:
+        return f"lacks {missing[0]!r}"
+    wrong = [key for key in STEP_FIGURES if not _is_number(row[key])]
+    wrong += [key for key in (*RANK_FIGURES, *OPTIONAL_RANK_FIGURES) if key in row and not (
+        isinstance(row[key], list) and len(row[key]) == ranks and all(map(_is_number, row[key])))]
+    return f"has {', '.join(wrong)} not as train writes them (a number, or one per rank)" if wrong else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _median(values: list[float]) -> float:
@@ -334,11 +397,9 @@ def measured(run: RunSummary) -> StepFigures:
 
 def held_run(run: RunSummary, hardware: Hardware) -> Held:
     """A run's measurement beside the cost model's prediction of it on `hardware`."""
-    config = run.config
-    options = {option.name: config[option.name] for option in LAYOUTS[config["mode"]].options
-               if config.get(option.name) is not None}
-    predicted = predict_run(config["mode"], config["arch"], config["world_size"], config["batch_size"], hardware,
-                            config["num_classes"], options, Variant.of_run(config))
+    settings = layout_settings(run.config)
+    predicted = predict_run(settings.mode, settings.arch, run.config["world_size"], settings.batch_size, hardware,
+                            settings.num_classes, settings.options, Variant.of_run(run.config))
     return Held(run.label, measured(run), predicted.figures(), predicted.timeline)
 
 
@@ -346,14 +407,22 @@ COLOURS = {"compute": "tab:blue", "communication": "tab:orange", "data": "tab:gr
 
 
 def trace_spans(trace: Path) -> list[dict]:
-    """The spans ("X" events) of a Chrome trace `train --trace` wrote."""
-    return [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
+    """The spans ("X" events) of a Chrome trace `train --trace` wrote; ValueError, saying why, for a file it did not
+    write."""
+    raw = json.loads(trace.read_text())
+    events = raw.get("traceEvents") if isinstance(raw, dict) else None
+    if not (isinstance(events, list) and all(isinstance(event, dict) for event in events)):
+        raise ValueError("no list of events")
+    spans = [event for event in events if event.get("ph") == "X"]
+    if not all(type(span.get("pid")) is int and isinstance(span.get("cat"), str) and isinstance(span.get("name"), str)
+               and _is_number(span.get("ts")) and _is_number(span.get("dur")) for span in spans):
+        raise ValueError("a span without its rank, category, name, start and length")
+    return spans
 
 
-def traced_step(trace: Path) -> dict[int, list[tuple[str, float, float]]]:
-    """Per rank, the spans of the first step `train --trace` recorded (category, start and end in seconds since
-    the step's first span on any rank), up to rank 0's optimizer step."""
-    events = trace_spans(trace)
+def traced_step(events: list[dict]) -> dict[int, list[tuple[str, float, float]]]:
+    """Per rank, the spans (`trace_spans`) of the first step `train --trace` recorded (category, start and end in
+    seconds since the step's first span on any rank), up to rank 0's optimizer step."""
     ends = sorted(e["ts"] + e["dur"] for e in events if e["cat"] == "optimizer" and e["pid"] == 0)
     if not ends:
         return {}
@@ -369,10 +438,9 @@ def traced_step(trace: Path) -> dict[int, list[tuple[str, float, float]]]:
 def rank_0_spans(run: RunSummary, held: Held) -> dict[str, dict[str, float]]:
     """Rank 0's seconds a step in each span `train --trace` recorded for `run` (the mean over its traced steps, the
     spans of one name summed) beside the predicted timeline's spans of that name; none if the run was not traced."""
-    trace = run.path / "trace.json"
-    if not trace.is_file():
+    if not run.spans:
         return {}
-    events = [e for e in trace_spans(trace) if e["pid"] == 0]
+    events = [e for e in run.spans if e["pid"] == 0]
     steps = sum(e["name"] == "optimizer step" for e in events) or 1
     measured_s: dict[str, float] = defaultdict(float)
     for event in events:
@@ -412,7 +480,7 @@ def plot_timelines(runs: list[RunSummary], held: list[Held], out: Path) -> Path 
     """For each run that `train --trace` recorded: its ranks as rows over one step, compute, communication, data
     and the optimizer coloured, idle time blank; below them, where a prediction was made, the cost model's
     timeline of each rank's step, paler. None if no run was traced."""
-    traced = [(run, traced_step(run.path / "trace.json")) for run in runs if (run.path / "trace.json").is_file()]
+    traced = [(run, traced_step(run.spans)) for run in runs if run.spans]
     traced = [(run, spans) for run, spans in traced if spans]
     if not traced:
         return None

@@ -123,23 +123,28 @@ def _lock(lock: TextIO, folder: Path) -> None:
 
 
 class CorruptRecord(ValueError):
-    """A line of metrics.jsonl that is not JSON, other than a last line a crash cut short."""
+    """A line of metrics.jsonl that is not a step's row (a JSON object with its step), other than a last line a
+    crash cut short."""
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The rows of a run's metrics.jsonl. A last line with no newline after it that is not JSON is the write of
     a run killed mid-line, left out (a resume logs that step again); any other line that is not JSON raises
-    CorruptRecord, naming it."""
+    CorruptRecord, naming it, as does a line that is not an object with a step count."""
     lines = path.read_text().split("\n")  # the last is "" when the file ends with a newline
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as error:
             if number < len(lines):
                 raise CorruptRecord(f"{path.name} line {number} is not JSON ({error.msg})") from None
+            continue
+        if not (isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 0):
+            raise CorruptRecord(f"{path.name} line {number} is not a step's row (an object with its step)")
+        rows.append(row)
     return rows
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from alexnet_mp.report import traced_step
+from alexnet_mp.report import trace_spans, traced_step
 from alexnet_mp.timing import DeviceClock, HostClock
 from alexnet_mp.trace import COMMUNICATION, COMPUTE, DATA, TRACED, Tracer, without_waits
 from tests.clocks import DeferredClock
@@ -45,7 +45,7 @@ def test_a_traced_run_records_each_layers_forward_and_backward_and_the_optimizer
 
 @pytest.mark.slow  # trains a few steps in this process
 def test_a_traced_steps_compute_spans_follow_one_another_and_cover_most_of_it(trace):
-    spans = traced_step(trace["path"])[0]
+    spans = traced_step(trace_spans(trace["path"]))[0]
     compute = sorted((start, end) for category, start, end in spans if category in ("compute", "optimizer"))
     assert all(later >= earlier_end - 1e-6 for (_, earlier_end), (later, _) in itertools.pairwise(compute))
     step = compute[-1][1] - compute[0][0]

@@ -63,8 +63,8 @@ def check_layout(config: TrainConfig, world_size: int) -> type[Layout]:
         if option is None or option not in cls.options:
             where = f"--mode {' or '.join(takers)} only" if takers else "no layout"
             raise UsageError(f"--{name.replace('_', '-')} applies to {where}, not {cls.name}")
-        if option.choices and value not in option.choices:
-            raise UsageError(f"{option.flag} {value} is not one of: {', '.join(map(str, option.choices))}")
+        if not option.accepts(value):
+            raise UsageError(f"{option.flag} {value} is not {option.taken()}")
     if cls.fixed_world_size not in (None, world_size):
         others = ", ".join(mode for mode, other in LAYOUTS.items() if other.fixed_world_size is None)
         raise UsageError(f"--mode {cls.name} runs on {cls.fixed_world_size} process, not {world_size}; for "

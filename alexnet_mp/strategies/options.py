@@ -4,6 +4,7 @@ comparison of layouts covers."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,21 @@ class Option:
     def value(self, options: Mapping[str, Any]) -> Any:
         """Its value in a run's `options` (TrainConfig.options), the default where not given."""
         return options.get(self.name, self.default)
+
+    def accepts(self, value: Any) -> bool:
+        """Whether it takes `value` (one read back from a run's config.json, which may hold anything)."""
+        if self.choices:
+            return value in self.choices
+        try:
+            return self.parse(str(value)) == value
+        except (ValueError, argparse.ArgumentTypeError):
+            return False
+
+    def taken(self) -> str:
+        """What it takes, in words."""
+        if self.choices:
+            return f"one of: {', '.join(map(str, self.choices))}"
+        return f"what {self.flag} takes: {self.help}"
 
     def planned_value(self) -> Any:
         return self.default if self.planned is None else self.planned
