@@ -55,7 +55,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-step-epochs", type=POSITIVE_INT, default=d.lr_step_epochs)
     parser.add_argument("--plateau-patience", type=COUNT, default=d.plateau_patience,
                         help="evaluations without improvement before the learning rate drops")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=COUNT, default=d.seed)
     parser.add_argument("--workers", type=COUNT, default=d.workers, help="data loader processes per rank")
     parser.add_argument("--decode-on", default=d.decode_on, choices=DECODE_PLACES,
                         help="where JPEGs are decoded, resized and cropped: by the loader's workers; on the "

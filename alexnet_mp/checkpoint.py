@@ -34,6 +34,7 @@ from torch import Tensor
 
 from alexnet_mp.blocks import Block, block_as_offsets, copy_overlap, local, merge, offsets_as_block
 from alexnet_mp.errors import Diverged, UsageError, WriteFailed
+from alexnet_mp.flag_types import COUNT, POSITIVE_INT, holds
 from alexnet_mp.model import ARCHITECTURES, build_model, full_shapes
 from alexnet_mp.strategies import Layout
 from alexnet_mp.world import barrier, current
@@ -315,15 +316,26 @@ def _meta_problem(meta: Any) -> str | None:
     return None
 
 
+# what a resume and `evaluate` read of the config of the run that wrote a checkpoint, as its flags take them
+TRAINING_FIELDS = {"seed": COUNT, "batch_size": POSITIVE_INT, "data": str, "dataset": str,
+                   "synthetic_size": POSITIVE_INT}
+
+
 def training_config(checkpoint: Checkpoint) -> dict[str, Any]:
     """The config of the training run that wrote `checkpoint` (what a resume and `evaluate` read), checked."""
     config, schedule = checkpoint.meta.get("config"), checkpoint.meta.get("scheduler")
-    wanted = {"seed": int, "batch_size": int, "data": str, "dataset": str, "synthetic_size": int}
-    if not (isinstance(config, dict) and isinstance(schedule, dict)
-            and all(isinstance(config.get(key), kind) for key, kind in wanted.items())):
-        raise UsageError(f"{checkpoint.path}/meta.json lacks the training run's config or schedule (it was not "
-                         f"written by `train`, or was edited); {_earlier(checkpoint.path)}")
+    wrong = [key for key, parse in TRAINING_FIELDS.items() if not holds(parse, config.get(key))] \
+        if isinstance(config, dict) else list(TRAINING_FIELDS)
+    if wrong or not isinstance(schedule, dict):
+        raise UsageError(f"{checkpoint.path}/meta.json lacks the training run's config or schedule (no usable "
+                         f"{', '.join(wrong or ['scheduler'])}: it was not written by `train`, or was edited); "
+                         f"{_earlier(checkpoint.path)}")
     return config
+
+
+def corrupt(checkpoint: Checkpoint, problem: str) -> UsageError:
+    """The one line refusing a checkpoint whose training state (beside its config) cannot be used."""
+    return UsageError(f"{checkpoint.path}/meta.json is corrupt ({problem}); {_earlier(checkpoint.path)}")
 
 
 def resume_point(where: str | None, output_checkpoints: Path) -> Checkpoint | None:

@@ -36,7 +36,10 @@ from alexnet_mp.world import current
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
     """The paper divides the learning rate by 10 when the validation error stops improving (stepped
-    after each evaluation); the alternative divides it every --lr-step-epochs epochs."""
+    after each evaluation); the alternative divides it every --lr-step-epochs epochs. Each group keeps the
+    rate it starts at as `initial_lr` (torch's name), which a checkpoint's `lowered_by` is taken against."""
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
     if config.lr_schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_epochs, gamma=0.1)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1,
@@ -202,8 +205,10 @@ def resume(run: Run, found: checkpoint.Checkpoint) -> None:
         raise UsageError(f"{found.path} was written under --lr-schedule {saved_config['lr_schedule']}, not "
                          f"{run.config.lr_schedule}: pass --lr-schedule {saved_config['lr_schedule']}")
     checkpoint.load(found, run.layout, run.optimizer)
-    run.scheduler.load_state_dict(schedule)
+    restore_schedule(run, found, schedule)
     if run.scale and found.meta.get("loss_scale"):
+        if not LossScale.holds(found.meta["loss_scale"]):
+            raise checkpoint.corrupt(found, "its loss_scale is not a scale and a count of clean steps")
         run.scale.load_state_dict(found.meta["loss_scale"])
     if current().is_main:
         print(f"resumed from {found.path} (step {found.step})", file=sys.stderr, flush=True)
@@ -211,6 +216,39 @@ def resume(run: Run, found: checkpoint.Checkpoint) -> None:
         if changes:
             print(f"warning: resumed with {', '.join(changes)}: from step {run.start} on, the batches and dropout "
                   "masks are not those the checkpoint's run would have drawn", file=sys.stderr)
+
+
+# A schedule's progress in its state_dict, counts but for the best error so far; the rest are its settings,
+# which the resumed run's flags give, as they give its --lr.
+SCHEDULE_PROGRESS = ("last_epoch", "_step_count", "num_bad_epochs", "cooldown_counter", "best")
+
+
+def restore_schedule(run: Run, found: checkpoint.Checkpoint, saved: dict[str, Any]) -> None:
+    """The schedule's progress as the checkpoint saved it, and every rate lowered as far as it had lowered
+    them (`lowered_by`: the same share of each group's initial rate, whatever the layout's groups)."""
+    state = run.scheduler.state_dict()
+    progress = {key: saved.get(key) for key in SCHEDULE_PROGRESS if key in state}
+    wrong = [key for key, value in progress.items()
+             if not (type(value) in (int, float) if key == "best" else type(value) is int and value >= 0)]
+    if wrong:
+        raise checkpoint.corrupt(found, f"its scheduler's {', '.join(wrong)}")
+    share = found.meta.get("lowered_by")
+    if share is None:
+        share = 1.0
+        if current().is_main:
+            print(f"warning: {found.path} does not record how far its schedule had lowered the learning rate: "
+                  "resuming at the run's own", file=sys.stderr)
+    if not (type(share) in (int, float) and 0 < share <= 1):
+        raise checkpoint.corrupt(found, f"lowered_by {share!r} is not a share of the learning rate")
+    run.scheduler.load_state_dict({**state, **progress})
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * share
+
+
+def lowered_by(optimizer: torch.optim.Optimizer) -> float:
+    """The share of its initial rate each group's learning rate now is: the schedules lower all alike."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group["initial_lr"] if group["initial_lr"] else 1.0  # --lr 0 stays 0
 
 
 def train(config: TrainConfig, accelerator: Accelerator) -> None:
@@ -384,7 +422,8 @@ def after_step(run: Run, tracker: Tracker, next_step: int, stopping: bool, unrea
 
 def save(run: Run, next_step: int) -> None:
     meta = {"step": next_step, "epoch": next_step // run.batches.steps_per_epoch,
-            "scheduler": run.scheduler.state_dict(), "config": run.config.to_dict(),
+            "scheduler": run.scheduler.state_dict(), "lowered_by": lowered_by(run.optimizer),
+            "config": run.config.to_dict(),
             "loss_scale": run.scale.state_dict() if run.scale else None}
     checkpoint.save(run.config.checkpoints, run.layout, run.optimizer, meta, run.config.keep_checkpoints)
 

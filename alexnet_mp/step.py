@@ -3,7 +3,9 @@ Kept apart from loop.py so that a process running steps imports no data pipeline
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,6 +49,12 @@ class LossScale:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value, self.clean_steps = state["value"], int(state["clean_steps"])
+
+    @staticmethod
+    def holds(state: Any) -> bool:
+        """Whether `state`, read back from a checkpoint (which may hold anything), is one `state_dict` writes."""
+        return (isinstance(state, dict) and type(state.get("value")) is float and 0 < state["value"] < math.inf
+                and type(state.get("clean_steps")) is int and state["clean_steps"] >= 0)
 
 
 def compute_gradients(layout: Layout, images: Tensor, labels: Tensor, step: int, global_batch: int,

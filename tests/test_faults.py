@@ -323,6 +323,11 @@ def edit_meta(run: Path, **changes: object) -> None:
     rewrite(meta_of(run), json.dumps(meta).encode())
 
 
+def saved(run: Path, key: str) -> dict:
+    """The newest checkpoint's meta.json's `key`: the run's config or its schedule."""
+    return json.loads(meta_of(run).read_text())[key]
+
+
 def overwrite_middle(path: Path, byte: int, count: int = 8000) -> None:
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
@@ -339,6 +344,9 @@ BAD_INPUTS = [
     ("--timeout nan", None, ["--timeout", "nan"], "must be a finite number"),
     ("--batch-size 0", None, ["--batch-size", "0"], "must be at least 1"),
     ("--steps x", None, ["--steps", "x"], "invalid int value"),
+    ("--seed -1", None, ["--seed", "-1"], "must be at least 0"),
+    ("a --synthetic-size past torch's largest integer", None, ["--synthetic-size", str(2 ** 63)],
+     "must be at most 9223372036854775807"),
     ("an unknown mode", None, ["--mode", "magic"], "unknown --mode 'magic'; choose one of"),
     ("an unknown flag", None, ["--speed", "11"], "unrecognized arguments"),
     ("another layout's option", None, ["--exchange", "slice"], "--exchange"),
@@ -370,6 +378,17 @@ BAD_INPUTS = [
      "lacks the training run's config or schedule"),
     ("a meta.json with a negative step", lambda run: edit_meta(run, step=-3), ["--resume", "latest"],
      "meta.json is corrupt (step -3"),
+    ("a meta.json whose config has a negative seed", lambda run: edit_meta(run, config={**saved(run, "config"),
+                                                                                          "seed": -1}),
+     ["--resume", "latest"], "no usable seed"),
+    ("a meta.json whose schedule's progress is not a count",
+     lambda run: edit_meta(run, scheduler={**saved(run, "scheduler"), "num_bad_epochs": "x"}), ["--resume", "latest"],
+     "meta.json is corrupt (its scheduler's num_bad_epochs)"),
+    ("a meta.json whose lowered rate is not a share of the rate", lambda run: edit_meta(run, lowered_by=2),
+     ["--resume", "latest"], "lowered_by 2 is not a share of the learning rate"),
+    ("a meta.json whose loss scale is not a number",
+     lambda run: edit_meta(run, loss_scale={"value": "x", "clean_steps": 0}),
+     ["--resume", "latest", "--mixed-precision", "fp16"], "its loss_scale is not a scale and a count"),
     ("a checkpoint of format 1", lambda run: edit_meta(run, format=1), ["--resume", "latest"],
      "has checkpoint format 1; this version reads format 2 only"),
     ("a shard with 8000 bytes changed", lambda run: overwrite_middle(shard_of(run), 0x5A), ["--resume", "latest"],
@@ -573,6 +592,18 @@ class TestNoCheckpointLostOrChanged:
             result = in_process(capsys, *READS_A_CHECKPOINT[command](single_run, tmp_path))
         assert result.returncode == 2
         assert "step-00000002" in one_line_error(result) and "Traceback" not in result.stderr
+
+    @pytest.mark.parametrize("config", [{"seed": -1}, {"synthetic_size": True}, {"data": None}],
+                             ids=["seed -1", "synthetic_size true", "no data"])
+    def test_evaluate_refuses_a_checkpoint_whose_runs_config_it_cannot_use_in_one_line(self, single_run, tmp_path,
+                                                                                       config, capsys):
+        edit_meta(single_run, config={**saved(single_run, "config"), **config})
+        before = files_digest(single_run / "checkpoints")
+        with process_state_restored():
+            result = in_process(capsys, *READS_A_CHECKPOINT["evaluate"](single_run, tmp_path))
+        assert result.returncode == 2
+        assert f"lacks the training run's config or schedule (no usable {next(iter(config))}" in one_line_error(result)
+        assert files_digest(single_run / "checkpoints") == before
 
 
 @pytest.mark.slow

@@ -241,6 +241,23 @@ def test_resume_auto_starts_a_new_run_fresh_and_goes_on_from_an_earlier_ones_che
     assert checkpoint.find("latest", tmp_path / "checkpoints").step == 2
 
 
+def test_a_run_resumed_after_its_schedule_lowered_the_rate_goes_on_at_the_lowered_rate_as_the_straight_run(
+        tmp_path, capsys):
+    """4 images a step, 8 an epoch: the step schedule lowers the rate tenfold at steps 2 and 4."""
+    def run(output: Path, steps: int) -> list[dict]:
+        with process_state_restored():
+            result = in_process(capsys, "train", "--mode", "single", "--batch-size", "4", "--synthetic-size", "8", *NET,
+                                "--workers", "0", "--lr-schedule", "step", "--lr-step-epochs", "1", "--steps",
+                                str(steps), "--resume", "auto", "--output-dir", str(output))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return [(row["lr"], row["loss"]) for row in metrics(output)]
+
+    straight = run(tmp_path / "straight", 6)
+    run(tmp_path / "resumed", 4)
+    assert run(tmp_path / "resumed", 6) == straight
+    assert straight[5][0] == pytest.approx(1e-4)
+
+
 def test_a_resume_after_a_run_killed_mid_line_leaves_out_the_cut_line_and_logs_its_step_again(tmp_path, capsys):
     assert single_run_in_process(capsys, tmp_path, 1).returncode == 0
     with (tmp_path / "metrics.jsonl").open("a") as record:

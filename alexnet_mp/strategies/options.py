@@ -4,10 +4,11 @@ comparison of layouts covers."""
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from alexnet_mp.flag_types import holds
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,7 @@ class Option:
 
     def accepts(self, value: Any) -> bool:
         """Whether it takes `value` (one read back from a run's config.json, which may hold anything)."""
-        if self.choices:
-            return value in self.choices
-        try:
-            return self.parse(str(value)) == value
-        except (ValueError, argparse.ArgumentTypeError):
-            return False
+        return value in self.choices if self.choices else holds(self.parse, value)
 
     def taken(self) -> str:
         """What it takes, in words."""
