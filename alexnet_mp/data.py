@@ -452,6 +452,9 @@ def _unpickle(path: Path, *keys: bytes) -> dict:
             batch = _CifarUnpickler(file, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
         raise UsageError(f"{path} is not a CIFAR-10 python batch ({error}); re-extract the archive") from None
+    except MemoryError:  # a length field the file cannot hold, not a run too large for the host
+        raise UsageError(f"{path} is not a CIFAR-10 python batch (it gives a length past any memory); re-extract "
+                         "the archive") from None
     missing = [key.decode() for key in keys if not isinstance(batch, dict) or key not in batch]
     if missing:
         raise UsageError(f"{path} is not a CIFAR-10 python batch (no {', '.join(missing)}); re-extract the archive")

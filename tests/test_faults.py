@@ -499,6 +499,21 @@ class TestFilesAUserHandsInRunNoCode:
         assert "its data is uint8 (4, 1000), not rows of 3072 bytes" in one_line_error(result)
 
 
+    def test_a_cifar_batch_giving_a_length_past_any_memory_is_refused_as_corrupt_not_as_out_of_memory(
+            self, tmp_path, capsys):
+        from tests.test_data import write_cifar
+
+        root = write_cifar(tmp_path / "data")
+        bytes_of_2_to_the_62 = b"\x80\x04\x8e" + (2 ** 62).to_bytes(8, "little") + b"."  # pickle's BINBYTES8
+        (root / "cifar-10-batches-py" / "data_batch_2").write_bytes(bytes_of_2_to_the_62)
+        with process_state_restored():
+            result = in_process(capsys, *TRAIN, "--dataset", "cifar10", "--data", str(root), "--output-dir",
+                                str(tmp_path / "run"))
+        assert result.returncode == 2
+        assert "data_batch_2 is not a CIFAR-10 python batch (it gives a length past any memory)" in \
+            one_line_error(result)
+
+
     @pytest.fixture
     def world_readable(self) -> Iterator[Path]:
         """A folder any user can reach (pytest's own are root's alone), removed afterwards."""
