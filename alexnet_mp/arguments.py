@@ -9,7 +9,7 @@ from typing import NoReturn
 
 from alexnet_mp.config import DECODE_PLACES, MIXED_PRECISIONS, TrainConfig
 from alexnet_mp.errors import UsageError
-from alexnet_mp.flag_types import COUNT, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
+from alexnet_mp.flag_types import COUNT, NON_NEGATIVE_FLOAT, POSITIVE_INT, SECONDS
 from alexnet_mp.model import ARCH_HELP, ARCHITECTURES, INITS
 from alexnet_mp.strategies import LAYOUTS, all_options
 
@@ -92,7 +92,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="record a timeline of a few steps after warm-up on every rank (each layer's forward and "
                              "backward, each link's wait, the data wait, the optimizer step) as OUTPUT/trace.json, "
                              "a Chrome trace (Perfetto, chrome://tracing)")
-    parser.add_argument("--timeout", dest="timeout_s", type=POSITIVE_FLOAT, default=d.timeout_s,
+    parser.add_argument("--timeout", dest="timeout_s", type=SECONDS, default=d.timeout_s,
                         help="seconds a rank waits for its peers before giving up")
     parser.add_argument("--output-dir", default=d.output_dir)
     parser.add_argument("--tracker", default=d.tracker, choices=["none", "wandb", "tensorboard"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from alexnet_mp import checkpoint
 from alexnet_mp.arguments import Parser, add_layout_options, add_train_arguments, train_config
 from alexnet_mp.config import DECODE_PLACES, TrainConfig
 from alexnet_mp.errors import AlexNetMPError, GroupNotFormed, UsageError, first_line, from_torch
-from alexnet_mp.flag_types import COUNT, POSITIVE_FLOAT, POSITIVE_INT
+from alexnet_mp.flag_types import COUNT, POSITIVE_INT, TFLOPS
 from alexnet_mp.hardware import DEFAULT_PATH, PRESETS, Hardware
 from alexnet_mp.malloc import steady_malloc
 from alexnet_mp.model import ARCH_HELP, ARCHITECTURES
@@ -176,8 +177,8 @@ def _numbers(text: str, kind: type, flag: str) -> list:
         values = [kind(part) for part in text.split(",")]
     except ValueError:
         raise UsageError(f"{flag} takes comma-separated numbers, e.g. {flag} 1,2,4; not {text!r}") from None
-    if any(value <= 0 for value in values):
-        raise UsageError(f"{flag} takes positive numbers, not {text!r}")
+    if not all(0 < value < math.inf for value in values):  # NaN fails every comparison
+        raise UsageError(f"{flag} takes positive finite numbers, not {text!r}")
     return values
 
 
@@ -296,7 +297,7 @@ def parser() -> argparse.ArgumentParser:
                             "as the 2014 paper scales (128 per GPU)")
     model.add_argument("--link-gbps", default="16,64,450",
                        help="link bandwidths in gigabytes per second per direction (PCIe 3 x16, PCIe 5 x16, NVLink 4)")
-    model.add_argument("--device-tflops", type=POSITIVE_FLOAT, default=70.0,
+    model.add_argument("--device-tflops", type=TFLOPS, default=70.0,
                        help="TFLOP/s one GPU sustains on these layers, not its datasheet peak (default: what the "
                             "paper net's fastest step sustained on an H100, docs/results/; `bench` prints it "
                             "for your device and net)")

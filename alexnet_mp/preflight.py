@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -74,8 +75,18 @@ def check_writable(folder: Path, what: str) -> None:
     into: refused before the command's work, not when it writes its first file. `what`: the argument
     that names it, for the message."""
     existing = next(path for path in (folder, *folder.parents) if path.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir() or not _takes_files(existing):
         raise UsageError(f"{folder}: {existing} is not a folder this user can write to; choose another {what}")
+
+
+def _takes_files(folder: Path) -> bool:
+    """Whether a file can be made in `folder`: tried, since its mode says nothing for root, nor of a read-only
+    or pseudo file system (/proc)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def check_writable_file(path: Path, what: str, example: str) -> None:

@@ -125,6 +125,9 @@ def test_bad_input_is_one_line_naming_what_works_with_exit_code_2(args, world_si
     (["train", "--lr", "-0.01"], "argument --lr: must be at least 0, not -0.01"),
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
     (["plan", "--device-tflops", "0"], "argument --device-tflops: must be more than 0, not 0"),
+    (["plan", "--device-tflops", "1e300"], "argument --device-tflops: must be at most 1e+06, not 1e300"),
+    (["train", "--timeout", "1e300"], "argument --timeout: must be at most 1e+09, not 1e300"),
+    (["train", "--seed", "-1"], "argument --seed: must be at least 0, not -1"),
     (["calibrate", "--arch", "paper,alexnet"], "argument --arch: no net 'alexnet': choose from owt,"),
     (["experiment", "--name", "trial", "--modes", "single", "--batch-size", "0"], "argument --batch-size"),
 ])
@@ -190,6 +193,20 @@ def test_an_output_folder_that_cannot_be_written_is_refused_in_one_line_before_t
     result = in_process(capsys, *(arg.format(tmp_path / "a-file" / "out") for arg in command))
     assert result.returncode == 2 and f"choose another {names}" in one_line_error(result)
     assert (tmp_path / "a-file").read_text() == "kept"
+
+
+@pytest.mark.parametrize("gbps", ["nan", "inf"])
+def test_a_link_bandwidth_that_is_not_a_finite_number_is_refused_in_one_line(gbps, capsys):
+    result = in_process(capsys, "plan", "--link-gbps", f"16,{gbps}")
+    assert result.returncode == 2 and f"--link-gbps takes positive finite numbers, not '16,{gbps}'" in \
+        one_line_error(result)
+
+
+def test_an_output_folder_on_a_file_system_that_takes_no_files_is_refused_in_one_line_even_for_root(capsys):
+    """/proc: its mode lets root write, its file system makes no file."""
+    result = in_process(capsys, "plan", "--output-dir", "/proc/alexnet-mp-plan")
+    assert result.returncode == 2
+    assert "/proc is not a folder this user can write to; choose another --output-dir" in one_line_error(result)
 
 
 @pytest.mark.parametrize(("command", "suffix"), [

@@ -344,7 +344,6 @@ BAD_INPUTS = [
     ("--timeout nan", None, ["--timeout", "nan"], "must be a finite number"),
     ("--batch-size 0", None, ["--batch-size", "0"], "must be at least 1"),
     ("--steps x", None, ["--steps", "x"], "invalid int value"),
-    ("--seed -1", None, ["--seed", "-1"], "must be at least 0"),
     ("a --synthetic-size past torch's largest integer", None, ["--synthetic-size", str(2 ** 63)],
      "must be at most 9223372036854775807"),
     ("an unknown mode", None, ["--mode", "magic"], "unknown --mode 'magic'; choose one of"),
