@@ -34,7 +34,7 @@ from torch import Tensor
 
 from alexnet_mp.blocks import Block, block_as_offsets, copy_overlap, local, merge, offsets_as_block
 from alexnet_mp.errors import Diverged, UsageError, WriteFailed
-from alexnet_mp.flag_types import COUNT, POSITIVE_INT, holds
+from alexnet_mp.flag_types import COUNT, POSITIVE_INT, takes
 from alexnet_mp.model import ARCHITECTURES, build_model, full_shapes
 from alexnet_mp.strategies import Layout
 from alexnet_mp.world import barrier, current
@@ -324,7 +324,7 @@ TRAINING_FIELDS = {"seed": COUNT, "batch_size": POSITIVE_INT, "data": str, "data
 def training_config(checkpoint: Checkpoint) -> dict[str, Any]:
     """The config of the training run that wrote `checkpoint` (what a resume and `evaluate` read), checked."""
     config, schedule = checkpoint.meta.get("config"), checkpoint.meta.get("scheduler")
-    wrong = [key for key, parse in TRAINING_FIELDS.items() if not holds(parse, config.get(key))] \
+    wrong = [key for key, parse in TRAINING_FIELDS.items() if not takes(parse, config.get(key))] \
         if isinstance(config, dict) else list(TRAINING_FIELDS)
     if wrong or not isinstance(schedule, dict):
         raise UsageError(f"{checkpoint.path}/meta.json lacks the training run's config or schedule (no usable "

@@ -40,7 +40,7 @@ SECONDS = number(float, 0.0, exclusive=True, highest=1e9)  # past it, torch's cl
 TFLOPS = number(float, 0.0, exclusive=True, highest=1e6)  # an exaFLOP/s, past any one device
 
 
-def holds(parse: Callable[[str], Any], value: Any) -> bool:
+def takes(parse: Callable[[str], Any], value: Any) -> bool:
     """Whether `value`, read back from a file (which may hold anything), is one that `parse` reads from a
     command line: a bool or a float is no int, a float out of range none of `number`'s."""
     try:

@@ -207,7 +207,7 @@ def resume(run: Run, found: checkpoint.Checkpoint) -> None:
     checkpoint.load(found, run.layout, run.optimizer)
     restore_schedule(run, found, schedule)
     if run.scale and found.meta.get("loss_scale"):
-        if not LossScale.holds(found.meta["loss_scale"]):
+        if not LossScale.is_state(found.meta["loss_scale"]):
             raise checkpoint.corrupt(found, "its loss_scale is not a scale and a count of clean steps")
         run.scale.load_state_dict(found.meta["loss_scale"])
     if current().is_main:

@@ -51,7 +51,7 @@ class LossScale:
         self.value, self.clean_steps = state["value"], int(state["clean_steps"])
 
     @staticmethod
-    def holds(state: Any) -> bool:
+    def is_state(state: Any) -> bool:
         """Whether `state`, read back from a checkpoint (which may hold anything), is one `state_dict` writes."""
         return (isinstance(state, dict) and type(state.get("value")) is float and 0 < state["value"] < math.inf
                 and type(state.get("clean_steps")) is int and state["clean_steps"] >= 0)

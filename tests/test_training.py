@@ -244,7 +244,7 @@ def test_resume_auto_starts_a_new_run_fresh_and_goes_on_from_an_earlier_ones_che
 def test_a_run_resumed_after_its_schedule_lowered_the_rate_goes_on_at_the_lowered_rate_as_the_straight_run(
         tmp_path, capsys):
     """4 images a step, 8 an epoch: the step schedule lowers the rate tenfold at steps 2 and 4."""
-    def run(output: Path, steps: int) -> list[dict]:
+    def run(output: Path, steps: int) -> list[tuple[float, float]]:
         with process_state_restored():
             result = in_process(capsys, "train", "--mode", "single", "--batch-size", "4", "--synthetic-size", "8", *NET,
                                 "--workers", "0", "--lr-schedule", "step", "--lr-step-epochs", "1", "--steps",

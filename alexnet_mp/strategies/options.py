@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from alexnet_mp.flag_types import holds
+from alexnet_mp.flag_types import takes
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Option:
 
     def accepts(self, value: Any) -> bool:
         """Whether it takes `value` (one read back from a run's config.json, which may hold anything)."""
-        return value in self.choices if self.choices else holds(self.parse, value)
+        return value in self.choices if self.choices else takes(self.parse, value)
 
     def taken(self) -> str:
         """What it takes, in words."""
