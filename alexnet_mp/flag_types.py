@@ -1,5 +1,5 @@
 """argparse types for numbers, checked as the command line is read, before anything runs: shared by the
-program's own flags and the layouts' (strategies/)."""
+program's own flags and the layouts' (strategies/); and the same checks of numbers read back from a file."""
 
 from __future__ import annotations
 
@@ -38,6 +38,11 @@ COUNT, POSITIVE_INT = number(int, 0), number(int, 1)  # e.g. --workers, --batch-
 NON_NEGATIVE_FLOAT = number(float, 0.0)  # e.g. --lr, --momentum
 SECONDS = number(float, 0.0, exclusive=True, highest=1e9)  # past it, torch's clocks in nanoseconds overflow
 TFLOPS = number(float, 0.0, exclusive=True, highest=1e6)  # an exaFLOP/s, past any one device
+
+
+def is_number(value: Any) -> bool:
+    """Whether `value`, read back from JSON, is a number: an int or a float, and not a bool (an int to Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def takes(parse: Callable[[str], Any], value: Any) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from alexnet_mp.errors import UsageError
+from alexnet_mp.flag_types import is_number
 from alexnet_mp.malloc import LargeBlocks
 from alexnet_mp.speed import EAGER, FAST_GPU, Speed, Variant
 
@@ -295,14 +296,14 @@ def with_links(device: Hardware, links: Hardware) -> Hardware:
 
 
 def _positive(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not (is_number(value) and 0 < value < math.inf):
         raise ValueError(f"{what} must be a positive number, not {value!r}")
     return float(value)
 
 
 def _not_negative(value: Any, what: str, unit: str) -> float:
     """A figure that may be 0: a number of `unit`, finite and not negative."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+    if not (is_number(value) and 0 <= value < math.inf):
         raise ValueError(f"{what} must be a number of {unit}, not {value!r}")
     return float(value)
 

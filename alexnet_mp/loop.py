@@ -25,6 +25,7 @@ from alexnet_mp import checkpoint
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.data import DataSpec, GlobalBatches, build_datasets, rank_batches
 from alexnet_mp.errors import UsageError
+from alexnet_mp.flag_types import COUNT, is_number, takes
 from alexnet_mp.step import LossScale, make_optimizer, train_step
 from alexnet_mp.strategies import Layout
 from alexnet_mp.strategies import build as build_layout
@@ -200,12 +201,11 @@ def build(config: TrainConfig, accelerator: Accelerator) -> Run:
 
 def resume(run: Run, found: checkpoint.Checkpoint) -> None:
     saved_config = checkpoint.training_config(found)
-    schedule = found.meta["scheduler"]
     if saved_config.get("lr_schedule", run.config.lr_schedule) != run.config.lr_schedule:
         raise UsageError(f"{found.path} was written under --lr-schedule {saved_config['lr_schedule']}, not "
                          f"{run.config.lr_schedule}: pass --lr-schedule {saved_config['lr_schedule']}")
     checkpoint.load(found, run.layout, run.optimizer)
-    restore_schedule(run, found, schedule)
+    restore_schedule(run, found)
     if run.scale and found.meta.get("loss_scale"):
         if not LossScale.is_state(found.meta["loss_scale"]):
             raise checkpoint.corrupt(found, "its loss_scale is not a scale and a count of clean steps")
@@ -223,13 +223,12 @@ def resume(run: Run, found: checkpoint.Checkpoint) -> None:
 SCHEDULE_PROGRESS = ("last_epoch", "_step_count", "num_bad_epochs", "cooldown_counter", "best")
 
 
-def restore_schedule(run: Run, found: checkpoint.Checkpoint, saved: dict[str, Any]) -> None:
+def restore_schedule(run: Run, found: checkpoint.Checkpoint) -> None:
     """The schedule's progress as the checkpoint saved it, and every rate lowered as far as it had lowered
     them (`lowered_by`: the same share of each group's initial rate, whatever the layout's groups)."""
-    state = run.scheduler.state_dict()
+    state, saved = run.scheduler.state_dict(), found.meta["scheduler"]
     progress = {key: saved.get(key) for key in SCHEDULE_PROGRESS if key in state}
-    wrong = [key for key, value in progress.items()
-             if not (type(value) in (int, float) if key == "best" else type(value) is int and value >= 0)]
+    wrong = [key for key, value in progress.items() if not (is_number(value) if key == "best" else takes(COUNT, value))]
     if wrong:
         raise checkpoint.corrupt(found, f"its scheduler's {', '.join(wrong)}")
     share = found.meta.get("lowered_by")
@@ -238,7 +237,7 @@ def restore_schedule(run: Run, found: checkpoint.Checkpoint, saved: dict[str, An
         if current().is_main:
             print(f"warning: {found.path} does not record how far its schedule had lowered the learning rate: "
                   "resuming at the run's own", file=sys.stderr)
-    if not (type(share) in (int, float) and 0 < share <= 1):
+    if not (is_number(share) and 0 < share <= 1):
         raise checkpoint.corrupt(found, f"lowered_by {share!r} is not a share of the learning rate")
     run.scheduler.load_state_dict({**state, **progress})
     for group in run.optimizer.param_groups:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from alexnet_mp.config import MIXED_PRECISIONS, TrainConfig
 from alexnet_mp.cost import LayerCost, held_shares, layer_costs
 from alexnet_mp.errors import UsageError
+from alexnet_mp.flag_types import is_number
 from alexnet_mp.model import ARCHITECTURES, tower_block
 from alexnet_mp.predict import HELD_HEADER, Held, StepFigures, held_said, held_table, predict_run
 from alexnet_mp.speed import Variant
@@ -200,14 +201,10 @@ def step_problem(row: Mapping[str, Any], ranks: int) -> str | None:
     missing = [key for key in (*STEP_FIGURES, *RANK_FIGURES) if key not in row]
     if missing:
         return f"lacks {missing[0]!r}"
-    wrong = [key for key in STEP_FIGURES if not _is_number(row[key])]
+    wrong = [key for key in STEP_FIGURES if not is_number(row[key])]
     wrong += [key for key in (*RANK_FIGURES, *OPTIONAL_RANK_FIGURES) if key in row and not (
-        isinstance(row[key], list) and len(row[key]) == ranks and all(map(_is_number, row[key])))]
+        isinstance(row[key], list) and len(row[key]) == ranks and all(map(is_number, row[key])))]
     return f"has {', '.join(wrong)} not as train writes them (a number, or one per rank)" if wrong else None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _median(values: list[float]) -> float:
@@ -415,7 +412,7 @@ def trace_spans(trace: Path) -> list[dict]:
         raise ValueError("no list of events")
     spans = [event for event in events if event.get("ph") == "X"]
     if not all(type(span.get("pid")) is int and isinstance(span.get("cat"), str) and isinstance(span.get("name"), str)
-               and _is_number(span.get("ts")) and _is_number(span.get("dur")) for span in spans):
+               and is_number(span.get("ts")) and is_number(span.get("dur")) for span in spans):
         raise ValueError("a span without its rank, category, name, start and length")
     return spans
 

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from alexnet_mp.config import TrainConfig
+from alexnet_mp.flag_types import COUNT, takes
 from alexnet_mp.strategies import Layout
 from alexnet_mp.world import current
 
@@ -54,7 +55,7 @@ class LossScale:
     def is_state(state: Any) -> bool:
         """Whether `state`, read back from a checkpoint (which may hold anything), is one `state_dict` writes."""
         return (isinstance(state, dict) and type(state.get("value")) is float and 0 < state["value"] < math.inf
-                and type(state.get("clean_steps")) is int and state["clean_steps"] >= 0)
+                and takes(COUNT, state.get("clean_steps")))
 
 
 def compute_gradients(layout: Layout, images: Tensor, labels: Tensor, step: int, global_batch: int,
