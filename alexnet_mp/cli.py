@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from alexnet_mp import checkpoint
 from alexnet_mp.arguments import Parser, add_layout_options, add_train_arguments, train_config
 from alexnet_mp.config import DECODE_PLACES, TrainConfig
 from alexnet_mp.errors import AlexNetMPError, GroupNotFormed, UsageError, first_line, from_torch
-from alexnet_mp.flag_types import COUNT, POSITIVE_INT, TFLOPS
+from alexnet_mp.flag_types import COUNT, POSITIVE_INT, TFLOPS, number
 from alexnet_mp.hardware import DEFAULT_PATH, PRESETS, Hardware
 from alexnet_mp.malloc import steady_malloc
 from alexnet_mp.model import ARCH_HELP, ARCHITECTURES
@@ -173,13 +172,14 @@ def plan(args: argparse.Namespace) -> None:
 
 
 def _numbers(text: str, kind: type, flag: str) -> list:
+    """A flag's comma-separated numbers of `kind`, each checked as a positive number flag checks its one."""
+    parse = number(kind, kind(0), exclusive=True)
     try:
-        values = [kind(part) for part in text.split(",")]
+        return [parse(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError as error:
+        raise UsageError(f"{flag} takes positive finite numbers, not {text!r} ({error})") from None
     except ValueError:
         raise UsageError(f"{flag} takes comma-separated numbers, e.g. {flag} 1,2,4; not {text!r}") from None
-    if not all(0 < value < math.inf for value in values):  # NaN fails every comparison
-        raise UsageError(f"{flag} takes positive finite numbers, not {text!r}")
-    return values
 
 
 def bench(args: argparse.Namespace) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from alexnet_mp.config import MIXED_PRECISIONS, TrainConfig
 from alexnet_mp.cost import LayerCost, held_shares, layer_costs
 from alexnet_mp.errors import UsageError
-from alexnet_mp.flag_types import is_number
+from alexnet_mp.flag_types import POSITIVE_INT, is_number, takes
 from alexnet_mp.model import ARCHITECTURES, tower_block
 from alexnet_mp.predict import HELD_HEADER, Held, StepFigures, held_said, held_table, predict_run
 from alexnet_mp.speed import Variant
@@ -176,7 +176,7 @@ def config_problem(config: Any) -> str | None:
         return f"mode {mode!r} is no layout this version has"
     if not (isinstance(arch, str) and arch in ARCHITECTURES):
         return f"arch {arch!r} is no net this version has"
-    wrong = [key for key in RUN_COUNTS if not (type(config.get(key)) is int and config[key] >= 1)]
+    wrong = [key for key in RUN_COUNTS if not takes(POSITIVE_INT, config.get(key))]
     if wrong:
         return f"{', '.join(wrong)} not a count of 1 or more"
     if config.get("mixed_precision", "no") not in MIXED_PRECISIONS:

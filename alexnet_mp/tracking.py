@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from alexnet_mp.config import TrainConfig
 from alexnet_mp.errors import UsageError, WriteFailed
+from alexnet_mp.flag_types import COUNT, takes
 from alexnet_mp.strategies import layout_label
 from alexnet_mp.world import current
 
@@ -142,7 +143,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             if number < len(lines):
                 raise CorruptRecord(f"{path.name} line {number} is not JSON ({error.msg})") from None
             continue
-        if not (isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 0):
+        if not (isinstance(row, dict) and takes(COUNT, row.get("step"))):
             raise CorruptRecord(f"{path.name} line {number} is not a step's row (an object with its step)")
         rows.append(row)
     return rows
