@@ -324,8 +324,8 @@ TRAINING_FIELDS = {"seed": COUNT, "batch_size": POSITIVE_INT, "data": str, "data
 def training_config(checkpoint: Checkpoint) -> dict[str, Any]:
     """The config of the training run that wrote `checkpoint` (what a resume and `evaluate` read), checked."""
     config, schedule = checkpoint.meta.get("config"), checkpoint.meta.get("scheduler")
-    wrong = [key for key, parse in TRAINING_FIELDS.items() if not takes(parse, config.get(key))] \
-        if isinstance(config, dict) else list(TRAINING_FIELDS)
+    wrong = [key for key, parse in TRAINING_FIELDS.items()
+             if not (isinstance(config, dict) and takes(parse, config.get(key)))]
     if wrong or not isinstance(schedule, dict):
         raise UsageError(f"{checkpoint.path}/meta.json lacks the training run's config or schedule (no usable "
                          f"{', '.join(wrong or ['scheduler'])}: it was not written by `train`, or was edited); "

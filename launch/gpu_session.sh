@@ -20,18 +20,18 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/device.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
     | tee -a "$out/device.txt"
+trace_tests() {  # $1: seconds allowed. The trace read off CUDA events nests and covers the step; calibrate on the GPU
+    timeout "$1" python3 -m pytest -q -p no:cacheprovider tests/test_trace.py tests/test_predict.py -k "trace or gpu" \
+        2>&1 | tee "$out/trace_tests.txt" | tail -5
+}
 if [[ $parts == *tests* ]]; then
     timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:logging -k "gpu or nvjpeg or cuda" tests/test_speed.py \
         tests/test_data.py 2>&1 \
         | tee "$out/tests.txt" | tail -40
-    # the trace read off CUDA events: its spans nest and cover the step, as on a CPU; calibrate on the GPU
-    timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_trace.py tests/test_predict.py -k "trace or gpu" \
-        2>&1 | tee "$out/trace_tests.txt" | tail -5
+    trace_tests 180
 fi
 if [[ $parts == predict ]]; then  # the cost model on the GPU: its clock, its own profile, a traced comparison
-    # the trace's spans off CUDA events nest and cover the step; calibrate's GPU path
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_trace.py tests/test_predict.py -k "trace or gpu" \
-        2>&1 | tee "$out/trace_tests.txt" | tail -5
+    trace_tests 150
     echo "tests done at ${SECONDS} s"
     timeout 270 python3 -m alexnet_mp calibrate --ranks 1 --batch "$batch" --arch paper \
         --output "$out/hardware.json" 2>&1 | tail -5

@@ -497,7 +497,6 @@ class TestFilesAUserHandsInRunNoCode:
         assert result.returncode == 2
         assert "its data is uint8 (4, 1000), not rows of 3072 bytes" in one_line_error(result)
 
-
     def test_a_cifar_batch_giving_a_length_past_any_memory_is_refused_as_corrupt_not_as_out_of_memory(
             self, tmp_path, capsys):
         from tests.test_data import write_cifar
