@@ -312,25 +312,37 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+@contextlib.contextmanager
+def _on_threads(threads: int) -> Iterator[None]:
+    """Torch's threads at `threads` while a figure is timed in calibrate's own process, and put back after: the
+    process that asked for the profile goes on as it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def time_optimizer(threads: int, device: torch.device = CPU, parameters: int = 1 << 24) -> dict[str, float]:
     """Seconds per parameter of the training loop's SGD step (momentum, weight decay) with each of its kernels:
     fused (plain tensors) and foreach (DTensors, which no fused kernel takes), here on a plain tensor."""
-    torch.set_num_threads(threads)
     weight = torch.nn.Parameter(torch.randn(parameters, device=device))
     weight.grad = torch.randn(parameters, device=device)
     clock = clock_for(device)
     fused = make_optimizer([weight], TrainConfig())
     foreach = torch.optim.SGD([weight], **{**fused.defaults, "fused": False, "foreach": True})
-    return {kernel: _median_s(optimizer.step, clock) / parameters
-            for kernel, optimizer in zip(KERNELS, (fused, foreach), strict=True)}
+    with _on_threads(threads):
+        return {kernel: _median_s(optimizer.step, clock) / parameters
+                for kernel, optimizer in zip(KERNELS, (fused, foreach), strict=True)}
 
 
 def time_accumulation(threads: int, device: torch.device = CPU, elements: int = 1 << 24) -> float:
     """Seconds per byte of a gradient added into the one accumulated before it (autograd's in-place sum, what each
     pass of a layer after its first pays in a step of micro-batches or rounds), on `threads`: 64 MiB."""
-    torch.set_num_threads(threads)
     accumulated, gradient = torch.zeros(elements, device=device), torch.ones(elements, device=device)
-    return _median_s(lambda: accumulated.add_(gradient), clock_for(device)) / gradient.nbytes
+    with _on_threads(threads):
+        return _median_s(lambda: accumulated.add_(gradient), clock_for(device)) / gradient.nbytes
 
 
 def _median_s(work: Callable[[], Any], clock: Clock) -> float:
@@ -348,16 +360,16 @@ def time_fresh_copy(threads: int, elements: int = 1 << 24) -> tuple[float, float
     and zero-filled), and of those pages alone (that copy's time less a copy into a block mapped already), on
     `threads` (a copy this large runs on all of them): a block of 64 MiB, above the threshold where glibc's malloc
     maps each block on its own (in a process that keeps its default allocator, as calibrate's is)."""
-    torch.set_num_threads(threads)
     source, mapped = torch.ones(elements), torch.zeros(elements)
     fresh, again = [], []
-    for _ in range(1 + REPEATS):
-        started = time.perf_counter()
-        torch.empty(elements).copy_(source)
-        fresh.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        mapped.copy_(source)
-        again.append(time.perf_counter() - started)
+    with _on_threads(threads):
+        for _ in range(1 + REPEATS):
+            started = time.perf_counter()
+            torch.empty(elements).copy_(source)
+            fresh.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            mapped.copy_(source)
+            again.append(time.perf_counter() - started)
     copy_s, again_s = statistics.median(fresh[1:]), statistics.median(again[1:])
     return copy_s / source.nbytes, max(copy_s - again_s, 0.0) / source.nbytes
 
@@ -393,7 +405,8 @@ def _collective(kind: str, x: torch.Tensor, size: int, rank: int) -> Callable[[]
     return lambda: (dist.send(x, 1) if rank == 0 else dist.recv(x, 0)) if rank < 2 else None
 
 
-def time_collectives(sizes: Sequence[int], device_type: str) -> dict[str, list[tuple[float, float]]]:
+def time_collectives(sizes: Sequence[int], device_type: str, repeats: int = REPEATS,
+                     loop_s: float = LOOP_S) -> dict[str, list[tuple[float, float]]]:
     """On a rank of a group (gloo on CPUs, NCCL on `device_type` cuda): per kind, (bytes the busiest rank sends,
     seconds) at each size, each call timed as a step meets it: right after a layer's worth of compute on every rank
     (`layer_of_compute`), in a loop of such calls (`call_after_compute_s`). Over gloo, a call after compute costs
@@ -407,21 +420,22 @@ def time_collectives(sizes: Sequence[int], device_type: str) -> dict[str, list[t
         for elements in sizes:
             call = _collective(kind, torch.ones(elements, device=device), size, rank)
             found.setdefault(kind, []).append((4 * _sent(kind, elements, size),
-                                               call_after_compute_s(call, compute, device)))
+                                               call_after_compute_s(call, compute, device, repeats, loop_s)))
     return found
 
 
-def call_after_compute_s(call: Callable[[], Any], compute: Callable[[], Any], device: torch.device) -> float:
+def call_after_compute_s(call: Callable[[], Any], compute: Callable[[], Any], device: torch.device,
+                         repeats: int = REPEATS, loop_s: float = LOOP_S) -> float:
     """Seconds `call` adds to a step where every rank computes before it: a loop of `compute` then `call`, as many as
-    fit in `LOOP_S`, against a loop of `compute` alone, the two alternating (the machine's other work weighs on
-    both), the median of `REPEATS` of each, per call, each loop timed on its slowest rank (on a GPU, until its device
+    fit in `loop_s`, against a loop of `compute` alone, the two alternating (the machine's other work weighs on
+    both), the median of `repeats` of each, per call, each loop timed on its slowest rank (on a GPU, until its device
     has run it). The ranks meet at each call, so it costs its transfer and the wait for the rank whose compute came
     slowest since the last; a barrier before each call would leave that out. No less than a hundredth of the loop's
     share: the compute moves by more than a small call takes."""
-    calls = max(1, round(LOOP_S / _slowest_rank_s(lambda: (compute(), call()), device)))  # one pair warms up
+    calls = max(1, round(loop_s / _slowest_rank_s(lambda: (compute(), call()), device)))  # one pair warms up
     alone: list[float] = []
     with_calls: list[float] = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         alone.append(_slowest_rank_s(lambda: [compute() for _ in range(calls)], device))
         with_calls.append(_slowest_rank_s(lambda: [(compute(), call()) for _ in range(calls)], device))
     loop_s = statistics.median(with_calls)
@@ -511,7 +525,7 @@ def kept_beyond_tensors(mode: str, arch: str, ranks: int, batch: int, threads: i
                                                    variant=variant), measured, strict=True)]
 
 
-def time_shared_slowdown(arch: str, images: int = AT_ONCE_IMAGES) -> float:
+def time_shared_slowdown(arch: str, images: int = AT_ONCE_IMAGES, repeats: int = REPEATS) -> float:
     """On a rank of a gloo group: how much slower the net's forward and backward (dropout off) on `images` images
     runs on every rank at once than on rank 0 alone, the others waiting: the cores they share, and their caches and
     memory bandwidth. Alone and at once alternate, so that the machine's other work weighs on both; the slowest
@@ -526,7 +540,7 @@ def time_shared_slowdown(arch: str, images: int = AT_ONCE_IMAGES) -> float:
 
     alone: list[float] = []
     together: list[float] = []
-    for _ in range(1 + REPEATS):
+    for _ in range(1 + repeats):
         for at_once, seconds in ((False, alone), (True, together)):
             seconds.append(_slowest_rank_s(lambda every=at_once: training_pass(every), CPU))
     return max(statistics.median(together[1:]) / statistics.median(alone[1:]), 1.0)
@@ -580,11 +594,11 @@ def calibrate(ranks: Sequence[int], nets: Sequence[str] = ("paper",), batch: int
             log(f"collectives over {count} {profile.backend} processes" + ("" if on_gpu else ", and the net on all "
                                                                             "of them at once") + " ...")
             per_rank = run_distributed(time_collectives, count, Path(scratch) / str(count), SIZES, device.type,
-                                       threads=profile.threads(count), backend=profile.backend)
+                                       REPEATS, LOOP_S, threads=profile.threads(count), backend=profile.backend)
             collectives[str(count)] = {kind: fit(points) for kind, points in per_rank[0].items()}
             if not on_gpu:  # GPUs share no cores
                 slowdown[str(count)] = run_distributed(time_shared_slowdown, count, Path(scratch) / f"at-once{count}",
-                                                       arch, threads=profile.threads(count))[0]
+                                                       arch, AT_ONCE_IMAGES, REPEATS, threads=profile.threads(count))[0]
     where = torch.cuda.get_device_name() if on_gpu else f"{platform.processor() or platform.machine()}, {cores} cores"
     source = (f"calibrate on {where}, {variant.said()}, batch {batch}, {datetime.date.today().isoformat()}, "
               f"torch {torch.__version__}, in {time.perf_counter() - started:.0f} s, layer sweeps within "

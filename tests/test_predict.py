@@ -720,6 +720,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     monkeypatch.setattr(calibrate, "LOOP_S", 0.0)  # one call a loop
     monkeypatch.setattr(calibrate, "PROBE_SWEEPS", 1)
     monkeypatch.setattr(calibrate, "SIZES", calibrate.SIZES[:2])  # two points a line: each collective's fit
+    monkeypatch.setattr(calibrate, "FULL", dataclasses.replace(calibrate.FULL, steps=calibrate.SETTLING_STEPS))
     result = in_process(capsys, "calibrate", "--ranks", "2", "--batch", "2", "--output",
                         str(tmp_path / "hardware.json"))
     assert result.returncode == 0, result.stderr
@@ -752,6 +753,17 @@ def test_calibrate_times_the_layers_of_every_net_it_is_given(tmp_path, capsys, m
     assert result.returncode == 0, result.stderr
     (layers,) = load(tmp_path / "hardware.json").layers.values()
     assert {key.split(".")[0] for key in layers} == {PAPER_NET, OWT_NET}
+
+
+def test_calibrate_leaves_the_thread_count_of_its_own_process_as_it_found_it():
+    """The figures it times in its own process, on a rank's threads: the process goes on after (a test's, say)."""
+    from alexnet_mp import calibrate
+
+    before = torch.get_num_threads()
+    calibrate.time_optimizer(before + 1, parameters=1024)
+    calibrate.time_accumulation(before + 1, elements=1024)
+    calibrate.time_fresh_copy(before + 1, elements=1024)
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.slow
