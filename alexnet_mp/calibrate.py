@@ -438,8 +438,8 @@ def call_after_compute_s(call: Callable[[], Any], compute: Callable[[], Any], de
     for _ in range(repeats):
         alone.append(_slowest_rank_s(lambda: [compute() for _ in range(calls)], device))
         with_calls.append(_slowest_rank_s(lambda: [(compute(), call()) for _ in range(calls)], device))
-    loop_s = statistics.median(with_calls)
-    return max(loop_s - statistics.median(alone), loop_s / 100) / calls
+    with_calls_s = statistics.median(with_calls)
+    return max(with_calls_s - statistics.median(alone), with_calls_s / 100) / calls
 
 
 def layer_of_compute(device: torch.device) -> Callable[[], None]:

@@ -720,6 +720,7 @@ def test_calibrate_writes_a_profile_that_reads_back_and_predicts_every_layout(tm
     monkeypatch.setattr(calibrate, "LOOP_S", 0.0)  # one call a loop
     monkeypatch.setattr(calibrate, "PROBE_SWEEPS", 1)
     monkeypatch.setattr(calibrate, "SIZES", calibrate.SIZES[:2])  # two points a line: each collective's fit
+    # the gathering layout's memory run as short as the others'
     monkeypatch.setattr(calibrate, "FULL", dataclasses.replace(calibrate.FULL, steps=calibrate.SETTLING_STEPS))
     result = in_process(capsys, "calibrate", "--ranks", "2", "--batch", "2", "--output",
                         str(tmp_path / "hardware.json"))
