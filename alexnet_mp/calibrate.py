@@ -86,18 +86,18 @@ def static_shapes() -> contextlib.AbstractContextManager:
                                       accumulated_recompile_limit=4096)
 
 
-def time_layers(arch: str, threads: int, batch: int, device: torch.device = CPU, shares: Sequence[float] = SHARES,
+def time_layers(arch: str, batch: int, device: torch.device = CPU, shares: Sequence[float] = SHARES,
                 repeats: int = REPEATS, variant: Variant = EAGER) -> tuple[dict[str, dict[str, Any]], float]:
-    """Each layer of `arch` as it runs in the net (with what follows it up to the next layer: a conv's ReLU, LRN
-    and pool; fc6's and fc7's ReLU and dropout), at each of `shares`, on `threads`: a pass's seconds forward and
-    backward at each of `pass_images(batch)`, and on a CPU the bytes it allocates in blocks a training process maps
-    afresh and the most of them live at once (`fresh_blocks`), which a process reusing its memory (`in_reused_memory`)
-    does not pay in its times. Every pass runs once per sweep and the sweeps one after another, so that a burst of
-    the machine's other work slows one sweep's passes rather than every repeat of a few, and each pass follows
-    another layer's, as in the net: the first sweep warms up, the median of the rest is kept. Also how far apart the
-    timed sweeps' sums are (the slowest over the fastest, less 1): how steady the machine was. On `device` (a GPU:
-    its own clock, `timing.DeviceClock`), each layer run as `variant` says (its precision and speed-ups)."""
-    torch.set_num_threads(threads)
+    """Each layer of `arch` as it runs in the net (with what follows it up to the next layer: a conv's ReLU, LRN and
+    pool; fc6's and fc7's ReLU and dropout), at each of `shares`, on the threads `run_distributed` gave its process:
+    a pass's seconds forward and backward at each of `pass_images(batch)`, and on a CPU the bytes it allocates in
+    blocks a training process maps afresh and the most of them live at once (`fresh_blocks`), which a process
+    reusing its memory (`in_reused_memory`) does not pay in its times. Every pass runs once per sweep and the sweeps
+    one after another, so that a burst of the machine's other work slows one sweep's passes rather than every repeat
+    of a few, and each pass follows another layer's, as in the net: the first sweep warms up, the median of the rest
+    is kept. Also how far apart the timed sweeps' sums are (the slowest over the fastest, less 1): how steady the
+    machine was. On `device` (a GPU: its own clock, `timing.DeviceClock`), each layer run as `variant` says (its
+    precision and speed-ups)."""
     images = pass_images(batch)
     with static_shapes():
         return _timed_layers(arch, images, device, shares, repeats, variant)
@@ -572,7 +572,7 @@ def calibrate(ranks: Sequence[int], nets: Sequence[str] = ("paper",), batch: int
                 log(f"layers of the {net} net on {'the GPU' if on_gpu else f'{threads} thread(s)'}, passes of "
                     f"{pass_images(batch)} images ...")
                 timed, spread = run_distributed(
-                    in_reused_memory, 1, Path(scratch) / f"layers-{net}-{threads}", time_layers, net, threads, batch,
+                    in_reused_memory, 1, Path(scratch) / f"layers-{net}-{threads}", time_layers, net, batch,
                     device, shares_for(ranks), REPEATS, variant, threads=threads)[0]
                 layers[str(threads)].update(timed)
                 log(f"  its sweeps {spread:.0%} apart" + ("" if spread <= STEADY else ": the machine's other work "
