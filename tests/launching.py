@@ -28,6 +28,7 @@ ENV = {"ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true
 
 
 CPU_CONFIG = ROOT / "launch" / "cpu-2proc.yaml"
+PORT_TAKEN = "EADDRINUSE"  # torch's words where the store's port is in use
 
 
 def launch_command(processes: int, config_file: Path | None = None) -> list[str]:
@@ -79,9 +80,6 @@ def run_ranks(*args: str, processes: int = 1, timeout: float = 300, env: dict[st
             break
     code = next((rank.returncode for rank in ranks if rank.returncode), 0)
     return subprocess.CompletedProcess(ranks[0].args, code, outputs[0][0], errors)
-
-
-PORT_TAKEN = "EADDRINUSE"  # torch's words where the store's port is in use
 
 
 def free_port() -> int:
