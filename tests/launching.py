@@ -72,11 +72,11 @@ def run_ranks(*args: str, processes: int = 1, timeout: float = 300, env: dict[st
     """`start_ranks`, waited for: the first failing exit code (else 0), rank 0's output, every rank's errors. Started
     once more where another process took the free port before rank 0 could listen on it (as torch's own tests retry
     such runs): the ranks then fail before they train, and leave nothing behind."""
-    for attempt in (1, 2):
+    for _ in range(2):
         ranks = start_ranks(*args, processes=processes, env=env, program=program)
         outputs = [rank.communicate(timeout=timeout) for rank in ranks]
         errors = "".join(err for _, err in outputs)
-        if attempt == 2 or PORT_TAKEN not in errors:
+        if PORT_TAKEN not in errors:
             break
     code = next((rank.returncode for rank in ranks if rank.returncode), 0)
     return subprocess.CompletedProcess(ranks[0].args, code, outputs[0][0], errors)
